@@ -1,0 +1,195 @@
+"""The `autopeft` command: parse options, build configs, call the API, print with rich. Nothing else."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from autopeft.config import DEFAULT_MODEL, DEFAULT_SPACE, DEFAULT_TASK, SearchConfig, parse_memory
+from autopeft.errors import AutopeftError, ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, help=(
+    "Find the best parameter-efficient fine-tuning configuration for a task, under a memory budget."))
+console = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+T = TypeVar("T")
+
+
+def _guard(call: Callable[[], T]) -> T:
+    """Turn user-facing errors into one line per problem on stderr and exit code 2."""
+    try:
+        return call()
+    except AutopeftError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        for line in str(exc).splitlines():
+            err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+def _sqlite_path(url: str) -> str:
+    return str(Path(url.removeprefix("sqlite:///")).resolve()) if url.startswith("sqlite:///") else url
+
+
+@app.command()
+def search(
+    model: Annotated[str, typer.Option(help="Hub id, local model folder, or packaged:<name>.")] = DEFAULT_MODEL,
+    task: Annotated[str, typer.Option(help="packaged:rotten_tomatoes or a CSV/JSONL/Parquet file with text,label columns.")] = DEFAULT_TASK,
+    space: Annotated[Path, typer.Option(help="Search-space YAML file.")] = DEFAULT_SPACE,
+    trials: Annotated[int, typer.Option(help="Completed trials the study should hold (a resumed study counts its own).")] = 6,
+    timeout: Annotated[float | None, typer.Option(help="Stop starting new trials after this many seconds.")] = None,
+    memory_budget: Annotated[str | None, typer.Option(help="Peak training memory allowed per trial, e.g. 8GiB; configurations estimated above it are pruned before training.")] = None,
+    study: Annotated[str, typer.Option(help="Study name; running again with the same name resumes it.")] = "default",
+    storage: Annotated[str, typer.Option(help="Optuna storage URL (sqlite:///..., postgresql://...).")] = "sqlite:///autopeft.db",
+    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI.")] = "sqlite:///mlflow.db",
+    artifacts_dir: Annotated[Path, typer.Option(help="Where each trial's trained adapter is saved.")] = Path("autopeft-artifacts"),
+    seed: Annotated[int, typer.Option(help="Seeds the sampler, the data split and every trial.")] = 0,
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps per trial.")] = 150,
+    train_size: Annotated[int, typer.Option(help="Training rows (stratified sample).")] = 4000,
+    val_size: Annotated[int, typer.Option(help="Validation rows, used to score trials.")] = 1000,
+    test_size: Annotated[int, typer.Option(help="Held-out test rows, scored once at export.")] = 1000,
+) -> None:
+    """Run (or resume) a budgeted search and print the trials, the chosen one and where everything is."""
+    from autopeft.export import select_trial
+    from autopeft.search import run_search
+
+    def build() -> SearchConfig:
+        budget = None
+        if memory_budget is not None:
+            try:
+                budget = parse_memory(memory_budget)
+            except ValueError as exc:
+                raise ConfigError([f"--memory-budget: {exc}"]) from None
+        return SearchConfig(model=model, task=task, space=str(space), trials=trials, timeout=timeout,
+                            memory_budget=budget, study=study, storage=storage, tracking_uri=tracking_uri,
+                            artifacts_dir=str(artifacts_dir), seed=seed, max_steps=max_steps,
+                            train_size=train_size, val_size=val_size, test_size=test_size)
+
+    config = _guard(build)
+    console.print(f"study [bold]{config.study}[/bold] in {_sqlite_path(config.storage)}; "
+                  f"loading model and data once for all trials ...")
+    summary = _guard(lambda: run_search(config, progress=_progress))
+    console.print(trials_table(summary.study))
+    try:
+        chosen = select_trial(summary.study)
+        console.print(f"chosen (balanced rule): trial {chosen.number}, val accuracy {chosen.values[0]:.4f}, "
+                      f"forgetting {chosen.values[1]:.4f}")
+    except AutopeftError as exc:
+        console.print(f"no trial to choose: {exc}")
+    console.print(f"Optuna study: {config.study} at {_sqlite_path(config.storage)}")
+    console.print(f"MLflow store: {_sqlite_path(config.tracking_uri)} (experiment 'autopeft', run '{config.study}')")
+    console.print(f"dashboard:    autopeft ui --tracking-uri {config.tracking_uri}")
+    console.print(f"export:       autopeft export --study {config.study} --storage {config.storage} --out export/")
+
+
+def _progress(study: Any, trial: Any) -> None:
+    values = f"acc {trial.values[0]:.4f} forgetting {trial.values[1]:.4f}" if trial.values else \
+        trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason") or ""
+    console.print(f"trial {trial.number} {trial.state.name.lower()}: {describe_params(trial.user_attrs.get('params', {}))} {values}")
+
+
+def describe_params(flat: dict[str, Any]) -> str:
+    """The hyperparameters a person scans first, compactly."""
+    method = flat.get("method", "?")
+    own = ", ".join(f"{k.split('.', 1)[1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
+                    for k, v in flat.items() if k.startswith(f"{method}."))
+    lr = flat.get("learning_rate")
+    train = f"lr={lr:.2g} {flat.get('optimizer')} {flat.get('precision')} " \
+            f"bs={flat.get('micro_batch_size')}x{flat.get('grad_accum_steps')}" if lr else ""
+    return f"{method}({own}) {train}".strip()
+
+
+def trials_table(study: Any) -> Table:
+    table = Table(title=f"study {study.study_name}")
+    for column in ("#", "method and hyperparameters", "val acc", "forgetting", "trainable", "wall s", "state"):
+        table.add_column(column, justify="right" if column in ("#", "val acc", "forgetting", "wall s") else "left")
+    for trial in study.trials:
+        attrs = trial.user_attrs
+        trainable = attrs.get("trainable_params")
+        fraction = attrs.get("trainable_fraction")
+        table.add_row(
+            str(trial.number), describe_params(attrs.get("params", {})),
+            f"{trial.values[0]:.4f}" if trial.values else "-", f"{trial.values[1]:.4f}" if trial.values else "-",
+            f"{trainable:,} ({100 * fraction:.2f}%)" if trainable else "-",
+            f"{attrs['wall_seconds']:.1f}" if "wall_seconds" in attrs else "-",
+            trial.state.name.lower() + (f": {attrs.get('fail_reason') or attrs.get('prune_reason')}"
+                                        if trial.state.name in ("FAIL", "PRUNED") else ""))
+    return table
+
+
+@app.command()
+def export(
+    study: Annotated[str, typer.Option(help="Study name.")],
+    out: Annotated[Path, typer.Option(help="Folder to write adapter_config.json, training.yaml and metrics.json to.")],
+    storage: Annotated[str, typer.Option(help="Optuna storage URL of the study.")] = "sqlite:///autopeft.db",
+    trial: Annotated[int | None, typer.Option(help="Export this trial number instead of applying --select.")] = None,
+    select: Annotated[str, typer.Option(help="Rule: balanced (best accuracy within --tolerance of the least forgetting on the Pareto front), best-accuracy, least-forgetting.")] = "balanced",
+    tolerance: Annotated[float, typer.Option(help="Forgetting tolerance of the balanced rule.")] = 0.02,
+    with_weights: Annotated[bool, typer.Option(help="Also copy the trained adapter weights (safetensors).")] = False,
+) -> None:
+    """Write the chosen trial as files; its held-out test accuracy is computed here, once."""
+    from autopeft.export import RULES, export_trial
+
+    if select not in RULES:
+        _guard(lambda: (_ for _ in ()).throw(ConfigError([f"--select: {select!r} is not one of {', '.join(RULES)}"])))
+    result = _guard(lambda: export_trial(study, storage, out, trial_number=trial, rule=select,  # type: ignore[arg-type]
+                                         tolerance=tolerance, with_weights=with_weights))
+    console.print(f"trial {result.trial.number}: val accuracy {result.trial.values[0]:.4f}, "
+                  f"forgetting {result.trial.values[1]:.4f}, test accuracy {result.test_accuracy:.4f}")
+    console.print(f"wrote {', '.join(result.files)} to {out}")
+
+
+@app.command()
+def ui(
+    tracking_uri: Annotated[str, typer.Option(help="MLflow store the search wrote to.")] = "sqlite:///mlflow.db",
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Serve the MLflow dashboard on 127.0.0.1 only. Ctrl-C stops it."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        _guard(lambda: (_ for _ in ()).throw(ConfigError(
+            [f"--tracking-uri: no MLflow store at {tracking_uri}; run `autopeft search` first"])))
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
+               "--host", "127.0.0.1", "--port", str(port)]
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    try:
+        raise typer.Exit(subprocess.call(command, env={**os.environ, "MLFLOW_HOST": "127.0.0.1"}))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List the PEFT methods, their parameters (with defaults) and the architectures they support."""
+    from autopeft import methods
+
+    table = Table()
+    for column in ("method", "what", "parameters (default)", "architectures", "merges"):
+        table.add_column(column)
+    for name in methods.names():
+        method = methods.get(name)
+        params = "\n".join(f"{k} ({s.default}): {s.help}" for k, s in method.params.items())
+        table.add_row(name, method.summary, params, ", ".join(method.families), "yes" if method.can_merge else "no")
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

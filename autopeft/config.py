@@ -1,0 +1,86 @@
+"""Frozen, validated configuration of a search. Every problem is collected and reported at once."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autopeft.errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_SPACE = PACKAGE_DIR / "search_spaces" / "default.yaml"
+DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
+DEFAULT_TASK = "packaged:rotten_tomatoes"
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """'8GiB' -> bytes. Accepts B, KB/MB/GB/TB (powers of 10) and KiB/MiB/GiB/TiB (powers of 2)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"memory budget {text!r} is not a size; use a number and a unit, e.g. 8GiB or 512MB")
+    value = float(match.group(1)) * _UNITS[match.group(2).upper()]
+    if value <= 0:
+        raise ValueError(f"memory budget {text!r} must be greater than zero")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+    """What a search runs on and how long. Each field is one CLI option of `autopeft search`."""
+
+    model: str = DEFAULT_MODEL  # hub id, local folder, or packaged:<name>
+    task: str = DEFAULT_TASK  # packaged:rotten_tomatoes (more task sources arrive with the tasks issue)
+    space: str = str(DEFAULT_SPACE)  # search-space YAML file
+    study: str = "default"  # Optuna study name; re-using it resumes the study
+    storage: str = "sqlite:///autopeft.db"  # any Optuna storage URL
+    tracking_uri: str = "sqlite:///mlflow.db"  # any MLflow tracking URI
+    artifacts_dir: str = "autopeft-artifacts"  # trained adapters, one folder per study and trial
+    trials: int = 6  # trials to complete in this study (counting those already finished on resume)
+    timeout: float | None = None  # seconds of wall time for this invocation
+    memory_budget: int | None = None  # bytes; trials estimated above it are pruned before training
+    seed: int = 0  # seeds the sampler, the data split and every trial's training
+    max_steps: int = 150  # optimizer steps per trial
+    train_size: int = 4000  # rows sampled (stratified) for training; the rest of the split follows
+    val_size: int = 1000
+    test_size: int = 1000
+    max_length: int = 128  # tokens per text after truncation
+    eval_batch_size: int = 128
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("trials", "max_steps", "train_size", "val_size", "test_size", "max_length",
+                     "eval_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')}: {getattr(self, name)} must be at least 1")
+        if self.timeout is not None and self.timeout <= 0:
+            problems.append(f"--timeout: {self.timeout} must be a positive number of seconds")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            problems.append(f"--memory-budget: {self.memory_budget} must be greater than zero")
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.study):
+            problems.append(f"--study: {self.study!r} may only hold letters, digits, '.', '_' and '-'")
+        if not Path(self.space).is_file():
+            problems.append(f"--space: {self.space} does not exist")
+        if problems:
+            raise ConfigError(problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> SearchConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**{**known, **overrides})

@@ -1,0 +1,35 @@
+"""One exception tree. The CLI turns every `AutopeftError` into one line per problem and exit code 2."""
+
+from __future__ import annotations
+
+
+class AutopeftError(Exception):
+    """A problem with the user's input or environment; never a bug in autopeft."""
+
+
+class ConfigError(AutopeftError):
+    """One or more problems in a config or search-space file, all collected before anything runs."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class DataError(AutopeftError):
+    """The task data cannot be loaded or does not have the shape a task needs."""
+
+
+class ModelError(AutopeftError):
+    """The model cannot be found or loaded."""
+
+
+class StudyError(AutopeftError):
+    """The study or its storage is unusable for what was asked (missing, incompatible, unreachable)."""
+
+
+class TrialFailed(Exception):
+    """A trial ended without a result; `reason` is recorded on the trial and the search goes on."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

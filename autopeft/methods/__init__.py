@@ -1,0 +1,95 @@
+"""The PEFT method registry. One module per method in this package; each calls `register` once.
+
+Adding a method means adding one file here: every module in this package is imported below, so its
+`register(...)` call runs, and the search-space validator and `autopeft methods` see it at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+ParamKind = Literal["int", "float", "bool", "choice"]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One hyperparameter a method accepts: its type, the values it allows, its default and meaning."""
+
+    kind: ParamKind
+    default: Any
+    help: str
+    low: float | None = None  # inclusive bounds a value must respect (int/float)
+    high: float | None = None
+    choices: tuple[Any, ...] = ()  # allowed values (choice)
+
+    def check(self, value: Any) -> str | None:
+        """Why `value` is not allowed, or None when it is."""
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else "must be true or false"
+        if self.kind == "choice":
+            return None if value in self.choices else f"must be one of {', '.join(map(str, self.choices))}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a{'n integer' if self.kind == 'int' else ' number'}"
+        if self.kind == "int" and not float(value).is_integer():
+            return "must be an integer"
+        if self.low is not None and value < self.low:
+            return f"must be >= {self.low:g}"
+        if self.high is not None and value > self.high:
+            return f"must be <= {self.high:g}"
+        return None
+
+
+ApplyFn = Callable[[nn.Module, dict[str, Any], str], nn.Module]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A PEFT method: `apply(model, params, task_type)` returns the model with the adapter in place."""
+
+    name: str
+    summary: str
+    params: dict[str, ParamSpec]
+    apply: ApplyFn
+    peft_backed: bool  # saves with peft's save_pretrained / loads with PeftModel.from_pretrained
+    can_merge: bool  # the trained update folds into the base weights (no inference overhead)
+    families: tuple[str, ...] = ("bert", "llama", "gpt2")  # architectures it supports
+    notes: str = field(default="")
+
+    def resolve(self, sampled: dict[str, Any]) -> dict[str, Any]:
+        """The full parameter set of a trial: defaults, overridden by what was sampled."""
+        return {name: sampled.get(name, spec.default) for name, spec in self.params.items()}
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in _REGISTRY:
+        raise ValueError(f"PEFT method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get(name: str) -> Method:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown PEFT method {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _import_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()

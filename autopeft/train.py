@@ -1,0 +1,172 @@
+"""The training loop of one trial, written straight through: optimizer, schedule, precision, accumulation.
+
+A lean loop rather than transformers.Trainer: batches are padded to their own longest row and grouped by
+length, the loss is normalised over the whole accumulated batch, and nothing runs between steps that a
+trial does not need (no callbacks, no per-step logging I/O).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autopeft.data import TokenizedSplit, collate, length_grouped_batches
+from autopeft.errors import TrialFailed
+
+Optimizer = Literal["adamw", "adafactor"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Scheduler = Literal["linear", "cosine", "constant"]
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adafactor")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    learning_rate: float
+    optimizer: Optimizer = "adamw"
+    precision: Precision = "fp32"
+    grad_accum_steps: int = 1
+    micro_batch_size: int = 16
+    max_steps: int = 150
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    scheduler: Scheduler = "linear"
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    learning_rates: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # inside the loop: data to device, forward, backward, optimizer
+    tokens: int = 0  # non-pad tokens seen
+    positions: int = 0  # all positions computed, padding included
+    examples: int = 0
+    overflow_steps: int = 0  # fp16 steps skipped by the loss scaler
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def precision_problem(precision: str, device: torch.device) -> str | None:
+    """Why this device cannot train at this precision, or None. Checked before a trial trains."""
+    if precision == "fp32":
+        return None
+    if not torch.amp.autocast_mode.is_autocast_available(device.type):
+        return f"{precision} autocast is not available on {device.type}"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "bf16 is not supported by this GPU"
+    return None
+
+
+def build_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adafactor":  # factored second moments: O(rows + cols) state per matrix
+        return torch.optim.Adafactor(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    raise ValueError(f"unknown optimizer {settings.optimizer!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = int(settings.warmup_ratio * settings.max_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, settings.max_steps - warmup)
+        if settings.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if settings.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of per-example losses, number of examples). Summed so accumulation can normalise once."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"])
+
+
+def _endless_batches(data: TokenizedSplit, size: int, pad_id: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = data.lengths()
+    while True:
+        for rows in length_grouped_batches(lengths, size, generator):
+            yield collate(data, rows, pad_id)
+
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+
+
+def fit(model: nn.Module, data: TokenizedSplit, settings: TrainSettings, *, pad_id: int,
+        device: torch.device | None = None, loss_fn: LossFn = classification_loss) -> TrainResult:
+    device = device or torch.device("cpu")
+    problem = precision_problem(settings.precision, device)
+    if problem:
+        raise TrialFailed(f"unsupported precision: {problem}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, settings)
+    scheduler = build_scheduler(optimizer, settings)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    # Loss scaling only for fp16: its narrow exponent range underflows small gradients.
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
+    batches = _endless_batches(data, settings.micro_batch_size, pad_id, settings.seed)
+    result = TrainResult()
+    model.train()
+    start = time.perf_counter()
+    for _ in range(settings.max_steps):
+        micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(settings.grad_accum_steps)]
+        # Normalise by the targets of the whole accumulated batch, not per micro-batch, so k micro-batches
+        # of size b give exactly the gradient of one batch of k*b even when their target counts differ.
+        n_targets = sum(_count_targets(b) for b in micro)
+        step_loss = 0.0
+        for batch in micro:
+            with autocast():
+                loss_sum, _ = loss_fn(model, batch)
+            loss = loss_sum / n_targets
+            if not torch.isfinite(loss):
+                raise TrialFailed("non-finite loss")
+            scaler.scale(loss).backward()
+            step_loss += loss.item()
+            result.tokens += int(batch["attention_mask"].sum())
+            result.positions += batch["attention_mask"].numel()
+            result.examples += len(batch["input_ids"])
+        result.overflow_steps += _optimizer_step(optimizer, scaler, params, settings.max_grad_norm)
+        result.losses.append(step_loss)
+        result.learning_rates.append(scheduler.get_last_lr()[0])
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result
+
+
+def _count_targets(batch: dict[str, torch.Tensor]) -> int:
+    labels = batch["labels"]
+    return int((labels != -100).sum()) if labels.dim() > 1 else len(labels)
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    params: list[nn.Parameter], max_grad_norm: float) -> int:
+    """Clip (on unscaled gradients), step, update the loss scale. Returns 1 if fp16 overflow skipped the step."""
+    if max_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
+    scaler.step(optimizer)
+    scaler.update()
+    return int(scaler.is_enabled() and scaler.get_scale() < scale_before)
