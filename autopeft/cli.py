@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -19,10 +20,24 @@ from autopeft.errors import AutopeftError, ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=(
     "Find the best parameter-efficient fine-tuning configuration for a task, under a memory budget."))
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI get full tables
 err = Console(stderr=True)
 _state = {"debug": False}
 T = TypeVar("T")
+
+
+def _quiet_libraries() -> None:
+    """Our table and progress lines are the output; library chatter would drown them."""
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _guard(call: Callable[[], T]) -> T:
@@ -40,6 +55,7 @@ def _guard(call: Callable[[], T]) -> T:
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False) -> None:
     _state["debug"] = debug
+    _quiet_libraries()
 
 
 def _sqlite_path(url: str) -> str:

@@ -72,6 +72,7 @@ def load_classifier(model: str, num_labels: int, *, seed: int, trust_remote_code
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "classifier.weight MISSING" report is expected here
+    hf_logging.disable_progress_bar()
     path = resolve_model_path(model)
     torch.manual_seed(seed)
     try:

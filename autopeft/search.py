@@ -238,8 +238,8 @@ class SearchSummary:
 def run_search(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
     """Run (or resume) the study until `config.trials` trials have completed or the timeout passes."""
     space = load_space(config.space)  # validated before any model or data loads
+    runtime = prepare_runtime(config, space)  # bad model or data fails here, before anything is written
     study = open_study(config, space)
-    runtime = prepare_runtime(config, space)
     if "config" not in study.user_attrs:
         for key, value in study_attributes(config, runtime.task, space).items():
             study.set_user_attr(key, value)
@@ -252,7 +252,7 @@ def run_search(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
     study.set_user_attr("mlflow_parent_run_id", parent)
     remaining = config.trials - _completed(study)
     if remaining > 0:
-        # Stop at `trials` completed trials; failed or pruned ones are retried with new samples, up to a cap
+        # Stop at `trials` completed trials; failed or pruned ones are replaced by new samples, up to a cap
         # so that a space where everything fails cannot loop for ever.
         stop = optuna.study.MaxTrialsCallback(config.trials, states=(optuna.trial.TrialState.COMPLETE,))
         callbacks = [stop] + ([progress] if progress else [])

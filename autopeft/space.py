@@ -85,12 +85,14 @@ class SearchSpace:
     method: Dimension
     method_dims: dict[str, dict[str, Dimension]]
     training_dims: dict[str, Dimension]
+    training_overrides: dict[str, dict[str, Dimension]]  # per method, e.g. a higher learning rate for ia3
     fingerprint: str  # hash of the parsed file: a resumed study must use the same space
 
     def suggest(self, trial: optuna.Trial) -> TrialParams:
         method = self.method.suggest(trial)
         sampled = {name: dim.suggest(trial) for name, dim in self.method_dims[method].items()}
-        training = {name: dim.suggest(trial) for name, dim in self.training_dims.items()}
+        dims = {**self.training_dims, **self.training_overrides.get(method, {})}
+        training = {name: dim.suggest(trial) for name, dim in dims.items()}
         return TrialParams(method, methods.get(method).resolve(sampled),
                            {**{k: s.default for k, s in TRAINING_PARAMS.items()}, **training})
 
@@ -176,6 +178,15 @@ def _parse_params(raw: Any, specs: dict[str, ParamSpec], prefix: str, where: str
     return dims
 
 
+def _split_method_section(raw: Any, own_specs: dict[str, ParamSpec]) -> tuple[Any, dict[str, Any]]:
+    """A method's section holds its own parameters and, optionally, training parameters that override the
+    shared ones for this method only (methods differ in the learning rates they need)."""
+    if not isinstance(raw, dict):
+        return raw, {}
+    shared = {k: v for k, v in raw.items() if k in TRAINING_PARAMS and k not in own_specs}
+    return {k: v for k, v in raw.items() if k not in shared}, shared
+
+
 def parse_space(data: Any, path: str) -> SearchSpace:
     """Validate a loaded YAML document; every problem is collected into one ConfigError."""
     problems: list[str] = []
@@ -192,6 +203,7 @@ def parse_space(data: Any, path: str) -> SearchSpace:
         method = parse_dimension(data["method"], "method", method_spec, f"{path}: method", problems)
     per_method = data.get("methods") or {}
     method_dims: dict[str, dict[str, Dimension]] = {}
+    overrides: dict[str, dict[str, Dimension]] = {}
     if not isinstance(per_method, dict):
         problems.append(f"{path}: methods: must map method names to their parameters")
         per_method = {}
@@ -199,14 +211,17 @@ def parse_space(data: Any, path: str) -> SearchSpace:
         if name not in methods.names():
             problems.append(f"{path}: methods.{name}: unknown method; known: {', '.join(methods.names())}")
             continue
-        method_dims[name] = _parse_params(raw, methods.get(name).params, f"{name}.", f"{path}: methods.{name}", problems)
+        own, shared = _split_method_section(raw, methods.get(name).params)
+        method_dims[name] = _parse_params(own, methods.get(name).params, f"{name}.", f"{path}: methods.{name}",
+                                          problems)
+        overrides[name] = _parse_params(shared, TRAINING_PARAMS, f"{name}.", f"{path}: methods.{name}", problems)
     training = _parse_params(data.get("training"), TRAINING_PARAMS, "", f"{path}: training", problems)
     if problems or method is None:
         raise ConfigError(problems)
     for name in (method.choices if method.kind == "categorical" else (method.value,)):
         method_dims.setdefault(name, {})
     canonical = json.dumps(data, sort_keys=True, default=str)
-    return SearchSpace(path, method, method_dims, training, hashlib.sha256(canonical.encode()).hexdigest()[:16])
+    return SearchSpace(path, method, method_dims, training, overrides, hashlib.sha256(canonical.encode()).hexdigest()[:16])
 
 
 def load_space(path: str | Path) -> SearchSpace:

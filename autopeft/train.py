@@ -73,8 +73,14 @@ def precision_problem(precision: str, device: torch.device) -> str | None:
 def build_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    if settings.optimizer == "adafactor":  # factored second moments: O(rows + cols) state per matrix
-        return torch.optim.Adafactor(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adafactor":
+        # Factored second moments: O(rows + cols) state per matrix. transformers' Adafactor with a fixed,
+        # absolute learning rate, so `learning_rate` means the same as for AdamW. (torch.optim.Adafactor
+        # scales each step by the parameter's RMS, which leaves zero-initialised LoRA B matrices stuck.)
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=settings.learning_rate, weight_decay=settings.weight_decay,
+                         scale_parameter=False, relative_step=False, warmup_init=False)
     raise ValueError(f"unknown optimizer {settings.optimizer!r}")
 
 

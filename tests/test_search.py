@@ -1,0 +1,122 @@
+"""The objective wiring on the tiny BERT: what a trial records is what it built, trials are isolated,
+failures become trial states, and a memory budget prunes before training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from autopeft.config import SearchConfig
+from autopeft.errors import StudyError
+from autopeft.search import prepare_runtime, run_search
+from autopeft.space import TrialParams
+
+SPACE = """\
+method: [lora, ia3]
+training:
+  learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}
+  optimizer: [adamw, adafactor]
+  grad_accum_steps: [1, 2]
+  micro_batch_size: [4, 8]
+methods:
+  lora:
+    r: [2, 4, 8]
+    alpha: {low: 2, high: 16}
+    target_modules: [qv, all_linear]
+"""
+
+
+def config(tmp_path: Path, tiny_bert: Path, **overrides: object) -> SearchConfig:
+    space = tmp_path / "space.yaml"
+    if not space.exists():
+        space.write_text(SPACE)
+    values = dict(model=str(tiny_bert), space=str(space), study="t", storage=f"sqlite:///{tmp_path}/o.db",
+                  tracking_uri=f"sqlite:///{tmp_path}/m.db", artifacts_dir=str(tmp_path / "a"), trials=3,
+                  max_steps=3, train_size=64, val_size=32, test_size=32, seed=0)
+    return SearchConfig(**{**values, **overrides})  # type: ignore[arg-type]
+
+
+def test_each_trial_records_exactly_what_it_built(tmp_path: Path, tiny_bert: Path) -> None:
+    summary = run_search(config(tmp_path, tiny_bert))
+    trials = summary.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 3
+    for trial in trials:
+        params = TrialParams.from_flat(trial.user_attrs["params"])
+        for name, value in trial.params.items():  # every sampled value is in the recorded params
+            assert trial.user_attrs["params"][name.removeprefix("ia3.")] == value or \
+                trial.user_attrs["params"][name] == value
+        saved = json.loads((Path(trial.user_attrs["adapter_dir"]) / "adapter_config.json").read_text())
+        if params.method == "lora":  # the built adapter carries the sampled r and alpha (HF Trainer's bug)
+            assert saved["peft_type"] == "LORA"
+            assert saved["r"] == params.method_params["r"] == trial.params["lora.r"]
+            assert saved["lora_alpha"] == pytest.approx(trial.params["lora.alpha"])
+            layers = {m.split(".")[-1] for m in saved["target_modules"]}
+            assert layers == ({"query", "value"} if params.method_params["target_modules"] == "qv" else
+                              {"query", "key", "value", "dense"})
+        else:
+            assert saved["peft_type"] == "IA3"
+        assert 0.0 <= trial.values[0] <= 1.0 and 0.0 <= trial.values[1] <= 1.0
+        assert trial.user_attrs["trainable_params"] > 0
+
+
+def test_trials_start_from_pristine_base_weights(tmp_path: Path, tiny_bert: Path) -> None:
+    from autopeft.search import run_trial
+
+    runtime = prepare_runtime(config(tmp_path, tiny_bert))
+    before = {k: v.clone() for k, v in runtime.base_model.state_dict().items()}
+    params = TrialParams("lora", {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": "all_linear",
+                                  "use_rslora": False},
+                         {"learning_rate": 5e-2, "optimizer": "adamw", "precision": "fp32", "grad_accum_steps": 1,
+                          "micro_batch_size": 8, "weight_decay": 0.0, "warmup_ratio": 0.0, "scheduler": "constant"})
+    first = run_trial(runtime, params, seed=0)
+    second_start = {}
+    run_trial(runtime, params, seed=0, on_built=lambda model, est: second_start.update(
+        logits=model(input_ids=torch.tensor([[101, 2000, 102]])).logits.detach()))
+    for key, value in runtime.base_model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    fresh = prepare_runtime(config(tmp_path, tiny_bert)).base_model
+    assert torch.allclose(second_start["logits"], fresh(input_ids=torch.tensor([[101, 2000, 102]])).logits, atol=1e-6)
+    assert first.train.losses[0] != first.train.losses[-1]
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path: Path, tiny_bert: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import autopeft.search as search
+
+    real_fit, calls = search.fit, {"n": 0}
+
+    def flaky_fit(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (test double)")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(search, "fit", flaky_fit)
+    study = run_search(config(tmp_path, tiny_bert, trials=2)).study
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert len(failed) == 1 and "out of memory" in failed[0].user_attrs["fail_reason"]
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
+
+
+def test_over_budget_configurations_are_pruned_before_training(tmp_path: Path, tiny_bert: Path) -> None:
+    study = run_search(config(tmp_path, tiny_bert, trials=1, memory_budget=1000)).study
+    pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
+    assert pruned and all("exceeds the budget" in t.user_attrs["prune_reason"] for t in pruned)
+    assert all("wall_seconds" not in t.user_attrs for t in pruned)  # nothing trained
+    assert all(t.constraints["memory"] > 0 for t in pruned)  # the sampler learns the infeasible region
+
+
+def test_resume_adds_only_the_missing_trials_and_refuses_another_space(tmp_path: Path, tiny_bert: Path) -> None:
+    run_search(config(tmp_path, tiny_bert, trials=2))
+    study = run_search(config(tmp_path, tiny_bert, trials=3)).study
+    assert len(study.trials) == 3
+    configs = {json.dumps(t.user_attrs["params"], sort_keys=True) for t in study.trials}
+    assert len(configs) == 3  # a resumed sampler does not replay earlier samples
+    other = tmp_path / "other.yaml"
+    other.write_text("method: ia3\n")
+    with pytest.raises(StudyError, match="different search space"):
+        run_search(config(tmp_path, tiny_bert, trials=4, space=str(other)))

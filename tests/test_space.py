@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autopeft import methods
+from autopeft.config import PACKAGE_DIR
+from autopeft.errors import ConfigError
+from autopeft.space import load_space
+
+SPACE_FILES = sorted((PACKAGE_DIR / "search_spaces").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", SPACE_FILES, ids=lambda p: p.name)
+def test_every_shipped_space_loads_and_samples(path: Path) -> None:
+    space = load_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        params = space.suggest(study.ask())
+        assert params.method in methods.names()
+        assert set(params.method_params) == set(methods.get(params.method).params)
+
+
+def test_shipped_spaces_exist() -> None:
+    assert any(p.name == "default.yaml" for p in SPACE_FILES)
+
+
+BAD_SPACES = [
+    ("method: [lora\n", "not valid YAML at line"),
+    ("method: lora\nepochs: 3\n", "epochs: unknown key"),
+    ("method: [lora, magic]\n", "'magic' must be one of"),
+    ("method: lora\nmethods:\n  lora:\n    rank: 8\n", "methods.lora.rank: unknown parameter"),
+    ("method: lora\ntraining:\n  learning_rate: {low: 1.0e-2, high: 1.0e-4, log: true}\n", "low 0.01 is greater than high 0.0001"),
+    ("method: lora\nmethods:\n  lora:\n    dropout: {low: 0.0, high: 0.1, log: true}\n", "must be > 0 on a log scale"),
+    ("method: lora\ntraining:\n  learning_rate: {low: 0.0, high: 1.0e-4}\n", "learning_rate.low: 0.0 must be >= 1e-08"),
+    ("method: lora\ntraining:\n  optimizer: [adamw, lion]\n", "'lion' must be one of adamw, adafactor"),
+    ("method: lora\nmethods:\n  lora:\n    target_modules: [qv, everything]\n", "'everything' must be one of"),
+    ("method: lora\nmethods:\n  lora:\n    r: {low: 8, high: 4}\n", "low 8 is greater than high 4"),
+    ("method: lora\nmethods:\n  lora:\n    r: [4, 8.5]\n", "8.5 must be an integer"),
+    ("training: {}\n", "method: missing"),
+    ("- lora\n", "must be a YAML mapping"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_SPACES, ids=[m for _, m in BAD_SPACES])
+def test_bad_space_names_file_key_and_what_is_allowed(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_space(path)
+    assert message in str(info.value)
+    assert all(str(path) in problem for problem in info.value.problems)
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    path = write(tmp_path, "method: [lora, magic]\nbatch: 3\ntraining:\n  learning_rate: {low: 1, high: 0.1}\n")
+    with pytest.raises(ConfigError) as info:
+        load_space(path)
+    assert len(info.value.problems) == 3
+
+
+def test_conditional_parameters_are_sampled_only_for_their_method(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, (
+        "method: [lora, ia3]\n"
+        "training:\n  learning_rate: {low: 1e-4, high: 1e-2, log: true}\n"  # YAML reads 1e-4 as a string
+        "methods:\n  lora:\n    r: [4, 8]\n    alpha: {low: 4, high: 32}\n"
+        "  ia3:\n    target_modules: [kv, kv_ffn]\n    learning_rate: {low: 1.0e-2, high: 5.0e-2, log: true}\n")))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        params = space.suggest(trial)
+        seen.add(params.method)
+        other = "ia3" if params.method == "lora" else "lora"
+        assert not any(name.startswith(f"{other}.") for name in trial.params)
+        assert trial.params[f"{params.method}.learning_rate" if params.method == "ia3" else "learning_rate"] \
+            == params.training["learning_rate"]
+        if params.method == "ia3":
+            assert 1e-2 <= params.training["learning_rate"] <= 5e-2
+        else:
+            assert params.method_params["r"] == trial.params["lora.r"]
+        study.tell(trial, 0.0)
+    assert seen == {"lora", "ia3"}
+
+
+def test_fixed_values_are_recorded_without_sampling(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, "method: lora\nmethods:\n  lora:\n    r: 16\n"))
+    trial = optuna.create_study().ask()
+    params = space.suggest(trial)
+    assert params.method_params["r"] == 16 and params.flat()["lora.r"] == 16
+    assert "lora.r" not in trial.params
