@@ -43,7 +43,13 @@ class TaskData:
             "task": self.name, "labels": self.label_names, "split_seed": self.seed,
             **{f"{name}_size": len(split.texts) for name, split in self.splits().items()},
             **{f"{name}_fingerprint": split.fingerprint() for name, split in self.splits().items()},
+            "validation_majority": self.majority_rate(self.validation),
         }
+
+    @staticmethod
+    def majority_rate(split: TextSplit) -> float:
+        """Accuracy of always predicting the most common class: the score of a model that learned nothing."""
+        return max(split.labels.count(c) for c in set(split.labels)) / len(split.labels)
 
     def splits(self) -> dict[str, TextSplit]:
         return {"train": self.train, "validation": self.validation, "test": self.test}

@@ -30,9 +30,10 @@ WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz
 def _strip_markup(text: str) -> str:
     text = re.sub(r"<!--.*?-->|<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.S)
     previous = None
-    while previous != text:  # templates nest: remove innermost first
-        previous, text = text, re.sub(r"\{\{[^{}]*\}\}", "", text)
-    text = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", text)
+    while previous != text:  # templates and links nest: resolve the innermost first
+        previous = text
+        text = re.sub(r"\{\{[^{}]*\}\}", "", text)
+        text = re.sub(r"\[\[(?:[^\[\]|]*\|)*([^\[\]|]*)\]\]", r"\1", text)  # [[target|label]] -> label
     text = re.sub(r"'{2,}|<[^>]+>", "", text)
     return html.unescape(text)
 
@@ -49,7 +50,8 @@ def wikipedia_paragraphs(min_chars: int = 200) -> list[str]:
             if element.tag.endswith("}text") and element.text:
                 for line in _strip_markup(element.text).splitlines():
                     line = line.strip()
-                    if len(line) >= min_chars and not line.startswith(("|", "!", "{", "*", "#", ":", "=")):
+                    leftover_markup = any(mark in line for mark in ("[[", "]]", "{{", "}}"))
+                    if len(line) >= min_chars and not leftover_markup and not line.startswith(("|", "!", "{", "*", "#", ":", "=")):
                         paragraphs.append(line)
             element.clear()
     return paragraphs

@@ -1,0 +1,116 @@
+"""End to end through the `autopeft` command: search -> export -> peft loads it -> MLflow holds the runs;
+bad input -> one line, exit 2, nothing written; `autopeft ui` serves on 127.0.0.1 and stops on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+AUTOPEFT = [sys.executable, "-m", "autopeft.cli"]
+
+
+def autopeft(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AUTOPEFT, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_search_export_and_mlflow_records(tmp_path: Path, tiny_search_args: list[str]) -> None:
+    done = autopeft("search", "--trials", "2", "--study", "e2e", *tiny_search_args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for expected in ("val acc", "forgetting", "trainable", "chosen (balanced rule): trial",
+                     str(tmp_path / "autopeft.db"), str(tmp_path / "mlflow.db"), "autopeft ui --tracking-uri"):
+        assert expected in done.stdout
+
+    exported = autopeft("export", "--study", "e2e", "--out", "out", "--with-weights", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(tmp_path / "out"))
+    assert config.peft_type in ("LORA", "IA3")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["rule"] == "balanced"
+    import yaml
+
+    training = yaml.safe_load((tmp_path / "out" / "training.yaml").read_text())
+    for key in ("model", "task", "optimizer", "learning_rate", "precision", "grad_accum_steps",
+                "micro_batch_size", "max_steps", "seed"):
+        assert key in training
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("autopeft")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("autopeft.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 2
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert {"val_accuracy", "forgetting", "trainable_params", "trainable_fraction", "wall_seconds"} <= set(run.data.metrics)
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 3  # one point per step
+        assert "method" in run.data.params and "learning_rate" in run.data.params
+        assert run.data.tags["autopeft.state"] == "COMPLETE" and "optuna.trial_number" in run.data.tags
+
+
+BAD_INPUTS = [
+    (["--memory-budget", "-3GiB"], "--memory-budget"),
+    (["--memory-budget", "lots"], "--memory-budget"),
+    (["--model", "./no/such/model"], "--model: ./no/such/model does not exist"),
+    (["--task", "missing.csv"], "--task: missing.csv does not exist"),
+    (["--space", "bad.yaml"], "bad.yaml: methods.lora.r: 0 must be >= 1"),
+    (["--trials", "0"], "--trials: 0 must be at least 1"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "bad.yaml").write_text("method: lora\nmethods:\n  lora:\n    r: [0, 4]\n")
+    before = set(os.listdir(tmp_path))
+    done = autopeft("search", *args, cwd=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_export_of_unknown_study_is_a_clear_error(tmp_path: Path) -> None:
+    done = autopeft("export", "--study", "nope", "--out", "x", cwd=tmp_path)
+    assert done.returncode == 2 and "no study named 'nope'" in done.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ui_serves_the_store_on_localhost_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("autopeft")
+    port = free_port()
+    server = subprocess.Popen([*AUTOPEFT, "ui", "--port", str(port)], cwd=tmp_path, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, body = time.time() + 120, ""
+        while time.time() < deadline and not body:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search?max_results=10",
+                                              timeout=2).read().decode()
+            except OSError:
+                time.sleep(1)
+        assert '"autopeft"' in body
+        os.killpg(server.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        assert server.wait(timeout=30) is not None
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
