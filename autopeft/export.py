@@ -1,8 +1,10 @@
 """Pick a trial by a stated rule and write it as files the ecosystem reads.
 
-Default rule ("balanced"): among the Pareto-optimal trials, the one with the highest validation accuracy
-whose forgetting is at most `tolerance` above the least-forgetting Pareto trial. Accuracy alone would
-pick whatever overwrote the most general ability; forgetting alone would pick the barely-trained adapter.
+Default rule ("balanced"): among the Pareto-optimal trials that learned the task (validation accuracy above
+the majority-class rate), the one with the highest validation accuracy whose forgetting is at most
+`tolerance` above the least-forgetting of them. Accuracy alone would pick whatever overwrote the most
+general ability; forgetting alone would pick an adapter that never moved (it forgets nothing and learns
+nothing, which is why trials at the majority-class rate are not candidates unless no trial learned).
 """
 
 from __future__ import annotations
@@ -48,10 +50,12 @@ def select_trial(study: optuna.Study, rule: Rule = "balanced",
     pareto = study.best_trials
     if rule == "best-accuracy":
         return max(pareto, key=lambda t: (t.values[0], -t.values[1]))
-    least = min(pareto, key=lambda t: (t.values[1], -t.values[0]))
+    majority = study.user_attrs.get("split", {}).get("validation_majority", 0.0)
+    learned = [t for t in pareto if t.values[0] > majority + 1e-9] or pareto
+    least = min(learned, key=lambda t: (t.values[1], -t.values[0]))
     if rule == "least-forgetting":
         return least
-    within = [t for t in pareto if t.values[1] <= least.values[1] + tolerance]
+    within = [t for t in learned if t.values[1] <= least.values[1] + tolerance]
     return max(within, key=lambda t: (t.values[0], -t.values[1]))
 
 

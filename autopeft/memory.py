@@ -35,18 +35,21 @@ class MemoryEstimate:
         return f"{format_bytes(self.total)} ({parts})"
 
 
+# Bytes of optimizer state per trainable weight (vectors and non-factored cases).
+_STATE_BYTES_PER_WEIGHT = {"adamw": 8, "sgd": 4, "adamw_8bit": 2, "adafactor": 4}
+
+
 def optimizer_state_bytes(model: nn.Module, optimizer: str) -> int:
-    """AdamW keeps two fp32 moments per weight; Adafactor keeps row and column second moments per matrix."""
+    """AdamW: two fp32 moments per weight; SGD: one momentum buffer; 8-bit AdamW: two 1-byte moments;
+    Adafactor (no first moment): row and column second moments for a matrix, a full one for a vector."""
     total = 0
     for param in model.parameters():
         if not param.requires_grad:
             continue
         if optimizer == "adafactor" and param.dim() >= 2:
             total += 4 * (param.shape[-2] + param.shape[-1])
-        elif optimizer == "adafactor":
-            total += 4 * param.numel()
         else:
-            total += 8 * param.numel()
+            total += _STATE_BYTES_PER_WEIGHT[optimizer] * param.numel()
     return total
 
 

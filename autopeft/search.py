@@ -73,7 +73,8 @@ def build_model(runtime: Runtime, params: TrialParams) -> nn.Module:
 
 
 def train_settings(params: TrialParams, *, max_steps: int, seed: int) -> TrainSettings:
-    return TrainSettings(max_steps=max_steps, seed=seed, **params.training)
+    known = TrainSettings.__dataclass_fields__
+    return TrainSettings(max_steps=max_steps, seed=seed, **{k: v for k, v in params.training.items() if k in known})
 
 
 @dataclass

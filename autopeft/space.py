@@ -31,6 +31,11 @@ TRAINING_PARAMS: dict[str, ParamSpec] = {
     "weight_decay": ParamSpec("float", 0.0, "decoupled weight decay", low=0.0, high=1.0),
     "warmup_ratio": ParamSpec("float", 0.0, "fraction of steps with a linear warm-up", low=0.0, high=0.9),
     "scheduler": ParamSpec("choice", "linear", "learning-rate decay after warm-up", choices=SCHEDULERS),
+    "max_grad_norm": ParamSpec("float", 1.0, "gradient clipping norm (0 disables clipping)", low=0.0, high=1e6),
+    "momentum": ParamSpec("float", 0.9, "momentum of sgd", low=0.0, high=0.999),
+    "gradient_checkpointing": ParamSpec("bool", False, "recompute activations in backward to save memory"),
+    "effective_batch_size": ParamSpec("int", 0, "if set, fixes micro_batch_size x grad_accum_steps and the "
+                                      "search picks only the split (grad_accum_steps is derived)", low=0, high=1 << 20),
 }
 _TOP_KEYS = ("method", "training", "methods")
 _RANGE_KEYS = {"low", "high", "log", "step"}
@@ -92,9 +97,11 @@ class SearchSpace:
         method = self.method.suggest(trial)
         sampled = {name: dim.suggest(trial) for name, dim in self.method_dims[method].items()}
         dims = {**self.training_dims, **self.training_overrides.get(method, {})}
-        training = {name: dim.suggest(trial) for name, dim in dims.items()}
-        return TrialParams(method, methods.get(method).resolve(sampled),
-                           {**{k: s.default for k, s in TRAINING_PARAMS.items()}, **training})
+        training = {**{k: s.default for k, s in TRAINING_PARAMS.items()},
+                    **{name: dim.suggest(trial) for name, dim in dims.items()}}
+        if training["effective_batch_size"]:  # the batch is fixed; only its split was searched
+            training["grad_accum_steps"] = training["effective_batch_size"] // training["micro_batch_size"]
+        return TrialParams(method, methods.get(method).resolve(sampled), training)
 
     def method_names(self) -> list[str]:
         return list(self.method.choices) if self.method.kind == "categorical" else [self.method.value]
@@ -178,6 +185,26 @@ def _parse_params(raw: Any, specs: dict[str, ParamSpec], prefix: str, where: str
     return dims
 
 
+def _check_effective_batch(training: dict[str, Dimension], where: str, problems: list[str]) -> None:
+    """A fixed effective batch must be split exactly by every micro-batch size the space can choose."""
+    effective = training.get("effective_batch_size")
+    if effective is None:
+        return
+    if effective.kind != "fixed":
+        problems.append(f"{where}.effective_batch_size: must be one fixed number (it is what stays constant)")
+        return
+    if "grad_accum_steps" in training:
+        problems.append(f"{where}.grad_accum_steps: leave it out when effective_batch_size is set (it is derived)")
+    micro = training.get("micro_batch_size")
+    sizes = [16] if micro is None else (list(micro.choices) if micro.kind == "categorical" else
+                                        [micro.value] if micro.kind == "fixed" else None)
+    if sizes is None:
+        problems.append(f"{where}.micro_batch_size: give a list of sizes when effective_batch_size is set")
+    elif any(effective.value % size for size in sizes):
+        problems.append(f"{where}.effective_batch_size: {effective.value} is not divisible by every "
+                        f"micro_batch_size in {sizes}")
+
+
 def _split_method_section(raw: Any, own_specs: dict[str, ParamSpec]) -> tuple[Any, dict[str, Any]]:
     """A method's section holds its own parameters and, optionally, training parameters that override the
     shared ones for this method only (methods differ in the learning rates they need)."""
@@ -216,6 +243,7 @@ def parse_space(data: Any, path: str) -> SearchSpace:
                                           problems)
         overrides[name] = _parse_params(shared, TRAINING_PARAMS, f"{name}.", f"{path}: methods.{name}", problems)
     training = _parse_params(data.get("training"), TRAINING_PARAMS, "", f"{path}: training", problems)
+    _check_effective_batch(training, f"{path}: training", problems)
     if problems or method is None:
         raise ConfigError(problems)
     for name in (method.choices if method.kind == "categorical" else (method.value,)):

@@ -7,6 +7,7 @@ trial does not need (no callbacks, no per-step logging I/O).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -21,10 +22,10 @@ from torch import nn
 from autopeft.data import TokenizedSplit, collate, length_grouped_batches
 from autopeft.errors import TrialFailed
 
-Optimizer = Literal["adamw", "adafactor"]
+Optimizer = Literal["adamw", "adafactor", "sgd", "adamw_8bit"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Scheduler = Literal["linear", "cosine", "constant"]
-OPTIMIZERS: tuple[str, ...] = ("adamw", "adafactor")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adafactor", "sgd", "adamw_8bit")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant")
 
@@ -41,6 +42,9 @@ class TrainSettings:
     warmup_ratio: float = 0.0
     scheduler: Scheduler = "linear"
     max_grad_norm: float = 1.0  # 0 disables clipping
+    momentum: float = 0.9  # sgd only
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    init_loss_scale: float = 2.0**16  # fp16 only: GradScaler's starting scale
     seed: int = 0
 
 
@@ -53,10 +57,18 @@ class TrainResult:
     positions: int = 0  # all positions computed, padding included
     examples: int = 0
     overflow_steps: int = 0  # fp16 steps skipped by the loss scaler
+    final_loss_scale: float | None = None  # fp16 only
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def optimizer_problem(optimizer: str) -> str | None:
+    """Why this optimizer cannot run here, or None. Checked before a trial trains."""
+    if optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        return "adamw_8bit needs the bitsandbytes package (pip install bitsandbytes)"
+    return None
 
 
 def precision_problem(precision: str, device: torch.device) -> str | None:
@@ -81,6 +93,13 @@ def build_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torc
 
         return Adafactor(params, lr=settings.learning_rate, weight_decay=settings.weight_decay,
                          scale_parameter=False, relative_step=False, warmup_init=False)
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.momentum,
+                               weight_decay=settings.weight_decay)
+    if settings.optimizer == "adamw_8bit":  # block-wise 8-bit moments (bitsandbytes): 2 bytes per weight
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     raise ValueError(f"unknown optimizer {settings.optimizer!r}")
 
 
@@ -123,13 +142,19 @@ def fit(model: nn.Module, data: TokenizedSplit, settings: TrainSettings, *, pad_
     problem = precision_problem(settings.precision, device)
     if problem:
         raise TrialFailed(f"unsupported precision: {problem}")
+    problem = optimizer_problem(settings.optimizer)
+    if problem:
+        raise TrialFailed(f"unsupported optimizer: {problem}")
+    if settings.gradient_checkpointing:
+        _enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, settings)
     scheduler = build_scheduler(optimizer, settings)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     # Loss scaling only for fp16: its narrow exponent range underflows small gradients.
-    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, init_scale=settings.init_loss_scale,
+                                  enabled=settings.precision == "fp16")
     batches = _endless_batches(data, settings.micro_batch_size, pad_id, settings.seed)
     result = TrainResult()
     model.train()
@@ -157,8 +182,15 @@ def fit(model: nn.Module, data: TokenizedSplit, settings: TrainSettings, *, pad_
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     result.seconds = time.perf_counter() - start
+    result.final_loss_scale = scaler.get_scale() if scaler.is_enabled() else None
     model.eval()
     return result
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
 
 
 def _count_targets(batch: dict[str, torch.Tensor]) -> int:

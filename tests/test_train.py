@@ -57,14 +57,111 @@ def test_accumulated_micro_batches_give_the_full_batch_gradient(lora_model: torc
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def one_sgd_step_delta(model: torch.nn.Module, split: TokenizedSplit, *, micro: int, accum: int) -> dict[str, torch.Tensor]:
+    """Parameter change of one plain-SGD step with lr 1 through train.fit: exactly minus the gradient."""
+    model = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    settings = TrainSettings(learning_rate=1.0, optimizer="sgd", momentum=0.0, micro_batch_size=micro,
+                             grad_accum_steps=accum, max_steps=1, max_grad_norm=0.0, scheduler="constant")
+    fit(model, split, settings, pad_id=0, loss_fn=_deterministic_loss)
+    return {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _deterministic_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    model.eval()  # fit() switches to train mode; dropout would make the two runs differ
+    return classification_loss(model, batch)
+
+
+def test_fit_accumulates_exactly_over_unequal_padded_micro_batches(lora_model: torch.nn.Module) -> None:
+    """One epoch of 16 rows in one step: 4 micro-batches of 4 (each padded to its own length, the last
+    one smaller when rows don't divide) give the same update as one batch of 16, within 1e-5 (fp32)."""
+    torch.manual_seed(0)
+    for p in lora_model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.02)
+    split = variable_length_split(14)  # 14 rows: micro-batches of 4, 4, 4 and 2 targets
+    full = one_sgd_step_delta(lora_model, split, micro=14, accum=1)
+    accumulated = one_sgd_step_delta(lora_model, split, micro=4, accum=4)
+    for name, delta in full.items():
+        assert delta.abs().sum() > 0
+        torch.testing.assert_close(accumulated[name], delta, atol=1e-5, rtol=1e-5)
+
+
+def test_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(lora_model: torch.nn.Module) -> None:
+    calls = {"n": 0}
+
+    def overflow_first_step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        loss, n = classification_loss(model, batch)
+        calls["n"] += 1
+        # A finite loss whose scaled gradient (x 2^16) is inf: the overflow GradScaler exists to catch.
+        return (loss * 1e36 if calls["n"] == 1 else loss), n
+
+    split = variable_length_split(32)
+    settings = TrainSettings(learning_rate=1e-2, precision="fp16", micro_batch_size=8, max_steps=6)
+    before = {n: p.detach().clone() for n, p in lora_model.named_parameters() if p.requires_grad}
+    result = fit(lora_model, split, settings, pad_id=0, loss_fn=overflow_first_step)
+    assert result.overflow_steps == 1
+    assert result.final_loss_scale == 2.0**15  # halved once, not grown back within 2000 steps
+    assert len(result.losses) == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+    after = dict(lora_model.named_parameters())
+    assert all(torch.isfinite(after[n]).all() for n in before)
+    assert any(not torch.equal(after[n], before[n]) for n in before)  # later steps did update
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "sgd"])
+def test_optimizer_state_matches_the_memory_estimate(lora_model: torch.nn.Module, optimizer: str) -> None:
+    from autopeft.memory import optimizer_state_bytes
+    from autopeft.train import build_optimizer
+
+    params = [p for p in lora_model.parameters() if p.requires_grad]
+    opt = build_optimizer(params, TrainSettings(learning_rate=1e-3, optimizer=optimizer))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                if torch.is_tensor(v) and v.dim() > 0)
+    assert state == optimizer_state_bytes(lora_model, optimizer)
+
+
+def test_adafactor_state_is_much_smaller_than_adamw_on_a_matrix() -> None:
+    from autopeft.memory import optimizer_state_bytes
+
+    layer = torch.nn.Linear(384, 384, bias=False)
+    assert optimizer_state_bytes(layer, "adafactor") * 100 < optimizer_state_bytes(layer, "adamw")
+
+
+def test_an_unavailable_optimizer_fails_the_trial_with_its_reason(lora_model: torch.nn.Module,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(TrialFailed, match="adamw_8bit needs the bitsandbytes package"):
+        fit(lora_model, variable_length_split(), TrainSettings(learning_rate=1e-3, optimizer="adamw_8bit"), pad_id=0)
+
+
+def test_gradient_checkpointing_gives_the_same_update(lora_model: torch.nn.Module) -> None:
+    split = variable_length_split(16)
+    settings = dict(learning_rate=1e-2, micro_batch_size=8, max_steps=2, seed=0)
+    plain, checkpointed = copy.deepcopy(lora_model), copy.deepcopy(lora_model)
+    torch.manual_seed(0)
+    fit(plain, split, TrainSettings(**settings), pad_id=0, loss_fn=_deterministic_loss)
+    torch.manual_seed(0)
+    fit(checkpointed, split, TrainSettings(**settings, gradient_checkpointing=True), pad_id=0,
+        loss_fn=_deterministic_loss)
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "sgd"])
 def test_each_optimizer_lowers_the_loss(lora_model: torch.nn.Module, optimizer: str) -> None:
     split = variable_length_split(64, seed=1)
-    settings = TrainSettings(learning_rate=1e-2, optimizer=optimizer, micro_batch_size=16, max_steps=40,
+    lr = 0.2 if optimizer == "sgd" else 1e-2
+    settings = TrainSettings(learning_rate=lr, optimizer=optimizer, micro_batch_size=16, max_steps=40,
                              warmup_ratio=0.0, scheduler="constant")
     result = fit(lora_model, split, settings, pad_id=0)
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
-    assert last < 0.7 * first
+    assert last < 0.9 * first
     assert len(result.losses) == 40 and result.tokens == sum(split.lengths()) * 40 * 16 // 64
 
 
