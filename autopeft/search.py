@@ -87,6 +87,7 @@ class TrialOutcome:
     total: int
     estimate: memory.MemoryEstimate
     seconds: float
+    eval_seconds: float  # validation accuracy and the forgetting probe
 
 
 def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> memory.MemoryEstimate:
@@ -108,11 +109,13 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int,
     total = sum(p.numel() for p in runtime.base_model.parameters())
     result = fit(model, runtime.train, train_settings(params, max_steps=runtime.config.max_steps, seed=seed),
                  pad_id=runtime.pad_id, device=runtime.device)
+    eval_start = time.perf_counter()
     val_accuracy = accuracy(model, runtime.validation, pad_id=runtime.pad_id,
                             batch_size=runtime.config.eval_batch_size, device=runtime.device)
     forgetting = runtime.probe.forgetting(model, runtime.device)
+    end = time.perf_counter()
     return TrialOutcome(model, result, val_accuracy, forgetting, trainable, total, estimate,
-                        time.perf_counter() - start)
+                        end - start, end - eval_start)
 
 
 # ---------------------------------------------------------------- the study
@@ -166,6 +169,7 @@ class Objective:
         self.parent_run_id = parent_run_id
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        started = time.perf_counter()
         config = self.runtime.config
         params = self.runtime.space.suggest(trial)
         seed = config.seed + trial.number
@@ -189,7 +193,7 @@ class Objective:
             trial.set_user_attr("fail_reason", "interrupted")
             self.tracker.end_trial_run(run_id, "FAIL", "interrupted")
             raise
-        self._record(trial, run_id, outcome)
+        self._record(trial, run_id, outcome, started)
         return outcome.accuracy, outcome.forgetting
 
     def _check_budget(self, trial: optuna.Trial, estimate: memory.MemoryEstimate) -> None:
@@ -208,13 +212,19 @@ class Objective:
         self.tracker.end_trial_run(run_id, "FAIL", reason)
         raise TrialFailed(reason)
 
-    def _record(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome) -> None:
+    def _record(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, started: float) -> None:
         folder = Path(self.runtime.config.artifacts_dir) / self.runtime.config.study / f"trial-{trial.number}"
         outcome.model.save_pretrained(folder)
+        self.tracker.log_curve(run_id, "train_loss", outcome.train.losses)
+        self.tracker.log_curve(run_id, "learning_rate", outcome.train.learning_rates)
+        # Overhead: everything but training steps and evaluation (sampling, adapter build, saving, logging).
+        total = time.perf_counter() - started
+        overhead = total - outcome.train.seconds - outcome.eval_seconds
         summary = {
             "val_accuracy": outcome.accuracy, "forgetting": outcome.forgetting,
             "trainable_params": outcome.trainable, "trainable_fraction": outcome.trainable / outcome.total,
-            "wall_seconds": outcome.seconds, "train_seconds": outcome.train.seconds,
+            "wall_seconds": total, "train_seconds": outcome.train.seconds, "eval_seconds": outcome.eval_seconds,
+            "overhead_seconds": overhead, "overhead_fraction": overhead / total,
             "train_tokens_per_second": outcome.train.tokens_per_second,
             "padding_fraction": 1 - outcome.train.tokens / max(1, outcome.train.positions),
             "final_train_loss": outcome.train.losses[-1], "fp16_overflow_steps": outcome.train.overflow_steps,
@@ -223,8 +233,6 @@ class Objective:
         for key, value in summary.items():
             trial.set_user_attr(key, value)
         trial.set_user_attr("adapter_dir", str(folder.resolve()))
-        self.tracker.log_curve(run_id, "train_loss", outcome.train.losses)
-        self.tracker.log_curve(run_id, "learning_rate", outcome.train.learning_rates)
         self.tracker.log_metrics(run_id, summary)
         self.tracker.end_trial_run(run_id, "COMPLETE")
 
