@@ -81,7 +81,7 @@ def search(
     test_size: Annotated[int, typer.Option(help="Held-out test rows, scored once at export.")] = 1000,
 ) -> None:
     """Run (or resume) a budgeted search and print the trials, the chosen one and where everything is."""
-    from autopeft.export import select_trial
+    from autopeft.export import DEFAULT_TOLERANCE, select_trial
     from autopeft.search import run_search
 
     def build() -> SearchConfig:
@@ -104,7 +104,8 @@ def search(
     try:
         chosen = select_trial(summary.study)
         console.print(f"chosen (balanced rule): trial {chosen.number}, val accuracy {chosen.values[0]:.4f}, "
-                      f"forgetting {chosen.values[1]:.4f}")
+                      f"forgetting {chosen.values[1]:.4f} -- the most accurate Pareto trial whose forgetting is within "
+                      f"{DEFAULT_TOLERANCE} of the least-forgetting one that beat the majority class")
     except AutopeftError as exc:
         console.print(f"no trial to choose: {exc}")
     console.print(f"Optuna study: {config.study} at {_sqlite_path(config.storage)}")
@@ -155,7 +156,7 @@ def export(
     storage: Annotated[str, typer.Option(help="Optuna storage URL of the study.")] = "sqlite:///autopeft.db",
     trial: Annotated[int | None, typer.Option(help="Export this trial number instead of applying --select.")] = None,
     select: Annotated[str, typer.Option(help="Rule: balanced (best accuracy within --tolerance of the least forgetting on the Pareto front), best-accuracy, least-forgetting.")] = "balanced",
-    tolerance: Annotated[float, typer.Option(help="Forgetting tolerance of the balanced rule.")] = 0.02,
+    tolerance: Annotated[float, typer.Option(help="Forgetting tolerance of the balanced rule (1 - CKA scale).")] = 0.05,
     with_weights: Annotated[bool, typer.Option(help="Also copy the trained adapter weights (safetensors).")] = False,
 ) -> None:
     """Write the chosen trial as files; its held-out test accuracy is computed here, once."""

@@ -27,7 +27,7 @@ from autopeft.space import TrialParams
 
 Rule = Literal["balanced", "best-accuracy", "least-forgetting"]
 RULES: tuple[str, ...] = ("balanced", "best-accuracy", "least-forgetting")
-DEFAULT_TOLERANCE = 0.02
+DEFAULT_TOLERANCE = 0.05  # absolute, on the forgetting (1 - CKA) scale
 
 
 def load_existing_study(name: str, storage: str) -> optuna.Study:

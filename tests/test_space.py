@@ -90,6 +90,28 @@ def test_conditional_parameters_are_sampled_only_for_their_method(tmp_path: Path
     assert seen == {"lora", "ia3"}
 
 
+def test_a_fixed_effective_batch_searches_only_its_split(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, "method: lora\ntraining:\n  effective_batch_size: 32\n"
+                                       "  micro_batch_size: [8, 16, 32]\n"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    splits = set()
+    for _ in range(12):
+        t = space.suggest(study.ask()).training
+        assert t["micro_batch_size"] * t["grad_accum_steps"] == 32
+        splits.add(t["grad_accum_steps"])
+    assert splits == {1, 2, 4}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("  effective_batch_size: 30\n  micro_batch_size: [8, 16]\n", "30 is not divisible by every micro_batch_size"),
+    ("  effective_batch_size: 32\n  grad_accum_steps: [1, 2]\n", "leave it out when effective_batch_size is set"),
+    ("  effective_batch_size: [16, 32]\n", "must be one fixed number"),
+])
+def test_bad_effective_batch(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_space(write(tmp_path, "method: lora\ntraining:\n" + text))
+
+
 def test_fixed_values_are_recorded_without_sampling(tmp_path: Path) -> None:
     space = load_space(write(tmp_path, "method: lora\nmethods:\n  lora:\n    r: 16\n"))
     trial = optuna.create_study().ask()

@@ -7,7 +7,7 @@ Two questions, measured side by side in one run on the same machine:
      with a model_init that builds the peft model (the route users take today). Wall time, best validation
      accuracy, and whether each trial built the r it sampled.
 
-Run:  .venv/bin/python experiments/search_vs_trainer/bench.py [--repeats 3] [--steps 60]
+Run:  .venv/bin/python experiments/training/bench.py [--repeats 3] [--steps 60]
 Writes results.json and results.md next to this file.
 """
 
@@ -237,7 +237,7 @@ def _runs(runs: list[dict]) -> str:
 def render(r: dict) -> str:
     t = r["throughput"]
     lines = ["# autopeft vs transformers.Trainer + peft (MiniLM-L6, Rotten Tomatoes 4000/1000/1000, CPU)", "",
-             "Command: `.venv/bin/python experiments/search_vs_trainer/bench.py`", "",
+             "Command: `.venv/bin/python experiments/training/bench.py`", "",
              f"Machine: {r['machine']}", "",
              f"## A. Training throughput, one trial ({t['config']}, batch {t['batch']}, {t['steps']} steps, "
              f"median of {len(t['autopeft_runs'])} interleaved runs)", "",

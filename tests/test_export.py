@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from autopeft.errors import StudyError
+from autopeft.export import select_trial
+
+
+def study_with(values: list[tuple[float, float]], majority: float = 0.578) -> optuna.Study:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr("split", {"validation_majority": majority})
+    for accuracy, forgetting in values:
+        trial = study.ask()
+        study.tell(trial, (accuracy, forgetting))
+    return study
+
+
+# (accuracy, forgetting): 0 never learned; 1-4 are the Pareto front of learners; 5 is dominated.
+TRIALS = [(0.578, 0.001), (0.745, 0.051), (0.767, 0.096), (0.781, 0.139), (0.796, 0.251), (0.70, 0.30)]
+
+
+@pytest.mark.parametrize(("rule", "tolerance", "expected"), [
+    ("balanced", 0.05, 2),  # most accurate within 0.05 of 0.051 (trial 0 did not learn: not a candidate)
+    ("balanced", 0.1, 3),
+    ("balanced", 0.0, 1),
+    ("best-accuracy", 0.05, 4),
+    ("least-forgetting", 0.05, 1),
+])
+def test_selection_rules(rule: str, tolerance: float, expected: int) -> None:
+    assert select_trial(study_with(TRIALS), rule, tolerance).number == expected  # type: ignore[arg-type]
+
+
+def test_when_nothing_learned_the_least_forgetting_trial_is_still_chosen() -> None:
+    assert select_trial(study_with([(0.578, 0.01), (0.578, 0.002)])).number == 1
+
+
+def test_a_study_without_completed_trials_cannot_be_exported() -> None:
+    with pytest.raises(StudyError, match="no completed trial"):
+        select_trial(study_with([]))
