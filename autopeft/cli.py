@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from autopeft.config import DEFAULT_MODEL, DEFAULT_SPACE, DEFAULT_TASK, SearchConfig, parse_memory
+from autopeft.config import DEFAULT_MODEL, DEFAULT_SPACE, DEFAULT_TASK, SearchConfig, parse_memory, redact_url
 from autopeft.errors import AutopeftError, ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=(
@@ -32,9 +32,10 @@ def _quiet_libraries() -> None:
 
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported by our own lines
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*fail_stale_trials.*")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -67,51 +68,135 @@ def search(
     model: Annotated[str, typer.Option(help="Hub id, local model folder, or packaged:<name>.")] = DEFAULT_MODEL,
     task: Annotated[str, typer.Option(help="packaged:rotten_tomatoes or a CSV/JSONL/Parquet file with text,label columns.")] = DEFAULT_TASK,
     space: Annotated[Path, typer.Option(help="Search-space YAML file.")] = DEFAULT_SPACE,
-    trials: Annotated[int, typer.Option(help="Completed trials the study should hold (a resumed study counts its own).")] = 6,
+    trials: Annotated[int, typer.Option(help="Completed trials the study should hold (a resumed study counts its own; 0 only creates the study for workers).")] = 6,
     timeout: Annotated[float | None, typer.Option(help="Stop starting new trials after this many seconds.")] = None,
     memory_budget: Annotated[str | None, typer.Option(help="Peak training memory allowed per trial, e.g. 8GiB; configurations estimated above it are pruned before training.")] = None,
     study: Annotated[str, typer.Option(help="Study name; running again with the same name resumes it.")] = "default",
     storage: Annotated[str, typer.Option(help="Optuna storage URL (sqlite:///..., postgresql://...).")] = "sqlite:///autopeft.db",
-    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI.")] = "sqlite:///mlflow.db",
+    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI (sqlite:///..., http://host:port).")] = "sqlite:///mlflow.db",
     artifacts_dir: Annotated[Path, typer.Option(help="Where each trial's trained adapter is saved.")] = Path("autopeft-artifacts"),
     seed: Annotated[int, typer.Option(help="Seeds the sampler, the data split and every trial.")] = 0,
     max_steps: Annotated[int, typer.Option(help="Optimizer steps per trial.")] = 150,
     train_size: Annotated[int, typer.Option(help="Training rows (stratified sample).")] = 4000,
     val_size: Annotated[int, typer.Option(help="Validation rows, used to score trials.")] = 1000,
     test_size: Annotated[int, typer.Option(help="Held-out test rows, scored once at export.")] = 1000,
+    workers: Annotated[int, typer.Option(help="Local worker processes sharing the study (1 = run in this process). With sqlite, more than a few workers contend for its file lock; use PostgreSQL for many.")] = 1,
+    max_consecutive_failures: Annotated[int, typer.Option(help="Stop after this many failed trials in a row.")] = 5,
+    heartbeat: Annotated[int, typer.Option(help="Seconds between trial heartbeats; a trial silent for 3x this long is failed and its configuration retried.")] = 10,
+    force_new: Annotated[bool, typer.Option(help="Replace an existing study of this name instead of refusing a different setup.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow a hub model to run its own Python code (off by default).")] = False,
 ) -> None:
     """Run (or resume) a budgeted search and print the trials, the chosen one and where everything is."""
-    from autopeft.export import DEFAULT_TOLERANCE, select_trial
     from autopeft.search import run_search
 
     def build() -> SearchConfig:
-        budget = None
-        if memory_budget is not None:
-            try:
-                budget = parse_memory(memory_budget)
-            except ValueError as exc:
-                raise ConfigError([f"--memory-budget: {exc}"]) from None
-        return SearchConfig(model=model, task=task, space=str(space), trials=trials, timeout=timeout,
-                            memory_budget=budget, study=study, storage=storage, tracking_uri=tracking_uri,
-                            artifacts_dir=str(artifacts_dir), seed=seed, max_steps=max_steps,
-                            train_size=train_size, val_size=val_size, test_size=test_size)
+        return SearchConfig(model=model, task=task, space=str(space), trials=0 if workers > 1 else trials,
+                            timeout=timeout, memory_budget=_budget(memory_budget), study=study, storage=storage,
+                            tracking_uri=tracking_uri, artifacts_dir=str(artifacts_dir), seed=seed,
+                            max_steps=max_steps, train_size=train_size, val_size=val_size, test_size=test_size,
+                            max_consecutive_failures=max_consecutive_failures, heartbeat_seconds=heartbeat,
+                            force_new=force_new, trust_remote_code=trust_remote_code)
 
     config = _guard(build)
-    console.print(f"study [bold]{config.study}[/bold] in {_sqlite_path(config.storage)}; "
+    console.print(f"study [bold]{config.study}[/bold] in {_where(config.storage)}; "
                   f"loading model and data once for all trials ...")
-    summary = _guard(lambda: run_search(config, progress=_progress))
-    console.print(trials_table(summary.study))
+    summary = _interruptible(lambda: run_search(config, progress=_progress), config)
+    if workers > 1:
+        summary = _run_local_workers(workers, trials, config)
+    _print_summary(summary.study, config, summary.stopped_reason)
+
+
+@app.command()
+def worker(
+    study: Annotated[str, typer.Option(help="Name of an existing study to join.")],
+    storage: Annotated[str, typer.Option(help="Optuna storage URL shared by all workers (postgresql://...).")],
+    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking server shared by all workers (http://host:port).")] = "sqlite:///mlflow.db",
+    artifacts_dir: Annotated[Path, typer.Option(help="Where this worker saves trained adapters.")] = Path("autopeft-artifacts"),
+    trials: Annotated[int, typer.Option(help="Completed trials the study should reach (0 = what the study was created with).")] = 0,
+    timeout: Annotated[float | None, typer.Option(help="Stop starting new trials after this many seconds.")] = None,
+    worker_id: Annotated[int | None, typer.Option(help="Distinguishes this worker's sampler seed (default: the process id).")] = None,
+) -> None:
+    """Join a study created by `autopeft search` and run its trials; start one per GPU, on any machine."""
+    from autopeft.search import run_worker
+    from autopeft.study import worker_id_default
+
+    config = _guard(lambda: SearchConfig(study=study, storage=storage, tracking_uri=tracking_uri,
+                                         artifacts_dir=str(artifacts_dir), trials=trials, timeout=timeout,
+                                         worker_id=worker_id if worker_id is not None else worker_id_default()))
+    summary = _interruptible(lambda: run_worker(config, progress=_progress), config)
+    console.print(f"worker done: the study holds {sum(t.state.name == 'COMPLETE' for t in summary.study.trials)} "
+                  f"completed trials" + (f"; {summary.stopped_reason}" if summary.stopped_reason else ""))
+
+
+def _budget(text: str | None) -> int | None:
+    if text is None:
+        return None
     try:
-        chosen = select_trial(summary.study)
+        return parse_memory(text)
+    except ValueError as exc:
+        raise ConfigError([f"--memory-budget: {exc}"]) from None
+
+
+def _where(url: str) -> str:
+    return _sqlite_path(url) if url.startswith("sqlite:///") else redact_url(url)
+
+
+def _interruptible(call: Callable[[], T], config: SearchConfig) -> T:
+    """Ctrl-C: the running trial is already recorded as failed ("interrupted"); print what finished."""
+    try:
+        return _guard(call)
+    except KeyboardInterrupt:
+        err.print("interrupted: the running trial is recorded as failed with reason 'interrupted'")
+        import optuna
+
+        try:
+            _print_summary(optuna.load_study(study_name=config.study, storage=config.storage), config, "interrupted")
+        except Exception:  # the study may not exist yet if Ctrl-C came during loading
+            pass
+        raise typer.Exit(130) from None
+
+
+def _run_local_workers(count: int, trials: int, config: SearchConfig) -> Any:
+    """`--workers N` on one machine: the study exists now; N `autopeft worker` processes share it."""
+    import optuna
+
+    from autopeft.search import SearchSummary
+
+    command = [sys.executable, "-m", "autopeft.cli", "worker", "--study", config.study, "--storage", config.storage,
+               "--tracking-uri", config.tracking_uri, "--artifacts-dir", config.artifacts_dir, "--trials", str(trials)]
+    if config.timeout is not None:
+        command += ["--timeout", str(config.timeout)]
+    processes = [subprocess.Popen([*command, "--worker-id", str(i)]) for i in range(count)]
+    try:
+        for process in processes:
+            process.wait()
+    except KeyboardInterrupt:
+        for process in processes:
+            process.send_signal(2)
+        for process in processes:
+            process.wait()
+        raise
+    study = optuna.load_study(study_name=config.study, storage=config.storage)
+    return SearchSummary(study, config, study.user_attrs.get("mlflow_parent_run_id", ""))
+
+
+def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None) -> None:
+    from autopeft.export import DEFAULT_TOLERANCE, select_trial
+
+    console.print(trials_table(study))
+    if stopped_reason:
+        console.print(f"[yellow]{stopped_reason}[/yellow]")
+    try:
+        chosen = select_trial(study)
         console.print(f"chosen (balanced rule): trial {chosen.number}, val accuracy {chosen.values[0]:.4f}, "
                       f"forgetting {chosen.values[1]:.4f} -- the most accurate Pareto trial whose forgetting is within "
                       f"{DEFAULT_TOLERANCE} of the least-forgetting one that beat the majority class")
     except AutopeftError as exc:
         console.print(f"no trial to choose: {exc}")
-    console.print(f"Optuna study: {config.study} at {_sqlite_path(config.storage)}")
-    console.print(f"MLflow store: {_sqlite_path(config.tracking_uri)} (experiment 'autopeft', run '{config.study}')")
-    console.print(f"dashboard:    autopeft ui --tracking-uri {config.tracking_uri}")
-    console.print(f"export:       autopeft export --study {config.study} --storage {config.storage} --out export/")
+    console.print(f"Optuna study: {config.study} at {_where(config.storage)}")
+    console.print(f"MLflow store: {_where(config.tracking_uri)} (experiment 'autopeft', run '{config.study}')")
+    console.print(f"dashboard:    autopeft ui --tracking-uri {redact_url(config.tracking_uri)}")
+    console.print(f"export:       autopeft export --study {config.study} --storage {redact_url(config.storage)} --out export/")
 
 
 def _progress(study: Any, trial: Any) -> None:
@@ -131,6 +216,12 @@ def describe_params(flat: dict[str, Any]) -> str:
     return f"{method}({own}) {train}".strip()
 
 
+def _reason(trial: Any) -> str:
+    attrs = trial.user_attrs
+    return attrs.get("fail_reason") or attrs.get("prune_reason") or (
+        "worker stopped (no heartbeat); configuration retried" if trial.state.name == "FAIL" else "")
+
+
 def trials_table(study: Any) -> Table:
     table = Table(title=f"study {study.study_name}")
     for column in ("#", "method and hyperparameters", "val acc", "forgetting", "trainable", "wall s", "state"):
@@ -144,8 +235,7 @@ def trials_table(study: Any) -> Table:
             f"{trial.values[0]:.4f}" if trial.values else "-", f"{trial.values[1]:.4f}" if trial.values else "-",
             f"{trainable:,} ({100 * fraction:.2f}%)" if trainable else "-",
             f"{attrs['wall_seconds']:.1f}" if "wall_seconds" in attrs else "-",
-            trial.state.name.lower() + (f": {attrs.get('fail_reason') or attrs.get('prune_reason')}"
-                                        if trial.state.name in ("FAIL", "PRUNED") else ""))
+            trial.state.name.lower() + (f": {_reason(trial)}" if trial.state.name in ("FAIL", "PRUNED") else ""))
     return table
 
 
@@ -174,17 +264,18 @@ def export(
 @app.command()
 def ui(
     tracking_uri: Annotated[str, typer.Option(help="MLflow store the search wrote to.")] = "sqlite:///mlflow.db",
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind; the default serves this machine only.")] = "127.0.0.1",
 ) -> None:
-    """Serve the MLflow dashboard on 127.0.0.1 only. Ctrl-C stops it."""
+    """Serve the MLflow dashboard (127.0.0.1 unless --host says otherwise). Ctrl-C stops it."""
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
         _guard(lambda: (_ for _ in ()).throw(ConfigError(
             [f"--tracking-uri: no MLflow store at {tracking_uri}; run `autopeft search` first"])))
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
-               "--host", "127.0.0.1", "--port", str(port)]
-    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
+               "--host", host, "--port", str(port)]
+    console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
     try:
-        raise typer.Exit(subprocess.call(command, env={**os.environ, "MLFLOW_HOST": "127.0.0.1"}))
+        raise typer.Exit(subprocess.call(command))
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,11 @@ def parse_memory(text: str) -> int:
     if value <= 0:
         raise ValueError(f"memory budget {text!r} must be greater than zero")
     return int(value)
+
+
+def redact_url(url: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db (a password is never written out)."""
+    return re.sub(r"(//[^/:@]*:)[^/]*@", r"\1***@", url)
 
 
 def format_bytes(n: float) -> str:
@@ -58,11 +63,17 @@ class SearchConfig:
     test_size: int = 1000
     max_length: int = 128  # tokens per text after truncation
     eval_batch_size: int = 128
-    extra: dict[str, Any] = field(default_factory=dict)
+    max_consecutive_failures: int = 5  # stop the search instead of burning the budget on a broken setup
+    heartbeat_seconds: int = 10  # a trial silent for 3x this long is failed as stale and retried
+    force_new: bool = False  # replace an existing study of this name instead of refusing a mismatch
+    trust_remote_code: bool = False  # run model code shipped with a hub model (off: it executes arbitrary code)
+    worker_id: int | None = None  # distinguishes the samplers of workers sharing one study
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("trials", "max_steps", "train_size", "val_size", "test_size", "max_length",
+        if self.trials < 0:
+            problems.append(f"--trials: {self.trials} must be at least 0 (0 only creates the study, for workers)")
+        for name in ("max_steps", "train_size", "val_size", "test_size", "max_length",
                      "eval_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')}: {getattr(self, name)} must be at least 1")
@@ -72,6 +83,8 @@ class SearchConfig:
             problems.append(f"--memory-budget: {self.memory_budget} must be greater than zero")
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.study):
             problems.append(f"--study: {self.study!r} may only hold letters, digits, '.', '_' and '-'")
+        if self.max_consecutive_failures < 1 or self.heartbeat_seconds < 1:
+            problems.append("--max-consecutive-failures and the heartbeat must be at least 1")
         if not Path(self.space).is_file():
             problems.append(f"--space: {self.space} does not exist")
         if problems:
@@ -79,6 +92,12 @@ class SearchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def public_dict(self) -> dict[str, Any]:
+        """What may be written to MLflow, the study and exported files: URLs without their passwords."""
+        data = asdict(self)
+        data["storage"], data["tracking_uri"] = redact_url(self.storage), redact_url(self.tracking_uri)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> SearchConfig:

@@ -17,7 +17,9 @@ from torch import nn
 from autopeft import methods, memory
 from autopeft.config import SearchConfig
 from autopeft.data import TaskData, TokenizedSplit, load_task, tokenize
-from autopeft.errors import StudyError, TrialFailed
+from autopeft import study as studies
+from autopeft.config import format_bytes
+from autopeft.errors import ConfigError, TrialFailed
 from autopeft.evaluate import accuracy
 from autopeft.models import count_parameters, load_classifier
 from autopeft.probes import RepresentationDrift
@@ -25,7 +27,6 @@ from autopeft.space import SearchSpace, TrialParams, load_space
 from autopeft.tracking import Tracker
 from autopeft.train import TrainResult, TrainSettings, fit
 
-DIRECTIONS = ("maximize", "minimize")  # validation accuracy, forgetting
 TASK_TYPE = "SEQ_CLS"
 
 
@@ -53,7 +54,8 @@ def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> R
     space = space or load_space(config.space)
     task = load_task(config.task, seed=config.seed, train_size=config.train_size,
                      val_size=config.val_size, test_size=config.test_size)
-    base_model, tokenizer = load_classifier(config.model, len(task.label_names), seed=config.seed)
+    base_model, tokenizer = load_classifier(config.model, len(task.label_names), seed=config.seed,
+                                            trust_remote_code=config.trust_remote_code)
     base_model.eval()
     for param in base_model.parameters():  # the shared copy is never trained
         param.requires_grad_(False)
@@ -118,48 +120,6 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int,
                         end - start, end - eval_start)
 
 
-# ---------------------------------------------------------------- the study
-
-def study_attributes(config: SearchConfig, runtime_task: TaskData, space: SearchSpace) -> dict[str, Any]:
-    return {"config": config.to_dict(), "space_fingerprint": space.fingerprint, "split": runtime_task.describe()}
-
-
-def open_study(config: SearchConfig, space: SearchSpace) -> optuna.Study:
-    """Create the study, or load it to resume when it exists with the same space, model and task."""
-    try:
-        storage = optuna.storages.get_storage(config.storage)
-    except Exception as exc:  # a bad URL, a missing driver or an unreachable server
-        raise StudyError(f"--storage: cannot open {config.storage!r}: {str(exc).splitlines()[0]}") from exc
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if config.study in names:
-        study = optuna.load_study(study_name=config.study, storage=storage)
-        _check_compatible(study, config, space)
-        return study
-    return optuna.create_study(study_name=config.study, storage=storage, directions=list(DIRECTIONS),
-                               sampler=resumed_sampler(config, None))
-
-
-def _check_compatible(study: optuna.Study, config: SearchConfig, space: SearchSpace) -> None:
-    recorded = study.user_attrs.get("config")
-    if not recorded:
-        return
-    problems = []
-    if study.user_attrs.get("space_fingerprint") != space.fingerprint:
-        problems.append("a different search space")
-    for key in ("model", "task", "max_steps", "train_size", "val_size", "test_size", "max_length"):
-        if recorded.get(key) != getattr(config, key):
-            problems.append(f"{key}={recorded.get(key)!r} (now {getattr(config, key)!r})")
-    if problems:
-        raise StudyError(f"--study: {config.study!r} already exists with {', '.join(problems)}; "
-                         "resume it with the same settings or choose another --study name")
-
-
-def resumed_sampler(config: SearchConfig, study: optuna.Study | None) -> optuna.samplers.BaseSampler:
-    """Seed the sampler with the trial count too, so a resumed study does not replay its first samples."""
-    done = len(study.trials) if study is not None else 0
-    return optuna.samplers.TPESampler(seed=config.seed + done, multivariate=True, group=True)
-
-
 class Objective:
     """Optuna objective: one trial -> (validation accuracy, forgetting). Failures become trial states."""
 
@@ -167,10 +127,14 @@ class Objective:
         self.runtime = runtime
         self.tracker = tracker
         self.parent_run_id = parent_run_id
+        self.consecutive_failures = 0
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         started = time.perf_counter()
         config = self.runtime.config
+        if not self._needed(trial):  # other workers have completed (or are completing) the study
+            trial.study.stop()
+            raise optuna.TrialPruned("not needed: the study already has its trials")
         params = self.runtime.space.suggest(trial)
         seed = config.seed + trial.number
         trial.set_user_attr("params", params.flat())  # exactly what is built below
@@ -194,7 +158,20 @@ class Objective:
             self.tracker.end_trial_run(run_id, "FAIL", "interrupted")
             raise
         self._record(trial, run_id, outcome, started)
+        self.consecutive_failures = 0
         return outcome.accuracy, outcome.forgetting
+
+    def _needed(self, trial: optuna.Trial) -> bool:
+        """Wait while earlier running trials could still complete the study; a killed worker's trial turns
+        stale after the heartbeat grace period and then needs this worker."""
+        config = self.runtime.config
+        deadline = time.monotonic() + 4 * config.heartbeat_seconds
+        while not studies.may_start(trial.study, trial.number, config.trials):
+            if studies.completed(trial.study) >= config.trials or time.monotonic() > deadline:
+                return False
+            time.sleep(config.heartbeat_seconds)
+            optuna.storages.fail_stale_trials(trial.study)
+        return True
 
     def _check_budget(self, trial: optuna.Trial, estimate: memory.MemoryEstimate) -> None:
         budget = self.runtime.config.memory_budget
@@ -208,6 +185,7 @@ class Objective:
             raise optuna.TrialPruned(reason)
 
     def _fail(self, trial: optuna.Trial, run_id: str, reason: str) -> None:
+        self.consecutive_failures += 1
         trial.set_user_attr("fail_reason", reason)
         self.tracker.end_trial_run(run_id, "FAIL", reason)
         raise TrialFailed(reason)
@@ -242,34 +220,65 @@ class SearchSummary:
     study: optuna.Study
     config: SearchConfig
     parent_run_id: str
+    stopped_reason: str | None = None  # why the search stopped before its target, if it did
+
+
+def check_budget_feasible(config: SearchConfig, runtime: Runtime) -> None:
+    """A budget below the frozen weights alone admits no configuration: say so before anything trains."""
+    weights = sum(p.numel() * p.element_size() for p in runtime.base_model.parameters())
+    if config.memory_budget is not None and config.memory_budget < weights:
+        raise ConfigError([f"--memory-budget: {format_bytes(config.memory_budget)} is less than the model's weights "
+                           f"alone ({format_bytes(weights)}); no configuration can fit"])
 
 
 def run_search(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
     """Run (or resume) the study until `config.trials` trials have completed or the timeout passes."""
     space = load_space(config.space)  # validated before any model or data loads
     runtime = prepare_runtime(config, space)  # bad model or data fails here, before anything is written
-    study = open_study(config, space)
-    if "config" not in study.user_attrs:
-        for key, value in study_attributes(config, runtime.task, space).items():
-            study.set_user_attr(key, value)
-    elif study.user_attrs.get("split") != runtime.task.describe():
-        raise StudyError(f"--study: {config.study!r} was run on a different data split; use another --study name")
-    study.sampler = resumed_sampler(config, study)
+    check_budget_feasible(config, runtime)
+    on_stale = studies.StaleTrialRetry()
+    study = studies.open_study(config, space, runtime.task, on_stale)
+    return run_trials(runtime, study, on_stale, progress=progress)
+
+
+def run_worker(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
+    """Join an existing study (any machine): its recorded config and space, this worker's stores."""
+    on_stale = studies.StaleTrialRetry()
+    study, joined, space = studies.load_for_worker(config, on_stale)
+    runtime = prepare_runtime(joined, space)
+    return run_trials(runtime, study, on_stale, progress=progress)
+
+
+def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTrialRetry, *,
+               progress: Any = None) -> SearchSummary:
+    config = runtime.config
+    study.sampler = studies.seeded_sampler(config, study)
     tracker = Tracker(config.tracking_uri)
+    on_stale.tracker = tracker
     parent = tracker.open_study_run(config.study, study.user_attrs.get("mlflow_parent_run_id"),
-                                    {**config.to_dict(), **runtime.task.describe()}, config.space)
+                                    {**config.public_dict(), **runtime.task.describe()}, config.space,
+                                    study.user_attrs.get("space_yaml"))
     study.set_user_attr("mlflow_parent_run_id", parent)
-    remaining = config.trials - _completed(study)
-    if remaining > 0:
-        # Stop at `trials` completed trials; failed or pruned ones are replaced by new samples, up to a cap
-        # so that a space where everything fails cannot loop for ever.
-        stop = optuna.study.MaxTrialsCallback(config.trials, states=(optuna.trial.TrialState.COMPLETE,))
-        callbacks = [stop] + ([progress] if progress else [])
-        study.optimize(Objective(runtime, tracker, parent), n_trials=2 * remaining + 3, timeout=config.timeout,
-                       catch=(TrialFailed,), callbacks=callbacks, gc_after_trial=True)
-    tracker.close_study_run(parent, {"completed_trials": _completed(study)})
-    return SearchSummary(study, config, parent)
+    objective = Objective(runtime, tracker, parent)
+    stopped: list[str] = []
 
+    def stop_after_failures(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if objective.consecutive_failures >= config.max_consecutive_failures:
+            stopped.append(f"stopped after {objective.consecutive_failures} consecutive failed trials; "
+                           f"last reason: {trial.user_attrs.get('fail_reason', 'unknown')}")
+            study.stop()
 
-def _completed(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    remaining = config.trials - studies.completed(study)
+    try:
+        if remaining > 0:
+            # Stop at `trials` completed trials; failed or pruned ones are replaced by new samples, up to a
+            # cap so that a space where everything fails cannot loop for ever.
+            target = optuna.study.MaxTrialsCallback(config.trials, states=(studies.COMPLETE,))
+            callbacks = [target, stop_after_failures] + ([progress] if progress else [])
+            study.optimize(objective, n_trials=2 * remaining + config.max_consecutive_failures,
+                           timeout=config.timeout, catch=(TrialFailed,), callbacks=callbacks, gc_after_trial=True)
+    except KeyboardInterrupt:
+        tracker.close_study_run(parent, {"completed_trials": studies.completed(study)}, status="KILLED")
+        raise
+    tracker.close_study_run(parent, {"completed_trials": studies.completed(study)})
+    return SearchSummary(study, config, parent, stopped[0] if stopped else None)

@@ -22,7 +22,7 @@ class Tracker:
         self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
 
     def open_study_run(self, study_name: str, existing_run_id: str | None, params: dict[str, Any],
-                       space_file: str) -> str:
+                       space_file: str, space_text: str | None = None) -> str:
         """Re-open the study's parent run when it exists in this store, else create it."""
         if existing_run_id and self._exists(existing_run_id):
             self.client.update_run(existing_run_id, status="RUNNING")
@@ -30,12 +30,15 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=study_name,
                                      tags={"autopeft.study": study_name, "autopeft.role": "study"})
         self._log_params(run.info.run_id, params)
-        self.client.log_artifact(run.info.run_id, space_file, artifact_path="space")
+        if space_text is not None:  # the study's own copy: a worker may not have the file
+            self.client.log_text(run.info.run_id, space_text, "space/space.yaml")
+        else:
+            self.client.log_artifact(run.info.run_id, space_file, artifact_path="space")
         return run.info.run_id
 
-    def close_study_run(self, run_id: str, metrics: dict[str, float]) -> None:
+    def close_study_run(self, run_id: str, metrics: dict[str, float], status: str = "FINISHED") -> None:
         self.log_metrics(run_id, metrics)
-        self.client.set_terminated(run_id, status="FINISHED")
+        self.client.set_terminated(run_id, status=status)
 
     def start_trial_run(self, parent_run_id: str, study_name: str, trial_number: int, params: dict[str, Any]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_number}", tags={

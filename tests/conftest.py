@@ -11,6 +11,8 @@ import torch
 
 from autopeft.models import resolve_model_path
 
+pytest_plugins = ["tests.servers"]  # real PostgreSQL and MLflow servers, started by the tests themselves
+
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -66,19 +66,35 @@ BAD_INPUTS = [
     (["--model", "./no/such/model"], "--model: ./no/such/model does not exist"),
     (["--task", "missing.csv"], "--task: missing.csv does not exist"),
     (["--space", "bad.yaml"], "bad.yaml: methods.lora.r: 0 must be >= 1"),
-    (["--trials", "0"], "--trials: 0 must be at least 1"),
+    (["--trials", "-1"], "--trials: -1 must be at least 0"),
+    (["--memory-budget", "1MiB"], "less than the model's weights alone"),
+    (["--task", "task.csv"], "task.csv has no column 'label'"),
+    (["--storage", "postgresql+psycopg2://nobody:secret@127.0.0.1:9/none"], "--storage: cannot open postgresql+psycopg2://nobody:***@127.0.0.1:9/none"),
 ]
 
 
 @pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path: Path, args: list[str], message: str,
+                                                         tiny_search_args: list[str]) -> None:
     (tmp_path / "bad.yaml").write_text("method: lora\nmethods:\n  lora:\n    r: [0, 4]\n")
+    (tmp_path / "task.csv").write_text("text,stars\ngood,1\nbad,0\n")
     before = set(os.listdir(tmp_path))
-    done = autopeft("search", *args, cwd=tmp_path)
+    done = autopeft("search", *tiny_search_args, *args, cwd=tmp_path)
     assert done.returncode == 2
-    assert message in done.stderr and "Traceback" not in done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr and "secret" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert set(os.listdir(tmp_path)) == before
+
+
+def test_a_study_is_not_resumed_with_another_space_unless_forced(tmp_path: Path, tiny_search_args: list[str]) -> None:
+    assert autopeft("search", "--trials", "1", *tiny_search_args, cwd=tmp_path).returncode == 0
+    (tmp_path / "other.yaml").write_text("method: ia3\n")
+    before = (tmp_path / "autopeft.db").read_bytes()
+    refused = autopeft("search", "--trials", "1", "--space", "other.yaml", *tiny_search_args, cwd=tmp_path)
+    assert refused.returncode == 2 and "already exists with a different search space" in refused.stderr
+    assert (tmp_path / "autopeft.db").read_bytes() == before
+    forced = autopeft("search", "--trials", "1", "--space", "other.yaml", "--force-new", *tiny_search_args, cwd=tmp_path)
+    assert forced.returncode == 0 and "ia3(" in forced.stdout
 
 
 def test_export_of_unknown_study_is_a_clear_error(tmp_path: Path) -> None:

@@ -14,30 +14,10 @@ from autopeft.config import SearchConfig
 from autopeft.errors import StudyError
 from autopeft.search import prepare_runtime, run_search
 from autopeft.space import TrialParams
-
-SPACE = """\
-method: [lora, ia3]
-training:
-  learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}
-  optimizer: [adamw, adafactor]
-  grad_accum_steps: [1, 2]
-  micro_batch_size: [4, 8]
-methods:
-  lora:
-    r: [2, 4, 8]
-    alpha: {low: 2, high: 16}
-    target_modules: [qv, all_linear]
-"""
-
+from tests_support import tiny_config
 
 def config(tmp_path: Path, tiny_bert: Path, **overrides: object) -> SearchConfig:
-    space = tmp_path / "space.yaml"
-    if not space.exists():
-        space.write_text(SPACE)
-    values = dict(model=str(tiny_bert), space=str(space), study="t", storage=f"sqlite:///{tmp_path}/o.db",
-                  tracking_uri=f"sqlite:///{tmp_path}/m.db", artifacts_dir=str(tmp_path / "a"), trials=3,
-                  max_steps=3, train_size=64, val_size=32, test_size=32, seed=0)
-    return SearchConfig(**{**values, **overrides})  # type: ignore[arg-type]
+    return tiny_config(tmp_path, tiny_bert, **overrides)
 
 
 def test_each_trial_records_exactly_what_it_built(tmp_path: Path, tiny_bert: Path) -> None:
@@ -118,5 +98,5 @@ def test_resume_adds_only_the_missing_trials_and_refuses_another_space(tmp_path:
     assert len(configs) == 3  # a resumed sampler does not replay earlier samples
     other = tmp_path / "other.yaml"
     other.write_text("method: ia3\n")
-    with pytest.raises(StudyError, match="different search space"):
+    with pytest.raises(StudyError, match="a different search space"):
         run_search(config(tmp_path, tiny_bert, trials=4, space=str(other)))

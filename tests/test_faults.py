@@ -1,0 +1,117 @@
+"""Faults a long search must survive: kill -9 mid-trial, Ctrl-C, failing trials, a broken setup."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from autopeft.errors import TrialFailed
+
+AUTOPEFT = [sys.executable, "-m", "autopeft.cli"]
+
+
+def slow_search(tmp_path: Path, tiny_search_args: list[str], trials: int) -> list[str]:
+    # Enough steps that a trial is still running when the test strikes (a few seconds on the tiny model).
+    args = [a if a != "3" else "150" for a in tiny_search_args]  # --max-steps 3 -> 150
+    return [*AUTOPEFT, "search", "--trials", str(trials), "--study", "f", "--heartbeat", "1", *args]
+
+
+def wait_for_running_trial(tmp_path: Path, after_completed: int, timeout: float = 300) -> optuna.trial.FrozenTrial:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="f", storage=f"sqlite:///{tmp_path / 'autopeft.db'}")
+        except KeyError:
+            continue
+        states = [t.state for t in study.trials]
+        running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+        if states.count(optuna.trial.TrialState.COMPLETE) >= after_completed and running and \
+                "mlflow_run_id" in running[0].user_attrs:
+            return running[0]
+    raise AssertionError("no running trial appeared")
+
+
+def mlflow_runs(tmp_path: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("autopeft").experiment_id])
+
+
+def test_kill_9_mid_trial_then_rerun_keeps_finished_work_and_retries_the_killed_config(
+        tmp_path: Path, tiny_search_args: list[str]) -> None:
+    command = slow_search(tmp_path, tiny_search_args, trials=2)
+    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = wait_for_running_trial(tmp_path, after_completed=1)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    time.sleep(4)  # past the heartbeat grace period (3 x 1 s)
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    study = optuna.load_study(study_name="f", storage=f"sqlite:///{tmp_path / 'autopeft.db'}")
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[victim.number].state == optuna.trial.TrialState.FAIL
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 2
+    retries = [t for t in study.trials if t.user_attrs.get("retry_of") == victim.number]
+    assert len(retries) == 1 and retries[0].params == victim.params
+    assert retries[0].state == optuna.trial.TrialState.COMPLETE
+    runs = {r.info.run_id: r for r in mlflow_runs(tmp_path)}
+    assert all(r.info.status != "RUNNING" for r in runs.values())
+    assert runs[victim.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+
+
+def test_ctrl_c_records_the_trial_as_interrupted_and_prints_the_summary(tmp_path: Path,
+                                                                        tiny_search_args: list[str]) -> None:
+    process = subprocess.Popen(slow_search(tmp_path, tiny_search_args, trials=2), cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = wait_for_running_trial(tmp_path, after_completed=1)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "val acc" in out and "Traceback" not in err
+    study = optuna.load_study(study_name="f", storage=f"sqlite:///{tmp_path / 'autopeft.db'}")
+    trial = next(t for t in study.trials if t.number == victim.number)
+    assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted"
+    assert all(r.info.status != "RUNNING" for r in mlflow_runs(tmp_path))
+
+
+@pytest.mark.parametrize(("error", "reason"), [
+    (TrialFailed("non-finite loss"), "non-finite loss"),
+    (RuntimeError("boom"), "RuntimeError: boom"),
+    (torch.OutOfMemoryError("CUDA out of memory"), "out of memory"),
+])
+def test_failed_trials_are_recorded_and_consecutive_failures_stop_the_search(
+        tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, reason: str) -> None:
+    import autopeft.search as search
+    from tests_support import tiny_config
+
+    def broken_fit(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(search, "fit", broken_fit)
+    summary = search.run_search(tiny_config(tmp_path, tiny_bert, trials=5, max_consecutive_failures=2))
+    failed = summary.study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert len(failed) == 2 and len(summary.study.trials) == 2
+    assert all(reason in t.user_attrs["fail_reason"] for t in failed)
+    assert summary.stopped_reason and "2 consecutive failed trials" in summary.stopped_reason
+    if isinstance(error, RuntimeError) and not isinstance(error, torch.OutOfMemoryError):
+        assert "broken_fit" in failed[0].user_attrs["traceback"]
+    statuses = {r.data.tags.get("autopeft.state"): r.info.status for r in mlflow_runs(tmp_path)
+                if r.data.tags.get("autopeft.role") == "trial"}
+    assert statuses == {"FAIL": "FAILED"}
+
+
+def test_passwords_in_urls_are_never_written_out(tmp_path: Path) -> None:
+    from autopeft.config import SearchConfig
+
+    config = SearchConfig(storage="postgresql://bob:hunter2@db/x", tracking_uri="http://u:pw@mlflow:5000")
+    assert "hunter2" not in str(config.public_dict()) and "pw@" not in str(config.public_dict())
