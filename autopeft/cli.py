@@ -166,7 +166,9 @@ def _run_local_workers(count: int, trials: int, config: SearchConfig) -> Any:
                "--tracking-uri", config.tracking_uri, "--artifacts-dir", config.artifacts_dir, "--trials", str(trials)]
     if config.timeout is not None:
         command += ["--timeout", str(config.timeout)]
-    processes = [subprocess.Popen([*command, "--worker-id", str(i)]) for i in range(count)]
+    # Split the cores between workers: N processes each using every core would oversubscribe the CPU.
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // count))}
+    processes = [subprocess.Popen([*command, "--worker-id", str(i)], env=env) for i in range(count)]
     try:
         for process in processes:
             process.wait()
@@ -207,6 +209,8 @@ def _progress(study: Any, trial: Any) -> None:
 
 def describe_params(flat: dict[str, Any]) -> str:
     """The hyperparameters a person scans first, compactly."""
+    if not flat:
+        return "-"
     method = flat.get("method", "?")
     own = ", ".join(f"{k.split('.', 1)[1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
                     for k, v in flat.items() if k.startswith(f"{method}."))

@@ -169,7 +169,7 @@ class Objective:
         while not studies.may_start(trial.study, trial.number, config.trials):
             if studies.completed(trial.study) >= config.trials or time.monotonic() > deadline:
                 return False
-            time.sleep(config.heartbeat_seconds)
+            time.sleep(1.0)
             optuna.storages.fail_stale_trials(trial.study)
         return True
 

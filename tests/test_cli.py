@@ -97,6 +97,13 @@ def test_a_study_is_not_resumed_with_another_space_unless_forced(tmp_path: Path,
     assert forced.returncode == 0 and "ia3(" in forced.stdout
 
 
+def test_export_of_a_study_without_completed_trials_is_a_clear_error(tmp_path: Path, tiny_search_args: list[str]) -> None:
+    assert autopeft("search", "--trials", "0", "--study", "empty", *tiny_search_args, cwd=tmp_path).returncode == 0
+    done = autopeft("export", "--study", "empty", "--out", "x", cwd=tmp_path)
+    assert done.returncode == 2 and "'empty' has no completed trial to export" in done.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_export_of_unknown_study_is_a_clear_error(tmp_path: Path) -> None:
     done = autopeft("export", "--study", "nope", "--out", "x", cwd=tmp_path)
     assert done.returncode == 2 and "no study named 'nope'" in done.stderr

@@ -20,5 +20,5 @@ def test_parse_memory_rejects(text: str) -> None:
 
 def test_config_collects_every_problem() -> None:
     with pytest.raises(ConfigError) as info:
-        SearchConfig(trials=0, max_steps=-1, study="a b", space="/no/such.yaml")
+        SearchConfig(trials=-1, max_steps=-1, study="a b", space="/no/such.yaml")
     assert len(info.value.problems) == 4

@@ -1,0 +1,74 @@
+"""Throughput of 1 vs 3 local workers (`autopeft search --workers N`) on the tiny setup, sqlite storage.
+
+Tiny setup: a randomly initialised 2-layer BERT (hidden 32) with MiniLM's tokenizer, 120/60/60 rows of the
+packaged Rotten Tomatoes split, 30 steps per trial, 12 trials. Each configuration runs in a fresh folder.
+Run:  .venv/bin/python experiments/workers/bench.py      (writes results.json / results.md here)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import torch
+
+from autopeft.models import resolve_model_path
+
+HERE = Path(__file__).resolve().parent
+TRIALS = 12
+
+
+def tiny_model(folder: Path) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    packaged = Path(resolve_model_path("packaged:all-MiniLM-L6-v2"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (packaged / name).exists():
+            shutil.copy(packaged / name, folder / name)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def run(workers: int, model: Path) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "autopeft.cli", "search", "--model", str(model), "--trials", str(TRIALS),
+                   "--workers", str(workers), "--max-steps", "30", "--train-size", "120", "--val-size", "60",
+                   "--test-size", "60", "--study", "w"]
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-2000:])
+        study = optuna.load_study(study_name="w", storage=f"sqlite:///{folder}/autopeft.db")
+        states = [t.state.name for t in study.trials]
+    return {"workers": workers, "wall_seconds": wall, "completed": states.count("COMPLETE"),
+            "other_states": [s for s in states if s != "COMPLETE"], "trials_per_minute": 60 * TRIALS / wall}
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        model = tiny_model(Path(folder))
+        rows = [run(w, model) for w in (1, 3)]
+    results = {"trials": TRIALS, "cpu_threads": torch.get_num_threads(), "rows": rows}
+    (HERE / "results.json").write_text(json.dumps(results, indent=2))
+    lines = ["# 1 vs 3 local workers (tiny setup, sqlite storage, 2-core CPU)", "",
+             "Command: `.venv/bin/python experiments/workers/bench.py`", "",
+             "| workers | wall s (incl. process start and model load) | completed | other trial states | trials/min |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['workers']} | {r['wall_seconds']:.1f} | {r['completed']} | {r['other_states'] or '-'} | "
+              f"{r['trials_per_minute']:.1f} |" for r in rows]
+    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
