@@ -67,6 +67,8 @@ BAD_INPUTS = [
     (["--task", "missing.csv"], "--task: missing.csv does not exist"),
     (["--space", "bad.yaml"], "bad.yaml: methods.lora.r: 0 must be >= 1"),
     (["--trials", "-1"], "--trials: -1 must be at least 0"),
+    (["--space", "broken.yaml"], "broken.yaml: not valid YAML at line"),
+    (["--space", "unknown.yaml"], "unknown.yaml: method: 'dreambooth' must be one of"),
     (["--memory-budget", "1MiB"], "less than the model's weights alone"),
     (["--task", "task.csv"], "task.csv has no column 'label'"),
     (["--storage", "postgresql+psycopg2://nobody:secret@127.0.0.1:9/none"], "--storage: cannot open postgresql+psycopg2://nobody:***@127.0.0.1:9/none"),
@@ -78,12 +80,19 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path: Path, args: 
                                                          tiny_search_args: list[str]) -> None:
     (tmp_path / "bad.yaml").write_text("method: lora\nmethods:\n  lora:\n    r: [0, 4]\n")
     (tmp_path / "task.csv").write_text("text,stars\ngood,1\nbad,0\n")
+    (tmp_path / "broken.yaml").write_text("method: [lora\n")
+    (tmp_path / "unknown.yaml").write_text("method: dreambooth\n")
     before = set(os.listdir(tmp_path))
     done = autopeft("search", *tiny_search_args, *args, cwd=tmp_path)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr and "secret" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert set(os.listdir(tmp_path)) == before
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    done = autopeft("--debug", "search", "--model", "./missing", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" in done.stderr and "--model: ./missing does not exist" in done.stderr
 
 
 def test_a_study_is_not_resumed_with_another_space_unless_forced(tmp_path: Path, tiny_search_args: list[str]) -> None:

@@ -184,3 +184,12 @@ def test_training_is_reproducible_for_a_seed(tiny_bert: Path) -> None:
         losses.append(fit(model, variable_length_split(32), TrainSettings(learning_rate=1e-3, max_steps=5, seed=3),
                           pad_id=0).losses)
     assert losses[0] == losses[1]
+
+
+def test_a_precision_the_device_cannot_run_fails_before_training(lora_model: torch.nn.Module,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.amp.autocast_mode, "is_autocast_available", lambda device_type: False)
+    before = {n: p.detach().clone() for n, p in lora_model.named_parameters()}
+    with pytest.raises(TrialFailed, match="unsupported precision: bf16 autocast is not available on cpu"):
+        fit(lora_model, variable_length_split(), TrainSettings(learning_rate=1e-3, precision="bf16"), pad_id=0)
+    assert all(torch.equal(p, before[n]) for n, p in lora_model.named_parameters())

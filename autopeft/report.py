@@ -1,0 +1,458 @@
+"""A self-contained report of a finished (or running) study: four plots and one HTML page.
+
+The page answers "which method wins, at what cost" without MLflow or a server: every image is embedded as
+a data URI and every style is inline, so the file can be mailed or archived on its own. Trials without
+values (failed, pruned over the memory budget) are drawn in a shaded band along the bottom edge of each
+plot, so they stay visible instead of silently disappearing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from autopeft.config import format_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+DEFAULT_RULE = "balanced"  # = autopeft.export's defaults, not imported from there: export loads peft
+DEFAULT_TOLERANCE = 0.05
+PLOTS = ("pareto.png", "history.png", "importance.png", "accuracy_vs_memory.png")
+MIB = 2**20
+# Trials without values, by state: marker, colour and legend text of their mark in the bottom band.
+_NO_VALUE_STYLES = {TrialState.FAIL: ("X", "tab:red", "failed"),
+                    TrialState.PRUNED: ("v", "0.35", "pruned / over budget")}
+
+
+class ReportWarning(UserWarning):
+    """A plot could not be drawn and was replaced by a note; the rest of the report was still written."""
+
+
+# ---------------------------------------------------------------- trial facts
+
+
+def _method(trial: FrozenTrial) -> str:
+    return str(trial.user_attrs.get("params", {}).get("method") or trial.params.get("method") or "?")
+
+
+def _completed(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    return [t for t in trials if t.state == TrialState.COMPLETE and t.values]
+
+
+def _feasible(trial: FrozenTrial) -> bool:
+    return all(v <= 0 for v in trial.constraints.values())  # Optuna's own rule: every constraint <= 0
+
+
+def _memory_bytes(trial: FrozenTrial) -> int | None:
+    """Completed trials record the total; pruned ones only the breakdown dict set before the budget check."""
+    if "memory_estimate_bytes" in trial.user_attrs:
+        return int(trial.user_attrs["memory_estimate_bytes"])
+    total = trial.user_attrs.get("memory_estimate", {}).get("total")
+    return int(total) if total is not None else None
+
+
+def _reason(trial: FrozenTrial) -> str:
+    for key in ("fail_reason", "prune_reason"):
+        if trial.user_attrs.get(key):
+            return str(trial.user_attrs[key])
+    over = {k: v for k, v in trial.constraints.items() if v > 0}
+    return "; ".join(f"infeasible: {k} over by {v:g}" for k, v in over.items())
+
+
+def _memory_budget(study: optuna.Study, trials: Sequence[FrozenTrial]) -> int | None:
+    """The configured budget, or (for a study without its config) estimate minus the memory constraint."""
+    budget = study.user_attrs.get("config", {}).get("memory_budget")
+    if budget is not None:
+        return int(budget)
+    for trial in trials:
+        total = _memory_bytes(trial)
+        if total is not None and "memory" in trial.constraints:
+            return int(total - trial.constraints["memory"])
+    return None
+
+
+def _chosen(study: optuna.Study, rule: str, tolerance: float) -> FrozenTrial | None:
+    from autopeft.errors import StudyError
+    from autopeft.export import select_trial  # lazy: export imports peft, which the plots do not need
+
+    try:
+        return select_trial(study, rule, tolerance)  # type: ignore[arg-type]
+    except (StudyError, ValueError):  # no completed trial, or none feasible (an empty Pareto front)
+        return None
+
+
+def _key_params(trials: Sequence[FrozenTrial]) -> list[str]:
+    """Parameters whose value differs between trials: the ones that say how two rows differ."""
+    seen: dict[str, set[str]] = {}
+    for trial in trials:
+        for key, value in trial.user_attrs.get("params", {}).items():
+            seen.setdefault(key, set()).add(repr(value))
+    keys = [k for k, values in seen.items() if k != "method" and len(values) > 1]
+    return keys or [k for k in seen if k != "method"]
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------- plotting helpers
+
+
+def _figure(title: str) -> tuple[Figure, Axes]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # before pyplot: no display on servers and CI, and no GUI event loop in tests
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=100)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)  # figures are global in pyplot; a long-lived process would otherwise leak them
+    return path
+
+
+def _placeholder(path: Path, title: str, text: str) -> Path:
+    fig, ax = _figure(title)
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=11, transform=ax.transAxes)
+    return _save(fig, path)
+
+
+def _colors(trials: Sequence[FrozenTrial]) -> dict[str, Any]:
+    import matplotlib
+
+    # Sorted, so a method keeps its colour across the plots of one report.
+    cmap = matplotlib.colormaps["tab10"]
+    return {m: cmap(i % 10) for i, m in enumerate(sorted({_method(t) for t in trials}))}
+
+
+def _by_method(ax: Axes, points: Sequence[tuple[FrozenTrial, float, float]], colors: dict[str, Any]) -> None:
+    for method, color in colors.items():
+        mine = [(x, y) for t, x, y in points if _method(t) == method]
+        if mine:
+            ax.scatter([x for x, _ in mine], [y for _, y in mine], color=color, s=45, alpha=0.85,
+                       label=f"{method} ({len(mine)})", zorder=3)
+
+
+def _no_value_band(ax: Axes) -> float:
+    """Extend the y-axis below the data by a shaded band for trials without values; return its middle."""
+    low, high = ax.get_ylim()
+    band = 0.14 * (high - low)
+    ax.set_ylim(low - band, high)
+    ax.axhspan(low - band, low, color="0.93", zorder=0)
+    return low - band / 2
+
+
+def _mark_no_values(ax: Axes, placed: Sequence[tuple[FrozenTrial, float]]) -> None:
+    """Failed and pruned trials at their x in the bottom band, labelled by number (their y means nothing)."""
+    if not placed:
+        return
+    y = _no_value_band(ax)
+    for state, (marker, color, label) in _NO_VALUE_STYLES.items():
+        group = [(t, x) for t, x in placed if t.state == state]
+        if not group:
+            continue
+        ax.scatter([x for _, x in group], [y] * len(group), marker=marker, color=color, s=55, zorder=3,
+                   label=f"{label} ({len(group)}, no values: bottom band)")
+        for trial, x in group:
+            ax.annotate(f"#{trial.number}", (x, y), xytext=(0, 7), textcoords="offset points", ha="center",
+                        fontsize=7, color=color)
+
+
+def _spread(ax: Axes, trials: Sequence[FrozenTrial]) -> list[tuple[FrozenTrial, float]]:
+    """Evenly spaced x positions for trials whose x is unknown (no forgetting value)."""
+    low, high = ax.get_xlim()
+    step = (high - low) / (len(trials) + 1)
+    return [(t, low + step * (i + 1)) for i, t in enumerate(trials)]
+
+
+def _majority_line(ax: Axes, study: optuna.Study) -> None:
+    majority = study.user_attrs.get("split", {}).get("validation_majority")
+    if majority is not None:  # a trial at this accuracy learned nothing; it is the floor to beat
+        ax.axhline(majority, color="0.5", linestyle=":", label=f"majority class ({majority:.3f})")
+
+
+def _mark_chosen(ax: Axes, chosen: FrozenTrial | None, xy: tuple[float, float] | None, rule: str) -> None:
+    if chosen is None or xy is None:
+        return
+    ax.scatter([xy[0]], [xy[1]], marker="*", s=260, color="gold", edgecolors="black", zorder=5,
+               label=f"chosen: #{chosen.number} ({rule})")
+    ax.annotate(f"#{chosen.number}: acc {chosen.values[0]:.3f}, forgetting {chosen.values[1]:.3f}", xy,
+                xytext=(12, -18), textcoords="offset points", fontsize=8,
+                arrowprops={"arrowstyle": "-", "color": "0.3"})
+
+
+def _no_completed_note(ax: Axes, completed: Sequence[FrozenTrial]) -> None:
+    if not completed:
+        ax.text(0.5, 0.55, "no completed trial yet", ha="center", va="center", fontsize=13, color="0.4",
+                transform=ax.transAxes)
+
+
+def _legend(ax: Axes) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best", framealpha=0.9)
+
+
+# ---------------------------------------------------------------- the four plots
+
+
+def _pareto_front(ax: Axes, study: optuna.Study) -> None:
+    front = sorted(study.best_trials, key=lambda t: t.values[1])  # feasible trials only, as Optuna defines it
+    if not front:
+        return
+    xs, ys = [t.values[1] for t in front], [t.values[0] for t in front]
+    ax.plot(xs, ys, color="black", linestyle="--", linewidth=1, zorder=2)
+    ax.scatter(xs, ys, s=150, facecolors="none", edgecolors="black", linewidths=1.4, zorder=4,
+               label=f"Pareto front ({len(front)})")
+
+
+def _mark_infeasible(ax: Axes, completed: Sequence[FrozenTrial]) -> None:
+    infeasible = [t for t in completed if not _feasible(t)]
+    if infeasible:  # they have values but can never be chosen: cross them out where they are
+        ax.scatter([t.values[1] for t in infeasible], [t.values[0] for t in infeasible], marker="x", s=90,
+                   color="tab:red", zorder=5, label=f"infeasible ({len(infeasible)}, over a constraint)")
+
+
+def plot_pareto(study: optuna.Study, path: Path, chosen: FrozenTrial | None, rule: str) -> Path:
+    trials = study.get_trials(deepcopy=False)
+    completed = _completed(trials)
+    fig, ax = _figure("Validation accuracy vs forgetting (up and to the left is better)")
+    ax.set_xlabel("forgetting (1 − CKA with the base model; lower is better)")
+    ax.set_ylabel("validation accuracy")
+    _by_method(ax, [(t, t.values[1], t.values[0]) for t in completed], _colors(trials))
+    _pareto_front(ax, study)
+    _mark_infeasible(ax, completed)
+    _majority_line(ax, study)
+    _mark_chosen(ax, chosen, (chosen.values[1], chosen.values[0]) if chosen else None, rule)
+    _no_completed_note(ax, completed)
+    _mark_no_values(ax, _spread(ax, [t for t in trials if t.state in _NO_VALUE_STYLES]))
+    _legend(ax)
+    return _save(fig, path)
+
+
+def _best_so_far(ax: Axes, completed: Sequence[FrozenTrial]) -> None:
+    feasible = sorted((t for t in completed if _feasible(t)), key=lambda t: t.number)
+    if not feasible:
+        return
+    best, xs, ys = float("-inf"), [], []
+    for trial in feasible:
+        best = max(best, trial.values[0])
+        xs.append(trial.number)
+        ys.append(best)
+    ax.plot(xs, ys, drawstyle="steps-post", color="black", linewidth=1.5, label="best so far", zorder=2)
+
+
+def plot_history(study: optuna.Study, path: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    trials = study.get_trials(deepcopy=False)
+    completed = _completed(trials)
+    fig, ax = _figure("Optimization history: validation accuracy per trial")
+    ax.set_xlabel("trial number")
+    ax.set_ylabel("validation accuracy")
+    _by_method(ax, [(t, t.number, t.values[0]) for t in completed], _colors(trials))
+    _best_so_far(ax, completed)
+    _majority_line(ax, study)
+    _no_completed_note(ax, completed)
+    _mark_no_values(ax, [(t, float(t.number)) for t in trials if t.state in _NO_VALUE_STYLES])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _legend(ax)
+    return _save(fig, path)
+
+
+def _importances(study: optuna.Study) -> dict[str, float]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's experimental and single-value notes: not for the reader
+        return optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=lambda t: t.values[0])
+
+
+def plot_importance(study: optuna.Study, path: Path) -> Path:
+    title = "Parameter importance for validation accuracy (fANOVA)"
+    completed = _completed(study.get_trials(deepcopy=False))
+    if len(completed) < 2:
+        return _placeholder(path, title, "Parameter importance needs at least 2 completed trials; "
+                                         f"this study has {len(completed)}.")
+    try:
+        importances = _importances(study)
+    except Exception as exc:  # fANOVA rejects some studies (e.g. conditional or constant params): say so
+        return _placeholder(path, title, f"Parameter importance is not available:\n{type(exc).__name__}: {exc}")
+    if not importances:
+        return _placeholder(path, title, "No parameter was sampled in every completed trial.")
+    fig, ax = _figure(title)
+    names = list(importances)[::-1]  # most important on top
+    ax.barh(names, [float(importances[n]) for n in names], color="tab:blue")
+    ax.set_xlabel("share of the accuracy variance explained (sums to 1)")
+    ax.text(0.99, 0.01, "only parameters present in every completed trial\n(method-specific ones are left out)",
+            transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="0.4")
+    return _save(fig, path)
+
+
+def _memory_notes(ax: Axes, study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
+    budget = _memory_budget(study, trials)
+    if budget is not None:
+        ax.axvline(budget / MIB, color="tab:red", linestyle="--", label=f"memory budget ({format_bytes(budget)})")
+    missing = [t for t in trials if t.state in (TrialState.COMPLETE, *_NO_VALUE_STYLES) and _memory_bytes(t) is None]
+    if missing:  # e.g. trials that failed before their adapter was built: no estimate to place them at
+        ax.text(0.99, 0.99, f"{len(missing)} trial(s) without a memory estimate not shown", ha="right", va="top",
+                transform=ax.transAxes, fontsize=8, color="0.4")
+
+
+def plot_accuracy_vs_memory(study: optuna.Study, path: Path, chosen: FrozenTrial | None, rule: str) -> Path:
+    trials = study.get_trials(deepcopy=False)
+    completed = [t for t in _completed(trials) if _memory_bytes(t) is not None]
+    fig, ax = _figure("Validation accuracy vs estimated peak training memory")
+    ax.set_xlabel("estimated peak training memory (MiB)")
+    ax.set_ylabel("validation accuracy")
+    _by_method(ax, [(t, _memory_bytes(t) / MIB, t.values[0]) for t in completed], _colors(trials))
+    _memory_notes(ax, study, trials)
+    _majority_line(ax, study)
+    memory = _memory_bytes(chosen) if chosen else None
+    _mark_chosen(ax, chosen, (memory / MIB, chosen.values[0]) if chosen and memory is not None else None, rule)
+    _no_completed_note(ax, completed)
+    _mark_no_values(ax, [(t, _memory_bytes(t) / MIB) for t in trials
+                         if t.state in _NO_VALUE_STYLES and _memory_bytes(t) is not None])
+    _legend(ax)
+    return _save(fig, path)
+
+
+def _safely(draw: Callable[[Path], Path], path: Path) -> Path:
+    """One plot's bug must not cost the whole report (it runs after hours of search): draw a note instead."""
+    try:
+        return draw(path)
+    except Exception as exc:
+        import matplotlib.pyplot as plt
+
+        plt.close("all")
+        warnings.warn(ReportWarning(f"{path.name}: {type(exc).__name__}: {exc}"), stacklevel=2)
+        return _placeholder(path, path.stem, f"This plot could not be drawn:\n{type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------- HTML
+
+
+_CSS = """body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1400px;color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em}code{background:#f3f3f3;padding:0 .3em}
+table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ccc;padding:3px 6px;vertical-align:top}
+th{background:#f0f0f0;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.front td:first-child{font-weight:bold}tr.chosen{background:#fff3b8}td.reason{max-width:32em}
+figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top}img{max-width:100%;border:1px solid #ddd}
+figcaption{font-size:13px;color:#555}.note{color:#555;font-size:13px}"""
+
+_CAPTIONS = {
+    "pareto.png": "Accuracy vs forgetting: Pareto front outlined and joined, chosen trial starred.",
+    "history.png": "Validation accuracy per trial and the best so far.",
+    "importance.png": "Which parameters explain validation accuracy (fANOVA).",
+    "accuracy_vs_memory.png": "Accuracy vs estimated peak training memory (MiB).",
+}
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    caption = html.escape(_CAPTIONS.get(path.name, path.name))
+    return (f'<figure><img alt="{caption}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _chosen_html(chosen: FrozenTrial | None, rule: str, tolerance: float, any_completed: bool) -> str:
+    if chosen is None:
+        why = "no feasible completed trial" if any_completed else "No completed trial in this study"
+        return f'<p id="chosen">{html.escape(why)}: nothing to choose yet.</p>'
+    params = ", ".join(f"{k}={_fmt(v)}" for k, v in chosen.user_attrs.get("params", {}).items())
+    rule_text = f"{rule} (tolerance {tolerance:g})" if rule == "balanced" else rule
+    return (f'<p id="chosen">Chosen trial: <b>#{chosen.number}</b> ({html.escape(_method(chosen))}) by rule '
+            f"<code>{html.escape(rule_text)}</code>: validation accuracy {chosen.values[0]:.4f}, "
+            f"forgetting {chosen.values[1]:.4f}.</p><p class=\"note\">{html.escape(params)}</p>")
+
+
+def _counts_html(trials: Sequence[FrozenTrial]) -> str:
+    counts = Counter(t.state.name.lower() for t in trials)
+    text = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no trials"
+    return f"<p>{len(trials)} trials: {html.escape(text)}.</p>"
+
+
+_COLUMNS = ("#", "state", "method", "key params", "val acc", "forgetting", "trainable params",
+            "memory estimate", "wall s", "reason")
+_CLASSES = ("num", "", "", "", "num", "num", "num", "num", "num", "reason")  # right-align numbers
+
+
+def _cells(trial: FrozenTrial, keys: Sequence[str]) -> list[str]:
+    """One trials-table row, in the order of _COLUMNS; blank where the trial has no such fact."""
+    params = trial.user_attrs.get("params", {})
+    values = trial.values if trial.state == TrialState.COMPLETE and trial.values else None
+    trainable, fraction = trial.user_attrs.get("trainable_params"), trial.user_attrs.get("trainable_fraction")
+    memory, wall = _memory_bytes(trial), trial.user_attrs.get("wall_seconds")
+    share = f" ({fraction:.2%})" if fraction is not None else ""
+    return [
+        str(trial.number), trial.state.name.lower(), _method(trial),
+        ", ".join(f"{k}={_fmt(params[k])}" for k in keys if k in params),
+        f"{values[0]:.4f}" if values else "", f"{values[1]:.4f}" if values else "",
+        f"{trainable:,}{share}" if trainable is not None else "",
+        format_bytes(memory) if memory is not None else "",
+        f"{wall:.1f}" if wall is not None else "", _reason(trial),
+    ]
+
+
+def _table_html(study: optuna.Study, trials: Sequence[FrozenTrial], chosen: FrozenTrial | None) -> str:
+    keys = _key_params(trials)
+    front = {t.number for t in study.best_trials}
+    rows = []
+    for trial in trials:
+        marks = [c for c, on in (("front", trial.number in front),
+                                 ("chosen", chosen is not None and trial.number == chosen.number)) if on]
+        cells = "".join(f'<td class="{cls}">{html.escape(text)}</td>'
+                        for cls, text in zip(_CLASSES, _cells(trial, keys), strict=True))
+        rows.append(f'<tr id="trial-{trial.number}" class="{" ".join(marks)}">{cells}</tr>')
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in _COLUMNS)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _page(study: optuna.Study, chosen: FrozenTrial | None, rule: str, tolerance: float, plots: Sequence[Path]) -> str:
+    trials = study.get_trials(deepcopy=False)
+    name = html.escape(study.study_name)
+    return "\n".join([
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>autopeft report: {name}</title>',
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>autopeft study <code>{name}</code></h1>", _counts_html(trials),
+        "<h2>Chosen trial</h2>", _chosen_html(chosen, rule, tolerance, bool(_completed(trials))),
+        "<h2>Plots</h2>", *(_img(p) for p in plots),
+        "<h2>All trials</h2>",
+        '<p class="note">Bold number: on the Pareto front. Highlighted row: the chosen trial.</p>',
+        _table_html(study, trials, chosen), "</body></html>",
+    ])
+
+
+def write_report(study: optuna.Study, out: Path, *, rule: str = DEFAULT_RULE,
+                 tolerance: float = DEFAULT_TOLERANCE) -> list[Path]:
+    """Write the four plots and report.html into `out`; return their paths (plots first, page last)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = _chosen(study, rule, tolerance)
+    draws: dict[str, Callable[[Path], Path]] = {
+        "pareto.png": lambda p: plot_pareto(study, p, chosen, rule),
+        "history.png": lambda p: plot_history(study, p),
+        "importance.png": lambda p: plot_importance(study, p),
+        "accuracy_vs_memory.png": lambda p: plot_accuracy_vs_memory(study, p, chosen, rule),
+    }
+    plots = [_safely(draw, out / name) for name, draw in draws.items()]
+    page = out / "report.html"
+    page.write_text(_page(study, chosen, rule, tolerance, plots), encoding="utf-8")
+    return [*plots, page]

@@ -1,0 +1,125 @@
+"""The study report: five files from a synthetic multi-objective study, self-contained, never crashing."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autopeft.export import select_trial
+from autopeft.report import ReportWarning, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FILES = ("pareto.png", "history.png", "importance.png", "accuracy_vs_memory.png", "report.html")
+FAIL_REASON = "out of memory: CUDA <tried> to allocate & failed"  # markup characters: must be escaped
+PRUNE_REASON = "estimated peak 3.1 GiB exceeds the budget of 2147483648 bytes"
+
+# (method, accuracy, forgetting, learning rate, memory MiB) of the completed trials.
+COMPLETED = [("lora", 0.62, 0.04, 1e-3, 900), ("ia3", 0.55, 0.01, 2e-2, 600), ("lora", 0.78, 0.12, 3e-3, 1100),
+             ("ia3", 0.70, 0.03, 4e-2, 650), ("lora", 0.81, 0.25, 4e-3, 1500), ("ia3", 0.66, 0.05, 1e-2, 620),
+             ("lora", 0.74, 0.20, 8e-4, 1000)]
+
+
+def ask(study: optuna.Study, method: str, lr: float) -> optuna.Trial:
+    """A trial with conditional parameters as the real space has them (lora.r only for LoRA), recorded as
+    search.py records them; enqueued so that the method and learning rate are the ones given."""
+    study.enqueue_trial({"method": method, "learning_rate": lr, "lora.r": 8})
+    trial = study.ask()
+    params: dict[str, object] = {"method": trial.suggest_categorical("method", ["lora", "ia3"]),
+                                 "learning_rate": trial.suggest_float("learning_rate", 5e-4, 5e-2, log=True),
+                                 "precision": "fp32"}
+    if method == "lora":
+        params["lora.r"] = trial.suggest_categorical("lora.r", [4, 8, 16])
+    trial.set_user_attr("params", params)
+    return trial
+
+
+def complete(study: optuna.Study, method: str, acc: float, forgetting: float, lr: float, mib: int) -> None:
+    trial = ask(study, method, lr)
+    trainable = 300_000 if method == "lora" else 20_000
+    for key, value in {"trainable_params": trainable, "trainable_fraction": trainable / 22_700_000,
+                       "wall_seconds": 12.5, "memory_estimate_bytes": mib * 2**20}.items():
+        trial.set_user_attr(key, value)
+    trial.set_constraint("memory", mib * 2**20 - 2**31)  # a 2 GiB budget, as search.py records it
+    study.tell(trial, (acc, forgetting))
+
+
+def synthetic_study() -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="report-test <&>", directions=["maximize", "minimize"])
+    study.set_user_attr("split", {"validation_majority": 0.5})
+    for row in COMPLETED[:4]:
+        complete(study, *row)
+    failed = ask(study, "lora", 1e-3)
+    failed.set_user_attr("fail_reason", FAIL_REASON)
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    pruned = ask(study, "lora", 2e-3)
+    pruned.set_user_attr("memory_estimate", {"total": 2**31 + 10**6})
+    pruned.set_user_attr("prune_reason", PRUNE_REASON)
+    pruned.set_constraint("memory", 1e6)
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    for row in COMPLETED[4:]:
+        complete(study, *row)
+    return study
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[optuna.Study, list[Path], str]:
+    study = synthetic_study()
+    out = tmp_path_factory.mktemp("report")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = write_report(study, out)
+    assert not [w for w in caught if issubclass(w.category, ReportWarning)]  # no plot replaced by a note
+    return study, paths, (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_all_five_files_are_written_and_returned(report: tuple[optuna.Study, list[Path], str]) -> None:
+    _, paths, _ = report
+    assert [p.name for p in paths] == list(FILES)
+    for path in paths:
+        assert path.is_file() and path.stat().st_size > 0
+        if path.suffix == ".png":
+            assert path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_the_page_lists_every_trial_method_reason_and_the_chosen_trial(
+        report: tuple[optuna.Study, list[Path], str]) -> None:
+    study, _, page = report
+    for trial in study.trials:
+        assert f'<tr id="trial-{trial.number}"' in page
+    assert "lora" in page and "ia3" in page
+    chosen = select_trial(study)
+    assert f"Chosen trial: <b>#{chosen.number}</b>" in page
+    assert re.search(rf'<tr id="trial-{chosen.number}" class="[^"]*chosen', page)
+    assert "CUDA &lt;tried&gt; to allocate &amp; failed" in page and FAIL_REASON not in page
+    assert PRUNE_REASON in page
+    assert "report-test &lt;&amp;&gt;" in page
+
+
+def test_the_page_is_self_contained(report: tuple[optuna.Study, list[Path], str]) -> None:
+    _, _, page = report
+    assert page.count('src="data:image/png;base64,') == 4
+    assert "http://" not in page and "https://" not in page
+    assert "<script" not in page and "<link" not in page
+
+
+def test_a_study_without_completed_trials_still_gets_a_report(tmp_path: Path) -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    failed = study.ask()
+    failed.set_user_attr("fail_reason", FAIL_REASON)
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    paths = write_report(study, tmp_path)
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "No completed trial" in page
+    assert page.count('src="data:image/png;base64,') == 4
+
+
+def test_an_empty_study_still_gets_a_report(tmp_path: Path) -> None:
+    paths = write_report(optuna.create_study(directions=["maximize", "minimize"]), tmp_path / "new")
+    assert [p.name for p in paths] == list(FILES)
+    assert "No completed trial" in (tmp_path / "new" / "report.html").read_text(encoding="utf-8")
