@@ -246,23 +246,64 @@ def trials_table(study: Any) -> Table:
 @app.command()
 def export(
     study: Annotated[str, typer.Option(help="Study name.")],
-    out: Annotated[Path, typer.Option(help="Folder to write adapter_config.json, training.yaml and metrics.json to.")],
+    out: Annotated[Path, typer.Option(help="New or empty folder for adapter_config.json, training.yaml, metrics.json, README.md.")],
     storage: Annotated[str, typer.Option(help="Optuna storage URL of the study.")] = "sqlite:///autopeft.db",
     trial: Annotated[int | None, typer.Option(help="Export this trial number instead of applying --select.")] = None,
-    select: Annotated[str, typer.Option(help="Rule: balanced (best accuracy within --tolerance of the least forgetting on the Pareto front), best-accuracy, least-forgetting.")] = "balanced",
+    select: Annotated[str, typer.Option(help="Rule: balanced (best accuracy within --tolerance of the least forgetting on the Pareto front), best-accuracy, least-forgetting, or max-accuracy-under-forgetting=X.")] = "balanced",
     tolerance: Annotated[float, typer.Option(help="Forgetting tolerance of the balanced rule (1 - CKA scale).")] = 0.05,
-    with_weights: Annotated[bool, typer.Option(help="Also copy the trained adapter weights (safetensors).")] = False,
+    with_weights: Annotated[bool, typer.Option(help="Also write the trained adapter weights (safetensors); retrained if the trial's were not kept.")] = False,
+    force: Annotated[bool, typer.Option(help="Write into --out even if it is not empty.")] = False,
 ) -> None:
     """Write the chosen trial as files; its held-out test accuracy is computed here, once."""
-    from autopeft.export import RULES, export_trial
+    from autopeft.export import export_trial
 
-    if select not in RULES:
-        _guard(lambda: (_ for _ in ()).throw(ConfigError([f"--select: {select!r} is not one of {', '.join(RULES)}"])))
-    result = _guard(lambda: export_trial(study, storage, out, trial_number=trial, rule=select,  # type: ignore[arg-type]
-                                         tolerance=tolerance, with_weights=with_weights))
+    result = _guard(lambda: export_trial(study, storage, out, trial_number=trial, rule=select, tolerance=tolerance,
+                                         with_weights=with_weights, force=force))
+    if result.retrained:
+        console.print(f"trial {result.trial.number}'s adapter was not kept here; retrained it with its seed")
     console.print(f"trial {result.trial.number}: val accuracy {result.trial.values[0]:.4f}, "
                   f"forgetting {result.trial.values[1]:.4f}, test accuracy {result.test_accuracy:.4f}")
     console.print(f"wrote {', '.join(result.files)} to {out}")
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", help="training.yaml written by `autopeft export`.")],
+    out: Annotated[Path, typer.Option(help="New or empty folder for the trained adapter.")] = Path("trained"),
+    max_steps: Annotated[int | None, typer.Option(help="Override the number of optimizer steps (e.g. full length).")] = None,
+    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI to log the run to.")] = "sqlite:///mlflow.db",
+    force: Annotated[bool, typer.Option(help="Write into --out even if it is not empty.")] = False,
+) -> None:
+    """Train one exported configuration (same seeds), log it to MLflow and save the adapter."""
+    from autopeft.training_run import train_from_recipe
+
+    result = _guard(lambda: train_from_recipe(config, out, max_steps=max_steps, tracking_uri=tracking_uri, force=force))
+    console.print(f"{result.method}: val accuracy {result.accuracy:.4f}, forgetting {result.forgetting:.4f}, "
+                  f"{result.steps} steps in {result.seconds:.1f} s; adapter saved to {out}; MLflow run {result.run_id}")
+
+
+@app.command()
+def report(
+    study: Annotated[str, typer.Option(help="Study name.")],
+    out: Annotated[Path, typer.Option(help="Folder for report.html and the PNG plots.")] = Path("report"),
+    storage: Annotated[str, typer.Option(help="Optuna storage URL of the study.")] = "sqlite:///autopeft.db",
+    tracking_uri: Annotated[str, typer.Option(help="MLflow store holding the study's parent run.")] = "sqlite:///mlflow.db",
+) -> None:
+    """Write a self-contained HTML report and PNG plots of a study, and log them to its MLflow parent run."""
+    from autopeft.export import load_existing_study
+    from autopeft.report import write_report
+
+    found = _guard(lambda: load_existing_study(study, storage))
+    out.mkdir(parents=True, exist_ok=True)
+    paths = write_report(found, out)
+    parent = found.user_attrs.get("mlflow_parent_run_id")
+    if parent:
+        from autopeft.tracking import Tracker
+
+        tracker = Tracker(tracking_uri)
+        for path in paths:
+            tracker.log_file(parent, path, artifact_path="report")
+    console.print(f"wrote {', '.join(p.name for p in paths)} to {out}" + (f"; logged to MLflow run {parent}" if parent else ""))
 
 
 @app.command()

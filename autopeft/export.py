@@ -12,21 +12,20 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import optuna
-import yaml
 
 from autopeft import methods
-from autopeft.config import SearchConfig
-from autopeft.errors import StudyError
+from autopeft.config import SearchConfig, format_bytes
+from autopeft.errors import ConfigError, StudyError
 from autopeft.evaluate import accuracy
+from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
 
-Rule = Literal["balanced", "best-accuracy", "least-forgetting"]
-RULES: tuple[str, ...] = ("balanced", "best-accuracy", "least-forgetting")
+RULES: tuple[str, ...] = ("balanced", "best-accuracy", "least-forgetting", "max-accuracy-under-forgetting=X")
 DEFAULT_TOLERANCE = 0.05  # absolute, on the forgetting (1 - CKA) scale
 
 
@@ -43,10 +42,27 @@ def completed_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def select_trial(study: optuna.Study, rule: Rule = "balanced",
+def describe_rule(rule: str, tolerance: float) -> str:
+    if rule == "balanced":
+        return (f"the most accurate Pareto trial whose forgetting is within {tolerance} of the least-forgetting "
+                "Pareto trial that beat the majority class")
+    if rule.startswith("max-accuracy-under-forgetting="):
+        return f"the most accurate trial whose forgetting is at most {rule.split('=', 1)[1]}"
+    return {"best-accuracy": "the most accurate Pareto trial", "least-forgetting":
+            "the least-forgetting Pareto trial that beat the majority class"}.get(rule, rule)
+
+
+def select_trial(study: optuna.Study, rule: str = "balanced",
                  tolerance: float = DEFAULT_TOLERANCE) -> optuna.trial.FrozenTrial:
-    if not completed_trials(study):
+    done = completed_trials(study)
+    if not done:
         raise StudyError(f"--study: {study.study_name!r} has no completed trial to export")
+    if rule.startswith("max-accuracy-under-forgetting="):
+        limit = _threshold(rule)
+        under = [t for t in done if t.values[1] <= limit]
+        if not under:
+            raise StudyError(f"--select: no completed trial has forgetting <= {limit}")
+        return max(under, key=lambda t: (t.values[0], -t.values[1]))
     pareto = study.best_trials
     if rule == "best-accuracy":
         return max(pareto, key=lambda t: (t.values[0], -t.values[1]))
@@ -55,8 +71,17 @@ def select_trial(study: optuna.Study, rule: Rule = "balanced",
     least = min(learned, key=lambda t: (t.values[1], -t.values[0]))
     if rule == "least-forgetting":
         return least
+    if rule != "balanced":
+        raise ConfigError([f"--select: {rule!r} is not one of {', '.join(RULES)}"])
     within = [t for t in learned if t.values[1] <= least.values[1] + tolerance]
     return max(within, key=lambda t: (t.values[0], -t.values[1]))
+
+
+def _threshold(rule: str) -> float:
+    try:
+        return float(rule.split("=", 1)[1])
+    except ValueError:
+        raise ConfigError([f"--select: {rule!r}: the threshold after '=' must be a number"]) from None
 
 
 def find_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
@@ -67,27 +92,38 @@ def find_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
                      f"completed: {', '.join(str(t.number) for t in completed_trials(study)) or 'none'}")
 
 
-def training_yaml(config: SearchConfig, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    """The configuration `autopeft train` (and a person) needs to reproduce this trial."""
-    params = TrialParams.from_flat(trial.user_attrs["params"])
-    return {
-        "model": config.model, "task": config.task, "method": params.method,
-        "method_params": params.method_params, **params.training,
-        "max_steps": config.max_steps, "seed": trial.user_attrs["seed"], "split_seed": config.seed,
-        "train_size": config.train_size, "val_size": config.val_size, "test_size": config.test_size,
-        "max_length": config.max_length,
-    }
-
-
 @dataclass(frozen=True)
 class ExportResult:
     trial: optuna.trial.FrozenTrial
     out: Path
     test_accuracy: float
     files: list[str]
+    retrained: bool
 
 
-def test_accuracy(study: optuna.Study, trial: optuna.trial.FrozenTrial, config: SearchConfig) -> float:
+def prepare_out(out: Path, force: bool) -> None:
+    """Write only into a new or empty folder (or an existing one with --force): never over someone's files."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError([f"--out: {out} is a file, not a folder"])
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError([f"--out: {out} is not empty; choose a new folder or pass --force to overwrite"])
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def adapter_of(trial: optuna.trial.FrozenTrial, config: SearchConfig, scratch: Path) -> tuple[Path, bool]:
+    """The trial's saved adapter folder, or (if it was not kept here) the same configuration retrained."""
+    saved = Path(trial.user_attrs.get("adapter_dir", ""))
+    if (saved / "adapter_config.json").is_file():
+        return saved, False
+    from autopeft.search import prepare_runtime, run_trial
+
+    runtime = prepare_runtime(config)
+    params = TrialParams.from_flat(trial.user_attrs["params"])
+    run_trial(runtime, params, seed=trial.user_attrs["seed"]).model.save_pretrained(scratch)
+    return scratch, True
+
+
+def held_out_accuracy(study: optuna.Study, trial: optuna.trial.FrozenTrial, config: SearchConfig, adapter: Path) -> float:
     """Held-out test accuracy of this one trial, computed once and kept in the study (never used to select)."""
     key = f"test_accuracy.trial-{trial.number}"
     if key in study.user_attrs:
@@ -97,35 +133,62 @@ def test_accuracy(study: optuna.Study, trial: optuna.trial.FrozenTrial, config: 
     from autopeft.search import prepare_runtime
 
     runtime = prepare_runtime(config)
-    model = PeftModel.from_pretrained(copy.deepcopy(runtime.base_model), trial.user_attrs["adapter_dir"])
+    model = PeftModel.from_pretrained(copy.deepcopy(runtime.base_model), str(adapter))
     value = accuracy(model, runtime.test, pad_id=runtime.pad_id, batch_size=config.eval_batch_size)
     study.set_user_attr(key, value)
     return value
 
 
 def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int | None = None,
-                 rule: Rule = "balanced", tolerance: float = DEFAULT_TOLERANCE,
-                 with_weights: bool = False) -> ExportResult:
+                 rule: str = "balanced", tolerance: float = DEFAULT_TOLERANCE, with_weights: bool = False,
+                 force: bool = False) -> ExportResult:
     study = load_existing_study(study_name, storage)
     trial = find_trial(study, trial_number) if trial_number is not None else select_trial(study, rule, tolerance)
-    config = SearchConfig.from_dict(study.user_attrs["config"])
-    adapter_dir = Path(trial.user_attrs.get("adapter_dir", ""))
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise StudyError(f"trial {trial.number}: its adapter is not at {adapter_dir} (was the search run on "
-                         "another machine?); export from where the search ran")
-    score = test_accuracy(study, trial, config)
-    out.mkdir(parents=True, exist_ok=True)
-    files = ["adapter_config.json", "training.yaml", "metrics.json"]
-    shutil.copy(adapter_dir / "adapter_config.json", out / "adapter_config.json")
-    (out / "training.yaml").write_text(yaml.safe_dump(training_yaml(config, trial), sort_keys=False))
-    metrics = {"study": study_name, "trial": trial.number,
-               "rule": "--trial" if trial_number is not None else rule, "tolerance": tolerance,
+    prepare_out(out, force)
+    config = SearchConfig.from_dict(study.user_attrs["config"], storage=storage)
+    with tempfile.TemporaryDirectory() as scratch:
+        adapter, retrained = adapter_of(trial, config, Path(scratch))
+        score = held_out_accuracy(study, trial, config, adapter)
+        files = ["adapter_config.json", "training.yaml", "metrics.json", "README.md"]
+        shutil.copy(adapter / "adapter_config.json", out / "adapter_config.json")
+        if with_weights:
+            for weights in adapter.glob("adapter_model.*"):
+                shutil.copy(weights, out / weights.name)
+                files.append(weights.name)
+    params = TrialParams.from_flat(trial.user_attrs["params"])
+    write_recipe(out / "training.yaml", config, params, trial.user_attrs["seed"])
+    chosen_by = f"--trial {trial_number}" if trial_number is not None else describe_rule(rule, tolerance)
+    metrics = {"study": study_name, "trial": trial.number, "chosen_by": chosen_by,
                "val_accuracy": trial.values[0], "forgetting": trial.values[1], "test_accuracy": score,
                "trainable_params": trial.user_attrs.get("trainable_params"),
-               "peft_backed": methods.get(trial.user_attrs["params"]["method"]).peft_backed}
+               "memory_estimate_bytes": trial.user_attrs.get("memory_estimate_bytes"),
+               "peft_backed": methods.get(params.method).peft_backed, "retrained_for_export": retrained}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if with_weights:
-        for weights in adapter_dir.glob("adapter_model.*"):
-            shutil.copy(weights, out / weights.name)
-            files.append(weights.name)
-    return ExportResult(trial, out, score, files)
+    (out / "README.md").write_text(model_card(config, trial, params, metrics))
+    return ExportResult(trial, out, score, files, retrained)
+
+
+def model_card(config: SearchConfig, trial: optuna.trial.FrozenTrial, params: TrialParams, metrics: dict) -> str:
+    memory = metrics["memory_estimate_bytes"]
+    own = ", ".join(f"{k}={v}" for k, v in params.method_params.items())
+    return f"""# {params.method} adapter for {config.model} on {config.task}
+
+Found by autopeft (study `{metrics['study']}`, trial {trial.number}).
+
+**Why this trial**: {metrics['chosen_by']}.
+
+| | |
+|---|---|
+| method | {params.method} ({own}) |
+| training | {params.training['optimizer']}, lr {params.training['learning_rate']:.3g}, {params.training['precision']}, micro-batch {params.training['micro_batch_size']} x {params.training['grad_accum_steps']} accumulation, {config.max_steps} steps, seed {trial.user_attrs['seed']} |
+| validation accuracy | {metrics['val_accuracy']:.4f} |
+| forgetting (1 - CKA on general text) | {metrics['forgetting']:.4f} |
+| held-out test accuracy (computed once, at export) | {metrics['test_accuracy']:.4f} |
+| trainable parameters | {metrics['trainable_params']:,} |
+| estimated peak training memory | {format_bytes(memory) if memory else 'n/a'} |
+
+Reproduce: `autopeft train --config training.yaml`
+
+Load (peft only): `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=N), THIS_FOLDER)`
+(the adapter weights are here when exported with `--with-weights`).
+"""

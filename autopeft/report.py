@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 DEFAULT_RULE = "balanced"  # = autopeft.export's defaults, not imported from there: export loads peft
 DEFAULT_TOLERANCE = 0.05
-PLOTS = ("pareto.png", "history.png", "importance.png", "accuracy_vs_memory.png")
 MIB = 2**20
 # Trials without values, by state: marker, colour and legend text of their mark in the bottom band.
 _NO_VALUE_STYLES = {TrialState.FAIL: ("X", "tab:red", "failed"),
@@ -114,7 +113,7 @@ def _figure(title: str) -> tuple[Figure, Axes]:
     matplotlib.use("Agg")  # before pyplot: no display on servers and CI, and no GUI event loop in tests
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=100)
+    fig, ax = plt.subplots(figsize=(9.5, 5), dpi=100)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     return fig, ax
@@ -123,8 +122,7 @@ def _figure(title: str) -> tuple[Figure, Axes]:
 def _save(fig: Figure, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    fig.savefig(path, format="png", bbox_inches="tight")  # "tight" keeps the legend beside the axes
     plt.close(fig)  # figures are global in pyplot; a long-lived process would otherwise leak them
     return path
 
@@ -180,6 +178,7 @@ def _mark_no_values(ax: Axes, placed: Sequence[tuple[FrozenTrial, float]]) -> No
 def _spread(ax: Axes, trials: Sequence[FrozenTrial]) -> list[tuple[FrozenTrial, float]]:
     """Evenly spaced x positions for trials whose x is unknown (no forgetting value)."""
     low, high = ax.get_xlim()
+    ax.set_xlim(low, high)  # frozen: these made-up positions must not rescale the forgetting axis
     step = (high - low) / (len(trials) + 1)
     return [(t, low + step * (i + 1)) for i, t in enumerate(trials)]
 
@@ -208,7 +207,7 @@ def _no_completed_note(ax: Axes, completed: Sequence[FrozenTrial]) -> None:
 
 def _legend(ax: Axes) -> None:
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="best", framealpha=0.9)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: never over a point
 
 
 # ---------------------------------------------------------------- the four plots
@@ -235,7 +234,7 @@ def plot_pareto(study: optuna.Study, path: Path, chosen: FrozenTrial | None, rul
     trials = study.get_trials(deepcopy=False)
     completed = _completed(trials)
     fig, ax = _figure("Validation accuracy vs forgetting (up and to the left is better)")
-    ax.set_xlabel("forgetting (1 − CKA with the base model; lower is better)")
+    ax.set_xlabel("forgetting (1 - CKA with the base model; lower is better)")
     ax.set_ylabel("validation accuracy")
     _by_method(ax, [(t, t.values[1], t.values[0]) for t in completed], _colors(trials))
     _pareto_front(ax, study)
@@ -281,8 +280,9 @@ def plot_history(study: optuna.Study, path: Path) -> Path:
 def _importances(study: optuna.Study) -> dict[str, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna's experimental and single-value notes: not for the reader
-        return optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=lambda t: t.values[0])
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        return optuna.importance.get_param_importances(study, evaluator=evaluator,
+                                                       target=lambda t: t.values[0])
 
 
 def plot_importance(study: optuna.Study, path: Path) -> Path:
@@ -294,42 +294,50 @@ def plot_importance(study: optuna.Study, path: Path) -> Path:
     try:
         importances = _importances(study)
     except Exception as exc:  # fANOVA rejects some studies (e.g. conditional or constant params): say so
-        return _placeholder(path, title, f"Parameter importance is not available:\n{type(exc).__name__}: {exc}")
+        return _placeholder(path, title, f"Parameter importance is not available:\n"
+                                         f"{type(exc).__name__}: {exc}")
     if not importances:
         return _placeholder(path, title, "No parameter was sampled in every completed trial.")
     fig, ax = _figure(title)
     names = list(importances)[::-1]  # most important on top
-    ax.barh(names, [float(importances[n]) for n in names], color="tab:blue")
-    ax.set_xlabel("share of the accuracy variance explained (sums to 1)")
-    ax.text(0.99, 0.01, "only parameters present in every completed trial\n(method-specific ones are left out)",
-            transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="0.4")
+    bars = ax.barh(names, [float(importances[n]) for n in names], height=0.6, color="tab:blue")
+    ax.bar_label(bars, fmt="%.2f", padding=3, fontsize=9)
+    ax.set_xlabel("share of the accuracy variance explained (sums to 1)\n"
+                  "only parameters sampled in every completed trial: method-specific ones are left out")
     return _save(fig, path)
 
 
 def _memory_notes(ax: Axes, study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
     budget = _memory_budget(study, trials)
     if budget is not None:
-        ax.axvline(budget / MIB, color="tab:red", linestyle="--", label=f"memory budget ({format_bytes(budget)})")
-    missing = [t for t in trials if t.state in (TrialState.COMPLETE, *_NO_VALUE_STYLES) and _memory_bytes(t) is None]
+        ax.axvline(budget / MIB, color="tab:red", linestyle="--",
+                   label=f"memory budget ({format_bytes(budget)})")
+    drawable = (TrialState.COMPLETE, *_NO_VALUE_STYLES)
+    missing = [t for t in trials if t.state in drawable and _memory_bytes(t) is None]
     if missing:  # e.g. trials that failed before their adapter was built: no estimate to place them at
-        ax.text(0.99, 0.99, f"{len(missing)} trial(s) without a memory estimate not shown", ha="right", va="top",
-                transform=ax.transAxes, fontsize=8, color="0.4")
+        ax.set_xlabel(f"{ax.get_xlabel()}\n{len(missing)} trial(s) without a memory estimate are not shown")
+
+
+def _mib(trial: FrozenTrial) -> float | None:
+    memory = _memory_bytes(trial)
+    return memory / MIB if memory is not None else None
 
 
 def plot_accuracy_vs_memory(study: optuna.Study, path: Path, chosen: FrozenTrial | None, rule: str) -> Path:
     trials = study.get_trials(deepcopy=False)
-    completed = [t for t in _completed(trials) if _memory_bytes(t) is not None]
+    placed = [(t, mib) for t in trials if (mib := _mib(t)) is not None]
+    completed = [(t, mib, t.values[0]) for t, mib in placed if t.state == TrialState.COMPLETE and t.values]
     fig, ax = _figure("Validation accuracy vs estimated peak training memory")
     ax.set_xlabel("estimated peak training memory (MiB)")
     ax.set_ylabel("validation accuracy")
-    _by_method(ax, [(t, _memory_bytes(t) / MIB, t.values[0]) for t in completed], _colors(trials))
+    _by_method(ax, completed, _colors(trials))
     _memory_notes(ax, study, trials)
     _majority_line(ax, study)
-    memory = _memory_bytes(chosen) if chosen else None
-    _mark_chosen(ax, chosen, (memory / MIB, chosen.values[0]) if chosen and memory is not None else None, rule)
-    _no_completed_note(ax, completed)
-    _mark_no_values(ax, [(t, _memory_bytes(t) / MIB) for t in trials
-                         if t.state in _NO_VALUE_STYLES and _memory_bytes(t) is not None])
+    chosen_mib = _mib(chosen) if chosen else None
+    xy = (chosen_mib, chosen.values[0]) if chosen and chosen_mib is not None else None
+    _mark_chosen(ax, chosen, xy, rule)
+    _no_completed_note(ax, [t for t, _, _ in completed])
+    _mark_no_values(ax, [(t, mib) for t, mib in placed if t.state in _NO_VALUE_STYLES])
     _legend(ax)
     return _save(fig, path)
 
@@ -349,7 +357,7 @@ def _safely(draw: Callable[[Path], Path], path: Path) -> Path:
 # ---------------------------------------------------------------- HTML
 
 
-_CSS = """body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1400px;color:#222}
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;color:#222}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em}code{background:#f3f3f3;padding:0 .3em}
 table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ccc;padding:3px 6px;vertical-align:top}
 th{background:#f0f0f0;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -411,6 +419,10 @@ def _cells(trial: FrozenTrial, keys: Sequence[str]) -> list[str]:
     ]
 
 
+def _class(name: str) -> str:
+    return f' class="{name}"' if name else ""
+
+
 def _table_html(study: optuna.Study, trials: Sequence[FrozenTrial], chosen: FrozenTrial | None) -> str:
     keys = _key_params(trials)
     front = {t.number for t in study.best_trials}
@@ -418,14 +430,15 @@ def _table_html(study: optuna.Study, trials: Sequence[FrozenTrial], chosen: Froz
     for trial in trials:
         marks = [c for c, on in (("front", trial.number in front),
                                  ("chosen", chosen is not None and trial.number == chosen.number)) if on]
-        cells = "".join(f'<td class="{cls}">{html.escape(text)}</td>'
+        cells = "".join(f"<td{_class(cls)}>{html.escape(text)}</td>"
                         for cls, text in zip(_CLASSES, _cells(trial, keys), strict=True))
-        rows.append(f'<tr id="trial-{trial.number}" class="{" ".join(marks)}">{cells}</tr>')
+        rows.append(f'<tr id="trial-{trial.number}"{_class(" ".join(marks))}>{cells}</tr>')
     head = "".join(f"<th>{html.escape(c)}</th>" for c in _COLUMNS)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def _page(study: optuna.Study, chosen: FrozenTrial | None, rule: str, tolerance: float, plots: Sequence[Path]) -> str:
+def _page(study: optuna.Study, chosen: FrozenTrial | None, rule: str, tolerance: float,
+          plots: Sequence[Path]) -> str:
     trials = study.get_trials(deepcopy=False)
     name = html.escape(study.study_name)
     return "\n".join([

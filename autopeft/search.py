@@ -15,14 +15,14 @@ import torch
 from torch import nn
 
 from autopeft import methods, memory
-from autopeft.config import SearchConfig
-from autopeft.data import TaskData, TokenizedSplit, load_task, tokenize
 from autopeft import study as studies
-from autopeft.config import format_bytes
+from autopeft.config import SearchConfig, format_bytes
+from autopeft.data import TaskData, TokenizedSplit, load_task, tokenize
 from autopeft.errors import ConfigError, TrialFailed
 from autopeft.evaluate import accuracy
 from autopeft.models import count_parameters, load_classifier
 from autopeft.probes import RepresentationDrift
+from autopeft.recipe import write_recipe
 from autopeft.space import SearchSpace, TrialParams, load_space
 from autopeft.tracking import Tracker
 from autopeft.train import TrainResult, TrainSettings, fit
@@ -35,7 +35,7 @@ class Runtime:
     """What every trial of this process shares: loaded once, never modified by a trial."""
 
     config: SearchConfig
-    space: SearchSpace
+    space: SearchSpace | None  # None when one known configuration is trained (autopeft train)
     task: TaskData
     tokenizer: Any
     base_model: nn.Module
@@ -51,7 +51,6 @@ class Runtime:
 
 
 def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> Runtime:
-    space = space or load_space(config.space)
     task = load_task(config.task, seed=config.seed, train_size=config.train_size,
                      val_size=config.val_size, test_size=config.test_size)
     base_model, tokenizer = load_classifier(config.model, len(task.label_names), seed=config.seed,
@@ -135,6 +134,7 @@ class Objective:
         if not self._needed(trial):  # other workers have completed (or are completing) the study
             trial.study.stop()
             raise optuna.TrialPruned("not needed: the study already has its trials")
+        assert self.runtime.space is not None
         params = self.runtime.space.suggest(trial)
         seed = config.seed + trial.number
         trial.set_user_attr("params", params.flat())  # exactly what is built below
@@ -191,8 +191,13 @@ class Objective:
         raise TrialFailed(reason)
 
     def _record(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, started: float) -> None:
-        folder = Path(self.runtime.config.artifacts_dir) / self.runtime.config.study / f"trial-{trial.number}"
+        config = self.runtime.config
+        folder = Path(config.artifacts_dir) / config.study / f"trial-{trial.number}"
         outcome.model.save_pretrained(folder)
+        write_recipe(folder / "training.yaml", config, TrialParams.from_flat(trial.user_attrs["params"]),
+                     trial.user_attrs["seed"])
+        for name in ("adapter_config.json", "training.yaml"):  # small enough to keep with every run
+            self.tracker.log_file(run_id, folder / name)
         self.tracker.log_curve(run_id, "train_loss", outcome.train.losses)
         self.tracker.log_curve(run_id, "learning_rate", outcome.train.learning_rates)
         # Overhead: everything but training steps and evaluation (sampling, adapter build, saving, logging).
@@ -202,6 +207,7 @@ class Objective:
             "val_accuracy": outcome.accuracy, "forgetting": outcome.forgetting,
             "trainable_params": outcome.trainable, "trainable_fraction": outcome.trainable / outcome.total,
             "wall_seconds": total, "train_seconds": outcome.train.seconds, "eval_seconds": outcome.eval_seconds,
+            "seconds_per_step": outcome.train.seconds / max(1, len(outcome.train.losses)),
             "overhead_seconds": overhead, "overhead_fraction": overhead / total,
             "train_tokens_per_second": outcome.train.tokens_per_second,
             "padding_fraction": 1 - outcome.train.tokens / max(1, outcome.train.positions),
@@ -221,6 +227,13 @@ class SearchSummary:
     config: SearchConfig
     parent_run_id: str
     stopped_reason: str | None = None  # why the search stopped before its target, if it did
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    names = ("torch", "transformers", "peft", "optuna", "mlflow", "datasets", "scikit-learn")
+    return {f"version.{name}": version(name) for name in names}
 
 
 def check_budget_feasible(config: SearchConfig, runtime: Runtime) -> None:
@@ -256,8 +269,13 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
     tracker = Tracker(config.tracking_uri)
     on_stale.tracker = tracker
     parent = tracker.open_study_run(config.study, study.user_attrs.get("mlflow_parent_run_id"),
-                                    {**config.public_dict(), **runtime.task.describe()}, config.space,
-                                    study.user_attrs.get("space_yaml"))
+                                    {**config.public_dict(), **runtime.task.describe(), **package_versions()},
+                                    config.space, study.user_attrs.get("space_yaml"))
+    if "base_val_accuracy" not in study.user_attrs:  # the untouched base model's scores, once per study
+        base = accuracy(runtime.base_model, runtime.validation, pad_id=runtime.pad_id,
+                        batch_size=config.eval_batch_size, device=runtime.device)
+        study.set_user_attr("base_val_accuracy", base)
+        tracker.log_metrics(parent, {"base_val_accuracy": base, "base_forgetting": 0.0})
     study.set_user_attr("mlflow_parent_run_id", parent)
     objective = Objective(runtime, tracker, parent)
     stopped: list[str] = []

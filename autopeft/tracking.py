@@ -47,6 +47,12 @@ class Tracker:
         self._log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def start_run(self, name: str, params: dict[str, Any]) -> str:
+        """A standalone run (not part of a study), e.g. `autopeft train`."""
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={"autopeft.role": "train"})
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
     def log_curve(self, run_id: str, name: str, values: list[float]) -> None:
         now = int(time.time() * 1000)
         metrics = [Metric(name, float(v), now, step) for step, v in enumerate(values, start=1)]
@@ -62,6 +68,9 @@ class Tracker:
         self.client.log_batch(run_id, tags=tags)
         status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}.get(state, "KILLED")
         self.client.set_terminated(run_id, status=status)
+
+    def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
     def log_artifacts(self, run_id: str, folder: Path, artifact_path: str) -> None:
         self.client.log_artifacts(run_id, str(folder), artifact_path=artifact_path)

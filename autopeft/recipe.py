@@ -1,0 +1,55 @@
+"""training.yaml: one trial's configuration as a file a person can read and `autopeft train` can rerun."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autopeft import methods
+from autopeft.config import SearchConfig
+from autopeft.errors import ConfigError
+from autopeft.space import TRAINING_PARAMS, TrialParams
+
+_DATA_KEYS = ("model", "task", "train_size", "val_size", "test_size", "max_length")
+
+
+def to_recipe(config: SearchConfig, params: TrialParams, seed: int) -> dict[str, Any]:
+    """Everything needed to reproduce one trial: model, data split, method and training settings, seeds."""
+    return {
+        **{key: getattr(config, key) for key in _DATA_KEYS},
+        "split_seed": config.seed,  # also seeds the classification head, which every trial shares
+        "method": params.method, "method_params": params.method_params,
+        **params.training, "max_steps": config.max_steps, "seed": seed,
+    }
+
+
+def write_recipe(path: Path, config: SearchConfig, params: TrialParams, seed: int) -> None:
+    path.write_text(yaml.safe_dump(to_recipe(config, params, seed), sort_keys=False))
+
+
+def read_recipe(path: Path, **overrides: Any) -> tuple[SearchConfig, TrialParams, int]:
+    """(the search config that rebuilds the model and split, the trial's parameters, the training seed)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError([f"--config: {path} does not exist"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"--config: {path} is not valid YAML: {exc}"]) from None
+    missing = [k for k in (*_DATA_KEYS, "split_seed", "method", "method_params", "max_steps", "seed")
+               if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise ConfigError([f"{path}: missing key(s) {', '.join(missing)}"])
+    if data["method"] not in methods.names():
+        raise ConfigError([f"{path}: method: {data['method']!r} must be one of {', '.join(methods.names())}"])
+    problems = [f"{path}: method_params.{k}: {v!r} {why}" for k, v in data["method_params"].items()
+                if k in methods.get(data["method"]).params and (why := methods.get(data["method"]).params[k].check(v))]
+    if problems:
+        raise ConfigError(problems)
+    config = SearchConfig(**{k: data[k] for k in _DATA_KEYS}, seed=data["split_seed"],
+                          max_steps=overrides.get("max_steps") or data["max_steps"],
+                          **{k: v for k, v in overrides.items() if k != "max_steps" and v is not None})
+    training = {k: data.get(k, spec.default) for k, spec in TRAINING_PARAMS.items()}
+    params = TrialParams(data["method"], methods.get(data["method"]).resolve(data["method_params"]), training)
+    return config, params, int(data["seed"])

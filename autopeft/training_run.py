@@ -1,0 +1,40 @@
+"""`autopeft train`: one exported configuration trained again (same seeds), logged to MLflow, saved."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from autopeft.export import prepare_out
+from autopeft.recipe import read_recipe
+from autopeft.search import prepare_runtime, run_trial
+from autopeft.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    method: str
+    accuracy: float
+    forgetting: float
+    steps: int
+    seconds: float
+    run_id: str
+
+
+def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
+                      tracking_uri: str = "sqlite:///mlflow.db", force: bool = False) -> TrainingRun:
+    config, params, seed = read_recipe(recipe, max_steps=max_steps, tracking_uri=tracking_uri)
+    prepare_out(out, force)
+    runtime = prepare_runtime(config)
+    tracker = Tracker(tracking_uri)
+    run_id = tracker.start_run(f"train-{params.method}", {**params.flat(), "seed": seed, "model": config.model,
+                                                          "task": config.task, "max_steps": config.max_steps})
+    outcome = run_trial(runtime, params, seed=seed)
+    outcome.model.save_pretrained(out)
+    tracker.log_curve(run_id, "train_loss", outcome.train.losses)
+    tracker.log_metrics(run_id, {"val_accuracy": outcome.accuracy, "forgetting": outcome.forgetting,
+                                 "trainable_params": outcome.trainable, "train_seconds": outcome.train.seconds})
+    tracker.log_file(run_id, out / "adapter_config.json")
+    tracker.end_trial_run(run_id, "COMPLETE")
+    return TrainingRun(params.method, outcome.accuracy, outcome.forgetting, len(outcome.train.losses),
+                       outcome.train.seconds, run_id)

@@ -1,0 +1,87 @@
+"""The hand-off: export -> plain peft loads it with the same logits; `autopeft train` reproduces the trial;
+`--out` is safe; a trial whose adapter was not kept is retrained for export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+AUTOPEFT = [sys.executable, "-m", "autopeft.cli"]
+
+
+def autopeft(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AUTOPEFT, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture()
+def finished_study(tmp_path: Path, tiny_search_args: list[str]) -> Path:
+    args = [a if a != "3" else "30" for a in tiny_search_args]  # --max-steps 30: the adapter really moves
+    done = autopeft("search", "--trials", "2", "--study", "h", *args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return tmp_path
+
+
+PLAIN_PEFT = """
+import json, sys
+sys.modules["autopeft"] = None  # prove the export loads without autopeft
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+base = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], num_labels=2)
+model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
+with torch.no_grad():
+    print(json.dumps(model(input_ids=torch.tensor([[101, 2023, 3185, 2001, 2307, 102]])).logits.tolist()))
+"""
+
+
+def test_exported_adapter_loads_in_plain_peft_with_the_same_logits(finished_study: Path, tiny_bert: Path) -> None:
+    done = autopeft("export", "--study", "h", "--out", "out", "--with-weights", cwd=finished_study)
+    assert done.returncode == 0, done.stderr
+    out = finished_study / "out"
+    assert {"adapter_config.json", "training.yaml", "metrics.json", "README.md"} <= {p.name for p in out.iterdir()}
+    card = (out / "README.md").read_text()
+    assert "Why this trial" in card and "autopeft train --config training.yaml" in card
+    plain = subprocess.run([sys.executable, "-c", PLAIN_PEFT, str(tiny_bert), str(out)], capture_output=True,
+                           text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    from peft import PeftModel
+
+    from autopeft.models import load_classifier
+
+    trial = json.loads((out / "metrics.json").read_text())["trial"]
+    study = optuna.load_study(study_name="h", storage=f"sqlite:///{finished_study / 'autopeft.db'}")
+    adapter_dir = next(t for t in study.trials if t.number == trial).user_attrs["adapter_dir"]
+    base, _ = load_classifier(str(tiny_bert), 2, seed=0)
+    inside = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        expected = inside(input_ids=torch.tensor([[101, 2023, 3185, 2001, 2307, 102]])).logits
+    torch.testing.assert_close(torch.tensor(json.loads(plain.stdout)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_train_reproduces_the_trial_and_out_is_safe(finished_study: Path) -> None:
+    assert autopeft("export", "--study", "h", "--out", "out", cwd=finished_study).returncode == 0
+    refused = autopeft("export", "--study", "h", "--out", "out", cwd=finished_study)
+    assert refused.returncode == 2 and "is not empty" in refused.stderr
+    metrics = json.loads((finished_study / "out" / "metrics.json").read_text())
+    trained = autopeft("train", "--config", "out/training.yaml", "--out", "again", cwd=finished_study)
+    assert trained.returncode == 0, trained.stderr
+    reproduced = float(trained.stdout.split("val accuracy ")[1].split(",")[0])
+    assert abs(reproduced - metrics["val_accuracy"]) <= 0.01
+    assert (finished_study / "again" / "adapter_config.json").is_file()
+
+
+def test_a_trial_whose_adapter_was_not_kept_is_retrained_for_export(finished_study: Path) -> None:
+    shutil.rmtree(finished_study / "autopeft-artifacts")
+    done = autopeft("export", "--study", "h", "--out", "out", "--with-weights",
+                    "--select", "max-accuracy-under-forgetting=1.0", cwd=finished_study)
+    assert done.returncode == 0, done.stderr
+    assert "retrained it with its seed" in done.stdout
+    assert any(p.name.startswith("adapter_model.") for p in (finished_study / "out").iterdir())
+    assert json.loads((finished_study / "out" / "metrics.json").read_text())["retrained_for_export"] is True
