@@ -325,6 +325,23 @@ def ui(
         raise typer.Exit(0) from None
 
 
+@app.command("sync")
+def sync_stores(
+    source: Annotated[str, typer.Option(help="Store to copy from (e.g. the fallback sqlite:///mlflow-fallback.db).")],
+    target: Annotated[str, typer.Option(help="Store to copy into (e.g. the tracking server http://host:port).")],
+) -> None:
+    """Copy runs logged to a fallback store (while the tracking server was down) into the real one."""
+    from autopeft.sync import sync
+
+    try:
+        result = sync(source, target)
+    except Exception as exc:  # an unreachable target: say so in one line
+        _guard(lambda: (_ for _ in ()).throw(ConfigError([f"--target: cannot sync into {redact_url(target)}: "
+                                                          f"{str(exc).splitlines()[0][:200]}"])))
+        return
+    console.print(f"copied {result.copied} runs to {redact_url(target)} ({result.skipped} already synced)")
+
+
 @app.command("methods")
 def list_methods() -> None:
     """List the PEFT methods, their parameters (with defaults) and the architectures they support."""

@@ -3,7 +3,10 @@ run ids (no global active run), so a resumed study re-attaches to its parent run
 
 from __future__ import annotations
 
+import os
 import time
+import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +14,41 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 EXPERIMENT = "autopeft"
+FALLBACK_URI = "sqlite:///mlflow-fallback.db"
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 
 
+class TrackingFallbackWarning(UserWarning):
+    """The tracking server was unreachable; runs went to the local fallback store (re-sync later)."""
+
+
 class Tracker:
-    def __init__(self, tracking_uri: str) -> None:
+    """Logs to `tracking_uri`, or, when that server does not answer, to a local fallback store so the
+    search neither stops nor loses its records; `autopeft sync` copies them over later."""
+
+    def __init__(self, tracking_uri: str, fallback_uri: str = FALLBACK_URI) -> None:
         self.uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.intended_uri = tracking_uri
+        try:
+            self._connect(tracking_uri)
+        except Exception as exc:  # a down server must not end the search
+            warnings.warn(f"MLflow tracking at {tracking_uri} is unreachable ({str(exc).splitlines()[0][:200]}); "
+                          f"logging to {fallback_uri} instead. Copy it over later with: autopeft sync "
+                          f"--source {fallback_uri} --target {tracking_uri}", TrackingFallbackWarning, stacklevel=2)
+            self.uri = fallback_uri
+            self._connect(fallback_uri)
+
+    @property
+    def fell_back(self) -> bool:
+        return self.uri != self.intended_uri
+
+    def _connect(self, uri: str) -> None:
+        if uri.startswith(("http://", "https://")):
+            # Fail fast instead of MLflow's default minutes of retries when the server is down.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).read()
+        self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(EXPERIMENT)
         self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
 

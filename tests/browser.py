@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["CHROMIUM", "CHROMEDRIVER", "chromium_paths", "headless_chromium"]
+__all__ = ["CHROMEDRIVER", "CHROMIUM", "chromium_paths", "headless_chromium"]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -31,7 +31,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        return subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return subprocess.CompletedProcess(cmd, 1, "", str(exc))
 
@@ -47,10 +47,12 @@ def chromium_paths() -> tuple[Path, Path]:
     if result.returncode != 0:  # a stale or empty package index is the usual cause: refresh once and retry
         _run(["apt-get", "update"])
         result = _run(INSTALL)
-    if result.returncode != 0 or not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+    if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
         pytest.skip(f"could not install Chromium with `{' '.join(INSTALL)}` (exit {result.returncode}): "
                     + " | ".join(tail))
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip(f"`{' '.join(INSTALL)}` succeeded but {CHROMIUM} or {CHROMEDRIVER} is still missing")
     return CHROMIUM, CHROMEDRIVER
 
 

@@ -1,0 +1,64 @@
+"""`autopeft sync`: copy the runs of one MLflow store (e.g. the local fallback used while the tracking
+server was down) into another, keeping parent/child links, params, metric histories, tags and artifacts.
+Copied source runs are tagged, so running sync again copies only what is new."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.tracking import MlflowClient
+
+from autopeft.tracking import EXPERIMENT, Tracker
+
+SYNCED_TAG = "autopeft.synced_to"
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    copied: int
+    skipped: int
+
+
+def sync(source_uri: str, target_uri: str) -> SyncResult:
+    source = MlflowClient(tracking_uri=source_uri)
+    experiment = source.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return SyncResult(0, 0)
+    target = Tracker(target_uri, fallback_uri=target_uri)  # no fallback for the target itself
+    runs = source.search_runs([experiment.experiment_id], max_results=50000)
+    # Parents first, so children can point at their copies.
+    runs.sort(key=lambda r: "mlflow.parentRunId" in r.data.tags)
+    mapping = {r.info.run_id: r.data.tags[SYNCED_TAG] for r in runs if SYNCED_TAG in r.data.tags}
+    copied = 0
+    for run in runs:
+        if run.info.run_id in mapping:
+            continue
+        mapping[run.info.run_id] = _copy_run(source, target, run, mapping)
+        source.set_tag(run.info.run_id, SYNCED_TAG, mapping[run.info.run_id])
+        copied += 1
+    return SyncResult(copied, len(runs) - copied)
+
+
+def _copy_run(source: MlflowClient, target: Tracker, run: Run, mapping: dict[str, str]) -> str:
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") or k == "mlflow.runName"}
+    parent = run.data.tags.get("mlflow.parentRunId")
+    if parent:
+        tags["mlflow.parentRunId"] = mapping.get(parent, parent)
+    new = target.client.create_run(target.experiment_id, start_time=run.info.start_time, tags=tags)
+    run_id = new.info.run_id
+    params = [Param(k, v) for k, v in run.data.params.items()]
+    for start in range(0, len(params), 100):
+        target.client.log_batch(run_id, params=params[start:start + 100])
+    for key in run.data.metrics:
+        history = [Metric(m.key, m.value, m.timestamp, m.step) for m in source.get_metric_history(run.info.run_id, key)]
+        for start in range(0, len(history), 900):
+            target.client.log_batch(run_id, metrics=history[start:start + 900])
+    with tempfile.TemporaryDirectory() as folder:
+        if source.list_artifacts(run.info.run_id):
+            local = source.download_artifacts(run.info.run_id, "", folder)
+            target.client.log_artifacts(run_id, local)
+    target.client.log_batch(run_id, tags=[RunTag("autopeft.synced_from", run.info.run_id)])
+    target.client.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
+    return run_id
