@@ -43,7 +43,7 @@ class Runtime:
     validation: TokenizedSplit
     test: TokenizedSplit
     probe: RepresentationDrift
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     @property
     def pad_id(self) -> int:
@@ -88,7 +88,9 @@ class TrialOutcome:
     total: int
     estimate: memory.MemoryEstimate
     seconds: float
-    eval_seconds: float  # validation accuracy and the forgetting probe
+    eval_seconds: float  # validation accuracy and the forgetting probe (intermediate evaluations included)
+    intermediate: list[tuple[int, float]]  # (step, accuracy on the first rows of validation)
+    measured_peak_bytes: int | None  # CUDA only for now: torch.cuda.max_memory_allocated during training
 
 
 def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> memory.MemoryEstimate:
@@ -98,25 +100,42 @@ def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> 
                            micro_batch_size=t["micro_batch_size"], seq_len=seq_len)
 
 
+INTERMEDIATE_ROWS = 256  # a mid-training check on a slice of validation: cheap, and enough to see a trend
+
+
 def run_trial(runtime: Runtime, params: TrialParams, *, seed: int,
               on_built: Any = None) -> TrialOutcome:
     """Build, check the budget (via `on_built`), train, evaluate and probe one configuration."""
     start = time.perf_counter()
-    model = build_model(runtime, params)
+    model = build_model(runtime, params).to(runtime.device)
     estimate = estimate_memory(runtime, model, params)
     if on_built is not None:
         on_built(model, estimate)
     trainable, _ = count_parameters(model)
     total = sum(p.numel() for p in runtime.base_model.parameters())
+    intermediate: list[tuple[int, float]] = []
+    halfway, checking = runtime.config.max_steps // 2, [0.0]
+    subset = TokenizedSplit(runtime.validation.input_ids[:INTERMEDIATE_ROWS],
+                            runtime.validation.labels[:INTERMEDIATE_ROWS])
+
+    def check_halfway(step: int, trained: nn.Module) -> None:
+        if step == halfway:
+            began = time.perf_counter()
+            intermediate.append((step, accuracy(trained, subset, pad_id=runtime.pad_id, device=runtime.device)))
+            checking[0] += time.perf_counter() - began
+
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runtime.device)
     result = fit(model, runtime.train, train_settings(params, max_steps=runtime.config.max_steps, seed=seed),
-                 pad_id=runtime.pad_id, device=runtime.device)
+                 pad_id=runtime.pad_id, device=runtime.device, on_step=check_halfway)
+    measured = torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda" else None
     eval_start = time.perf_counter()
     val_accuracy = accuracy(model, runtime.validation, pad_id=runtime.pad_id,
                             batch_size=runtime.config.eval_batch_size, device=runtime.device)
     forgetting = runtime.probe.forgetting(model, runtime.device)
     end = time.perf_counter()
-    return TrialOutcome(model, result, val_accuracy, forgetting, trainable, total, estimate,
-                        end - start, end - eval_start)
+    return TrialOutcome(model, result, val_accuracy, forgetting, trainable, total, estimate, end - start,
+                        end - eval_start + checking[0], intermediate, measured)
 
 
 class Objective:
@@ -200,6 +219,8 @@ class Objective:
             self.tracker.log_file(run_id, folder / name)
         self.tracker.log_curve(run_id, "train_loss", outcome.train.losses)
         self.tracker.log_curve(run_id, "learning_rate", outcome.train.learning_rates)
+        for step, value in outcome.intermediate:
+            self.tracker.log_metrics(run_id, {"val_accuracy_intermediate": value}, step=step)
         # Overhead: everything but training steps and evaluation (sampling, adapter build, saving, logging).
         total = time.perf_counter() - started
         overhead = total - outcome.train.seconds - outcome.eval_seconds
@@ -213,6 +234,9 @@ class Objective:
             "padding_fraction": 1 - outcome.train.tokens / max(1, outcome.train.positions),
             "final_train_loss": outcome.train.losses[-1], "fp16_overflow_steps": outcome.train.overflow_steps,
             "memory_estimate_bytes": outcome.estimate.total,
+            **({"memory_measured_bytes": outcome.measured_peak_bytes,
+                "memory_estimate_error": outcome.estimate.total / outcome.measured_peak_bytes - 1}
+               if outcome.measured_peak_bytes else {}),
         }
         for key, value in summary.items():
             trial.set_user_attr(key, value)

@@ -90,9 +90,9 @@ class Tracker:
         for start in range(0, len(metrics), _BATCH):
             self.client.log_batch(run_id, metrics=metrics[start:start + _BATCH])
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def end_trial_run(self, run_id: str, state: str, reason: str | None = None) -> None:
         tags = [RunTag("autopeft.state", state)] + ([RunTag("autopeft.reason", reason[:5000])] if reason else [])

@@ -137,7 +137,10 @@ LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]
 
 
 def fit(model: nn.Module, data: TokenizedSplit, settings: TrainSettings, *, pad_id: int,
-        device: torch.device | None = None, loss_fn: LossFn = classification_loss) -> TrainResult:
+        device: torch.device | None = None, loss_fn: LossFn = classification_loss,
+        on_step: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
+    """Train `model` in place for `settings.max_steps` optimizer steps. `on_step(step, model)` runs after
+    each step (e.g. an intermediate evaluation); its time is not counted as training time."""
     device = device or torch.device("cpu")
     problem = precision_problem(settings.precision, device)
     if problem:
@@ -181,6 +184,11 @@ def fit(model: nn.Module, data: TokenizedSplit, settings: TrainSettings, *, pad_
         result.learning_rates.append(scheduler.get_last_lr()[0])
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if on_step is not None:
+            paused = time.perf_counter()
+            on_step(len(result.losses), model)
+            model.train()
+            start += time.perf_counter() - paused
     result.seconds = time.perf_counter() - start
     result.final_loss_scale = scaler.get_scale() if scaler.is_enabled() else None
     model.eval()
