@@ -20,12 +20,15 @@ def autopeft(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*AUTOPEFT, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture()
-def finished_study(tmp_path: Path, tiny_search_args: list[str]) -> Path:
-    args = [a if a != "3" else "30" for a in tiny_search_args]  # --max-steps 30: the adapter really moves
-    done = autopeft("search", "--trials", "2", "--study", "h", *args, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Path:
+    """One finished 2-trial study shared by this module's tests (each exports into its own folder; the
+    last test deletes the kept adapters, so it must stay last)."""
+    folder = tmp_path_factory.mktemp("handoff")
+    done = autopeft("search", "--trials", "2", "--study", "h", "--model", str(tiny_bert), "--train-size", "120",
+                    "--val-size", "60", "--test-size", "60", "--max-steps", "30", cwd=folder)
     assert done.returncode == 0, done.stderr
-    return tmp_path
+    return folder
 
 
 PLAIN_PEFT = """
@@ -42,9 +45,9 @@ with torch.no_grad():
 
 
 def test_exported_adapter_loads_in_plain_peft_with_the_same_logits(finished_study: Path, tiny_bert: Path) -> None:
-    done = autopeft("export", "--study", "h", "--out", "out", "--with-weights", cwd=finished_study)
+    done = autopeft("export", "--study", "h", "--out", "out1", "--with-weights", cwd=finished_study)
     assert done.returncode == 0, done.stderr
-    out = finished_study / "out"
+    out = finished_study / "out1"
     assert {"adapter_config.json", "training.yaml", "metrics.json", "README.md"} <= {p.name for p in out.iterdir()}
     card = (out / "README.md").read_text()
     assert "Why this trial" in card and "autopeft train --config training.yaml" in card
@@ -66,11 +69,11 @@ def test_exported_adapter_loads_in_plain_peft_with_the_same_logits(finished_stud
 
 
 def test_train_reproduces_the_trial_and_out_is_safe(finished_study: Path) -> None:
-    assert autopeft("export", "--study", "h", "--out", "out", cwd=finished_study).returncode == 0
-    refused = autopeft("export", "--study", "h", "--out", "out", cwd=finished_study)
+    assert autopeft("export", "--study", "h", "--out", "out2", cwd=finished_study).returncode == 0
+    refused = autopeft("export", "--study", "h", "--out", "out2", cwd=finished_study)
     assert refused.returncode == 2 and "is not empty" in refused.stderr
-    metrics = json.loads((finished_study / "out" / "metrics.json").read_text())
-    trained = autopeft("train", "--config", "out/training.yaml", "--out", "again", cwd=finished_study)
+    metrics = json.loads((finished_study / "out2" / "metrics.json").read_text())
+    trained = autopeft("train", "--config", "out2/training.yaml", "--out", "again", cwd=finished_study)
     assert trained.returncode == 0, trained.stderr
     reproduced = float(trained.stdout.split("val accuracy ")[1].split(",")[0])
     assert abs(reproduced - metrics["val_accuracy"]) <= 0.01
@@ -79,9 +82,9 @@ def test_train_reproduces_the_trial_and_out_is_safe(finished_study: Path) -> Non
 
 def test_a_trial_whose_adapter_was_not_kept_is_retrained_for_export(finished_study: Path) -> None:
     shutil.rmtree(finished_study / "autopeft-artifacts")
-    done = autopeft("export", "--study", "h", "--out", "out", "--with-weights",
+    done = autopeft("export", "--study", "h", "--out", "out3", "--with-weights",
                     "--select", "max-accuracy-under-forgetting=1.0", cwd=finished_study)
     assert done.returncode == 0, done.stderr
     assert "retrained it with its seed" in done.stdout
-    assert any(p.name.startswith("adapter_model.") for p in (finished_study / "out").iterdir())
-    assert json.loads((finished_study / "out" / "metrics.json").read_text())["retrained_for_export"] is True
+    assert any(p.name.startswith("adapter_model.") for p in (finished_study / "out3").iterdir())
+    assert json.loads((finished_study / "out3" / "metrics.json").read_text())["retrained_for_export"] is True
