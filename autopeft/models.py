@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -116,3 +117,19 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def save_tiny_bert(folder: Path, *, seed: int = 0) -> Path:
+    """A 2-layer, hidden-32 BERT with random weights and the packaged MiniLM tokenizer, saved as a local
+    model folder: exercises every layer of the machinery (real tokenization, real peft) in seconds."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    packaged = Path(resolve_model_path("packaged:all-MiniLM-L6-v2"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (packaged / name).exists():
+            shutil.copy(packaged / name, folder / name)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder

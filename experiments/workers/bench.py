@@ -8,7 +8,6 @@ Run:  .venv/bin/python experiments/workers/bench.py      (writes results.json / 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,24 +17,10 @@ from pathlib import Path
 import optuna
 import torch
 
-from autopeft.models import resolve_model_path
+from autopeft.models import save_tiny_bert
 
 HERE = Path(__file__).resolve().parent
 TRIALS = 12
-
-
-def tiny_model(folder: Path) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    packaged = Path(resolve_model_path("packaged:all-MiniLM-L6-v2"))
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (packaged / name).exists():
-            shutil.copy(packaged / name, folder / name)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    return folder
 
 
 def run(workers: int, model: Path) -> dict:
@@ -56,7 +41,7 @@ def run(workers: int, model: Path) -> dict:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
-        model = tiny_model(Path(folder))
+        model = save_tiny_bert(Path(folder))
         rows = [run(w, model) for w in (1, 3)]
     results = {"trials": TRIALS, "cpu_threads": torch.get_num_threads(), "rows": rows}
     (HERE / "results.json").write_text(json.dumps(results, indent=2))
