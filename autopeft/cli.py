@@ -9,7 +9,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -41,6 +41,13 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
+def _fail(*problems: str) -> NoReturn:
+    """Report input problems as one line each on stderr and exit 2 (nothing has been written)."""
+    for line in problems:
+        err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
 def _guard(call: Callable[[], T]) -> T:
     """Turn user-facing errors into one line per problem on stderr and exit code 2."""
     try:
@@ -48,9 +55,7 @@ def _guard(call: Callable[[], T]) -> T:
     except AutopeftError as exc:
         if _state["debug"]:
             traceback.print_exc()
-        for line in str(exc).splitlines():
-            err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        _fail(*str(exc).splitlines())
 
 
 @app.callback()
@@ -314,8 +319,7 @@ def ui(
 ) -> None:
     """Serve the MLflow dashboard (127.0.0.1 unless --host says otherwise). Ctrl-C stops it."""
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
-        _guard(lambda: (_ for _ in ()).throw(ConfigError(
-            [f"--tracking-uri: no MLflow store at {tracking_uri}; run `autopeft search` first"])))
+        _fail(f"--tracking-uri: no MLflow store at {tracking_uri}; run `autopeft search` first")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
                "--host", host, "--port", str(port)]
     console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
@@ -336,9 +340,7 @@ def sync_stores(
     try:
         result = sync(source, target)
     except Exception as exc:  # an unreachable target: say so in one line
-        _guard(lambda: (_ for _ in ()).throw(ConfigError([f"--target: cannot sync into {redact_url(target)}: "
-                                                          f"{str(exc).splitlines()[0][:200]}"])))
-        return
+        _fail(f"--target: cannot sync into {redact_url(target)}: {str(exc).splitlines()[0][:200]}")
     console.print(f"copied {result.copied} runs to {redact_url(target)} ({result.skipped} already synced)")
 
 

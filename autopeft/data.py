@@ -23,7 +23,7 @@ class TextSplit:
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
-        for text, label in zip(self.texts, self.labels):
+        for text, label in zip(self.texts, self.labels, strict=True):
             digest.update(f"{label}\t{text}\n".encode())
         return digest.hexdigest()[:16]
 

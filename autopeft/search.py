@@ -14,7 +14,7 @@ import optuna
 import torch
 from torch import nn
 
-from autopeft import methods, memory
+from autopeft import memory, methods
 from autopeft import study as studies
 from autopeft.config import SearchConfig, format_bytes
 from autopeft.data import TaskData, TokenizedSplit, load_task, tokenize

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -91,8 +90,9 @@ def test_ctrl_c_records_the_trial_as_interrupted_and_prints_the_summary(tmp_path
 ])
 def test_failed_trials_are_recorded_and_consecutive_failures_stop_the_search(
         tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, reason: str) -> None:
-    import autopeft.search as search
     from tests_support import tiny_config
+
+    import autopeft.search as search
 
     def broken_fit(*args: object, **kwargs: object) -> None:
         raise error

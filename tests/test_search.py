@@ -9,12 +9,13 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from tests_support import tiny_config
 
 from autopeft.config import SearchConfig
 from autopeft.errors import StudyError
 from autopeft.search import prepare_runtime, run_search
 from autopeft.space import TrialParams
-from tests_support import tiny_config
+
 
 def config(tmp_path: Path, tiny_bert: Path, **overrides: object) -> SearchConfig:
     return tiny_config(tmp_path, tiny_bert, **overrides)
