@@ -41,7 +41,7 @@ def connect(config: SearchConfig, on_stale: StaleTrialRetry | None = None) -> op
         if config.storage.startswith(("sqlite:", "postgresql", "mysql")):
             return optuna.storages.RDBStorage(config.storage, heartbeat_interval=config.heartbeat_seconds,
                                               grace_period=3 * config.heartbeat_seconds,
-                                              failed_trial_callback=on_stale)
+                                              heartbeat_stale_trial_callback=on_stale)
         return optuna.storages.get_storage(config.storage)
     except Exception as exc:  # a bad URL, a missing driver or an unreachable server
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

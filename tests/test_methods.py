@@ -16,6 +16,9 @@ CASES = [
     ("lora", {"r": 2, "alpha": 4.0, "dropout": 0.1, "target_modules": "all_linear", "use_rslora": True}),
     ("ia3", {"target_modules": "kv"}),
     ("ia3", {"target_modules": "kv_ffn"}),
+    ("dora", {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": "attention", "use_rslora": False}),
+    ("prompt", {"num_virtual_tokens": 5, "init": "random"}),
+    ("prompt", {"num_virtual_tokens": 8, "init": "text"}),
 ]
 
 
@@ -26,7 +29,7 @@ def test_method_attaches_and_trains_only_the_adapter(tiny_bert: Path, name: str,
     adapted = methods.get(name).apply(model, params, "SEQ_CLS")
     trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
     assert trainable and sum(p.numel() for p in adapted.parameters() if p.requires_grad) < 0.2 * total
-    assert all(("lora_" in n or "ia3_" in n or "classifier" in n) for n in trainable)
+    assert all(any(part in n for part in ("lora_", "ia3_", "classifier", "prompt_encoder")) for n in trainable)
     x = torch.randint(1000, 2000, (2, 7))
     loss = adapted(input_ids=x, attention_mask=torch.ones_like(x)).logits.sum()
     loss.backward()

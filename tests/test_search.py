@@ -101,3 +101,13 @@ def test_resume_adds_only_the_missing_trials_and_refuses_another_space(tmp_path:
     other.write_text("method: ia3\n")
     with pytest.raises(StudyError, match="a different search space"):
         run_search(config(tmp_path, tiny_bert, trials=4, space=str(other)))
+
+
+@pytest.mark.parametrize("method", ["dora", "prompt"])
+def test_every_method_runs_a_whole_trial(tmp_path: Path, tiny_bert: Path, method: str) -> None:
+    space = tmp_path / "one.yaml"
+    space.write_text(f"method: {method}\ntraining:\n  micro_batch_size: 8\n")
+    study = run_search(config(tmp_path, tiny_bert, trials=1, space=str(space))).study
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    assert (Path(trial.user_attrs["adapter_dir"]) / "adapter_config.json").is_file()

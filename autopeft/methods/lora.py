@@ -23,20 +23,13 @@ def apply(model: nn.Module, params: dict[str, Any], task_type: str) -> nn.Module
     return get_peft_model(model, config)
 
 
-register(
-    Method(
-        name="lora",
-        summary="Low-rank update B·A (scaled by alpha/r) beside each targeted linear layer (peft).",
-        params={
-            "r": ParamSpec("int", 8, "rank of the update", low=1, high=1024),
-            "alpha": ParamSpec("float", 16.0, "scaling numerator: the update is multiplied by alpha/r", low=1e-6),
-            "dropout": ParamSpec("float", 0.0, "dropout on the adapter's input", low=0.0, high=0.9),
-            "target_modules": ParamSpec("choice", "qv", "which linear layers get an adapter",
-                                        choices=tuple(TARGET_SETS)),
-            "use_rslora": ParamSpec("bool", False, "scale by alpha/sqrt(r) instead of alpha/r (rsLoRA)"),
-        },
-        apply=apply,
-        peft_backed=True,
-        can_merge=True,
-    )
-)
+LORA_PARAMS = {
+    "r": ParamSpec("int", 8, "rank of the update", low=1, high=1024),
+    "alpha": ParamSpec("float", 16.0, "scaling numerator: the update is multiplied by alpha/r", low=1e-6),
+    "dropout": ParamSpec("float", 0.0, "dropout on the adapter's input", low=0.0, high=0.9),
+    "target_modules": ParamSpec("choice", "qv", "which linear layers get an adapter", choices=tuple(TARGET_SETS)),
+    "use_rslora": ParamSpec("bool", False, "scale by alpha/sqrt(r) instead of alpha/r (rsLoRA)"),
+}
+
+register(Method(name="lora", summary="Low-rank update B·A (scaled by alpha/r) beside each targeted linear layer (peft).",
+                params=LORA_PARAMS, apply=apply, peft_backed=True, can_merge=True))

@@ -1,0 +1,39 @@
+"""Prompt tuning (Lester et al. 2021) through peft: trainable virtual-token embeddings prepended to the input.
+The base model is untouched, so its general ability is intact when the prompt is removed; it cannot be
+merged into the weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+from torch import nn
+
+from autopeft.methods import Method, ParamSpec, register
+from autopeft.models import resolve_model_path
+
+# A task-neutral phrase for text initialisation; peft tokenizes it with the model's own tokenizer.
+INIT_TEXT = "Classify the sentiment of this review:"
+
+
+def apply(model: nn.Module, params: dict[str, Any], task_type: str) -> nn.Module:
+    from_text = params["init"] == "text"
+    config = PromptTuningConfig(
+        task_type=task_type,
+        num_virtual_tokens=int(params["num_virtual_tokens"]),
+        prompt_tuning_init=PromptTuningInit.TEXT if from_text else PromptTuningInit.RANDOM,
+        prompt_tuning_init_text=INIT_TEXT if from_text else None,
+        tokenizer_name_or_path=resolve_model_path(model.config.name_or_path) if from_text else None,
+    )
+    return get_peft_model(model, config)
+
+
+register(Method(
+    name="prompt",
+    summary="Trainable virtual-token embeddings prepended to every input (peft prompt tuning).",
+    params={
+        "num_virtual_tokens": ParamSpec("int", 20, "number of virtual tokens", low=1, high=512),
+        "init": ParamSpec("choice", "random", "initialise from random vectors or from a text's embeddings",
+                          choices=("random", "text")),
+    },
+    apply=apply, peft_backed=True, can_merge=False))
