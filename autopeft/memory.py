@@ -48,9 +48,19 @@ def optimizer_state_bytes(model: nn.Module, optimizer: str) -> int:
             continue
         if optimizer == "adafactor" and param.dim() >= 2:
             total += 4 * (param.shape[-2] + param.shape[-1])
+        elif optimizer == "adamw_8bit":
+            total += _adamw_8bit_state(param.numel())
         else:
             total += _STATE_BYTES_PER_WEIGHT[optimizer] * param.numel()
     return total
+
+
+def _adamw_8bit_state(numel: int, min_8bit_size: int = 4096, block: int = 256) -> int:
+    """bitsandbytes keeps fp32 moments for tensors under 4096 elements (most LoRA matrices!); larger ones
+    get two uint8 moments, an fp32 absmax per 256-element block each, and two 256-entry fp32 code maps."""
+    if numel < min_8bit_size:
+        return 8 * numel
+    return 2 * numel + 2 * 4 * -(-numel // block) + 2 * 256 * 4
 
 
 def activation_bytes(model: nn.Module, *, micro_batch_size: int, seq_len: int, precision: str) -> int:

@@ -108,7 +108,7 @@ def test_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(lora
     assert any(not torch.equal(after[n], before[n]) for n in before)  # later steps did update
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "sgd"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "sgd", "adamw_8bit"])
 def test_optimizer_state_matches_the_memory_estimate(lora_model: torch.nn.Module, optimizer: str) -> None:
     from autopeft.memory import optimizer_state_bytes
     from autopeft.train import build_optimizer
@@ -123,11 +123,25 @@ def test_optimizer_state_matches_the_memory_estimate(lora_model: torch.nn.Module
     assert state == optimizer_state_bytes(lora_model, optimizer)
 
 
-def test_adafactor_state_is_much_smaller_than_adamw_on_a_matrix() -> None:
+def test_adafactor_and_8bit_state_are_smaller_than_adamw_on_a_matrix() -> None:
     from autopeft.memory import optimizer_state_bytes
 
     layer = torch.nn.Linear(384, 384, bias=False)
     assert optimizer_state_bytes(layer, "adafactor") * 100 < optimizer_state_bytes(layer, "adamw")
+    assert optimizer_state_bytes(layer, "adamw_8bit") * 3.5 < optimizer_state_bytes(layer, "adamw")
+
+
+def test_8bit_state_size_on_a_large_matrix_matches_bitsandbytes() -> None:
+    pytest.importorskip("bitsandbytes")
+    from autopeft.memory import optimizer_state_bytes
+    from autopeft.train import build_optimizer
+
+    layer = torch.nn.Linear(384, 384, bias=False)  # 147,456 weights: above bitsandbytes' 8-bit threshold
+    opt = build_optimizer(list(layer.parameters()), TrainSettings(learning_rate=1e-3, optimizer="adamw_8bit"))
+    layer.weight.grad = torch.ones_like(layer.weight)
+    opt.step()
+    state = sum(v.numel() * v.element_size() for v in opt.state[layer.weight].values() if torch.is_tensor(v) and v.dim() > 0)
+    assert state == optimizer_state_bytes(layer, "adamw_8bit")
 
 
 def test_an_unavailable_optimizer_fails_the_trial_with_its_reason(lora_model: torch.nn.Module,
@@ -153,7 +167,7 @@ def test_gradient_checkpointing_gives_the_same_update(lora_model: torch.nn.Modul
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "sgd"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "sgd", "adamw_8bit"])
 def test_each_optimizer_lowers_the_loss(lora_model: torch.nn.Module, optimizer: str) -> None:
     split = variable_length_split(64, seed=1)
     lr = 0.2 if optimizer == "sgd" else 1e-2
