@@ -37,6 +37,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*fail_stale_trials.*")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # bitsandbytes (imported by peft when installed) warns on every start about an optional CPU kernel.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
