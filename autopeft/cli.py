@@ -150,6 +150,9 @@ def _where(url: str) -> str:
 
 def _interruptible(call: Callable[[], T], config: SearchConfig) -> T:
     """Ctrl-C: the running trial is already recorded as failed ("interrupted"); print what finished."""
+    from autopeft import interrupt
+
+    interrupt.install()
     try:
         return _guard(call)
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ import optuna
 import torch
 from torch import nn
 
-from autopeft import memory, methods
+from autopeft import interrupt, memory, methods
 from autopeft import study as studies
 from autopeft.config import SearchConfig, format_bytes
 from autopeft.data import TaskData, TokenizedSplit, load_task, tokenize
@@ -170,6 +170,10 @@ class Objective:
         except (TrialFailed, torch.OutOfMemoryError) as exc:
             self._fail(trial, run_id, getattr(exc, "reason", None) or f"out of memory: {exc}")
         except Exception as exc:  # an unexpected error in one configuration must not end the search
+            if interrupt.REQUESTED.is_set():  # a Ctrl-C that a library turned into an ordinary error
+                trial.set_user_attr("fail_reason", "interrupted")
+                self.tracker.end_trial_run(run_id, "FAIL", "interrupted")
+                raise KeyboardInterrupt from exc
             trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
             self._fail(trial, run_id, f"{type(exc).__name__}: {exc}")
         except BaseException:  # Ctrl-C: close the run so the store holds no RUNNING trial
@@ -319,6 +323,12 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
             callbacks = [target, stop_after_failures] + ([progress] if progress else [])
             study.optimize(objective, n_trials=2 * remaining + config.max_consecutive_failures,
                            timeout=config.timeout, catch=(TrialFailed,), callbacks=callbacks, gc_after_trial=True)
+        interrupt.check()
+    except Exception as exc:
+        if not interrupt.REQUESTED.is_set():
+            raise
+        tracker.close_study_run(parent, {"completed_trials": studies.completed(study)}, status="KILLED")
+        raise KeyboardInterrupt from exc
     except KeyboardInterrupt:
         tracker.close_study_run(parent, {"completed_trials": studies.completed(study)}, status="KILLED")
         raise

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autopeft import interrupt
 from autopeft.data import TokenizedSplit, collate, length_grouped_batches
 from autopeft.errors import TrialFailed
 
@@ -163,6 +164,7 @@ def fit(model: nn.Module, data: TokenizedSplit, settings: TrainSettings, *, pad_
     model.train()
     start = time.perf_counter()
     for _ in range(settings.max_steps):
+        interrupt.check()
         micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(settings.grad_accum_steps)]
         # Normalise by the targets of the whole accumulated batch, not per micro-batch, so k micro-batches
         # of size b give exactly the gradient of one batch of k*b even when their target counts differ.
