@@ -5,25 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from torch import nn
 
 from autopeft.methods import Method, register
-from autopeft.methods.lora import LORA_PARAMS
-from autopeft.models import target_modules
+from autopeft.methods.lora import LORA_PARAMS, lora_config
 
 
 def apply(model: nn.Module, params: dict[str, Any], task_type: str) -> nn.Module:
-    config = LoraConfig(
-        task_type=task_type,
-        r=int(params["r"]),
-        lora_alpha=float(params["alpha"]),
-        lora_dropout=float(params["dropout"]),
-        target_modules=target_modules(model, params["target_modules"]),
-        use_rslora=bool(params["use_rslora"]),
-        use_dora=True,
-    )
-    return get_peft_model(model, config)
+    return get_peft_model(model, lora_config(model, params, task_type, use_dora=True))
 
 
 register(Method(name="dora", summary="Weight-decomposed LoRA: low-rank direction update plus a learned magnitude (peft).",

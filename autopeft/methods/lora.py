@@ -11,16 +11,21 @@ from autopeft.methods import Method, ParamSpec, register
 from autopeft.models import TARGET_SETS, target_modules
 
 
-def apply(model: nn.Module, params: dict[str, Any], task_type: str) -> nn.Module:
-    config = LoraConfig(
+def lora_config(model: nn.Module, params: dict[str, Any], task_type: str, **extra: Any) -> LoraConfig:
+    """peft's LoraConfig from searched parameters; `extra` switches on variants (DoRA: use_dora=True)."""
+    return LoraConfig(
         task_type=task_type,
         r=int(params["r"]),
         lora_alpha=float(params["alpha"]),
         lora_dropout=float(params["dropout"]),
         target_modules=target_modules(model, params["target_modules"]),
         use_rslora=bool(params["use_rslora"]),
+        **extra,
     )
-    return get_peft_model(model, config)
+
+
+def apply(model: nn.Module, params: dict[str, Any], task_type: str) -> nn.Module:
+    return get_peft_model(model, lora_config(model, params, task_type))
 
 
 LORA_PARAMS = {
