@@ -66,8 +66,9 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show Python trace
     _quiet_libraries()
 
 
-def _sqlite_path(url: str) -> str:
-    return str(Path(url.removeprefix("sqlite:///")).resolve()) if url.startswith("sqlite:///") else url
+def _where(url: str) -> str:
+    """An absolute path for a local sqlite store; any other URL without its password."""
+    return str(Path(url.removeprefix("sqlite:///")).resolve()) if url.startswith("sqlite:///") else redact_url(url)
 
 
 @app.command()
@@ -142,10 +143,6 @@ def _budget(text: str | None) -> int | None:
         return parse_memory(text)
     except ValueError as exc:
         raise ConfigError([f"--memory-budget: {exc}"]) from None
-
-
-def _where(url: str) -> str:
-    return _sqlite_path(url) if url.startswith("sqlite:///") else redact_url(url)
 
 
 def _interruptible(call: Callable[[], T], config: SearchConfig) -> T:

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 
@@ -24,6 +25,9 @@ from autopeft.errors import ConfigError, StudyError
 from autopeft.evaluate import accuracy
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
+
+if TYPE_CHECKING:
+    from autopeft.search import Runtime
 
 RULES: tuple[str, ...] = ("balanced", "best-accuracy", "least-forgetting", "max-accuracy-under-forgetting=X")
 DEFAULT_TOLERANCE = 0.05  # absolute, on the forgetting (1 - CKA) scale
@@ -110,31 +114,27 @@ def prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def adapter_of(trial: optuna.trial.FrozenTrial, config: SearchConfig, scratch: Path) -> tuple[Path, bool]:
+def adapter_of(trial: optuna.trial.FrozenTrial, runtime: Runtime, scratch: Path) -> tuple[Path, bool]:
     """The trial's saved adapter folder, or (if it was not kept here) the same configuration retrained."""
     saved = Path(trial.user_attrs.get("adapter_dir", ""))
     if (saved / "adapter_config.json").is_file():
         return saved, False
-    from autopeft.search import prepare_runtime, run_trial
+    from autopeft.search import run_trial
 
-    runtime = prepare_runtime(config)
     params = TrialParams.from_flat(trial.user_attrs["params"])
     run_trial(runtime, params, seed=trial.user_attrs["seed"]).model.save_pretrained(scratch)
     return scratch, True
 
 
-def held_out_accuracy(study: optuna.Study, trial: optuna.trial.FrozenTrial, config: SearchConfig, adapter: Path) -> float:
+def held_out_accuracy(study: optuna.Study, trial: optuna.trial.FrozenTrial, runtime: Runtime, adapter: Path) -> float:
     """Held-out test accuracy of this one trial, computed once and kept in the study (never used to select)."""
     key = f"test_accuracy.trial-{trial.number}"
     if key in study.user_attrs:
         return float(study.user_attrs[key])
     from peft import PeftModel
 
-    from autopeft.search import prepare_runtime
-
-    runtime = prepare_runtime(config)
     model = PeftModel.from_pretrained(copy.deepcopy(runtime.base_model), str(adapter))
-    value = accuracy(model, runtime.test, pad_id=runtime.pad_id, batch_size=config.eval_batch_size)
+    value = accuracy(model, runtime.test, pad_id=runtime.pad_id, batch_size=runtime.config.eval_batch_size)
     study.set_user_attr(key, value)
     return value
 
@@ -146,9 +146,12 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     trial = find_trial(study, trial_number) if trial_number is not None else select_trial(study, rule, tolerance)
     prepare_out(out, force)
     config = SearchConfig.from_dict(study.user_attrs["config"], storage=storage)
+    from autopeft.search import prepare_runtime
+
+    runtime = prepare_runtime(config)  # base model and data once, for a retrain and the test score alike
     with tempfile.TemporaryDirectory() as scratch:
-        adapter, retrained = adapter_of(trial, config, Path(scratch))
-        score = held_out_accuracy(study, trial, config, adapter)
+        adapter, retrained = adapter_of(trial, runtime, Path(scratch))
+        score = held_out_accuracy(study, trial, runtime, adapter)
         files = ["adapter_config.json", "training.yaml", "metrics.json", "README.md"]
         shutil.copy(adapter / "adapter_config.json", out / "adapter_config.json")
         if with_weights:

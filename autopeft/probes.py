@@ -82,17 +82,16 @@ class RepresentationDrift:
     def representations(self, model: nn.Module, device: torch.device | None = None) -> torch.Tensor:
         """Mean over non-pad positions of the last hidden layer, one row per probe text."""
         model.eval()
-        rows_out = torch.empty(len(self.split), 0)
+        order, pooled_batches = [], []
         for rows in eval_batches(self.split.lengths(), 32):
             batch = collate(self.split, rows, self.pad_id)
             mask = batch["attention_mask"].to(device or "cpu")
             out = model(input_ids=batch["input_ids"].to(mask.device), attention_mask=mask, output_hidden_states=True)
             hidden = out.hidden_states[-1][:, -mask.shape[1]:]  # drop virtual tokens a method may prepend
             pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
-            if rows_out.shape[1] == 0:
-                rows_out = torch.empty(len(self.split), pooled.shape[1])
-            rows_out[rows] = pooled.float().cpu()
-        return rows_out
+            order += rows
+            pooled_batches.append(pooled.float().cpu())
+        return torch.cat(pooled_batches)[torch.tensor(order).argsort()]  # back to the texts' order
 
     def fit_base(self, base_model: nn.Module, device: torch.device | None = None) -> None:
         self.base = self.representations(base_model, device)
