@@ -120,10 +120,12 @@ def load_task(task: str, *, seed: int, train_size: int, val_size: int, test_size
 
 @dataclass(frozen=True)
 class TokenizedSplit:
-    """Token ids without padding (padding happens per batch) and integer labels."""
+    """Token ids without padding (padding happens per batch) and labels: one class per row
+    (classification), or one target id per token with -100 where nothing is learned (causal LM)."""
 
     input_ids: list[list[int]]
-    labels: torch.Tensor
+    labels: torch.Tensor | list[list[int]]
+    pad_left: bool = False  # decoders: the last position is then always a real token (classification)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -131,22 +133,31 @@ class TokenizedSplit:
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
 
+    def take(self, rows: int) -> TokenizedSplit:
+        return TokenizedSplit(self.input_ids[:rows], self.labels[:rows], self.pad_left)
+
 
 def tokenize(split: TextSplit, tokenizer: Any, max_length: int) -> TokenizedSplit:
     ids = tokenizer(split.texts, truncation=True, max_length=max_length)["input_ids"]
-    return TokenizedSplit(list(ids), torch.tensor(split.labels, dtype=torch.long))
+    return TokenizedSplit(list(ids), torch.tensor(split.labels, dtype=torch.long),
+                          pad_left=tokenizer.padding_side == "left")
 
 
 def collate(split: TokenizedSplit, rows: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest row of this batch only."""
+    """Pad to the longest row of this batch only (on the left for decoders)."""
     width = max(len(split.input_ids[i]) for i in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
+    per_token = not isinstance(split.labels, torch.Tensor)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long) if per_token else split.labels[rows]
     for r, i in enumerate(rows):
         ids = split.input_ids[i]
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        mask[r, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": split.labels[rows]}
+        place = slice(width - len(ids), width) if split.pad_left else slice(0, len(ids))
+        input_ids[r, place] = torch.tensor(ids)
+        mask[r, place] = 1
+        if per_token:
+            labels[r, place] = torch.tensor(split.labels[i])
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch.Generator,

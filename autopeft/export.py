@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import optuna
 
-from autopeft import methods
+from autopeft import adapter_io, methods
 from autopeft.config import SearchConfig, format_bytes
 from autopeft.errors import ConfigError, StudyError
 from autopeft.evaluate import accuracy
@@ -117,12 +117,12 @@ def prepare_out(out: Path, force: bool) -> None:
 def adapter_of(trial: optuna.trial.FrozenTrial, runtime: Runtime, scratch: Path) -> tuple[Path, bool]:
     """The trial's saved adapter folder, or (if it was not kept here) the same configuration retrained."""
     saved = Path(trial.user_attrs.get("adapter_dir", ""))
-    if (saved / "adapter_config.json").is_file():
+    if adapter_io.is_saved_adapter(saved):
         return saved, False
     from autopeft.search import run_trial
 
     params = TrialParams.from_flat(trial.user_attrs["params"])
-    run_trial(runtime, params, seed=trial.user_attrs["seed"]).model.save_pretrained(scratch)
+    adapter_io.save(run_trial(runtime, params, seed=trial.user_attrs["seed"]).model, scratch)
     return scratch, True
 
 
@@ -131,9 +131,7 @@ def held_out_accuracy(study: optuna.Study, trial: optuna.trial.FrozenTrial, runt
     key = f"test_accuracy.trial-{trial.number}"
     if key in study.user_attrs:
         return float(study.user_attrs[key])
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(copy.deepcopy(runtime.base_model), str(adapter))
+    model = adapter_io.load(copy.deepcopy(runtime.base_model), adapter)
     value = accuracy(model, runtime.test, pad_id=runtime.pad_id, batch_size=runtime.config.eval_batch_size)
     study.set_user_attr(key, value)
     return value
@@ -152,8 +150,9 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     with tempfile.TemporaryDirectory() as scratch:
         adapter, retrained = adapter_of(trial, runtime, Path(scratch))
         score = held_out_accuracy(study, trial, runtime, adapter)
-        files = ["adapter_config.json", "training.yaml", "metrics.json", "README.md"]
-        shutil.copy(adapter / "adapter_config.json", out / "adapter_config.json")
+        config_file = adapter_io.config_file(adapter)
+        files = [config_file.name, "training.yaml", "metrics.json", "README.md"]
+        shutil.copy(config_file, out / config_file.name)
         if with_weights:
             for weights in adapter.glob("adapter_model.*"):
                 shutil.copy(weights, out / weights.name)
@@ -192,6 +191,14 @@ Found by autopeft (study `{metrics['study']}`, trial {trial.number}).
 
 Reproduce: `autopeft train --config training.yaml`
 
-Load (peft only): `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=N), THIS_FOLDER)`
+{load_line(metrics['peft_backed'])}
 (the adapter weights are here when exported with `--with-weights`).
 """
+
+
+def load_line(peft_backed: bool) -> str:
+    if peft_backed:
+        return ("Load (peft only): `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained("
+                "BASE, num_labels=N), THIS_FOLDER)`")
+    return ("Load (autopeft's own method, not in peft): `autopeft.adapter_io.load(AutoModelForSequenceClassification"
+            ".from_pretrained(BASE, num_labels=N), Path(THIS_FOLDER))`")

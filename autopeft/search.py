@@ -14,7 +14,7 @@ import optuna
 import torch
 from torch import nn
 
-from autopeft import interrupt, memory, methods
+from autopeft import adapter_io, interrupt, memory, methods
 from autopeft import study as studies
 from autopeft.config import SearchConfig, format_bytes
 from autopeft.data import TaskData, TokenizedSplit, load_task, tokenize
@@ -70,7 +70,8 @@ def build_model(runtime: Runtime, params: TrialParams) -> nn.Module:
     model = copy.deepcopy(runtime.base_model)
     for param in model.parameters():
         param.requires_grad_(True)  # peft freezes what the method does not train
-    return methods.get(params.method).apply(model, params.method_params, TASK_TYPE)
+    context = methods.MethodContext(TASK_TYPE, runtime.config.max_steps)
+    return adapter_io.attach(model, params.method, params.method_params, context)
 
 
 def train_settings(params: TrialParams, *, max_steps: int, seed: int) -> TrainSettings:
@@ -107,6 +108,9 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int,
               on_built: Any = None) -> TrialOutcome:
     """Build, check the budget (via `on_built`), train, evaluate and probe one configuration."""
     start = time.perf_counter()
+    problem = methods.get(params.method).problem(runtime.base_model)
+    if problem:  # e.g. a method that cannot apply to this architecture: skipped, never crashed
+        raise optuna.TrialPruned(f"skipped: {problem}")
     model = build_model(runtime, params).to(runtime.device)
     estimate = estimate_memory(runtime, model, params)
     if on_built is not None:
@@ -115,8 +119,7 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int,
     total = sum(p.numel() for p in runtime.base_model.parameters())
     intermediate: list[tuple[int, float]] = []
     halfway, checking = runtime.config.max_steps // 2, [0.0]
-    subset = TokenizedSplit(runtime.validation.input_ids[:INTERMEDIATE_ROWS],
-                            runtime.validation.labels[:INTERMEDIATE_ROWS])
+    subset = runtime.validation.take(INTERMEDIATE_ROWS)
 
     def check_halfway(step: int, trained: nn.Module) -> None:
         if step == halfway:
@@ -127,7 +130,8 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int,
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
     result = fit(model, runtime.train, train_settings(params, max_steps=runtime.config.max_steps, seed=seed),
-                 pad_id=runtime.pad_id, device=runtime.device, on_step=check_halfway)
+                 pad_id=runtime.pad_id, device=runtime.device, on_step=check_halfway,
+                 after_step=methods.get(params.method).after_step)
     measured = torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda" else None
     eval_start = time.perf_counter()
     val_accuracy = accuracy(model, runtime.validation, pad_id=runtime.pad_id,
@@ -216,11 +220,11 @@ class Objective:
     def _record(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, started: float) -> None:
         config = self.runtime.config
         folder = Path(config.artifacts_dir) / config.study / f"trial-{trial.number}"
-        outcome.model.save_pretrained(folder)
+        adapter_io.save(outcome.model, folder)
         write_recipe(folder / "training.yaml", config, TrialParams.from_flat(trial.user_attrs["params"]),
                      trial.user_attrs["seed"])
-        for name in ("adapter_config.json", "training.yaml"):  # small enough to keep with every run
-            self.tracker.log_file(run_id, folder / name)
+        for file in (adapter_io.config_file(folder), folder / "training.yaml"):  # small: kept with every run
+            self.tracker.log_file(run_id, file)
         self.tracker.log_curve(run_id, "train_loss", outcome.train.losses)
         self.tracker.log_curve(run_id, "learning_rate", outcome.train.learning_rates)
         for step, value in outcome.intermediate:

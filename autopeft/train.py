@@ -126,6 +126,17 @@ def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
     return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"])
 
 
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of next-token losses over target positions, their number). `labels` has the input's shape with
+    -100 on every position that is not a target (the prompt, padding), so only the answer is learned."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, -batch["labels"].shape[1]:]  # drop positions of virtual tokens a method prepends
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    return loss, int((targets != -100).sum())
+
+
 def _endless_batches(data: TokenizedSplit, size: int, pad_id: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     lengths = data.lengths()
@@ -139,9 +150,12 @@ LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]
 
 def fit(model: nn.Module, data: TokenizedSplit, settings: TrainSettings, *, pad_id: int,
         device: torch.device | None = None, loss_fn: LossFn = classification_loss,
-        on_step: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
-    """Train `model` in place for `settings.max_steps` optimizer steps. `on_step(step, model)` runs after
-    each step (e.g. an intermediate evaluation); its time is not counted as training time."""
+        on_step: Callable[[int, nn.Module], None] | None = None,
+        after_step: Callable[[nn.Module, int], None] | None = None) -> TrainResult:
+    """Train `model` in place for `settings.max_steps` optimizer steps. `after_step(model, step)` runs after
+    each optimizer step while gradients still exist (a method's own bookkeeping, e.g. AdaLoRA's rank
+    allocation; counted as training). `on_step(step, model)` runs after each step (e.g. an intermediate
+    evaluation); its time is not counted as training time."""
     device = device or torch.device("cpu")
     problem = precision_problem(settings.precision, device)
     if problem:
@@ -185,6 +199,8 @@ def fit(model: nn.Module, data: TokenizedSplit, settings: TrainSettings, *, pad_
         result.losses.append(step_loss)
         result.learning_rates.append(scheduler.get_last_lr()[0])
         scheduler.step()
+        if after_step is not None:
+            after_step(model, len(result.losses))
         optimizer.zero_grad(set_to_none=True)
         if on_step is not None:
             paused = time.perf_counter()

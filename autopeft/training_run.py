@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from autopeft import adapter_io
 from autopeft.export import prepare_out
 from autopeft.recipe import read_recipe
 from autopeft.search import prepare_runtime, run_trial
@@ -30,11 +31,11 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
     run_id = tracker.start_run(f"train-{params.method}", {**params.flat(), "seed": seed, "model": config.model,
                                                           "task": config.task, "max_steps": config.max_steps})
     outcome = run_trial(runtime, params, seed=seed)
-    outcome.model.save_pretrained(out)
+    adapter_io.save(outcome.model, out)
     tracker.log_curve(run_id, "train_loss", outcome.train.losses)
     tracker.log_metrics(run_id, {"val_accuracy": outcome.accuracy, "forgetting": outcome.forgetting,
                                  "trainable_params": outcome.trainable, "train_seconds": outcome.train.seconds})
-    tracker.log_file(run_id, out / "adapter_config.json")
+    tracker.log_file(run_id, adapter_io.config_file(out))
     tracker.end_trial_run(run_id, "COMPLETE")
     return TrainingRun(params.method, outcome.accuracy, outcome.forgetting, len(outcome.train.losses),
                        outcome.train.seconds, run_id)

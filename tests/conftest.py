@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from autopeft.models import save_tiny_bert
+from autopeft.models import save_tiny_bert, save_tiny_model
 
 pytest_plugins = ["tests.servers"]  # real PostgreSQL and MLflow servers, started by the tests themselves
 
@@ -15,6 +15,19 @@ pytest_plugins = ["tests.servers"]  # real PostgreSQL and MLflow servers, starte
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Classification models of each block layout: BERT, Llama (grouped-query attention), GPT-2 (Conv1D),
+    with weights wide enough that texts get distinct representations (so every method can learn)."""
+    return {f: save_tiny_model(tmp_path_factory.mktemp(f"tiny-{f}"), f, init_scale=0.2) for f in ("bert", "llama", "gpt2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {f: save_tiny_model(tmp_path_factory.mktemp(f"tiny-{f}-lm"), f, causal_lm=True, init_scale=0.5)
+            for f in ("llama", "gpt2")}
 
 
 @pytest.fixture()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from autopeft import methods
+from autopeft.methods import MethodContext
 from autopeft.data import TokenizedSplit, collate
 from autopeft.errors import TrialFailed
 from autopeft.models import load_classifier
@@ -19,7 +20,7 @@ from autopeft.train import TrainSettings, classification_loss, fit
 def lora_model(tiny_bert: Path) -> torch.nn.Module:
     model, _ = load_classifier(str(tiny_bert), 2, seed=0)
     params = methods.get("lora").resolve({"r": 4, "target_modules": "all_linear"})
-    return methods.get("lora").apply(model, params, "SEQ_CLS")
+    return methods.get("lora").apply(model, params, MethodContext())
 
 
 def variable_length_split(n: int = 16, seed: int = 0) -> TokenizedSplit:
@@ -193,7 +194,7 @@ def test_training_is_reproducible_for_a_seed(tiny_bert: Path) -> None:
     losses = []
     for _ in range(2):
         model, _ = load_classifier(str(tiny_bert), 2, seed=0)
-        model = methods.get("lora").apply(model, methods.get("lora").resolve({}), "SEQ_CLS")
+        model = methods.get("lora").apply(model, methods.get("lora").resolve({}), MethodContext())
         torch.manual_seed(3)
         losses.append(fit(model, variable_length_split(32), TrainSettings(learning_rate=1e-3, max_steps=5, seed=3),
                           pad_id=0).losses)

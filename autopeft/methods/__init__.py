@@ -45,12 +45,27 @@ class ParamSpec:
         return None
 
 
-ApplyFn = Callable[[nn.Module, dict[str, Any], str], nn.Module]
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may need besides its own parameters to attach itself."""
+
+    task_type: str = "SEQ_CLS"  # peft task type: SEQ_CLS (classification head) or CAUSAL_LM
+    max_steps: int = 150  # optimizer steps the trial will take (AdaLoRA's rank schedule needs it)
+
+
+ApplyFn = Callable[[nn.Module, dict[str, Any], MethodContext], nn.Module]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A PEFT method: `apply(model, params, task_type)` returns the model with the adapter in place."""
+    """A PEFT method: `apply(model, params, context)` returns the model with the adapter in place and only
+    the adapter (and a classification head) trainable.
+
+    peft-backed methods save and load with peft. Our own methods inject modules into the transformers model
+    itself; `autopeft.adapter_io` saves their trainable tensors and reloads them by applying the method
+    again to a fresh base. `supports(model)` says why the method cannot apply to an architecture (None when
+    it can); `after_step(model, step)` runs after each optimizer step, before gradients are cleared
+    (AdaLoRA's rank allocation); `merge(model)` folds the update into the base weights."""
 
     name: str
     summary: str
@@ -60,6 +75,18 @@ class Method:
     can_merge: bool  # the trained update folds into the base weights (no inference overhead)
     families: tuple[str, ...] = ("bert", "llama", "gpt2")  # architectures it supports
     notes: str = field(default="")
+    supports: Callable[[nn.Module], str | None] | None = None
+    after_step: Callable[[nn.Module, int], None] | None = None
+    merge: Callable[[nn.Module], nn.Module] | None = None
+
+    def problem(self, model: nn.Module) -> str | None:
+        """Why this method cannot apply to `model`, or None when it can."""
+        from autopeft.models import family
+
+        fam = family(model)
+        if fam not in self.families:
+            return f"{self.name} does not support {fam} models (supports: {', '.join(self.families)})"
+        return self.supports(model) if self.supports else None
 
     def resolve(self, sampled: dict[str, Any]) -> dict[str, Any]:
         """The full parameter set of a trial: defaults, overridden by what was sampled."""

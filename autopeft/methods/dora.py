@@ -8,12 +8,12 @@ from typing import Any
 from peft import get_peft_model
 from torch import nn
 
-from autopeft.methods import Method, register
+from autopeft.methods import Method, MethodContext, register
 from autopeft.methods.lora import LORA_PARAMS, lora_config
 
 
-def apply(model: nn.Module, params: dict[str, Any], task_type: str) -> nn.Module:
-    return get_peft_model(model, lora_config(model, params, task_type, use_dora=True))
+def apply(model: nn.Module, params: dict[str, Any], context: MethodContext) -> nn.Module:
+    return get_peft_model(model, lora_config(model, params, context.task_type, use_dora=True))
 
 
 register(Method(name="dora", summary="Weight-decomposed LoRA: low-rank direction update plus a learned magnitude (peft).",

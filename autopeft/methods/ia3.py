@@ -7,13 +7,13 @@ from typing import Any
 from peft import IA3Config, get_peft_model
 from torch import nn
 
-from autopeft.methods import Method, ParamSpec, register
+from autopeft.methods import Method, MethodContext, ParamSpec, register
 from autopeft.models import IA3_TARGET_SETS, ia3_modules
 
 
-def apply(model: nn.Module, params: dict[str, Any], task_type: str) -> nn.Module:
+def apply(model: nn.Module, params: dict[str, Any], context: MethodContext) -> nn.Module:
     targets, feedforward = ia3_modules(model, params["target_modules"])
-    config = IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=feedforward)
+    config = IA3Config(task_type=context.task_type, target_modules=targets, feedforward_modules=feedforward)
     return get_peft_model(model, config)
 
 

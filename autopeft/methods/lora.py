@@ -7,7 +7,7 @@ from typing import Any
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from autopeft.methods import Method, ParamSpec, register
+from autopeft.methods import Method, MethodContext, ParamSpec, register
 from autopeft.models import TARGET_SETS, target_modules
 
 
@@ -24,8 +24,8 @@ def lora_config(model: nn.Module, params: dict[str, Any], task_type: str, **extr
     )
 
 
-def apply(model: nn.Module, params: dict[str, Any], task_type: str) -> nn.Module:
-    return get_peft_model(model, lora_config(model, params, task_type))
+def apply(model: nn.Module, params: dict[str, Any], context: MethodContext) -> nn.Module:
+    return get_peft_model(model, lora_config(model, params, context.task_type))
 
 
 LORA_PARAMS = {

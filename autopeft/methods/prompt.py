@@ -9,17 +9,17 @@ from typing import Any
 from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 from torch import nn
 
-from autopeft.methods import Method, ParamSpec, register
+from autopeft.methods import Method, MethodContext, ParamSpec, register
 from autopeft.models import resolve_model_path
 
 # A task-neutral phrase for text initialisation; peft tokenizes it with the model's own tokenizer.
 INIT_TEXT = "Classify the sentiment of this review:"
 
 
-def apply(model: nn.Module, params: dict[str, Any], task_type: str) -> nn.Module:
+def apply(model: nn.Module, params: dict[str, Any], context: MethodContext) -> nn.Module:
     from_text = params["init"] == "text"
     config = PromptTuningConfig(
-        task_type=task_type,
+        task_type=context.task_type,
         num_virtual_tokens=int(params["num_virtual_tokens"]),
         prompt_tuning_init=PromptTuningInit.TEXT if from_text else PromptTuningInit.RANDOM,
         prompt_tuning_init_text=INIT_TEXT if from_text else None,
