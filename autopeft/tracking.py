@@ -8,13 +8,15 @@ import time
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 EXPERIMENT = "autopeft"
 FALLBACK_URI = "sqlite:///mlflow-fallback.db"
+T = TypeVar("T")
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 
 
@@ -23,20 +25,22 @@ class TrackingFallbackWarning(UserWarning):
 
 
 class Tracker:
-    """Logs to `tracking_uri`, or, when that server does not answer, to a local fallback store so the
-    search neither stops nor loses its records; `autopeft sync` copies them over later."""
+    """Logs to `tracking_uri`, or, when that server does not answer (at start or at any later call), to a
+    local fallback store, so the search neither stops nor loses its records; `autopeft sync` copies them
+    over later. Every run's name, tags and params are remembered, so a run begun on the server is
+    re-created in the fallback store when the server dies in the middle of it."""
 
     def __init__(self, tracking_uri: str, fallback_uri: str = FALLBACK_URI) -> None:
         self.uri = tracking_uri
         self.intended_uri = tracking_uri
+        self.fallback_uri = fallback_uri
+        self._runs: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {}  # id -> name, tags, params
+        self._on_server: set[str] = set()  # ids of runs created in the intended store
+        self._moved: dict[str, str] = {}  # server run id -> its replacement in the fallback store
         try:
             self._connect(tracking_uri)
         except Exception as exc:  # a down server must not end the search
-            warnings.warn(f"MLflow tracking at {tracking_uri} is unreachable ({str(exc).splitlines()[0][:200]}); "
-                          f"logging to {fallback_uri} instead. Copy it over later with: autopeft sync "
-                          f"--source {fallback_uri} --target {tracking_uri}", TrackingFallbackWarning, stacklevel=2)
-            self.uri = fallback_uri
-            self._connect(fallback_uri)
+            self._fall_back(exc)
 
     @property
     def fell_back(self) -> bool:
@@ -52,59 +56,109 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(EXPERIMENT)
         self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
 
+    def _fall_back(self, exc: BaseException) -> None:
+        warnings.warn(f"MLflow tracking at {self.intended_uri} is unreachable ({str(exc).splitlines()[0][:200]}); "
+                      f"logging to {self.fallback_uri} instead. Copy it over later with: autopeft sync "
+                      f"--source {self.fallback_uri} --target {self.intended_uri}", TrackingFallbackWarning,
+                      stacklevel=3)
+        self.uri = self.fallback_uri
+        self._connect(self.fallback_uri)
+
+    def _server_down(self) -> bool:
+        if self.fell_back or not self.uri.startswith(("http://", "https://")):
+            return False
+        try:
+            urllib.request.urlopen(f"{self.uri.rstrip('/')}/health", timeout=5).read()
+            return False
+        except OSError:
+            return True
+
+    def _do(self, action: Callable[[], T]) -> T:
+        """Run one client call; if the server died, switch to the fallback store and run it there."""
+        try:
+            return action()
+        except Exception as exc:
+            if not self._server_down():
+                raise
+            self._fall_back(exc)
+            return action()
+
+    def _id(self, run_id: str) -> str:
+        """The run's id in the store now in use (re-creating a server run in the fallback store)."""
+        if not self.fell_back or run_id not in self._on_server:
+            return run_id
+        if run_id not in self._moved:
+            name, tags, params = self._runs[run_id]
+            self._moved[run_id] = self._create(name, {**tags, "autopeft.moved_from": run_id}, params)
+        return self._moved[run_id]
+
+    def _create(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+        def create() -> str:  # the parent is looked up here: it may have moved since the call began
+            parent = {"mlflow.parentRunId": self._id(tags["mlflow.parentRunId"])} if "mlflow.parentRunId" in tags else {}
+            run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, **parent})
+            self._log_params(run.info.run_id, params)
+            return run.info.run_id
+
+        run_id = self._do(create)
+        self._remember(run_id, name, tags, params)
+        return run_id
+
+    def _remember(self, run_id: str, name: str, tags: dict[str, str], params: dict[str, Any]) -> None:
+        self._runs[run_id] = (name, tags, params)
+        if not self.fell_back:
+            self._on_server.add(run_id)
+
     def open_study_run(self, study_name: str, existing_run_id: str | None, params: dict[str, Any],
                        space_file: str, space_text: str | None = None) -> str:
         """Re-open the study's parent run when it exists in this store, else create it."""
         if existing_run_id and self._exists(existing_run_id):
-            self.client.update_run(existing_run_id, status="RUNNING")
+            self._remember(existing_run_id, study_name, {"autopeft.study": study_name, "autopeft.role": "study"},
+                           params)
+            self._do(lambda: self.client.update_run(self._id(existing_run_id), status="RUNNING"))
             return existing_run_id
-        run = self.client.create_run(self.experiment_id, run_name=study_name,
-                                     tags={"autopeft.study": study_name, "autopeft.role": "study"})
-        self._log_params(run.info.run_id, params)
+        run_id = self._create(study_name, {"autopeft.study": study_name, "autopeft.role": "study"}, params)
         if space_text is not None:  # the study's own copy: a worker may not have the file
-            self.client.log_text(run.info.run_id, space_text, "space/space.yaml")
+            self._do(lambda: self.client.log_text(self._id(run_id), space_text, "space/space.yaml"))
         else:
-            self.client.log_artifact(run.info.run_id, space_file, artifact_path="space")
-        return run.info.run_id
+            self._do(lambda: self.client.log_artifact(self._id(run_id), space_file, artifact_path="space"))
+        return run_id
 
     def close_study_run(self, run_id: str, metrics: dict[str, float], status: str = "FINISHED") -> None:
         self.log_metrics(run_id, metrics)
-        self.client.set_terminated(run_id, status=status)
+        self._do(lambda: self.client.set_terminated(self._id(run_id), status=status))
 
     def start_trial_run(self, parent_run_id: str, study_name: str, trial_number: int, params: dict[str, Any]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_number}", tags={
+        return self._create(f"trial-{trial_number}", {
             "mlflow.parentRunId": parent_run_id, "autopeft.study": study_name,
-            "optuna.trial_number": str(trial_number), "autopeft.role": "trial"})
-        self._log_params(run.info.run_id, params)
-        return run.info.run_id
+            "optuna.trial_number": str(trial_number), "autopeft.role": "trial"}, params)
 
     def start_run(self, name: str, params: dict[str, Any]) -> str:
         """A standalone run (not part of a study), e.g. `autopeft train`."""
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={"autopeft.role": "train"})
-        self._log_params(run.info.run_id, params)
-        return run.info.run_id
+        return self._create(name, {"autopeft.role": "train"}, params)
 
     def log_curve(self, run_id: str, name: str, values: list[float]) -> None:
         now = int(time.time() * 1000)
         metrics = [Metric(name, float(v), now, step) for step, v in enumerate(values, start=1)]
         for start in range(0, len(metrics), _BATCH):
-            self.client.log_batch(run_id, metrics=metrics[start:start + _BATCH])
+            chunk = metrics[start:start + _BATCH]
+            self._do(lambda: self.client.log_batch(self._id(run_id), metrics=chunk))
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._do(lambda: self.client.log_batch(self._id(run_id), metrics=batch))
 
     def end_trial_run(self, run_id: str, state: str, reason: str | None = None) -> None:
         tags = [RunTag("autopeft.state", state)] + ([RunTag("autopeft.reason", reason[:5000])] if reason else [])
-        self.client.log_batch(run_id, tags=tags)
         status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}.get(state, "KILLED")
-        self.client.set_terminated(run_id, status=status)
+        self._do(lambda: self.client.log_batch(self._id(run_id), tags=tags))
+        self._do(lambda: self.client.set_terminated(self._id(run_id), status=status))
 
     def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+        self._do(lambda: self.client.log_artifact(self._id(run_id), str(path), artifact_path=artifact_path))
 
     def log_artifacts(self, run_id: str, folder: Path, artifact_path: str) -> None:
-        self.client.log_artifacts(run_id, str(folder), artifact_path=artifact_path)
+        self._do(lambda: self.client.log_artifacts(self._id(run_id), str(folder), artifact_path=artifact_path))
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -113,7 +167,7 @@ class Tracker:
 
     def _exists(self, run_id: str) -> bool:
         try:
-            self.client.get_run(run_id)
+            self._do(lambda: self.client.get_run(run_id))
             return True
         except Exception:  # MlflowException for a run that is not in this store
             return False

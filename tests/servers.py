@@ -6,6 +6,7 @@ Both fixtures are session-scoped: starting a server costs seconds, so one per te
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -113,7 +114,7 @@ def postgres_url() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
     """Terminate the whole process group: `mlflow server` forks uvicorn workers that outlive a plain kill."""
     if proc.poll() is not None:
         return
@@ -127,10 +128,9 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
-@pytest.fixture(scope="session")
-def mlflow_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server` (SQLite backend, proxied artifacts in a temp folder); yields its base URL."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+@contextlib.contextmanager
+def running_mlflow_server(root: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real `mlflow server` (SQLite backend `root/mlflow.db`, proxied artifacts); yields (URL, process)."""
     port = free_port()
     log_path = root / "server.log"
     cmd = [sys.executable, "-m", "mlflow", "server",
@@ -157,6 +157,13 @@ def mlflow_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
             if time.monotonic() > deadline:
                 raise RuntimeError(f"mlflow server did not answer {url}/health within 120 s:\n{log_path.read_text()}")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
-        _stop_group(proc)
+        stop_group(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One server shared by the session's tests; yields its base URL."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as (url, _):
+        yield url

@@ -81,3 +81,39 @@ def test_a_down_tracking_server_falls_back_locally_and_sync_copies_the_runs(
     assert len(children) == 2 and all("val_accuracy" in r.data.metrics for r in children)
     assert len(client.get_metric_history(children[0].info.run_id, "train_loss")) == 3
     assert {a.path for a in client.list_artifacts(children[0].info.run_id)} >= {"adapter_config.json", "training.yaml"}
+
+
+@pytest.mark.servers
+def test_a_tracking_server_dying_mid_search_loses_nothing(tmp_path: Path, tiny_bert: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from autopeft.search import run_search
+    from autopeft.tracking import TrackingFallbackWarning
+    from tests.servers import running_mlflow_server, stop_group
+    from tests.tests_support import tiny_config
+
+    monkeypatch.chdir(tmp_path)  # the fallback store is created in the working directory
+    server_root = tmp_path / "server"
+    server_root.mkdir()
+    with running_mlflow_server(server_root) as (url, proc):
+        def kill_after_first_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            stop_group(proc)  # the server dies between trial 0 and trial 1
+
+        config = tiny_config(tmp_path, tiny_bert, tracking_uri=url, trials=3)
+        with pytest.warns(TrackingFallbackWarning, match="autopeft sync"):
+            summary = run_search(config, progress=kill_after_first_trial)
+    assert sum(t.state.name == "COMPLETE" for t in summary.study.trials) == 3
+
+    on_server = MlflowClient(tracking_uri=f"sqlite:///{server_root / 'mlflow.db'}")
+    server_trials = [r for r in on_server.search_runs([on_server.get_experiment_by_name("autopeft").experiment_id])
+                     if r.data.tags.get("autopeft.role") == "trial"]
+    assert [r.data.tags["optuna.trial_number"] for r in server_trials] == ["0"]
+    fallback = MlflowClient(tracking_uri="sqlite:///mlflow-fallback.db")
+    runs = fallback.search_runs([fallback.get_experiment_by_name("autopeft").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("autopeft.role") == "study")
+    assert parent.data.tags["autopeft.moved_from"] == summary.parent_run_id  # the study run, re-created
+    assert parent.data.params["study"] == "t"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["optuna.trial_number"] for r in children) == ["1", "2"]
+    assert all("val_accuracy" in r.data.metrics and r.data.tags["autopeft.state"] == "COMPLETE" for r in children)
