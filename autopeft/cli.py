@@ -93,6 +93,13 @@ def search(
     heartbeat: Annotated[int, typer.Option(help="Seconds between trial heartbeats; a trial silent for 3x this long is failed and its configuration retried.")] = 10,
     force_new: Annotated[bool, typer.Option(help="Replace an existing study of this name instead of refusing a different setup.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a hub model to run its own Python code (off by default).")] = False,
+    objectives: Annotated[str, typer.Option(help="Pareto objectives: accuracy,forgetting, optionally followed by memory or trainable_params.")] = "accuracy,forgetting",
+    objective_mode: Annotated[str, typer.Option(help="pareto (multi-objective) or scalar (accuracy - forgetting-weight x forgetting; needed for pruning).")] = "pareto",
+    forgetting_weight: Annotated[float, typer.Option(help="Weight of forgetting in scalar mode.")] = 1.0,
+    sampler: Annotated[str, typer.Option(help="tpe, nsga2, gp, random or grid (grid needs list-valued dimensions); seeded by --seed.")] = "tpe",
+    pruner: Annotated[str, typer.Option(help="Scalar mode only: hyperband, successive-halving, median or none; compares validation accuracy at each quarter of the steps.")] = "none",
+    max_total_steps: Annotated[int | None, typer.Option(help="Stop once trials have trained this many optimizer steps in all (pruned trials count what they trained).")] = None,
+    warm_start: Annotated[bool, typer.Option(help="Try the default LoRA recipe (r 8, alpha 16, q/v, lr 2e-4) first, so the search never ends below it.")] = False,
 ) -> None:
     """Run (or resume) a budgeted search and print the trials, the chosen one and where everything is."""
     from autopeft.search import run_search
@@ -103,12 +110,19 @@ def search(
                             tracking_uri=tracking_uri, artifacts_dir=str(artifacts_dir), seed=seed,
                             max_steps=max_steps, train_size=train_size, val_size=val_size, test_size=test_size,
                             max_consecutive_failures=max_consecutive_failures, heartbeat_seconds=heartbeat,
-                            force_new=force_new, trust_remote_code=trust_remote_code)
+                            force_new=force_new, trust_remote_code=trust_remote_code,
+                            objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()),
+                            objective_mode=objective_mode, forgetting_weight=forgetting_weight, sampler=sampler,
+                            pruner=pruner, max_total_steps=max_total_steps, warm_start=warm_start)
 
     config = _guard(build)
     console.print(f"study [bold]{config.study}[/bold] in {_where(config.storage)}; "
                   f"loading model and data once for all trials ...")
-    summary = _interruptible(lambda: run_search(config, progress=_progress), config)
+    def run() -> Any:
+        with SearchProgress(config.trials) as progress:
+            return run_search(config, progress=progress)
+
+    summary = _interruptible(run, config)
     if workers > 1:
         summary = _run_local_workers(workers, trials, config)
     _print_summary(summary.study, config, summary.stopped_reason)
@@ -197,8 +211,9 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None)
         console.print(f"[yellow]{stopped_reason}[/yellow]")
     try:
         chosen = select_trial(study)
-        console.print(f"chosen (balanced rule): trial {chosen.number}, val accuracy {chosen.values[0]:.4f}, "
-                      f"forgetting {chosen.values[1]:.4f} -- the most accurate Pareto trial whose forgetting is within "
+        accuracy, forgetting = _scores(chosen)
+        console.print(f"chosen (balanced rule): trial {chosen.number}, val accuracy {accuracy:.4f}, "
+                      f"forgetting {forgetting:.4f} -- the most accurate Pareto trial whose forgetting is within "
                       f"{DEFAULT_TOLERANCE} of the least-forgetting one that beat the majority class")
     except AutopeftError as exc:
         console.print(f"no trial to choose: {exc}")
@@ -208,10 +223,47 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None)
     console.print(f"export:       autopeft export --study {config.study} --storage {redact_url(config.storage)} --out export/")
 
 
-def _progress(study: Any, trial: Any) -> None:
-    values = f"acc {trial.values[0]:.4f} forgetting {trial.values[1]:.4f}" if trial.values else \
+def _scores(trial: Any) -> tuple[float, float]:
+    from autopeft.study import scores
+
+    return scores(trial)
+
+
+def _trial_line(trial: Any) -> str:
+    values = "acc {:.4f} forgetting {:.4f}".format(*_scores(trial)) if trial.values else \
         trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason") or ""
-    console.print(f"trial {trial.number} {trial.state.name.lower()}: {describe_params(trial.user_attrs.get('params', {}))} {values}")
+    return f"trial {trial.number} {trial.state.name.lower()}: {describe_params(trial.user_attrs.get('params', {}))} {values}"
+
+
+def _progress(study: Any, trial: Any) -> None:
+    console.print(_trial_line(trial))
+
+
+class SearchProgress:
+    """A live progress bar (completed trials of the target, best accuracy so far, ETA) above the trial lines."""
+
+    def __init__(self, target: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("best acc {task.fields[best]}"), TextColumn("ETA"), TimeRemainingColumn(),
+                            console=console, transient=True)
+        self.task = self.bar.add_task("search", total=max(target, 1), best="-")
+        self.best: float | None = None
+
+    def __enter__(self) -> SearchProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        self.bar.console.print(_trial_line(trial))
+        if trial.state.name == "COMPLETE":
+            accuracy = _scores(trial)[0]
+            self.best = accuracy if self.best is None else max(self.best, accuracy)
+            self.bar.update(self.task, advance=1, best=f"{self.best:.4f}")
 
 
 def describe_params(flat: dict[str, Any]) -> str:
@@ -243,7 +295,7 @@ def trials_table(study: Any) -> Table:
         fraction = attrs.get("trainable_fraction")
         table.add_row(
             str(trial.number), describe_params(attrs.get("params", {})),
-            f"{trial.values[0]:.4f}" if trial.values else "-", f"{trial.values[1]:.4f}" if trial.values else "-",
+            *((f"{v:.4f}" for v in _scores(trial)) if trial.values else ("-", "-")),
             f"{trainable:,} ({100 * fraction:.2f}%)" if trainable else "-",
             f"{attrs['wall_seconds']:.1f}" if "wall_seconds" in attrs else "-",
             trial.state.name.lower() + (f": {_reason(trial)}" if trial.state.name in ("FAIL", "PRUNED") else ""))
@@ -268,8 +320,9 @@ def export(
                                          with_weights=with_weights, force=force))
     if result.retrained:
         console.print(f"trial {result.trial.number}'s adapter was not kept here; retrained it with its seed")
-    console.print(f"trial {result.trial.number}: val accuracy {result.trial.values[0]:.4f}, "
-                  f"forgetting {result.trial.values[1]:.4f}, test accuracy {result.test_accuracy:.4f}")
+    accuracy, forgetting = _scores(result.trial)
+    console.print(f"trial {result.trial.number}: val accuracy {accuracy:.4f}, "
+                  f"forgetting {forgetting:.4f}, test accuracy {result.test_accuracy:.4f}")
     console.print(f"wrote {', '.join(result.files)} to {out}")
 
 

@@ -14,6 +14,9 @@ DEFAULT_SPACE = PACKAGE_DIR / "search_spaces" / "default.yaml"
 DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
 DEFAULT_TASK = "packaged:rotten_tomatoes"
 
+SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
+PRUNERS = ("none", "hyperband", "successive-halving", "median")
+EXTRA_OBJECTIVES = ("memory", "trainable_params")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -68,6 +71,13 @@ class SearchConfig:
     force_new: bool = False  # replace an existing study of this name instead of refusing a mismatch
     trust_remote_code: bool = False  # run model code shipped with a hub model (off: it executes arbitrary code)
     worker_id: int | None = None  # distinguishes the samplers of workers sharing one study
+    objectives: tuple[str, ...] = ("accuracy", "forgetting")  # Pareto objectives; a third may be added
+    objective_mode: str = "pareto"  # pareto, or scalar: accuracy - forgetting_weight * forgetting
+    forgetting_weight: float = 1.0  # scalar mode only
+    sampler: str = "tpe"  # tpe | nsga2 | gp | random | grid
+    pruner: str = "none"  # scalar mode only: hyperband | successive-halving | median | none
+    max_total_steps: int | None = None  # training-step budget over all trials (pruned trials count)
+    warm_start: bool = False  # enqueue the documented default LoRA recipe as the first trial
 
     def __post_init__(self) -> None:
         problems = []
@@ -85,10 +95,33 @@ class SearchConfig:
             problems.append(f"--study: {self.study!r} may only hold letters, digits, '.', '_' and '-'")
         if self.max_consecutive_failures < 1 or self.heartbeat_seconds < 1:
             problems.append("--max-consecutive-failures and the heartbeat must be at least 1")
+        problems += self._strategy_problems()
         if not Path(self.space).is_file():
             problems.append(f"--space: {self.space} does not exist")
         if problems:
             raise ConfigError(problems)
+
+    def _strategy_problems(self) -> list[str]:
+        problems = []
+        objectives = tuple(self.objectives)
+        if objectives[:2] != ("accuracy", "forgetting") or len(objectives) > 3 or \
+                (len(objectives) == 3 and objectives[2] not in EXTRA_OBJECTIVES):
+            problems.append(f"--objectives: {','.join(objectives)} is not allowed; use accuracy,forgetting "
+                            f"optionally followed by one of {', '.join(EXTRA_OBJECTIVES)}")
+        if self.objective_mode not in ("pareto", "scalar"):
+            problems.append(f"--objective-mode: {self.objective_mode!r} must be pareto or scalar")
+        if self.sampler not in SAMPLERS:
+            problems.append(f"--sampler: {self.sampler!r} must be one of {', '.join(SAMPLERS)}")
+        if self.pruner not in PRUNERS:
+            problems.append(f"--pruner: {self.pruner!r} must be one of {', '.join(PRUNERS)}")
+        elif self.pruner != "none" and self.objective_mode != "scalar":
+            problems.append(f"--pruner: {self.pruner} needs --objective-mode scalar (Optuna cannot prune "
+                            "multi-objective studies)")
+        if self.max_total_steps is not None and self.max_total_steps < 1:
+            problems.append(f"--max-total-steps: {self.max_total_steps} must be at least 1")
+        if self.forgetting_weight < 0:
+            problems.append(f"--forgetting-weight: {self.forgetting_weight} must be at least 0")
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,4 +135,7 @@ class SearchConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> SearchConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**{**known, **overrides})
+        merged = {**known, **overrides}
+        if "objectives" in merged:  # JSON (a study's record) gives a list
+            merged["objectives"] = tuple(merged["objectives"])
+        return cls(**merged)

@@ -25,6 +25,7 @@ from autopeft.errors import ConfigError, StudyError
 from autopeft.evaluate import accuracy
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
+from autopeft.study import pareto_front, scores
 
 if TYPE_CHECKING:
     from autopeft.search import Runtime
@@ -63,22 +64,27 @@ def select_trial(study: optuna.Study, rule: str = "balanced",
         raise StudyError(f"--study: {study.study_name!r} has no completed trial to export")
     if rule.startswith("max-accuracy-under-forgetting="):
         limit = _threshold(rule)
-        under = [t for t in done if t.values[1] <= limit]
+        under = [t for t in done if scores(t)[1] <= limit]
         if not under:
             raise StudyError(f"--select: no completed trial has forgetting <= {limit}")
-        return max(under, key=lambda t: (t.values[0], -t.values[1]))
-    pareto = study.best_trials
+        return max(under, key=_most_accurate)
+    pareto = pareto_front(done)
     if rule == "best-accuracy":
-        return max(pareto, key=lambda t: (t.values[0], -t.values[1]))
+        return max(pareto, key=_most_accurate)
     majority = study.user_attrs.get("split", {}).get("validation_majority", 0.0)
-    learned = [t for t in pareto if t.values[0] > majority + 1e-9] or pareto
-    least = min(learned, key=lambda t: (t.values[1], -t.values[0]))
+    learned = [t for t in pareto if scores(t)[0] > majority + 1e-9] or pareto
+    least = min(learned, key=lambda t: (scores(t)[1], -scores(t)[0]))
     if rule == "least-forgetting":
         return least
     if rule != "balanced":
         raise ConfigError([f"--select: {rule!r} is not one of {', '.join(RULES)}"])
-    within = [t for t in learned if t.values[1] <= least.values[1] + tolerance]
-    return max(within, key=lambda t: (t.values[0], -t.values[1]))
+    within = [t for t in learned if scores(t)[1] <= scores(least)[1] + tolerance]
+    return max(within, key=_most_accurate)
+
+
+def _most_accurate(trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
+    accuracy, forgetting = scores(trial)
+    return accuracy, -forgetting
 
 
 def _threshold(rule: str) -> float:
@@ -161,7 +167,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     write_recipe(out / "training.yaml", config, params, trial.user_attrs["seed"])
     chosen_by = f"--trial {trial_number}" if trial_number is not None else describe_rule(rule, tolerance)
     metrics = {"study": study_name, "trial": trial.number, "chosen_by": chosen_by,
-               "val_accuracy": trial.values[0], "forgetting": trial.values[1], "test_accuracy": score,
+               "val_accuracy": scores(trial)[0], "forgetting": scores(trial)[1], "test_accuracy": score,
                "trainable_params": trial.user_attrs.get("trainable_params"),
                "memory_estimate_bytes": trial.user_attrs.get("memory_estimate_bytes"),
                "peft_backed": methods.get(params.method).peft_backed, "retrained_for_export": retrained}

@@ -20,6 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autopeft.config import format_bytes
+from autopeft.study import pareto_front, scores
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -194,7 +195,7 @@ def _mark_chosen(ax: Axes, chosen: FrozenTrial | None, xy: tuple[float, float] |
         return
     ax.scatter([xy[0]], [xy[1]], marker="*", s=260, color="gold", edgecolors="black", zorder=5,
                label=f"chosen: #{chosen.number} ({rule})")
-    ax.annotate(f"#{chosen.number}: acc {chosen.values[0]:.3f}, forgetting {chosen.values[1]:.3f}", xy,
+    ax.annotate(f"#{chosen.number}: acc {scores(chosen)[0]:.3f}, forgetting {scores(chosen)[1]:.3f}", xy,
                 xytext=(12, -18), textcoords="offset points", fontsize=8,
                 arrowprops={"arrowstyle": "-", "color": "0.3"})
 
@@ -214,10 +215,10 @@ def _legend(ax: Axes) -> None:
 
 
 def _pareto_front(ax: Axes, study: optuna.Study) -> None:
-    front = sorted(study.best_trials, key=lambda t: t.values[1])  # feasible trials only, as Optuna defines it
+    front = sorted(pareto_front([t for t in _completed(study.trials) if _feasible(t)]), key=lambda t: scores(t)[1])
     if not front:
         return
-    xs, ys = [t.values[1] for t in front], [t.values[0] for t in front]
+    xs, ys = [scores(t)[1] for t in front], [scores(t)[0] for t in front]
     ax.plot(xs, ys, color="black", linestyle="--", linewidth=1, zorder=2)
     ax.scatter(xs, ys, s=150, facecolors="none", edgecolors="black", linewidths=1.4, zorder=4,
                label=f"Pareto front ({len(front)})")
@@ -226,7 +227,7 @@ def _pareto_front(ax: Axes, study: optuna.Study) -> None:
 def _mark_infeasible(ax: Axes, completed: Sequence[FrozenTrial]) -> None:
     infeasible = [t for t in completed if not _feasible(t)]
     if infeasible:  # they have values but can never be chosen: cross them out where they are
-        ax.scatter([t.values[1] for t in infeasible], [t.values[0] for t in infeasible], marker="x", s=90,
+        ax.scatter([scores(t)[1] for t in infeasible], [scores(t)[0] for t in infeasible], marker="x", s=90,
                    color="tab:red", zorder=5, label=f"infeasible ({len(infeasible)}, over a constraint)")
 
 
@@ -236,11 +237,11 @@ def plot_pareto(study: optuna.Study, path: Path, chosen: FrozenTrial | None, rul
     fig, ax = _figure("Validation accuracy vs forgetting (up and to the left is better)")
     ax.set_xlabel("forgetting (1 - CKA with the base model; lower is better)")
     ax.set_ylabel("validation accuracy")
-    _by_method(ax, [(t, t.values[1], t.values[0]) for t in completed], _colors(trials))
+    _by_method(ax, [(t, scores(t)[1], scores(t)[0]) for t in completed], _colors(trials))
     _pareto_front(ax, study)
     _mark_infeasible(ax, completed)
     _majority_line(ax, study)
-    _mark_chosen(ax, chosen, (chosen.values[1], chosen.values[0]) if chosen else None, rule)
+    _mark_chosen(ax, chosen, (scores(chosen)[1], scores(chosen)[0]) if chosen else None, rule)
     _no_completed_note(ax, completed)
     _mark_no_values(ax, _spread(ax, [t for t in trials if t.state in _NO_VALUE_STYLES]))
     _legend(ax)
@@ -253,7 +254,7 @@ def _best_so_far(ax: Axes, completed: Sequence[FrozenTrial]) -> None:
         return
     best, xs, ys = float("-inf"), [], []
     for trial in feasible:
-        best = max(best, trial.values[0])
+        best = max(best, scores(trial)[0])
         xs.append(trial.number)
         ys.append(best)
     ax.plot(xs, ys, drawstyle="steps-post", color="black", linewidth=1.5, label="best so far", zorder=2)
@@ -267,7 +268,7 @@ def plot_history(study: optuna.Study, path: Path) -> Path:
     fig, ax = _figure("Optimization history: validation accuracy per trial")
     ax.set_xlabel("trial number")
     ax.set_ylabel("validation accuracy")
-    _by_method(ax, [(t, t.number, t.values[0]) for t in completed], _colors(trials))
+    _by_method(ax, [(t, t.number, scores(t)[0]) for t in completed], _colors(trials))
     _best_so_far(ax, completed)
     _majority_line(ax, study)
     _no_completed_note(ax, completed)
@@ -282,7 +283,7 @@ def _importances(study: optuna.Study) -> dict[str, float]:
         warnings.simplefilter("ignore")  # Optuna's experimental and single-value notes: not for the reader
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
         return optuna.importance.get_param_importances(study, evaluator=evaluator,
-                                                       target=lambda t: t.values[0])
+                                                       target=lambda t: scores(t)[0])
 
 
 def plot_importance(study: optuna.Study, path: Path) -> Path:
@@ -326,7 +327,7 @@ def _mib(trial: FrozenTrial) -> float | None:
 def plot_accuracy_vs_memory(study: optuna.Study, path: Path, chosen: FrozenTrial | None, rule: str) -> Path:
     trials = study.get_trials(deepcopy=False)
     placed = [(t, mib) for t in trials if (mib := _mib(t)) is not None]
-    completed = [(t, mib, t.values[0]) for t, mib in placed if t.state == TrialState.COMPLETE and t.values]
+    completed = [(t, mib, scores(t)[0]) for t, mib in placed if t.state == TrialState.COMPLETE and t.values]
     fig, ax = _figure("Validation accuracy vs estimated peak training memory")
     ax.set_xlabel("estimated peak training memory (MiB)")
     ax.set_ylabel("validation accuracy")
@@ -334,7 +335,7 @@ def plot_accuracy_vs_memory(study: optuna.Study, path: Path, chosen: FrozenTrial
     _memory_notes(ax, study, trials)
     _majority_line(ax, study)
     chosen_mib = _mib(chosen) if chosen else None
-    xy = (chosen_mib, chosen.values[0]) if chosen and chosen_mib is not None else None
+    xy = (chosen_mib, scores(chosen)[0]) if chosen and chosen_mib is not None else None
     _mark_chosen(ax, chosen, xy, rule)
     _no_completed_note(ax, [t for t, _, _ in completed])
     _mark_no_values(ax, [(t, mib) for t, mib in placed if t.state in _NO_VALUE_STYLES])
@@ -387,8 +388,8 @@ def _chosen_html(chosen: FrozenTrial | None, rule: str, tolerance: float, any_co
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in chosen.user_attrs.get("params", {}).items())
     rule_text = f"{rule} (tolerance {tolerance:g})" if rule == "balanced" else rule
     return (f'<p id="chosen">Chosen trial: <b>#{chosen.number}</b> ({html.escape(_method(chosen))}) by rule '
-            f"<code>{html.escape(rule_text)}</code>: validation accuracy {chosen.values[0]:.4f}, "
-            f"forgetting {chosen.values[1]:.4f}.</p><p class=\"note\">{html.escape(params)}</p>")
+            f"<code>{html.escape(rule_text)}</code>: validation accuracy {scores(chosen)[0]:.4f}, "
+            f"forgetting {scores(chosen)[1]:.4f}.</p><p class=\"note\">{html.escape(params)}</p>")
 
 
 def _counts_html(trials: Sequence[FrozenTrial]) -> str:
@@ -405,7 +406,7 @@ _CLASSES = ("num", "", "", "", "num", "num", "num", "num", "num", "reason")  # r
 def _cells(trial: FrozenTrial, keys: Sequence[str]) -> list[str]:
     """One trials-table row, in the order of _COLUMNS; blank where the trial has no such fact."""
     params = trial.user_attrs.get("params", {})
-    values = trial.values if trial.state == TrialState.COMPLETE and trial.values else None
+    values = scores(trial) if trial.state == TrialState.COMPLETE and trial.values else None
     trainable, fraction = trial.user_attrs.get("trainable_params"), trial.user_attrs.get("trainable_fraction")
     memory, wall = _memory_bytes(trial), trial.user_attrs.get("wall_seconds")
     share = f" ({fraction:.2%})" if fraction is not None else ""
@@ -425,7 +426,7 @@ def _class(name: str) -> str:
 
 def _table_html(study: optuna.Study, trials: Sequence[FrozenTrial], chosen: FrozenTrial | None) -> str:
     keys = _key_params(trials)
-    front = {t.number for t in study.best_trials}
+    front = {t.number for t in pareto_front([t for t in _completed(study.trials) if _feasible(t)])}
     rows = []
     for trial in trials:
         marks = [c for c, on in (("front", trial.number in front),

@@ -104,9 +104,11 @@ def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> 
 INTERMEDIATE_ROWS = 256  # a mid-training check on a slice of validation: cheap, and enough to see a trend
 
 
-def run_trial(runtime: Runtime, params: TrialParams, *, seed: int,
-              on_built: Any = None) -> TrialOutcome:
-    """Build, check the budget (via `on_built`), train, evaluate and probe one configuration."""
+def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any = None,
+              on_checkpoint: Any = None, checkpoint_every: int | None = None) -> TrialOutcome:
+    """Build, check the budget (via `on_built`), train, evaluate and probe one configuration.
+    Accuracy on the first validation rows is measured halfway, or every `checkpoint_every` steps and
+    passed to `on_checkpoint(step, accuracy)` (which may raise optuna.TrialPruned)."""
     start = time.perf_counter()
     problem = methods.get(params.method).problem(runtime.base_model)
     if problem:  # e.g. a method that cannot apply to this architecture: skipped, never crashed
@@ -122,10 +124,13 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int,
     subset = runtime.validation.take(INTERMEDIATE_ROWS)
 
     def check_halfway(step: int, trained: nn.Module) -> None:
-        if step == halfway:
+        due = step % checkpoint_every == 0 and step < runtime.config.max_steps if checkpoint_every else step == halfway
+        if due:
             began = time.perf_counter()
             intermediate.append((step, accuracy(trained, subset, pad_id=runtime.pad_id, device=runtime.device)))
             checking[0] += time.perf_counter() - began
+            if on_checkpoint is not None:
+                on_checkpoint(step, intermediate[-1][1])
 
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
@@ -167,7 +172,9 @@ class Objective:
         trial.set_user_attr("mlflow_run_id", run_id)
         try:
             outcome = run_trial(self.runtime, params, seed=seed,
-                                on_built=lambda model, est: self._check_budget(trial, est))
+                                on_built=lambda model, est: self._check_budget(trial, est),
+                                on_checkpoint=lambda step, acc: self._report(trial, step, acc),
+                                checkpoint_every=self._checkpoint_every())
         except optuna.TrialPruned as pruned:
             self.tracker.end_trial_run(run_id, "PRUNED", str(pruned))
             raise
@@ -186,7 +193,30 @@ class Objective:
             raise
         self._record(trial, run_id, outcome, started)
         self.consecutive_failures = 0
-        return outcome.accuracy, outcome.forgetting
+        return self._values(outcome)
+
+    def _values(self, outcome: TrialOutcome) -> float | tuple[float, ...]:
+        config = self.runtime.config
+        if config.objective_mode == "scalar":
+            return outcome.accuracy - config.forgetting_weight * outcome.forgetting
+        extra = {"memory": float(outcome.measured_peak_bytes or outcome.estimate.total),
+                 "trainable_params": float(outcome.trainable)}
+        return (outcome.accuracy, outcome.forgetting, *(extra[name] for name in config.objectives[2:]))
+
+    def _checkpoint_every(self) -> int | None:
+        """With a pruner, intermediate accuracy every quarter of the steps; otherwise once, halfway."""
+        config = self.runtime.config
+        return max(1, config.max_steps // 4) if config.pruner != "none" else None
+
+    def _report(self, trial: optuna.Trial, step: int, value: float) -> None:
+        trial.set_user_attr("steps_trained", step)
+        if self.runtime.config.pruner == "none":
+            return
+        trial.report(value, step)
+        if trial.should_prune():
+            reason = f"pruned by {self.runtime.config.pruner} at step {step}: intermediate accuracy {value:.4f}"
+            trial.set_user_attr("prune_reason", reason)
+            raise optuna.TrialPruned(reason)
 
     def _needed(self, trial: optuna.Trial) -> bool:
         """Wait while earlier running trials could still complete the study; a killed worker's trial turns
@@ -246,11 +276,37 @@ class Objective:
                 "memory_estimate_error": outcome.estimate.total / outcome.measured_peak_bytes - 1}
                if outcome.measured_peak_bytes else {}),
         }
+        summary["steps_trained"] = len(outcome.train.losses)
         for key, value in summary.items():
             trial.set_user_attr(key, value)
         trial.set_user_attr("adapter_dir", str(folder.resolve()))
         self.tracker.log_metrics(run_id, summary)
         self.tracker.end_trial_run(run_id, "COMPLETE")
+
+
+# The default LoRA recipe people start from (r 8, alpha 16, q/v, lr 2e-4): a warm-started search tries it
+# first, so the search never ends below it.
+DEFAULT_RECIPE = {"method": "lora", "lora.r": 8, "lora.alpha": 16.0, "lora.target_modules": "qv",
+                  "lora.dropout": 0.0, "lora.use_rslora": False, "learning_rate": 2e-4, "optimizer": "adamw",
+                  "precision": "fp32"}
+
+
+def warm_start(study: optuna.Study, space: SearchSpace) -> None:
+    """Enqueue the default recipe, keeping only the values the space can express."""
+    if "lora" not in space.method_names():
+        return
+    dims = {d.name: d for d in (space.method, *space.training_dims.values(), *space.method_dims["lora"].values())}
+    dims.update(space.training_overrides.get("lora", {}))  # e.g. "learning_rate" -> the dim named lora.learning_rate
+    fixed = {}
+    for name, value in DEFAULT_RECIPE.items():
+        dim = dims.get(name)
+        if dim is None or dim.kind == "fixed":
+            continue
+        if dim.kind == "categorical" and value not in dim.choices or \
+                dim.kind in ("int", "float") and not dim.low <= value <= dim.high:
+            continue
+        fixed[dim.name] = value
+    study.enqueue_trial(fixed, user_attrs={"warm_start": "default LoRA recipe"})
 
 
 @dataclass(frozen=True)
@@ -297,7 +353,10 @@ def run_worker(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
 def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTrialRetry, *,
                progress: Any = None) -> SearchSummary:
     config = runtime.config
-    study.sampler = studies.seeded_sampler(config, study)
+    study.sampler = studies.seeded_sampler(config, study, runtime.space)
+    study.pruner = studies.make_pruner(config)
+    if config.warm_start and runtime.space is not None and not study.trials:
+        warm_start(study, runtime.space)
     tracker = Tracker(config.tracking_uri)
     on_stale.tracker = tracker
     parent = tracker.open_study_run(config.study, study.user_attrs.get("mlflow_parent_run_id"),
@@ -318,13 +377,19 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
                            f"last reason: {trial.user_attrs.get('fail_reason', 'unknown')}")
             study.stop()
 
+    def stop_at_step_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        spent = sum(t.user_attrs.get("steps_trained", 0) for t in study.get_trials(deepcopy=False))
+        if config.max_total_steps is not None and spent >= config.max_total_steps:
+            stopped.append(f"stopped at the training-step budget: {spent} of {config.max_total_steps} steps spent")
+            study.stop()
+
     remaining = config.trials - studies.completed(study)
     try:
         if remaining > 0:
             # Stop at `trials` completed trials; failed or pruned ones are replaced by new samples, up to a
             # cap so that a space where everything fails cannot loop for ever.
             target = optuna.study.MaxTrialsCallback(config.trials, states=(studies.COMPLETE,))
-            callbacks = [target, stop_after_failures] + ([progress] if progress else [])
+            callbacks = [target, stop_after_failures, stop_at_step_budget] + ([progress] if progress else [])
             study.optimize(objective, n_trials=2 * remaining + config.max_consecutive_failures,
                            timeout=config.timeout, catch=(TrialFailed,), callbacks=callbacks, gc_after_trial=True)
         interrupt.check()

@@ -103,6 +103,24 @@ class SearchSpace:
             training["grad_accum_steps"] = training["effective_batch_size"] // training["micro_batch_size"]
         return TrialParams(method, methods.get(method).resolve(sampled), training)
 
+    def grid(self) -> dict[str, list[Any]]:
+        """Every searched dimension's values, for Optuna's GridSampler (ranges need a step)."""
+        dims = [self.method, *self.training_dims.values()]
+        dims += [d for group in (*self.method_dims.values(), *self.training_overrides.values()) for d in group.values()]
+        grid: dict[str, list[Any]] = {}
+        for dim in dims:
+            if dim.kind == "categorical":
+                grid[dim.name] = list(dim.choices)
+            elif dim.kind in ("int", "float"):
+                if dim.step is None and dim.kind == "float" or dim.log:
+                    raise ConfigError([f"--sampler grid: {self.path}: {dim.name} is a continuous range; give it a "
+                                       "list of values (or a step, without log) to search it on a grid"])
+                step = dim.step or 1
+                count = int(round((dim.high - dim.low) / step)) + 1
+                grid[dim.name] = [type(step)(dim.low) + i * step for i in range(count)] if dim.kind == "float" \
+                    else [int(dim.low) + i * int(step) for i in range(count)]
+        return grid
+
     def method_names(self) -> list[str]:
         return list(self.method.choices) if self.method.kind == "categorical" else [self.method.value]
 

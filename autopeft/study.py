@@ -15,7 +15,7 @@ from autopeft.data import TaskData
 from autopeft.errors import StudyError
 from autopeft.space import SearchSpace, parse_space
 
-DIRECTIONS = ("maximize", "minimize")  # validation accuracy, forgetting
+DIRECTION = {"accuracy": "maximize", "forgetting": "minimize", "memory": "minimize", "trainable_params": "minimize"}
 COMPLETE = optuna.trial.TrialState.COMPLETE
 RUNNING = optuna.trial.TrialState.RUNNING
 
@@ -63,7 +63,7 @@ def open_study(config: SearchConfig, space: SearchSpace, task: TaskData,
             study = optuna.load_study(study_name=config.study, storage=storage)
             check_compatible(study, config, space, task)
             return study
-    study = optuna.create_study(study_name=config.study, storage=storage, directions=list(DIRECTIONS))
+    study = optuna.create_study(study_name=config.study, storage=storage, directions=directions(config))
     study.set_user_attr("config", config.public_dict())
     study.set_user_attr("space_fingerprint", space.fingerprint)
     study.set_user_attr("space_yaml", open(config.space).read())  # workers elsewhere need no copy of the file
@@ -91,9 +91,11 @@ def check_compatible(study: optuna.Study, config: SearchConfig, space: SearchSpa
     problems = []
     if study.user_attrs.get("space_fingerprint") != space.fingerprint:
         problems.append("a different search space")
-    for key in ("model", "task", "max_steps", "train_size", "val_size", "test_size", "max_length", "seed"):
-        if key in recorded and recorded[key] != getattr(config, key):
-            problems.append(f"{key}={recorded[key]!r} (now {getattr(config, key)!r})")
+    for key in ("model", "task", "max_steps", "train_size", "val_size", "test_size", "max_length", "seed",
+                "objectives", "objective_mode", "forgetting_weight"):
+        now = list(getattr(config, key)) if key == "objectives" else getattr(config, key)
+        if key in recorded and recorded[key] != now:
+            problems.append(f"{key}={recorded[key]!r} (now {now!r})")
     if study.user_attrs.get("split", task.describe()) != task.describe():
         problems.append("a different data split")
     if problems:
@@ -101,12 +103,56 @@ def check_compatible(study: optuna.Study, config: SearchConfig, space: SearchSpa
                          "same settings, choose another --study name, or pass --force-new to replace it")
 
 
-def seeded_sampler(config: SearchConfig, study: optuna.Study) -> optuna.samplers.BaseSampler:
-    """TPE seeded by the trial count (a resumed study does not replay its first samples) and by the worker
-    (workers starting together do not all sample the same first configuration)."""
+def directions(config: SearchConfig) -> list[str]:
+    if config.objective_mode == "scalar":
+        return ["maximize"]  # accuracy - forgetting_weight * forgetting
+    return [DIRECTION[name] for name in config.objectives]
+
+
+def seeded_sampler(config: SearchConfig, study: optuna.Study, space: SearchSpace | None = None) -> optuna.samplers.BaseSampler:
+    """The chosen sampler, seeded by the trial count (a resumed study does not replay its first samples) and
+    by the worker (workers starting together do not all sample the same first configuration)."""
     worker = config.worker_id if config.worker_id is not None else 0
-    return optuna.samplers.TPESampler(seed=config.seed + len(study.trials) + 7919 * worker,
-                                      multivariate=True, group=True)
+    seed = config.seed + len(study.trials) + 7919 * worker
+    if config.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if config.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if config.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if config.sampler == "grid":
+        if space is None:
+            raise StudyError("--sampler grid needs the search space")
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+
+
+def make_pruner(config: SearchConfig) -> optuna.pruners.BasePruner:
+    """Pruners compare intermediate validation accuracy, reported at checkpoints (scalar mode only)."""
+    checkpoints = config.max_steps
+    if config.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, checkpoints // 8), max_resource=checkpoints,
+                                              reduction_factor=3)
+    if config.pruner == "successive-halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, checkpoints // 8), reduction_factor=3)
+    if config.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, checkpoints // 4))
+    return optuna.pruners.NopPruner()
+
+
+def scores(trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
+    """(validation accuracy, forgetting) of a completed trial, whatever the study's objectives."""
+    attrs = trial.user_attrs
+    if "val_accuracy" in attrs and "forgetting" in attrs:
+        return float(attrs["val_accuracy"]), float(attrs["forgetting"])
+    return float(trial.values[0]), float(trial.values[1])
+
+
+def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Trials no other trial beats on both accuracy (higher) and forgetting (lower)."""
+    points = [(t, *scores(t)) for t in trials]
+    return [t for t, acc, fgt in points
+            if not any(a >= acc and f <= fgt and (a > acc or f < fgt) for _, a, f in points)]
 
 
 def completed(study: optuna.Study) -> int:

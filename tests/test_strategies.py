@@ -1,0 +1,114 @@
+"""Search strategies end to end in tiny studies: every sampler, scalar mode with every pruner, a third
+objective, the training-step budget and the warm start. The model and data load once for the module."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autopeft import study as studies
+from autopeft.config import SearchConfig
+from autopeft.errors import ConfigError
+from autopeft.search import Runtime, prepare_runtime, run_trials
+from autopeft.space import load_space
+from tests.tests_support import tiny_config
+
+GRID_SPACE = """\
+method: [lora, ia3]
+training:
+  learning_rate: [1.0e-3, 1.0e-2]
+  micro_batch_size: 8
+methods:
+  lora:
+    r: [2, 4]
+"""
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Runtime:
+    folder = tmp_path_factory.mktemp("strategies")
+    config = tiny_config(folder, tiny_bert)
+    return prepare_runtime(config, load_space(config.space))
+
+
+def search(runtime: Runtime, tmp_path: Path, **overrides: object) -> optuna.Study:
+    """A fresh study with these settings on the shared model and data."""
+    config = dataclasses.replace(runtime.config, storage=f"sqlite:///{tmp_path}/o.db",
+                                 tracking_uri=f"sqlite:///{tmp_path}/m.db", artifacts_dir=str(tmp_path / "a"),
+                                 **overrides)
+    space = load_space(config.space)
+    here = dataclasses.replace(runtime, config=config, space=space)
+    on_stale = studies.StaleTrialRetry()
+    return run_trials(here, studies.open_study(config, space, runtime.task, on_stale), on_stale).study
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random"])
+def test_each_sampler_runs_a_pareto_study(runtime: Runtime, tmp_path: Path, sampler: str) -> None:
+    study = search(runtime, tmp_path, sampler=sampler, trials=2)
+    assert type(study.sampler).__name__.lower().startswith(sampler if sampler != "nsga2" else "nsgaii")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 2 and all(len(t.values) == 2 for t in complete)
+
+
+def test_grid_sampler_walks_the_list_valued_space(runtime: Runtime, tmp_path: Path) -> None:
+    (tmp_path / "grid.yaml").write_text(GRID_SPACE)
+    study = search(runtime, tmp_path, sampler="grid", trials=3, space=str(tmp_path / "grid.yaml"))
+    seen = {(t.params["method"], t.params["learning_rate"]) for t in study.trials if t.state.name == "COMPLETE"}
+    assert len(seen) == 3  # no grid point twice
+
+
+def test_grid_sampler_refuses_a_continuous_range(runtime: Runtime, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="learning_rate is a continuous range"):
+        search(runtime, tmp_path, sampler="grid", trials=1)
+
+
+@pytest.mark.parametrize("pruner", ["hyperband", "successive-halving", "median", "none"])
+def test_scalar_mode_with_each_pruner(runtime: Runtime, tmp_path: Path, pruner: str) -> None:
+    study = search(runtime, tmp_path, objective_mode="scalar", pruner=pruner, forgetting_weight=0.5,
+                   trials=2, max_steps=8)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert complete and all(len(t.values) == 1 for t in complete)
+    for trial in complete:  # the scalar is what was stated
+        assert trial.values[0] == pytest.approx(trial.user_attrs["val_accuracy"] - 0.5 * trial.user_attrs["forgetting"])
+        if pruner != "none":  # intermediate accuracy reported at each quarter of the steps
+            assert sorted(trial.intermediate_values) == [2, 4, 6]
+
+
+def test_hyperband_prunes_a_hopeless_trial_and_says_why(runtime: Runtime, tmp_path: Path) -> None:
+    study = search(runtime, tmp_path, objective_mode="scalar", pruner="median", trials=6, max_steps=8)
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    for trial in pruned:
+        assert trial.user_attrs["prune_reason"].startswith("pruned by median at step")
+        assert trial.user_attrs["steps_trained"] < 8
+
+
+def test_a_third_objective_and_the_step_budget(runtime: Runtime, tmp_path: Path) -> None:
+    study = search(runtime, tmp_path, objectives=("accuracy", "forgetting", "trainable_params"), trials=5,
+                   max_total_steps=7)  # 3 steps per trial: stops after the third trial
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 3
+    assert all(t.values[2] == t.user_attrs["trainable_params"] for t in complete)
+    assert study.directions[2] == optuna.study.StudyDirection.MINIMIZE
+
+
+def test_warm_start_tries_the_default_lora_recipe_first(runtime: Runtime, tmp_path: Path) -> None:
+    study = search(runtime, tmp_path, warm_start=True, trials=1)
+    first = study.trials[0]
+    assert first.user_attrs["warm_start"] == "default LoRA recipe"
+    # What the test space can express of the recipe is used; its lr 2e-4 is outside this space's range.
+    assert (first.params["method"], first.params["lora.r"], first.params["lora.alpha"],
+            first.params["lora.target_modules"]) == ("lora", 8, 16.0, "qv")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"objectives": ("accuracy", "speed")}, "--objectives"),
+    ({"pruner": "hyperband"}, "needs --objective-mode scalar"),
+    ({"sampler": "cmaes"}, "--sampler"),
+    ({"objective_mode": "weighted"}, "--objective-mode"),
+    ({"max_total_steps": 0}, "--max-total-steps")])
+def test_bad_strategy_options_are_one_clear_line(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SearchConfig(**overrides)  # type: ignore[arg-type]
