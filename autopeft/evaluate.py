@@ -1,11 +1,34 @@
-"""Task metrics."""
+"""Task metrics: accuracy of a classification head, and of a causal LM that answers with label words.
+
+Causal-LM accuracy (classification as generation, see verbalizer.py) has two modes:
+- "rank" (default): the predicted class is the label word with the highest log-likelihood after the
+  prompt (the sum over the word's tokens). It always names a valid class, so it compares with a
+  classification head and with the majority-class rate, and it measures what the model prefers even
+  before it has learned the answer format. This is what the search optimises.
+- "generate": greedy decoding of at most the longest answer's tokens (plus end-of-sequence); correct when
+  the decoded text equals the label word after normalization (case folded, punctuation dropped, spaces
+  collapsed). Stricter: a model that has not learned to answer in words scores 0.
+
+Language-model scores also work on a classifier built from a decoder (a sequence-classification head on
+the same blocks): the output embedding (tied to the input embedding in SmolLM2, the Llama-style tiny
+models and GPT-2) applied to the final hidden states gives the next-token logits the LM head would.
+Rows are scored padded on the left with positions counted from each row's first real token.
+"""
 
 from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from autopeft.data import TokenizedSplit, collate, eval_batches
+from autopeft.verbalizer import CausalFormat
+
+CausalMode = Literal["rank", "generate"]
+CAUSAL_MODES: tuple[str, ...] = ("rank", "generate")
 
 
 @torch.inference_mode()
@@ -26,3 +49,145 @@ def accuracy(model: nn.Module, split: TokenizedSplit, *, pad_id: int, batch_size
              device: torch.device | None = None) -> float:
     predictions = predict(model, split, pad_id=pad_id, batch_size=batch_size, device=device)
     return float((predictions == split.labels).float().mean())
+
+
+def lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, keep: int,
+              output_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token logits at the last `keep` positions, (batch, keep, vocab). `output_weight`: the output
+    embedding to apply to the final hidden states when `model` has a classification head instead.
+
+    Rows are padded on the left, so positions are counted from each row's first real token: a model with
+    absolute position embeddings (GPT-2) then scores a row the same whatever the padding."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
+    if output_weight is not None:
+        out = model(**inputs, output_hidden_states=True)
+        hidden = out.hidden_states[-1][:, -keep:]
+        return hidden.to(output_weight.dtype) @ output_weight.T
+    try:  # only the positions needed: full-vocabulary logits of every position are large
+        out = model(**inputs, logits_to_keep=keep)
+    except TypeError:  # a model whose forward does not take it
+        out = model(**inputs)
+    return out.logits[:, -keep:]
+
+
+def _batched_log_probs(model: nn.Module, sequences: list[list[int]], keep: int, *, pad_id: int, batch_size: int,
+                       device: torch.device | None, output_weight: torch.Tensor | None):
+    """(rows, log-softmax of the last `keep` positions) per length-sorted, left-padded batch."""
+    device = device or torch.device("cpu")
+    split = TokenizedSplit(sequences, torch.zeros(len(sequences), dtype=torch.long), pad_left=True)
+    weight = output_weight.to(device) if output_weight is not None else None
+    for rows in eval_batches(split.lengths(), batch_size):
+        batch = collate(split, rows, pad_id)
+        logits = lm_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), keep=keep,
+                           output_weight=weight)
+        yield rows, logits.float().log_softmax(-1).cpu()
+
+
+@torch.inference_mode()
+def choice_log_likelihoods(model: nn.Module, prompts: list[list[int]], choices: list[list[int]] | tuple, *,
+                           pad_id: int, batch_size: int = 64, device: torch.device | None = None,
+                           output_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(choice | prompt), summed over the choice's tokens: (prompts, choices)."""
+    model.eval()
+    scores = torch.empty(len(prompts), len(choices))
+    if all(len(c) == 1 for c in choices):  # one pass: every choice is one next token
+        ids = torch.tensor([c[0] for c in choices])
+        for rows, log_probs in _batched_log_probs(model, prompts, 1, pad_id=pad_id, batch_size=batch_size,
+                                                  device=device, output_weight=output_weight):
+            scores[rows] = log_probs[:, -1, ids]
+        return scores
+    for k, choice in enumerate(choices):  # the choice's tokens are the last positions of every row
+        target = torch.tensor(choice)
+        for rows, log_probs in _batched_log_probs(model, [p + list(choice) for p in prompts], len(choice) + 1,
+                                                  pad_id=pad_id, batch_size=batch_size, device=device,
+                                                  output_weight=output_weight):
+            picked = log_probs[:, :-1].gather(-1, target.expand(len(rows), -1).unsqueeze(-1))
+            scores[rows, k] = picked.squeeze(-1).sum(-1)
+    return scores
+
+
+def split_prompts(split: TokenizedSplit, fmt: CausalFormat) -> tuple[list[list[int]], list[int]]:
+    """The prompts of a causal split (its rows without the answer) and each row's class."""
+    prompts, golds = [], []
+    for ids, labels in zip(split.input_ids, split.labels, strict=True):
+        start = next(i for i, label in enumerate(labels) if label != -100)
+        prompts.append(list(ids[:start]))
+        golds.append(fmt.label_of(list(labels[start:])))
+    return prompts, golds
+
+
+def normalize_answer(text: str) -> str:
+    """Case folded, punctuation dropped, whitespace collapsed: 'Positive.' == 'positive'."""
+    return " ".join(text.casefold().translate(str.maketrans("", "", string.punctuation)).split())
+
+
+@torch.inference_mode()
+def generate_greedy(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int,
+                    eos_id: int | None, batch_size: int = 64, device: torch.device | None = None) -> list[list[int]]:
+    """Greedy continuations, up to the end-of-sequence token or `max_new_tokens`. A plain loop of full
+    forward passes (no cache): answers are a few tokens long, and it works for any adapter method."""
+    model.eval()
+    device = device or torch.device("cpu")
+    out: list[list[int]] = [[] for _ in prompts]
+    for rows in eval_batches([len(p) for p in prompts], batch_size):
+        batch = collate(TokenizedSplit([prompts[i] for i in rows], torch.zeros(len(rows)), pad_left=True),
+                        list(range(len(rows))), pad_id)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            token = lm_logits(model, ids, mask, keep=1)[:, -1].argmax(-1)
+            for r, i in enumerate(rows):
+                if not done[r]:
+                    out[i].append(int(token[r]))
+            done |= token == (eos_id if eos_id is not None else -1)
+            if bool(done.all()):
+                break
+            ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return out
+
+
+def predict_causal(model: nn.Module, split: TokenizedSplit, fmt: CausalFormat, *, pad_id: int,
+                   mode: CausalMode = "rank", tokenizer: Any = None, batch_size: int = 64,
+                   device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class per row, true class per row). In generate mode a row whose answer matches no
+    label word is predicted as -1."""
+    prompts, golds = split_prompts(split, fmt)
+    if mode == "rank":
+        scores = choice_log_likelihoods(model, prompts, fmt.answer_ids, pad_id=pad_id, batch_size=batch_size,
+                                        device=device)
+        return scores.argmax(1), torch.tensor(golds)
+    if mode != "generate" or tokenizer is None:
+        raise ValueError(f"mode {mode!r}: use 'rank', or 'generate' with the tokenizer to decode answers")
+    longest = max(len(a) for a in fmt.answer_ids) + (fmt.eos_id is not None)
+    answers = generate_greedy(model, prompts, max_new_tokens=longest, pad_id=pad_id, eos_id=fmt.eos_id,
+                              batch_size=batch_size, device=device)
+    words = {normalize_answer(w): k for k, w in enumerate(fmt.label_words)}
+    texts = [normalize_answer(tokenizer.decode(a, skip_special_tokens=True)) for a in answers]
+    return torch.tensor([words.get(t, -1) for t in texts]), torch.tensor(golds)
+
+
+def causal_accuracy(model: nn.Module, split: TokenizedSplit, fmt: CausalFormat, *, pad_id: int,
+                    mode: CausalMode = "rank", tokenizer: Any = None, batch_size: int = 64,
+                    device: torch.device | None = None) -> float:
+    predicted, gold = predict_causal(model, split, fmt, pad_id=pad_id, mode=mode, tokenizer=tokenizer,
+                                     batch_size=batch_size, device=device)
+    return float((predicted == gold).float().mean())
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """Accuracy on a tokenized split, measured the same way by every caller (trial, probes, export):
+    a classification head's argmax, or (with `causal`) the label-word answer of a causal LM."""
+
+    pad_id: int
+    batch_size: int = 128
+    causal: CausalFormat | None = None
+    mode: CausalMode = "rank"
+    tokenizer: Any = None  # generate mode decodes answers with it
+
+    def __call__(self, model: nn.Module, split: TokenizedSplit, device: torch.device | None = None) -> float:
+        if self.causal is None:
+            return accuracy(model, split, pad_id=self.pad_id, batch_size=self.batch_size, device=device)
+        return causal_accuracy(model, split, self.causal, pad_id=self.pad_id, mode=self.mode,
+                               tokenizer=self.tokenizer, batch_size=self.batch_size, device=device)

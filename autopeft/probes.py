@@ -1,30 +1,68 @@
-"""Forgetting probes: how much of the base model's general ability an adapted model keeps.
+"""Probes: how much of the base model's general ability an adapted model keeps (forgetting), and how well
+what it learned carries beyond its training rows (generalization). Each probe is a small class with one
+job and the same interface: `fit_base(base_model)` once (the base's reference scores), then
+`score(model) -> {metric: value}` per trial. A forgetting probe names the metric that is its forgetting
+(`forgetting_key`); it is exactly 0 for the base model itself and grows as the adapted model drifts.
 
-The encoder probe measures representation drift: the mean-pooled final hidden states of fixed general
-texts (real Wikipedia paragraphs shipped with gensim's test data) from the adapted model are compared
-with the base model's by linear CKA (Kornblith et al. 2019). forgetting = 1 - CKA, in [0, 1]; 0 means
-the adapted encoder represents general text exactly as the base did (up to rotation and scale). It needs
-no labels, is computed from one forward pass over a few dozen texts, and is independent of the task head,
-so it compares methods fairly. The base representations are computed once per process.
+Forgetting probes:
+- representation_drift (any model; the encoder default): 1 - linear CKA (Kornblith et al. 2019) between
+  the base's and the adapted model's mean-pooled final hidden states of fixed general texts (real
+  Wikipedia paragraphs shipped with gensim's test data, a seeded sample). In [0, 1]; needs no labels and
+  is independent of the task head, so it compares methods fairly.
+- perplexity (decoders): the relative increase of the perplexity of general text (the same Wikipedia
+  paragraphs), adapted / base - 1, floored at 0 (the signed change is logged as well). Works on causal
+  LMs and on decoder classifiers with tied embeddings (their input embedding is the LM head).
+- factual_recall (decoders): capital -> country pairs from gensim's questions-words.txt
+  (": capital-common-countries"). A pair is recalled when the right country is the most likely
+  continuation of "<capital> is the capital of" among all the section's countries. retention =
+  adapted / base recall; forgetting = 1 - retention, floored at 0 (retention 1 when the base recalls
+  nothing). Top-1 rather than likelihood, so the score is what a user asking the model would see; the
+  mean probability of the right country among the candidates is logged too (recall_probability).
+
+Generalization probes (not forgetting):
+- generalization_gap: accuracy on (a seeded sample of) the training rows minus validation accuracy.
+- ood_accuracy: accuracy on an out-of-distribution evaluation set (--ood-task), and its change over the base.
+
+ProbeSet runs the chosen probes, reports their metrics plus `forgetting` (the first forgetting probe's
+value: the search objective), and caches the base model's reference state in a file, so a study
+computes it once. Decision: one probe is the objective rather than a blend of scales that do not
+compare (a relative perplexity increase is unbounded, recall retention moves in steps of 1/23). For
+decoders the default objective is the perplexity increase: continuous and about all general text;
+factual recall is logged beside it, and a user who cares more about facts lists it first.
 """
 
 from __future__ import annotations
 
 import bz2
+import functools
 import html
 import importlib.util
 import random
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from autopeft.data import TokenizedSplit, collate, eval_batches
+from autopeft.errors import ConfigError
+from autopeft.evaluate import choice_log_likelihoods, lm_logits
+from autopeft.verbalizer import strip_trailing_special
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+QUESTIONS_FILE = "questions-words.txt"
+Evaluate = Callable[[nn.Module, TokenizedSplit, "torch.device | None"], float]
+
+
+def _gensim_test_file(name: str) -> Path:
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the forgetting probes need `pip install --no-deps gensim==4.4.0` (for its test data)")
+    return Path(spec.origin).parent / "test" / "test_data" / name
 
 
 def _strip_markup(text: str) -> str:
@@ -40,12 +78,13 @@ def _strip_markup(text: str) -> str:
 
 def wikipedia_paragraphs(min_chars: int = 200) -> list[str]:
     """Prose paragraphs of the real Wikipedia articles in gensim's test data, in file order."""
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("the forgetting probe needs `pip install --no-deps gensim==4.4.0` (for its test data)")
-    path = Path(spec.origin).parent / "test" / "test_data" / WIKI_FILE
+    return list(_wikipedia_paragraphs(min_chars))
+
+
+@functools.lru_cache(maxsize=4)
+def _wikipedia_paragraphs(min_chars: int) -> tuple[str, ...]:  # parsing the archive takes seconds: once
     paragraphs = []
-    with bz2.open(path, "rt", encoding="utf-8") as handle:
+    with bz2.open(_gensim_test_file(WIKI_FILE), "rt", encoding="utf-8") as handle:
         for _, element in ET.iterparse(handle):
             if element.tag.endswith("}text") and element.text:
                 for line in _strip_markup(element.text).splitlines():
@@ -54,7 +93,24 @@ def wikipedia_paragraphs(min_chars: int = 200) -> list[str]:
                     if len(line) >= min_chars and not leftover_markup and not line.startswith(("|", "!", "{", "*", "#", ":", "=")):
                         paragraphs.append(line)
             element.clear()
-    return paragraphs
+    return tuple(paragraphs)
+
+
+def capital_country_pairs() -> list[tuple[str, str]]:
+    """The distinct (capital, country) pairs of questions-words.txt's ': capital-common-countries' section
+    (each analogy line holds two pairs), in file order."""
+    pairs: list[tuple[str, str]] = []
+    section = False
+    for line in _gensim_test_file(QUESTIONS_FILE).read_text(encoding="utf-8").splitlines():
+        if line.startswith(":"):
+            section = line.strip() == ": capital-common-countries"
+            continue
+        words = line.split()
+        if section and len(words) == 4:
+            for pair in ((words[0], words[1]), (words[2], words[3])):
+                if pair not in pairs:
+                    pairs.append(pair)
+    return pairs
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -65,13 +121,39 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
 
 
+class Probe(Protocol):
+    name: str
+    forgetting_key: str | None  # the metric of score() that is this probe's forgetting; None: not a forgetting probe
+
+    def fit_base(self, base_model: nn.Module, device: torch.device | None = None) -> None: ...
+
+    def score(self, model: nn.Module, device: torch.device | None = None,
+              measured: Mapping[str, float] | None = None) -> dict[str, float]: ...
+
+    def base_state(self) -> dict[str, Any]: ...
+
+    def load_base_state(self, state: dict[str, Any]) -> None: ...
+
+
+def _require(value: Any, probe: str) -> Any:
+    if value is None:
+        raise RuntimeError(f"{probe}: call fit_base(base_model) once before scoring adapted models")
+    return value
+
+
+def _sample_texts(n_texts: int, seed: int) -> list[str]:
+    paragraphs = wikipedia_paragraphs()
+    return random.Random(seed).sample(paragraphs, min(n_texts, len(paragraphs)))
+
+
 class RepresentationDrift:
     """forgetting = 1 - linear CKA between base and adapted sentence representations of general text."""
 
     name = "representation_drift"
+    forgetting_key = "representation_drift"
 
     def __init__(self, tokenizer: Any, *, n_texts: int = 96, max_length: int = 96, seed: int = 0) -> None:
-        texts = random.Random(seed).sample(wikipedia_paragraphs(), n_texts)
+        texts = _sample_texts(n_texts, seed)
         ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         self.texts = texts
         self.split = TokenizedSplit(list(ids), torch.zeros(len(ids), dtype=torch.long),
@@ -98,6 +180,313 @@ class RepresentationDrift:
         self.base = self.representations(base_model, device)
 
     def forgetting(self, model: nn.Module, device: torch.device | None = None) -> float:
-        if self.base is None:
-            raise RuntimeError("call fit_base(base_model) once before scoring adapted models")
-        return max(0.0, 1.0 - linear_cka(self.base, self.representations(model, device)))
+        base = _require(self.base, self.name)
+        return max(0.0, 1.0 - linear_cka(base, self.representations(model, device)))
+
+    def score(self, model: nn.Module, device: torch.device | None = None,
+              measured: Mapping[str, float] | None = None) -> dict[str, float]:
+        return {self.forgetting_key: self.forgetting(model, device)}
+
+    def base_state(self) -> dict[str, Any]:
+        return {"representations": _require(self.base, self.name)}
+
+    def load_base_state(self, state: dict[str, Any]) -> None:
+        self.base = state["representations"]
+
+
+def scores_through_tied_head(base_model: nn.Module, probe: str) -> bool:
+    """False when the model's own logits are next-token logits (a causal LM); True for a decoder classifier
+    with tied embeddings, whose input embedding is the LM head its blocks were trained with."""
+    from autopeft.models import family
+
+    if family(base_model) == "bert":
+        raise ConfigError([f"--probes: {probe} scores next tokens, which an encoder (BERT layout) does not "
+                           "predict; use representation_drift"])
+    if base_model.get_output_embeddings() is not None:
+        return False
+    if getattr(base_model.config, "tie_word_embeddings", False):
+        return True
+    raise ConfigError([f"--probes: {probe} needs the LM head, which this classifier lacks (its output "
+                       "embedding is not tied to the input embedding); use the causal-LM task type or "
+                       "representation_drift"])
+
+
+def tied_head(model: nn.Module, tied: bool) -> torch.Tensor | None:
+    """The output embedding to score a classifier's hidden states with: the model's own (tied) input
+    embedding, so a method that trains the embeddings is scored with what it trained."""
+    return model.get_input_embeddings().weight if tied else None
+
+
+class PerplexityIncrease:
+    """forgetting = perplexity of general text under the adapted model / under the base - 1 (floored at 0)."""
+
+    name = "perplexity"
+    forgetting_key = "perplexity_increase"
+
+    def __init__(self, tokenizer: Any, *, n_texts: int = 32, max_length: int = 128, seed: int = 0,
+                 batch_size: int = 8) -> None:
+        self.texts = _sample_texts(n_texts, seed)
+        ids = [list(i) for i in tokenizer(self.texts, truncation=True, max_length=max_length)["input_ids"]]
+        self.split = TokenizedSplit(ids, ids, pad_left=True)
+        self.pad_id, self.batch_size = tokenizer.pad_token_id, batch_size
+        self.base: float | None = None
+        self.tied = False
+
+    @torch.inference_mode()
+    def perplexity(self, model: nn.Module, device: torch.device | None = None) -> float:
+        """exp(mean next-token loss) over every non-pad token of the probe texts but each text's first."""
+        model.eval()
+        device = device or torch.device("cpu")
+        weight = tied_head(model, self.tied)
+        total, count = 0.0, 0
+        for rows in eval_batches(self.split.lengths(), self.batch_size):
+            batch = {k: v.to(device) for k, v in collate(self.split, rows, self.pad_id).items()}
+            width = batch["input_ids"].shape[1]
+            logits = lm_logits(model, batch["input_ids"], batch["attention_mask"], keep=width, output_weight=weight)
+            targets = batch["labels"][:, 1:]
+            total += float(torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                ignore_index=-100, reduction="sum"))
+            count += int((targets != -100).sum())
+        return float(torch.exp(torch.tensor(total / count, dtype=torch.float64)))
+
+    def fit_base(self, base_model: nn.Module, device: torch.device | None = None) -> None:
+        self.tied = scores_through_tied_head(base_model, self.name)
+        self.base = self.perplexity(base_model, device)
+
+    def score(self, model: nn.Module, device: torch.device | None = None,
+              measured: Mapping[str, float] | None = None) -> dict[str, float]:
+        base = _require(self.base, self.name)
+        value = self.perplexity(model, device)
+        change = value / base - 1.0
+        return {"perplexity": value, "perplexity_change": change, self.forgetting_key: max(0.0, change)}
+
+    def base_state(self) -> dict[str, Any]:
+        return {"perplexity": _require(self.base, self.name), "tied": self.tied}
+
+    def load_base_state(self, state: dict[str, Any]) -> None:
+        self.base, self.tied = state["perplexity"], state["tied"]
+
+
+class FactualRecall:
+    """forgetting = 1 - (capital -> country recall of the adapted model) / (recall of the base)."""
+
+    name = "factual_recall"
+    forgetting_key = "recall_forgetting"
+    PROMPT = "{capital} is the capital of"
+
+    def __init__(self, tokenizer: Any, *, pairs: Sequence[tuple[str, str]] | None = None,
+                 batch_size: int = 64) -> None:
+        self.pairs = list(pairs) if pairs is not None else capital_country_pairs()
+        self.countries = list(dict.fromkeys(country for _, country in self.pairs))
+        self.prompts = [strip_trailing_special(tokenizer, tokenizer(self.PROMPT.format(capital=c))["input_ids"])
+                        for c, _ in self.pairs]
+        self.choices = [list(tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in self.countries]
+        self.gold = torch.tensor([self.countries.index(country) for _, country in self.pairs])
+        self.pad_id, self.batch_size = tokenizer.pad_token_id, batch_size
+        self.base: float | None = None
+        self.tied = False
+
+    def recall(self, model: nn.Module, device: torch.device | None = None) -> tuple[float, float]:
+        """(fraction of pairs whose country ranks first, mean probability of the right country when the
+        probabilities are renormalised over the candidates)."""
+        scores = choice_log_likelihoods(model, self.prompts, self.choices, pad_id=self.pad_id,
+                                        batch_size=self.batch_size, device=device,
+                                        output_weight=tied_head(model, self.tied))
+        top = float((scores.argmax(1) == self.gold).float().mean())
+        soft = float(scores.softmax(1).gather(1, self.gold[:, None]).mean())
+        return top, soft
+
+    def fit_base(self, base_model: nn.Module, device: torch.device | None = None) -> None:
+        self.tied = scores_through_tied_head(base_model, self.name)
+        self.base = self.recall(base_model, device)[0]
+
+    def score(self, model: nn.Module, device: torch.device | None = None,
+              measured: Mapping[str, float] | None = None) -> dict[str, float]:
+        base = _require(self.base, self.name)
+        top, soft = self.recall(model, device)
+        retention = top / base if base > 0 else 1.0  # a base that recalls nothing has nothing to lose
+        return {"recall_accuracy": top, "recall_probability": soft, "recall_retention": retention,
+                self.forgetting_key: max(0.0, 1.0 - retention)}
+
+    def base_state(self) -> dict[str, Any]:
+        return {"recall": _require(self.base, self.name), "tied": self.tied}
+
+    def load_base_state(self, state: dict[str, Any]) -> None:
+        self.base, self.tied = state["recall"], state["tied"]
+
+
+def subset(split: TokenizedSplit, rows: list[int]) -> TokenizedSplit:
+    labels = split.labels[rows] if isinstance(split.labels, torch.Tensor) else [split.labels[i] for i in rows]
+    return TokenizedSplit([split.input_ids[i] for i in rows], labels, split.pad_left)
+
+
+class GeneralizationGap:
+    """Accuracy on training rows minus validation accuracy: how much of the fit does not carry over."""
+
+    name = "generalization_gap"
+    forgetting_key = None
+
+    def __init__(self, evaluate: Evaluate, train: TokenizedSplit, validation: TokenizedSplit, *,
+                 max_rows: int = 1000, seed: int = 0) -> None:
+        rows = sorted(random.Random(seed).sample(range(len(train)), min(max_rows, len(train))))
+        self.evaluate, self.train, self.validation = evaluate, subset(train, rows), validation
+
+    def fit_base(self, base_model: nn.Module, device: torch.device | None = None) -> None:
+        """Nothing to remember: the gap compares a model with itself."""
+
+    def score(self, model: nn.Module, device: torch.device | None = None,
+              measured: Mapping[str, float] | None = None) -> dict[str, float]:
+        train = self.evaluate(model, self.train, device)
+        known = (measured or {}).get("val_accuracy")  # the trial measured it already: no second pass
+        validation = known if known is not None else self.evaluate(model, self.validation, device)
+        return {"train_accuracy": train, "generalization_gap": train - validation}
+
+    def base_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_base_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class OutOfDistribution:
+    """Accuracy on an out-of-distribution evaluation set, and its change over the base model."""
+
+    name = "ood_accuracy"
+    forgetting_key = None
+
+    def __init__(self, evaluate: Evaluate, ood: TokenizedSplit) -> None:
+        self.evaluate, self.ood = evaluate, ood
+        self.base: float | None = None
+
+    def fit_base(self, base_model: nn.Module, device: torch.device | None = None) -> None:
+        self.base = self.evaluate(base_model, self.ood, device)
+
+    def score(self, model: nn.Module, device: torch.device | None = None,
+              measured: Mapping[str, float] | None = None) -> dict[str, float]:
+        value = self.evaluate(model, self.ood, device)
+        return {"ood_accuracy": value, "ood_accuracy_change": value - _require(self.base, self.name)}
+
+    def base_state(self) -> dict[str, Any]:
+        return {"accuracy": _require(self.base, self.name)}
+
+    def load_base_state(self, state: dict[str, Any]) -> None:
+        self.base = state["accuracy"]
+
+
+@dataclass(frozen=True)
+class ProbeContext:
+    """What the probes of a study may need; build_probes takes what each chosen probe uses."""
+
+    tokenizer: Any
+    seed: int = 0
+    evaluate: Evaluate | None = None  # accuracy of a model on a split, as the task measures it
+    train: TokenizedSplit | None = None
+    validation: TokenizedSplit | None = None
+    ood: TokenizedSplit | None = None
+    max_length: int = 128
+
+
+def _drift(c: ProbeContext) -> Probe:
+    return RepresentationDrift(c.tokenizer, seed=c.seed)
+
+
+def _perplexity(c: ProbeContext) -> Probe:
+    return PerplexityIncrease(c.tokenizer, seed=c.seed, max_length=c.max_length)
+
+
+def _recall(c: ProbeContext) -> Probe:
+    return FactualRecall(c.tokenizer)
+
+
+def _gap(c: ProbeContext) -> Probe:
+    assert c.evaluate is not None and c.train is not None and c.validation is not None
+    return GeneralizationGap(c.evaluate, c.train, c.validation, seed=c.seed)
+
+
+def _ood(c: ProbeContext) -> Probe:
+    assert c.evaluate is not None and c.ood is not None
+    return OutOfDistribution(c.evaluate, c.ood)
+
+
+# name -> (factory, needs a decoder, needs --ood-task, is a forgetting probe)
+PROBES: dict[str, tuple[Callable[[ProbeContext], Probe], bool, bool, bool]] = {
+    "representation_drift": (_drift, False, False, True),
+    "perplexity": (_perplexity, True, False, True),
+    "factual_recall": (_recall, True, False, True),
+    "generalization_gap": (_gap, False, False, False),
+    "ood_accuracy": (_ood, False, True, False),
+}
+
+
+def default_probes(*, decoder: bool, has_ood: bool) -> tuple[str, ...]:
+    """Encoders: representation drift. Decoders: perplexity increase (the objective) and factual recall.
+    Both: the train-validation gap, and OOD accuracy when an OOD set is given."""
+    forgetting = ("perplexity", "factual_recall") if decoder else ("representation_drift",)
+    return forgetting + ("generalization_gap",) + (("ood_accuracy",) if has_ood else ())
+
+
+def probe_problems(names: Sequence[str], *, decoder: bool, has_ood: bool) -> list[str]:
+    """Every reason this probe set cannot run, for the config's up-front validation."""
+    problems = [f"--probes: unknown probe {n!r}; known: {', '.join(PROBES)}" for n in names if n not in PROBES]
+    if len(set(names)) < len(names):
+        problems.append(f"--probes: {', '.join(names)} names a probe twice")
+    for name in (n for n in names if n in PROBES):
+        _, needs_decoder, needs_ood, _ = PROBES[name]
+        if needs_decoder and not decoder:
+            problems.append(f"--probes: {name} needs a decoder (it scores next tokens); this model is an encoder")
+        if needs_ood and not has_ood:
+            problems.append(f"--probes: {name} needs an evaluation set; pass --ood-task")
+    if not any(PROBES[n][3] for n in names if n in PROBES):
+        problems.append("--probes: choose at least one forgetting probe (representation_drift, perplexity, "
+                        "factual_recall): the search minimises forgetting")
+    return problems
+
+
+def build_probes(names: Sequence[str], context: ProbeContext) -> ProbeSet:
+    return ProbeSet([PROBES[name][0](context) for name in names])
+
+
+class ProbeSet:
+    """The chosen probes, run together. `forgetting` in the scores is the first forgetting probe's value."""
+
+    def __init__(self, probes: list[Probe]) -> None:
+        primary = next((p for p in probes if p.forgetting_key is not None), None)
+        if primary is None:
+            raise ConfigError(["--probes: choose at least one forgetting probe"])
+        self.probes, self.primary = probes, primary
+        self.base_scores: dict[str, float] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.probes]
+
+    def fit_base(self, base_model: nn.Module, device: torch.device | None = None, *,
+                 cache_file: Path | None = None, cache_key: str = "") -> dict[str, float]:
+        """Fit every probe on the base model and score the base itself (forgetting 0), or load both from
+        `cache_file` when it was written for the same `cache_key` (which must identify the model, seed and
+        data) and probe names. Returns the base model's scores."""
+        key = f"{cache_key}|{','.join(self.names)}"
+        if cache_file is not None and cache_file.is_file():
+            cached = torch.load(cache_file, weights_only=False)
+            if cached.get("key") == key:
+                for probe, state in zip(self.probes, cached["states"], strict=True):
+                    probe.load_base_state(state)
+                self.base_scores = cached["base_scores"]
+                return dict(self.base_scores)
+        for probe in self.probes:
+            probe.fit_base(base_model, device)
+        self.base_scores = self.score(base_model, device)
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            states = [p.base_state() for p in self.probes]
+            torch.save({"key": key, "states": states, "base_scores": self.base_scores}, cache_file)
+        return dict(self.base_scores)
+
+    def score(self, model: nn.Module, device: torch.device | None = None,
+              measured: Mapping[str, float] | None = None) -> dict[str, float]:
+        scores: dict[str, float] = {}
+        for probe in self.probes:
+            scores.update(probe.score(model, device, measured))
+        scores["forgetting"] = scores[self.primary.forgetting_key]  # type: ignore[index]
+        return scores

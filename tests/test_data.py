@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autopeft.data import TokenizedSplit, collate, length_grouped_batches, load_task
+from autopeft.data import (Columns, TextSplit, TokenizedSplit, collate, length_grouped_batches, load_eval_split,
+                           load_task, tokenize)
 from autopeft.errors import DataError
 
 
@@ -53,3 +54,137 @@ def test_length_grouping_covers_every_row_once_and_cuts_padding() -> None:
 
     shuffled = torch.randperm(2000, generator=gen).tolist()
     assert padding(batches) < 0.1 < padding([shuffled[i:i + 16] for i in range(0, 2000, 16)])
+
+
+def _write(folder: Path, files: dict[str, str]) -> None:
+    for name, content in files.items():
+        (folder / name).write_text(content)
+
+
+GOOD = "text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i in range(20))
+
+
+@pytest.mark.parametrize(("files", "task", "columns", "message"), [
+    ({"t.csv": "words,label\na,1\nb,0\n"}, "t.csv", Columns(), r"t\.csv has no column 'text' \(set it with --text-column\)"),
+    ({"t.csv": "text,y\na,1\nb,0\n"}, "t.csv", Columns(), r"no column 'label' \(set it with --label-column\); columns: text, y"),
+    ({"t.csv": GOOD}, "t.csv", Columns(text_pair="hypothesis"), r"no column 'hypothesis' \(set it with --text-pair-column\)"),
+    ({"t.csv": "text,label\na,1\nb,1\n"}, "t.csv", Columns(), r"only one class \('1'\) in column 'label'"),
+    ({"t.csv": "text,label\na,1\n ,0\n"}, "t.csv", Columns(), r"empty texts in column 'text' \(rows 1\)"),
+    ({"t.csv": "text,label\na,1\n,0\n"}, "t.csv", Columns(), r"empty texts in column 'text' \(rows 1\)"),
+    ({"t.csv": "q,a,label\nx,,1\ny,z,0\n"}, "t.csv", Columns("q", "label", "a"), r"empty texts in column 'a' \(rows 0\)"),
+    ({"t.csv": "text,label\na,1\nb,\nc,0\n"}, "t.csv", Columns(), r"rows without a label in column 'label' \(rows 1\)"),
+    ({"d/train.csv": GOOD, "d/validation.csv": "text,label\nx,pos\ny,maybe\n"}, "d", Columns(),
+     r"validation\.csv has labels 'maybe' in column 'label' that do not occur in train \(.*train\.csv\); allowed: neg, pos"),
+    ({"d/train.csv": GOOD, "d/test.jsonl": '{"text": "x", "label": "other"}\n'}, "d", Columns(),
+     r"test\.jsonl has labels 'other' .* do not occur in train"),
+    ({"d/data.csv": GOOD}, "d", Columns(), r"folder .*d has no train file; expected one of train\.csv, train\.jsonl, train\.parquet, optionally .*; found: data\.csv"),
+    ({"t.txt": GOOD}, "t.txt", Columns(), r"t\.txt must end in one of \.csv, \.jsonl, \.parquet"),
+    ({}, "missing.csv", Columns(), r"missing\.csv does not exist"),
+    ({"t.csv": "text,label\n" + "".join(f"r{i},a\n" for i in range(9)) + "lonely,b\n"}, "t.csv", Columns(),
+     r"cannot split 10 rows by class into train / validation / test .*rows per class: \[9, 1\]"),
+    ({"d/train.csv": "text,label\n"}, "d", Columns(), r"train\.csv has no rows"),
+])
+def test_bad_data_gets_one_line_naming_file_column_and_rule(tmp_path: Path, files: dict[str, str], task: str,
+                                                            columns: Columns, message: str) -> None:
+    (tmp_path / "d").mkdir()
+    _write(tmp_path, files)
+    with pytest.raises(DataError, match=message) as caught:
+        load_task(str(tmp_path / task), seed=0, train_size=10, val_size=4, test_size=4, columns=columns)
+    assert "\n" not in str(caught.value) and str(caught.value).startswith("--task: ")
+
+
+def test_a_folders_own_splits_are_used_and_recorded(tmp_path: Path) -> None:
+    val = "text,label\n" + "".join(f"val {i},{'pos' if i % 3 else 'neg'}\n" for i in range(6))
+    test = "text,label\nfirst test,neg\nsecond test,pos\n"
+    _write(tmp_path, {"train.csv": GOOD, "validation.csv": val, "test.csv": test})
+    task = load_task(str(tmp_path), seed=0, train_size=100, val_size=100, test_size=100)
+    assert task.validation.texts == [f"val {i}" for i in range(6)]  # the file's rows, in its order
+    assert task.test.texts == ["first test", "second test"] and task.test.labels == [0, 1]
+    assert sorted(task.train.texts) == sorted(f"row {i}" for i in range(20))
+    described = task.describe()
+    assert described["validation_origin"] == "file validation.csv" and described["train_origin"] == "file train.csv"
+
+
+def test_missing_splits_are_carved_from_train_and_big_ones_sampled(tmp_path: Path) -> None:
+    val = "text,label\n" + "".join(f"val {i},{'pos' if i % 2 else 'neg'}\n" for i in range(10))
+    _write(tmp_path, {"train.jsonl": "".join(f'{{"text": "row {i}", "label": {i % 2}}}\n' for i in range(40)),
+                      "dev.csv": val.replace("neg", "0").replace("pos", "1")})
+    task = load_task(str(tmp_path), seed=0, train_size=20, val_size=4, test_size=10)
+    assert not set(task.train.texts) & set(task.test.texts) and len(task.test.texts) == 10
+    assert len(task.validation.texts) == 4 and task.validation.labels.count(0) == 2  # stratified sample
+    described = task.describe()
+    assert described["test_origin"] == "seeded stratified split of file train.jsonl"
+    assert described["validation_origin"] == "file dev.csv, seeded stratified sample of 4 of 10 rows"
+    again = load_task(str(tmp_path), seed=0, train_size=20, val_size=4, test_size=10)
+    assert again.describe() == described
+
+
+def test_parquet_and_column_mapping_with_sentence_pairs(tmp_path: Path) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame({"premise": [f"p{i}" for i in range(30)], "hypothesis": [f"h{i}" for i in range(30)],
+                          "gold": [["entail", "contradict", "neutral"][i % 3] for i in range(30)]})
+    frame.to_parquet(tmp_path / "nli.parquet")
+    task = load_task(str(tmp_path / "nli.parquet"), seed=0, train_size=18, val_size=6, test_size=6,
+                     columns=Columns("premise", "gold", "hypothesis"))
+    assert task.label_names == ["contradict", "entail", "neutral"]
+    assert task.train.pairs is not None
+    assert all(t[1:] == p[1:] for t, p in zip(task.train.texts, task.train.pairs, strict=True))
+    assert task.describe()["text_pair_column"] == "hypothesis"
+
+
+def test_numeric_labels_sort_as_numbers(tmp_path: Path) -> None:
+    (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"r{i},{[2, 10][i % 2]}\n" for i in range(20)))
+    assert load_task(str(tmp_path / "t.csv"), seed=0, train_size=10, val_size=4, test_size=4).label_names == ["2", "10"]
+
+
+def test_pairs_tokenize_as_pairs(tiny_bert: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    split = TextSplit(["a cat sat", "dogs"], [0, 1], pairs=["on a mat", "bark loudly"])
+    ids = tokenize(split, tokenizer, 16).input_ids
+    assert tokenizer.convert_ids_to_tokens(ids[0]) == ["[CLS]", "a", "cat", "sat", "[SEP]", "on", "a", "mat", "[SEP]"]
+    long = TextSplit(["word " * 40], [0], pairs=["short pair"])
+    assert tokenizer.convert_ids_to_tokens(tokenize(long, tokenizer, 12).input_ids[0])[-4:] == ["[SEP]", "short", "pair", "[SEP]"]
+    assert TextSplit(["a"], [0]).fingerprint() != TextSplit(["a"], [0], pairs=["b"]).fingerprint()
+
+
+def test_ood_split_uses_the_tasks_classes(tmp_path: Path) -> None:
+    (tmp_path / "ood.csv").write_text("text,label\n" + "".join(f"o{i},{['neg', 'pos'][i % 2]}\n" for i in range(30)))
+    split = load_eval_split(str(tmp_path / "ood.csv"), label_names=["neg", "pos"], max_rows=10, seed=0)
+    assert len(split.texts) == 10 and split.labels.count(1) == 5
+    with pytest.raises(DataError, match=r"--ood-task: .*ood\.csv has labels 'neg', 'pos' in column 'label' that do not occur in the training task; allowed: bad, good"):
+        load_eval_split(str(tmp_path / "ood.csv"), label_names=["bad", "good"], max_rows=10, seed=0)
+
+
+def test_hub_datasets_map_class_names_and_drop_unlabelled_splits(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+
+    def table(n: int, labels: list[int]) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({"sentence": [f"s{i}" for i in range(n)], "label": labels}, features=features)
+
+    hub = datasets.DatasetDict({"train": table(40, [i % 2 for i in range(40)]), "validation": table(6, [0, 1] * 3),
+                                "test": table(4, [-1] * 4)})  # GLUE style: the test split has no labels
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: asked.append((name, config)) or hub)
+    task = load_task("someone/sst:default", seed=0, train_size=20, val_size=6, test_size=8,
+                     columns=Columns(text="sentence"))
+    assert asked == [("someone/sst", "default")]
+    assert task.label_names == ["negative", "positive"] and task.validation.texts == [f"s{i}" for i in range(6)]
+    assert task.describe()["test_origin"] == "seeded stratified split of hub split train" and len(task.test.texts) == 8
+
+
+def test_an_unreachable_hub_dataset_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def offline(name: str, config: str | None = None) -> None:
+        raise ConnectionError("Couldn't reach the Hugging Face Hub\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"^--task: 'nobody/nothing' is not a local file or folder, and loading it as a "
+                                        r"hub dataset failed: Couldn't reach the Hugging Face Hub$"):
+        load_task("nobody/nothing", seed=0, train_size=10, val_size=2, test_size=2)

