@@ -74,7 +74,7 @@ def _where(url: str) -> str:
 @app.command()
 def search(
     model: Annotated[str, typer.Option(help="Hub id, local model folder, or packaged:<name>.")] = DEFAULT_MODEL,
-    task: Annotated[str, typer.Option(help="packaged:rotten_tomatoes or a CSV/JSONL/Parquet file with text,label columns.")] = DEFAULT_TASK,
+    task: Annotated[str, typer.Option(help="packaged:rotten_tomatoes, a CSV/JSONL/Parquet file, a folder of train/validation/test files, or a hub dataset (name or name:config).")] = DEFAULT_TASK,
     space: Annotated[Path, typer.Option(help="Search-space YAML file.")] = DEFAULT_SPACE,
     trials: Annotated[int, typer.Option(help="Completed trials the study should hold (a resumed study counts its own; 0 only creates the study for workers).")] = 6,
     timeout: Annotated[float | None, typer.Option(help="Stop starting new trials after this many seconds.")] = None,
@@ -100,6 +100,15 @@ def search(
     pruner: Annotated[str, typer.Option(help="Scalar mode only: hyperband, successive-halving, median or none; compares validation accuracy at each quarter of the steps.")] = "none",
     max_total_steps: Annotated[int | None, typer.Option(help="Stop once trials have trained this many optimizer steps in all (pruned trials count what they trained).")] = None,
     warm_start: Annotated[bool, typer.Option(help="Try the default LoRA recipe (r 8, alpha 16, q/v, lr 2e-4) first, so the search never ends below it.")] = False,
+    text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    label_column: Annotated[str, typer.Option(help="Column holding the label.")] = "label",
+    text_pair_column: Annotated[str | None, typer.Option(help="Column holding a second text (sentence pairs).")] = None,
+    task_type: Annotated[str, typer.Option(help="classification (a head on the model) or causal_lm (a decoder answers with a label word).")] = "classification",
+    label_words: Annotated[str | None, typer.Option(help="causal_lm: comma-separated answer word per label, in label order (default: the label names).")] = None,
+    template: Annotated[str | None, typer.Option(help="causal_lm: prompt template with {text} (and {text_pair}).")] = None,
+    causal_eval: Annotated[str, typer.Option(help="causal_lm accuracy: rank (most likely label word) or generate (greedy answer, exact match).")] = "rank",
+    ood_task: Annotated[str | None, typer.Option(help="An out-of-distribution evaluation set (file, folder or hub name) with the same labels.")] = None,
+    probes: Annotated[str | None, typer.Option(help="Comma-separated probes: representation_drift, perplexity, factual_recall, generalization_gap, ood_accuracy (default: by model kind).")] = None,
 ) -> None:
     """Run (or resume) a budgeted search and print the trials, the chosen one and where everything is."""
     from autopeft.search import run_search
@@ -113,7 +122,10 @@ def search(
                             force_new=force_new, trust_remote_code=trust_remote_code,
                             objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()),
                             objective_mode=objective_mode, forgetting_weight=forgetting_weight, sampler=sampler,
-                            pruner=pruner, max_total_steps=max_total_steps, warm_start=warm_start)
+                            pruner=pruner, max_total_steps=max_total_steps, warm_start=warm_start,
+                            text_column=text_column, label_column=label_column, text_pair_column=text_pair_column,
+                            task_type=task_type, label_words=_csv(label_words), template=template,
+                            causal_eval=causal_eval, ood_task=ood_task, probes=_csv(probes))
 
     config = _guard(build)
     console.print(f"study [bold]{config.study}[/bold] in {_where(config.storage)}; "
@@ -148,6 +160,10 @@ def worker(
     summary = _interruptible(lambda: run_worker(config, progress=_progress), config)
     console.print(f"worker done: the study holds {sum(t.state.name == 'COMPLETE' for t in summary.study.trials)} "
                   f"completed trials" + (f"; {summary.stopped_reason}" if summary.stopped_reason else ""))
+
+
+def _csv(text: str | None) -> tuple[str, ...] | None:
+    return tuple(part.strip() for part in text.split(",") if part.strip()) if text else None
 
 
 def _budget(text: str | None) -> int | None:

@@ -78,6 +78,15 @@ class SearchConfig:
     pruner: str = "none"  # scalar mode only: hyperband | successive-halving | median | none
     max_total_steps: int | None = None  # training-step budget over all trials (pruned trials count)
     warm_start: bool = False  # enqueue the documented default LoRA recipe as the first trial
+    text_column: str = "text"  # columns of the user's data
+    label_column: str = "label"
+    text_pair_column: str | None = None  # sentence pairs: the second text
+    task_type: str = "classification"  # classification (a head) or causal_lm (answer label words; decoders)
+    label_words: tuple[str, ...] | None = None  # causal_lm: the word for each label (default: label names)
+    template: str | None = None  # causal_lm: prompt with {text} (and {text_pair})
+    causal_eval: str = "rank"  # causal_lm accuracy: rank the label words, or generate and match exactly
+    ood_task: str | None = None  # an out-of-distribution evaluation set with the same labels
+    probes: tuple[str, ...] | None = None  # probe names (default: by model kind; see autopeft.probes)
 
     def __post_init__(self) -> None:
         problems = []
@@ -119,6 +128,18 @@ class SearchConfig:
                             "multi-objective studies)")
         if self.max_total_steps is not None and self.max_total_steps < 1:
             problems.append(f"--max-total-steps: {self.max_total_steps} must be at least 1")
+        if self.task_type not in ("classification", "causal_lm"):
+            problems.append(f"--task-type: {self.task_type!r} must be classification or causal_lm")
+        if self.causal_eval not in ("rank", "generate"):
+            problems.append(f"--causal-eval: {self.causal_eval!r} must be rank or generate")
+        if self.template is not None:
+            from autopeft.errors import DataError
+            from autopeft.verbalizer import check_template
+
+            try:
+                check_template(self.template)
+            except DataError as exc:
+                problems.append(str(exc))
         if self.forgetting_weight < 0:
             problems.append(f"--forgetting-weight: {self.forgetting_weight} must be at least 0")
         return problems
@@ -136,6 +157,7 @@ class SearchConfig:
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> SearchConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         merged = {**known, **overrides}
-        if "objectives" in merged:  # JSON (a study's record) gives a list
-            merged["objectives"] = tuple(merged["objectives"])
+        for key in ("objectives", "label_words", "probes"):  # JSON (a study's record) gives lists
+            if merged.get(key) is not None:
+                merged[key] = tuple(merged[key])
         return cls(**merged)

@@ -22,7 +22,6 @@ import optuna
 from autopeft import adapter_io, methods
 from autopeft.config import SearchConfig, format_bytes
 from autopeft.errors import ConfigError, StudyError
-from autopeft.evaluate import accuracy
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
 from autopeft.study import pareto_front, scores
@@ -138,7 +137,7 @@ def held_out_accuracy(study: optuna.Study, trial: optuna.trial.FrozenTrial, runt
     if key in study.user_attrs:
         return float(study.user_attrs[key])
     model = adapter_io.load(copy.deepcopy(runtime.base_model), adapter)
-    value = accuracy(model, runtime.test, pad_id=runtime.pad_id, batch_size=runtime.config.eval_batch_size)
+    value = runtime.evaluate(model, runtime.test, runtime.device)
     study.set_user_attr(key, value)
     return value
 
@@ -197,14 +196,14 @@ Found by autopeft (study `{metrics['study']}`, trial {trial.number}).
 
 Reproduce: `autopeft train --config training.yaml`
 
-{load_line(metrics['peft_backed'])}
+{load_line(metrics['peft_backed'], config.task_type)}
 (the adapter weights are here when exported with `--with-weights`).
 """
 
 
-def load_line(peft_backed: bool) -> str:
+def load_line(peft_backed: bool, task_type: str = "classification") -> str:
+    base = "AutoModelForCausalLM.from_pretrained(BASE)" if task_type == "causal_lm" else \
+        "AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=N)"
     if peft_backed:
-        return ("Load (peft only): `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained("
-                "BASE, num_labels=N), THIS_FOLDER)`")
-    return ("Load (autopeft's own method, not in peft): `autopeft.adapter_io.load(AutoModelForSequenceClassification"
-            ".from_pretrained(BASE, num_labels=N), Path(THIS_FOLDER))`")
+        return f"Load (peft only): `PeftModel.from_pretrained({base}, THIS_FOLDER)`"
+    return f"Load (autopeft's own method, not in peft): `autopeft.adapter_io.load({base}, Path(THIS_FOLDER))`"

@@ -188,6 +188,27 @@ def load_classifier(model: str, num_labels: int, *, seed: int, trust_remote_code
     return net, tokenizer
 
 
+def load_causal_lm(model: str, *, seed: int, trust_remote_code: bool = False):
+    """A causal LM and its tokenizer, padded on the left (answers are scored after the prompt's end)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = resolve_model_path(model)
+    torch.manual_seed(seed)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        net = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"--model: cannot load {model!r} as a causal LM: {str(exc).splitlines()[0]}") from exc
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    net.config.pad_token_id = tokenizer.pad_token_id
+    return net, tokenizer
+
+
 def family(model: nn.Module) -> str:
     """The block layout of `model`, read from its module names (not from its model type), so a model the
     project has never seen works when its blocks follow one of the standard layouts."""

@@ -17,18 +17,18 @@ from torch import nn
 from autopeft import adapter_io, interrupt, memory, methods
 from autopeft import study as studies
 from autopeft.config import SearchConfig, format_bytes
-from autopeft.data import TaskData, TokenizedSplit, load_task, tokenize
+from autopeft.data import TaskData, TokenizedSplit, load_eval_split, load_task, tokenize
+from autopeft.evaluate import Evaluator
 from autopeft.errors import ConfigError, TrialFailed
-from autopeft.evaluate import accuracy
-from autopeft.models import count_parameters, load_classifier
-from autopeft.probes import RepresentationDrift
+from autopeft.models import count_parameters, family, load_causal_lm, load_classifier
+from autopeft.probes import ProbeContext, ProbeSet, build_probes, default_probes, probe_problems
 from autopeft.recipe import write_recipe
 from autopeft.space import SearchSpace, TrialParams, load_space
 from autopeft.tracking import Tracker
-from autopeft.train import TrainResult, TrainSettings, fit
-
-TASK_TYPE = "SEQ_CLS"
-
+from autopeft.sources import Columns
+from autopeft.train import LossFn, TrainResult, TrainSettings, causal_lm_loss, classification_loss, fit
+from autopeft.verbalizer import (causal_format, default_label_words, default_template, label_words_problem,
+                                 tokenize_causal)
 
 @dataclass
 class Runtime:
@@ -42,7 +42,11 @@ class Runtime:
     train: TokenizedSplit
     validation: TokenizedSplit
     test: TokenizedSplit
-    probe: RepresentationDrift
+    probes: ProbeSet
+    evaluate: Evaluator  # accuracy on a split, as this task measures it (head argmax or label-word answer)
+    loss_fn: LossFn
+    method_task_type: str  # peft's task type: SEQ_CLS or CAUSAL_LM
+    base_scores: dict[str, float] = field(default_factory=dict)  # the untouched base model's probe scores
     device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     @property
@@ -51,18 +55,61 @@ class Runtime:
 
 
 def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> Runtime:
+    columns = Columns(config.text_column, config.label_column, config.text_pair_column)
     task = load_task(config.task, seed=config.seed, train_size=config.train_size,
-                     val_size=config.val_size, test_size=config.test_size)
-    base_model, tokenizer = load_classifier(config.model, len(task.label_names), seed=config.seed,
-                                            trust_remote_code=config.trust_remote_code)
+                     val_size=config.val_size, test_size=config.test_size, columns=columns)
+    loaded = _load_for_task(config, task)
+    base_model, tokenizer, tokenize_split, evaluator = loaded
     base_model.eval()
     for param in base_model.parameters():  # the shared copy is never trained
         param.requires_grad_(False)
-    probe = RepresentationDrift(tokenizer, seed=config.seed)
-    probe.fit_base(base_model)
-    splits = {name: tokenize(split, tokenizer, config.max_length) for name, split in task.splits().items()}
-    return Runtime(config, space, task, tokenizer, base_model, splits["train"], splits["validation"],
-                   splits["test"], probe)
+    splits = {name: tokenize_split(split) for name, split in task.splits().items()}
+    ood = None
+    if config.ood_task:
+        ood = tokenize_split(load_eval_split(config.ood_task, label_names=task.label_names, columns=columns,
+                                             max_rows=config.test_size, seed=config.seed))
+    probes = _probes(config, task, base_model, tokenizer, evaluator, splits, ood)
+    causal = config.task_type == "causal_lm"
+    runtime = Runtime(config, space, task, tokenizer, base_model, splits["train"], splits["validation"],
+                      splits["test"], probes, evaluator, causal_lm_loss if causal else classification_loss,
+                      "CAUSAL_LM" if causal else "SEQ_CLS")
+    runtime.base_scores = probes.fit_base(
+        base_model, runtime.device, cache_file=Path(config.artifacts_dir) / config.study / "probe-base.pt",
+        cache_key=f"{config.model}|{config.seed}|{config.task_type}|{config.max_length}|{config.ood_task}|"
+                  f"{task.describe()['train_fingerprint']}|{task.describe()['validation_fingerprint']}")
+    return runtime
+
+
+def _load_for_task(config: SearchConfig, task: TaskData) -> tuple[nn.Module, Any, Any, Evaluator]:
+    """The base model, its tokenizer, how a split is tokenized, and how accuracy is measured."""
+    if config.task_type == "causal_lm":
+        model, tokenizer = load_causal_lm(config.model, seed=config.seed, trust_remote_code=config.trust_remote_code)
+        words = list(config.label_words or default_label_words(task.label_names))
+        problem = label_words_problem(words, task.label_names)
+        if problem:
+            raise ConfigError([f"--label-words: {problem}"])
+        template = config.template or default_template(task.train.pairs is not None)
+        fmt = causal_format(tokenizer, words, template)
+        evaluator = Evaluator(int(tokenizer.pad_token_id), config.eval_batch_size, causal=fmt,
+                              mode=config.causal_eval, tokenizer=tokenizer)  # type: ignore[arg-type]
+        return model, tokenizer, lambda split: tokenize_causal(split, tokenizer, config.max_length, words,
+                                                               template), evaluator
+    model, tokenizer = load_classifier(config.model, len(task.label_names), seed=config.seed,
+                                       trust_remote_code=config.trust_remote_code)
+    return model, tokenizer, lambda split: tokenize(split, tokenizer, config.max_length), \
+        Evaluator(int(tokenizer.pad_token_id), config.eval_batch_size)
+
+
+def _probes(config: SearchConfig, task: TaskData, base_model: nn.Module, tokenizer: Any, evaluator: Evaluator,
+            splits: dict[str, TokenizedSplit], ood: TokenizedSplit | None) -> ProbeSet:
+    decoder = family(base_model) != "bert"
+    names = config.probes or default_probes(decoder=decoder, has_ood=ood is not None)
+    problems = probe_problems(names, decoder=decoder, has_ood=ood is not None)
+    if problems:
+        raise ConfigError(problems)
+    context = ProbeContext(tokenizer, seed=config.seed, evaluate=evaluator, train=splits["train"],
+                           validation=splits["validation"], ood=ood, max_length=config.max_length)
+    return build_probes(names, context)
 
 
 def build_model(runtime: Runtime, params: TrialParams) -> nn.Module:
@@ -70,7 +117,7 @@ def build_model(runtime: Runtime, params: TrialParams) -> nn.Module:
     model = copy.deepcopy(runtime.base_model)
     for param in model.parameters():
         param.requires_grad_(True)  # peft freezes what the method does not train
-    context = methods.MethodContext(TASK_TYPE, runtime.config.max_steps)
+    context = methods.MethodContext(runtime.method_task_type, runtime.config.max_steps)
     return adapter_io.attach(model, params.method, params.method_params, context)
 
 
@@ -92,6 +139,7 @@ class TrialOutcome:
     eval_seconds: float  # validation accuracy and the forgetting probe (intermediate evaluations included)
     intermediate: list[tuple[int, float]]  # (step, accuracy on the first rows of validation)
     measured_peak_bytes: int | None  # CUDA only for now: torch.cuda.max_memory_allocated during training
+    probe_scores: dict[str, float] = field(default_factory=dict)  # every probe's metrics (forgetting included)
 
 
 def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> memory.MemoryEstimate:
@@ -127,7 +175,7 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
         due = step % checkpoint_every == 0 and step < runtime.config.max_steps if checkpoint_every else step == halfway
         if due:
             began = time.perf_counter()
-            intermediate.append((step, accuracy(trained, subset, pad_id=runtime.pad_id, device=runtime.device)))
+            intermediate.append((step, runtime.evaluate(trained, subset, runtime.device)))
             checking[0] += time.perf_counter() - began
             if on_checkpoint is not None:
                 on_checkpoint(step, intermediate[-1][1])
@@ -135,16 +183,15 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
     result = fit(model, runtime.train, train_settings(params, max_steps=runtime.config.max_steps, seed=seed),
-                 pad_id=runtime.pad_id, device=runtime.device, on_step=check_halfway,
+                 pad_id=runtime.pad_id, device=runtime.device, loss_fn=runtime.loss_fn, on_step=check_halfway,
                  after_step=methods.get(params.method).after_step)
     measured = torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda" else None
     eval_start = time.perf_counter()
-    val_accuracy = accuracy(model, runtime.validation, pad_id=runtime.pad_id,
-                            batch_size=runtime.config.eval_batch_size, device=runtime.device)
-    forgetting = runtime.probe.forgetting(model, runtime.device)
+    val_accuracy = runtime.evaluate(model, runtime.validation, runtime.device)
+    probe_scores = runtime.probes.score(model, runtime.device, measured={"val_accuracy": val_accuracy})
     end = time.perf_counter()
-    return TrialOutcome(model, result, val_accuracy, forgetting, trainable, total, estimate, end - start,
-                        end - eval_start + checking[0], intermediate, measured)
+    return TrialOutcome(model, result, val_accuracy, probe_scores["forgetting"], trainable, total, estimate,
+                        end - start, end - eval_start + checking[0], intermediate, measured, probe_scores)
 
 
 class Objective:
@@ -272,6 +319,7 @@ class Objective:
             "padding_fraction": 1 - outcome.train.tokens / max(1, outcome.train.positions),
             "final_train_loss": outcome.train.losses[-1], "fp16_overflow_steps": outcome.train.overflow_steps,
             "memory_estimate_bytes": outcome.estimate.total,
+            **{f"probe.{k}": v for k, v in outcome.probe_scores.items() if k != "forgetting"},
             **({"memory_measured_bytes": outcome.measured_peak_bytes,
                 "memory_estimate_error": outcome.estimate.total / outcome.measured_peak_bytes - 1}
                if outcome.measured_peak_bytes else {}),
@@ -363,10 +411,11 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
                                     {**config.public_dict(), **runtime.task.describe(), **package_versions()},
                                     config.space, study.user_attrs.get("space_yaml"))
     if "base_val_accuracy" not in study.user_attrs:  # the untouched base model's scores, once per study
-        base = accuracy(runtime.base_model, runtime.validation, pad_id=runtime.pad_id,
-                        batch_size=config.eval_batch_size, device=runtime.device)
+        base = runtime.evaluate(runtime.base_model, runtime.validation, runtime.device)
         study.set_user_attr("base_val_accuracy", base)
-        tracker.log_metrics(parent, {"base_val_accuracy": base, "base_forgetting": 0.0})
+        study.set_user_attr("base_probe_scores", runtime.base_scores)
+        tracker.log_metrics(parent, {"base_val_accuracy": base,
+                                     **{f"base_{k}": v for k, v in runtime.base_scores.items()}})
     study.set_user_attr("mlflow_parent_run_id", parent)
     objective = Objective(runtime, tracker, parent)
     stopped: list[str] = []

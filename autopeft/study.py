@@ -92,8 +92,10 @@ def check_compatible(study: optuna.Study, config: SearchConfig, space: SearchSpa
     if study.user_attrs.get("space_fingerprint") != space.fingerprint:
         problems.append("a different search space")
     for key in ("model", "task", "max_steps", "train_size", "val_size", "test_size", "max_length", "seed",
-                "objectives", "objective_mode", "forgetting_weight"):
-        now = list(getattr(config, key)) if key == "objectives" else getattr(config, key)
+                "objectives", "objective_mode", "forgetting_weight", "task_type", "text_column", "label_column",
+                "text_pair_column", "label_words", "template", "causal_eval", "ood_task", "probes"):
+        now = getattr(config, key)
+        now = list(now) if isinstance(now, tuple) else now  # the study's record is JSON: lists
         if key in recorded and recorded[key] != now:
             problems.append(f"{key}={recorded[key]!r} (now {now!r})")
     if study.user_attrs.get("split", task.describe()) != task.describe():

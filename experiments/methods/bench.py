@@ -1,0 +1,148 @@
+"""Which PEFT method, at what cost? Every registered method at a comparable setting, same data, same steps.
+
+For each model (packaged MiniLM + Rotten Tomatoes; packaged SmolLM2-135M with a classification head at a
+shorter budget) and each method: trainable parameters (count and % of the base), seconds per optimizer step,
+peak training memory of one step (live tensor bytes on the CPU, autopeft.memory.measure), validation
+accuracy after the same number of steps and forgetting (1 - CKA on general text), mean and spread over
+seeds. Each method gets the learning rate its family usually needs (one value, not tuned per model).
+
+Run:  .venv/bin/python experiments/methods/bench.py [--models minilm,smollm2] [--seeds 3]
+Writes results.json and results.md next to this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+from autopeft import memory, methods  # noqa: E402
+from autopeft.config import SearchConfig  # noqa: E402
+from autopeft.search import build_model, prepare_runtime, run_trial, train_settings  # noqa: E402
+from autopeft.space import TRAINING_PARAMS, TrialParams  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "attention", "use_rslora": False}
+# method -> (its parameters, learning rate). Comparable: rank 8 for the LoRA family (MoRA matched to
+# LoRA-8's parameter count), 16 virtual tokens for prefix/prompt, a 16-wide bottleneck.
+SETTINGS: dict[str, tuple[dict, float]] = {
+    "lora": (LORA, 2e-3),
+    "dora": (LORA, 2e-3),
+    "qlora": ({**LORA, "double_quant": True, "compute_dtype": "fp32"}, 2e-3),
+    "adalora": ({"init_r": 12, "target_r": 8, "alpha": 16.0, "target_modules": "attention"}, 2e-3),
+    "mora": ({"r": 8, "target_modules": "attention", "compression": "rotation"}, 2e-3),
+    "adapter": ({"bottleneck": 16, "placement": "both", "variant": "serial"}, 2e-3),
+    "prefix": ({"num_virtual_tokens": 16}, 1e-2),
+    "prompt": ({"num_virtual_tokens": 16, "init": "random"}, 3e-2),
+    "ia3": ({"target_modules": "kv_ffn"}, 1e-2),
+}
+MODELS = {
+    "minilm": dict(model="packaged:all-MiniLM-L6-v2", max_steps=150, train_size=4000, val_size=1000,
+                   test_size=1000, micro_batch_size=16),
+    "smollm2": dict(model="packaged:SmolLM2-135M-Instruct", max_steps=30, train_size=1000, val_size=300,
+                    test_size=300, micro_batch_size=8),
+}
+
+
+def training(lr: float, batch: int) -> dict:
+    return {**{k: s.default for k, s in TRAINING_PARAMS.items()}, "learning_rate": lr, "micro_batch_size": batch,
+            "warmup_ratio": 0.06}
+
+
+def peak_bytes(runtime, params: TrialParams) -> int:
+    """Live tensor bytes at the peak of one training step on the longest batch (what the search budgets)."""
+    model = build_model(runtime, params)
+    settings = train_settings(params, max_steps=1, seed=0)
+    return memory.measure(model, runtime.train, settings, pad_id=runtime.pad_id).peak
+
+
+def one_model(name: str, seeds: int) -> list[dict]:
+    spec = dict(MODELS[name])
+    batch = spec.pop("micro_batch_size")
+    config = SearchConfig(**spec, max_length=64)
+    runtime = prepare_runtime(config)
+    rows = []
+    for method in methods.names():
+        if method not in SETTINGS:
+            continue
+        own, lr = SETTINGS[method]
+        params = TrialParams(method, methods.get(method).resolve(own), training(lr, batch))
+        problem = methods.get(method).problem(runtime.base_model)
+        if problem:
+            rows.append({"model": name, "method": method, "skipped": problem})
+            continue
+        runs = []
+        for seed in range(seeds):
+            began = time.perf_counter()
+            outcome = run_trial(runtime, params, seed=seed)
+            runs.append({"seed": seed, "val_accuracy": outcome.accuracy, "forgetting": outcome.forgetting,
+                         "seconds_per_step": outcome.train.seconds / len(outcome.train.losses),
+                         "wall_seconds": time.perf_counter() - began})
+            print(f"{name} {method} seed {seed}: acc {outcome.accuracy:.4f} forgetting {outcome.forgetting:.4f} "
+                  f"{runs[-1]['seconds_per_step']:.3f} s/step", flush=True)
+        rows.append({"model": name, "method": method, "params": own, "learning_rate": lr,
+                     "trainable": outcome.trainable, "total": outcome.total,
+                     "peak_bytes": peak_bytes(runtime, params), "runs": runs})
+    return rows
+
+
+def summary(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def render(results: dict) -> str:
+    lines = ["# Which PEFT method, at what cost?", "",
+             f"Command: `{results['command']}`  ", f"Machine: {results['machine']}  ",
+             f"Seeds: {results['seeds']}; mean ± sample standard deviation over seeds.", ""]
+    for model, spec in MODELS.items():
+        rows = [r for r in results["rows"] if r["model"] == model]
+        if not rows:
+            continue
+        lines += [f"## {model}: {spec['model']}, {spec['max_steps']} steps x batch {spec['micro_batch_size']}, "
+                  f"{spec['train_size']} train / {spec['val_size']} validation rows", "",
+                  "| method | lr | trainable params | % of base | s/step | peak memory (MiB) | val accuracy | forgetting |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if "skipped" in r:
+                lines.append(f"| {r['method']} | | | | | | skipped: {r['skipped']} | |")
+                continue
+            acc, acc_sd = summary([x["val_accuracy"] for x in r["runs"]])
+            fgt, fgt_sd = summary([x["forgetting"] for x in r["runs"]])
+            sps, _ = summary([x["seconds_per_step"] for x in r["runs"]])
+            lines.append(f"| {r['method']} | {r['learning_rate']:g} | {r['trainable']:,} | "
+                         f"{100 * r['trainable'] / r['total']:.3f} | {sps:.3f} | {r['peak_bytes'] / 2**20:.0f} | "
+                         f"{acc:.4f} ± {acc_sd:.4f} | {fgt:.4f} ± {fgt_sd:.4f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n" + (HERE / "discussion.md").read_text() if (HERE / "discussion.md").exists() \
+        else "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="minilm,smollm2")
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = []
+    for name in args.models.split(","):
+        rows += one_model(name, args.seeds)
+        results = {"command": f"python experiments/methods/bench.py --models {args.models} --seeds {args.seeds}",
+                   "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only",
+                   "seeds": args.seeds, "rows": rows}
+        (HERE / "results.json").write_text(json.dumps(results, indent=2))  # after each model: partial results kept
+        (HERE / "results.md").write_text(render(results))
+    print(render(results))
+
+
+if __name__ == "__main__":
+    main()
