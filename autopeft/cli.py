@@ -79,6 +79,7 @@ def search(
     trials: Annotated[int, typer.Option(help="Completed trials the study should hold (a resumed study counts its own; 0 only creates the study for workers).")] = 6,
     timeout: Annotated[float | None, typer.Option(help="Stop starting new trials after this many seconds.")] = None,
     memory_budget: Annotated[str | None, typer.Option(help="Peak training memory allowed per trial, e.g. 8GiB; configurations estimated above it are pruned before training.")] = None,
+    device: Annotated[str | None, typer.Option(help="Device the memory budget is for: cuda or cpu (default: where this search trains; cuda works for planning on a CPU-only machine).")] = None,
     study: Annotated[str, typer.Option(help="Study name; running again with the same name resumes it.")] = "default",
     storage: Annotated[str, typer.Option(help="Optuna storage URL (sqlite:///..., postgresql://...).")] = "sqlite:///autopeft.db",
     tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI (sqlite:///..., http://host:port).")] = "sqlite:///mlflow.db",
@@ -115,7 +116,8 @@ def search(
 
     def build() -> SearchConfig:
         return SearchConfig(model=model, task=task, space=str(space), trials=0 if workers > 1 else trials,
-                            timeout=timeout, memory_budget=_budget(memory_budget), study=study, storage=storage,
+                            timeout=timeout, memory_budget=_budget(memory_budget), device=device, study=study,
+                            storage=storage,
                             tracking_uri=tracking_uri, artifacts_dir=str(artifacts_dir), seed=seed,
                             max_steps=max_steps, train_size=train_size, val_size=val_size, test_size=test_size,
                             max_consecutive_failures=max_consecutive_failures, heartbeat_seconds=heartbeat,
@@ -356,6 +358,43 @@ def train(
     result = _guard(lambda: train_from_recipe(config, out, max_steps=max_steps, tracking_uri=tracking_uri, force=force))
     console.print(f"{result.method}: val accuracy {result.accuracy:.4f}, forgetting {result.forgetting:.4f}, "
                   f"{result.steps} steps in {result.seconds:.1f} s; adapter saved to {out}; MLflow run {result.run_id}")
+
+
+@app.command()
+def estimate(
+    config: Annotated[Path | None, typer.Option("--config", help="training.yaml (from `autopeft export`): estimate that configuration.")] = None,
+    model: Annotated[str, typer.Option(help="With --space: hub id, local folder or packaged:<name> (only its config is read).")] = DEFAULT_MODEL,
+    space: Annotated[Path, typer.Option(help="With no --config: each method of this space at its default parameters.")] = DEFAULT_SPACE,
+    seq_len: Annotated[int, typer.Option(help="Tokens per row of the longest batch.")] = 128,
+    device: Annotated[str, typer.Option(help="Device to estimate for: cpu or cuda (works on a CPU-only machine).")] = "cpu",
+) -> None:
+    """Predict the peak training memory of a configuration (or of each method of a space) without training,
+    traced on fake tensors: works for models far too large for this machine."""
+    from autopeft import memory, methods
+    from autopeft.recipe import read_recipe
+    from autopeft.space import TRAINING_PARAMS, TrialParams, load_space
+    from autopeft.train import TrainSettings
+
+    if device not in ("cpu", "cuda") or seq_len < 1:
+        _fail(f"--device must be cpu or cuda and --seq-len at least 1 (got {device!r}, {seq_len})")
+
+    def configurations() -> list[tuple[str, TrialParams]]:
+        if config is not None:
+            recipe, params, _ = read_recipe(config)
+            return [(recipe.model, params)]
+        loaded = load_space(space)
+        defaults = {k: spec.default for k, spec in TRAINING_PARAMS.items()}
+        return [(model, TrialParams(name, methods.get(name).resolve({}), defaults)) for name in loaded.method_names()]
+
+    known = TrainSettings.__dataclass_fields__
+    for base, params in _guard(configurations):
+        settings = TrainSettings(**{k: v for k, v in params.training.items() if k in known})
+        result = _guard(lambda: memory.estimate_traced(base, params.method, params.method_params, settings,
+                                                       seq_len=seq_len, device=device))
+        console.print(f"[bold]{params.method}[/bold] on {base}: micro-batch {settings.micro_batch_size} x {seq_len} "
+                      f"tokens, {settings.optimizer}, {settings.precision}"
+                      f"{', checkpointing' if settings.gradient_checkpointing else ''}")
+        console.print(result.table(), highlight=False)
 
 
 @app.command()

@@ -59,6 +59,7 @@ class SearchConfig:
     trials: int = 6  # trials to complete in this study (counting those already finished on resume)
     timeout: float | None = None  # seconds of wall time for this invocation
     memory_budget: int | None = None  # bytes; trials estimated above it are pruned before training
+    device: str | None = None  # the budget's device (cuda or cpu; default: where the search trains)
     seed: int = 0  # seeds the sampler, the data split and every trial's training
     max_steps: int = 150  # optimizer steps per trial
     train_size: int = 4000  # rows sampled (stratified) for training; the rest of the split follows
@@ -128,6 +129,8 @@ class SearchConfig:
                             "multi-objective studies)")
         if self.max_total_steps is not None and self.max_total_steps < 1:
             problems.append(f"--max-total-steps: {self.max_total_steps} must be at least 1")
+        if self.device not in (None, "cpu", "cuda"):
+            problems.append(f"--device: {self.device!r} must be cpu or cuda")
         if self.task_type not in ("classification", "causal_lm"):
             problems.append(f"--task-type: {self.task_type!r} must be classification or causal_lm")
         if self.causal_eval not in ("rank", "generate"):

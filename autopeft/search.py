@@ -23,7 +23,7 @@ from autopeft.errors import ConfigError, TrialFailed
 from autopeft.models import count_parameters, family, load_causal_lm, load_classifier
 from autopeft.probes import ProbeContext, ProbeSet, build_probes, default_probes, probe_problems
 from autopeft.recipe import write_recipe
-from autopeft.space import SearchSpace, TrialParams, load_space
+from autopeft.space import TRAINING_PARAMS, SearchSpace, TrialParams, load_space
 from autopeft.tracking import Tracker
 from autopeft.sources import Columns
 from autopeft.train import LossFn, TrainResult, TrainSettings, causal_lm_loss, classification_loss, fit
@@ -138,15 +138,46 @@ class TrialOutcome:
     seconds: float
     eval_seconds: float  # validation accuracy and the forgetting probe (intermediate evaluations included)
     intermediate: list[tuple[int, float]]  # (step, accuracy on the first rows of validation)
-    measured_peak_bytes: int | None  # CUDA only for now: torch.cuda.max_memory_allocated during training
+    measured_peak_bytes: int | None  # CUDA: max_memory_allocated in training; CPU with a budget: measure_memory
     probe_scores: dict[str, float] = field(default_factory=dict)  # every probe's metrics (forgetting included)
 
 
+# Within this factor of the budget the instant analytic estimate is not trusted to decide: the traced one
+# (a fake-tensor run of one step, seconds) decides. Outside it, pruning costs well under a second.
+TRACE_MARGIN = 0.25
+
+
+def target_device(runtime: Runtime) -> torch.device:
+    """The device the budget is for: --device when planning for another machine, else where we train."""
+    return torch.device(runtime.config.device) if runtime.config.device else runtime.device
+
+
 def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> memory.MemoryEstimate:
+    """Peak bytes of one training step: analytic, or traced when the analytic figure is near the budget."""
     seq_len = max(runtime.train.lengths())  # the longest batch sets the peak
     t = params.training
-    return memory.estimate(model, optimizer=t["optimizer"], precision=t["precision"],
-                           micro_batch_size=t["micro_batch_size"], seq_len=seq_len)
+    analytic = memory.estimate(model, optimizer=t["optimizer"], precision=t["precision"],
+                               micro_batch_size=t["micro_batch_size"], seq_len=seq_len,
+                               gradient_checkpointing=bool(t["gradient_checkpointing"]))
+    budget = runtime.config.memory_budget
+    if budget is None or abs(analytic.total - budget) > TRACE_MARGIN * budget:
+        return analytic
+    return memory.estimate_traced(runtime.base_model, params.method, params.method_params,
+                                  train_settings(params, max_steps=runtime.config.max_steps, seed=0),
+                                  seq_len=seq_len, device=target_device(runtime),
+                                  task_type=runtime.method_task_type, num_labels=len(runtime.task.label_names),
+                                  max_steps=runtime.config.max_steps)
+
+
+def measure_memory(runtime: Runtime, params: TrialParams) -> int | None:
+    """The real peak of two steps on full-length batches, on a separate copy (CPU: live tensor bytes), so
+    an admitted trial's estimate can be checked. Only with a budget on the CPU (on CUDA the trial's own
+    torch.cuda.max_memory_allocated is measured)."""
+    if runtime.config.memory_budget is None or runtime.device.type != "cpu" or target_device(runtime).type != "cpu":
+        return None
+    return memory.measure(build_model(runtime, params), train_settings(params, max_steps=2, seed=0),
+                          seq_len=max(runtime.train.lengths()), task_type=runtime.method_task_type,
+                          num_labels=len(runtime.task.label_names), pad_id=runtime.pad_id)
 
 
 INTERMEDIATE_ROWS = 256  # a mid-training check on a slice of validation: cheap, and enough to see a trend
@@ -185,7 +216,8 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
     result = fit(model, runtime.train, train_settings(params, max_steps=runtime.config.max_steps, seed=seed),
                  pad_id=runtime.pad_id, device=runtime.device, loss_fn=runtime.loss_fn, on_step=check_halfway,
                  after_step=methods.get(params.method).after_step)
-    measured = torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda" else None
+    measured = torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda" else \
+        measure_memory(runtime, params)
     eval_start = time.perf_counter()
     val_accuracy = runtime.evaluate(model, runtime.validation, runtime.device)
     probe_scores = runtime.probes.score(model, runtime.device, measured={"val_accuracy": val_accuracy})
@@ -373,11 +405,49 @@ def package_versions() -> dict[str, str]:
 
 
 def check_budget_feasible(config: SearchConfig, runtime: Runtime) -> None:
-    """A budget below the frozen weights alone admits no configuration: say so before anything trains."""
-    weights = sum(p.numel() * p.element_size() for p in runtime.base_model.parameters())
-    if config.memory_budget is not None and config.memory_budget < weights:
-        raise ConfigError([f"--memory-budget: {format_bytes(config.memory_budget)} is less than the model's weights "
-                           f"alone ({format_bytes(weights)}); no configuration can fit"])
+    """When even the lightest configuration the space offers is estimated over the budget, no trial can
+    run: say so before anything trains (exit 2) instead of pruning every trial."""
+    if config.memory_budget is None or runtime.space is None:
+        return
+    lightest = min(_lightest_estimates(runtime), key=lambda pair: pair[1].total)
+    if lightest[1].total > config.memory_budget:
+        raise ConfigError([f"--memory-budget: {format_bytes(config.memory_budget)} fits no configuration of "
+                           f"{config.space}; the lightest ({lightest[0]}) needs about {lightest[1].describe()}"])
+
+
+def _lightest_estimates(runtime: Runtime) -> list[tuple[str, memory.MemoryEstimate]]:
+    """Per method (at its default parameters): the analytic estimate at the smallest micro-batch, the
+    cheapest optimizer, the lowest precision and with checkpointing when the space offers them."""
+    space = runtime.space
+    assert space is not None
+
+    def options(name: str, dims: dict) -> list:
+        dim = dims.get(name)
+        if dim is None:
+            return [TRAINING_PARAMS[name].default]
+        return list(dim.choices) if dim.kind == "categorical" else [dim.value] if dim.kind == "fixed" else [dim.low]
+
+    results = []
+    for method in space.method_names():
+        dims = {**space.training_dims, **space.training_overrides.get(method, {})}
+        precision = "bf16" if set(options("precision", dims)) & {"bf16", "fp16"} else "fp32"
+        settings = {**params_defaults(), "micro_batch_size": int(min(options("micro_batch_size", dims))),
+                    "precision": precision, "gradient_checkpointing": True in options("gradient_checkpointing", dims)}
+        params = TrialParams(method, methods.get(method).resolve({}), settings)
+        if methods.get(method).problem(runtime.base_model):
+            continue
+        model = build_model(runtime, params)
+        estimates = [memory.estimate(model, optimizer=opt, precision=precision,
+                                     micro_batch_size=settings["micro_batch_size"], seq_len=max(runtime.train.lengths()),
+                                     gradient_checkpointing=settings["gradient_checkpointing"])
+                     for opt in options("optimizer", dims)]
+        results.append((f"{method}, micro-batch {settings['micro_batch_size']}, {precision}",
+                        min(estimates, key=lambda e: e.total)))
+    return results or [("none", memory.MemoryEstimate(weights=0, gradients=0, optimizer_state=0, activations=0))]
+
+
+def params_defaults() -> dict[str, Any]:
+    return {k: spec.default for k, spec in TRAINING_PARAMS.items()}
 
 
 def run_search(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
