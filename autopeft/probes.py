@@ -464,8 +464,8 @@ class ProbeSet:
     def fit_base(self, base_model: nn.Module, device: torch.device | None = None, *,
                  cache_file: Path | None = None, cache_key: str = "") -> dict[str, float]:
         """Fit every probe on the base model and score the base itself (forgetting 0), or load both from
-        `cache_file` when it was written for the same `cache_key` (which must identify the model, seed and
-        data) and probe names. Returns the base model's scores."""
+        `cache_file` when `save_base` wrote it for the same `cache_key` (which must identify the model, seed
+        and data) and probe names. Returns the base model's scores."""
         key = f"{cache_key}|{','.join(self.names)}"
         if cache_file is not None and cache_file.is_file():
             cached = torch.load(cache_file, weights_only=False)
@@ -477,11 +477,17 @@ class ProbeSet:
         for probe in self.probes:
             probe.fit_base(base_model, device)
         self.base_scores = self.score(base_model, device)
-        if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            states = [p.base_state() for p in self.probes]
-            torch.save({"key": key, "states": states, "base_scores": self.base_scores}, cache_file)
         return dict(self.base_scores)
+
+    def save_base(self, cache_file: Path, cache_key: str = "") -> None:
+        """Keep the fitted base state for the next process of this study (written only once the study
+        exists, so a refused command writes nothing)."""
+        if self.base_scores is None or cache_file.is_file():
+            return
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        states = [p.base_state() for p in self.probes]
+        key = f"{cache_key}|{','.join(self.names)}"
+        torch.save({"key": key, "states": states, "base_scores": self.base_scores}, cache_file)
 
     def score(self, model: nn.Module, device: torch.device | None = None,
               measured: Mapping[str, float] | None = None) -> dict[str, float]:

@@ -73,11 +73,19 @@ def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> R
     runtime = Runtime(config, space, task, tokenizer, base_model, splits["train"], splits["validation"],
                       splits["test"], probes, evaluator, causal_lm_loss if causal else classification_loss,
                       "CAUSAL_LM" if causal else "SEQ_CLS")
-    runtime.base_scores = probes.fit_base(
-        base_model, runtime.device, cache_file=Path(config.artifacts_dir) / config.study / "probe-base.pt",
-        cache_key=f"{config.model}|{config.seed}|{config.task_type}|{config.max_length}|{config.ood_task}|"
-                  f"{task.describe()['train_fingerprint']}|{task.describe()['validation_fingerprint']}")
+    runtime.base_scores = probes.fit_base(base_model, runtime.device, cache_file=probe_cache(config),
+                                          cache_key=probe_cache_key(config, task))
     return runtime
+
+
+def probe_cache(config: SearchConfig) -> Path:
+    return Path(config.artifacts_dir) / config.study / "probe-base.pt"
+
+
+def probe_cache_key(config: SearchConfig, task: TaskData) -> str:
+    split = task.describe()
+    return (f"{config.model}|{config.seed}|{config.task_type}|{config.max_length}|{config.ood_task}|"
+            f"{split['train_fingerprint']}|{split['validation_fingerprint']}")
 
 
 def _load_for_task(config: SearchConfig, task: TaskData) -> tuple[nn.Module, Any, Any, Evaluator]:
@@ -487,6 +495,7 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
         tracker.log_metrics(parent, {"base_val_accuracy": base,
                                      **{f"base_{k}": v for k, v in runtime.base_scores.items()}})
     study.set_user_attr("mlflow_parent_run_id", parent)
+    runtime.probes.save_base(probe_cache(config), probe_cache_key(config, runtime.task))
     objective = Objective(runtime, tracker, parent)
     stopped: list[str] = []
 

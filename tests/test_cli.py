@@ -71,7 +71,7 @@ BAD_INPUTS = [
     (["--trials", "-1"], "--trials: -1 must be at least 0"),
     (["--space", "broken.yaml"], "broken.yaml: not valid YAML at line"),
     (["--space", "unknown.yaml"], "unknown.yaml: method: 'dreambooth' must be one of"),
-    (["--memory-budget", "1MiB"], "less than the model's weights alone"),
+    (["--memory-budget", "1MiB"], "fits no configuration of"),
     (["--task", "task.csv"], "task.csv has no column 'label'"),
     (["--storage", "postgresql+psycopg2://nobody:secret@127.0.0.1:9/none"], "--storage: cannot open postgresql+psycopg2://nobody:***@127.0.0.1:9/none"),
 ]

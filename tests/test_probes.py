@@ -172,6 +172,8 @@ def test_probe_set_scores_forgetting_and_caches_the_base(tiny_causal_models: dic
     cache = tmp_path / "probe-base.pt"
     probes = small()
     base = probes.fit_base(model, cache_file=cache, cache_key="tiny-llama|seed0")
+    assert not cache.exists()  # written only when asked (once the study exists)
+    probes.save_base(cache, "tiny-llama|seed0")
     assert base["forgetting"] == 0.0 and base["representation_drift"] == 0.0
     damaged = _perturbed(model, 0.05)
     scores = probes.score(damaged)
