@@ -12,7 +12,7 @@ import torch
 from tests_support import tiny_config
 
 from autopeft.config import SearchConfig
-from autopeft.errors import StudyError
+from autopeft.errors import ConfigError, StudyError
 from autopeft.search import prepare_runtime, run_search
 from autopeft.space import TrialParams
 
@@ -83,8 +83,14 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path: Path, tiny
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
 
 
+def test_a_budget_no_configuration_fits_is_refused_up_front(tmp_path: Path, tiny_bert: Path) -> None:
+    with pytest.raises(ConfigError, match="fits no configuration"):
+        run_search(config(tmp_path, tiny_bert, trials=1, memory_budget=int(4.5 * 2**20)))  # weights 3.8 MiB
+    assert not (tmp_path / "o.db").exists()  # refused before the study was created
+
+
 def test_over_budget_configurations_are_pruned_before_training(tmp_path: Path, tiny_bert: Path) -> None:
-    study = run_search(config(tmp_path, tiny_bert, trials=1, memory_budget=int(4.5 * 2**20))).study  # weights 3.8 MiB
+    study = run_search(config(tmp_path, tiny_bert, trials=2, memory_budget=int(5.4 * 2**20))).study
     pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
     assert pruned and all("exceeds the budget" in t.user_attrs["prune_reason"] for t in pruned)
     assert all("wall_seconds" not in t.user_attrs for t in pruned)  # nothing trained
