@@ -163,15 +163,14 @@ def target_device(runtime: Runtime) -> torch.device:
 def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> memory.MemoryEstimate:
     """Peak bytes of one training step: analytic, or traced when the analytic figure is near the budget."""
     seq_len = max(runtime.train.lengths())  # the longest batch sets the peak
-    t = params.training
-    analytic = memory.estimate(model, optimizer=t["optimizer"], precision=t["precision"],
-                               micro_batch_size=t["micro_batch_size"], seq_len=seq_len,
-                               gradient_checkpointing=bool(t["gradient_checkpointing"]))
+    settings = train_settings(params, max_steps=runtime.config.max_steps, seed=0)  # defaults fill the gaps
+    analytic = memory.estimate(model, optimizer=settings.optimizer, precision=settings.precision,
+                               micro_batch_size=settings.micro_batch_size, seq_len=seq_len,
+                               gradient_checkpointing=settings.gradient_checkpointing)
     budget = runtime.config.memory_budget
     if budget is None or abs(analytic.total - budget) > TRACE_MARGIN * budget:
         return analytic
-    return memory.estimate_traced(runtime.base_model, params.method, params.method_params,
-                                  train_settings(params, max_steps=runtime.config.max_steps, seed=0),
+    return memory.estimate_traced(runtime.base_model, params.method, params.method_params, settings,
                                   seq_len=seq_len, device=target_device(runtime),
                                   task_type=runtime.method_task_type, num_labels=len(runtime.task.label_names),
                                   max_steps=runtime.config.max_steps)
