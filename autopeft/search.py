@@ -16,6 +16,7 @@ from torch import nn
 
 from autopeft import adapter_io, interrupt, memory, methods
 from autopeft import study as studies
+from autopeft.budget import BudgetGate
 from autopeft.config import SearchConfig, format_bytes
 from autopeft.data import TaskData, TokenizedSplit, load_eval_split, load_task, tokenize
 from autopeft.evaluate import Evaluator
@@ -47,6 +48,7 @@ class Runtime:
     loss_fn: LossFn
     method_task_type: str  # peft's task type: SEQ_CLS or CAUSAL_LM
     base_scores: dict[str, float] = field(default_factory=dict)  # the untouched base model's probe scores
+    budget_gate: BudgetGate = field(default_factory=BudgetGate)  # remembers traced memory estimates
     device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     @property
@@ -150,30 +152,32 @@ class TrialOutcome:
     probe_scores: dict[str, float] = field(default_factory=dict)  # every probe's metrics (forgetting included)
 
 
-# Within this factor of the budget the instant analytic estimate is not trusted to decide: the traced one
-# (a fake-tensor run of one step, seconds) decides. Outside it, pruning costs well under a second.
-TRACE_MARGIN = 0.25
-
-
 def target_device(runtime: Runtime) -> torch.device:
     """The device the budget is for: --device when planning for another machine, else where we train."""
     return torch.device(runtime.config.device) if runtime.config.device else runtime.device
 
 
+# Training settings that change a step's memory (the learning rate, schedule and seed do not).
+MEMORY_SETTINGS = ("optimizer", "precision", "micro_batch_size", "grad_accum_steps", "gradient_checkpointing",
+                   "max_grad_norm", "momentum")
+
+
 def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> memory.MemoryEstimate:
-    """Peak bytes of one training step: analytic, or traced when the analytic figure is near the budget."""
+    """Peak bytes of one training step; with a budget, the estimate autopeft.budget chooses to decide."""
     seq_len = max(runtime.train.lengths())  # the longest batch sets the peak
     settings = train_settings(params, max_steps=runtime.config.max_steps, seed=0)  # defaults fill the gaps
     analytic = memory.estimate(model, optimizer=settings.optimizer, precision=settings.precision,
                                micro_batch_size=settings.micro_batch_size, seq_len=seq_len,
                                gradient_checkpointing=settings.gradient_checkpointing)
-    budget = runtime.config.memory_budget
-    if budget is None or abs(analytic.total - budget) > TRACE_MARGIN * budget:
+    if runtime.config.memory_budget is None:
         return analytic
-    return memory.estimate_traced(runtime.base_model, params.method, params.method_params, settings,
-                                  seq_len=seq_len, device=target_device(runtime),
-                                  task_type=runtime.method_task_type, num_labels=len(runtime.task.label_names),
-                                  max_steps=runtime.config.max_steps)
+    memory_settings = tuple(getattr(settings, name) for name in MEMORY_SETTINGS)
+    key = (params.method, repr(sorted(params.method_params.items())), memory_settings, seq_len)
+    family = (params.method, settings.optimizer, settings.precision, settings.gradient_checkpointing)
+    return runtime.budget_gate.decide(analytic, runtime.config.memory_budget, key, family, lambda: memory.estimate_traced(
+        runtime.base_model, params.method, params.method_params, settings, seq_len=seq_len,
+        device=target_device(runtime), task_type=runtime.method_task_type,
+        num_labels=len(runtime.task.label_names), max_steps=runtime.config.max_steps))
 
 
 def measure_memory(runtime: Runtime, params: TrialParams) -> int | None:

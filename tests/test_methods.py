@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests_support import train_steps
 
 from autopeft import adapter_io, methods
 from autopeft.methods import Method, MethodContext, ParamSpec
@@ -74,24 +75,6 @@ def _attach(folder: Path, name: str, params: dict, task_type: str = "SEQ_CLS", s
     return adapter_io.attach(base, name, params, MethodContext(task_type, steps)), tokenizer
 
 
-def _train(model, batch, lr: float, steps: int, loss_fn=classification_loss, after_step=None) -> list[float]:
-    torch.manual_seed(0)  # dropout masks: the same whatever ran before
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr)
-    model.train()
-    losses = []
-    for step in range(1, steps + 1):
-        loss_sum, count = loss_fn(model, batch)
-        (loss_sum / count).backward()
-        optimizer.step()
-        if after_step:
-            after_step(model, step)
-        optimizer.zero_grad()
-        losses.append(float(loss_sum.detach() / count))
-    model.eval()
-    return losses
-
-
 @torch.no_grad()
 def _eval_loss(model, batch, loss_fn=classification_loss) -> float:
     """Loss without dropout: the training losses are noisy, this is what the model has learned.
@@ -110,7 +93,7 @@ def test_only_the_method_trains_and_the_base_stays_bit_identical(tiny_models, fa
     assert own, f"no {name} parameters are trainable"
     assert all(n in own or any(h in n for h in HEAD) for n in trainable), f"unexpected trainable: {trainable}"
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    _train(model, _batch(tokenizer), lr, 3, after_step=methods.get(name).after_step)
+    train_steps(model, _batch(tokenizer), lr, 3, after_step=methods.get(name).after_step)
     changed = [n for n, p in model.named_parameters() if n in frozen and not torch.equal(p, frozen[n])]
     assert not changed, f"base weights changed: {changed[:3]}"
 
@@ -123,7 +106,7 @@ def test_it_learns_a_fixed_batch_and_the_method_itself_moves(tiny_models, family
            if p.requires_grad and any(m in n for m in MARKERS[name])}
     batch = _batch(tokenizer)
     before = _eval_loss(model, batch)
-    _train(model, batch, lr, 40, after_step=methods.get(name).after_step)
+    train_steps(model, batch, lr, 40, after_step=methods.get(name).after_step)
     after = _eval_loss(model, batch)
     assert after < 0.75 * before, f"{name} on {family}: loss {before:.3f} -> {after:.3f}"
     moved = [n for n, p in model.named_parameters() if n in own and not torch.equal(p, own[n])]
@@ -136,7 +119,7 @@ def test_save_reload_gives_identical_logits_and_merging_agrees(tiny_models, tmp_
                                                                lr) -> None:
     model, tokenizer = _attach(tiny_models[family], name, params)
     batch = _batch(tokenizer)
-    _train(model, batch, lr, 5, after_step=methods.get(name).after_step)
+    train_steps(model, batch, lr, 5, after_step=methods.get(name).after_step)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -172,7 +155,7 @@ def test_decoders_learn_the_answer_tokens_as_causal_lms(tiny_causal_models, fami
     labels = torch.cat([torch.full_like(prompt, -100), answer], dim=1)  # loss on the answer only
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
     before = _eval_loss(model, batch, causal_lm_loss)
-    _train(model, batch, lr * (3 if name == "prompt" else 1), 60, loss_fn=causal_lm_loss)
+    train_steps(model, batch, lr * (3 if name == "prompt" else 1), 60, loss_fn=causal_lm_loss)
     after = _eval_loss(model, batch, causal_lm_loss)
     assert after < before - 1.0, f"{name} on {family}: loss {before:.3f} -> {after:.3f}"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from tests_support import tiny_config
+from tests_support import tiny_config, train_steps
 from torch import nn
 
 from autopeft import adapter_io, memory, methods
@@ -17,7 +17,6 @@ from autopeft.errors import TrialFailed
 from autopeft.methods import MethodContext
 from autopeft.models import load_classifier, modules_for_roles
 from autopeft.search import run_search
-from autopeft.train import classification_loss
 
 from autopeft.methods.qlora import BLOCK_ROLES, dequantized_weight, quantize_layer
 
@@ -45,19 +44,6 @@ def _batch(tokenizer) -> dict[str, torch.Tensor]:
     batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
             "labels": torch.tensor([1, 0] * 4)}
-
-
-def _train(model: nn.Module, batch: dict, steps: int, on_step=None) -> None:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for step in range(1, steps + 1):
-        loss_sum, count = classification_loss(model, batch)
-        (loss_sum / count).backward()
-        optimizer.step()
-        if on_step:
-            on_step(model, step)
-        optimizer.zero_grad()
-    model.eval()
 
 
 def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -142,7 +128,7 @@ def test_qlora_bf16_compute_trains_and_leaves_the_4bit_base_unchanged(bnb, tiny_
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     layer = model.get_base_model().bert.encoder.layer[0].attention.self.query.get_base_layer()
     assert layer.compute_dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
-    _train(model, _batch(tokenizer), 3)
+    train_steps(model, _batch(tokenizer), 1e-2, 3)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert torch.isfinite(_logits(model, _batch(tokenizer))).all()
 
@@ -153,7 +139,7 @@ def test_qlora_merges_into_a_plain_fp32_model_of_the_original_architecture(bnb, 
 
     model, tokenizer = _attach(tiny_models[family], "qlora", {**QLORA, "target_modules": "attention"})
     batch = _batch(tokenizer)
-    _train(model, batch, 5)
+    train_steps(model, batch, 1e-2, 5)
     logits = _logits(model, batch)
     merged = adapter_io.merge(model).eval()
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
@@ -173,7 +159,7 @@ def test_qlora_refuses_an_already_quantized_base_with_a_reason(bnb, tiny_models)
 def test_qlora_saves_in_autopeft_format_and_reloads_a_requantized_base(bnb, tiny_models, tmp_path) -> None:
     model, tokenizer = _attach(tiny_models["gpt2"], "qlora", QLORA)
     batch = _batch(tokenizer)
-    _train(model, batch, 3)
+    train_steps(model, batch, 1e-2, 3)
     adapter_io.save(model, tmp_path / "a")
     assert (tmp_path / "a" / adapter_io.OWN_CONFIG).is_file()
     fresh, _ = load_classifier(str(tiny_models["gpt2"]), 2, seed=1)
@@ -199,7 +185,7 @@ def test_adalora_budget_falls_from_init_r_to_target_r(tiny_models) -> None:
         methods.get("adalora").after_step(m, step)
         budgets[step] = _kept(m)
 
-    _train(model, _batch(tokenizer), 40, on_step=after_step)
+    train_steps(model, _batch(tokenizer), 1e-2, 40, after_step=after_step)
     init, target = 8 * layers, 4 * layers
     assert all(budgets[s] == init for s in range(1, 9))  # warm-up: every triplet trains
     masked = [budgets[s] for s in range(10, 29, 2)]  # the budget phase re-allocates every 2 steps
@@ -215,7 +201,7 @@ def test_adalora_pruned_adapter_reloads_and_merges(tiny_models, tmp_path) -> Non
     model, tokenizer = _attach(tiny_models["bert"], "adalora", {**ADALORA, "warmup_fraction": 0.1,
                                                                  "final_fraction": 0.1}, steps=12)
     batch = _batch(tokenizer)
-    _train(model, batch, 12, on_step=methods.get("adalora").after_step)
+    train_steps(model, batch, 1e-2, 12, after_step=methods.get("adalora").after_step)
     logits = _logits(model, batch)
     adapter_io.save(model, tmp_path / "a")
     fresh, _ = load_classifier(str(tiny_models["bert"]), 2, seed=1)
@@ -255,7 +241,7 @@ def test_qlora_quantized_on_cpu_trains_and_reloads_on_cuda(bnb, tiny_models, tmp
     model = model.to("cuda")
     batch = {k: v.cuda() for k, v in _batch(tokenizer).items()}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    _train(model, batch, 5)
+    train_steps(model, batch, 1e-2, 5)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     adapter_io.save(model, tmp_path / "a")
     fresh, _ = load_classifier(str(tiny_models["llama"]), 2, seed=1)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from autopeft.config import SearchConfig
+from autopeft.train import classification_loss
 
 SPACE = """\
 method: [lora, ia3]
@@ -30,3 +33,22 @@ def tiny_config(tmp_path: Path, tiny_bert: Path, **overrides: object) -> SearchC
                   tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifacts_dir=str(tmp_path / "a"), trials=3,
                   max_steps=3, train_size=64, val_size=32, test_size=32, seed=0)
     return SearchConfig(**{**values, **overrides})  # type: ignore[arg-type]
+
+
+def train_steps(model, batch: dict, lr: float, steps: int, loss_fn=classification_loss,
+                after_step=None) -> list[float]:
+    """Plain AdamW on one fixed batch; `after_step(model, step)` is a method's hook (AdaLoRA's reallocation)."""
+    torch.manual_seed(0)  # dropout masks: the same whatever ran before
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for step in range(1, steps + 1):
+        loss_sum, count = loss_fn(model, batch)
+        (loss_sum / count).backward()
+        optimizer.step()
+        if after_step:
+            after_step(model, step)
+        optimizer.zero_grad()
+        losses.append(float(loss_sum.detach() / count))
+    model.eval()
+    return losses

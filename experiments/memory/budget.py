@@ -98,6 +98,9 @@ def main() -> None:
               "rejected_fraction": len(rejected) / max(1, len(admitted) + len(rejected)),
               "rejected_seconds_max": max((r["seconds"] for r in rejected), default=None),
               "rejected_seconds_median": statistics.median([r["seconds"] for r in rejected]) if rejected else None,
+              "rejected_by_level": {level: {"count": len(group), "max_seconds": max(r["seconds"] for r in group)}
+                                    for level in ("analytic", "calibrated", "traced")
+                                    if (group := [r for r in rejected if r["estimate_level"] == level])},
               "worst_measured_over_budget": max((r["measured"] / budget for r in admitted if r["measured"]),
                                                 default=None)}
     (HERE / "budget_results.json").write_text(json.dumps(result, indent=2))
@@ -116,7 +119,13 @@ def render(r: dict) -> str:
              f"- rejected before training: {r['rejected']} ({100 * r['rejected_fraction']:.0f}% of the decided "
              f"trials); wall time per rejected trial: median {r['rejected_seconds_median']:.2f} s, "
              f"max **{r['rejected_seconds_max']:.2f} s** (sampling, building the adapter, estimating, logging)",
+             "- rejected, by the estimate that decided: " + "; ".join(
+                 f"{level} {g['count']} (max {g['max_seconds']:.2f} s)" for level, g in r["rejected_by_level"].items()),
              f"- search wall time: {r['search_wall_seconds']:.0f} s", "",
+             "How a trial is decided (autopeft/budget.py): the analytic estimate rejects only above 1.5x the budget; "
+             "anything that could fit is traced; each trace calibrates the analytic estimate of its family "
+             "(method, optimizer, precision, checkpointing), which then rejects above 1.2x the budget; traced "
+             "estimates are remembered per memory-relevant configuration. Admitted trials are always traced.", "",
              "| trial | state | method | micro-batch | optimizer | checkpointing | estimate (level) | measured | "
              "measured / budget | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in r["trials"]:
