@@ -35,8 +35,8 @@ CASES = [
                  "scaling": 1.0}, 1e-2),
     ("adapter", {"bottleneck": 4, "placement": "ffn", "variant": "parallel", "activation": "gelu",
                  "scaling": 4.0}, 1e-2),
-    ("prefix", {"num_virtual_tokens": 4, "reparameterize": False, "hidden": 32}, 3e-2),
-    ("prefix", {"num_virtual_tokens": 4, "reparameterize": True, "hidden": 32}, 3e-2),
+    ("prefix", {"num_virtual_tokens": 4, "reparameterize": False, "hidden": 32}, 1e-1),
+    ("prefix", {"num_virtual_tokens": 4, "reparameterize": True, "hidden": 32}, 1e-1),
     ("prompt", {"num_virtual_tokens": 5, "init": "random"}, 3e-2),
     ("prompt", {"num_virtual_tokens": 8, "init": "text"}, 3e-2),
     ("ia3", {"target_modules": "kv"}, 3e-2),
@@ -155,7 +155,8 @@ def test_decoders_learn_the_answer_tokens_as_causal_lms(tiny_causal_models, fami
     labels = torch.cat([torch.full_like(prompt, -100), answer], dim=1)  # loss on the answer only
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
     before = _eval_loss(model, batch, causal_lm_loss)
-    train_steps(model, batch, lr * (3 if name == "prompt" else 1), 60, loss_fn=causal_lm_loss)
+    # virtual-token methods start with little influence on a causal LM: they need a higher rate
+    train_steps(model, batch, lr * (3 if name in ("prompt", "prefix") else 1), 60, loss_fn=causal_lm_loss)
     after = _eval_loss(model, batch, causal_lm_loss)
     assert after < before - 1.0, f"{name} on {family}: loss {before:.3f} -> {after:.3f}"
 

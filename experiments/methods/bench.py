@@ -43,7 +43,7 @@ SETTINGS: dict[str, tuple[dict, float]] = {
     "adalora": ({"init_r": 12, "target_r": 8, "alpha": 16.0, "target_modules": "attention"}, 2e-3),
     "mora": ({"r": 8, "target_modules": "attention", "compression": "rotation"}, 2e-3),
     "adapter": ({"bottleneck": 16, "placement": "both", "variant": "serial"}, 2e-3),
-    "prefix": ({"num_virtual_tokens": 16}, 3e-2),
+    "prefix": ({"num_virtual_tokens": 16}, 1e-1),
     "prompt": ({"num_virtual_tokens": 16, "init": "random"}, 3e-2),
     "ia3": ({"target_modules": "kv_ffn"}, 1e-2),
 }
