@@ -116,17 +116,26 @@ def seeded_sampler(config: SearchConfig, study: optuna.Study, space: SearchSpace
     by the worker (workers starting together do not all sample the same first configuration)."""
     worker = config.worker_id if config.worker_id is not None else 0
     seed = config.seed + len(study.trials) + 7919 * worker
+    startup = startup_trials(config.trials)
     if config.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, startup))
     if config.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     if config.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if config.sampler == "grid":
         if space is None:
             raise StudyError("--sampler grid needs the search space")
         return optuna.samplers.GridSampler(space.grid(), seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup)
+
+
+def startup_trials(budget: int) -> int:
+    """Random trials before a model-based sampler starts modelling: a third of the budget, 2 to 10.
+    Optuna's defaults (10 for TPE and GP, a first generation of 50 for NSGA-II) make any search of 10
+    trials or fewer, the default 6 included, pure random search: measured in experiments/search, where
+    TPE, NSGA-II and random drew identical trials at 10 trials."""
+    return max(2, min(10, budget // 3))
 
 
 def make_pruner(config: SearchConfig) -> optuna.pruners.BasePruner:

@@ -45,6 +45,27 @@ def search(runtime: Runtime, tmp_path: Path, **overrides: object) -> optuna.Stud
     return run_trials(here, studies.open_study(config, space, runtime.task, on_stale), on_stale).study
 
 
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+def test_a_small_budget_is_not_silently_random_search(tmp_path: Path, tiny_bert: Path, sampler: str) -> None:
+    """With Optuna's defaults the first 10 TPE trials (50 for NSGA-II) are random: a 9-trial search would be
+    random search under another name. Here the model-based sampler takes over after a third of the budget."""
+    config = tiny_config(tmp_path, tiny_bert, trials=9, sampler=sampler, objective_mode="scalar")
+    assert studies.startup_trials(9) == 3
+
+    def toy(trial: optuna.Trial) -> float:  # no model: only the sampler is under test
+        return -sum((trial.suggest_float(name, 0.0, 1.0) - 0.8) ** 2 for name in "xyz")
+
+    def drawn(kind: str) -> list[float]:
+        study = optuna.create_study(direction="maximize")
+        study.sampler = studies.seeded_sampler(dataclasses.replace(config, sampler=kind), study)
+        study.optimize(toy, n_trials=9)
+        return [tuple(t.params.values()) for t in study.trials]
+
+    searched, random = drawn(sampler), drawn("random")
+    assert searched[:3] == random[:3]  # the random start-up is the same seeded draw
+    assert searched[3:] != random[3:]  # then the sampler models the results
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random"])
 def test_each_sampler_runs_a_pareto_study(runtime: Runtime, tmp_path: Path, sampler: str) -> None:
     study = search(runtime, tmp_path, sampler=sampler, trials=2)

@@ -56,7 +56,8 @@ PARTS = {
                     test_size=1000, max_length=64, probes=("representation_drift",), objective_mode="scalar",
                     timeout=180.0),
     "causal": dict(model="packaged:SmolLM2-135M-Instruct", trials=4, max_steps=8, train_size=1000, val_size=100,
-                   test_size=200, max_length=48, probes=("perplexity",), task_type="causal_lm"),
+                   test_size=200, max_length=48, probes=("perplexity",), task_type="causal_lm",
+                   space=str(HERE / "causal_space.yaml")),
 }
 STRATEGIES = {
     "quality": {"tpe": dict(sampler="tpe"), "nsga2": dict(sampler="nsga2"), "random": dict(sampler="random")},
@@ -65,7 +66,7 @@ STRATEGIES = {
 }
 # The recipe people start from (peft's documented LoRA defaults, as in the brief), at the same step budget.
 DEFAULT_LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "attention", "use_rslora": False}
-DEFAULT_TRAINING = {"learning_rate": 2e-4, "optimizer": "adamw", "micro_batch_size": 16}
+DEFAULT_TRAINING = {"learning_rate": 2e-4, "optimizer": "adamw"}
 SMOKE = dict(train_size=120, val_size=60, test_size=60, max_steps=8, trials=3, probes=None)
 
 
@@ -123,7 +124,8 @@ def exported(runtime, study: optuna.Study, rule: str) -> dict:
 
 
 def default_recipe(runtime, seed: int) -> dict:
-    training = {**{k: s.default for k, s in TRAINING_PARAMS.items()}, **DEFAULT_TRAINING}
+    batch = 4 if runtime.config.task_type == "causal_lm" else 16  # as the part's space
+    training = {**{k: s.default for k, s in TRAINING_PARAMS.items()}, **DEFAULT_TRAINING, "micro_batch_size": batch}
     params = TrialParams("lora", methods.get("lora").resolve(DEFAULT_LORA), training)
     began = time.perf_counter()
     outcome = run_trial(runtime, params, seed=seed)
