@@ -119,7 +119,7 @@ def render(results: dict) -> str:
             continue
         lines += [f"## {model}: {spec['model']}, {spec['max_steps']} steps x batch {spec['micro_batch_size']}, "
                   f"{spec['train_size']} train / {spec['val_size']} validation rows", "",
-                  "| method | lr | trainable params | % of base | s/step | peak memory (MiB) | val accuracy | forgetting |",
+                  "| method | lr | trainable params | % of base | s/step (median) | peak memory (MiB) | val accuracy | forgetting |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if "skipped" in r:
@@ -127,7 +127,7 @@ def render(results: dict) -> str:
                 continue
             acc, acc_sd = summary([x["val_accuracy"] for x in r["runs"]])
             fgt, fgt_sd = summary([x["forgetting"] for x in r["runs"]])
-            sps, _ = summary([x["seconds_per_step"] for x in r["runs"]])
+            sps = statistics.median([x["seconds_per_step"] for x in r["runs"]])  # robust to one busy run
             lines.append(f"| {r['method']} | {r['learning_rate']:g} | {r['trainable']:,} | "
                          f"{100 * r['trainable'] / r['total']:.3f} | {sps:.3f} | {r['peak_bytes'] / 2**20:.0f} | "
                          f"{acc:.4f} ± {acc_sd:.4f} | {fgt:.4f} ± {fgt_sd:.4f} |")
