@@ -466,7 +466,7 @@ class ProbeSet:
         """Fit every probe on the base model and score the base itself (forgetting 0), or load both from
         `cache_file` when `save_base` wrote it for the same `cache_key` (which must identify the model, seed
         and data) and probe names. Returns the base model's scores."""
-        key = f"{cache_key}|{','.join(self.names)}"
+        key = self._cache_entry(cache_key)
         if cache_file is not None and cache_file.is_file():
             cached = torch.load(cache_file, weights_only=False)
             if cached.get("key") == key:
@@ -479,6 +479,10 @@ class ProbeSet:
         self.base_scores = self.score(base_model, device)
         return dict(self.base_scores)
 
+    def _cache_entry(self, cache_key: str) -> str:
+        """What a cached base state must match: the model, seed and data (`cache_key`) and these probes."""
+        return f"{cache_key}|{','.join(self.names)}"
+
     def save_base(self, cache_file: Path, cache_key: str = "") -> None:
         """Keep the fitted base state for the next process of this study (written only once the study
         exists, so a refused command writes nothing)."""
@@ -486,7 +490,7 @@ class ProbeSet:
             return
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         states = [p.base_state() for p in self.probes]
-        key = f"{cache_key}|{','.join(self.names)}"
+        key = self._cache_entry(cache_key)
         torch.save({"key": key, "states": states, "base_scores": self.base_scores}, cache_file)
 
     def score(self, model: nn.Module, device: torch.device | None = None,

@@ -118,7 +118,7 @@ def seeded_sampler(config: SearchConfig, study: optuna.Study, space: SearchSpace
     seed = config.seed + len(study.trials) + 7919 * worker
     startup = startup_trials(config.trials)
     if config.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, startup))
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=startup)
     if config.sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     if config.sampler == "random":

@@ -157,17 +157,18 @@ def run_part(part: str, seeds: int, smoke_model: str | None) -> list[dict]:
     rows = []
     for seed in range(seeds):
         row: dict = {"part": part, "seed": seed, "strategies": {}}
+        runtime = None  # the seed's model and split, loaded once for its exports and the default recipe
         for name in STRATEGIES[part]:
             result, config, _ = run_strategy(part, name, seed, smoke_model)
             if part != "pruning":
-                runtime = prepare_runtime(config)
+                runtime = runtime or prepare_runtime(config)
                 study = optuna.load_study(study_name=config.study, storage=config.storage)
                 result["export"] = {rule: exported(runtime, study, rule) for rule in ("balanced", "best-accuracy")}
             row["strategies"][name] = result
             print(f"{part} seed {seed} {name}: best val {result['best_val_accuracy']} "
                   f"({result['wall_seconds']:.0f} s)", flush=True)
-        if part != "pruning":
-            row["default_recipe"] = default_recipe(prepare_runtime(config), seed)
+        if runtime is not None:
+            row["default_recipe"] = default_recipe(runtime, seed)
             print(f"{part} seed {seed} default recipe: {row['default_recipe']}", flush=True)
         rows.append(row)
     return rows
