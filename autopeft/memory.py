@@ -84,7 +84,7 @@ class MemoryEstimate:
     extras: int = 0  # activations created inside the adapter's own modules (LoRA A/B, prompt encoder...)
     workspace: int = 0  # device library workspaces (cuBLAS), CUDA only
     allocator: int = 0  # CUDA only: cached blocks handed out whole, larger than the tensors they hold
-    level: str = "analytic"  # analytic | traced
+    level: str = "analytic"  # analytic | traced | extrapolated (traced on fewer blocks) | calibrated
     device: str = "cpu"
     peak_at: str = ""  # traced: the phase of the step where the peak happened (forward, backward, optimizer)
     seconds: float = 0.0  # how long the estimate took
@@ -255,6 +255,8 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self.phase = "step"  # set by the caller: recorded with the peak
         self.peak_phase = ""
+        self.phase_peaks: dict[str, int] = {}  # phase -> the tick of its own peak (estimate_extrapolated)
+        self._phase_peak_bytes: dict[str, int] = {}
         self.tag: str | None = None  # given to storages born now (EXTRAS inside an adapter's module)
         self._tick = 0
         self._peak_tick = 0
@@ -268,6 +270,8 @@ class LiveBytes(TorchDispatchMode):
                 self._see(leaf, self.tag)
         if self.current > self.peak:
             self.peak, self._peak_tick, self.peak_phase = self.current, self._tick, self.phase
+        if self.current > self._phase_peak_bytes.get(self.phase, -1):
+            self._phase_peak_bytes[self.phase], self.phase_peaks[self.phase] = self.current, self._tick
         return out
 
     def add(self, tensor: torch.Tensor, tag: str | None = None) -> None:
@@ -614,10 +618,21 @@ def estimate_traced(model: Any, method: str, method_params: dict[str, Any], sett
     `dtype`: the weights' storage dtype (autopeft trains fp32 weights under autocast). `trace_device`:
     where the fake tensors live; by default the target itself when this machine has it, else the CPU
     (forcing "cpu" for a CUDA target checks the planning mode on a machine with a GPU)."""
+    start = time.perf_counter()
+    tracker, target, notes = _trace(model, method, method_params, settings, seq_len=seq_len, device=device,
+                                    task_type=task_type, num_labels=num_labels, max_steps=max_steps, dtype=dtype,
+                                    trace_device=trace_device)
+    return _from_tracker(tracker, target, notes, time.perf_counter() - start)
+
+
+def _trace(model: Any, method: str, method_params: dict[str, Any], settings: Any, *, seq_len: int,
+           device: str | torch.device, task_type: str, num_labels: int, max_steps: int | None,
+           dtype: torch.dtype, trace_device: str | torch.device | None,
+           layers: int | None = None) -> tuple[LiveBytes, torch.device, list[str]]:
+    """One traced step (see `estimate_traced`), on the first `layers` blocks if given: the tracker."""
     from autopeft import adapter_io
     from autopeft.methods import MethodContext
 
-    start = time.perf_counter()
     target = torch.device(device)
     if target.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, not {target.type!r}")
@@ -630,7 +645,7 @@ def estimate_traced(model: Any, method: str, method_params: dict[str, Any], sett
     if trace_device != target:
         notes.append("planned for CUDA from a CPU trace: attention without dropout (the GPU's fused kernel "
                      "keeps no probabilities), multi-tensor optimizer path, cuBLAS workspaces added")
-    config = _model_config(model)
+    config = _model_config(model) if layers is None else _with_layers(_model_config(model), layers)
     work = _Workload(steady_settings(settings), seq_len, task_type, num_labels, int(config.vocab_size))
     tracker = LiveBytes(block=512 if target.type == "cuda" else 1)
     device_context = torch.device(trace_device) if trace_device.type == "cuda" else contextlib.nullcontext()
@@ -644,7 +659,67 @@ def estimate_traced(model: Any, method: str, method_params: dict[str, Any], sett
                                     MethodContext(task_type, max_steps or settings.max_steps))
         with _fused_attention_dropout(planning=trace_device != target):
             _run_traced_steps(net, work, trace_device, tracker, notes, foreach=target.type == "cuda")
-    return _from_tracker(tracker, target, notes, time.perf_counter() - start)
+    return tracker, target, notes
+
+
+def estimate_extrapolated(model: Any, method: str, method_params: dict[str, Any], settings: Any, *,
+                          seq_len: int, device: str | torch.device = "cpu", task_type: str = "SEQ_CLS",
+                          num_labels: int = 2, max_steps: int | None = None,
+                          dtype: torch.dtype = torch.float32) -> MemoryEstimate | None:
+    """The traced estimate of a model of L identical blocks, from traces of its first one and two blocks.
+
+    Within each phase of the step (forward, backward, optimizer), the bytes alive at that phase's peak grow
+    by the same amount per block (each block adds its weights, gradients, optimizer state and the
+    activations it keeps for backward), so each part is `one + (L - 1) * (two - one)`; the estimate is the
+    phase whose grown peak is highest (with few blocks the peak may sit in another phase than with many).
+    Returns None where the full trace must decide: fewer than 4 blocks (nothing to save), or a CUDA target
+    (its caching-allocator replay is not additive). The two short traces cost a fraction of the full one
+    (experiments/memory/extrapolation.md compares both on the estimator benchmark's configurations).
+    Arguments as `estimate_traced`."""
+    blocks = getattr(_model_config(model), "num_hidden_layers", None)
+    if not isinstance(blocks, int) or blocks < 4 or torch.device(device).type != "cpu":
+        return None
+    start = time.perf_counter()
+    one, two = (_trace(model, method, method_params, settings, seq_len=seq_len, device=device,
+                       task_type=task_type, num_labels=num_labels, max_steps=max_steps, dtype=dtype,
+                       trace_device=None, layers=k)[0] for k in (1, 2))
+    grown = []
+    for phase in one.phase_peaks.keys() & two.phase_peaks.keys():
+        a, b = one.at_tick(one.phase_peaks[phase]), two.at_tick(two.phase_peaks[phase])
+        parts = {tag: max(0, a.get(tag, 0) + (blocks - 1) * (b.get(tag, 0) - a.get(tag, 0)))
+                 for tag in a.keys() | b.keys()}
+        grown.append((sum(parts.values()), phase, parts))
+    _, phase, parts = max(grown, key=lambda found: found[0])
+    return MemoryEstimate(
+        weights=parts.get(WEIGHTS, 0), trainable=parts.get(TRAINABLE, 0), gradients=parts.get(GRADIENTS, 0),
+        optimizer_state=parts.get(OPTIMIZER, 0), extras=parts.get(EXTRAS, 0), activations=parts.get(None, 0),
+        level="extrapolated", device="cpu", peak_at=phase, seconds=time.perf_counter() - start,
+        notes=(f"traced on 1 and 2 of {blocks} blocks, each phase's peak grown linearly",))
+
+
+def warm_up(model: Any, *, seq_len: int = 8, micro_batch_size: int = 1, task_type: str = "SEQ_CLS",
+            num_labels: int = 2) -> float:
+    """Trace a LoRA step on the model's first block and discard it; returns its seconds. The first trace of
+    a process pays for loading the tracer's machinery, and each operation on new shapes for a cache entry:
+    a search pays them up front (autopeft.search.warm_up_tracer), not in its first rejections."""
+    from autopeft import methods
+    from autopeft.train import TrainSettings
+
+    start = time.perf_counter()
+    _trace(model, "lora", methods.get("lora").resolve({}),
+           TrainSettings(learning_rate=1e-4, micro_batch_size=micro_batch_size), seq_len=seq_len, device="cpu",
+           task_type=task_type, num_labels=num_labels, max_steps=2, dtype=torch.float32, trace_device=None,
+           layers=1)
+    return time.perf_counter() - start
+
+
+def _with_layers(config: Any, layers: int) -> Any:
+    """A copy of a model config with only its first `layers` blocks."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = layers
+    if isinstance(getattr(config, "layer_types", None), list):  # per-block attention kinds (sliding, full)
+        config.layer_types = config.layer_types[:layers]
+    return config
 
 
 @contextlib.contextmanager

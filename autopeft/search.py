@@ -174,10 +174,12 @@ def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> 
     memory_settings = tuple(getattr(settings, name) for name in MEMORY_SETTINGS)
     key = (params.method, repr(sorted(params.method_params.items())), memory_settings, seq_len)
     family = (params.method, settings.optimizer, settings.precision, settings.gradient_checkpointing)
-    return runtime.budget_gate.decide(analytic, runtime.config.memory_budget, key, family, lambda: memory.estimate_traced(
-        runtime.base_model, params.method, params.method_params, settings, seq_len=seq_len,
-        device=target_device(runtime), task_type=runtime.method_task_type,
-        num_labels=len(runtime.task.label_names), max_steps=runtime.config.max_steps))
+    options = dict(seq_len=seq_len, device=target_device(runtime), task_type=runtime.method_task_type,
+                   num_labels=len(runtime.task.label_names), max_steps=runtime.config.max_steps)
+    args = (runtime.base_model, params.method, params.method_params, settings)
+    return runtime.budget_gate.decide(analytic, runtime.config.memory_budget, key, family,
+                                      trace=lambda: memory.estimate_traced(*args, **options),
+                                      extrapolate=lambda: memory.estimate_extrapolated(*args, **options))
 
 
 def measure_memory(runtime: Runtime, params: TrialParams) -> int | None:
@@ -431,13 +433,7 @@ def _lightest_estimates(runtime: Runtime) -> list[tuple[str, memory.MemoryEstima
     cheapest optimizer, the lowest precision and with checkpointing when the space offers them."""
     space = runtime.space
     assert space is not None
-
-    def options(name: str, dims: dict) -> list:
-        dim = dims.get(name)
-        if dim is None:
-            return [TRAINING_PARAMS[name].default]
-        return list(dim.choices) if dim.kind == "categorical" else [dim.value] if dim.kind == "fixed" else [dim.low]
-
+    options = _dim_options
     results = []
     for method in space.method_names():
         dims = {**space.training_dims, **space.training_overrides.get(method, {})}
@@ -455,6 +451,29 @@ def _lightest_estimates(runtime: Runtime) -> list[tuple[str, memory.MemoryEstima
         results.append((f"{method}, micro-batch {settings['micro_batch_size']}, {precision}",
                         min(estimates, key=lambda e: e.total)))
     return results or [("none", memory.MemoryEstimate(weights=0, gradients=0, optimizer_state=0, activations=0))]
+
+
+def _dim_options(name: str, dims: dict) -> list:
+    """The values a training dimension offers (a range: its low end), or the parameter's default."""
+    dim = dims.get(name)
+    if dim is None:
+        return [TRAINING_PARAMS[name].default]
+    return list(dim.choices) if dim.kind == "categorical" else [dim.value] if dim.kind == "fixed" else [dim.low]
+
+
+def warm_up_tracer(runtime: Runtime) -> None:
+    """Before a budgeted search's first trial: one-block traces at its sequence length and each micro-batch
+    size the space offers. The fake-tensor tracer caches each operation per shape, and its first use in a
+    process loads its machinery: seconds that would otherwise land on the first rejected trials."""
+    space = runtime.space
+    if runtime.config.memory_budget is None or space is None or target_device(runtime).type != "cpu":
+        return
+    sizes = {int(size) for method in space.method_names()
+             for size in _dim_options("micro_batch_size", {**space.training_dims,
+                                                           **space.training_overrides.get(method, {})})}
+    for size in sorted(sizes):
+        memory.warm_up(runtime.base_model, seq_len=max(runtime.train.lengths()), micro_batch_size=size,
+                       task_type=runtime.method_task_type, num_labels=len(runtime.task.label_names))
 
 
 def params_defaults() -> dict[str, Any]:
@@ -484,6 +503,7 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
     config = runtime.config
     study.sampler = studies.seeded_sampler(config, study, runtime.space)
     study.pruner = studies.make_pruner(config)
+    warm_up_tracer(runtime)
     if config.warm_start and runtime.space is not None and not study.trials:
         warm_start(study, runtime.space)
     tracker = Tracker(config.tracking_uri)

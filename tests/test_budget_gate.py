@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autopeft.budget import ANALYTIC_REJECT, BudgetGate
+from autopeft.budget import ANALYTIC_REJECT, ANALYTIC_UNDER, BudgetGate
 from autopeft.memory import MemoryEstimate
 
 BUDGET = 1000
@@ -67,3 +67,25 @@ def test_calibration_never_admits_a_configuration_untraced() -> None:
     fits = estimate(900)  # calibrated 450: well inside, but admission still needs the trace
     tracer = Tracer(fits, 0.5)
     assert gate.decide(fits, BUDGET, "fits", "lora", tracer).level == "traced" and tracer.calls == 1
+
+
+def test_the_quick_extrapolated_trace_rejects_without_the_full_one() -> None:
+    gate, analytic = BudgetGate(), estimate(800)
+    full, quick = Tracer(analytic, 1.5), Tracer(analytic, 1.5)
+    decided = gate.decide(analytic, BUDGET, "a", "lora", full, extrapolate=quick)
+    assert decided.total == 1200 and quick.calls == 1 and full.calls == 0
+    assert gate.decide(analytic, BUDGET, "a", "lora", full, extrapolate=quick) is decided  # remembered
+
+
+def test_admission_always_takes_the_full_trace() -> None:
+    gate, analytic = BudgetGate(), estimate(800)
+    full, quick = Tracer(analytic, 0.9), Tracer(analytic, 0.9)
+    assert gate.decide(analytic, BUDGET, "a", "lora", full, extrapolate=quick).total == 720
+    assert quick.calls == 1 and full.calls == 1
+
+
+def test_a_configuration_that_surely_fits_skips_the_quick_trace() -> None:
+    gate, analytic = BudgetGate(), estimate(int(BUDGET / ANALYTIC_UNDER) - 1)
+    full, quick = Tracer(analytic, 2.0), Tracer(analytic, 2.0)
+    gate.decide(analytic, BUDGET, "a", "lora", full, extrapolate=quick)
+    assert quick.calls == 0 and full.calls == 1

@@ -89,6 +89,24 @@ def test_traced_estimate_matches_measured_peak(tiny_models: dict[str, Path]) -> 
     assert statistics.median(errors) <= 0.05, errors
 
 
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+def test_extrapolating_from_two_blocks_matches_the_full_trace(tiny_models: dict[str, Path], family: str) -> None:
+    """The budget gate's quick estimate: traces of 1 and 2 blocks, grown to 5, against a trace of all 5."""
+    config = copy.deepcopy(_base(tiny_models[family]).config)
+    config.num_hidden_layers = 5
+    for method, params, training in [("lora", LORA, {"optimizer": "adamw"}),
+                                     ("ia3", {"target_modules": "kv_ffn"}, {"optimizer": "sgd", "precision": "bf16"}),
+                                     ("adapter", {}, {"optimizer": "adafactor", "gradient_checkpointing": True})]:
+        settings = TrainSettings(learning_rate=1e-3, micro_batch_size=4, **training)
+        full = memory.estimate_traced(config, method, params, settings, seq_len=48)
+        quick = memory.estimate_extrapolated(config, method, params, settings, seq_len=48)
+        assert quick is not None and quick.level == "extrapolated"
+        assert abs(quick.total / full.total - 1) < 0.02, (method, quick.total, full.total)
+        assert quick.total == sum(quick.parts().values())
+    config.num_hidden_layers = 3  # too shallow to save time: the full trace decides
+    assert memory.estimate_extrapolated(config, "lora", LORA, settings, seq_len=48) is None
+
+
 def test_7b_llama_is_estimated_without_allocating_it() -> None:
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          vocab_size=32000)

@@ -99,7 +99,7 @@ def main() -> None:
               "rejected_seconds_max": max((r["seconds"] for r in rejected), default=None),
               "rejected_seconds_median": statistics.median([r["seconds"] for r in rejected]) if rejected else None,
               "rejected_by_level": {level: {"count": len(group), "max_seconds": max(r["seconds"] for r in group)}
-                                    for level in ("analytic", "calibrated", "traced")
+                                    for level in ("analytic", "calibrated", "extrapolated", "traced")
                                     if (group := [r for r in rejected if r["estimate_level"] == level])},
               "worst_measured_over_budget": max((r["measured"] / budget for r in admitted if r["measured"]),
                                                 default=None)}
@@ -123,9 +123,12 @@ def render(r: dict) -> str:
                  f"{level} {g['count']} (max {g['max_seconds']:.2f} s)" for level, g in r["rejected_by_level"].items()),
              f"- search wall time: {r['search_wall_seconds']:.0f} s", "",
              "How a trial is decided (autopeft/budget.py): the analytic estimate rejects only above 1.5x the budget; "
-             "anything that could fit is traced; each trace calibrates the analytic estimate of its family "
-             "(method, optimizer, precision, checkpointing), which then rejects above 1.2x the budget; traced "
-             "estimates are remembered per memory-relevant configuration. Admitted trials are always traced.", "",
+             "each trace calibrates the analytic estimate of its family (method, optimizer, precision, "
+             "checkpointing), which then rejects above 1.2x the budget; a configuration that could be over the "
+             "budget is traced on its first one and two blocks and grown to full depth (extrapolated), which "
+             "rejects above 1.03x; anything else is traced in full; estimates are remembered per memory-relevant "
+             "configuration. Admitted trials are always traced in full. The tracer is warmed up once before the "
+             "first trial (its first use in a process pays seconds of imports and caches).", "",
              "| trial | state | method | micro-batch | optimizer | checkpointing | estimate (level) | measured | "
              "measured / budget | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in r["trials"]:

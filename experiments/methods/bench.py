@@ -111,8 +111,7 @@ def summary(values: list[float]) -> tuple[float, float]:
 def render(results: dict) -> str:
     lines = ["# Which PEFT method, at what cost?", "",
              f"Command: `{results['command']}`  ", f"Machine: {results['machine']}  ",
-             "Mean ± sample standard deviation over seeds (SmolLM2: one seed, no spread; a step there takes "
-             "seconds on this CPU).", ""]
+             "Mean ± sample standard deviation over 3 seeds (the seed sets the split and the training).", ""]
     for model, spec in MODELS.items():
         rows = [r for r in results["rows"] if r["model"] == model]
         if not rows:
@@ -151,7 +150,7 @@ def main() -> None:
             rows = [r for r in old if (r["model"], r["method"]) not in done] + fresh
             rows.sort(key=lambda r: (list(MODELS).index(r["model"]), r["method"]))
             results = {"command": "python experiments/methods/bench.py --models minilm --seeds 3; "
-                                  "python experiments/methods/bench.py --models smollm2 --seeds 1",
+                                  "python experiments/methods/bench.py --models smollm2 --seeds 3",
                        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only",
                        "seeds": args.seeds, "rows": rows}
             (HERE / "results.json").write_text(json.dumps(results, indent=2))
