@@ -6,9 +6,10 @@ on its own it may only reject a configuration far above the budget: one it puts 
 measures above 1.1x. Every configuration that could fit is traced (one fake-tensor step: about a second on
 MiniLM), so no trial is admitted on the analytic figure. Three things keep rejections cheap (the issue's
 bar: under a second each):
-- a configuration that could be over the budget is first traced on its first one and two blocks and grown
-  to the full depth (`memory.estimate_extrapolated`: equal to the full trace on the estimator benchmark,
-  at a third to a tenth of its time); over the budget on that figure is rejected without the full trace;
+- a configuration that could be over the budget first gets a quick lower bound: forward and backward of
+  its first one and two blocks, grown to full depth (`memory.estimate_extrapolated`, compared with the full
+  trace in experiments/memory/extrapolation.md); above the budget on that figure, it is rejected without
+  the full trace;
 - a traced estimate is remembered per memory-relevant configuration: the learning rate, schedule and seed
   do not change memory, so a configuration that differs only in those is not traced again;
 - each trace calibrates the analytic estimate of its family (method, optimizer, precision, checkpointing):
@@ -25,7 +26,7 @@ from autopeft.memory import MemoryEstimate
 
 ANALYTIC_REJECT = 1.5  # uncalibrated analytic figure above this x budget: over budget whatever its error
 CALIBRATED_REJECT = 1.2  # calibrated figure above this x budget: over budget
-EXTRAPOLATED_REJECT = 1.03  # extrapolated figure above this x budget: over budget (within 1.1% of the full trace)
+EXTRAPOLATED_REJECT = 1.03  # quick lower bound above this x budget: over budget (it can read ~1% high)
 ANALYTIC_UNDER = 2.1  # the analytic figure is at worst 52% under the peak: below budget / 2.1 it surely fits
 
 

@@ -513,9 +513,11 @@ class _Workload:
 
 
 def _run_traced_steps(model: nn.Module, work: _Workload, device: torch.device, tracker: LiveBytes,
-                      notes: list[str], *, foreach: bool) -> None:
+                      notes: list[str], *, foreach: bool, optimizer_step: bool = True) -> None:
     """`autopeft.train.fit`'s loop on `model` (fake tensors) in steady state, under `tracker`. `foreach`:
-    the optimizer takes its multi-tensor path, as torch chooses for real CUDA tensors."""
+    the optimizer takes its multi-tensor path, as torch chooses for real CUDA tensors. Without
+    `optimizer_step`, the optimizer state is allocated at its exact size and only forward and backward run
+    (the step's own temporaries are left out: a lower bound, at a fraction of the operations)."""
     from autopeft.train import _enable_checkpointing, classification_loss
 
     settings = work.settings
@@ -528,6 +530,9 @@ def _run_traced_steps(model: nn.Module, work: _Workload, device: torch.device, t
     loss_fn = classification_loss if work.task_type == "SEQ_CLS" else _causal_loss_traced
     model.train()
     tracker.add_model(model)
+    if not optimizer_step:
+        _forward_backward_only(model, work, device, tracker, params, scaler, loss_fn)
+        return
     with tracker, _tag_adapter_activations(model, tracker):
         # Steady state in one traced step: the optimizer state a first step would leave is made up front,
         # by a step on zero gradients (tracing two full steps would cost twice the time).
@@ -552,6 +557,26 @@ def _run_traced_steps(model: nn.Module, work: _Workload, device: torch.device, t
             _traced_optimizer_step(optimizer, scaler, params, settings.max_grad_norm)
             tracker.retag(_optimizer_tensors(optimizer), OPTIMIZER)
             optimizer.zero_grad(set_to_none=True)
+
+
+def _forward_backward_only(model: nn.Module, work: _Workload, device: torch.device, tracker: LiveBytes,
+                           params: list[nn.Parameter], scaler: torch.amp.GradScaler, loss_fn: Any) -> None:
+    settings = work.settings
+    momentum_free = settings.optimizer == "sgd" and not settings.momentum
+    # The state a first step leaves, at its exact analytic size (tested against the real optimizers).
+    state = [torch.empty(0 if momentum_free else _param_state_bytes(p, settings.optimizer), dtype=torch.uint8,
+                         device=device) for p in params]
+    for tensor in state:
+        tracker.add(tensor, OPTIMIZER)
+    with tracker, _tag_adapter_activations(model, tracker):
+        scaler.scale(torch.zeros((), device=device))
+        for batch in [work.batch(device) for _ in range(settings.grad_accum_steps)]:
+            tracker.phase = "forward"
+            with _autocast(device, settings.precision):
+                loss_sum, _ = loss_fn(model, batch)
+            tracker.phase = "backward"
+            scaler.scale(loss_sum / work.targets()).backward()
+    tracker.retag([p.grad for p in params if p.grad is not None], GRADIENTS)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -627,8 +652,8 @@ def estimate_traced(model: Any, method: str, method_params: dict[str, Any], sett
 
 def _trace(model: Any, method: str, method_params: dict[str, Any], settings: Any, *, seq_len: int,
            device: str | torch.device, task_type: str, num_labels: int, max_steps: int | None,
-           dtype: torch.dtype, trace_device: str | torch.device | None,
-           layers: int | None = None) -> tuple[LiveBytes, torch.device, list[str]]:
+           dtype: torch.dtype, trace_device: str | torch.device | None, layers: int | None = None,
+           optimizer_step: bool = True) -> tuple[LiveBytes, torch.device, list[str]]:
     """One traced step (see `estimate_traced`), on the first `layers` blocks if given: the tracker."""
     from autopeft import adapter_io
     from autopeft.methods import MethodContext
@@ -658,7 +683,8 @@ def _trace(model: Any, method: str, method_params: dict[str, Any], settings: Any
             net = adapter_io.attach(base, method, dict(method_params),
                                     MethodContext(task_type, max_steps or settings.max_steps))
         with _fused_attention_dropout(planning=trace_device != target):
-            _run_traced_steps(net, work, trace_device, tracker, notes, foreach=target.type == "cuda")
+            _run_traced_steps(net, work, trace_device, tracker, notes, foreach=target.type == "cuda",
+                              optimizer_step=optimizer_step)
     return tracker, target, notes
 
 
@@ -666,15 +692,17 @@ def estimate_extrapolated(model: Any, method: str, method_params: dict[str, Any]
                           seq_len: int, device: str | torch.device = "cpu", task_type: str = "SEQ_CLS",
                           num_labels: int = 2, max_steps: int | None = None,
                           dtype: torch.dtype = torch.float32) -> MemoryEstimate | None:
-    """The traced estimate of a model of L identical blocks, from traces of its first one and two blocks.
+    """A quick lower bound of the traced estimate, for rejecting: forward and backward of the first one and
+    two blocks, grown to the model's L identical blocks.
 
-    Within each phase of the step (forward, backward, optimizer), the bytes alive at that phase's peak grow
-    by the same amount per block (each block adds its weights, gradients, optimizer state and the
-    activations it keeps for backward), so each part is `one + (L - 1) * (two - one)`; the estimate is the
-    phase whose grown peak is highest (with few blocks the peak may sit in another phase than with many).
-    Returns None where the full trace must decide: fewer than 4 blocks (nothing to save), or a CUDA target
-    (its caching-allocator replay is not additive). The two short traces cost a fraction of the full one
-    (experiments/memory/extrapolation.md compares both on the estimator benchmark's configurations).
+    Within each phase (forward, backward), the bytes alive at that phase's peak grow by the same amount per
+    block (each block adds its weights, gradients, optimizer state and the activations it keeps for
+    backward), so each part is `one + (L - 1) * (two - one)`; the estimate is the phase whose grown peak is
+    highest (with few blocks the peak may sit in another phase than with many). The optimizer state is
+    allocated at its exact size but the optimizer step is not traced: where the full trace peaks inside
+    that step, this is lower. Returns None where the full trace must decide: fewer than 4 blocks (nothing
+    to save), or a CUDA target (its caching-allocator replay is not additive). experiments/memory/
+    extrapolation.md compares it with the full trace on the estimator benchmark's configurations.
     Arguments as `estimate_traced`."""
     blocks = getattr(_model_config(model), "num_hidden_layers", None)
     if not isinstance(blocks, int) or blocks < 4 or torch.device(device).type != "cpu":
@@ -682,7 +710,7 @@ def estimate_extrapolated(model: Any, method: str, method_params: dict[str, Any]
     start = time.perf_counter()
     one, two = (_trace(model, method, method_params, settings, seq_len=seq_len, device=device,
                        task_type=task_type, num_labels=num_labels, max_steps=max_steps, dtype=dtype,
-                       trace_device=None, layers=k)[0] for k in (1, 2))
+                       trace_device=None, layers=k, optimizer_step=False)[0] for k in (1, 2))
     grown = []
     for phase in one.phase_peaks.keys() & two.phase_peaks.keys():
         a, b = one.at_tick(one.phase_peaks[phase]), two.at_tick(two.phase_peaks[phase])
@@ -694,7 +722,8 @@ def estimate_extrapolated(model: Any, method: str, method_params: dict[str, Any]
         weights=parts.get(WEIGHTS, 0), trainable=parts.get(TRAINABLE, 0), gradients=parts.get(GRADIENTS, 0),
         optimizer_state=parts.get(OPTIMIZER, 0), extras=parts.get(EXTRAS, 0), activations=parts.get(None, 0),
         level="extrapolated", device="cpu", peak_at=phase, seconds=time.perf_counter() - start,
-        notes=(f"traced on 1 and 2 of {blocks} blocks, each phase's peak grown linearly",))
+        notes=(f"forward and backward traced on 1 and 2 of {blocks} blocks, each phase's peak grown linearly; "
+               "the optimizer step is not traced (a lower bound)",))
 
 
 def warm_up(model: Any, *, seq_len: int = 8, micro_batch_size: int = 1, task_type: str = "SEQ_CLS",
