@@ -329,7 +329,8 @@ class Objective:
             return
         trial.set_constraint("memory", estimate.total - budget)
         if estimate.total > budget:
-            reason = f"estimated peak {estimate.describe()} exceeds the budget of {budget} bytes"
+            reason = (f"estimated peak {estimate.describe()} exceeds the budget of {format_bytes(budget)} "
+                      f"({estimate.level} estimate)")
             trial.set_user_attr("prune_reason", reason)
             raise optuna.TrialPruned(reason)
 
