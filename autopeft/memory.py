@@ -726,19 +726,20 @@ def estimate_extrapolated(model: Any, method: str, method_params: dict[str, Any]
                "the optimizer step is not traced (a lower bound)",))
 
 
-def warm_up(model: Any, *, seq_len: int = 8, micro_batch_size: int = 1, task_type: str = "SEQ_CLS",
-            num_labels: int = 2) -> float:
-    """Trace a LoRA step on the model's first block and discard it; returns its seconds. The first trace of
-    a process pays for loading the tracer's machinery, and each operation on new shapes for a cache entry:
-    a search pays them up front (autopeft.search.warm_up_tracer), not in its first rejections."""
+def warm_up(model: Any, method: str = "lora", *, seq_len: int = 8, micro_batch_size: int = 1,
+            task_type: str = "SEQ_CLS", num_labels: int = 2) -> float:
+    """Trace forward and backward of `method` (its default parameters) on the model's first block and
+    discard it; returns its seconds. The first trace of a process pays for loading the tracer's machinery,
+    and each operation on new shapes for a cache entry: a search pays them up front
+    (autopeft.search.warm_up_tracer), not in its first rejections."""
     from autopeft import methods
     from autopeft.train import TrainSettings
 
     start = time.perf_counter()
-    _trace(model, "lora", methods.get("lora").resolve({}),
+    _trace(model, method, methods.get(method).resolve({}),
            TrainSettings(learning_rate=1e-4, micro_batch_size=micro_batch_size), seq_len=seq_len, device="cpu",
            task_type=task_type, num_labels=num_labels, max_steps=2, dtype=torch.float32, trace_device=None,
-           layers=1)
+           layers=1, optimizer_step=False)
     return time.perf_counter() - start
 
 

@@ -94,6 +94,7 @@ def main() -> None:
     result = {"command": "python experiments/memory/budget.py", "machine":
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only",
               "budget_bytes": budget, "draw_estimates": draws, "search_wall_seconds": wall, "trials": rows,
+              "tracer_warm_up_seconds": summary.study.user_attrs.get("tracer_warm_up_seconds"),
               "admitted": len(admitted), "rejected": len(rejected), "admitted_over_budget": len(over),
               "rejected_fraction": len(rejected) / max(1, len(admitted) + len(rejected)),
               "rejected_seconds_max": max((r["seconds"] for r in rejected), default=None),
@@ -121,14 +122,15 @@ def render(r: dict) -> str:
              f"max **{r['rejected_seconds_max']:.2f} s** (sampling, building the adapter, estimating, logging)",
              "- rejected, by the estimate that decided: " + "; ".join(
                  f"{level} {g['count']} (max {g['max_seconds']:.2f} s)" for level, g in r["rejected_by_level"].items()),
-             f"- search wall time: {r['search_wall_seconds']:.0f} s", "",
+             f"- search wall time: {r['search_wall_seconds']:.0f} s, of which {r['tracer_warm_up_seconds'] or 0:.1f} s "
+             "warming the tracer up before the first trial (one-block forward and backward of each method at "
+             "each micro-batch size)", "",
              "How a trial is decided (autopeft/budget.py): the analytic estimate rejects only above 1.5x the budget; "
              "each trace calibrates the analytic estimate of its family (method, optimizer, precision, "
              "checkpointing), which then rejects above 1.2x the budget; a configuration that could be over the "
-             "budget is traced on its first one and two blocks and grown to full depth (extrapolated), which "
-             "rejects above 1.03x; anything else is traced in full; estimates are remembered per memory-relevant "
-             "configuration. Admitted trials are always traced in full. The tracer is warmed up once before the "
-             "first trial (its first use in a process pays seconds of imports and caches).", "",
+             "budget gets a quick lower bound, forward and backward of its first one and two blocks grown to full "
+             "depth (extrapolated), which rejects above 1.03x; anything else is traced in full; estimates are "
+             "remembered per memory-relevant configuration. Admitted trials are always traced in full.", "",
              "| trial | state | method | micro-batch | optimizer | checkpointing | estimate (level) | measured | "
              "measured / budget | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in r["trials"]:
