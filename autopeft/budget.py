@@ -26,7 +26,7 @@ from autopeft.memory import MemoryEstimate
 
 ANALYTIC_REJECT = 1.5  # uncalibrated analytic figure above this x budget: over budget whatever its error
 CALIBRATED_REJECT = 1.2  # calibrated figure above this x budget: over budget
-EXTRAPOLATED_REJECT = 1.03  # quick lower bound above this x budget: over budget (it can read ~1% high)
+EXTRAPOLATED_REJECT = 1.03  # quick bound above this x budget: over budget (it reads up to 2% high)
 ANALYTIC_UNDER = 2.1  # the analytic figure is at worst 52% under the peak: below budget / 2.1 it surely fits
 
 
