@@ -6,7 +6,7 @@ on its own it may only reject a configuration far above the budget: one it puts 
 measures above 1.1x. Every configuration that could fit is traced (one fake-tensor step: about a second on
 MiniLM), so no trial is admitted on the analytic figure. Three things keep rejections cheap (the issue's
 bar: under a second each):
-- a configuration that could be over the budget first gets a quick lower bound: forward and backward of
+- a configuration that could be over the budget first gets a quick estimate: forward and backward of
   its first one and two blocks, grown to full depth (`memory.estimate_extrapolated`, compared with the full
   trace in experiments/memory/extrapolation.md); above the budget on that figure, it is rejected without
   the full trace;

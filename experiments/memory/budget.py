@@ -128,7 +128,7 @@ def render(r: dict) -> str:
              "How a trial is decided (autopeft/budget.py): the analytic estimate rejects only above 1.5x the budget; "
              "each trace calibrates the analytic estimate of its family (method, optimizer, precision, "
              "checkpointing), which then rejects above 1.2x the budget; a configuration that could be over the "
-             "budget gets a quick lower bound, forward and backward of its first one and two blocks grown to full "
+             "budget gets a quick estimate, forward and backward of its first one and two blocks grown to full "
              "depth (extrapolated), which rejects above 1.03x; anything else is traced in full; estimates are "
              "remembered per memory-relevant configuration. Admitted trials are always traced in full.", "",
              "| trial | state | method | micro-batch | optimizer | checkpointing | estimate (level) | measured | "

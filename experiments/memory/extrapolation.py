@@ -1,6 +1,6 @@
 """The extrapolated estimate (forward and backward of 1 and 2 blocks, grown linearly) against the full trace.
 
-The budget gate uses `autopeft.memory.estimate_extrapolated` as a quick lower bound to reject configurations
+The budget gate uses `autopeft.memory.estimate_extrapolated` as a quick estimate to reject configurations
 before the full trace. This checks how close it comes to `estimate_traced` on every configuration of the estimator benchmark whose model has at
 least 4 blocks (MiniLM, SmolLM2; the tiny models have 2 and are always traced in full), plus a Llama-2-7B
 configuration, and how much time it saves. Writes extrapolation.json and extrapolation.md next to this file.
