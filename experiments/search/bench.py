@@ -9,8 +9,9 @@ Three parts, each over seeds 0..N-1 (the seed sets the data split, the sampler a
            the test accuracy and forgetting of the configuration `autopeft export` picks (its default rule,
            `balanced`, and `best-accuracy`), read from the trial's saved adapter, its measured peak memory,
            and the trial at which the sampler first reached random search's final best.
-  pruning  Scalar mode (accuracy - forgetting), TPE, the same wall-clock allowance with and without the
-           hyperband pruner: seconds until a trial reaches random search's final best (from `quality`).
+  pruning  Scalar mode with forgetting weight 0 (the objective is validation accuracy, the quantity the
+           target is in), TPE, the same wall-clock allowance with and without the hyperband pruner: seconds
+           until a trial reaches random search's final best (from `quality`).
   causal   The causal-LM path on the packaged SmolLM2-135M (answer label words, loss on them only), smaller:
            TPE and random against the default recipe.
 
@@ -54,7 +55,7 @@ PARTS = {
                     test_size=1000, max_length=64, probes=("representation_drift",)),
     "pruning": dict(model="packaged:all-MiniLM-L6-v2", trials=200, max_steps=60, train_size=4000, val_size=500,
                     test_size=1000, max_length=64, probes=("representation_drift",), objective_mode="scalar",
-                    timeout=180.0),
+                    forgetting_weight=0.0, timeout=180.0),
     "causal": dict(model="packaged:SmolLM2-135M-Instruct", trials=4, max_steps=8, train_size=1000, val_size=100,
                    test_size=200, max_length=48, probes=("perplexity",), task_type="causal_lm",
                    space=str(HERE / "causal_space.yaml")),
@@ -245,7 +246,7 @@ def render_quality(part: str, rows: list[dict]) -> list[str]:
 def render_pruning(rows: list[dict], quality: list[dict]) -> list[str]:
     spec = PARTS["pruning"]
     target = {r["seed"]: r["strategies"]["random"]["best_val_accuracy"] for r in quality}
-    lines = [f"## pruning: TPE in scalar mode (accuracy - forgetting), {spec['max_steps']} steps per trial, "
+    lines = [f"## pruning: TPE in scalar mode (objective: validation accuracy), {spec['max_steps']} steps per trial, "
              f"{spec['timeout']:.0f} s of search per run, with and without hyperband", "",
              "Target: the same seed's random-search final best validation accuracy (part quality). Seconds are "
              "counted from the first trial's start (model loading excluded, the same for both).", "",
