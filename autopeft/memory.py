@@ -530,19 +530,11 @@ def _run_traced_steps(model: nn.Module, work: _Workload, device: torch.device, t
     loss_fn = classification_loss if work.task_type == "SEQ_CLS" else _causal_loss_traced
     model.train()
     tracker.add_model(model)
-    if not optimizer_step:
-        _forward_backward_only(model, work, device, tracker, params, scaler, loss_fn)
-        return
     with tracker, _tag_adapter_activations(model, tracker):
-        # Steady state in one traced step: the optimizer state a first step would leave is made up front,
-        # by a step on zero gradients (tracing two full steps would cost twice the time).
-        tracker.phase = "optimizer"
-        for param in params:
-            param.grad = torch.zeros_like(param)
         scaler.scale(torch.zeros((), device=device))  # fp16: the loss scale exists from the first backward
-        _traced_optimizer_step(optimizer, scaler, params, settings.max_grad_norm)
-        tracker.retag(_optimizer_tensors(optimizer), OPTIMIZER)
-        optimizer.zero_grad(set_to_none=True)
+        tracker.phase = "optimizer"
+        state = _steady_optimizer_state(optimizer, scaler, params, settings, device, optimizer_step)
+        tracker.retag(state, OPTIMIZER)
         for _ in range(STEPS - 1):
             micro = [work.batch(device) for _ in range(settings.grad_accum_steps)]
             for batch in micro:
@@ -553,30 +545,29 @@ def _run_traced_steps(model: nn.Module, work: _Workload, device: torch.device, t
                 tracker.phase = "backward"
                 scaler.scale(loss).backward()
             tracker.retag([p.grad for p in params if p.grad is not None], GRADIENTS)
+            if not optimizer_step:
+                return
             tracker.phase = "optimizer"
             _traced_optimizer_step(optimizer, scaler, params, settings.max_grad_norm)
             tracker.retag(_optimizer_tensors(optimizer), OPTIMIZER)
             optimizer.zero_grad(set_to_none=True)
 
 
-def _forward_backward_only(model: nn.Module, work: _Workload, device: torch.device, tracker: LiveBytes,
-                           params: list[nn.Parameter], scaler: torch.amp.GradScaler, loss_fn: Any) -> None:
-    settings = work.settings
-    momentum_free = settings.optimizer == "sgd" and not settings.momentum
-    # The state a first step leaves, at its exact analytic size (tested against the real optimizers).
-    state = [torch.empty(0 if momentum_free else _param_state_bytes(p, settings.optimizer), dtype=torch.uint8,
-                         device=device) for p in params]
-    for tensor in state:
-        tracker.add(tensor, OPTIMIZER)
-    with tracker, _tag_adapter_activations(model, tracker):
-        scaler.scale(torch.zeros((), device=device))
-        for batch in [work.batch(device) for _ in range(settings.grad_accum_steps)]:
-            tracker.phase = "forward"
-            with _autocast(device, settings.precision):
-                loss_sum, _ = loss_fn(model, batch)
-            tracker.phase = "backward"
-            scaler.scale(loss_sum / work.targets()).backward()
-    tracker.retag([p.grad for p in params if p.grad is not None], GRADIENTS)
+def _steady_optimizer_state(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                            params: list[nn.Parameter], settings: Any, device: torch.device,
+                            optimizer_step: bool) -> list[torch.Tensor]:
+    """The optimizer state a first step leaves, made up front (tracing two full steps would cost twice the
+    time): by a step on zero gradients, or, when the step is not traced, allocated at its exact analytic
+    size (tested against the real optimizers)."""
+    if not optimizer_step:
+        momentum_free = settings.optimizer == "sgd" and not settings.momentum
+        return [torch.empty(0 if momentum_free else _param_state_bytes(p, settings.optimizer),
+                            dtype=torch.uint8, device=device) for p in params]
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    _traced_optimizer_step(optimizer, scaler, params, settings.max_grad_norm)
+    optimizer.zero_grad(set_to_none=True)
+    return _optimizer_tensors(optimizer)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -434,13 +434,13 @@ def _lightest_estimates(runtime: Runtime) -> list[tuple[str, memory.MemoryEstima
     cheapest optimizer, the lowest precision and with checkpointing when the space offers them."""
     space = runtime.space
     assert space is not None
-    options = _dim_options
     results = []
     for method in space.method_names():
         dims = {**space.training_dims, **space.training_overrides.get(method, {})}
-        precision = "bf16" if set(options("precision", dims)) & {"bf16", "fp16"} else "fp32"
-        settings = {**params_defaults(), "micro_batch_size": int(min(options("micro_batch_size", dims))),
-                    "precision": precision, "gradient_checkpointing": True in options("gradient_checkpointing", dims)}
+        precision = "bf16" if set(_dim_options("precision", dims)) & {"bf16", "fp16"} else "fp32"
+        settings = {**params_defaults(), "micro_batch_size": int(min(_dim_options("micro_batch_size", dims))),
+                    "precision": precision,
+                    "gradient_checkpointing": True in _dim_options("gradient_checkpointing", dims)}
         params = TrialParams(method, methods.get(method).resolve({}), settings)
         if methods.get(method).problem(runtime.base_model):
             continue
@@ -448,7 +448,7 @@ def _lightest_estimates(runtime: Runtime) -> list[tuple[str, memory.MemoryEstima
         estimates = [memory.estimate(model, optimizer=opt, precision=precision,
                                      micro_batch_size=settings["micro_batch_size"], seq_len=max(runtime.train.lengths()),
                                      gradient_checkpointing=settings["gradient_checkpointing"])
-                     for opt in options("optimizer", dims)]
+                     for opt in _dim_options("optimizer", dims)]
         results.append((f"{method}, micro-batch {settings['micro_batch_size']}, {precision}",
                         min(estimates, key=lambda e: e.total)))
     return results or [("none", memory.MemoryEstimate(weights=0, gradients=0, optimizer_state=0, activations=0))]
