@@ -6,10 +6,11 @@ on its own it may only reject a configuration far above the budget: one it puts 
 measures above 1.1x. Every configuration that could fit is traced (one fake-tensor step: about a second on
 MiniLM), so no trial is admitted on the analytic figure. Three things keep rejections cheap (the issue's
 bar: under a second each):
-- a configuration that could be over the budget first gets a quick estimate: forward and backward of
-  its first one and two blocks, grown to full depth (`memory.estimate_extrapolated`, compared with the full
-  trace in experiments/memory/extrapolation.md); above the budget on that figure, it is rejected without
-  the full trace;
+- a configuration that could be over the budget first gets quick estimates: its first one and two blocks
+  traced and grown to full depth (`memory.estimate_extrapolated`), the forward pass alone (a third of the
+  operations; without gradient checkpointing about the whole peak), then forward and backward (compared
+  with the full trace in experiments/memory/extrapolation.md); above the budget on either, it is rejected
+  without the full trace;
 - a traced estimate is remembered per memory-relevant configuration: the learning rate, schedule and seed
   do not change memory, so a configuration that differs only in those is not traced again;
 - each trace calibrates the analytic estimate of its family (method, optimizer, precision, checkpointing):
@@ -20,7 +21,7 @@ bar: under a second each):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 
 from autopeft.memory import MemoryEstimate
 
@@ -40,8 +41,9 @@ class BudgetGate:
 
     def decide(self, analytic: MemoryEstimate, budget: int, key: Hashable, family: Hashable,
                trace: Callable[[], MemoryEstimate],
-               extrapolate: Callable[[], MemoryEstimate | None] = lambda: None) -> MemoryEstimate:
-        """The estimate to compare with `budget`: remembered, analytic, calibrated, extrapolated or traced."""
+               quick: Sequence[Callable[[], MemoryEstimate | None]] = ()) -> MemoryEstimate:
+        """The estimate to compare with `budget`: remembered, analytic, calibrated, one of the `quick`
+        lower estimates (tried in order; each only rejects) or traced."""
         if key in self.traced:
             return self.traced[key]
         if analytic.total > ANALYTIC_REJECT * budget:
@@ -49,10 +51,11 @@ class BudgetGate:
         calibrated = self.calibrated(analytic, family)
         if calibrated is not None and calibrated.total > CALIBRATED_REJECT * budget:
             return calibrated
-        if analytic.total * ANALYTIC_UNDER > budget:  # could be over: try the quick trace first
-            quick = extrapolate()
-            if quick is not None and quick.total > EXTRAPOLATED_REJECT * budget:
-                return self._remember(key, family, analytic, quick)
+        if analytic.total * ANALYTIC_UNDER > budget:  # could be over: try the quick traces, cheapest first
+            for attempt in quick:
+                found = attempt()
+                if found is not None and found.total > EXTRAPOLATED_REJECT * budget:
+                    return self._remember(key, family, analytic, found)
         self.traces += 1
         return self._remember(key, family, analytic, trace())
 

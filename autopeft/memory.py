@@ -84,7 +84,7 @@ class MemoryEstimate:
     extras: int = 0  # activations created inside the adapter's own modules (LoRA A/B, prompt encoder...)
     workspace: int = 0  # device library workspaces (cuBLAS), CUDA only
     allocator: int = 0  # CUDA only: cached blocks handed out whole, larger than the tensors they hold
-    level: str = "analytic"  # analytic | traced | extrapolated (traced on fewer blocks) | calibrated
+    level: str = "analytic"  # analytic | traced | extrapolated[-forward] (traced on fewer blocks) | calibrated
     device: str = "cpu"
     peak_at: str = ""  # traced: the phase of the step where the peak happened (forward, backward, optimizer)
     seconds: float = 0.0  # how long the estimate took
@@ -264,6 +264,10 @@ class LiveBytes(TorchDispatchMode):
         self._history: list[_Storage] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.prim.device.default and hasattr(args[0], "fake_device"):
+            # Over half the calls a fake step makes are device queries (the autograd engine's, F.linear's):
+            # answered here, they skip a pass through the fake mode and allocate nothing.
+            return args[0].fake_device
         out = func(*args, **(kwargs or {}))
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
@@ -513,11 +517,12 @@ class _Workload:
 
 
 def _run_traced_steps(model: nn.Module, work: _Workload, device: torch.device, tracker: LiveBytes,
-                      notes: list[str], *, foreach: bool, optimizer_step: bool = True) -> None:
+                      notes: list[str], *, foreach: bool, through: str = "optimizer") -> None:
     """`autopeft.train.fit`'s loop on `model` (fake tensors) in steady state, under `tracker`. `foreach`:
-    the optimizer takes its multi-tensor path, as torch chooses for real CUDA tensors. Without
-    `optimizer_step`, the optimizer state is allocated at its exact size and only forward and backward run
-    (the step's own temporaries are left out: a lower bound, at a fraction of the operations)."""
+    the optimizer takes its multi-tensor path, as torch chooses for real CUDA tensors. `through`: the last
+    phase traced. Short of "optimizer", the optimizer state is allocated at its exact size and the step is
+    not run (its own temporaries are left out: a lower bound, at a fraction of the operations); "forward"
+    stops before the backward pass."""
     from autopeft.train import _enable_checkpointing, classification_loss
 
     settings = work.settings
@@ -533,7 +538,7 @@ def _run_traced_steps(model: nn.Module, work: _Workload, device: torch.device, t
     with tracker, _tag_adapter_activations(model, tracker):
         scaler.scale(torch.zeros((), device=device))  # fp16: the loss scale exists from the first backward
         tracker.phase = "optimizer"
-        state = _steady_optimizer_state(optimizer, scaler, params, settings, device, optimizer_step)
+        state = _steady_optimizer_state(optimizer, scaler, params, settings, device, through == "optimizer")
         tracker.retag(state, OPTIMIZER)
         for _ in range(STEPS - 1):
             micro = [work.batch(device) for _ in range(settings.grad_accum_steps)]
@@ -542,10 +547,12 @@ def _run_traced_steps(model: nn.Module, work: _Workload, device: torch.device, t
                 with _autocast(device, settings.precision):
                     loss_sum, _ = loss_fn(model, batch)
                 loss = loss_sum / work.targets()
+                if through == "forward":
+                    return
                 tracker.phase = "backward"
                 scaler.scale(loss).backward()
             tracker.retag([p.grad for p in params if p.grad is not None], GRADIENTS)
-            if not optimizer_step:
+            if through != "optimizer":
                 return
             tracker.phase = "optimizer"
             _traced_optimizer_step(optimizer, scaler, params, settings.max_grad_norm)
@@ -644,7 +651,7 @@ def estimate_traced(model: Any, method: str, method_params: dict[str, Any], sett
 def _trace(model: Any, method: str, method_params: dict[str, Any], settings: Any, *, seq_len: int,
            device: str | torch.device, task_type: str, num_labels: int, max_steps: int | None,
            dtype: torch.dtype, trace_device: str | torch.device | None, layers: int | None = None,
-           optimizer_step: bool = True) -> tuple[LiveBytes, torch.device, list[str]]:
+           through: str = "optimizer") -> tuple[LiveBytes, torch.device, list[str]]:
     """One traced step (see `estimate_traced`), on the first `layers` blocks if given: the tracker."""
     from autopeft import adapter_io
     from autopeft.methods import MethodContext
@@ -675,17 +682,18 @@ def _trace(model: Any, method: str, method_params: dict[str, Any], settings: Any
                                     MethodContext(task_type, max_steps or settings.max_steps))
         with _fused_attention_dropout(planning=trace_device != target):
             _run_traced_steps(net, work, trace_device, tracker, notes, foreach=target.type == "cuda",
-                              optimizer_step=optimizer_step)
+                              through=through)
     return tracker, target, notes
 
 
 def estimate_extrapolated(model: Any, method: str, method_params: dict[str, Any], settings: Any, *,
                           seq_len: int, device: str | torch.device = "cpu", task_type: str = "SEQ_CLS",
                           num_labels: int = 2, max_steps: int | None = None,
-                          dtype: torch.dtype = torch.float32) -> MemoryEstimate | None:
+                          dtype: torch.dtype = torch.float32, through: str = "backward") -> MemoryEstimate | None:
     """A quick estimate for rejecting (within 2% of the traced one on the estimator benchmark, lower where
     the full step peaks inside the optimizer step): forward and backward of the first one and
-    two blocks, grown to the model's L identical blocks.
+    two blocks, grown to the model's L identical blocks. `through="forward"` traces the forward pass only,
+    at about a third of the operations: its peak is a lower bound of the step's.
 
     Within each phase (forward, backward), the bytes alive at that phase's peak grow by the same amount per
     block (each block adds its weights, gradients, optimizer state and the activations it keeps for
@@ -695,14 +703,16 @@ def estimate_extrapolated(model: Any, method: str, method_params: dict[str, Any]
     that step, this is lower. Returns None where the full trace must decide: fewer than 4 blocks (nothing
     to save), or a CUDA target (its caching-allocator replay is not additive). experiments/memory/
     extrapolation.md compares it with the full trace on the estimator benchmark's configurations.
-    Arguments as `estimate_traced`."""
+    Other arguments as `estimate_traced`."""
+    if through not in ("forward", "backward"):
+        raise ValueError(f"through must be forward or backward, not {through!r}")
     blocks = getattr(_model_config(model), "num_hidden_layers", None)
     if not isinstance(blocks, int) or blocks < 4 or torch.device(device).type != "cpu":
         return None
     start = time.perf_counter()
     one, two = (_trace(model, method, method_params, settings, seq_len=seq_len, device=device,
                        task_type=task_type, num_labels=num_labels, max_steps=max_steps, dtype=dtype,
-                       trace_device=None, layers=k, optimizer_step=False)[0] for k in (1, 2))
+                       trace_device=None, layers=k, through=through)[0] for k in (1, 2))
     grown = []
     for phase in one.phase_peaks.keys() & two.phase_peaks.keys():
         a, b = one.at_tick(one.phase_peaks[phase]), two.at_tick(two.phase_peaks[phase])
@@ -710,11 +720,13 @@ def estimate_extrapolated(model: Any, method: str, method_params: dict[str, Any]
                  for tag in a.keys() | b.keys()}
         grown.append((sum(parts.values()), phase, parts))
     _, phase, parts = max(grown, key=lambda found: found[0])
+    traced = "forward and backward" if through == "backward" else "the forward pass"
     return MemoryEstimate(
         weights=parts.get(WEIGHTS, 0), trainable=parts.get(TRAINABLE, 0), gradients=parts.get(GRADIENTS, 0),
         optimizer_state=parts.get(OPTIMIZER, 0), extras=parts.get(EXTRAS, 0), activations=parts.get(None, 0),
-        level="extrapolated", device="cpu", peak_at=phase, seconds=time.perf_counter() - start,
-        notes=(f"forward and backward traced on 1 and 2 of {blocks} blocks, each phase's peak grown linearly; "
+        level="extrapolated" if through == "backward" else "extrapolated-forward", device="cpu",
+        peak_at=phase, seconds=time.perf_counter() - start,
+        notes=(f"{traced} traced on 1 and 2 of {blocks} blocks, each phase's peak grown linearly; "
                "the optimizer step is not traced",))
 
 
@@ -731,7 +743,7 @@ def warm_up(model: Any, method: str = "lora", *, seq_len: int = 8, micro_batch_s
     _trace(model, method, methods.get(method).resolve({}),
            TrainSettings(learning_rate=1e-4, micro_batch_size=micro_batch_size), seq_len=seq_len, device="cpu",
            task_type=task_type, num_labels=num_labels, max_steps=2, dtype=torch.float32, trace_device=None,
-           layers=1, optimizer_step=False)
+           layers=1, through="backward")
     return time.perf_counter() - start
 
 

@@ -3,9 +3,12 @@ trial deep-copies the pristine base, attaches its adapter, trains, evaluates, pr
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,9 +180,11 @@ def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> 
     options = dict(seq_len=seq_len, device=target_device(runtime), task_type=runtime.method_task_type,
                    num_labels=len(runtime.task.label_names), max_steps=runtime.config.max_steps)
     args = (runtime.base_model, params.method, params.method_params, settings)
-    return runtime.budget_gate.decide(analytic, runtime.config.memory_budget, key, family,
-                                      trace=lambda: memory.estimate_traced(*args, **options),
-                                      extrapolate=lambda: memory.estimate_extrapolated(*args, **options))
+    return runtime.budget_gate.decide(
+        analytic, runtime.config.memory_budget, key, family,
+        trace=lambda: memory.estimate_traced(*args, **options),
+        quick=[lambda: memory.estimate_extrapolated(*args, **options, through="forward"),
+               lambda: memory.estimate_extrapolated(*args, **options, through="backward")])
 
 
 def measure_memory(runtime: Runtime, params: TrialParams) -> int | None:
@@ -463,10 +468,11 @@ def _dim_options(name: str, dims: dict) -> list:
 
 
 def warm_up_tracer(runtime: Runtime) -> float:
-    """Before a budgeted search's first trial: a one-block forward and backward of each method of the space
-    at each micro-batch size it offers, at the search's sequence length; returns the seconds spent. The
-    fake-tensor tracer caches each operation per shape, and its first use in a process loads its machinery:
-    seconds that would otherwise land on the first trials, rejected ones included."""
+    """Before a budgeted search's first trial: each method of the space built once on the real model, and a
+    one-block forward and backward of it at each micro-batch size the space offers, at the search's sequence
+    length; returns the seconds spent. A method's first build loads its code, the fake-tensor tracer caches
+    each operation per shape, and its first use in a process loads its machinery: seconds that would
+    otherwise land on the first trials, rejected ones included."""
     space = runtime.space
     if runtime.config.memory_budget is None or space is None or target_device(runtime).type != "cpu":
         return 0.0
@@ -474,12 +480,29 @@ def warm_up_tracer(runtime: Runtime) -> float:
     for method in space.method_names():
         if methods.get(method).problem(runtime.base_model):
             continue
+        began = time.perf_counter()
+        build_model(runtime, TrialParams(method, methods.get(method).resolve({}), params_defaults()))
+        spent += time.perf_counter() - began
         dims = {**space.training_dims, **space.training_overrides.get(method, {})}
         for size in sorted({int(size) for size in _dim_options("micro_batch_size", dims)}):
             spent += memory.warm_up(runtime.base_model, method, seq_len=max(runtime.train.lengths()),
                                     micro_batch_size=size, task_type=runtime.method_task_type,
                                     num_labels=len(runtime.task.label_names))
     return spent
+
+
+@contextlib.contextmanager
+def _long_lived_objects_frozen() -> Iterator[None]:
+    """The base model, data and libraries loaded before the first trial (some 700k Python objects) live as
+    long as the search. Frozen, the garbage collections after each trial and inside the memory tracer's
+    traces stop rescanning them: 7.8 s -> 2.1 s of collection in a 100 s budgeted search, and no full
+    collection (0.5 s) landing inside a rejected trial."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()  # collectable again once the search is over
 
 
 def params_defaults() -> dict[str, Any]:
@@ -544,13 +567,15 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
 
     remaining = config.trials - studies.completed(study)
     try:
-        if remaining > 0:
-            # Stop at `trials` completed trials; failed or pruned ones are replaced by new samples, up to a
-            # cap so that a space where everything fails cannot loop for ever.
-            target = optuna.study.MaxTrialsCallback(config.trials, states=(studies.COMPLETE,))
-            callbacks = [target, stop_after_failures, stop_at_step_budget] + ([progress] if progress else [])
-            study.optimize(objective, n_trials=2 * remaining + config.max_consecutive_failures,
-                           timeout=config.timeout, catch=(TrialFailed,), callbacks=callbacks, gc_after_trial=True)
+        with _long_lived_objects_frozen():
+            if remaining > 0:
+                # Stop at `trials` completed trials; failed or pruned ones are replaced by new samples, up to
+                # a cap so that a space where everything fails cannot loop for ever.
+                target = optuna.study.MaxTrialsCallback(config.trials, states=(studies.COMPLETE,))
+                callbacks = [target, stop_after_failures, stop_at_step_budget] + ([progress] if progress else [])
+                study.optimize(objective, n_trials=2 * remaining + config.max_consecutive_failures,
+                               timeout=config.timeout, catch=(TrialFailed,), callbacks=callbacks,
+                               gc_after_trial=True)
         interrupt.check()
     except Exception as exc:
         if not interrupt.REQUESTED.is_set():

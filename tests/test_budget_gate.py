@@ -72,20 +72,30 @@ def test_calibration_never_admits_a_configuration_untraced() -> None:
 def test_the_quick_extrapolated_trace_rejects_without_the_full_one() -> None:
     gate, analytic = BudgetGate(), estimate(800)
     full, quick = Tracer(analytic, 1.5), Tracer(analytic, 1.5)
-    decided = gate.decide(analytic, BUDGET, "a", "lora", full, extrapolate=quick)
+    decided = gate.decide(analytic, BUDGET, "a", "lora", full, quick=[quick])
     assert decided.total == 1200 and quick.calls == 1 and full.calls == 0
-    assert gate.decide(analytic, BUDGET, "a", "lora", full, extrapolate=quick) is decided  # remembered
+    assert gate.decide(analytic, BUDGET, "a", "lora", full, quick=[quick]) is decided  # remembered
+
+
+def test_quick_estimates_are_tried_cheapest_first_until_one_rejects() -> None:
+    gate, analytic = BudgetGate(), estimate(800)
+    forward, both, full = Tracer(analytic, 0.9), Tracer(analytic, 1.5), Tracer(analytic, 1.5)
+    assert gate.decide(analytic, BUDGET, "a", "lora", full, quick=[forward, both]).total == 1200
+    assert (forward.calls, both.calls, full.calls) == (1, 1, 0)
+    decisive, never = Tracer(analytic, 1.5), Tracer(analytic, 1.5)
+    gate.decide(analytic, BUDGET, "b", "lora", full, quick=[decisive, never])
+    assert (decisive.calls, never.calls, full.calls) == (1, 0, 0)
 
 
 def test_admission_always_takes_the_full_trace() -> None:
     gate, analytic = BudgetGate(), estimate(800)
     full, quick = Tracer(analytic, 0.9), Tracer(analytic, 0.9)
-    assert gate.decide(analytic, BUDGET, "a", "lora", full, extrapolate=quick).total == 720
+    assert gate.decide(analytic, BUDGET, "a", "lora", full, quick=[quick]).total == 720
     assert quick.calls == 1 and full.calls == 1
 
 
 def test_a_configuration_that_surely_fits_skips_the_quick_trace() -> None:
     gate, analytic = BudgetGate(), estimate(int(BUDGET / ANALYTIC_UNDER) - 1)
     full, quick = Tracer(analytic, 2.0), Tracer(analytic, 2.0)
-    gate.decide(analytic, BUDGET, "a", "lora", full, extrapolate=quick)
+    gate.decide(analytic, BUDGET, "a", "lora", full, quick=[quick])
     assert quick.calls == 0 and full.calls == 1

@@ -91,7 +91,8 @@ def test_traced_estimate_matches_measured_peak(tiny_models: dict[str, Path]) -> 
 
 @pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
 def test_extrapolating_from_two_blocks_matches_the_full_trace(tiny_models: dict[str, Path], family: str) -> None:
-    """The budget gate's quick estimate: traces of 1 and 2 blocks, grown to 5, against a trace of all 5."""
+    """The budget gate's quick estimates: traces of 1 and 2 blocks (forward and backward, or forward only),
+    grown to 5, against a trace of all 5."""
     config = copy.deepcopy(_base(tiny_models[family]).config)
     config.num_hidden_layers = 5
     for method, params, training in [("lora", LORA, {"optimizer": "adamw"}),
@@ -103,6 +104,11 @@ def test_extrapolating_from_two_blocks_matches_the_full_trace(tiny_models: dict[
         assert quick is not None and quick.level == "extrapolated"
         assert abs(quick.total / full.total - 1) < 0.02, (method, quick.total, full.total)
         assert quick.total == sum(quick.parts().values())
+        # The forward pass alone: a lower bound, and without checkpointing about the whole peak.
+        forward = memory.estimate_extrapolated(config, method, params, settings, seq_len=48, through="forward")
+        assert forward.level == "extrapolated-forward" and forward.total <= quick.total
+        if not settings.gradient_checkpointing:
+            assert abs(forward.total / full.total - 1) < 0.02, (method, forward.total, full.total)
     config.num_hidden_layers = 3  # too shallow to save time: the full trace decides
     assert memory.estimate_extrapolated(config, "lora", LORA, settings, seq_len=48) is None
 

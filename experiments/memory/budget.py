@@ -100,7 +100,7 @@ def main() -> None:
               "rejected_seconds_max": max((r["seconds"] for r in rejected), default=None),
               "rejected_seconds_median": statistics.median([r["seconds"] for r in rejected]) if rejected else None,
               "rejected_by_level": {level: {"count": len(group), "max_seconds": max(r["seconds"] for r in group)}
-                                    for level in ("analytic", "calibrated", "extrapolated", "traced")
+                                    for level in ("analytic", "calibrated", "extrapolated-forward", "extrapolated", "traced")
                                     if (group := [r for r in rejected if r["estimate_level"] == level])},
               "worst_measured_over_budget": max((r["measured"] / budget for r in admitted if r["measured"]),
                                                 default=None)}
@@ -128,8 +128,9 @@ def render(r: dict) -> str:
              "How a trial is decided (autopeft/budget.py): the analytic estimate rejects only above 1.5x the budget; "
              "each trace calibrates the analytic estimate of its family (method, optimizer, precision, "
              "checkpointing), which then rejects above 1.2x the budget; a configuration that could be over the "
-             "budget gets a quick estimate, forward and backward of its first one and two blocks grown to full "
-             "depth (extrapolated), which rejects above 1.03x; anything else is traced in full; estimates are "
+             "budget gets quick estimates of its first one and two blocks grown to full depth, first the forward "
+             "pass alone (extrapolated-forward), then forward and backward (extrapolated), each rejecting "
+             "above 1.03x; anything else is traced in full; estimates are "
              "remembered per memory-relevant configuration. Admitted trials are always traced in full.", "",
              "| trial | state | method | micro-batch | optimizer | checkpointing | estimate (level) | measured | "
              "measured / budget | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
