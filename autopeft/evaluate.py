@@ -32,17 +32,25 @@ CAUSAL_MODES: tuple[str, ...] = ("rank", "generate")
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, split: TokenizedSplit, *, pad_id: int, batch_size: int = 128,
-            device: torch.device | None = None) -> torch.Tensor:
-    """Predicted class per row, in the split's order."""
+def class_probabilities(model: nn.Module, split: TokenizedSplit, *, pad_id: int, batch_size: int = 128,
+                        device: torch.device | None = None) -> torch.Tensor:
+    """The classification head's probabilities, a row per example in the split's order."""
     device = device or torch.device("cpu")
     model.eval()
-    predictions = torch.empty(len(split), dtype=torch.long)
+    probabilities: torch.Tensor | None = None
     for rows in eval_batches(split.lengths(), batch_size):
         batch = collate(split, rows, pad_id)
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        predictions[rows] = logits.argmax(-1).cpu()
-    return predictions
+        if probabilities is None:
+            probabilities = torch.empty(len(split), logits.shape[-1])
+        probabilities[rows] = logits.float().softmax(-1).cpu()
+    return probabilities if probabilities is not None else torch.empty(0, 0)
+
+
+def predict(model: nn.Module, split: TokenizedSplit, *, pad_id: int, batch_size: int = 128,
+            device: torch.device | None = None) -> torch.Tensor:
+    """Predicted class per row, in the split's order."""
+    return class_probabilities(model, split, pad_id=pad_id, batch_size=batch_size, device=device).argmax(-1)
 
 
 def accuracy(model: nn.Module, split: TokenizedSplit, *, pad_id: int, batch_size: int = 128,
@@ -191,3 +199,20 @@ class Evaluator:
             return accuracy(model, split, pad_id=self.pad_id, batch_size=self.batch_size, device=device)
         return causal_accuracy(model, split, self.causal, pad_id=self.pad_id, mode=self.mode,
                                tokenizer=self.tokenizer, batch_size=self.batch_size, device=device)
+
+    def progress(self, model: nn.Module, split: TokenizedSplit,
+                 device: torch.device | None = None) -> tuple[float, float]:
+        """(accuracy, the score a pruner compares) in mid-training. The score is the accuracy with ties
+        broken by the mean probability the head gives the right class: early in a run most configurations
+        still predict the majority class, so accuracy alone ties them (experiments/search/discussion.md).
+        The added term, under one row's worth of accuracy, orders those by how far they have moved towards
+        the right answers and never reverses two different accuracies. Causal LMs: accuracy alone."""
+        if self.causal is not None:
+            accuracy = self(model, split, device)
+            return accuracy, accuracy
+        probabilities = class_probabilities(model, split, pad_id=self.pad_id, batch_size=self.batch_size,
+                                            device=device)
+        labels = split.labels.long()
+        right = probabilities.gather(1, labels[:, None]).squeeze(1)
+        accuracy = float((probabilities.argmax(-1) == labels).float().mean())
+        return accuracy, accuracy + float(right.mean()) / (len(split) + 1)

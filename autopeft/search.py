@@ -204,8 +204,9 @@ INTERMEDIATE_ROWS = 256  # a mid-training check on a slice of validation: cheap,
 def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any = None,
               on_checkpoint: Any = None, checkpoint_every: int | None = None) -> TrialOutcome:
     """Build, check the budget (via `on_built`), train, evaluate and probe one configuration.
-    Accuracy on the first validation rows is measured halfway, or every `checkpoint_every` steps and
-    passed to `on_checkpoint(step, accuracy)` (which may raise optuna.TrialPruned)."""
+    Accuracy on the first validation rows is measured halfway, or every `checkpoint_every` steps, its
+    tie-broken score (`Evaluator.progress`) passed to `on_checkpoint(step, score)` (which may raise
+    optuna.TrialPruned)."""
     start = time.perf_counter()
     problem = methods.get(params.method).problem(runtime.base_model)
     if problem:  # e.g. a method that cannot apply to this architecture: skipped, never crashed
@@ -224,10 +225,11 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
         due = step % checkpoint_every == 0 and step < runtime.config.max_steps if checkpoint_every else step == halfway
         if due:
             began = time.perf_counter()
-            intermediate.append((step, runtime.evaluate(trained, subset, runtime.device)))
+            accuracy, score = runtime.evaluate.progress(trained, subset, runtime.device)
+            intermediate.append((step, accuracy))
             checking[0] += time.perf_counter() - began
             if on_checkpoint is not None:
-                on_checkpoint(step, intermediate[-1][1])
+                on_checkpoint(step, score)
 
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
@@ -311,7 +313,7 @@ class Objective:
             return
         trial.report(value, step)
         if trial.should_prune():
-            reason = f"pruned by {self.runtime.config.pruner} at step {step}: intermediate accuracy {value:.4f}"
+            reason = f"pruned by {self.runtime.config.pruner} at step {step}: intermediate score {value:.4f}"
             trial.set_user_attr("prune_reason", reason)
             raise optuna.TrialPruned(reason)
 

@@ -55,7 +55,7 @@ PARTS = {
                     test_size=1000, max_length=64, probes=("representation_drift",)),
     "pruning": dict(model="packaged:all-MiniLM-L6-v2", trials=200, max_steps=60, train_size=4000, val_size=500,
                     test_size=1000, max_length=64, probes=("representation_drift",), objective_mode="scalar",
-                    forgetting_weight=0.0, timeout=180.0),
+                    forgetting_weight=0.0, timeout=300.0),
     "causal": dict(model="packaged:SmolLM2-135M-Instruct", trials=4, max_steps=8, train_size=1000, val_size=100,
                    test_size=200, max_length=48, probes=("perplexity",), task_type="causal_lm",
                    space=str(HERE / "causal_space.yaml")),
