@@ -98,7 +98,7 @@ def search(
     objective_mode: Annotated[str, typer.Option(help="pareto (multi-objective) or scalar (accuracy - forgetting-weight x forgetting; needed for pruning).")] = "pareto",
     forgetting_weight: Annotated[float, typer.Option(help="Weight of forgetting in scalar mode.")] = 1.0,
     sampler: Annotated[str, typer.Option(help="tpe, nsga2, gp, random or grid (grid needs list-valued dimensions); seeded by --seed.")] = "tpe",
-    pruner: Annotated[str, typer.Option(help="Scalar mode only: hyperband, successive-halving, median or none; compares validation accuracy at each quarter of the steps.")] = "none",
+    pruner: Annotated[str, typer.Option(help="Scalar mode only: hyperband, successive-halving, median or none; compares validation accuracy (ties broken by confidence), reported at each quarter of the steps, from half the steps on.")] = "none",
     max_total_steps: Annotated[int | None, typer.Option(help="Stop once trials have trained this many optimizer steps in all (pruned trials count what they trained).")] = None,
     warm_start: Annotated[bool, typer.Option(help="Try the default LoRA recipe (r 8, alpha 16, q/v, lr 2e-4) first, so the search never ends below it.")] = False,
     text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
