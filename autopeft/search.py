@@ -470,11 +470,10 @@ def _dim_options(name: str, dims: dict) -> list:
 
 
 def warm_up_tracer(runtime: Runtime) -> float:
-    """Before a budgeted search's first trial: each method of the space built once on the real model, and a
-    one-block forward and backward of it at each micro-batch size the space offers, at the search's sequence
-    length; returns the seconds spent. A method's first build loads its code, the fake-tensor tracer caches
-    each operation per shape, and its first use in a process loads its machinery: seconds that would
-    otherwise land on the first trials, rejected ones included."""
+    """Before a budgeted search's first trial: a one-block forward and backward of each method of the space
+    at each micro-batch size it offers, at the search's sequence length; returns the seconds spent. The
+    fake-tensor tracer caches each operation per shape, and its first use in a process loads its machinery:
+    seconds that would otherwise land on the first trials, rejected ones included."""
     space = runtime.space
     if runtime.config.memory_budget is None or space is None or target_device(runtime).type != "cpu":
         return 0.0
@@ -482,9 +481,6 @@ def warm_up_tracer(runtime: Runtime) -> float:
     for method in space.method_names():
         if methods.get(method).problem(runtime.base_model):
             continue
-        began = time.perf_counter()
-        build_model(runtime, TrialParams(method, methods.get(method).resolve({}), params_defaults()))
-        spent += time.perf_counter() - began
         dims = {**space.training_dims, **space.training_overrides.get(method, {})}
         for size in sorted({int(size) for size in _dim_options("micro_batch_size", dims)}):
             spent += memory.warm_up(runtime.base_model, method, seq_len=max(runtime.train.lengths()),

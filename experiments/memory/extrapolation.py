@@ -77,7 +77,7 @@ def main() -> None:
     done = [r for r in rows if r["extrapolated"] is not None]
     errors = [abs(r["error"]) for r in done]
     speed = [r["extrapolated_seconds"] / r["traced_seconds"] for r in done]
-    plain = [r for r in done if not r["checkpointing"]]  # where the gate uses the forward pass alone
+    plain = [r for r in done if not r["checkpointing"]]  # where the forward pass alone shows the whole peak
     summary = {"configurations": len(rows), "extrapolated": len(done),
                "max_abs_error": max(errors), "median_abs_error": statistics.median(errors),
                "median_time_ratio": statistics.median(speed),
