@@ -318,12 +318,17 @@ class Objective:
             raise optuna.TrialPruned(reason)
 
     def _needed(self, trial: optuna.Trial) -> bool:
-        """Wait while earlier running trials could still complete the study; a killed worker's trial turns
-        stale after the heartbeat grace period and then needs this worker."""
+        """Wait while running trials that started earlier could still complete the study. Each of them
+        completes, or fails on a live worker (which goes on and frees a place), or, when its worker died,
+        turns stale after the heartbeat grace period and is failed here. So with heartbeats the wait needs no
+        deadline: a fixed one let the last workers leave while a dead worker's trial still counted, and the
+        study ended a trial short. Without heartbeats a dead worker's trial never turns stale: bounded wait."""
         config = self.runtime.config
-        deadline = time.monotonic() + 4 * config.heartbeat_seconds
+        deadline = None if studies.has_heartbeats(trial.study) else time.monotonic() + 4 * config.heartbeat_seconds
         while not studies.may_start(trial.study, trial.number, config.trials):
-            if studies.completed(trial.study) >= config.trials or time.monotonic() > deadline:
+            if studies.completed(trial.study) >= config.trials:
+                return False
+            if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(1.0)
             optuna.storages.fail_stale_trials(trial.study)

@@ -174,6 +174,12 @@ def completed(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(COMPLETE,)))
 
 
+def has_heartbeats(study: optuna.Study) -> bool:
+    """Whether a dead worker's trial in this study's storage turns stale (RDB storages opened by `connect`)."""
+    interval = getattr(study._storage, "get_heartbeat_interval", None)  # the storage is not public in optuna 5
+    return interval is not None and interval() is not None
+
+
 def may_start(study: optuna.Study, number: int, target: int) -> bool:
     """Whether trial `number` is still needed: completed trials plus running trials that started before it
     must be fewer than the target. Counting only earlier trials breaks ties between workers that ask at

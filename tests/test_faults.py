@@ -115,3 +115,31 @@ def test_passwords_in_urls_are_never_written_out(tmp_path: Path) -> None:
 
     config = SearchConfig(storage="postgresql://bob:hunter2@db/x", tracking_uri="http://u:pw@mlflow:5000")
     assert "hunter2" not in str(config.public_dict()) and "pw@" not in str(config.public_dict())
+
+
+def test_a_waiting_worker_outlasts_a_trial_whose_worker_dies_late(tmp_path: Path) -> None:
+    """The last trial's place is held by another worker that is alive when this worker starts waiting and dies
+    later. This worker must wait until that trial turns stale, fail it and run the trial itself; with a fixed
+    wait it gave up first and the study ended a trial short."""
+    import threading
+    from types import SimpleNamespace
+
+    from autopeft.search import Objective
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=3)
+    study = optuna.create_study(storage=storage)
+    other = study.ask()  # the other worker's trial, ahead of ours
+    dies = threading.Event()
+
+    def beat_then_die() -> None:  # alive for 4 s (past the old 4-heartbeat wait), then killed
+        while not dies.wait(0.5):
+            storage.record_heartbeat(other._trial_id)
+
+    threading.Thread(target=beat_then_die, daemon=True).start()
+    threading.Timer(4.0, dies.set).start()
+    ours = study.ask()
+    objective = Objective(SimpleNamespace(config=SimpleNamespace(trials=1, heartbeat_seconds=1)), None, "")
+    began = time.monotonic()
+    assert objective._needed(ours)
+    assert time.monotonic() - began >= 4.0
+    assert study.trials[other.number].state == optuna.trial.TrialState.FAIL
