@@ -112,8 +112,6 @@ def search(
     probes: Annotated[str | None, typer.Option(help="Comma-separated probes: representation_drift, perplexity, factual_recall, generalization_gap, ood_accuracy (default: by model kind).")] = None,
 ) -> None:
     """Run (or resume) a budgeted search and print the trials, the chosen one and where everything is."""
-    from autopeft.search import run_search
-
     def build() -> SearchConfig:
         return SearchConfig(model=model, task=task, space=str(space), trials=0 if workers > 1 else trials,
                             timeout=timeout, memory_budget=_budget(memory_budget), device=device, study=study,
@@ -129,7 +127,9 @@ def search(
                             task_type=task_type, label_words=_csv(label_words), template=template,
                             causal_eval=causal_eval, ood_task=ood_task, probes=_csv(probes))
 
-    config = _guard(build)
+    config = _guard(build)  # before the heavy imports below: bad flags are refused in well under a second
+    from autopeft.search import run_search
+
     console.print(f"study [bold]{config.study}[/bold] in {_where(config.storage)}; "
                   f"loading model and data once for all trials ...")
     def run() -> Any:
