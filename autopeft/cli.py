@@ -109,7 +109,7 @@ def search(
     template: Annotated[str | None, typer.Option(help="causal_lm: prompt template with {text} (and {text_pair}).")] = None,
     causal_eval: Annotated[str, typer.Option(help="causal_lm accuracy: rank (most likely label word) or generate (greedy answer, exact match).")] = "rank",
     ood_task: Annotated[str | None, typer.Option(help="An out-of-distribution evaluation set (file, folder or hub name) with the same labels.")] = None,
-    probes: Annotated[str | None, typer.Option(help="Comma-separated probes: representation_drift, perplexity, factual_recall, generalization_gap, ood_accuracy (default: by model kind).")] = None,
+    probes: Annotated[str | None, typer.Option(help="Comma-separated probes: linear_probe, representation_drift, perplexity, factual_recall, generalization_gap, ood_accuracy (default: by model kind).")] = None,
 ) -> None:
     """Run (or resume) a budgeted search and print the trials, the chosen one and where everything is."""
     def build() -> SearchConfig:
@@ -327,7 +327,7 @@ def export(
     storage: Annotated[str, typer.Option(help="Optuna storage URL of the study.")] = "sqlite:///autopeft.db",
     trial: Annotated[int | None, typer.Option(help="Export this trial number instead of applying --select.")] = None,
     select: Annotated[str, typer.Option(help="Rule: balanced (best accuracy within --tolerance of the least forgetting on the Pareto front), best-accuracy, least-forgetting, or max-accuracy-under-forgetting=X.")] = "balanced",
-    tolerance: Annotated[float, typer.Option(help="Forgetting tolerance of the balanced rule (1 - CKA scale).")] = 0.05,
+    tolerance: Annotated[float, typer.Option(help="Forgetting tolerance of the balanced rule, on the forgetting probe's scale (linear_probe: fraction of probe accuracy lost).")] = 0.05,
     with_weights: Annotated[bool, typer.Option(help="Also write the trained adapter weights (safetensors); retrained if the trial's were not kept.")] = False,
     force: Annotated[bool, typer.Option(help="Write into --out even if it is not empty.")] = False,
 ) -> None:

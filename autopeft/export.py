@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from autopeft.search import Runtime
 
 RULES: tuple[str, ...] = ("balanced", "best-accuracy", "least-forgetting", "max-accuracy-under-forgetting=X")
-DEFAULT_TOLERANCE = 0.05  # absolute, on the forgetting (1 - CKA) scale
+DEFAULT_TOLERANCE = 0.05  # absolute, on the forgetting probe's scale (a fraction for every probe we ship)
 
 
 def load_existing_study(name: str, storage: str) -> optuna.Study:
@@ -189,7 +189,7 @@ Found by autopeft (study `{metrics['study']}`, trial {trial.number}).
 | method | {params.method} ({own}) |
 | training | {params.training['optimizer']}, lr {params.training['learning_rate']:.3g}, {params.training['precision']}, micro-batch {params.training['micro_batch_size']} x {params.training['grad_accum_steps']} accumulation, {config.max_steps} steps, seed {trial.user_attrs['seed']} |
 | validation accuracy | {metrics['val_accuracy']:.4f} |
-| forgetting (1 - CKA on general text) | {metrics['forgetting']:.4f} |
+| forgetting (the study's forgetting probe) | {metrics['forgetting']:.4f} |
 | held-out test accuracy (computed once, at export) | {metrics['test_accuracy']:.4f} |
 | trainable parameters | {metrics['trainable_params']:,} |
 | estimated peak training memory | {format_bytes(memory) if memory else 'n/a'} |

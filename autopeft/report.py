@@ -235,7 +235,7 @@ def plot_pareto(study: optuna.Study, path: Path, chosen: FrozenTrial | None, rul
     trials = study.get_trials(deepcopy=False)
     completed = _completed(trials)
     fig, ax = _figure("Validation accuracy vs forgetting (up and to the left is better)")
-    ax.set_xlabel("forgetting (1 - CKA with the base model; lower is better)")
+    ax.set_xlabel("forgetting (the study's forgetting probe; lower is better)")
     ax.set_ylabel("validation accuracy")
     _by_method(ax, [(t, scores(t)[1], scores(t)[0]) for t in completed], _colors(trials))
     _pareto_front(ax, study)

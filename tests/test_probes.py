@@ -10,10 +10,9 @@ from autopeft.data import TextSplit, TokenizedSplit, tokenize
 from autopeft.errors import ConfigError
 from autopeft.evaluate import Evaluator
 from autopeft.models import load_classifier
-from autopeft.probes import (FactualRecall, GeneralizationGap, OutOfDistribution, PerplexityIncrease, ProbeContext,
-                             ProbeSet,
-                             RepresentationDrift, build_probes, capital_country_pairs, default_probes, linear_cka,
-                             probe_problems, wikipedia_paragraphs)
+from autopeft.probes import (FactualRecall, GeneralizationGap, LinearProbe, OutOfDistribution, PerplexityIncrease,
+                             ProbeContext, ProbeSet, RepresentationDrift, build_probes, capital_country_pairs,
+                             default_probes, linear_cka, probe_problems, wikipedia_articles, wikipedia_paragraphs)
 from autopeft.train import TrainSettings, causal_lm_loss, fit
 
 
@@ -44,6 +43,31 @@ def test_drift_is_zero_for_the_base_and_grows_with_damage(tiny_bert: Path) -> No
             for p in net.bert.encoder.parameters():
                 p.add_(scale * torch.randn(p.shape, generator=gen))
     assert 0.0 < probe.forgetting(small) < probe.forgetting(large)
+
+
+@pytest.mark.slow
+def test_linear_probe_forgetting_is_zero_for_the_base_and_grows_when_information_is_lost() -> None:
+    # The packaged MiniLM: a tiny random model's pooled features hardly tell the articles apart (0.11 of 16).
+    model, tokenizer = load_classifier("packaged:all-MiniLM-L6-v2", 2, seed=0)
+    probe = LinearProbe(tokenizer, seed=0)
+    probe.fit_base(model)
+    assert probe.base is not None and 0.5 < probe.base < 1.0  # well above chance (1/16), not at the ceiling
+    same = probe.score(copy.deepcopy(model))
+    assert same == {"linear_probe_accuracy": probe.base, "linear_probe_forgetting": 0.0}
+    blurred, erased = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():  # tokens blurred together, then all made alike: topic information is lost
+        for keep, net in ((0.1, blurred), (0.0, erased)):
+            embeddings = net.bert.embeddings.word_embeddings.weight
+            embeddings.copy_(keep * embeddings + (1 - keep) * embeddings.mean(0))
+    assert 0.0 < probe.score(blurred)["linear_probe_forgetting"] < probe.score(erased)["linear_probe_forgetting"]
+    assert LinearProbe(tokenizer, seed=3).texts == LinearProbe(tokenizer, seed=3).texts != probe.texts
+
+
+def test_wikipedia_articles_group_the_same_paragraphs() -> None:
+    articles = wikipedia_articles()
+    assert [p for article in articles for p in article] == wikipedia_paragraphs()
+    assert articles[0][0].startswith("Anarchism is a political philosophy")
+    assert sum(len(a) >= 8 for a in articles) >= 16
 
 
 def test_probe_texts_are_fixed_for_a_seed(tiny_bert: Path) -> None:

@@ -52,9 +52,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 # What each part searches. Equal budgets inside a part: the same trials x steps for every strategy.
 PARTS = {
     "quality": dict(model="packaged:all-MiniLM-L6-v2", trials=10, max_steps=60, train_size=4000, val_size=500,
-                    test_size=1000, max_length=64, probes=("representation_drift",)),
+                    test_size=1000, max_length=64, probes=("linear_probe", "representation_drift")),
     "pruning": dict(model="packaged:all-MiniLM-L6-v2", trials=200, max_steps=60, train_size=4000, val_size=500,
-                    test_size=1000, max_length=64, probes=("representation_drift",), objective_mode="scalar",
+                    test_size=1000, max_length=64, probes=("linear_probe", "representation_drift"), objective_mode="scalar",
                     forgetting_weight=0.0, timeout=300.0),
     "causal": dict(model="packaged:SmolLM2-135M-Instruct", trials=4, max_steps=8, train_size=1000, val_size=100,
                    test_size=200, max_length=48, probes=("perplexity",), task_type="causal_lm",
@@ -120,6 +120,7 @@ def exported(runtime, study: optuna.Study, rule: str) -> dict:
     params = TrialParams.from_flat(trial.user_attrs["params"])
     return {"rule": rule, "trial": trial.number, "params": trial.user_attrs["params"],
             "val_accuracy": scores(trial)[0], "forgetting": scores(trial)[1],
+            "drift": trial.user_attrs.get("probe.representation_drift"),  # logged beside the objective
             "test_accuracy": runtime.evaluate(model, runtime.test, runtime.device),
             "peak_bytes": peak_bytes(runtime, params)}
 
@@ -131,6 +132,7 @@ def default_recipe(runtime, seed: int) -> dict:
     began = time.perf_counter()
     outcome = run_trial(runtime, params, seed=seed)
     return {"val_accuracy": outcome.accuracy, "forgetting": outcome.forgetting,
+            "drift": outcome.probe_scores.get("representation_drift"),
             "test_accuracy": runtime.evaluate(outcome.model, runtime.test, runtime.device),
             "peak_bytes": peak_bytes(runtime, params), "wall_seconds": time.perf_counter() - began,
             "trainable": outcome.trainable}
@@ -214,8 +216,8 @@ def render_quality(part: str, rows: list[dict]) -> list[str]:
              "accuracy is read from the trial's saved adapter. 'trials to random's best': the trial count at "
              "which the strategy first reached the same seed's random-search final best (— if never).", "",
              "| strategy | best val accuracy | hypervolume | export: val / test accuracy | export forgetting | "
-             "export peak MiB | best-accuracy trial: test accuracy / forgetting | trials to random's best | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "export 1 - CKA | export peak MiB | best-accuracy trial: test accuracy / forgetting | trials to random's best | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         results = [r["strategies"][name] for r in rows]
         balanced = [r["export"]["balanced"] for r in results]
@@ -226,20 +228,35 @@ def render_quality(part: str, rows: list[dict]) -> list[str]:
             f"| {name} | {fmt(median([r['best_val_accuracy'] for r in results]))} | "
             f"{fmt(median([r['hypervolume'] for r in results]))} | "
             f"{fmt(median([b['val_accuracy'] for b in balanced]))} / {fmt(median([b['test_accuracy'] for b in balanced]))} | "
-            f"{fmt(median([b['forgetting'] for b in balanced]))} | {mib(median([b['peak_bytes'] for b in balanced]))} | "
+            f"{fmt(median([b['forgetting'] for b in balanced]))} | {fmt(median([b.get('drift') for b in balanced]))} | "
+            f"{mib(median([b['peak_bytes'] for b in balanced]))} | "
             f"{fmt(median([b['test_accuracy'] for b in best]))} / {fmt(median([b['forgetting'] for b in best]))} | "
             f"{reach} | {fmt(median([r['wall_seconds'] for r in results]), '.0f')} |")
     recipe = [r["default_recipe"] for r in rows]
     lines.append(f"| default LoRA recipe (one run) | {fmt(median([d['val_accuracy'] for d in recipe]))} | "
                  f"{fmt(median([hypervolume([(d['val_accuracy'], d['forgetting'])]) for d in recipe]))} | "
                  f"{fmt(median([d['val_accuracy'] for d in recipe]))} / {fmt(median([d['test_accuracy'] for d in recipe]))} | "
-                 f"{fmt(median([d['forgetting'] for d in recipe]))} | {mib(median([d['peak_bytes'] for d in recipe]))} | "
+                 f"{fmt(median([d['forgetting'] for d in recipe]))} | {fmt(median([d.get('drift') for d in recipe]))} | "
+                 f"{mib(median([d['peak_bytes'] for d in recipe]))} | "
                  f"| | {fmt(median([d['wall_seconds'] for d in recipe]), '.0f')} |")
     lines += ["", "Per seed (best val accuracy per strategy; default recipe val / test):", ""]
     for r in rows:
         bests = ", ".join(f"{n} {fmt(r['strategies'][n]['best_val_accuracy'])}" for n in names)
         d = r["default_recipe"]
         lines.append(f"- seed {r['seed']}: {bests}; default recipe {fmt(d['val_accuracy'])} / {fmt(d['test_accuracy'])}")
+    lines += ["", "Goal check per seed: does the exported (balanced) configuration beat the default recipe on test "
+              "accuracy at no more forgetting and no more peak memory?", ""]
+    for r in rows:
+        d = r["default_recipe"]
+        checks = []
+        for n in names:
+            b = r["strategies"][n]["export"]["balanced"]
+            holds = b["test_accuracy"] > d["test_accuracy"] and b["forgetting"] <= d["forgetting"] and \
+                b["peak_bytes"] <= d["peak_bytes"]
+            checks.append(f"{n} {'yes' if holds else 'no'} (test {fmt(b['test_accuracy'])} vs "
+                          f"{fmt(d['test_accuracy'])}, forgetting {fmt(b['forgetting'])} vs {fmt(d['forgetting'])}, "
+                          f"{mib(b['peak_bytes'])} vs {mib(d['peak_bytes'])} MiB)")
+        lines.append(f"- seed {r['seed']}: " + "; ".join(checks))
     return lines + [""]
 
 
