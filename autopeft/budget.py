@@ -6,9 +6,9 @@ on its own it may only reject a configuration far above the budget: one it puts 
 measures above 1.1x. Every configuration that could fit is traced (one fake-tensor step: about a second on
 MiniLM), so no trial is admitted on the analytic figure. Three things keep rejections cheap (the issue's
 bar: under a second each):
-- a configuration that could be over the budget first gets quick estimates of its first blocks grown to
-  full depth (`memory.estimate_extrapolated`): the forward pass of two blocks, traced once (without
-  gradient checkpointing about the whole peak), then forward and backward of one and two blocks (compared
+- a configuration that could be over the budget first gets quick estimates: its first one and two blocks
+  traced and grown to full depth (`memory.estimate_extrapolated`), the forward pass alone (a third of the
+  operations; without gradient checkpointing about the whole peak), then forward and backward (compared
   with the full trace in experiments/memory/extrapolation.md); above the budget on either, it is rejected
   without the full trace;
 - a traced estimate is remembered per memory-relevant configuration: the learning rate, schedule and seed

@@ -57,7 +57,7 @@ import math
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -311,27 +311,6 @@ class LiveBytes(TorchDispatchMode):
         for record in self._history:
             if record.born <= tick and (record.died is None or record.died > tick):
                 totals[record.tag] = totals.get(record.tag, 0) + -(-record.nbytes // block) * block
-        return totals
-
-    @property
-    def tick(self) -> int:
-        """The count of allocations and frees so far: a moment of the history."""
-        return self._tick
-
-    def born_between(self, start: int, end: int, alive_at: int) -> dict[str | None, int]:
-        """Bytes, by tag, of the storages born after tick `start` and by tick `end` that are alive at `alive_at`."""
-        totals: dict[str | None, int] = {}
-        for record in self._history:
-            if start < record.born <= end and (record.died is None or record.died > alive_at):
-                totals[record.tag] = totals.get(record.tag, 0) + record.nbytes
-        return totals
-
-    def tagged_bytes(self, tensors: Iterable[torch.Tensor]) -> dict[str | None, int]:
-        """Bytes, by tag, of the live storages of these tensors (each storage once)."""
-        records = {id(r): r for t in tensors if (r := self._live.get(_storage_key(t))) is not None}
-        totals: dict[str | None, int] = {}
-        for record in records.values():
-            totals[record.tag] = totals.get(record.tag, 0) + record.nbytes
         return totals
 
     def events(self) -> list[tuple[int, bool, _Storage]]:
@@ -588,7 +567,9 @@ def _steady_optimizer_state(optimizer: torch.optim.Optimizer, scaler: torch.amp.
     time): by a step on zero gradients, or, when the step is not traced, allocated at its exact analytic
     size (tested against the real optimizers)."""
     if not optimizer_step:
-        return [torch.empty(_allocated_state_bytes(p, settings), dtype=torch.uint8, device=device) for p in params]
+        momentum_free = settings.optimizer == "sgd" and not settings.momentum
+        return [torch.empty(0 if momentum_free else _param_state_bytes(p, settings.optimizer),
+                            dtype=torch.uint8, device=device) for p in params]
     for param in params:
         param.grad = torch.zeros_like(param)
     _traced_optimizer_step(optimizer, scaler, params, settings.max_grad_norm)
@@ -599,12 +580,6 @@ def _steady_optimizer_state(optimizer: torch.optim.Optimizer, scaler: torch.amp.
 # --------------------------------------------------------------------------------------------------------
 # Traced level: the step on fake tensors
 # --------------------------------------------------------------------------------------------------------
-
-
-def _allocated_state_bytes(param: torch.Tensor, settings: Any) -> int:
-    """The optimizer state a step leaves for `param` (SGD without momentum keeps none)."""
-    momentum_free = settings.optimizer == "sgd" and not settings.momentum
-    return 0 if momentum_free else _param_state_bytes(param, settings.optimizer)
 
 
 def _fake_mode() -> Any:
@@ -676,9 +651,8 @@ def estimate_traced(model: Any, method: str, method_params: dict[str, Any], sett
 def _trace(model: Any, method: str, method_params: dict[str, Any], settings: Any, *, seq_len: int,
            device: str | torch.device, task_type: str, num_labels: int, max_steps: int | None,
            dtype: torch.dtype, trace_device: str | torch.device | None, layers: int | None = None,
-           through: str = "optimizer", marks: _FirstBlockMarks | None = None) -> tuple[LiveBytes, torch.device, list[str]]:
-    """One traced step (see `estimate_traced`), on the first `layers` blocks if given: the tracker. `marks`
-    records where the first block ran (`estimate_extrapolated`)."""
+           through: str = "optimizer") -> tuple[LiveBytes, torch.device, list[str]]:
+    """One traced step (see `estimate_traced`), on the first `layers` blocks if given: the tracker."""
     from autopeft import adapter_io
     from autopeft.methods import MethodContext
 
@@ -706,8 +680,7 @@ def _trace(model: Any, method: str, method_params: dict[str, Any], settings: Any
         with _method_stand_ins(method, notes):
             net = adapter_io.attach(base, method, dict(method_params),
                                     MethodContext(task_type, max_steps or settings.max_steps))
-        marked = marks.attached(net, tracker, work.settings) if marks else contextlib.nullcontext()
-        with _fused_attention_dropout(planning=trace_device != target), marked:
+        with _fused_attention_dropout(planning=trace_device != target):
             _run_traced_steps(net, work, trace_device, tracker, notes, foreach=target.type == "cuda",
                               through=through)
     return tracker, target, notes
@@ -718,50 +691,28 @@ def estimate_extrapolated(model: Any, method: str, method_params: dict[str, Any]
                           num_labels: int = 2, max_steps: int | None = None,
                           dtype: torch.dtype = torch.float32, through: str = "backward") -> MemoryEstimate | None:
     """A quick estimate for rejecting (within 2% of the traced one on the estimator benchmark, lower where
-    the full step peaks inside the optimizer step), from the first blocks grown to the model's L identical
-    blocks. Each block adds the same bytes to a phase's peak: its weights, gradients and optimizer state,
-    and the activations it keeps for backward.
+    the full step peaks inside the optimizer step): forward and backward of the first one and
+    two blocks, grown to the model's L identical blocks. `through="forward"` traces the forward pass only,
+    at about a third of the operations: its peak is a lower bound of the step's.
 
-    `through="backward"` traces forward and backward of the first one and two blocks; within each phase
-    each part grows as `one + (L - 1) * (two - one)`, and the estimate is the phase whose grown peak is
-    highest (with few blocks the peak may sit in another phase than with many).
-    `through="forward"` traces the forward pass of the first two blocks only, once (about a fifth of the
-    operations of the two traces): what a block adds is what the first block's forward left alive at the
-    peak of the forward from the second block on, plus that block's parameters and optimizer state. Its
-    result is a lower bound of the step's peak: with gradient checkpointing the peak is often in backward.
-
-    The optimizer state is allocated at its exact size but the optimizer step is not traced: where the
-    full trace peaks inside that step, this is lower. Returns None where the full trace must decide: fewer
-    than 4 blocks (nothing to save), or a CUDA target (its caching-allocator replay is not additive).
-    experiments/memory/extrapolation.md compares it with the full trace on the estimator benchmark's
-    configurations. Other arguments as `estimate_traced`."""
+    Within each phase (forward, backward), the bytes alive at that phase's peak grow by the same amount per
+    block (each block adds its weights, gradients, optimizer state and the activations it keeps for
+    backward), so each part is `one + (L - 1) * (two - one)`; the estimate is the phase whose grown peak is
+    highest (with few blocks the peak may sit in another phase than with many). The optimizer state is
+    allocated at its exact size but the optimizer step is not traced: where the full trace peaks inside
+    that step, this is lower. Returns None where the full trace must decide: fewer than 4 blocks (nothing
+    to save), or a CUDA target (its caching-allocator replay is not additive). experiments/memory/
+    extrapolation.md compares it with the full trace on the estimator benchmark's configurations.
+    Other arguments as `estimate_traced`."""
     if through not in ("forward", "backward"):
         raise ValueError(f"through must be forward or backward, not {through!r}")
     blocks = getattr(_model_config(model), "num_hidden_layers", None)
     if not isinstance(blocks, int) or blocks < 4 or torch.device(device).type != "cpu":
         return None
     start = time.perf_counter()
-    options = dict(seq_len=seq_len, device=device, task_type=task_type, num_labels=num_labels,
-                   max_steps=max_steps, dtype=dtype, trace_device=None, through=through)
-    if through == "forward":
-        marks = _FirstBlockMarks()
-        tracker = _trace(model, method, method_params, settings, layers=2, marks=marks, **options)[0]
-        phase, parts = marks.grown(tracker, blocks)
-    else:
-        one, two = (_trace(model, method, method_params, settings, layers=k, **options)[0] for k in (1, 2))
-        phase, parts = _grown_by_difference(one, two, blocks)
-    traced = ("forward and backward traced on 1 and 2" if through == "backward" else
-              "the forward pass traced on 2") + f" of {blocks} blocks, grown linearly"
-    return MemoryEstimate(
-        weights=parts.get(WEIGHTS, 0), trainable=parts.get(TRAINABLE, 0), gradients=parts.get(GRADIENTS, 0),
-        optimizer_state=parts.get(OPTIMIZER, 0), extras=parts.get(EXTRAS, 0), activations=parts.get(None, 0),
-        level="extrapolated" if through == "backward" else "extrapolated-forward", device="cpu",
-        peak_at=phase, seconds=time.perf_counter() - start,
-        notes=(f"{traced}; the optimizer step is not traced",))
-
-
-def _grown_by_difference(one: LiveBytes, two: LiveBytes, blocks: int) -> tuple[str, dict[str | None, int]]:
-    """The phase whose peak, grown from one and two blocks to `blocks`, is highest, and its parts."""
+    one, two = (_trace(model, method, method_params, settings, seq_len=seq_len, device=device,
+                       task_type=task_type, num_labels=num_labels, max_steps=max_steps, dtype=dtype,
+                       trace_device=None, layers=k, through=through)[0] for k in (1, 2))
     grown = []
     for phase in one.phase_peaks.keys() & two.phase_peaks.keys():
         a, b = one.at_tick(one.phase_peaks[phase]), two.at_tick(two.phase_peaks[phase])
@@ -769,70 +720,14 @@ def _grown_by_difference(one: LiveBytes, two: LiveBytes, blocks: int) -> tuple[s
                  for tag in a.keys() | b.keys()}
         grown.append((sum(parts.values()), phase, parts))
     _, phase, parts = max(grown, key=lambda found: found[0])
-    return phase, parts
-
-
-class _FirstBlockMarks:
-    """Forward hooks on a two-block model's blocks: the ticks between which the first block ran, and a
-    phase of its own from the second block on (the part of the forward pass whose peak grows with depth).
-    On leaving, the first block's parameters and their optimizer state are counted, while still alive."""
-
-    LATER = "forward from block 2"
-
-    def __init__(self) -> None:
-        self.began = self.ended = 0
-        self.block_state: dict[str | None, int] = {}
-
-    @contextlib.contextmanager
-    def attached(self, model: nn.Module, tracker: LiveBytes, settings: Any) -> Iterator[None]:
-        first, second = _blocks(model, 2)
-
-        def enter_first(*_: Any) -> None:
-            self.began = tracker.tick
-
-        def leave_first(*_: Any) -> None:
-            self.ended = tracker.tick
-
-        def enter_second(*_: Any) -> None:
-            tracker.phase = self.LATER
-
-        handles = [first.register_forward_pre_hook(enter_first), first.register_forward_hook(leave_first),
-                   second.register_forward_pre_hook(enter_second)]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            params = list(first.parameters())
-            quant = [t for p in params for t in _quant_state_tensors(p)]
-            self.block_state = tracker.tagged_bytes([*params, *quant, *first.buffers()])
-            optimizer = sum(_allocated_state_bytes(p, settings) for p in params if p.requires_grad)
-            self.block_state[OPTIMIZER] = self.block_state.get(OPTIMIZER, 0) + optimizer
-
-    def grown(self, tracker: LiveBytes, blocks: int) -> tuple[str, dict[str | None, int]]:
-        """The forward peak at `blocks` blocks, and its parts: the peak before the second block as it is,
-        the peak from the second block on plus (blocks - 2) x what one block adds to it."""
-        early = tracker.at_tick(tracker.phase_peaks["forward"])
-        if self.LATER not in tracker.phase_peaks:
-            raise RuntimeError("the second block never ran: cannot grow the forward pass")
-        later = tracker.phase_peaks[self.LATER]
-        per_block = tracker.born_between(self.began, self.ended, later)
-        for tag, size in self.block_state.items():
-            per_block[tag] = per_block.get(tag, 0) + size
-        late = tracker.at_tick(later)
-        grown = {tag: late.get(tag, 0) + (blocks - 2) * per_block.get(tag, 0) for tag in late.keys() | per_block.keys()}
-        if sum(early.values()) > sum(grown.values()):
-            return "forward", early
-        return "forward", grown
-
-
-def _blocks(model: nn.Module, count: int) -> list[nn.Module]:
-    """The model's transformer blocks: the list of `count` modules of one class holding the most parameters."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == count
-             and len({type(block) for block in m}) == 1]
-    if not lists:
-        raise ValueError(f"no list of {count} blocks in {type(model).__name__}")
-    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+    traced = "forward and backward" if through == "backward" else "the forward pass"
+    return MemoryEstimate(
+        weights=parts.get(WEIGHTS, 0), trainable=parts.get(TRAINABLE, 0), gradients=parts.get(GRADIENTS, 0),
+        optimizer_state=parts.get(OPTIMIZER, 0), extras=parts.get(EXTRAS, 0), activations=parts.get(None, 0),
+        level="extrapolated" if through == "backward" else "extrapolated-forward", device="cpu",
+        peak_at=phase, seconds=time.perf_counter() - start,
+        notes=(f"{traced} traced on 1 and 2 of {blocks} blocks, each phase's peak grown linearly; "
+               "the optimizer step is not traced",))
 
 
 def warm_up(model: Any, method: str = "lora", *, seq_len: int = 8, micro_batch_size: int = 1,

@@ -91,8 +91,8 @@ def test_traced_estimate_matches_measured_peak(tiny_models: dict[str, Path]) -> 
 
 @pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
 def test_extrapolating_from_two_blocks_matches_the_full_trace(tiny_models: dict[str, Path], family: str) -> None:
-    """The budget gate's quick estimates, grown to 5 blocks, against a trace of all 5: forward and backward
-    traced on 1 and 2 blocks; the forward pass alone traced once on 2 blocks."""
+    """The budget gate's quick estimates: traces of 1 and 2 blocks (forward and backward, or forward only),
+    grown to 5, against a trace of all 5."""
     config = copy.deepcopy(_base(tiny_models[family]).config)
     config.num_hidden_layers = 5
     for method, params, training in [("lora", LORA, {"optimizer": "adamw"}),
@@ -104,10 +104,9 @@ def test_extrapolating_from_two_blocks_matches_the_full_trace(tiny_models: dict[
         assert quick is not None and quick.level == "extrapolated"
         assert abs(quick.total / full.total - 1) < 0.02, (method, quick.total, full.total)
         assert quick.total == sum(quick.parts().values())
-        # The forward pass alone: never clearly above the step's peak (the gate rejects on it above 1.03x the
-        # budget), and without checkpointing about the whole peak.
+        # The forward pass alone: a lower bound, and without checkpointing about the whole peak.
         forward = memory.estimate_extrapolated(config, method, params, settings, seq_len=48, through="forward")
-        assert forward.level == "extrapolated-forward" and forward.total <= 1.02 * full.total
+        assert forward.level == "extrapolated-forward" and forward.total <= quick.total
         if not settings.gradient_checkpointing:
             assert abs(forward.total / full.total - 1) < 0.02, (method, forward.total, full.total)
     config.num_hidden_layers = 3  # too shallow to save time: the full trace decides

@@ -40,18 +40,6 @@ LLAMA_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermed
                 max_position_embeddings=4096, pad_token_id=0)
 
 
-def forward_from_two_traces(model, case: Case, params: dict, settings: TrainSettings) -> tuple[int, float]:
-    """The forward-only estimate as it was until session 6, for the side-by-side: the forward pass of the
-    first one and two blocks, each traced, grown by their difference. Returns (bytes, seconds)."""
-    began = time.perf_counter()
-    blocks = memory._model_config(model).num_hidden_layers
-    one, two = (memory._trace(model, case.method, params, settings, seq_len=case.seq_len, device="cpu",
-                              task_type=case.task, num_labels=2, max_steps=None, dtype=torch.float32,
-                              trace_device=None, layers=k, through="forward")[0] for k in (1, 2))
-    _, parts = memory._grown_by_difference(one, two, blocks)
-    return sum(parts.values()), time.perf_counter() - began
-
-
 def compare(model, case: Case) -> dict:
     params = methods.get(case.method).resolve(case.params)
     settings = TrainSettings(learning_rate=1e-4, optimizer=case.optimizer, precision=case.precision,
@@ -60,15 +48,13 @@ def compare(model, case: Case) -> dict:
     full = memory.estimate_traced(model, case.method, params, settings, **options)
     quick = memory.estimate_extrapolated(model, case.method, params, settings, **options)
     forward = memory.estimate_extrapolated(model, case.method, params, settings, **options, through="forward")
-    two_traces, two_traces_seconds = forward_from_two_traces(model, case, params, settings)
     row = {"label": case.label, "traced": full.total, "traced_seconds": full.seconds, "peak_at": full.peak_at,
            "checkpointing": case.checkpointing}
     if quick is None:
         return {**row, "extrapolated": None, "why": "the peak moved phase between 1 and 2 blocks"}
     return {**row, "extrapolated": quick.total, "extrapolated_seconds": quick.seconds,
             "error": quick.total / full.total - 1, "forward": forward.total, "forward_seconds": forward.seconds,
-            "forward_error": forward.total / full.total - 1, "forward_two_traces": two_traces,
-            "forward_two_traces_seconds": two_traces_seconds, "forward_two_traces_error": two_traces / full.total - 1}
+            "forward_error": forward.total / full.total - 1}
 
 
 def main() -> None:
@@ -100,15 +86,7 @@ def main() -> None:
                    "median_abs_error": statistics.median(abs(r["forward_error"]) for r in plain),
                    "max_error": max(r["forward_error"] for r in plain),
                    "min_error": min(r["forward_error"] for r in plain),
-                   "median_time_ratio": statistics.median(r["forward_seconds"] / r["traced_seconds"] for r in plain),
-                   "two_traces_median_abs_error": statistics.median(abs(r["forward_two_traces_error"]) for r in plain),
-                   "two_traces_min_error": min(r["forward_two_traces_error"] for r in plain)},
-               "forward_max_error": max(r["forward_error"] for r in done),
-               "forward_two_traces_max_error": max(r["forward_two_traces_error"] for r in done),
-               "forward_median_seconds": statistics.median(r["forward_seconds"] for r in done),
-               "forward_two_traces_median_seconds": statistics.median(r["forward_two_traces_seconds"] for r in done),
-               "forward_max_seconds": max(r["forward_seconds"] for r in done),
-               "forward_two_traces_max_seconds": max(r["forward_two_traces_seconds"] for r in done),
+                   "median_time_ratio": statistics.median(r["forward_seconds"] / r["traced_seconds"] for r in plain)},
                "forward_with_checkpointing_min_error": min((r["forward_error"] for r in done if r["checkpointing"]),
                                                            default=None)}
     result = {"command": COMMAND, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
@@ -120,34 +98,23 @@ def main() -> None:
              f"{len(done)} of {len(rows)} configurations extrapolated; |error| median "
              f"{summary['median_abs_error']:.2%}, max {summary['max_abs_error']:.2%}; time of the two short traces "
              f"/ the full trace: median {summary['median_time_ratio']:.2f}.", "",
-             "Forward pass only (the gate's first quick estimate), now from one trace of the first two blocks "
-             f"(what the first block leaves alive at the peak, times the depth), side by side with the two traces "
-             f"of one and two blocks it replaced: time median {summary['forward_median_seconds']:.2f} s against "
-             f"{summary['forward_two_traces_median_seconds']:.2f} s, max {summary['forward_max_seconds']:.2f} s "
-             f"against {summary['forward_two_traces_max_seconds']:.2f} s; highest reading above the full trace "
-             f"{summary['forward_max_error']:+.2%} against {summary['forward_two_traces_max_error']:+.2%} (the gate "
-             "rejects on it only above 1.03x the budget).", "",
-             f"Forward pass only, on the "
+             f"Forward pass only (the gate's first quick estimate), on the "
              f"{fwd['configurations']} configurations without checkpointing: |error| median "
-             f"{fwd['median_abs_error']:.2%}, from {fwd['min_error']:+.2%} to {fwd['max_error']:+.2%} (two traces: "
-             f"median {fwd['two_traces_median_abs_error']:.2%}, lowest {fwd['two_traces_min_error']:+.2%}); time / the "
+             f"{fwd['median_abs_error']:.2%}, from {fwd['min_error']:+.2%} to {fwd['max_error']:+.2%}; time / the "
              f"full trace: median {fwd['median_time_ratio']:.2f}. With checkpointing the peak moves into the "
              f"backward pass's recomputation and the forward pass alone reads as low as "
              f"{summary['forward_with_checkpointing_min_error']:+.0%}: still decisive far above the budget, "
              "otherwise the gate goes on to forward and backward.",
-             "", "| configuration | full trace | extrapolated | error | forward only (error) | forward, two traces "
-             "(error) | full s | extrapolated s | forward only s | forward, two traces s | peak in |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| configuration | full trace | extrapolated | error | forward only (error) | full s | "
+             "extrapolated s | forward only s | peak in |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["extrapolated"] is None:
-            lines.append(f"| {r['label']} | {format_bytes(r['traced'])} | — ({r['why']}) | | | | "
-                         f"{r['traced_seconds']:.2f} | | | | {r['peak_at']} |")
+            lines.append(f"| {r['label']} | {format_bytes(r['traced'])} | — ({r['why']}) | | | "
+                         f"{r['traced_seconds']:.2f} | | | {r['peak_at']} |")
             continue
         lines.append(f"| {r['label']} | {format_bytes(r['traced'])} | {format_bytes(r['extrapolated'])} | "
                      f"{r['error']:+.2%} | {format_bytes(r['forward'])} ({r['forward_error']:+.2%}) | "
-                     f"{format_bytes(r['forward_two_traces'])} ({r['forward_two_traces_error']:+.2%}) | "
                      f"{r['traced_seconds']:.2f} | {r['extrapolated_seconds']:.2f} | {r['forward_seconds']:.2f} | "
-                     f"{r['forward_two_traces_seconds']:.2f} | "
                      f"{r['peak_at']} |")
     (HERE / "extrapolation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
