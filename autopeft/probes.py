@@ -239,7 +239,6 @@ class LinearProbe:
     def accuracy(self, model: nn.Module, device: torch.device | None = None) -> float:
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import StratifiedKFold, cross_val_score
-
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
