@@ -57,7 +57,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from autopeft.data import TokenizedSplit, collate, eval_batches
+from autopeft.data import TextSplit, TokenizedSplit, collate, eval_batches, tokenize
 from autopeft.errors import ConfigError
 from autopeft.evaluate import choice_log_likelihoods, lm_logits
 from autopeft.verbalizer import strip_trailing_special
@@ -186,11 +186,8 @@ class RepresentationDrift:
     forgetting_key = "representation_drift"
 
     def __init__(self, tokenizer: Any, *, n_texts: int = 96, max_length: int = 96, seed: int = 0) -> None:
-        texts = _sample_texts(n_texts, seed)
-        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-        self.texts = texts
-        self.split = TokenizedSplit(list(ids), torch.zeros(len(ids), dtype=torch.long),
-                                    pad_left=tokenizer.padding_side == "left")
+        self.texts = _sample_texts(n_texts, seed)
+        self.split = tokenize(TextSplit(self.texts, [0] * len(self.texts)), tokenizer, max_length)
         self.pad_id = tokenizer.pad_token_id
         self.base: torch.Tensor | None = None
 
@@ -230,8 +227,7 @@ class LinearProbe:
         rows = [(paragraph, label) for label, article in enumerate(articles)
                 for paragraph in rng.sample(article, per_article)]
         self.texts, self.labels = [text for text, _ in rows], [label for _, label in rows]
-        ids = tokenizer(self.texts, truncation=True, max_length=max_length)["input_ids"]
-        self.split = TokenizedSplit(list(ids), torch.tensor(self.labels), pad_left=tokenizer.padding_side == "left")
+        self.split = tokenize(TextSplit(self.texts, self.labels), tokenizer, max_length)
         self.pad_id = tokenizer.pad_token_id
         self.seed = seed
         self.base: float | None = None

@@ -326,9 +326,8 @@ class Objective:
         config = self.runtime.config
         deadline = None if studies.has_heartbeats(trial.study) else time.monotonic() + 4 * config.heartbeat_seconds
         while not studies.may_start(trial.study, trial.number, config.trials):
-            if studies.completed(trial.study) >= config.trials:
-                return False
-            if deadline is not None and time.monotonic() > deadline:
+            timed_out = deadline is not None and time.monotonic() > deadline
+            if timed_out or studies.completed(trial.study) >= config.trials:
                 return False
             time.sleep(1.0)
             optuna.storages.fail_stale_trials(trial.study)

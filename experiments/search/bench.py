@@ -326,12 +326,9 @@ def main() -> None:
     results = json.loads(recorded_file.read_text()) if recorded_file.exists() else {"parts": {}, "commands": {}}
     recorded = {row["seed"]: row for row in results["parts"].get(args.part, [])} if args.only else {}
     rows = run_part(args.part, args.seeds, args.smoke, names, recipe=not all(s in recorded for s in range(args.seeds)))
-    for row in rows:  # --only: merged into the recorded rows of the same seeds
-        if row["seed"] in recorded:
-            recorded[row["seed"]]["strategies"].update(row["strategies"])
-            row = recorded[row["seed"]]
-        recorded[row["seed"]] = row
-    results["parts"][args.part] = [recorded[s] for s in sorted(recorded)] if args.only else rows
+    for row in rows:  # --only: added to the recorded row of the same seed (a new seed is recorded whole)
+        recorded.setdefault(row["seed"], row)["strategies"].update(row["strategies"])
+    results["parts"][args.part] = [recorded[s] for s in sorted(recorded)]
     command = "python experiments/search/bench.py " + " ".join(sys.argv[1:])
     results["commands"][f"{args.part} --only {args.only}" if args.only else args.part] = command
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only"
