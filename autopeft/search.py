@@ -475,9 +475,10 @@ def _dim_options(name: str, dims: dict) -> list:
 
 def warm_up_tracer(runtime: Runtime) -> float:
     """Before a budgeted search's first trial: a one-block forward and backward of each method of the space
-    at each micro-batch size it offers, at the search's sequence length; returns the seconds spent. The
-    fake-tensor tracer caches each operation per shape, and its first use in a process loads its machinery:
-    seconds that would otherwise land on the first trials, rejected ones included."""
+    at each micro-batch size it offers, at the search's sequence length, and one on the meta device (the
+    quick estimates'); returns the seconds spent. The fake-tensor tracer caches each operation per shape, and
+    the first use of either in a process loads its machinery: seconds that would otherwise land on the first
+    trials, rejected ones included."""
     space = runtime.space
     if runtime.config.memory_budget is None or space is None or target_device(runtime).type != "cpu":
         return 0.0
@@ -486,10 +487,13 @@ def warm_up_tracer(runtime: Runtime) -> float:
         if methods.get(method).problem(runtime.base_model):
             continue
         dims = {**space.training_dims, **space.training_overrides.get(method, {})}
-        for size in sorted({int(size) for size in _dim_options("micro_batch_size", dims)}):
-            spent += memory.warm_up(runtime.base_model, method, seq_len=max(runtime.train.lengths()),
-                                    micro_batch_size=size, task_type=runtime.method_task_type,
-                                    num_labels=len(runtime.task.label_names))
+        options = dict(seq_len=max(runtime.train.lengths()), task_type=runtime.method_task_type,
+                       num_labels=len(runtime.task.label_names))
+        sizes = sorted({int(size) for size in _dim_options("micro_batch_size", dims)})
+        for size in sizes:
+            spent += memory.warm_up(runtime.base_model, method, micro_batch_size=size, **options)
+        # The quick estimates' meta-device trace has no per-shape cache: one size warms it.
+        spent += memory.warm_up(runtime.base_model, method, micro_batch_size=sizes[0], meta=True, **options)
     return spent
 
 

@@ -113,6 +113,24 @@ def test_extrapolating_from_two_blocks_matches_the_full_trace(tiny_models: dict[
     assert memory.estimate_extrapolated(config, "lora", LORA, settings, seq_len=48) is None
 
 
+@pytest.mark.parametrize(("family", "where"), [("bert", "meta device"), ("gpt2", "fake tensors"),
+                                               ("llama", "fake tensors")])
+def test_quick_estimates_on_the_meta_device_read_as_on_fake_tensors(tiny_models: dict[str, Path], family: str,
+                                                                     where: str) -> None:
+    """The quick estimates trace on the meta device where the step runs there as on the CPU (BERT); fake
+    tensors where it cannot (GPT-2's classification head reads where the padding starts) or would differ
+    (the tiny Llama's attention has no dropout: the CPU runs its fused kernel, the meta device has none)."""
+    config = copy.deepcopy(_base(tiny_models[family]).config)
+    config.num_hidden_layers = 5
+    settings = TrainSettings(learning_rate=1e-3, micro_batch_size=4, optimizer="adamw")
+    for through in ("forward", "backward"):
+        quick = memory.estimate_extrapolated(config, "lora", LORA, settings, seq_len=48, through=through)
+        fake = memory.estimate_extrapolated(config, "lora", LORA, settings, seq_len=48, through=through, meta=False)
+        assert f"({where})" in quick.notes[0] and "(fake tensors)" in fake.notes[0]
+        # Lower by at most the attention mask the meta trace goes without (4 x 48 int64, its 4-D expansion).
+        assert 0 <= fake.total - quick.total <= 4 * 48 * 8 + 4 * 48 * 48 * 4, (through, quick.total, fake.total)
+
+
 def test_7b_llama_is_estimated_without_allocating_it() -> None:
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          vocab_size=32000)

@@ -124,13 +124,13 @@ def render(r: dict) -> str:
                  f"{level} {g['count']} (max {g['max_seconds']:.2f} s)" for level, g in r["rejected_by_level"].items()),
              f"- search wall time: {r['search_wall_seconds']:.0f} s, of which {r['tracer_warm_up_seconds'] or 0:.1f} s "
              "warming the tracer up before the first trial (one-block forward and backward of each method at "
-             "each micro-batch size)", "",
+             "each micro-batch size, and once on the meta device)", "",
              "How a trial is decided (autopeft/budget.py): the analytic estimate rejects only above 1.5x the budget; "
              "each trace calibrates the analytic estimate of its family (method, optimizer, precision, "
              "checkpointing), which then rejects above 1.2x the budget; a configuration that could be over the "
              "budget gets quick estimates of its first one and two blocks grown to full depth, first the forward "
              "pass alone (extrapolated-forward), then forward and backward (extrapolated), each rejecting "
-             "above 1.03x; anything else is traced in full; estimates are "
+             "above 1.03x (traced on the meta device where it runs as on the CPU, else on fake tensors); anything else is traced in full; estimates are "
              "remembered per memory-relevant configuration. Admitted trials are always traced in full.", "",
              "| trial | state | method | micro-batch | optimizer | checkpointing | estimate (level) | measured | "
              "measured / budget | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]

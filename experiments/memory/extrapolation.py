@@ -46,15 +46,20 @@ def compare(model, case: Case) -> dict:
                              micro_batch_size=case.batch, gradient_checkpointing=case.checkpointing)
     options = dict(seq_len=case.seq_len, task_type=case.task)
     full = memory.estimate_traced(model, case.method, params, settings, **options)
-    quick = memory.estimate_extrapolated(model, case.method, params, settings, **options)
-    forward = memory.estimate_extrapolated(model, case.method, params, settings, **options, through="forward")
     row = {"label": case.label, "traced": full.total, "traced_seconds": full.seconds, "peak_at": full.peak_at,
            "checkpointing": case.checkpointing}
-    if quick is None:
-        return {**row, "extrapolated": None, "why": "the peak moved phase between 1 and 2 blocks"}
-    return {**row, "extrapolated": quick.total, "extrapolated_seconds": quick.seconds,
-            "error": quick.total / full.total - 1, "forward": forward.total, "forward_seconds": forward.seconds,
-            "forward_error": forward.total / full.total - 1}
+    # The gate's way (the meta device where the step allows it) and the fake-tensor-only baseline, side by side.
+    for prefix, meta in (("", True), ("fake_", False)):
+        quick = memory.estimate_extrapolated(model, case.method, params, settings, **options, meta=meta)
+        forward = memory.estimate_extrapolated(model, case.method, params, settings, **options, through="forward",
+                                               meta=meta)
+        if quick is None:
+            return {**row, "extrapolated": None, "why": "fewer than 4 blocks"}
+        row.update({f"{prefix}extrapolated": quick.total, f"{prefix}extrapolated_seconds": quick.seconds,
+                    f"{prefix}error": quick.total / full.total - 1, f"{prefix}forward": forward.total,
+                    f"{prefix}forward_seconds": forward.seconds,
+                    f"{prefix}forward_error": forward.total / full.total - 1})
+    return row
 
 
 def main() -> None:
@@ -88,7 +93,17 @@ def main() -> None:
                    "min_error": min(r["forward_error"] for r in plain),
                    "median_time_ratio": statistics.median(r["forward_seconds"] / r["traced_seconds"] for r in plain)},
                "forward_with_checkpointing_min_error": min((r["forward_error"] for r in done if r["checkpointing"]),
-                                                           default=None)}
+                                                           default=None),
+               "fake_only": {
+                   "median_abs_error": statistics.median(abs(r["fake_error"]) for r in done),
+                   "max_abs_error": max(abs(r["fake_error"]) for r in done),
+                   "forward_median_abs_error": statistics.median(abs(r["fake_forward_error"]) for r in plain),
+                   "median_seconds": statistics.median(r["fake_extrapolated_seconds"] for r in done),
+                   "forward_median_seconds": statistics.median(r["fake_forward_seconds"] for r in done),
+                   "forward_max_seconds": max(r["fake_forward_seconds"] for r in done)},
+               "median_seconds": statistics.median(r["extrapolated_seconds"] for r in done),
+               "forward_median_seconds": statistics.median(r["forward_seconds"] for r in done),
+               "forward_max_seconds": max(r["forward_seconds"] for r in done)}
     result = {"command": COMMAND, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "summary": summary, "rows": rows}
     (HERE / "extrapolation.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -104,18 +119,29 @@ def main() -> None:
              f"full trace: median {fwd['median_time_ratio']:.2f}. With checkpointing the peak moves into the "
              f"backward pass's recomputation and the forward pass alone reads as low as "
              f"{summary['forward_with_checkpointing_min_error']:+.0%}: still decisive far above the budget, "
-             "otherwise the gate goes on to forward and backward.",
+             "otherwise the gate goes on to forward and backward.", "",
+             "Where the traces run: on the meta device where the step allows it (fp32, not qlora, no value read: "
+             "`memory._quick_trace`), else on fake tensors. Against fake tensors everywhere (the baseline, same "
+             f"run): seconds of the forward-only estimate median {summary['forward_median_seconds']:.2f} against "
+             f"{summary['fake_only']['forward_median_seconds']:.2f}, max {summary['forward_max_seconds']:.2f} "
+             f"against {summary['fake_only']['forward_max_seconds']:.2f}; forward and backward median "
+             f"{summary['median_seconds']:.2f} s against {summary['fake_only']['median_seconds']:.2f} s. Fake "
+             f"tensors only: |error| median {summary['fake_only']['median_abs_error']:.2%}, max "
+             f"{summary['fake_only']['max_abs_error']:.2%}; forward only without checkpointing median "
+             f"{summary['fake_only']['forward_median_abs_error']:.2%}.",
              "", "| configuration | full trace | extrapolated | error | forward only (error) | full s | "
-             "extrapolated s | forward only s | peak in |", "|---|---|---|---|---|---|---|---|---|"]
+             "extrapolated s | forward only s | fake only: error / forward error | fake only: extrapolated s / "
+             "forward s | peak in |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["extrapolated"] is None:
             lines.append(f"| {r['label']} | {format_bytes(r['traced'])} | — ({r['why']}) | | | "
-                         f"{r['traced_seconds']:.2f} | | | {r['peak_at']} |")
+                         f"{r['traced_seconds']:.2f} | | | | | {r['peak_at']} |")
             continue
         lines.append(f"| {r['label']} | {format_bytes(r['traced'])} | {format_bytes(r['extrapolated'])} | "
                      f"{r['error']:+.2%} | {format_bytes(r['forward'])} ({r['forward_error']:+.2%}) | "
                      f"{r['traced_seconds']:.2f} | {r['extrapolated_seconds']:.2f} | {r['forward_seconds']:.2f} | "
-                     f"{r['peak_at']} |")
+                     f"{r['fake_error']:+.2%} / {r['fake_forward_error']:+.2%} | "
+                     f"{r['fake_extrapolated_seconds']:.2f} / {r['fake_forward_seconds']:.2f} | {r['peak_at']} |")
     (HERE / "extrapolation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
