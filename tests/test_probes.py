@@ -59,7 +59,11 @@ def test_linear_probe_forgetting_is_zero_for_the_base_and_grows_when_information
         for keep, net in ((0.1, blurred), (0.0, erased)):
             embeddings = net.bert.embeddings.word_embeddings.weight
             embeddings.copy_(keep * embeddings + (1 - keep) * embeddings.mean(0))
-    assert 0.0 < probe.score(blurred)["linear_probe_forgetting"] < probe.score(erased)["linear_probe_forgetting"]
+    lost = probe.score(blurred)
+    assert 0.0 < lost["linear_probe_forgetting"] < probe.score(erased)["linear_probe_forgetting"]
+    # Accuracy over all held-out paragraphs: it moves in whole paragraphs, never by how folds split them.
+    for accuracy in (probe.base, lost["linear_probe_accuracy"]):
+        assert accuracy * len(probe.texts) == pytest.approx(round(accuracy * len(probe.texts)), abs=1e-9)
     assert LinearProbe(tokenizer, seed=3).texts == LinearProbe(tokenizer, seed=3).texts != probe.texts
 
 
