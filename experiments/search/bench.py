@@ -15,8 +15,12 @@ Three parts, each over seeds 0..N-1 (the seed sets the data split, the sampler a
            until a trial reaches random search's final best (from `quality`).
   causal   The causal-LM path on the packaged SmolLM2-135M (answer label words, loss on them only), smaller:
            TPE and random against the default recipe.
+  bounded  quality's searches held to the default recipe's own costs, as a user who wants "better than the
+           recipe, at no extra cost" runs them: the recipe is trained first, every strategy searches under a
+           memory budget of its measured peak (`--memory-budget`), and the export is the most accurate trial
+           at no more forgetting than the recipe's (`--select max-accuracy-under-forgetting=F`).
 
-Run:  .venv/bin/python experiments/search/bench.py --part quality|pruning|causal [--seeds 3] [--only a,b]
+Run:  .venv/bin/python experiments/search/bench.py --part quality|pruning|causal|bounded [--seeds 3] [--only a,b]
       (--only runs those strategies and adds them to the part's recorded seeds.)
       (--smoke runs each part on a tiny random model in seconds, to check the script.)
 Each part merges its rows into results.json and re-renders results.md next to this file.
@@ -43,6 +47,7 @@ import optuna  # noqa: E402
 
 from autopeft import adapter_io, memory, methods  # noqa: E402
 from autopeft.config import SearchConfig  # noqa: E402
+from autopeft.errors import StudyError  # noqa: E402
 from autopeft.export import select_trial  # noqa: E402
 from autopeft.search import build_model, prepare_runtime, run_search, run_trial, train_settings  # noqa: E402
 from autopeft.space import TRAINING_PARAMS, TrialParams  # noqa: E402
@@ -62,6 +67,7 @@ PARTS = {
                    test_size=200, max_length=48, probes=("perplexity",), task_type="causal_lm",
                    space=str(HERE / "causal_space.yaml")),
 }
+PARTS["bounded"] = PARTS["quality"]  # the same search, held to the recipe's memory and forgetting
 STRATEGIES = {
     "quality": {"tpe": dict(sampler="tpe"), "nsga2": dict(sampler="nsga2"), "random": dict(sampler="random"),
                 # TPE on accuracy alone (scalar mode, forgetting weight 0): is a Pareto objective what keeps
@@ -70,6 +76,7 @@ STRATEGIES = {
                 "tpe-accuracy": dict(sampler="tpe", objective_mode="scalar", forgetting_weight=0.0)},
     "pruning": {"hyperband": dict(sampler="tpe", pruner="hyperband"), "no pruning": dict(sampler="tpe")},
     "causal": {"tpe": dict(sampler="tpe"), "random": dict(sampler="random")},
+    "bounded": {"tpe": dict(sampler="tpe"), "nsga2": dict(sampler="nsga2"), "random": dict(sampler="random")},
 }
 # The recipe people start from (peft's documented LoRA defaults, as in the brief), at the same step budget.
 DEFAULT_LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "attention", "use_rslora": False}
@@ -107,6 +114,8 @@ def trial_rows(study: optuna.Study, origin: float) -> list[dict]:
             row["seconds_from_start"] = t.datetime_complete.timestamp() - origin
         if t.state == optuna.trial.TrialState.COMPLETE:
             row["val_accuracy"], row["forgetting"] = scores(t)
+        if "budget" in (t.user_attrs.get("prune_reason") or ""):
+            row["over_budget"] = True  # rejected before training: not one of the part's trials
         rows.append(row)
     return rows
 
@@ -144,9 +153,10 @@ def default_recipe(runtime, seed: int) -> dict:
             "trainable": outcome.trainable}
 
 
-def run_strategy(part: str, name: str, seed: int, smoke_model: str | None) -> tuple[dict, SearchConfig, Path]:
+def run_strategy(part: str, name: str, seed: int, smoke_model: str | None,
+                 **limits) -> tuple[dict, SearchConfig, Path]:
     folder = Path(tempfile.mkdtemp(prefix=f"search-bench-{part}-"))
-    config = SearchConfig(**base_config(part, seed, folder, smoke_model), **STRATEGIES[part][name],
+    config = SearchConfig(**base_config(part, seed, folder, smoke_model), **STRATEGIES[part][name], **limits,
                           study=f"{part}-{name.replace(' ', '-')}-{seed}")
     began = time.time()
     summary = run_search(config)
@@ -156,6 +166,7 @@ def run_strategy(part: str, name: str, seed: int, smoke_model: str | None) -> tu
     origin = min(started) if started else began  # the first trial's start: model loading is excluded
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     result = {"strategy": name, "seed": seed, "wall_seconds": wall, "trials": trial_rows(study, origin),
+              "folder": str(folder),
               "best_val_accuracy": max((scores(t)[0] for t in done), default=None),
               "hypervolume": hypervolume([scores(t) for t in done]) if done else 0.0,
               "pareto_size": len(pareto_front(done))}
@@ -163,6 +174,8 @@ def run_strategy(part: str, name: str, seed: int, smoke_model: str | None) -> tu
 
 
 def run_part(part: str, seeds: int, smoke_model: str | None, names: list[str], recipe: bool = True) -> list[dict]:
+    if part == "bounded":
+        return [run_bounded(seed, smoke_model, names) for seed in range(seeds)]
     rows = []
     for seed in range(seeds):
         row: dict = {"part": part, "seed": seed, "strategies": {}}
@@ -183,11 +196,37 @@ def run_part(part: str, seeds: int, smoke_model: str | None, names: list[str], r
     return rows
 
 
+def run_bounded(seed: int, smoke_model: str | None, names: list[str]) -> dict:
+    """The recipe first; then each strategy under a memory budget of the recipe's measured peak, exported at
+    no more forgetting than the recipe's."""
+    folder = Path(tempfile.mkdtemp(prefix="search-bench-bounded-recipe-"))
+    runtime = prepare_runtime(SearchConfig(**base_config("bounded", seed, folder, smoke_model)))
+    recipe = default_recipe(runtime, seed)
+    print(f"bounded seed {seed} default recipe: {recipe}", flush=True)
+    rule = f"max-accuracy-under-forgetting={recipe['forgetting']!r}"
+    row: dict = {"part": "bounded", "seed": seed, "strategies": {}, "default_recipe": recipe,
+                 "memory_budget": recipe["peak_bytes"], "export_rule": rule}
+    for name in names:
+        result, config, _ = run_strategy("bounded", name, seed, smoke_model, memory_budget=recipe["peak_bytes"])
+        study = optuna.load_study(study_name=config.study, storage=config.storage)
+        result["export"] = {"balanced": exported(runtime, study, "balanced")}
+        try:  # none may qualify: then the recipe itself is what a user keeps
+            result["export"]["recipe-bound"] = exported(runtime, study, rule)
+        except StudyError:
+            result["export"]["recipe-bound"] = None
+        row["strategies"][name] = result
+        print(f"bounded seed {seed} {name}: best val {result['best_val_accuracy']} ({result['wall_seconds']:.0f} s)",
+              flush=True)
+    return row
+
+
 # ----------------------------------------------------------------------------------------------- analysis
 
 def trials_to_reach(result: dict, target: float) -> int | None:
-    """1-based count of trials (in start order, failed and pruned included) until one reached `target`."""
-    for count, trial in enumerate(sorted(result["trials"], key=lambda t: t["number"]), start=1):
+    """1-based count of trials (in start order, failed and pruned included, rejected by a memory budget
+    before training not) until one reached `target`."""
+    trained = [t for t in sorted(result["trials"], key=lambda t: t["number"]) if not t.get("over_budget")]
+    for count, trial in enumerate(trained, start=1):
         if trial.get("val_accuracy") is not None and trial["val_accuracy"] >= target - 1e-9:
             return count
     return None
@@ -266,6 +305,56 @@ def render_quality(part: str, rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def render_bounded(rows: list[dict]) -> list[str]:
+    spec = PARTS["bounded"]
+    names = [n for n in STRATEGIES["bounded"] if all(n in r["strategies"] for r in rows)]
+    lines = [f"## bounded: quality's search held to the default recipe's costs, {spec['trials']} trained trials x "
+             f"{spec['max_steps']} steps per strategy, seeds {', '.join(str(r['seed']) for r in rows)}", "",
+             "Per seed the default LoRA recipe trains first; each strategy then searches under `--memory-budget` "
+             "set to the recipe's measured peak (configurations estimated above it are rejected before training "
+             "and not counted as trials), and exports the most accurate trial at no more forgetting than the "
+             "recipe's (`--select max-accuracy-under-forgetting=F`, F the recipe's). Medians over seeds; test "
+             "accuracy read from the exported trial's saved adapter, peak measured on a full-length batch.", "",
+             "| strategy | best val accuracy | hypervolume | export: val / test accuracy | export forgetting | "
+             "export peak MiB | rejected by the budget | trials to random's best | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        results = [r["strategies"][name] for r in rows]
+        bound = [r["export"]["recipe-bound"] or {} for r in results]
+        targets = [r["strategies"]["random"]["best_val_accuracy"] for r in rows]
+        reach = [trials_to_reach(res, target) for res, target in zip(results, targets)]
+        rejected = [sum(1 for t in res["trials"] if t.get("over_budget")) for res in results]
+        lines.append(
+            f"| {name} | {fmt(median([r['best_val_accuracy'] for r in results]))} | "
+            f"{fmt(median([r['hypervolume'] for r in results]))} | "
+            f"{fmt(median([b.get('val_accuracy') for b in bound]))} / {fmt(median([b.get('test_accuracy') for b in bound]))} | "
+            f"{fmt(median([b.get('forgetting') for b in bound]))} | {mib(median([b.get('peak_bytes') for b in bound]))} | "
+            f"{rejected} | {reach} | {fmt(median([r['wall_seconds'] for r in results]), '.0f')} |")
+    recipe = [r["default_recipe"] for r in rows]
+    lines.append(f"| default LoRA recipe (one run) | {fmt(median([d['val_accuracy'] for d in recipe]))} | "
+                 f"{fmt(median([hypervolume([(d['val_accuracy'], d['forgetting'])]) for d in recipe]))} | "
+                 f"{fmt(median([d['val_accuracy'] for d in recipe]))} / {fmt(median([d['test_accuracy'] for d in recipe]))} | "
+                 f"{fmt(median([d['forgetting'] for d in recipe]))} | {mib(median([d['peak_bytes'] for d in recipe]))} | "
+                 f"| | {fmt(median([d['wall_seconds'] for d in recipe]), '.0f')} |")
+    lines += ["", "Goal check per seed: does the export beat the recipe on test accuracy at no more forgetting and no "
+              "more peak memory? (— : no trial qualified, the recipe stays)", ""]
+    for r in rows:
+        d = r["default_recipe"]
+        checks = []
+        for n in names:
+            b = r["strategies"][n]["export"]["recipe-bound"]
+            if b is None:
+                checks.append(f"{n} —")
+                continue
+            holds = b["test_accuracy"] > d["test_accuracy"] and b["forgetting"] <= d["forgetting"] and \
+                b["peak_bytes"] <= d["peak_bytes"]
+            checks.append(f"{n} {'yes' if holds else 'no'} (trial {b['trial']}: test {fmt(b['test_accuracy'])} vs "
+                          f"{fmt(d['test_accuracy'])}, forgetting {fmt(b['forgetting'])} vs {fmt(d['forgetting'])}, "
+                          f"{mib(b['peak_bytes'])} vs {mib(d['peak_bytes'])} MiB)")
+        lines.append(f"- seed {r['seed']}: " + "; ".join(checks))
+    return lines + [""]
+
+
 def render_pruning(rows: list[dict], quality: list[dict]) -> list[str]:
     spec = PARTS["pruning"]
     target = {r["seed"]: r["strategies"]["random"]["best_val_accuracy"] for r in quality}
@@ -297,12 +386,14 @@ def render(results: dict) -> str:
     for part, command in results["commands"].items():
         lines.append(f"{part}: `{command}`  ")
     lines.append("")
-    for part in ("quality", "pruning", "causal"):
+    for part in ("quality", "bounded", "pruning", "causal"):
         rows = results["parts"].get(part)
         if not rows:
             continue
         if part == "pruning":
             lines += render_pruning(rows, results["parts"].get("quality", []))
+        elif part == "bounded":
+            lines += render_bounded(rows)
         else:
             lines += render_quality(part, rows)
     discussion = HERE / "discussion.md"
