@@ -11,7 +11,8 @@ others cheaply?
 3. Reported: admitted trials measured above the budget (goal: zero), rejected trials' wall time from
    Optuna's start/complete stamps (goal: under 1 s each), and the fraction of drawn configurations rejected.
 
-Run:  .venv/bin/python experiments/memory/budget.py     (writes budget_results.json / budget_results.md here)
+Run:  .venv/bin/python experiments/memory/budget.py     (writes budget_results.json / budget_results.md here,
+      and appends the run's verdict to budget_history.json)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 import warnings
@@ -106,7 +108,21 @@ def main() -> None:
                                                 default=None)}
     (HERE / "budget_results.json").write_text(json.dumps(result, indent=2))
     (HERE / "budget_results.md").write_text(render(result))
+    record_run(result)
     print(render(result))
+
+
+def record_run(result: dict) -> None:
+    """Each run's verdict, appended to budget_history.json: rejection times vary from run to run on a shared
+    machine, and one run's worst case is not the benchmark's."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
+    history_file = HERE / "budget_history.json"
+    history = json.loads(history_file.read_text()) if history_file.exists() else []
+    history.append({"date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit.stdout.strip() or None,
+                    **{key: result[key] for key in ("budget_bytes", "admitted", "rejected", "admitted_over_budget",
+                                                    "worst_measured_over_budget", "rejected_seconds_max",
+                                                    "rejected_seconds_median", "search_wall_seconds")}})
+    history_file.write_text(json.dumps(history, indent=2) + "\n")
 
 
 def render(r: dict) -> str:
