@@ -430,39 +430,55 @@ def package_versions() -> dict[str, str]:
 
 
 def check_budget_feasible(config: SearchConfig, runtime: Runtime) -> None:
-    """When even the lightest configuration the space offers is estimated over the budget, no trial can
-    run: say so before anything trains (exit 2) instead of pruning every trial."""
+    """When even the lightest configuration the space offers is over the budget, no trial can run: say so
+    before anything trains (exit 2) instead of pruning every trial. The analytic estimate clears a budget
+    at once; it can also read several percent high, so only the full trace of each method's lightest
+    configuration refuses one."""
     if config.memory_budget is None or runtime.space is None:
         return
-    lightest = min(_lightest_estimates(runtime), key=lambda pair: pair[1].total)
-    if lightest[1].total > config.memory_budget:
+    lightest = _lightest_configurations(runtime)
+    if not lightest or min(analytic.total for _, _, analytic in lightest) <= config.memory_budget:
+        return
+    label, traced = min(((label, _traced(runtime, params)) for label, params, _ in lightest),
+                        key=lambda pair: pair[1].total)
+    if traced.total > config.memory_budget:
         raise ConfigError([f"--memory-budget: {format_bytes(config.memory_budget)} fits no configuration of "
-                           f"{config.space}; the lightest ({lightest[0]}) needs about {lightest[1].describe()}"])
+                           f"{config.space}; the lightest ({label}) needs {traced.describe()}"])
 
 
-def _lightest_estimates(runtime: Runtime) -> list[tuple[str, memory.MemoryEstimate]]:
-    """Per method (at its default parameters): the analytic estimate at the smallest micro-batch, the
-    cheapest optimizer, the lowest precision and with checkpointing when the space offers them."""
+def _lightest_configurations(runtime: Runtime) -> list[tuple[str, TrialParams, memory.MemoryEstimate]]:
+    """Per method (at its default parameters): the smallest micro-batch, the lowest precision and
+    checkpointing when the space offers them, with the optimizer of least state; and its analytic estimate."""
     space = runtime.space
     assert space is not None
     results = []
     for method in space.method_names():
+        if methods.get(method).problem(runtime.base_model):
+            continue
         dims = {**space.training_dims, **space.training_overrides.get(method, {})}
         precision = "bf16" if set(_dim_options("precision", dims)) & {"bf16", "fp16"} else "fp32"
         settings = {**params_defaults(), "micro_batch_size": int(min(_dim_options("micro_batch_size", dims))),
                     "precision": precision,
                     "gradient_checkpointing": True in _dim_options("gradient_checkpointing", dims)}
-        params = TrialParams(method, methods.get(method).resolve({}), settings)
-        if methods.get(method).problem(runtime.base_model):
-            continue
-        model = build_model(runtime, params)
-        estimates = [memory.estimate(model, optimizer=opt, precision=precision,
-                                     micro_batch_size=settings["micro_batch_size"], seq_len=max(runtime.train.lengths()),
-                                     gradient_checkpointing=settings["gradient_checkpointing"])
-                     for opt in _dim_options("optimizer", dims)]
-        results.append((f"{method}, micro-batch {settings['micro_batch_size']}, {precision}",
-                        min(estimates, key=lambda e: e.total)))
-    return results or [("none", memory.MemoryEstimate(weights=0, gradients=0, optimizer_state=0, activations=0))]
+        model = build_model(runtime, TrialParams(method, methods.get(method).resolve({}), settings))
+        estimates = {opt: memory.estimate(model, optimizer=opt, precision=precision,
+                                          micro_batch_size=settings["micro_batch_size"],
+                                          seq_len=max(runtime.train.lengths()),
+                                          gradient_checkpointing=settings["gradient_checkpointing"])
+                     for opt in _dim_options("optimizer", dims)}
+        optimizer = min(estimates, key=lambda opt: estimates[opt].total)
+        params = TrialParams(method, methods.get(method).resolve({}), {**settings, "optimizer": optimizer})
+        results.append((f"{method}, micro-batch {settings['micro_batch_size']}, {precision}, {optimizer}", params,
+                        estimates[optimizer]))
+    return results
+
+
+def _traced(runtime: Runtime, params: TrialParams) -> memory.MemoryEstimate:
+    return memory.estimate_traced(runtime.base_model, params.method, params.method_params,
+                                  train_settings(params, max_steps=runtime.config.max_steps, seed=0),
+                                  seq_len=max(runtime.train.lengths()), device=target_device(runtime),
+                                  task_type=runtime.method_task_type, num_labels=len(runtime.task.label_names),
+                                  max_steps=runtime.config.max_steps)
 
 
 def _dim_options(name: str, dims: dict) -> list:

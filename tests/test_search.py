@@ -89,6 +89,22 @@ def test_a_budget_no_configuration_fits_is_refused_up_front(tmp_path: Path, tiny
     assert not (tmp_path / "o.db").exists()  # refused before the study was created
 
 
+def test_a_budget_only_the_analytic_estimate_overstates_is_accepted(tmp_path: Path, tiny_bert: Path) -> None:
+    """The analytic estimate can read a few percent high: the full trace of the lightest configurations
+    decides a refusal, so a budget they fit is searched."""
+    from autopeft import search
+    from autopeft.space import load_space
+
+    settings = config(tmp_path, tiny_bert, memory_budget=2**40)
+    runtime = prepare_runtime(settings, load_space(settings.space))
+    lightest = search._lightest_configurations(runtime)
+    fits = min(search._traced(runtime, params).total for _, params, _ in lightest)
+    assert min(analytic.total for _, _, analytic in lightest) > fits  # the case: analytic alone would refuse
+    search.check_budget_feasible(config(tmp_path, tiny_bert, memory_budget=fits), runtime)
+    with pytest.raises(ConfigError, match="fits no configuration"):
+        search.check_budget_feasible(config(tmp_path, tiny_bert, memory_budget=fits - 1), runtime)
+
+
 def test_over_budget_configurations_are_pruned_before_training(tmp_path: Path, tiny_bert: Path) -> None:
     study = run_search(config(tmp_path, tiny_bert, trials=2, memory_budget=int(5.4 * 2**20))).study
     pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
