@@ -291,18 +291,28 @@ def render_quality(part: str, rows: list[dict]) -> list[str]:
         lines.append(f"- seed {r['seed']}: {bests}; default recipe {fmt(d['val_accuracy'])} / {fmt(d['test_accuracy'])}")
     lines += ["", "Goal check per seed: does the exported (balanced) configuration beat the default recipe on test "
               "accuracy at no more forgetting and no more peak memory?", ""]
+    return lines + goal_checks(rows, names, "balanced") + [""]
+
+
+def goal_checks(rows: list[dict], names: list[str], rule: str) -> list[str]:
+    """Per seed and strategy: does the export by `rule` beat the recipe on test accuracy at no more forgetting
+    and no more peak memory?"""
+    lines = []
     for r in rows:
         d = r["default_recipe"]
         checks = []
         for n in names:
-            b = r["strategies"][n]["export"]["balanced"]
+            b = r["strategies"][n]["export"][rule]
+            if b is None:
+                checks.append(f"{n} —")
+                continue
             holds = b["test_accuracy"] > d["test_accuracy"] and b["forgetting"] <= d["forgetting"] and \
                 b["peak_bytes"] <= d["peak_bytes"]
-            checks.append(f"{n} {'yes' if holds else 'no'} (test {fmt(b['test_accuracy'])} vs "
+            checks.append(f"{n} {'yes' if holds else 'no'} (trial {b['trial']}: test {fmt(b['test_accuracy'])} vs "
                           f"{fmt(d['test_accuracy'])}, forgetting {fmt(b['forgetting'])} vs {fmt(d['forgetting'])}, "
                           f"{mib(b['peak_bytes'])} vs {mib(d['peak_bytes'])} MiB)")
         lines.append(f"- seed {r['seed']}: " + "; ".join(checks))
-    return lines + [""]
+    return lines
 
 
 def render_bounded(rows: list[dict]) -> list[str]:
@@ -338,21 +348,7 @@ def render_bounded(rows: list[dict]) -> list[str]:
                  f"| | {fmt(median([d['wall_seconds'] for d in recipe]), '.0f')} |")
     lines += ["", "Goal check per seed: does the export beat the recipe on test accuracy at no more forgetting and no "
               "more peak memory? (— : no trial qualified, the recipe stays)", ""]
-    for r in rows:
-        d = r["default_recipe"]
-        checks = []
-        for n in names:
-            b = r["strategies"][n]["export"]["recipe-bound"]
-            if b is None:
-                checks.append(f"{n} —")
-                continue
-            holds = b["test_accuracy"] > d["test_accuracy"] and b["forgetting"] <= d["forgetting"] and \
-                b["peak_bytes"] <= d["peak_bytes"]
-            checks.append(f"{n} {'yes' if holds else 'no'} (trial {b['trial']}: test {fmt(b['test_accuracy'])} vs "
-                          f"{fmt(d['test_accuracy'])}, forgetting {fmt(b['forgetting'])} vs {fmt(d['forgetting'])}, "
-                          f"{mib(b['peak_bytes'])} vs {mib(d['peak_bytes'])} MiB)")
-        lines.append(f"- seed {r['seed']}: " + "; ".join(checks))
-    return lines + [""]
+    return lines + goal_checks(rows, names, "recipe-bound") + [""]
 
 
 def render_pruning(rows: list[dict], quality: list[dict]) -> list[str]:
