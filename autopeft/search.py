@@ -8,7 +8,7 @@ import copy
 import gc
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -531,6 +531,30 @@ def params_defaults() -> dict[str, Any]:
     return {k: spec.default for k, spec in TRAINING_PARAMS.items()}
 
 
+# Rejections by the memory budget cost no training (under a second each) and teach the sampler where the
+# budget lies: a search may go through many of them per trial it trains.
+REJECTIONS_PER_TRIAL = 20
+
+
+def _attempt_caps(goal: int, remaining: int, max_failures: int, stopped: list[str]) -> Callable[..., None]:
+    """A callback that stops the search short of `goal` completed trials, saying why, after
+    `2 * remaining + max_failures` trials this run that trained or failed, or `REJECTIONS_PER_TRIAL *
+    remaining` rejected by the memory budget."""
+    counts = {"trained": 0, "rejected": 0}
+    caps = {"trained": 2 * remaining + max_failures, "rejected": REJECTIONS_PER_TRIAL * remaining}
+
+    def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        kind = "rejected" if "budget" in (trial.user_attrs.get("prune_reason") or "") else "trained"
+        counts[kind] += 1
+        if counts[kind] >= caps[kind] and studies.completed(study) < goal:
+            what = "were rejected by the memory budget" if kind == "rejected" else "trained or failed"
+            stopped.append(f"stopped with {studies.completed(study)} of {goal} trials completed: {counts[kind]} "
+                           f"trials {what}, the cap for {remaining} trials")
+            study.stop()
+
+    return stop
+
+
 def run_search(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
     """Run (or resume) the study until `config.trials` trials have completed or the timeout passes."""
     space = load_space(config.space)  # validated before any model or data loads
@@ -588,16 +612,16 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
             study.stop()
 
     remaining = config.trials - studies.completed(study)
+    stop_at_attempt_caps = _attempt_caps(config.trials, remaining, config.max_consecutive_failures, stopped)
     try:
         with _long_lived_objects_frozen():
             if remaining > 0:
-                # Stop at `trials` completed trials; failed or pruned ones are replaced by new samples, up to
-                # a cap so that a space where everything fails cannot loop for ever.
+                # Stop at `trials` completed trials; failed, pruned or rejected ones are replaced by new samples,
+                # up to caps so that a space where everything fails cannot loop for ever.
                 target = optuna.study.MaxTrialsCallback(config.trials, states=(studies.COMPLETE,))
-                callbacks = [target, stop_after_failures, stop_at_step_budget] + ([progress] if progress else [])
-                study.optimize(objective, n_trials=2 * remaining + config.max_consecutive_failures,
-                               timeout=config.timeout, catch=(TrialFailed,), callbacks=callbacks,
-                               gc_after_trial=True)
+                callbacks = [target, stop_after_failures, stop_at_step_budget, stop_at_attempt_caps]
+                study.optimize(objective, timeout=config.timeout, catch=(TrialFailed,),
+                               callbacks=callbacks + ([progress] if progress else []), gc_after_trial=True)
         interrupt.check()
     except Exception as exc:
         if not interrupt.REQUESTED.is_set():

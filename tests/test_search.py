@@ -105,6 +105,17 @@ def test_a_budget_only_the_analytic_estimate_overstates_is_accepted(tmp_path: Pa
         search.check_budget_feasible(config(tmp_path, tiny_bert, memory_budget=fits - 1), runtime)
 
 
+def test_a_budget_that_rejects_most_draws_still_completes_its_trials(tmp_path: Path, tiny_bert: Path) -> None:
+    """Rejections by the budget cost no training and have their own allowance: a search where 7 of 8 draws are
+    over the budget still trains its trials (the trial cap of 2 x trials + 5 once ended it two short, silently)."""
+    (tmp_path / "space.yaml").write_text("method: [ia3]\ntraining:\n  learning_rate: 1.0e-3\n"
+                                         "  micro_batch_size: [4, 64, 96, 128, 160, 192, 224, 256]\n")
+    summary = run_search(config(tmp_path, tiny_bert, trials=3, sampler="random", memory_budget=20 * 10**6))
+    rejected = summary.study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
+    assert len(summary.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
+    assert len(rejected) > 2 * 3 + 5 - 3 and summary.stopped_reason is None
+
+
 def test_over_budget_configurations_are_pruned_before_training(tmp_path: Path, tiny_bert: Path) -> None:
     study = run_search(config(tmp_path, tiny_bert, trials=2, memory_budget=int(5.4 * 2**20))).study
     pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
