@@ -223,8 +223,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
     lines = [
         "# Peak training memory: estimated before training vs measured (CPU)",
         "",
-        f"Command: `{COMMAND}` ({result['wall_seconds'] / 60:.1f} min on {result['machine']['cpu_threads']} CPU threads, "
-        f"shared with other jobs).",
+        f"Command: `{COMMAND}` ({result['wall_seconds'] / 60:.1f} min on {result['machine']['cpu_threads']} CPU threads).",
         "",
         "Measured: `autopeft.memory.measure`, two real optimizer steps of `autopeft.train.fit` on full-length "
         "synthetic batches (one row one token short, so batches carry padding as real ones do), peak of live "
