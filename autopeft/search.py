@@ -177,14 +177,20 @@ def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> 
     memory_settings = tuple(getattr(settings, name) for name in MEMORY_SETTINGS)
     key = (params.method, repr(sorted(params.method_params.items())), memory_settings, seq_len)
     family = (params.method, settings.optimizer, settings.precision, settings.gradient_checkpointing)
-    options = dict(seq_len=seq_len, device=target_device(runtime), task_type=runtime.method_task_type,
-                   num_labels=len(runtime.task.label_names), max_steps=runtime.config.max_steps)
+    options = _trace_options(runtime)
     args = (runtime.base_model, params.method, params.method_params, settings)
     return runtime.budget_gate.decide(
         analytic, runtime.config.memory_budget, key, family,
         trace=lambda: memory.estimate_traced(*args, **options),
         quick=[lambda: memory.estimate_extrapolated(*args, **options, through="forward"),
                lambda: memory.estimate_extrapolated(*args, **options, through="backward")])
+
+
+def _trace_options(runtime: Runtime) -> dict[str, Any]:
+    """What a traced estimate of this search's trials needs besides the configuration."""
+    return dict(seq_len=max(runtime.train.lengths()), device=target_device(runtime),
+                task_type=runtime.method_task_type, num_labels=len(runtime.task.label_names),
+                max_steps=runtime.config.max_steps)
 
 
 def measure_memory(runtime: Runtime, params: TrialParams) -> int | None:
@@ -439,11 +445,14 @@ def check_budget_feasible(config: SearchConfig, runtime: Runtime) -> None:
     lightest = _lightest_configurations(runtime)
     if not lightest or min(analytic.total for _, _, analytic in lightest) <= config.memory_budget:
         return
-    label, traced = min(((label, _traced(runtime, params)) for label, params, _ in lightest),
-                        key=lambda pair: pair[1].total)
-    if traced.total > config.memory_budget:
+    traced = [(label, memory.estimate_traced(runtime.base_model, params.method, params.method_params,
+                                             train_settings(params, max_steps=runtime.config.max_steps, seed=0),
+                                             **_trace_options(runtime)))
+              for label, params, _ in lightest]
+    label, fits_least = min(traced, key=lambda pair: pair[1].total)
+    if fits_least.total > config.memory_budget:
         raise ConfigError([f"--memory-budget: {format_bytes(config.memory_budget)} fits no configuration of "
-                           f"{config.space}; the lightest ({label}) needs {traced.describe()}"])
+                           f"{config.space}; the lightest ({label}) needs {fits_least.describe()}"])
 
 
 def _lightest_configurations(runtime: Runtime) -> list[tuple[str, TrialParams, memory.MemoryEstimate]]:
@@ -471,14 +480,6 @@ def _lightest_configurations(runtime: Runtime) -> list[tuple[str, TrialParams, m
         results.append((f"{method}, micro-batch {settings['micro_batch_size']}, {precision}, {optimizer}", params,
                         estimates[optimizer]))
     return results
-
-
-def _traced(runtime: Runtime, params: TrialParams) -> memory.MemoryEstimate:
-    return memory.estimate_traced(runtime.base_model, params.method, params.method_params,
-                                  train_settings(params, max_steps=runtime.config.max_steps, seed=0),
-                                  seq_len=max(runtime.train.lengths()), device=target_device(runtime),
-                                  task_type=runtime.method_task_type, num_labels=len(runtime.task.label_names),
-                                  max_steps=runtime.config.max_steps)
 
 
 def _dim_options(name: str, dims: dict) -> list:
@@ -544,7 +545,7 @@ def _attempt_caps(goal: int, remaining: int, max_failures: int, stopped: list[st
     caps = {"trained": 2 * remaining + max_failures, "rejected": REJECTIONS_PER_TRIAL * remaining}
 
     def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        kind = "rejected" if "budget" in (trial.user_attrs.get("prune_reason") or "") else "trained"
+        kind = "rejected" if studies.rejected_by_budget(trial) else "trained"
         counts[kind] += 1
         if counts[kind] >= caps[kind] and studies.completed(study) < goal:
             what = "were rejected by the memory budget" if kind == "rejected" else "trained or failed"

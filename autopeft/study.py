@@ -170,6 +170,12 @@ def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.Fr
             if not any(a >= acc and f <= fgt and (a > acc or f < fgt) for _, a, f in points)]
 
 
+def rejected_by_budget(trial: optuna.trial.FrozenTrial) -> bool:
+    """Pruned before training because its memory estimate exceeded --memory-budget (its constraint says by
+    how much)."""
+    return trial.state == optuna.trial.TrialState.PRUNED and trial.constraints.get("memory", 0) > 0
+
+
 def completed(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(COMPLETE,)))
 

@@ -36,6 +36,7 @@ from autopeft import memory  # noqa: E402
 from autopeft.config import SearchConfig, format_bytes  # noqa: E402
 from autopeft.search import prepare_runtime, run_search, train_settings  # noqa: E402
 from autopeft.space import load_space  # noqa: E402
+from autopeft.study import rejected_by_budget  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SPACE = HERE / "configs" / "budget_space.yaml"
@@ -77,7 +78,7 @@ def trial_row(trial: optuna.trial.FrozenTrial) -> dict:
             "measured": attrs.get("memory_measured_bytes"),
             "seconds": (trial.datetime_complete - trial.datetime_start).total_seconds()
             if trial.datetime_complete and trial.datetime_start else None,
-            "reason": attrs.get("prune_reason") or attrs.get("fail_reason")}
+            "reason": attrs.get("prune_reason") or attrs.get("fail_reason"), "over_budget": rejected_by_budget(trial)}
 
 
 def main() -> None:
@@ -91,7 +92,7 @@ def main() -> None:
     wall = time.perf_counter() - began
     rows = [trial_row(t) for t in summary.study.trials]
     admitted = [r for r in rows if r["state"] == "COMPLETE"]
-    rejected = [r for r in rows if r["state"] == "PRUNED" and "budget" in (r["reason"] or "")]
+    rejected = [r for r in rows if r["over_budget"]]
     over = [r for r in admitted if r["measured"] is None or r["measured"] > budget]
     result = {"command": "python experiments/memory/budget.py", "machine":
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only",
