@@ -19,8 +19,10 @@ Three parts, each over seeds 0..N-1 (the seed sets the data split, the sampler a
            recipe, at no extra cost" runs them: the recipe is trained first, every strategy searches under a
            memory budget of its measured peak (`--memory-budget`), and the export is the most accurate trial
            at no more forgetting than the recipe's (`--select max-accuracy-under-forgetting=F`).
+  longer   quality with twice the trials (20), TPE on accuracy alone against random search: does a model-based
+           sampler with more trials to learn from reach random search's final best in half of them?
 
-Run:  .venv/bin/python experiments/search/bench.py --part quality|pruning|causal|bounded [--seeds 3] [--only a,b]
+Run:  .venv/bin/python experiments/search/bench.py --part quality|pruning|causal|bounded|longer [--seeds 3] [--only a,b]
       (--only runs those strategies and adds them to the part's recorded seeds.)
       (--smoke runs each part on a tiny random model in seconds, to check the script.)
 Each part merges its rows into results.json and re-renders results.md next to this file.
@@ -68,6 +70,7 @@ PARTS = {
                    space=str(HERE / "causal_space.yaml")),
 }
 PARTS["bounded"] = PARTS["quality"]  # the same search, held to the recipe's memory and forgetting
+PARTS["longer"] = dict(PARTS["quality"], trials=20)  # the same search with twice the trials
 STRATEGIES = {
     "quality": {"tpe": dict(sampler="tpe"), "nsga2": dict(sampler="nsga2"), "random": dict(sampler="random"),
                 # TPE on accuracy alone (scalar mode, forgetting weight 0): is a Pareto objective what keeps
@@ -78,6 +81,7 @@ STRATEGIES = {
     "causal": {"tpe": dict(sampler="tpe"), "random": dict(sampler="random")},
 }
 STRATEGIES["bounded"] = {name: STRATEGIES["quality"][name] for name in ("tpe", "nsga2", "random")}
+STRATEGIES["longer"] = {name: STRATEGIES["quality"][name] for name in ("tpe-accuracy", "random")}
 # The recipe people start from (peft's documented LoRA defaults, as in the brief), at the same step budget.
 DEFAULT_LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "attention", "use_rslora": False}
 DEFAULT_TRAINING = {"learning_rate": 2e-4, "optimizer": "adamw"}
@@ -383,7 +387,7 @@ def render(results: dict) -> str:
     for part, command in results["commands"].items():
         lines.append(f"{part}: `{command}`  ")
     lines.append("")
-    for part in ("quality", "bounded", "pruning", "causal"):
+    for part in ("quality", "longer", "bounded", "pruning", "causal"):
         rows = results["parts"].get(part)
         if not rows:
             continue
