@@ -1,6 +1,6 @@
 """Does the search beat the alternatives? Samplers, pruning and the default recipe at an equal budget.
 
-Three parts, each over seeds 0..N-1 (the seed sets the data split, the sampler and every trial's training):
+Six parts, each over seeds 0..N-1 (the seed sets the data split, the sampler and every trial's training):
 
   quality  On MiniLM + Rotten Tomatoes, the default space (LoRA or IA3, their own settings, learning rate,
            optimizer, accumulation) with an equal budget of trials and steps: TPE and NSGA-II (Pareto on
@@ -19,10 +19,11 @@ Three parts, each over seeds 0..N-1 (the seed sets the data split, the sampler a
            recipe, at no extra cost" runs them: the recipe is trained first, every strategy searches under a
            memory budget of its measured peak (`--memory-budget`), and the export is the most accurate trial
            at no more forgetting than the recipe's (`--select max-accuracy-under-forgetting=F`).
+  causal-bounded  the same for causal's searches.
   longer   quality with twice the trials (20), TPE on accuracy alone against random search: does a model-based
            sampler with more trials to learn from reach random search's final best in half of them?
 
-Run:  .venv/bin/python experiments/search/bench.py --part quality|pruning|causal|bounded|longer [--seeds 3] [--only a,b]
+Run:  .venv/bin/python experiments/search/bench.py --part quality|pruning|causal|bounded|longer|causal-bounded [--seeds 3] [--only a,b]
       (--only runs those strategies and adds them to the part's recorded seeds.)
       (--smoke runs each part on a tiny random model in seconds, to check the script.)
 Each part merges its rows into results.json and re-renders results.md next to this file.
@@ -71,6 +72,8 @@ PARTS = {
 }
 PARTS["bounded"] = PARTS["quality"]  # the same search, held to the recipe's memory and forgetting
 PARTS["longer"] = dict(PARTS["quality"], trials=20)  # the same search with twice the trials
+PARTS["causal-bounded"] = PARTS["causal"]  # the causal search, held to its recipe's memory and forgetting
+BOUNDED = {"bounded": "quality", "causal-bounded": "causal"}  # each bounded part and the search it holds
 STRATEGIES = {
     "quality": {"tpe": dict(sampler="tpe"), "nsga2": dict(sampler="nsga2"), "random": dict(sampler="random"),
                 # TPE on accuracy alone (scalar mode, forgetting weight 0): is a Pareto objective what keeps
@@ -81,6 +84,7 @@ STRATEGIES = {
     "causal": {"tpe": dict(sampler="tpe"), "random": dict(sampler="random")},
 }
 STRATEGIES["bounded"] = {name: STRATEGIES["quality"][name] for name in ("tpe", "nsga2", "random")}
+STRATEGIES["causal-bounded"] = STRATEGIES["causal"]
 STRATEGIES["longer"] = {name: STRATEGIES["quality"][name] for name in ("tpe-accuracy", "random")}
 # The recipe people start from (peft's documented LoRA defaults, as in the brief), at the same step budget.
 DEFAULT_LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "attention", "use_rslora": False}
@@ -178,8 +182,8 @@ def run_strategy(part: str, name: str, seed: int, smoke_model: str | None,
 
 
 def run_part(part: str, seeds: int, smoke_model: str | None, names: list[str], recipe: bool = True) -> list[dict]:
-    if part == "bounded":
-        return [run_bounded(seed, smoke_model, names) for seed in range(seeds)]
+    if part in BOUNDED:
+        return [run_bounded(part, seed, smoke_model, names) for seed in range(seeds)]
     rows = []
     for seed in range(seeds):
         row: dict = {"part": part, "seed": seed, "strategies": {}}
@@ -200,18 +204,18 @@ def run_part(part: str, seeds: int, smoke_model: str | None, names: list[str], r
     return rows
 
 
-def run_bounded(seed: int, smoke_model: str | None, names: list[str]) -> dict:
+def run_bounded(part: str, seed: int, smoke_model: str | None, names: list[str]) -> dict:
     """The recipe first; then each strategy under a memory budget of the recipe's measured peak, exported at
     no more forgetting than the recipe's."""
-    folder = Path(tempfile.mkdtemp(prefix="search-bench-bounded-recipe-"))
-    runtime = prepare_runtime(SearchConfig(**base_config("bounded", seed, folder, smoke_model)))
+    folder = Path(tempfile.mkdtemp(prefix=f"search-bench-{part}-recipe-"))
+    runtime = prepare_runtime(SearchConfig(**base_config(part, seed, folder, smoke_model)))
     recipe = default_recipe(runtime, seed)
-    print(f"bounded seed {seed} default recipe: {recipe}", flush=True)
+    print(f"{part} seed {seed} default recipe: {recipe}", flush=True)
     rule = f"max-accuracy-under-forgetting={recipe['forgetting']!r}"
-    row: dict = {"part": "bounded", "seed": seed, "strategies": {}, "default_recipe": recipe,
+    row: dict = {"part": part, "seed": seed, "strategies": {}, "default_recipe": recipe,
                  "memory_budget": recipe["peak_bytes"], "export_rule": rule}
     for name in names:
-        result, config, _ = run_strategy("bounded", name, seed, smoke_model, memory_budget=recipe["peak_bytes"])
+        result, config, _ = run_strategy(part, name, seed, smoke_model, memory_budget=recipe["peak_bytes"])
         study = optuna.load_study(study_name=config.study, storage=config.storage)
         result["export"] = {"balanced": exported(runtime, study, "balanced")}
         try:  # none may qualify: then the recipe itself is what a user keeps
@@ -219,7 +223,7 @@ def run_bounded(seed: int, smoke_model: str | None, names: list[str]) -> dict:
         except StudyError:
             result["export"]["recipe-bound"] = None
         row["strategies"][name] = result
-        print(f"bounded seed {seed} {name}: best val {result['best_val_accuracy']} ({result['wall_seconds']:.0f} s)",
+        print(f"{part} seed {seed} {name}: best val {result['best_val_accuracy']} ({result['wall_seconds']:.0f} s)",
               flush=True)
     return row
 
@@ -325,10 +329,10 @@ def goal_checks(rows: list[dict], names: list[str], rule: str) -> list[str]:
     return lines
 
 
-def render_bounded(rows: list[dict]) -> list[str]:
-    spec = PARTS["bounded"]
-    names = [n for n in STRATEGIES["bounded"] if all(n in r["strategies"] for r in rows)]
-    lines = [f"## bounded: quality's search held to the default recipe's costs, {spec['trials']} trained trials x "
+def render_bounded(part: str, rows: list[dict]) -> list[str]:
+    spec = PARTS[part]
+    names = [n for n in STRATEGIES[part] if all(n in r["strategies"] for r in rows)]
+    lines = [f"## {part}: {BOUNDED[part]}'s search held to the default recipe's costs, {spec['trials']} trained trials x "
              f"{spec['max_steps']} steps per strategy, seeds {', '.join(str(r['seed']) for r in rows)}", "",
              "Per seed the default LoRA recipe trains first; each strategy then searches under `--memory-budget` "
              "set to the recipe's measured peak (configurations estimated above it are rejected before training "
@@ -387,14 +391,14 @@ def render(results: dict) -> str:
     for part, command in results["commands"].items():
         lines.append(f"{part}: `{command}`  ")
     lines.append("")
-    for part in ("quality", "longer", "bounded", "pruning", "causal"):
+    for part in ("quality", "longer", "bounded", "pruning", "causal", "causal-bounded"):
         rows = results["parts"].get(part)
         if not rows:
             continue
         if part == "pruning":
             lines += render_pruning(rows, results["parts"].get("quality", []))
-        elif part == "bounded":
-            lines += render_bounded(rows)
+        elif part in BOUNDED:
+            lines += render_bounded(part, rows)
         else:
             lines += render_quality(part, rows)
     discussion = HERE / "discussion.md"
