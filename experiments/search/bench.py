@@ -26,6 +26,7 @@ Six parts, each over seeds 0..N-1 (the seed sets the data split, the sampler and
 Run:  .venv/bin/python experiments/search/bench.py --part quality|pruning|causal|bounded|longer|causal-bounded [--seeds 3] [--only a,b]
       (--only runs those strategies and adds them to the part's recorded seeds.)
       (--smoke runs each part on a tiny random model in seconds, to check the script.)
+      (--render-only re-renders results.md from results.json and runs nothing.)
 Each part merges its rows into results.json and re-renders results.md next to this file.
 """
 
@@ -54,7 +55,7 @@ from autopeft.errors import StudyError  # noqa: E402
 from autopeft.export import select_trial  # noqa: E402
 from autopeft.search import build_model, prepare_runtime, run_search, run_trial, train_settings  # noqa: E402
 from autopeft.space import TRAINING_PARAMS, TrialParams  # noqa: E402
-from autopeft.study import pareto_front, rejected_by_budget, scores  # noqa: E402
+from autopeft.study import pareto_front, rejected_by_budget, scores, startup_trials  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -291,9 +292,31 @@ def render_quality(part: str, rows: list[dict]) -> list[str]:
         bests = ", ".join(f"{n} {fmt(r['strategies'][n]['best_val_accuracy'])}" for n in names)
         d = r["default_recipe"]
         lines.append(f"- seed {r['seed']}: {bests}; default recipe {fmt(d['val_accuracy'])} / {fmt(d['test_accuracy'])}")
+    lines += halfway_lines(part, rows, names)
     lines += ["", "Goal check per seed: does the exported (balanced) configuration beat the default recipe on test "
               "accuracy at no more forgetting and no more peak memory?", ""]
     return lines + goal_checks(rows, names, "balanced") + [""]
+
+
+def halfway_lines(part: str, rows: list[dict], names: list[str]) -> list[str]:
+    """Per seed and strategy: the best validation accuracy after half the trials and after all of them, and
+    the median over the trials after the model-based samplers' random start-up (the same trial numbers for
+    every strategy), which says how good the configurations a sampler picks are, not only its luckiest."""
+    trials = PARTS[part]["trials"]
+    startup = startup_trials(trials)
+    lines = ["", f"Per seed: best validation accuracy after {trials // 2} / {trials} trials; median over trials "
+             f"{startup + 1}-{trials} (after the {startup} random start-up trials):", ""]
+    for r in rows:
+        cells = []
+        for n in names:
+            done = sorted((t for t in r["strategies"][n]["trials"] if not t.get("over_budget")),
+                          key=lambda t: t["number"])
+            accuracy = [t.get("val_accuracy") for t in done]
+            half = max((a for a in accuracy[:trials // 2] if a is not None), default=None)
+            cells.append(f"{n} {fmt(half)} / {fmt(r['strategies'][n]['best_val_accuracy'])}; "
+                         f"{fmt(median(accuracy[startup:]))}")
+        lines.append(f"- seed {r['seed']}: " + " | ".join(cells))
+    return lines
 
 
 def recipe_row(rows: list[dict], *, drift: bool) -> str:
@@ -407,12 +430,18 @@ def render(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=list(PARTS), required=True)
+    parser.add_argument("--part", choices=list(PARTS))
+    parser.add_argument("--render-only", action="store_true", help="re-render results.md from results.json")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--smoke", default=None, help="a tiny model folder: check the script, write nothing here")
     parser.add_argument("--only", default=None, help="comma-separated strategies of the part to run; their rows "
                         "are added to the part's recorded seeds (its default recipe and other strategies kept)")
     args = parser.parse_args()
+    if args.render_only:
+        (HERE / "results.md").write_text(render(json.loads((HERE / "results.json").read_text())))
+        return
+    if args.part is None:
+        parser.error("--part is required")
     names = args.only.split(",") if args.only else list(STRATEGIES[args.part])
     unknown = [n for n in names if n not in STRATEGIES[args.part]]
     if unknown:
