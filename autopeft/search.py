@@ -217,6 +217,10 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
     problem = methods.get(params.method).problem(runtime.base_model)
     if problem:  # e.g. a method that cannot apply to this architecture: skipped, never crashed
         raise optuna.TrialPruned(f"skipped: {problem}")
+    # The adapter's initial weights and the dropout masks draw on torch's global generator: seeded here, a
+    # trial depends on its seed alone, not on what ran before it in the process (earlier trials, exports),
+    # so `autopeft train` and export's retraining reproduce any trial of a search, not only the first.
+    torch.manual_seed(seed)
     model = build_model(runtime, params).to(runtime.device)
     estimate = estimate_memory(runtime, model, params)
     if on_built is not None:

@@ -64,6 +64,25 @@ def test_trials_start_from_pristine_base_weights(tmp_path: Path, tiny_bert: Path
     assert first.train.losses[0] != first.train.losses[-1]
 
 
+def test_a_trial_depends_on_its_seed_not_on_what_ran_before_it(tmp_path: Path, tiny_bert: Path) -> None:
+    """A search's later trials run after others in the same process; `autopeft train` reruns one alone."""
+    from autopeft.search import run_trial
+
+    runtime = prepare_runtime(config(tmp_path, tiny_bert))
+    params = TrialParams("lora", {"r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": "all_linear",
+                                  "use_rslora": False},
+                         {"learning_rate": 5e-2, "optimizer": "adamw", "precision": "fp32", "grad_accum_steps": 1,
+                          "micro_batch_size": 8, "weight_decay": 0.0, "warmup_ratio": 0.0, "scheduler": "constant"})
+    alone = run_trial(runtime, params, seed=7)
+    torch.rand(1000)  # whatever ran in between moves torch's global generator
+    run_trial(runtime, TrialParams("ia3", {"target_modules": "kv"}, params.training), seed=3)
+    again = run_trial(runtime, params, seed=7)
+    assert alone.train.losses == again.train.losses
+    weights = [dict(alone.model.named_parameters()), dict(again.model.named_parameters())]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path: Path, tiny_bert: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import autopeft.search as search
