@@ -167,7 +167,8 @@ MEMORY_SETTINGS = ("optimizer", "precision", "micro_batch_size", "grad_accum_ste
 
 def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> memory.MemoryEstimate:
     """Peak bytes of one training step; with a budget, the estimate autopeft.budget chooses to decide."""
-    seq_len = max(runtime.train.lengths())  # the longest batch sets the peak
+    options = _trace_options(runtime)
+    seq_len = options["seq_len"]  # the longest batch sets the peak
     settings = train_settings(params, max_steps=runtime.config.max_steps, seed=0)  # defaults fill the gaps
     analytic = memory.estimate(model, optimizer=settings.optimizer, precision=settings.precision,
                                micro_batch_size=settings.micro_batch_size, seq_len=seq_len,
@@ -177,13 +178,19 @@ def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> 
     memory_settings = tuple(getattr(settings, name) for name in MEMORY_SETTINGS)
     key = (params.method, repr(sorted(params.method_params.items())), memory_settings, seq_len)
     family = (params.method, settings.optimizer, settings.precision, settings.gradient_checkpointing)
-    options = _trace_options(runtime)
     args = (runtime.base_model, params.method, params.method_params, settings)
     return runtime.budget_gate.decide(
         analytic, runtime.config.memory_budget, key, family,
         trace=lambda: memory.estimate_traced(*args, **options),
         quick=[lambda: memory.estimate_extrapolated(*args, **options, through="forward"),
                lambda: memory.estimate_extrapolated(*args, **options, through="backward")])
+
+
+def traced_estimate(runtime: Runtime, params: TrialParams) -> memory.MemoryEstimate:
+    """The full trace of one configuration's training step on this search's model and longest batch."""
+    return memory.estimate_traced(runtime.base_model, params.method, params.method_params,
+                                  train_settings(params, max_steps=runtime.config.max_steps, seed=0),
+                                  **_trace_options(runtime))
 
 
 def _trace_options(runtime: Runtime) -> dict[str, Any]:
@@ -449,10 +456,7 @@ def check_budget_feasible(config: SearchConfig, runtime: Runtime) -> None:
     lightest = _lightest_configurations(runtime)
     if not lightest or min(analytic.total for _, _, analytic in lightest) <= config.memory_budget:
         return
-    traced = [(label, memory.estimate_traced(runtime.base_model, params.method, params.method_params,
-                                             train_settings(params, max_steps=runtime.config.max_steps, seed=0),
-                                             **_trace_options(runtime)))
-              for label, params, _ in lightest]
+    traced = [(label, traced_estimate(runtime, params)) for label, params, _ in lightest]
     label, fits_least = min(traced, key=lambda pair: pair[1].total)
     if fits_least.total > config.memory_budget:
         raise ConfigError([f"--memory-budget: {format_bytes(config.memory_budget)} fits no configuration of "

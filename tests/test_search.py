@@ -111,15 +111,13 @@ def test_a_budget_no_configuration_fits_is_refused_up_front(tmp_path: Path, tiny
 def test_a_budget_only_the_analytic_estimate_overstates_is_accepted(tmp_path: Path, tiny_bert: Path) -> None:
     """The analytic estimate can read a few percent high: the full trace of the lightest configurations
     decides a refusal, so a budget they fit is searched."""
-    from autopeft import memory, search
+    from autopeft import search
     from autopeft.space import load_space
 
     settings = config(tmp_path, tiny_bert, memory_budget=2**40)
     runtime = prepare_runtime(settings, load_space(settings.space))
     lightest = search._lightest_configurations(runtime)
-    fits = min(memory.estimate_traced(runtime.base_model, params.method, params.method_params,
-                                      search.train_settings(params, max_steps=runtime.config.max_steps, seed=0),
-                                      **search._trace_options(runtime)).total for _, params, _ in lightest)
+    fits = min(search.traced_estimate(runtime, params).total for _, params, _ in lightest)
     assert min(analytic.total for _, _, analytic in lightest) > fits  # the case: analytic alone would refuse
     search.check_budget_feasible(config(tmp_path, tiny_bert, memory_budget=fits), runtime)
     with pytest.raises(ConfigError, match="fits no configuration"):

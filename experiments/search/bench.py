@@ -71,10 +71,10 @@ PARTS = {
                    test_size=200, max_length=48, probes=("perplexity",), task_type="causal_lm",
                    space=str(HERE / "causal_space.yaml")),
 }
-PARTS["bounded"] = PARTS["quality"]  # the same search, held to the recipe's memory and forgetting
 PARTS["longer"] = dict(PARTS["quality"], trials=20)  # the same search with twice the trials
-PARTS["causal-bounded"] = PARTS["causal"]  # the causal search, held to its recipe's memory and forgetting
-BOUNDED = {"bounded": "quality", "causal-bounded": "causal"}  # each bounded part and the search it holds
+# Each bounded part and the search it holds to the recipe's memory and forgetting (the same settings).
+BOUNDED = {"bounded": "quality", "causal-bounded": "causal"}
+PARTS.update({bounded: PARTS[held] for bounded, held in BOUNDED.items()})
 STRATEGIES = {
     "quality": {"tpe": dict(sampler="tpe"), "nsga2": dict(sampler="nsga2"), "random": dict(sampler="random"),
                 # TPE on accuracy alone (scalar mode, forgetting weight 0): is a Pareto objective what keeps
@@ -231,11 +231,15 @@ def run_bounded(part: str, seed: int, smoke_model: str | None, names: list[str])
 
 # ----------------------------------------------------------------------------------------------- analysis
 
+def trained_trials(result: dict) -> list[dict]:
+    """A strategy's trials in start order, failed and pruned included, rejected by a memory budget before
+    training not (they train nothing and are not counted among the part's trials)."""
+    return [t for t in sorted(result["trials"], key=lambda t: t["number"]) if not t.get("over_budget")]
+
+
 def trials_to_reach(result: dict, target: float) -> int | None:
-    """1-based count of trials (in start order, failed and pruned included, rejected by a memory budget
-    before training not) until one reached `target`."""
-    trained = [t for t in sorted(result["trials"], key=lambda t: t["number"]) if not t.get("over_budget")]
-    for count, trial in enumerate(trained, start=1):
+    """1-based count of trained trials until one reached `target`."""
+    for count, trial in enumerate(trained_trials(result), start=1):
         if trial.get("val_accuracy") is not None and trial["val_accuracy"] >= target - 1e-9:
             return count
     return None
@@ -309,9 +313,7 @@ def halfway_lines(part: str, rows: list[dict], names: list[str]) -> list[str]:
     for r in rows:
         cells = []
         for n in names:
-            done = sorted((t for t in r["strategies"][n]["trials"] if not t.get("over_budget")),
-                          key=lambda t: t["number"])
-            accuracy = [t.get("val_accuracy") for t in done]
+            accuracy = [t.get("val_accuracy") for t in trained_trials(r["strategies"][n])]
             half = max((a for a in accuracy[:trials // 2] if a is not None), default=None)
             cells.append(f"{n} {fmt(half)} / {fmt(r['strategies'][n]['best_val_accuracy'])}; "
                          f"{fmt(median(accuracy[startup:]))}")
