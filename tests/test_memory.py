@@ -68,6 +68,22 @@ def test_breakdown_adds_up(tiny_models: dict[str, Path]) -> None:
     assert traced.weights == frozen + sum(b.numel() * b.element_size() for b in adapted.buffers())
 
 
+def test_lora_dropout_keeps_a_copy_of_every_adapted_input(tiny_models: dict[str, Path]) -> None:
+    """Why the shipped spaces offer LoRA dropout 0 as a choice: with dropout, each adapted layer keeps its
+    dropped-out input for the backward pass, so a budget at a dropout-free recipe's peak admits no LoRA
+    draw with dropout (experiments/search, part causal-bounded)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = _base(tiny_models["llama"])
+    settings = TrainSettings(learning_rate=1e-3, micro_batch_size=4, optimizer="adamw")
+    qv = {**LORA, "target_modules": "qv"}
+    without = memory.estimate_traced(base, "lora", qv, settings, seq_len=32).total
+    with_dropout = memory.estimate_traced(base, "lora", {**qv, "dropout": 0.1}, settings, seq_len=32).total
+    adapted = [m for m in _adapted(base, "lora", qv).modules() if isinstance(m, LoraLayer)]
+    one_fp32_copy = sum(4 * 4 * 32 * m.in_features for m in adapted)  # batch 4 x 32 tokens x inputs
+    assert len(adapted) > 0 and with_dropout - without >= one_fp32_copy
+
+
 # (model family, method, its parameters, training settings): the three configurations of the issue.
 ACCURACY_CASES = [
     ("bert", "lora", LORA, {"optimizer": "adamw"}),

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 
 from autopeft import methods
 from autopeft.config import PACKAGE_DIR
@@ -31,6 +32,15 @@ def test_every_shipped_space_loads_and_samples(path: Path) -> None:
 
 def test_shipped_spaces_exist() -> None:
     assert any(p.name == "default.yaml" for p in SPACE_FILES)
+
+
+def test_shipped_spaces_can_draw_lora_without_dropout() -> None:
+    """Dropout costs a copy of each adapted layer's input (tests/test_memory.py): a space that never draws
+    0 has no LoRA configuration to admit under a budget at a dropout-free recipe's peak."""
+    for path in SPACE_FILES:
+        lora = (yaml.safe_load(path.read_text()).get("methods") or {}).get("lora") or {}
+        if "dropout" in lora:
+            assert isinstance(lora["dropout"], list) and 0.0 in lora["dropout"], path.name
 
 
 BAD_SPACES = [
