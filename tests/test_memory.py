@@ -76,11 +76,11 @@ def test_lora_dropout_keeps_a_copy_of_every_adapted_input(tiny_models: dict[str,
 
     base = _base(tiny_models["llama"])
     settings = TrainSettings(learning_rate=1e-3, micro_batch_size=4, optimizer="adamw")
-    qv = {**LORA, "target_modules": "qv"}
-    without = memory.estimate_traced(base, "lora", qv, settings, seq_len=32).total
-    with_dropout = memory.estimate_traced(base, "lora", {**qv, "dropout": 0.1}, settings, seq_len=32).total
+    qv, seq_len = {**LORA, "target_modules": "qv"}, 32
+    without = memory.estimate_traced(base, "lora", qv, settings, seq_len=seq_len).total
+    with_dropout = memory.estimate_traced(base, "lora", {**qv, "dropout": 0.1}, settings, seq_len=seq_len).total
     adapted = [m for m in _adapted(base, "lora", qv).modules() if isinstance(m, LoraLayer)]
-    one_fp32_copy = sum(4 * 4 * 32 * m.in_features for m in adapted)  # batch 4 x 32 tokens x inputs
+    one_fp32_copy = sum(4 * settings.micro_batch_size * seq_len * m.in_features for m in adapted)  # 4 bytes each
     assert len(adapted) > 0 and with_dropout - without >= one_fp32_copy
 
 

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 
 from autopeft import methods
 from autopeft.config import PACKAGE_DIR
@@ -38,9 +37,9 @@ def test_shipped_spaces_can_draw_lora_without_dropout() -> None:
     """Dropout costs a copy of each adapted layer's input (tests/test_memory.py): a space that never draws
     0 has no LoRA configuration to admit under a budget at a dropout-free recipe's peak."""
     for path in SPACE_FILES:
-        lora = (yaml.safe_load(path.read_text()).get("methods") or {}).get("lora") or {}
-        if "dropout" in lora:
-            assert isinstance(lora["dropout"], list) and 0.0 in lora["dropout"], path.name
+        dropout = load_space(path).method_dims.get("lora", {}).get("dropout")
+        if dropout is not None:  # a range has neither choices nor a value: it never draws exactly 0
+            assert 0.0 in (dropout.choices or (dropout.value,)), path.name
 
 
 BAD_SPACES = [
