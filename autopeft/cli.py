@@ -98,7 +98,8 @@ def search(
     objective_mode: Annotated[str, typer.Option(help="pareto (multi-objective) or scalar (accuracy - forgetting-weight x forgetting; needed for pruning).")] = "pareto",
     forgetting_weight: Annotated[float, typer.Option(help="Weight of forgetting in scalar mode.")] = 1.0,
     sampler: Annotated[str, typer.Option(help="tpe, nsga2, gp, random or grid (grid needs list-valued dimensions); seeded by --seed.")] = "tpe",
-    pruner: Annotated[str, typer.Option(help="Scalar mode only: hyperband, successive-halving, median or none; compares validation accuracy (ties broken by confidence), reported at each quarter of the steps, from half the steps on.")] = "none",
+    pruner: Annotated[str, typer.Option(help="Scalar mode only: hyperband, successive-halving, median or none; compares validation accuracy (ties broken by confidence) from --prune-after steps on.")] = "none",
+    prune_after: Annotated[int | None, typer.Option(help="Steps a trial trains before the pruner may stop it (default: half of --max-steps). Lower saves more on long trials, but too early every configuration still looks alike.")] = None,
     max_total_steps: Annotated[int | None, typer.Option(help="Stop once trials have trained this many optimizer steps in all (pruned trials count what they trained).")] = None,
     warm_start: Annotated[bool, typer.Option(help="Try the default LoRA recipe (r 8, alpha 16, q/v, lr 2e-4) first, so the search never ends below it.")] = False,
     text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
@@ -122,7 +123,7 @@ def search(
                             force_new=force_new, trust_remote_code=trust_remote_code,
                             objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()),
                             objective_mode=objective_mode, forgetting_weight=forgetting_weight, sampler=sampler,
-                            pruner=pruner, max_total_steps=max_total_steps, warm_start=warm_start,
+                            pruner=pruner, prune_after=prune_after, max_total_steps=max_total_steps, warm_start=warm_start,
                             text_column=text_column, label_column=label_column, text_pair_column=text_pair_column,
                             task_type=task_type, label_words=_csv(label_words), template=template,
                             causal_eval=causal_eval, ood_task=ood_task, probes=_csv(probes))

@@ -77,6 +77,7 @@ class SearchConfig:
     forgetting_weight: float = 1.0  # scalar mode only
     sampler: str = "tpe"  # tpe | nsga2 | gp | random | grid
     pruner: str = "none"  # scalar mode only: hyperband | successive-halving | median | none
+    prune_after: int | None = None  # steps before a pruner may stop a trial (default: half of max_steps)
     max_total_steps: int | None = None  # training-step budget over all trials (pruned trials count)
     warm_start: bool = False  # enqueue the documented default LoRA recipe as the first trial
     text_column: str = "text"  # columns of the user's data
@@ -127,6 +128,11 @@ class SearchConfig:
         elif self.pruner != "none" and self.objective_mode != "scalar":
             problems.append(f"--pruner: {self.pruner} needs --objective-mode scalar (Optuna cannot prune "
                             "multi-objective studies)")
+        if self.prune_after is not None and self.pruner == "none":
+            problems.append("--prune-after: needs a --pruner (without one no trial is stopped early)")
+        elif self.prune_after is not None and not 1 <= self.prune_after < self.max_steps:
+            problems.append(f"--prune-after: {self.prune_after} must be at least 1 and below --max-steps "
+                            f"({self.max_steps})")
         if self.max_total_steps is not None and self.max_total_steps < 1:
             problems.append(f"--max-total-steps: {self.max_total_steps} must be at least 1")
         if self.device not in (None, "cpu", "cuda"):

@@ -215,9 +215,9 @@ INTERMEDIATE_ROWS = 256  # a mid-training check on a slice of validation: cheap,
 
 
 def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any = None,
-              on_checkpoint: Any = None, checkpoint_every: int | None = None) -> TrialOutcome:
+              on_checkpoint: Any = None, checkpoints: tuple[int, ...] | None = None) -> TrialOutcome:
     """Build, check the budget (via `on_built`), train, evaluate and probe one configuration.
-    Accuracy on the first validation rows is measured halfway, or every `checkpoint_every` steps, its
+    Accuracy on the first validation rows is measured halfway, or at each of the `checkpoints` steps, its
     tie-broken score (`Evaluator.progress`) passed to `on_checkpoint(step, score)` (which may raise
     optuna.TrialPruned)."""
     start = time.perf_counter()
@@ -235,12 +235,11 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
     trainable, _ = count_parameters(model)
     total = sum(p.numel() for p in runtime.base_model.parameters())
     intermediate: list[tuple[int, float]] = []
-    halfway, checking = runtime.config.max_steps // 2, [0.0]
+    due_at, checking = set(checkpoints or (runtime.config.max_steps // 2,)), [0.0]
     subset = runtime.validation.take(INTERMEDIATE_ROWS)
 
-    def check_halfway(step: int, trained: nn.Module) -> None:
-        due = step % checkpoint_every == 0 and step < runtime.config.max_steps if checkpoint_every else step == halfway
-        if due:
+    def check_progress(step: int, trained: nn.Module) -> None:
+        if step in due_at and step < runtime.config.max_steps:
             began = time.perf_counter()
             accuracy, score = runtime.evaluate.progress(trained, subset, runtime.device)
             intermediate.append((step, accuracy))
@@ -251,7 +250,7 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
     result = fit(model, runtime.train, train_settings(params, max_steps=runtime.config.max_steps, seed=seed),
-                 pad_id=runtime.pad_id, device=runtime.device, loss_fn=runtime.loss_fn, on_step=check_halfway,
+                 pad_id=runtime.pad_id, device=runtime.device, loss_fn=runtime.loss_fn, on_step=check_progress,
                  after_step=methods.get(params.method).after_step)
     measured = torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda" else \
         measure_memory(runtime, params)
@@ -290,7 +289,7 @@ class Objective:
             outcome = run_trial(self.runtime, params, seed=seed,
                                 on_built=lambda model, est: self._check_budget(trial, est),
                                 on_checkpoint=lambda step, acc: self._report(trial, step, acc),
-                                checkpoint_every=self._checkpoint_every())
+                                checkpoints=studies.pruner_checkpoints(self.runtime.config))
         except optuna.TrialPruned as pruned:
             self.tracker.end_trial_run(run_id, "PRUNED", str(pruned))
             raise
@@ -318,11 +317,6 @@ class Objective:
         extra = {"memory": float(outcome.measured_peak_bytes or outcome.estimate.total),
                  "trainable_params": float(outcome.trainable)}
         return (outcome.accuracy, outcome.forgetting, *(extra[name] for name in config.objectives[2:]))
-
-    def _checkpoint_every(self) -> int | None:
-        """With a pruner, intermediate accuracy every quarter of the steps; otherwise once, halfway."""
-        config = self.runtime.config
-        return max(1, config.max_steps // 4) if config.pruner != "none" else None
 
     def _report(self, trial: optuna.Trial, step: int, value: float) -> None:
         trial.set_user_attr("steps_trained", step)

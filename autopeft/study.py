@@ -138,20 +138,44 @@ def startup_trials(budget: int) -> int:
     return max(2, min(10, budget // 3))
 
 
+REDUCTION_FACTOR = 3  # successive halving keeps the best third of the trials at each rung
+
+
+def first_rung(config: SearchConfig) -> int:
+    """Steps before a pruner may stop a trial. By default half the steps: at a quarter of a 60-step MiniLM
+    trial nearly every configuration still predicts the majority class and the tie-breaker does not yet rank
+    them by their final accuracy; at half it does (experiments/search/discussion.md). Longer trials can
+    start earlier (`--prune-after`): a pruned trial then costs less of a full one."""
+    return config.prune_after or max(1, config.max_steps // 2)
+
+
+def pruner_checkpoints(config: SearchConfig) -> tuple[int, ...]:
+    """Steps at which intermediate accuracy is reported: where the pruner can decide, and nowhere else (each
+    report costs an evaluation). Successive halving (and each hyperband bracket) decides at its rungs, the
+    first rung times powers of the reduction factor; the median pruner at each quarter from the first rung."""
+    first, steps = first_rung(config), config.max_steps
+    if config.pruner in ("hyperband", "successive-halving"):
+        rungs = [first]
+        while rungs[-1] * REDUCTION_FACTOR < steps:
+            rungs.append(rungs[-1] * REDUCTION_FACTOR)
+        return tuple(rungs)
+    if config.pruner == "median":
+        quarter = max(1, steps // 4)
+        return tuple(sorted({first} | {step for step in range(quarter, steps, quarter) if step > first}))
+    return ()
+
+
 def make_pruner(config: SearchConfig) -> optuna.pruners.BasePruner:
     """Pruners compare intermediate validation accuracy (ties broken by confidence, `Evaluator.progress`),
-    reported at each quarter of the steps (scalar mode only). The first rung is at half the steps: at a
-    quarter of a 60-step MiniLM trial nearly every configuration still predicts the majority class and
-    the tie-breaker does not yet rank them by their final accuracy; at half it does
-    (experiments/search/discussion.md)."""
-    checkpoints = config.max_steps
-    first_rung = max(1, checkpoints // 2)
+    reported at `pruner_checkpoints` (scalar mode only)."""
+    first = first_rung(config)
     if config.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=first_rung, max_resource=checkpoints, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=config.max_steps,
+                                              reduction_factor=REDUCTION_FACTOR)
     if config.pruner == "successive-halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=REDUCTION_FACTOR)
     if config.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=first_rung)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=first)
     return optuna.pruners.NopPruner()
 
 

@@ -94,8 +94,17 @@ def test_scalar_mode_with_each_pruner(runtime: Runtime, tmp_path: Path, pruner: 
     assert complete and all(len(t.values) == 1 for t in complete)
     for trial in complete:  # the scalar is what was stated
         assert trial.values[0] == pytest.approx(trial.user_attrs["val_accuracy"] - 0.5 * trial.user_attrs["forgetting"])
-        if pruner != "none":  # intermediate accuracy reported at each quarter of the steps
-            assert sorted(trial.intermediate_values) == [2, 4, 6]
+        if pruner != "none":  # reported from half the steps on, where the pruner can decide
+            assert sorted(trial.intermediate_values) == {"median": [4, 6]}.get(pruner, [4])
+
+
+def test_prune_after_moves_the_first_rung_and_reports_at_every_rung(runtime: Runtime, tmp_path: Path) -> None:
+    study = search(runtime, tmp_path, objective_mode="scalar", pruner="hyperband", prune_after=1, trials=2,
+                   max_steps=12)
+    for trial in study.trials:  # rungs at 1, 3 and 9 steps (x3 each), below the 12 a trial trains
+        reported = sorted(trial.intermediate_values)
+        assert reported and reported == [1, 3, 9][:len(reported)]
+        assert len(reported) == 3 or trial.state.name == "PRUNED"
 
 
 def test_hyperband_prunes_a_hopeless_trial_and_says_why(runtime: Runtime, tmp_path: Path) -> None:
@@ -129,7 +138,10 @@ def test_warm_start_tries_the_default_lora_recipe_first(runtime: Runtime, tmp_pa
     ({"pruner": "hyperband"}, "needs --objective-mode scalar"),
     ({"sampler": "cmaes"}, "--sampler"),
     ({"objective_mode": "weighted"}, "--objective-mode"),
-    ({"max_total_steps": 0}, "--max-total-steps")])
+    ({"max_total_steps": 0}, "--max-total-steps"),
+    ({"prune_after": 10}, "--prune-after: needs a --pruner"),
+    ({"objective_mode": "scalar", "pruner": "hyperband", "max_steps": 60, "prune_after": 60},
+     "--prune-after: 60 must be at least 1 and below --max-steps \\(60\\)")])
 def test_bad_strategy_options_are_one_clear_line(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         SearchConfig(**overrides)  # type: ignore[arg-type]

@@ -22,8 +22,13 @@ Six parts, each over seeds 0..N-1 (the seed sets the data split, the sampler and
   causal-bounded  the same for causal's searches.
   longer   quality with twice the trials (20), TPE on accuracy alone against random search: does a model-based
            sampler with more trials to learn from reach random search's final best in half of them?
+  pruning-long  pruning on trials long enough for it to pay: 240 steps, the first rung at 30 (an eighth), where
+           the 60-step part's first signal was. Random search (10 trials) sets the target, its final best; the
+           same random draws then run under hyperband until one reaches it (or the time random search took
+           runs out). The two arms train the same configurations in the same order, so the ratio of their
+           seconds to the target is the pruner's alone.
 
-Run:  .venv/bin/python experiments/search/bench.py --part quality|pruning|causal|bounded|longer|causal-bounded [--seeds 3] [--only a,b]
+Run:  .venv/bin/python experiments/search/bench.py --part quality|pruning|causal|bounded|longer|causal-bounded|pruning-long [--seeds 3] [--only a,b]
       (--only runs those strategies and adds them to the part's recorded seeds.)
       (--smoke runs each part on a tiny random model in seconds, to check the script.)
       (--render-only re-renders results.md from results.json and runs nothing.)
@@ -72,6 +77,7 @@ PARTS = {
                    space=str(HERE / "causal_space.yaml")),
 }
 PARTS["longer"] = dict(PARTS["quality"], trials=20)  # the same search with twice the trials
+PARTS["pruning-long"] = dict(PARTS["quality"], max_steps=240, objective_mode="scalar", forgetting_weight=0.0)
 # Each bounded part and the search it holds to the recipe's memory and forgetting (the same settings).
 BOUNDED = {"bounded": "quality", "causal-bounded": "causal"}
 PARTS.update({bounded: PARTS[held] for bounded, held in BOUNDED.items()})
@@ -87,6 +93,9 @@ STRATEGIES = {
 STRATEGIES["bounded"] = {name: STRATEGIES["quality"][name] for name in ("tpe", "nsga2", "random")}
 STRATEGIES["causal-bounded"] = STRATEGIES["causal"]
 STRATEGIES["longer"] = {name: STRATEGIES["quality"][name] for name in ("tpe-accuracy", "random")}
+# Hyperband's trial count is open: it runs until a trial reaches the target or random search's time runs out.
+STRATEGIES["pruning-long"] = {"no pruning": dict(sampler="random"),
+                              "hyperband": dict(sampler="random", pruner="hyperband", trials=200)}
 # The recipe people start from (peft's documented LoRA defaults, as in the brief), at the same step budget.
 DEFAULT_LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "attention", "use_rslora": False}
 DEFAULT_TRAINING = {"learning_rate": 2e-4, "optimizer": "adamw"}
@@ -162,13 +171,13 @@ def default_recipe(runtime, seed: int) -> dict:
             "trainable": outcome.trainable}
 
 
-def run_strategy(part: str, name: str, seed: int, smoke_model: str | None,
+def run_strategy(part: str, name: str, seed: int, smoke_model: str | None, callback=None,
                  **limits) -> tuple[dict, SearchConfig, Path]:
     folder = Path(tempfile.mkdtemp(prefix=f"search-bench-{part}-"))
-    config = SearchConfig(**base_config(part, seed, folder, smoke_model), **STRATEGIES[part][name], **limits,
+    config = SearchConfig(**{**base_config(part, seed, folder, smoke_model), **STRATEGIES[part][name], **limits},
                           study=f"{part}-{name.replace(' ', '-')}-{seed}")
     began = time.time()
-    summary = run_search(config)
+    summary = run_search(config, progress=callback)
     wall = time.time() - began
     study = summary.study
     started = [t.datetime_start.timestamp() for t in study.trials if t.datetime_start]
@@ -185,6 +194,8 @@ def run_strategy(part: str, name: str, seed: int, smoke_model: str | None,
 def run_part(part: str, seeds: int, smoke_model: str | None, names: list[str], recipe: bool = True) -> list[dict]:
     if part in BOUNDED:
         return [run_bounded(part, seed, smoke_model, names) for seed in range(seeds)]
+    if part == "pruning-long":
+        return [run_pruning_long(seed, smoke_model) for seed in range(seeds)]
     rows = []
     for seed in range(seeds):
         row: dict = {"part": part, "seed": seed, "strategies": {}}
@@ -227,6 +238,26 @@ def run_bounded(part: str, seed: int, smoke_model: str | None, names: list[str])
         print(f"{part} seed {seed} {name}: best val {result['best_val_accuracy']} ({result['wall_seconds']:.0f} s)",
               flush=True)
     return row
+
+
+def run_pruning_long(seed: int, smoke_model: str | None) -> dict:
+    """Random search sets the target; the same draws under hyperband then race to it."""
+    part = "pruning-long"
+    unpruned, config, _ = run_strategy(part, "no pruning", seed, smoke_model)
+    target = unpruned["best_val_accuracy"]
+    allowance = seconds_to_reach(unpruned, target)
+
+    def stop_at_target(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == optuna.trial.TrialState.COMPLETE and scores(trial)[0] >= target - 1e-9:
+            study.stop()
+
+    # optuna's timeout stops starting trials: one running at the deadline finishes, so a ratio above 1 shows.
+    pruned, _, _ = run_strategy(part, "hyperband", seed, smoke_model, callback=stop_at_target,
+                                timeout=allowance, prune_after=max(1, config.max_steps // 8))
+    for name, result in (("no pruning", unpruned), ("hyperband", pruned)):
+        print(f"{part} seed {seed} {name}: best val {result['best_val_accuracy']} ({result['wall_seconds']:.0f} s)",
+              flush=True)
+    return {"part": part, "seed": seed, "target": target, "strategies": {"no pruning": unpruned, "hyperband": pruned}}
 
 
 # ----------------------------------------------------------------------------------------------- analysis
@@ -411,17 +442,47 @@ def render_pruning(rows: list[dict], quality: list[dict]) -> list[str]:
     return lines
 
 
+def render_pruning_long(rows: list[dict]) -> list[str]:
+    spec = PARTS["pruning-long"]
+    lines = [f"## pruning-long: random search, {spec['max_steps']} steps per trial, {spec['trials']} trials without "
+             f"pruning, then the same draws under hyperband (first rung at {spec['max_steps'] // 8} steps)", "",
+             "Target: the run without pruning's final best validation accuracy, first reached at its k-th trial. "
+             "Seconds from the first trial's start. 'same draws': the hyperband run's trials had the same "
+             "configurations as the run without pruning, in the same order.", "",
+             "| seed | target | k | no pruning: s to target | hyperband: s to target | ratio | hyperband trials (complete / pruned at 30 / at 90) | same draws |",
+             "|---|---|---|---|---|---|---|---|"]
+    ratios = []
+    for r in rows:
+        unpruned, pruned = r["strategies"]["no pruning"], r["strategies"]["hyperband"]
+        slow, fast = seconds_to_reach(unpruned, r["target"]), seconds_to_reach(pruned, r["target"])
+        ratio = fast / slow if fast is not None and slow else None
+        ratios.append(ratio)
+        trials = trained_trials(pruned)
+        stopped_at = [t.get("steps_trained") for t in trials if t["state"] == "PRUNED"]
+        first, second = (spec["max_steps"] // 8, 3 * spec["max_steps"] // 8)
+        same = all(a["params"] == b["params"] for a, b in zip(trials, trained_trials(unpruned)))
+        lines.append(f"| {r['seed']} | {r['target']:.4f} | {trials_to_reach(unpruned, r['target'])} | "
+                     f"{fmt(slow, '.0f')} | {fmt(fast, '.0f')} | {fmt(ratio, '.2f')} | "
+                     f"{sum(t['state'] == 'COMPLETE' for t in trials)} / {stopped_at.count(first)} / "
+                     f"{stopped_at.count(second)} | {'yes' if same else 'no'} |")
+    lines += ["", f"Median ratio (hyperband / no pruning), a run that never reached the target counting as "
+              f"above 1: {fmt(median([r if r is not None else float('inf') for r in ratios]), '.2f')}", ""]
+    return lines
+
+
 def render(results: dict) -> str:
     lines = ["# Search strategies against the alternatives", "", f"Machine: {results['machine']}  "]
     for part, command in results["commands"].items():
         lines.append(f"{part}: `{command}`  ")
     lines.append("")
-    for part in ("quality", "longer", "bounded", "pruning", "causal", "causal-bounded"):
+    for part in ("quality", "longer", "bounded", "pruning", "pruning-long", "causal", "causal-bounded"):
         rows = results["parts"].get(part)
         if not rows:
             continue
         if part == "pruning":
             lines += render_pruning(rows, results["parts"].get("quality", []))
+        elif part == "pruning-long":
+            lines += render_pruning_long(rows)
         elif part in BOUNDED:
             lines += render_bounded(part, rows)
         else:
