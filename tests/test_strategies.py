@@ -107,6 +107,20 @@ def test_prune_after_moves_the_first_rung_and_reports_at_every_rung(runtime: Run
         assert len(reported) == 3 or trial.state.name == "PRUNED"
 
 
+@pytest.mark.parametrize(("prune_after", "pruned_at_step_1"), [(1, True), (None, False)])
+def test_the_pruner_decides_from_prune_after_on(prune_after: int | None, pruned_at_step_1: bool) -> None:
+    config = SearchConfig(objective_mode="scalar", pruner="successive-halving", max_steps=12, prune_after=prune_after)
+    study = optuna.create_study(direction="maximize", pruner=studies.make_pruner(config))
+    for value in (0.9, 0.8, 0.7):  # three trials that were better at step 1 (the pruner records them on asking)
+        trial = study.ask()
+        trial.report(value, 1)
+        trial.should_prune()
+        study.tell(trial, value)
+    worse = study.ask()
+    worse.report(0.1, 1)
+    assert worse.should_prune() is pruned_at_step_1
+
+
 def test_hyperband_prunes_a_hopeless_trial_and_says_why(runtime: Runtime, tmp_path: Path) -> None:
     study = search(runtime, tmp_path, objective_mode="scalar", pruner="median", trials=6, max_steps=8)
     pruned = [t for t in study.trials if t.state.name == "PRUNED"]
