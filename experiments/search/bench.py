@@ -20,6 +20,8 @@ Six parts, each over seeds 0..N-1 (the seed sets the data split, the sampler and
            memory budget of its measured peak (`--memory-budget`), and the export is the most accurate trial
            at no more forgetting than the recipe's (`--select max-accuracy-under-forgetting=F`).
   causal-bounded  the same for causal's searches.
+  causal-bounded-larger  causal-bounded with twice the steps (16) and three times the evaluation rows (300
+           validation, 600 test): are its margins over the recipe more than the noise of 100 / 200 rows?
   longer   quality with twice the trials (20), TPE on accuracy alone against random search: does a model-based
            sampler with more trials to learn from reach random search's final best in half of them?
   pruning-long  pruning on trials long enough for it to pay: 240 steps, the first rung at 30 (an eighth), where
@@ -28,7 +30,8 @@ Six parts, each over seeds 0..N-1 (the seed sets the data split, the sampler and
            runs out). The two arms train the same configurations in the same order, so the ratio of their
            seconds to the target is the pruner's alone.
 
-Run:  .venv/bin/python experiments/search/bench.py --part quality|pruning|causal|bounded|longer|causal-bounded|pruning-long [--seeds 3] [--only a,b]
+Run:  .venv/bin/python experiments/search/bench.py --part quality|pruning|causal|bounded|longer|causal-bounded|causal-bounded-larger|pruning-long
+      [--seeds 3] [--only a,b]
       (--only runs those strategies and adds them to the part's recorded seeds.)
       (--smoke runs each part on a tiny random model in seconds, to check the script.)
       (--render-only re-renders results.md from results.json and runs nothing.)
@@ -79,8 +82,9 @@ PARTS = {
 PARTS["longer"] = dict(PARTS["quality"], trials=20)  # the same search with twice the trials
 PARTS["pruning-long"] = dict(PARTS["quality"], max_steps=240, objective_mode="scalar", forgetting_weight=0.0)
 # Each bounded part and the search it holds to the recipe's memory and forgetting (the same settings).
-BOUNDED = {"bounded": "quality", "causal-bounded": "causal"}
+BOUNDED = {"bounded": "quality", "causal-bounded": "causal", "causal-bounded-larger": "causal"}
 PARTS.update({bounded: PARTS[held] for bounded, held in BOUNDED.items()})
+PARTS["causal-bounded-larger"] = dict(PARTS["causal"], max_steps=16, val_size=300, test_size=600)
 STRATEGIES = {
     "quality": {"tpe": dict(sampler="tpe"), "nsga2": dict(sampler="nsga2"), "random": dict(sampler="random"),
                 # TPE on accuracy alone (scalar mode, forgetting weight 0): is a Pareto objective what keeps
@@ -91,7 +95,7 @@ STRATEGIES = {
     "causal": {"tpe": dict(sampler="tpe"), "random": dict(sampler="random")},
 }
 STRATEGIES["bounded"] = {name: STRATEGIES["quality"][name] for name in ("tpe", "nsga2", "random")}
-STRATEGIES["causal-bounded"] = STRATEGIES["causal"]
+STRATEGIES["causal-bounded"] = STRATEGIES["causal-bounded-larger"] = STRATEGIES["causal"]
 STRATEGIES["longer"] = {name: STRATEGIES["quality"][name] for name in ("tpe-accuracy", "random")}
 # Hyperband's trial count is open: it runs until a trial reaches the target or random search's time runs out.
 STRATEGIES["pruning-long"] = {"no pruning": dict(sampler="random"),
@@ -389,7 +393,8 @@ def render_bounded(part: str, rows: list[dict]) -> list[str]:
     spec = PARTS[part]
     names = [n for n in STRATEGIES[part] if all(n in r["strategies"] for r in rows)]
     lines = [f"## {part}: {BOUNDED[part]}'s search held to the default recipe's costs, {spec['trials']} trained trials x "
-             f"{spec['max_steps']} steps per strategy, seeds {', '.join(str(r['seed']) for r in rows)}", "",
+             f"{spec['max_steps']} steps per strategy, {spec['val_size']} validation / {spec['test_size']} test rows, "
+             f"seeds {', '.join(str(r['seed']) for r in rows)}", "",
              "Per seed the default LoRA recipe trains first; each strategy then searches under `--memory-budget` "
              "set to the recipe's measured peak (configurations estimated above it are rejected before training "
              "and not counted as trials), and exports the most accurate trial at no more forgetting than the "
@@ -475,7 +480,8 @@ def render(results: dict) -> str:
     for part, command in results["commands"].items():
         lines.append(f"{part}: `{command}`  ")
     lines.append("")
-    for part in ("quality", "longer", "bounded", "pruning", "pruning-long", "causal", "causal-bounded"):
+    for part in ("quality", "longer", "bounded", "pruning", "pruning-long", "causal", "causal-bounded",
+                 "causal-bounded-larger"):
         rows = results["parts"].get(part)
         if not rows:
             continue
