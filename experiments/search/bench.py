@@ -30,8 +30,8 @@ Six parts, each over seeds 0..N-1 (the seed sets the data split, the sampler and
            runs out). The two arms train the same configurations in the same order, so the ratio of their
            seconds to the target is the pruner's alone.
 
-Run:  .venv/bin/python experiments/search/bench.py --part quality|pruning|causal|bounded|longer|causal-bounded|causal-bounded-larger|pruning-long
-      [--seeds 3] [--only a,b]
+Run:  .venv/bin/python experiments/search/bench.py --part PART [--seeds 3] [--only a,b]
+      (PART: quality, pruning, pruning-long, causal, bounded, longer, causal-bounded, causal-bounded-larger)
       (--only runs those strategies and adds them to the part's recorded seeds.)
       (--smoke runs each part on a tiny random model in seconds, to check the script.)
       (--render-only re-renders results.md from results.json and runs nothing.)
@@ -449,12 +449,14 @@ def render_pruning(rows: list[dict], quality: list[dict]) -> list[str]:
 
 def render_pruning_long(rows: list[dict]) -> list[str]:
     spec = PARTS["pruning-long"]
+    first, second = spec["max_steps"] // 8, 3 * spec["max_steps"] // 8  # hyperband's rungs (--prune-after, x3)
     lines = [f"## pruning-long: random search, {spec['max_steps']} steps per trial, {spec['trials']} trials without "
              f"pruning, then the same draws under hyperband (first rung at {spec['max_steps'] // 8} steps)", "",
              "Target: the run without pruning's final best validation accuracy, first reached at its k-th trial. "
              "Seconds from the first trial's start. 'same draws': the hyperband run's trials had the same "
              "configurations as the run without pruning, in the same order.", "",
-             "| seed | target | k | no pruning: s to target | hyperband: s to target | ratio | hyperband trials (complete / pruned at 30 / at 90) | same draws |",
+             "| seed | target | k | no pruning: s to target | hyperband: s to target | ratio | "
+             f"hyperband trials (complete / pruned at {first} / at {second}) | same draws |",
              "|---|---|---|---|---|---|---|---|"]
     ratios = []
     for r in rows:
@@ -464,7 +466,6 @@ def render_pruning_long(rows: list[dict]) -> list[str]:
         ratios.append(ratio)
         trials = trained_trials(pruned)
         stopped_at = [t.get("steps_trained") for t in trials if t["state"] == "PRUNED"]
-        first, second = (spec["max_steps"] // 8, 3 * spec["max_steps"] // 8)
         same = all(a["params"] == b["params"] for a, b in zip(trials, trained_trials(unpruned)))
         lines.append(f"| {r['seed']} | {r['target']:.4f} | {trials_to_reach(unpruned, r['target'])} | "
                      f"{fmt(slow, '.0f')} | {fmt(fast, '.0f')} | {fmt(ratio, '.2f')} | "
