@@ -63,7 +63,7 @@ from autopeft.errors import StudyError  # noqa: E402
 from autopeft.export import select_trial  # noqa: E402
 from autopeft.search import build_model, prepare_runtime, run_search, run_trial, train_settings  # noqa: E402
 from autopeft.space import TRAINING_PARAMS, TrialParams  # noqa: E402
-from autopeft.study import pareto_front, rejected_by_budget, scores, startup_trials  # noqa: E402
+from autopeft.study import pareto_front, pruner_checkpoints, rejected_by_budget, scores, startup_trials  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -81,7 +81,8 @@ PARTS = {
 }
 PARTS["longer"] = dict(PARTS["quality"], trials=20)  # the same search with twice the trials
 PARTS["pruning-long"] = dict(PARTS["quality"], max_steps=240, objective_mode="scalar", forgetting_weight=0.0)
-# Each bounded part and the search it holds to the recipe's memory and forgetting (the same settings).
+# Each bounded part and the search it holds to the recipe's memory and forgetting (its settings, but for the
+# larger one's steps and evaluation rows).
 BOUNDED = {"bounded": "quality", "causal-bounded": "causal", "causal-bounded-larger": "causal"}
 PARTS.update({bounded: PARTS[held] for bounded, held in BOUNDED.items()})
 PARTS["causal-bounded-larger"] = dict(PARTS["causal"], max_steps=16, val_size=300, test_size=600)
@@ -244,6 +245,12 @@ def run_bounded(part: str, seed: int, smoke_model: str | None, names: list[str])
     return row
 
 
+def pruning_long_rungs(max_steps: int) -> tuple[int, ...]:
+    """Where pruning-long's hyperband decides: its first rung at an eighth of the steps (30 of 240), then x3."""
+    return pruner_checkpoints(SearchConfig(objective_mode="scalar", pruner="hyperband", max_steps=max_steps,
+                                          prune_after=max(1, max_steps // 8)))
+
+
 def run_pruning_long(seed: int, smoke_model: str | None) -> dict:
     """Random search sets the target; the same draws under hyperband then race to it."""
     part = "pruning-long"
@@ -257,7 +264,7 @@ def run_pruning_long(seed: int, smoke_model: str | None) -> dict:
 
     # optuna's timeout stops starting trials: one running at the deadline finishes, so a ratio above 1 shows.
     pruned, _, _ = run_strategy(part, "hyperband", seed, smoke_model, callback=stop_at_target,
-                                timeout=allowance, prune_after=max(1, config.max_steps // 8))
+                                timeout=allowance, prune_after=pruning_long_rungs(config.max_steps)[0])
     for name, result in (("no pruning", unpruned), ("hyperband", pruned)):
         print(f"{part} seed {seed} {name}: best val {result['best_val_accuracy']} ({result['wall_seconds']:.0f} s)",
               flush=True)
@@ -449,14 +456,14 @@ def render_pruning(rows: list[dict], quality: list[dict]) -> list[str]:
 
 def render_pruning_long(rows: list[dict]) -> list[str]:
     spec = PARTS["pruning-long"]
-    first, second = spec["max_steps"] // 8, 3 * spec["max_steps"] // 8  # hyperband's rungs (--prune-after, x3)
+    rungs = pruning_long_rungs(spec["max_steps"])
     lines = [f"## pruning-long: random search, {spec['max_steps']} steps per trial, {spec['trials']} trials without "
-             f"pruning, then the same draws under hyperband (first rung at {spec['max_steps'] // 8} steps)", "",
+             f"pruning, then the same draws under hyperband (first rung at {rungs[0]} steps)", "",
              "Target: the run without pruning's final best validation accuracy, first reached at its k-th trial. "
              "Seconds from the first trial's start. 'same draws': the hyperband run's trials had the same "
              "configurations as the run without pruning, in the same order.", "",
              "| seed | target | k | no pruning: s to target | hyperband: s to target | ratio | "
-             f"hyperband trials (complete / pruned at {first} / at {second}) | same draws |",
+             f"hyperband trials (complete / pruned at {' / at '.join(map(str, rungs))}) | same draws |",
              "|---|---|---|---|---|---|---|---|"]
     ratios = []
     for r in rows:
@@ -466,11 +473,11 @@ def render_pruning_long(rows: list[dict]) -> list[str]:
         ratios.append(ratio)
         trials = trained_trials(pruned)
         stopped_at = [t.get("steps_trained") for t in trials if t["state"] == "PRUNED"]
+        counts = [sum(t["state"] == "COMPLETE" for t in trials)] + [stopped_at.count(step) for step in rungs]
         same = all(a["params"] == b["params"] for a, b in zip(trials, trained_trials(unpruned)))
         lines.append(f"| {r['seed']} | {r['target']:.4f} | {trials_to_reach(unpruned, r['target'])} | "
                      f"{fmt(slow, '.0f')} | {fmt(fast, '.0f')} | {fmt(ratio, '.2f')} | "
-                     f"{sum(t['state'] == 'COMPLETE' for t in trials)} / {stopped_at.count(first)} / "
-                     f"{stopped_at.count(second)} | {'yes' if same else 'no'} |")
+                     f"{' / '.join(map(str, counts))} | {'yes' if same else 'no'} |")
     lines += ["", f"Median ratio (hyperband / no pruning), a run that never reached the target counting as "
               f"above 1: {fmt(median([r if r is not None else float('inf') for r in ratios]), '.2f')}", ""]
     return lines
