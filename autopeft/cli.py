@@ -98,7 +98,7 @@ def search(
     objective_mode: Annotated[str, typer.Option(help="pareto (multi-objective) or scalar (accuracy - forgetting-weight x forgetting; needed for pruning).")] = "pareto",
     forgetting_weight: Annotated[float, typer.Option(help="Weight of forgetting in scalar mode.")] = 1.0,
     sampler: Annotated[str, typer.Option(help="tpe, nsga2, gp, random or grid (grid needs list-valued dimensions); seeded by --seed.")] = "tpe",
-    pruner: Annotated[str, typer.Option(help="Scalar mode only: hyperband, successive-halving, median or none; compares validation accuracy (ties broken by confidence) from --prune-after steps on.")] = "none",
+    pruner: Annotated[str, typer.Option(help="Scalar mode only: hyperband, successive-halving, median or none; compares how well the model separates the classes on validation rows (ROC AUC; a causal LM: accuracy) from --prune-after steps on.")] = "none",
     prune_after: Annotated[int | None, typer.Option(help="Steps a trial trains before the pruner may stop it (default: half of --max-steps). Lower saves more on long trials, but too early every configuration still looks alike.")] = None,
     max_total_steps: Annotated[int | None, typer.Option(help="Stop once trials have trained this many optimizer steps in all (pruned trials count what they trained).")] = None,
     warm_start: Annotated[bool, typer.Option(help="Try the default LoRA recipe (r 8, alpha 16, q/v, lr 2e-4) first, so the search never ends below it.")] = False,

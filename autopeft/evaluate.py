@@ -202,17 +202,31 @@ class Evaluator:
 
     def progress(self, model: nn.Module, split: TokenizedSplit,
                  device: torch.device | None = None) -> tuple[float, float]:
-        """(accuracy, the score a pruner compares) in mid-training. The score is the accuracy with ties
-        broken by the mean probability the head gives the right class: early in a run most configurations
-        still predict the majority class, so accuracy alone ties them (experiments/search/discussion.md).
-        The added term, under one row's worth of accuracy, orders those by how far they have moved towards
-        the right answers and never reverses two different accuracies. Causal LMs: accuracy alone."""
+        """(accuracy, the score a pruner compares) in mid-training. For a classification head the score is
+        `class_separation`, not accuracy: early in a run most configurations still predict the majority
+        class, so their accuracies tie, while the head may already rank the rows well. Measured on 30
+        MiniLM trials of 240 steps: at step 30 separation ranks the trials by their final accuracy with a
+        Spearman correlation of 0.73, accuracy (ties broken by confidence) 0.43
+        (experiments/search/early_signal.md). Causal LMs, and a slice with one class: accuracy."""
         if self.causal is not None:
             accuracy = self(model, split, device)
             return accuracy, accuracy
         probabilities = class_probabilities(model, split, pad_id=self.pad_id, batch_size=self.batch_size,
                                             device=device)
         labels = split.labels.long()
-        right = probabilities.gather(1, labels[:, None]).squeeze(1)
         accuracy = float((probabilities.argmax(-1) == labels).float().mean())
-        return accuracy, accuracy + float(right.mean()) / (len(split) + 1)
+        separation = class_separation(probabilities, labels)
+        return accuracy, accuracy if separation is None else separation
+
+
+def class_separation(probabilities: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """How well a head ranks each class's rows above the other rows, whatever its decision threshold: the
+    one-vs-rest ROC AUC, averaged over the classes present (0.5 is chance, 1 perfect). None with one class."""
+    from sklearn.metrics import roc_auc_score  # imported here, as elsewhere: keeps the CLI's start fast
+
+    present = labels.unique().tolist()
+    if len(present) < 2:
+        return None
+    truth = labels.cpu().numpy()
+    scores = probabilities.float().cpu().numpy()
+    return float(sum(roc_auc_score(truth == c, scores[:, c]) for c in present) / len(present))

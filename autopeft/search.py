@@ -217,9 +217,9 @@ INTERMEDIATE_ROWS = 256  # a mid-training check on a slice of validation: cheap,
 def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any = None,
               on_checkpoint: Any = None, checkpoints: tuple[int, ...] | None = None) -> TrialOutcome:
     """Build, check the budget (via `on_built`), train, evaluate and probe one configuration.
-    Accuracy on the first validation rows is measured halfway, or at each of the `checkpoints` steps, its
-    tie-broken score (`Evaluator.progress`) passed to `on_checkpoint(step, score)` (which may raise
-    optuna.TrialPruned)."""
+    Accuracy on the first validation rows is measured halfway, or at each of the `checkpoints` steps, and
+    the score a pruner compares (`Evaluator.progress`) passed to `on_checkpoint(step, score)` (which may
+    raise optuna.TrialPruned)."""
     start = time.perf_counter()
     problem = methods.get(params.method).problem(runtime.base_model)
     if problem:  # e.g. a method that cannot apply to this architecture: skipped, never crashed

@@ -143,9 +143,8 @@ REDUCTION_FACTOR = 3  # successive halving keeps the best third of the trials at
 
 def first_rung(config: SearchConfig) -> int:
     """Steps before a pruner may stop a trial. By default half the steps: at a quarter of a 60-step MiniLM
-    trial nearly every configuration still predicts the majority class and the tie-breaker does not yet rank
-    them by their final accuracy; at half it does (experiments/search/discussion.md). Longer trials can
-    start earlier (`--prune-after`): a pruned trial then costs less of a full one."""
+    trial nearly every configuration still predicts the majority class (experiments/search/discussion.md).
+    Longer trials can start earlier (`--prune-after`): a pruned trial then costs less of a full one."""
     return config.prune_after or max(1, config.max_steps // 2)
 
 
@@ -166,8 +165,8 @@ def pruner_checkpoints(config: SearchConfig) -> tuple[int, ...]:
 
 
 def make_pruner(config: SearchConfig) -> optuna.pruners.BasePruner:
-    """Pruners compare intermediate validation accuracy (ties broken by confidence, `Evaluator.progress`),
-    reported at `pruner_checkpoints` (scalar mode only)."""
+    """Pruners compare a mid-training score on a validation slice (`Evaluator.progress`: a head's class
+    separation, a causal LM's accuracy), reported at `pruner_checkpoints` (scalar mode only)."""
     first = first_rung(config)
     if config.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=config.max_steps,

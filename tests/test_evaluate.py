@@ -1,4 +1,5 @@
-"""The mid-training score pruners compare (Evaluator.progress): accuracy first, confidence only breaks ties."""
+"""The mid-training score pruners compare (Evaluator.progress): how well a head separates the classes,
+which moves before its accuracy does."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from autopeft.data import TokenizedSplit
-from autopeft.evaluate import Evaluator
+from autopeft.evaluate import Evaluator, class_separation
 
 # Four rows, three of class 0 (the majority) and one of class 1; each row's first token says which it is.
 SPLIT = TokenizedSplit(input_ids=[[1, 5], [2, 5], [3, 5], [4, 5]], labels=torch.tensor([0, 0, 0, 1]))
@@ -25,21 +26,31 @@ class FixedHead(nn.Module):
         return SimpleNamespace(logits=self.table[input_ids[:, 0]])
 
 
-def test_confidence_breaks_a_tie_between_majority_class_predictors() -> None:
+def test_separation_ranks_a_head_that_still_predicts_the_majority_class() -> None:
     evaluate = Evaluator(pad_id=0)
-    stuck = FixedHead([[2.0, 0.0]] * 4)  # majority class everywhere, equally sure for every row
-    moving = FixedHead([[2.0, 0.0]] * 3 + [[0.5, 0.0]])  # same predictions, less sure where it is wrong
+    stuck = FixedHead([[2.0, 0.0]] * 4)  # majority class everywhere, the same for every row
+    moving = FixedHead([[2.0, 0.0]] * 3 + [[0.5, 0.0]])  # same predictions, least sure of class 0 on the class-1 row
     (stuck_accuracy, stuck_score), (moving_accuracy, moving_score) = (evaluate.progress(m, SPLIT)
                                                                       for m in (stuck, moving))
     assert stuck_accuracy == moving_accuracy == 0.75 == evaluate(stuck, SPLIT)
-    assert moving_score > stuck_score > stuck_accuracy
+    assert (stuck_score, moving_score) == (0.5, 1.0)  # chance; the class-1 row ranked above all class-0 rows
 
 
-def test_confidence_never_outweighs_one_more_right_answer() -> None:
+def test_separation_ignores_where_the_threshold_sits() -> None:
     evaluate = Evaluator(pad_id=0)
-    sure_majority = FixedHead([[9.0, 0.0]] * 3 + [[0.01, 0.0]])  # 3 of 4 right, very confident
-    barely_all = FixedHead([[0.01, 0.0]] * 3 + [[0.0, 0.01]])  # 4 of 4 right, hardly confident
-    sure_accuracy, sure_score = evaluate.progress(sure_majority, SPLIT)
-    all_accuracy, all_score = evaluate.progress(barely_all, SPLIT)
-    assert (sure_accuracy, all_accuracy) == (0.75, 1.0)
-    assert all_score > sure_score and sure_score < 0.75 + 1 / len(SPLIT)
+    ranked_right_but_biased = FixedHead([[9.0, 0.0], [8.0, 0.0], [7.0, 0.0], [6.0, 0.0]])  # 3 of 4 right
+    all_right_but_one_ranked_wrong = FixedHead([[0.0, -1.0], [0.0, -3.0], [0.0, 0.5], [0.0, 0.2]])
+    biased_accuracy, biased_score = evaluate.progress(ranked_right_but_biased, SPLIT)
+    wrong_accuracy, wrong_score = evaluate.progress(all_right_but_one_ranked_wrong, SPLIT)
+    assert (biased_accuracy, biased_score) == (0.75, 1.0)
+    assert wrong_accuracy == 0.75 and wrong_score < 1.0
+
+
+def test_separation_averages_the_classes_present_and_needs_two() -> None:
+    probabilities = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+    assert class_separation(probabilities, torch.tensor([0, 1, 2, 0])) == 1.0
+    assert class_separation(probabilities, torch.tensor([0, 1, 2, 2])) < 1.0  # row 4: class 2 given least
+    assert class_separation(probabilities, torch.tensor([0, 0, 0, 0])) is None
+    one_class = TokenizedSplit(input_ids=[[1, 5], [2, 5]], labels=torch.tensor([0, 0]))
+    accuracy, score = Evaluator(pad_id=0).progress(FixedHead([[2.0, 0.0]] * 2), one_class)
+    assert accuracy == score == 1.0  # no separation to measure: accuracy
