@@ -22,7 +22,11 @@ Run:  .venv/bin/python experiments/search/early_signal.py     (about 15 minutes;
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import random
+import statistics
 import sys
 import tempfile
 import time
@@ -48,6 +52,9 @@ from autopeft.space import TrialParams  # noqa: E402
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 STEPS = (15, 30, 90)
 SCORES = ("accuracy", "confidence-tied", "separation", "log-likelihood")
+ORACLE = "oracle (final accuracy)"
+MAX_STEPS = bench.PARTS["pruning-long"]["max_steps"]
+SEQUENCES = 200
 
 
 class Enough(Exception):
@@ -84,7 +91,7 @@ def measure_seed(row: dict) -> list[dict]:
         record = {"seed": row["seed"], "number": trial["number"], "final": trial["val_accuracy"], "at": {}}
 
         def keep(step: int, _score: float) -> None:
-            record["at"][step] = dict(recorder.last)
+            record["at"][str(step)] = dict(recorder.last)
             if step == STEPS[-1]:
                 raise Enough
 
@@ -95,43 +102,81 @@ def measure_seed(row: dict) -> list[dict]:
         except Enough:
             pass
         print(f"seed {row['seed']} trial {trial['number']}: final {record['final']:.3f}, at 30 "
-              f"{ {k: round(v, 4) for k, v in record['at'][30].items()} } ({time.perf_counter() - began:.0f} s)",
+              f"{ {k: round(v, 4) for k, v in record['at']['30'].items()} } ({time.perf_counter() - began:.0f} s)",
               flush=True)
         measured.append(record)
     return measured
 
 
 def correlation(records: list[dict], score: str, step: int) -> float:
-    return float(spearmanr([r["at"][step][score] for r in records], [r["final"] for r in records]).correlation)
+    return float(spearmanr([r["at"][str(step)][score] for r in records], [r["final"] for r in records]).correlation)
 
 
-def replay(row: dict, records: list[dict], score: str | None) -> float | None:
-    """Seconds until a completed trial reaches the target, hyperband deciding on `score` (None: the final
-    accuracy, an oracle); None if every draw before the target's was spent and the target's was pruned."""
-    unpruned = bench.trained_trials(row["strategies"]["no pruning"])
-    ends = [t["seconds_from_start"] for t in unpruned]
-    seconds = [end - start for end, start in zip(ends, [0.0, *ends[:-1]])]
-    rungs = bench.pruning_long_rungs(bench.PARTS["pruning-long"]["max_steps"])
-    study = optuna.create_study(study_name=f"pruning-long-hyperband-{row['seed']}", direction="maximize",
-                                pruner=optuna.pruners.HyperbandPruner(min_resource=rungs[0], max_resource=240,
-                                                                      reduction_factor=3))
-    spent = 0.0
+def unpruned_seconds(row: dict) -> list[float]:
+    """Each trial's seconds in the unpruned arm, in start order."""
+    ends = [t["seconds_from_start"] for t in bench.trained_trials(row["strategies"]["no pruning"])]
+    return [end - start for end, start in zip(ends, [0.0, *ends[:-1]])]
+
+
+def race(study_name: str, records: list[dict], seconds: list[float], score: str | None) -> dict:
+    """The trials run in the given order with hyperband deciding on `score` (None: on the final accuracy, an
+    oracle), against the same trials unpruned. `to_best`: seconds until a completed trial reaches the best
+    final accuracy among them, pruned over unpruned (inf if every trial reaching it was pruned). `total`:
+    seconds for all the trials, pruned over unpruned. `regret`: the best final accuracy less the best the
+    pruned search completed."""
+    best = max(r["final"] for r in records)
+    rungs = bench.pruning_long_rungs(MAX_STEPS)
+    pruner = optuna.pruners.HyperbandPruner(min_resource=rungs[0], max_resource=MAX_STEPS, reduction_factor=3)
+    study = optuna.create_study(study_name=study_name, direction="maximize", pruner=pruner)
+    spent, reached, completed = [], None, []
     for record, duration in zip(records, seconds):
         trial, stopped_at = study.ask(), None
         for rung in rungs:
-            trial.report(record["final"] if score is None else record["at"][rung][score], rung)
+            trial.report(record["final"] if score is None else record["at"][str(rung)][score], rung)
             if trial.should_prune():
                 stopped_at = rung
                 break
         if stopped_at is not None:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            spent += duration * stopped_at / 240
+            spent.append(duration * stopped_at / MAX_STEPS)
             continue
         study.tell(trial, record["final"])
-        spent += duration
-        if record["final"] >= row["target"] - 1e-9:
-            return spent
-    return None
+        spent.append(duration)
+        completed.append(record["final"])
+        if reached is None and record["final"] >= best - 1e-9:
+            reached = sum(spent)
+    unpruned_to_best = next(sum(seconds[:i + 1]) for i, r in enumerate(records) if r["final"] >= best - 1e-9)
+    return {"to_best": math.inf if reached is None else reached / unpruned_to_best,
+            "total": sum(spent) / sum(seconds), "regret": best - max(completed)}
+
+
+def summary(races: list[dict]) -> dict:
+    to_best = [r["to_best"] for r in races]
+    return {"median_to_best": statistics.median(to_best),
+            "share_at_most_half": sum(r <= 0.5 for r in to_best) / len(to_best),
+            "share_best_pruned": sum(r == math.inf for r in to_best) / len(to_best),
+            "median_total": statistics.median(r["total"] for r in races),
+            "median_regret": statistics.median(r["regret"] for r in races)}
+
+
+def replays(rows: list[dict], records: list[dict]) -> dict:
+    """Per seed and score: the ratio in the recorded order; over SEQUENCES random orders of the same 10
+    draws; and over SEQUENCES searches of 20 and 40 trials drawn (with replacement) from those 10, whose
+    target is their own best: how the ratio moves with where the target falls and with a search's length."""
+    out = {}
+    rng = random.Random(0)
+    for row in rows:
+        mine, seconds = [r for r in records if r["seed"] == row["seed"]], unpruned_seconds(row)
+        name = f"pruning-long-hyperband-{row['seed']}"  # the bench's study: the same brackets per trial number
+        searches = {"10, recorded order": [list(range(len(mine)))],
+                    "10, any order": [rng.sample(range(len(mine)), len(mine)) for _ in range(SEQUENCES)],
+                    **{f"{n} drawn": [rng.choices(range(len(mine)), k=n) for _ in range(SEQUENCES)] for n in (20, 40)}}
+        out[str(row["seed"])] = {
+            label: {score or ORACLE: summary([race(name, [mine[i] for i in order], [seconds[i] for i in order], score)
+                                              for order in orders])
+                    for score in (*SCORES, None)}
+            for label, orders in searches.items()}
+    return out
 
 
 def render(results: dict) -> str:
@@ -145,39 +190,46 @@ def render(results: dict) -> str:
         cells = [f"{c['all']:.2f} ({', '.join(f'{v:.2f}' for v in c['per_seed'])})"
                  for c in (results["correlations"][score][str(s)] for s in STEPS)]
         lines.append(f"| {score} | " + " | ".join(cells) + " |")
-    lines += ["", "Replay of the pruning-long race on the same draws (hyperband, rungs 30 and 90, the bench's "
-              "brackets; a pruned trial costs its share of the steps; evaluations not counted): seconds until "
-              "a completed trial reaches random search's final best, and the ratio to the unpruned arm's "
-              "seconds. — : the target's own trial was pruned.", "",
-              "| seed | target (trial) | unpruned s | " + " | ".join(results["replay"]["0"]) + " |",
-              "|---|---|---|" + "---|" * len(results["replay"]["0"])]
-    for seed, arms in results["replay"].items():
-        row = results["targets"][seed]
-        cells = [f"{s:.0f} ({s / row['seconds']:.2f})" if s is not None else "—" for s in arms.values()]
-        lines.append(f"| {seed} | {row['target']:.3f} ({row['trial'] + 1}) | {row['seconds']:.0f} | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    lines += ["", "Replay of the pruning-long race on the same draws: Optuna's hyperband pruner (rungs 30 and 90, "
+              "the bench's study names, so the same brackets) deciding on each score, or on the final accuracy "
+              "(an oracle); a pruned trial costs its unpruned seconds times the share of steps it trained "
+              "(evaluations not counted). Cell: over the searches, the median ratio of seconds until a "
+              "completed trial reaches the search's best final accuracy, pruned to unpruned (inf: every trial "
+              "reaching it pruned), the share of searches at or below 0.5 / with the best pruned; then the "
+              "median ratio of seconds for all the search's trials, and the median regret (the best final "
+              "accuracy less the best the pruned search completed). Searches: the recorded order; "
+              f"{SEQUENCES} random orders of the same 10 draws; {SEQUENCES} searches of 20 and of 40 trials drawn "
+              "with replacement from the seed's 10.", ""]
+    for seed, searches in results["replay"].items():
+        lines += [f"Seed {seed}:", "", "| search | " + " | ".join([*SCORES, ORACLE]) + " |",
+                  "|---|" + "---|" * (len(SCORES) + 1)]
+        for label, arms in searches.items():
+            cells = [f"{a['median_to_best']:.2f} ({a['share_at_most_half']:.0%} / {a['share_best_pruned']:.0%}); "
+                     f"{a['median_total']:.2f}, {a['median_regret']:.3f}" for a in arms.values()]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--replay-only", action="store_true",
+                        help="recompute the correlations and the replay from early_signal.json; train nothing")
+    args = parser.parse_args()
     recorded = json.loads((HERE / "results.json").read_text())
     rows = recorded["parts"]["pruning-long"]
-    records = [record for row in rows for record in measure_seed(row)]
+    if args.replay_only:
+        records = json.loads((HERE / "early_signal.json").read_text())["trials"]
+    else:
+        records = [record for row in rows for record in measure_seed(row)]
     correlations = {score: {str(step): {
         "all": correlation(records, score, step),
         "per_seed": [correlation([r for r in records if r["seed"] == row["seed"]], score, step) for row in rows]}
         for step in STEPS} for score in SCORES}
-    targets, replays = {}, {}
-    for row in rows:
-        mine = [r for r in records if r["seed"] == row["seed"]]
-        unpruned = row["strategies"]["no pruning"]
-        winner = next(r for r in mine if r["final"] >= row["target"] - 1e-9)
-        targets[str(row["seed"])] = {"target": row["target"], "trial": winner["number"],
-                                     "seconds": bench.seconds_to_reach(unpruned, row["target"])}
-        replays[str(row["seed"])] = {**{score: replay(row, mine, score) for score in SCORES},
-                                     "oracle (final accuracy)": replay(row, mine, None)}
-    results = {"command": "python experiments/search/early_signal.py", "machine": recorded["machine"],
-               "trials": records, "correlations": correlations, "targets": targets, "replay": replays}
+    command = "python experiments/search/early_signal.py" + (
+        " --replay-only, on the trials' scores measured by a run without it" if args.replay_only else "")
+    results = {"command": command, "machine": recorded["machine"],
+               "trials": records, "correlations": correlations, "replay": replays(rows, records)}
     (HERE / "early_signal.json").write_text(json.dumps(results, indent=2))
     (HERE / "early_signal.md").write_text(render(results))
     print(render(results))
