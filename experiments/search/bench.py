@@ -28,7 +28,8 @@ Six parts, each over seeds 0..N-1 (the seed sets the data split, the sampler and
            the 60-step part's first signal was. Random search (10 trials) sets the target, its final best; the
            same random draws then run under hyperband until one reaches it (or the time random search took
            runs out). The two arms train the same configurations in the same order, so the ratio of their
-           seconds to the target is the pruner's alone.
+           seconds to the target is the pruner's alone. "hyperband whole search" runs the whole search instead:
+           as many draws as random search, each pruned or not (its seconds and best against random search's).
 
 Run:  .venv/bin/python experiments/search/bench.py --part PART [--seeds 3] [--only a,b]
       (PART: quality, pruning, pruning-long, causal, bounded, longer, causal-bounded, causal-bounded-larger)
@@ -45,6 +46,7 @@ import copy
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -100,7 +102,9 @@ STRATEGIES["causal-bounded"] = STRATEGIES["causal-bounded-larger"] = STRATEGIES[
 STRATEGIES["longer"] = {name: STRATEGIES["quality"][name] for name in ("tpe-accuracy", "random")}
 # Hyperband's trial count is open: it runs until a trial reaches the target or random search's time runs out.
 STRATEGIES["pruning-long"] = {"no pruning": dict(sampler="random"),
-                              "hyperband": dict(sampler="random", pruner="hyperband", trials=200)}
+                              "hyperband": dict(sampler="random", pruner="hyperband", trials=200),
+                              # The whole search: the same draws as "no pruning", as many, pruned or not.
+                              "hyperband whole search": dict(sampler="random", pruner="hyperband", trials=200)}
 # The recipe people start from (peft's documented LoRA defaults, as in the brief), at the same step budget.
 DEFAULT_LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "attention", "use_rslora": False}
 DEFAULT_TRAINING = {"learning_rate": 2e-4, "optimizer": "adamw"}
@@ -180,7 +184,7 @@ def run_strategy(part: str, name: str, seed: int, smoke_model: str | None, callb
                  **limits) -> tuple[dict, SearchConfig, Path]:
     folder = Path(tempfile.mkdtemp(prefix=f"search-bench-{part}-"))
     config = SearchConfig(**{**base_config(part, seed, folder, smoke_model), **STRATEGIES[part][name], **limits},
-                          study=f"{part}-{name.replace(' ', '-')}-{seed}")
+                          study=f"{part}-{re.sub(r'[^A-Za-z0-9._-]+', '-', name)}-{seed}")
     began = time.time()
     summary = run_search(config, progress=callback)
     wall = time.time() - began
@@ -196,11 +200,12 @@ def run_strategy(part: str, name: str, seed: int, smoke_model: str | None, callb
     return result, config, folder
 
 
-def run_part(part: str, seeds: int, smoke_model: str | None, names: list[str], recipe: bool = True) -> list[dict]:
+def run_part(part: str, seeds: int, smoke_model: str | None, names: list[str], recipe: bool = True,
+             recorded: dict | None = None) -> list[dict]:
     if part in BOUNDED:
         return [run_bounded(part, seed, smoke_model, names) for seed in range(seeds)]
     if part == "pruning-long":
-        return [run_pruning_long(seed, smoke_model) for seed in range(seeds)]
+        return [run_pruning_long(seed, smoke_model, names, (recorded or {}).get(seed)) for seed in range(seeds)]
     rows = []
     for seed in range(seeds):
         row: dict = {"part": part, "seed": seed, "strategies": {}}
@@ -251,24 +256,39 @@ def pruning_long_rungs(max_steps: int) -> tuple[int, ...]:
                                           prune_after=max(1, max_steps // 8)))
 
 
-def run_pruning_long(seed: int, smoke_model: str | None) -> dict:
-    """Random search sets the target; the same draws under hyperband then race to it."""
+def run_pruning_long(seed: int, smoke_model: str | None, names: list[str], recorded: dict | None) -> dict:
+    """Random search sets the target; the same draws under hyperband then race to it ("hyperband"), or run
+    to as many trials as random search's ("hyperband whole search"). With --only, the recorded run without
+    pruning sets the target (its trials are seeded: a re-run repeats them)."""
     part = "pruning-long"
-    unpruned, config, _ = run_strategy(part, "no pruning", seed, smoke_model)
+    if "no pruning" in names or recorded is None:
+        unpruned, config, _ = run_strategy(part, "no pruning", seed, smoke_model)
+    else:
+        unpruned = recorded["strategies"]["no pruning"]
     target = unpruned["best_val_accuracy"]
     allowance = seconds_to_reach(unpruned, target)
+    prune_after = pruning_long_rungs(base_config(part, seed, Path(tempfile.gettempdir()), smoke_model)["max_steps"])[0]
 
     def stop_at_target(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == optuna.trial.TrialState.COMPLETE and scores(trial)[0] >= target - 1e-9:
             study.stop()
 
+    def stop_after_the_same_draws(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))) \
+                >= len(trained_trials(unpruned)):
+            study.stop()
+
+    results = {"no pruning": unpruned}
     # optuna's timeout stops starting trials: one running at the deadline finishes, so a ratio above 1 shows.
-    pruned, _, _ = run_strategy(part, "hyperband", seed, smoke_model, callback=stop_at_target,
-                                timeout=allowance, prune_after=pruning_long_rungs(config.max_steps)[0])
-    for name, result in (("no pruning", unpruned), ("hyperband", pruned)):
+    arms = {"hyperband": dict(callback=stop_at_target, timeout=allowance),
+            "hyperband whole search": dict(callback=stop_after_the_same_draws)}
+    for name, limits in arms.items():
+        if name in names:
+            results[name], _, _ = run_strategy(part, name, seed, smoke_model, prune_after=prune_after, **limits)
+    for name, result in results.items():
         print(f"{part} seed {seed} {name}: best val {result['best_val_accuracy']} ({result['wall_seconds']:.0f} s)",
               flush=True)
-    return {"part": part, "seed": seed, "target": target, "strategies": {"no pruning": unpruned, "hyperband": pruned}}
+    return {"part": part, "seed": seed, "target": target, "strategies": results}
 
 
 # ----------------------------------------------------------------------------------------------- analysis
@@ -480,7 +500,31 @@ def render_pruning_long(rows: list[dict]) -> list[str]:
                      f"{' / '.join(map(str, counts))} | {'yes' if same else 'no'} |")
     lines += ["", f"Median ratio (hyperband / no pruning), a run that never reached the target counting as "
               f"above 1: {fmt(median([r if r is not None else float('inf') for r in ratios]), '.2f')}", ""]
-    return lines
+    return lines + whole_search_lines(rows)
+
+
+def whole_search_lines(rows: list[dict]) -> list[str]:
+    """The same draws, as many as the run without pruning, under hyperband: the whole search's seconds and
+    best, against the run without pruning (`--only "hyperband whole search"`)."""
+    rows = [r for r in rows if "hyperband whole search" in r["strategies"]]
+    if not rows:
+        return []
+    lines = ["The whole search: the same draws, as many as without pruning, under hyperband. Seconds from the "
+             "first trial's start to the last one's end; regret: the best validation accuracy without pruning "
+             "less the best with it.", "",
+             "| seed | trials (complete / pruned) | no pruning: s | hyperband: s | ratio | best val: no pruning / "
+             "hyperband | regret | same draws |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        unpruned, pruned = r["strategies"]["no pruning"], r["strategies"]["hyperband whole search"]
+        slow, fast = (max(t["seconds_from_start"] for t in trained_trials(x)) for x in (unpruned, pruned))
+        trials = trained_trials(pruned)
+        same = len(trials) == len(trained_trials(unpruned)) and all(
+            a["params"] == b["params"] for a, b in zip(trials, trained_trials(unpruned)))
+        done = sum(t["state"] == "COMPLETE" for t in trials)
+        lines.append(f"| {r['seed']} | {done} / {len(trials) - done} | {slow:.0f} | {fast:.0f} | {fast / slow:.2f} | "
+                     f"{unpruned['best_val_accuracy']:.4f} / {pruned['best_val_accuracy']:.4f} | "
+                     f"{unpruned['best_val_accuracy'] - pruned['best_val_accuracy']:.3f} | {'yes' if same else 'no'} |")
+    return lines + [""]
 
 
 def render(results: dict) -> str:
@@ -527,7 +571,8 @@ def main() -> None:
     recorded_file = HERE / "results.json"  # read even by a smoke run, which writes elsewhere
     results = json.loads(recorded_file.read_text()) if recorded_file.exists() else {"parts": {}, "commands": {}}
     recorded = {row["seed"]: row for row in results["parts"].get(args.part, [])} if args.only else {}
-    rows = run_part(args.part, args.seeds, args.smoke, names, recipe=not all(s in recorded for s in range(args.seeds)))
+    rows = run_part(args.part, args.seeds, args.smoke, names, recipe=not all(s in recorded for s in range(args.seeds)),
+                    recorded=recorded)
     for row in rows:  # --only: added to the recorded row of the same seed (a new seed is recorded whole)
         recorded.setdefault(row["seed"], row)["strategies"].update(row["strategies"])
     results["parts"][args.part] = [recorded[s] for s in sorted(recorded)]
