@@ -47,6 +47,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import sys
 import tempfile
@@ -576,7 +577,7 @@ def main() -> None:
     for row in rows:  # --only: added to the recorded row of the same seed (a new seed is recorded whole)
         recorded.setdefault(row["seed"], row)["strategies"].update(row["strategies"])
     results["parts"][args.part] = [recorded[s] for s in sorted(recorded)]
-    command = "python experiments/search/bench.py " + " ".join(sys.argv[1:])
+    command = "python experiments/search/bench.py " + shlex.join(sys.argv[1:])
     results["commands"][f"{args.part} --only {args.only}" if args.only else args.part] = command
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only"
     (out / "results.json").write_text(json.dumps(results, indent=2))
