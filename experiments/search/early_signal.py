@@ -17,7 +17,8 @@ accuracy; a pruned trial costs its unpruned seconds times the fraction of steps 
 counted). Seconds until a completed trial reaches the seed's target (random search's final best), against
 the unpruned arm's: what each score could give the race at best, since the draws are fixed.
 
-Run:  .venv/bin/python experiments/search/early_signal.py     (about 15 minutes; writes early_signal.json/.md)
+Run:  .venv/bin/python experiments/search/early_signal.py     (about 20 minutes here; writes early_signal.json/.md)
+      (--replay-only recomputes the correlations and the replay from early_signal.json, in seconds)
 """
 
 from __future__ import annotations
