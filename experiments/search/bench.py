@@ -251,10 +251,15 @@ def run_bounded(part: str, seed: int, smoke_model: str | None, names: list[str])
     return row
 
 
+def pruning_long_pruner(max_steps: int) -> SearchConfig:
+    """pruning-long's hyperband settings: its first rung at an eighth of the steps (30 of 240)."""
+    return SearchConfig(objective_mode="scalar", pruner="hyperband", max_steps=max_steps,
+                        prune_after=max(1, max_steps // 8))
+
+
 def pruning_long_rungs(max_steps: int) -> tuple[int, ...]:
-    """Where pruning-long's hyperband decides: its first rung at an eighth of the steps (30 of 240), then x3."""
-    return pruner_checkpoints(SearchConfig(objective_mode="scalar", pruner="hyperband", max_steps=max_steps,
-                                          prune_after=max(1, max_steps // 8)))
+    """Where pruning-long's hyperband decides: its first rung, then x3."""
+    return pruner_checkpoints(pruning_long_pruner(max_steps))
 
 
 def run_pruning_long(seed: int, smoke_model: str | None, names: list[str], recorded: dict | None) -> dict:

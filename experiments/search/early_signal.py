@@ -49,6 +49,7 @@ from autopeft.config import SearchConfig  # noqa: E402
 from autopeft.evaluate import Evaluator, class_probabilities, class_separation  # noqa: E402
 from autopeft.search import INTERMEDIATE_ROWS, prepare_runtime, run_trial  # noqa: E402
 from autopeft.space import TrialParams  # noqa: E402
+from autopeft.study import make_pruner  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 STEPS = (15, 30, 90)
@@ -127,8 +128,8 @@ def race(study_name: str, records: list[dict], seconds: list[float], score: str 
     pruned search completed."""
     best = max(r["final"] for r in records)
     rungs = bench.pruning_long_rungs(MAX_STEPS)
-    pruner = optuna.pruners.HyperbandPruner(min_resource=rungs[0], max_resource=MAX_STEPS, reduction_factor=3)
-    study = optuna.create_study(study_name=study_name, direction="maximize", pruner=pruner)
+    study = optuna.create_study(study_name=study_name, direction="maximize",
+                                pruner=make_pruner(bench.pruning_long_pruner(MAX_STEPS)))
     spent, reached, completed = [], None, []
     for record, duration in zip(records, seconds):
         trial, stopped_at = study.ask(), None
