@@ -166,10 +166,10 @@ def render_part(part: str, result: dict, rows: dict[int, dict]) -> list[str]:
              f"in {RECORDED_AT[part]}. Each configuration below retrained with training seeds "
              f"{seeds_used} on its seed's split. 'as run': the search's own run (trial counts from 1); "
              "'mean' and 'sd' over the five new runs.", "",
-             f"Standard deviation of a configuration's five runs: median **{statistics.median(spreads):.4f}**, "
-             f"from {min(spreads):.4f} to {max(spreads):.4f} (the widest where a run stayed at the majority "
-             "class). The validation rows are the same in every run: this is the training seed's share alone.",
-             ""]
+             "Standard deviation of a configuration's five runs: median "
+             f"**{statistics.median(spreads):.4f}**, from {min(spreads):.4f} to {max(spreads):.4f} (the "
+             "widest where a run stayed at the majority class). The validation rows are the same in every "
+             "run: this is the training seed's share alone.", ""]
     for seed, configs in sorted(seeds.items()):
         lines += [f"Seed {seed}:", "", "| configuration | as run (trial: accuracy) | mean | sd | runs |",
                   "|---|---|---|---|---|"]
