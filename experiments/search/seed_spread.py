@@ -135,7 +135,10 @@ def chance_by_run(part: str, reference: list, sampler: list, configs: dict[str, 
             name = key(trial["params"])
             if name not in configs:
                 return trial["val_accuracy"]
-            return drawn.setdefault((trial["number"], name), rng.choice(configs[name]["runs"]))
+            run = (trial["number"], name)
+            if run not in drawn:
+                drawn[run] = rng.choice(configs[name]["runs"])
+            return drawn[run]
 
         target = max(accuracy(t) for _, t in reference)
         reached += max(accuracy(t) for count, t in sampler if count <= half) >= target - 1e-9
