@@ -268,12 +268,13 @@ def run_pruning_long(seed: int, smoke_model: str | None, names: list[str], recor
     pruning sets the target (its trials are seeded: a re-run repeats them)."""
     part = "pruning-long"
     if "no pruning" in names or recorded is None:
-        unpruned, config, _ = run_strategy(part, "no pruning", seed, smoke_model)
+        unpruned, _, _ = run_strategy(part, "no pruning", seed, smoke_model)
     else:
         unpruned = recorded["strategies"]["no pruning"]
     target = unpruned["best_val_accuracy"]
     allowance = seconds_to_reach(unpruned, target)
-    prune_after = pruning_long_rungs(base_config(part, seed, Path(tempfile.gettempdir()), smoke_model)["max_steps"])[0]
+    max_steps = base_config(part, seed, Path(tempfile.gettempdir()), smoke_model)["max_steps"]  # smoke: its own
+    prune_after = pruning_long_pruner(max_steps).prune_after
 
     def stop_at_target(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == optuna.trial.TrialState.COMPLETE and scores(trial)[0] >= target - 1e-9:

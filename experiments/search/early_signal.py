@@ -194,8 +194,8 @@ def render(results: dict) -> str:
         lines.append(f"| {score} | " + " | ".join(cells) + " |")
     lines += ["", "Replay of the pruning-long race on the same draws: Optuna's hyperband pruner (rungs 30 and 90, "
               "the bench's study names, so the same brackets) deciding on each score, or on the final accuracy "
-              "(an oracle); a pruned trial costs its seconds in pruning-long's run without pruning (results.json) times the share of steps it trained "
-              "(evaluations not counted). Cell: over the searches, the median ratio of seconds until a "
+              "(an oracle); a pruned trial costs its seconds in pruning-long's run without pruning (results.json) "
+              "times the share of steps it trained (evaluations not counted). Cell: over the searches, the median ratio of seconds until a "
               "completed trial reaches the search's best final accuracy, pruned to unpruned (inf: every trial "
               "reaching it pruned), the share of searches at or below 0.5 / with the best pruned; then the "
               "median ratio of seconds for all the search's trials, and the median regret (the best final "

@@ -111,7 +111,7 @@ def race(part: str, row: dict, configs: dict[str, dict]) -> dict:
     reference, sampler = scored(row["strategies"][REFERENCE]), scored(row["strategies"][SAMPLERS[part]])
     picked = max((t for _, t in reference), key=lambda t: t["val_accuracy"])  # the first of equal bests
     target_run, target_mean = picked["val_accuracy"], mean(configs[key(picked["params"])])
-    by_run = next((count for count, t in sampler if t["val_accuracy"] >= target_run - 1e-9), None)
+    by_run = bench.trials_to_reach(row["strategies"][SAMPLERS[part]], target_run)
     # A trial whose configuration was not retrained ran more than MARGIN below the target: counted as short.
     by_mean = next((count for count, t in sampler if key(t["params"]) in configs
                     and mean(configs[key(t["params"])]) >= target_mean - 1e-9), None)
