@@ -331,18 +331,34 @@ def export(
     tolerance: Annotated[float, typer.Option(help="Forgetting tolerance of the balanced rule, on the forgetting probe's scale (linear_probe: fraction of probe accuracy lost).")] = 0.05,
     with_weights: Annotated[bool, typer.Option(help="Also write the trained adapter weights (safetensors); retrained if the trial's were not kept.")] = False,
     force: Annotated[bool, typer.Option(help="Write into --out even if it is not empty.")] = False,
+    confirm_seeds: Annotated[int, typer.Option(help="Train each of the rule's leading candidates this many more times with new seeds and export the one that leads on the means (a search's best run is usually a lucky one). Each costs one trial's training; 0 exports the rule's pick as is.")] = 0,
+    confirm_top: Annotated[int, typer.Option(help="How many of the rule's leading candidates --confirm-seeds retrains.")] = 3,
 ) -> None:
     """Write the chosen trial as files; its held-out test accuracy is computed here, once."""
     from autopeft.export import export_trial
 
     result = _guard(lambda: export_trial(study, storage, out, trial_number=trial, rule=select, tolerance=tolerance,
-                                         with_weights=with_weights, force=force))
+                                         with_weights=with_weights, force=force, confirm_seeds=confirm_seeds,
+                                         confirm_top=confirm_top))
+    if result.confirmations:
+        console.print(confirmation_table(result.confirmations, result.trial.number))
     if result.retrained:
         console.print(f"trial {result.trial.number}'s adapter was not kept here; retrained it with its seed")
     accuracy, forgetting = _scores(result.trial)
     console.print(f"trial {result.trial.number}: val accuracy {accuracy:.4f}, "
                   f"forgetting {forgetting:.4f}, test accuracy {result.test_accuracy:.4f}")
     console.print(f"wrote {', '.join(result.files)} to {out}")
+
+
+def confirmation_table(confirmations: list[Any], chosen: int) -> Table:
+    table = Table(title="confirmation: the leading candidates retrained with new seeds")
+    for column in ("trial", "its run", "mean accuracy", "sd", "mean forgetting", "runs", ""):
+        table.add_column(column)
+    for c in confirmations:
+        note = "exported" if c.trial_number == chosen else ("; ".join(c.failures) if c.failures else "")
+        table.add_row(str(c.trial_number), f"{c.runs[0][1]:.4f}", f"{c.accuracy:.4f}", f"{c.accuracy_sd:.4f}",
+                      f"{c.forgetting:.4f}", str(len(c.runs)), note)
+    return table
 
 
 @app.command()

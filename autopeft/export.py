@@ -13,7 +13,8 @@ import copy
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,10 +22,12 @@ import optuna
 
 from autopeft import adapter_io, methods
 from autopeft.config import SearchConfig, format_bytes
+from autopeft.confirm import Confirmation, confirm
 from autopeft.errors import ConfigError, StudyError
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
 from autopeft.study import pareto_front, scores
+from autopeft.tracking import Tracker
 
 if TYPE_CHECKING:
     from autopeft.search import Runtime
@@ -56,8 +59,32 @@ def describe_rule(rule: str, tolerance: float) -> str:
             "the least-forgetting Pareto trial that beat the majority class"}.get(rule, rule)
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """The trials a rule admits, best first, and the order it ranks them by (higher is better) on (accuracy,
+    forgetting): a trial's own run by default, or the means of its confirmation runs."""
+
+    trials: list[optuna.trial.FrozenTrial]
+    order: Callable[[float, float], tuple[float, float]]
+
+    def rank(self, trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
+        return self.order(*scores(trial))
+
+
+def accuracy_first(accuracy: float, forgetting: float) -> tuple[float, float]:
+    return accuracy, -forgetting
+
+
+def forgetting_first(accuracy: float, forgetting: float) -> tuple[float, float]:
+    return -forgetting, accuracy
+
+
 def select_trial(study: optuna.Study, rule: str = "balanced",
                  tolerance: float = DEFAULT_TOLERANCE) -> optuna.trial.FrozenTrial:
+    return candidates(study, rule, tolerance).trials[0]
+
+
+def candidates(study: optuna.Study, rule: str = "balanced", tolerance: float = DEFAULT_TOLERANCE) -> Candidates:
     done = completed_trials(study)
     if not done:
         raise StudyError(f"--study: {study.study_name!r} has no completed trial to export")
@@ -66,24 +93,24 @@ def select_trial(study: optuna.Study, rule: str = "balanced",
         under = [t for t in done if scores(t)[1] <= limit]
         if not under:
             raise StudyError(f"--select: no completed trial has forgetting <= {limit}")
-        return max(under, key=_most_accurate)
+        return _ranked(under, accuracy_first)
     pareto = pareto_front(done)
     if rule == "best-accuracy":
-        return max(pareto, key=_most_accurate)
+        return _ranked(pareto, accuracy_first)
     majority = study.user_attrs.get("split", {}).get("validation_majority", 0.0)
     learned = [t for t in pareto if scores(t)[0] > majority + 1e-9] or pareto
-    least = min(learned, key=lambda t: (scores(t)[1], -scores(t)[0]))
     if rule == "least-forgetting":
-        return least
+        return _ranked(learned, forgetting_first)
     if rule != "balanced":
         raise ConfigError([f"--select: {rule!r} is not one of {', '.join(RULES)}"])
+    least = _ranked(learned, forgetting_first).trials[0]
     within = [t for t in learned if scores(t)[1] <= scores(least)[1] + tolerance]
-    return max(within, key=_most_accurate)
+    return _ranked(within, accuracy_first)
 
 
-def _most_accurate(trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
-    accuracy, forgetting = scores(trial)
-    return accuracy, -forgetting
+def _ranked(trials: list[optuna.trial.FrozenTrial], order: Callable[[float, float], tuple[float, float]]) -> Candidates:
+    # A stable sort: among equal trials the earlier one leads, as max() and min() chose before.
+    return Candidates(sorted(trials, key=lambda t: order(*scores(t)), reverse=True), order)
 
 
 def _threshold(rule: str) -> float:
@@ -108,6 +135,7 @@ class ExportResult:
     test_accuracy: float
     files: list[str]
     retrained: bool
+    confirmations: list[Confirmation] = field(default_factory=list)
 
 
 def prepare_out(out: Path, force: bool) -> None:
@@ -144,14 +172,25 @@ def held_out_accuracy(study: optuna.Study, trial: optuna.trial.FrozenTrial, runt
 
 def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int | None = None,
                  rule: str = "balanced", tolerance: float = DEFAULT_TOLERANCE, with_weights: bool = False,
-                 force: bool = False) -> ExportResult:
+                 force: bool = False, confirm_seeds: int = 0, confirm_top: int = 3) -> ExportResult:
+    """Export the trial `rule` picks (or `trial_number`). With `confirm_seeds`, the rule's `confirm_top` leading
+    candidates each train that many more times first, and the one that leads on its runs' means is exported."""
+    if confirm_seeds < 0 or confirm_top < 1:
+        raise ConfigError([f"--confirm-seeds must be 0 or more (got {confirm_seeds}) and --confirm-top 1 or more "
+                           f"(got {confirm_top})"])
     study = load_existing_study(study_name, storage)
-    trial = find_trial(study, trial_number) if trial_number is not None else select_trial(study, rule, tolerance)
+    ranked = Candidates([find_trial(study, trial_number)], accuracy_first) if trial_number is not None else \
+        candidates(study, rule, tolerance)
     prepare_out(out, force)
     config = SearchConfig.from_dict(study.user_attrs["config"], storage=storage)
     from autopeft.search import prepare_runtime
 
     runtime = prepare_runtime(config)  # base model and data once, for a retrain and the test score alike
+    trial, confirmations = ranked.trials[0], []
+    if confirm_seeds:
+        tracker = Tracker(config.tracking_uri)
+        confirmations = [confirm(study, t, runtime, confirm_seeds, tracker) for t in ranked.trials[:confirm_top]]
+        trial = find_trial(study, _leader(confirmations, ranked.order).trial_number)
     with tempfile.TemporaryDirectory() as scratch:
         adapter, retrained = adapter_of(trial, runtime, Path(scratch))
         score = held_out_accuracy(study, trial, runtime, adapter)
@@ -165,14 +204,25 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     params = TrialParams.from_flat(trial.user_attrs["params"])
     write_recipe(out / "training.yaml", config, params, trial.user_attrs["seed"])
     chosen_by = f"--trial {trial_number}" if trial_number is not None else describe_rule(rule, tolerance)
+    if len(confirmations) > 1:
+        chosen_by += (f"; then, of its {len(confirmations)} leading candidates, the best on the mean of "
+                      f"{confirm_seeds + 1} runs each (its own and {confirm_seeds} with new seeds)")
     metrics = {"study": study_name, "trial": trial.number, "chosen_by": chosen_by,
                "val_accuracy": scores(trial)[0], "forgetting": scores(trial)[1], "test_accuracy": score,
                "trainable_params": trial.user_attrs.get("trainable_params"),
                "memory_estimate_bytes": trial.user_attrs.get("memory_estimate_bytes"),
-               "peft_backed": methods.get(params.method).peft_backed, "retrained_for_export": retrained}
+               "peft_backed": methods.get(params.method).peft_backed, "retrained_for_export": retrained,
+               "confirmation": [c.as_dict() for c in confirmations]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "README.md").write_text(model_card(config, trial, params, metrics))
-    return ExportResult(trial, out, score, files, retrained)
+    return ExportResult(trial, out, score, files, retrained, confirmations)
+
+
+def _leader(confirmations: list[Confirmation], order: Callable[[float, float], tuple[float, float]]) -> Confirmation:
+    """The candidate that leads on its runs' means; one that failed on any seed only if all did (a
+    configuration that breaks on some seeds is not one to hand over)."""
+    sound = [c for c in confirmations if not c.failures] or confirmations
+    return max(sound, key=lambda c: order(c.accuracy, c.forgetting))  # ties: the rule's earlier candidate
 
 
 def model_card(config: SearchConfig, trial: optuna.trial.FrozenTrial, params: TrialParams, metrics: dict) -> str:
@@ -190,7 +240,7 @@ Found by autopeft (study `{metrics['study']}`, trial {trial.number}).
 | training | {params.training['optimizer']}, lr {params.training['learning_rate']:.3g}, {params.training['precision']}, micro-batch {params.training['micro_batch_size']} x {params.training['grad_accum_steps']} accumulation, {config.max_steps} steps, seed {trial.user_attrs['seed']} |
 | validation accuracy | {metrics['val_accuracy']:.4f} |
 | forgetting (the study's forgetting probe) | {metrics['forgetting']:.4f} |
-| held-out test accuracy (computed once, at export) | {metrics['test_accuracy']:.4f} |
+{_confirmed_rows(trial.number, metrics['confirmation'])}| held-out test accuracy (computed once, at export) | {metrics['test_accuracy']:.4f} |
 | trainable parameters | {metrics['trainable_params']:,} |
 | estimated peak training memory | {format_bytes(memory) if memory else 'n/a'} |
 
@@ -199,6 +249,16 @@ Reproduce: `autopeft train --config training.yaml`
 {load_line(metrics['peft_backed'], config.task_type)}
 (the adapter weights are here when exported with `--with-weights`).
 """
+
+
+def _confirmed_rows(number: int, confirmation: list[dict]) -> str:
+    """The trial's confirmation runs, when it had them: what retraining it with another seed gives."""
+    mine = next((c for c in confirmation if c["trial"] == number), None)
+    if mine is None:
+        return ""
+    runs = len(mine["runs"])
+    return (f"| validation accuracy over {runs} seeds (mean, sd) | {mine['val_accuracy_mean']:.4f}, "
+            f"{mine['val_accuracy_sd']:.4f} |\n| forgetting over {runs} seeds (mean) | {mine['forgetting_mean']:.4f} |\n")
 
 
 def load_line(peft_backed: bool, task_type: str = "classification") -> str:

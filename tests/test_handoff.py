@@ -80,6 +80,33 @@ def test_train_reproduces_the_trial_and_out_is_safe(finished_study: Path) -> Non
     assert (finished_study / "again" / "adapter_config.json").is_file()
 
 
+def test_confirmation_retrains_the_leading_candidates_and_exports_the_best_mean(finished_study: Path) -> None:
+    done = autopeft("export", "--study", "h", "--out", "out4", "--select", "max-accuracy-under-forgetting=1.0",
+                    "--confirm-seeds", "1", "--confirm-top", "2", cwd=finished_study)
+    assert done.returncode == 0, done.stderr
+    assert "confirmation" in done.stdout
+    metrics = json.loads((finished_study / "out4" / "metrics.json").read_text())
+    confirmed = metrics["confirmation"]
+    assert sorted(c["trial"] for c in confirmed) == [0, 1] and all(len(c["runs"]) == 2 for c in confirmed)
+    assert all(c["runs"][0][0] != c["runs"][1][0] for c in confirmed)  # a new seed, not the trial's own again
+    best = max(confirmed, key=lambda c: (c["val_accuracy_mean"], -c["forgetting_mean"]))
+    assert metrics["trial"] == best["trial"] and "mean of 2 runs" in metrics["chosen_by"]
+    assert "validation accuracy over 2 seeds" in (finished_study / "out4" / "README.md").read_text()
+    from mlflow.tracking import MlflowClient
+
+    study = optuna.load_study(study_name="h", storage=f"sqlite:///{finished_study / 'autopeft.db'}")
+    run_id = next(t for t in study.trials if t.number == best["trial"]).user_attrs["mlflow_run_id"]
+    logged = MlflowClient(f"sqlite:///{finished_study / 'mlflow.db'}").get_run(run_id).data.metrics
+    assert logged["confirmed_val_accuracy_mean"] == pytest.approx(best["val_accuracy_mean"])
+
+
+def test_bad_confirmation_options_are_refused_before_any_work(finished_study: Path) -> None:
+    done = autopeft("export", "--study", "h", "--out", "out5", "--confirm-top", "0", "--confirm-seeds", "1",
+                    cwd=finished_study)
+    assert done.returncode == 2 and "--confirm-top 1 or more (got 0)" in done.stderr
+    assert not (finished_study / "out5").exists()
+
+
 def test_a_trial_whose_adapter_was_not_kept_is_retrained_for_export(finished_study: Path) -> None:
     shutil.rmtree(finished_study / "autopeft-artifacts")
     done = autopeft("export", "--study", "h", "--out", "out3", "--with-weights",
