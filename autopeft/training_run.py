@@ -23,8 +23,10 @@ class TrainingRun:
 
 
 def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
-                      tracking_uri: str = "sqlite:///mlflow.db", force: bool = False) -> TrainingRun:
-    config, params, seed = read_recipe(recipe, max_steps=max_steps, tracking_uri=tracking_uri)
+                      tracking_uri: str = "sqlite:///mlflow.db", force: bool = False,
+                      seed: int | None = None) -> TrainingRun:
+    config, params, trial_seed = read_recipe(recipe, max_steps=max_steps, tracking_uri=tracking_uri)
+    seed = trial_seed if seed is None else seed  # another training seed; the split and head stay the study's
     prepare_out(out, force)
     runtime = prepare_runtime(config)
     tracker = Tracker(tracking_uri)

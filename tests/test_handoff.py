@@ -78,6 +78,14 @@ def test_train_reproduces_the_trial_and_out_is_safe(finished_study: Path) -> Non
     reproduced = float(trained.stdout.split("val accuracy ")[1].split(",")[0])
     assert abs(reproduced - metrics["val_accuracy"]) <= 0.01
     assert (finished_study / "again" / "adapter_config.json").is_file()
+    other = autopeft("train", "--config", "out2/training.yaml", "--out", "other-seed", "--seed", "7", cwd=finished_study)
+    assert other.returncode == 0, other.stderr
+    from safetensors.torch import load_file
+
+    same, moved = (load_file(next((finished_study / folder).glob("adapter_model.*")))
+                   for folder in ("again", "other-seed"))
+    assert same.keys() == moved.keys()
+    assert any(not torch.equal(same[name], moved[name]) for name in same)  # another seed: other initial weights
 
 
 def test_confirmation_retrains_the_leading_candidates_and_exports_the_best_mean(finished_study: Path) -> None:

@@ -15,7 +15,7 @@ A second table needs no training: seed_spread.json's five extra runs of random s
 configurations (parts `longer` and `bounded`), taken as what each configuration gives, replay the choice
 with every pair of the five as the confirming runs.
 
-Run:  .venv/bin/python experiments/search/confirmation.py              (about 35 minutes here)
+Run:  .venv/bin/python experiments/search/confirmation.py              (about 55 minutes here)
       --render-only rewrites confirmation.md from confirmation.json; --smoke MODEL_DIR checks the script
 """
 
