@@ -67,9 +67,6 @@ class Candidates:
     trials: list[optuna.trial.FrozenTrial]
     order: Callable[[float, float], tuple[float, float]]
 
-    def rank(self, trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
-        return self.order(*scores(trial))
-
 
 def accuracy_first(accuracy: float, forgetting: float) -> tuple[float, float]:
     return accuracy, -forgetting
