@@ -9,6 +9,7 @@ few trials' training and give an export whose accuracy holds up when the user tr
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from autopeft.search import Runtime
 
 SEED_STRIDE = 1_000_003  # extra seeds lie far from any trial's own (the study's seed + the trial number)
+KEY_PREFIX = "confirmation.trial-"  # study attribute holding a trial's runs: seed -> [accuracy, forgetting] or [reason]
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,8 @@ def confirm(study: optuna.Study, trial: optuna.trial.FrozenTrial, runtime: Runti
     ends, so a repeated or interrupted export trains only what is missing."""
     from autopeft.search import run_trial
 
-    key = f"confirmation.trial-{trial.number}"
-    kept: dict[str, list] = dict(study.user_attrs.get(key, {}))  # seed (a JSON key) -> [accuracy, forgetting] or [reason]
+    key = f"{KEY_PREFIX}{trial.number}"
+    kept: dict[str, list] = dict(study.user_attrs.get(key, {}))
     params = TrialParams.from_flat(trial.user_attrs["params"])
     seeds = extra_seeds(trial.user_attrs["seed"], count)
     for seed in seeds:
@@ -75,11 +77,25 @@ def confirm(study: optuna.Study, trial: optuna.trial.FrozenTrial, runtime: Runti
         except (TrialFailed, torch.OutOfMemoryError) as exc:  # e.g. a NaN loss on this seed: the config is fragile
             kept[str(seed)] = [getattr(exc, "reason", None) or str(exc).splitlines()[0]]
         study.set_user_attr(key, kept)
-    runs = [(trial.user_attrs["seed"], *scores(trial))] + [(s, *kept[str(s)]) for s in seeds if len(kept[str(s)]) == 2]
-    failures = tuple(f"seed {s}: {kept[str(s)][0]}" for s in seeds if len(kept[str(s)]) == 1)
-    confirmation = Confirmation(trial.number, tuple((int(s), float(a), float(f)) for s, a, f in runs), failures)
+    confirmation = _from_kept(trial, kept, seeds)
     if tracker is not None and "mlflow_run_id" in trial.user_attrs:
         tracker.log_metrics(trial.user_attrs["mlflow_run_id"], {
             "confirmed_val_accuracy_mean": confirmation.accuracy, "confirmed_val_accuracy_sd": confirmation.accuracy_sd,
             "confirmed_forgetting_mean": confirmation.forgetting, "confirmed_runs": len(confirmation.runs)})
     return confirmation
+
+
+def _from_kept(trial: optuna.trial.FrozenTrial, kept: dict[str, list], seeds: Sequence[int]) -> Confirmation:
+    runs = [(trial.user_attrs.get("seed", -1), *scores(trial))]
+    runs += [(seed, *kept[str(seed)]) for seed in seeds if len(kept[str(seed)]) == 2]
+    failures = tuple(f"seed {seed}: {kept[str(seed)][0]}" for seed in seeds if len(kept[str(seed)]) == 1)
+    return Confirmation(trial.number, tuple((int(s), float(a), float(f)) for s, a, f in runs), failures)
+
+
+def kept_confirmations(study: optuna.Study) -> list[Confirmation]:
+    """The confirmation runs earlier exports kept in the study (none trained here), best mean first."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+    found = [_from_kept(trials[int(key[len(KEY_PREFIX):])], kept, [int(seed) for seed in kept])
+             for key, kept in study.user_attrs.items()
+             if key.startswith(KEY_PREFIX) and int(key[len(KEY_PREFIX):]) in trials]
+    return sorted(found, key=lambda c: -c.accuracy)

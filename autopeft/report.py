@@ -438,6 +438,25 @@ def _table_html(study: optuna.Study, trials: Sequence[FrozenTrial], chosen: Froz
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
+def _confirmations_html(study: optuna.Study) -> list[str]:
+    """The runs `autopeft export --confirm-seeds` kept: how far each leading trial's own run is from its mean."""
+    from autopeft.confirm import kept_confirmations  # lazy, as export: it imports torch
+
+    confirmations = kept_confirmations(study)
+    if not confirmations:
+        return []
+    head = "".join(f"<th>{c}</th>" for c in ("#", "its run", "mean val acc", "sd", "mean forgetting", "runs", "failed"))
+    rows = "".join(
+        f'<tr id="confirmed-{c.trial_number}"><td class="num">{c.trial_number}</td><td class="num">{c.runs[0][1]:.4f}'
+        f'</td><td class="num">{c.accuracy:.4f}</td><td class="num">{c.accuracy_sd:.4f}</td><td class="num">'
+        f'{c.forgetting:.4f}</td><td class="num">{len(c.runs)}</td><td class="reason">'
+        f"{html.escape('; '.join(c.failures))}</td></tr>" for c in confirmations)
+    return ["<h2>Confirmation runs</h2>",
+            '<p class="note">Leading trials retrained with new seeds by <code>autopeft export --confirm-seeds</code>: '
+            "its run is the search's own, the mean and sd are over all runs.</p>",
+            f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"]
+
+
 def _page(study: optuna.Study, chosen: FrozenTrial | None, rule: str, tolerance: float,
           plots: Sequence[Path]) -> str:
     trials = study.get_trials(deepcopy=False)
@@ -450,7 +469,7 @@ def _page(study: optuna.Study, chosen: FrozenTrial | None, rule: str, tolerance:
         "<h2>Plots</h2>", *(_img(p) for p in plots),
         "<h2>All trials</h2>",
         '<p class="note">Bold number: on the Pareto front. Highlighted row: the chosen trial.</p>',
-        _table_html(study, trials, chosen), "</body></html>",
+        _table_html(study, trials, chosen), *_confirmations_html(study), "</body></html>",
     ])
 
 

@@ -141,3 +141,24 @@ def test_when_fanova_fails_the_importance_plot_says_so(tmp_path: Path,
     assert not [w for w in caught if issubclass(w.category, ReportWarning)]  # an expected fallback, not a bug
     assert calls and len(paths) == 5
     assert (tmp_path / "importance.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_confirmation_runs_kept_by_export_are_reported(tmp_path: Path) -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for number, accuracy in enumerate((0.80, 0.78)):
+        trial = study.ask()
+        trial.set_user_attr("params", {"method": "lora", "learning_rate": 1e-3})
+        trial.set_user_attr("seed", number)
+        study.tell(trial, (accuracy, 0.02))
+    study.set_user_attr("confirmation.trial-0", {"1000003": [0.70, 0.03], "2000006": ["loss became NaN <at> step 3"]})
+    study.set_user_attr("confirmation.trial-1", {"1000004": [0.79, 0.01]})
+    write_report(study, tmp_path)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    section = page.split("<h2>Confirmation runs</h2>")[1]
+    assert section.index('id="confirmed-1"') < section.index('id="confirmed-0"')  # best mean first
+    assert "<td class=\"num\">0.7850</td>" in section and "<td class=\"num\">0.7500</td>" in section
+    assert "seed 2000006: loss became NaN &lt;at&gt; step 3" in section
+
+
+def test_a_study_without_confirmation_runs_has_no_such_section(report: tuple[optuna.Study, list[Path], str]) -> None:
+    assert "Confirmation runs" not in report[2]
