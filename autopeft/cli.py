@@ -223,23 +223,29 @@ def _run_local_workers(count: int, trials: int, config: SearchConfig) -> Any:
 
 
 def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None) -> None:
-    from autopeft.export import DEFAULT_TOLERANCE, select_trial
+    from autopeft.export import DEFAULT_TOLERANCE, candidates, lead_of
 
     console.print(trials_table(study))
     if stopped_reason:
         console.print(f"[yellow]{stopped_reason}[/yellow]")
     try:
-        chosen = select_trial(study)
-        accuracy, forgetting = _scores(chosen)
-        console.print(f"chosen (balanced rule): trial {chosen.number}, val accuracy {accuracy:.4f}, "
+        ranked = candidates(study)
+        accuracy, forgetting = _scores(ranked.trials[0])
+        console.print(f"chosen (balanced rule): trial {ranked.trials[0].number}, val accuracy {accuracy:.4f}, "
                       f"forgetting {forgetting:.4f} -- the most accurate Pareto trial whose forgetting is within "
                       f"{DEFAULT_TOLERANCE} of the least-forgetting one that beat the majority class")
+        _print_lead(lead_of(study, ranked))
     except AutopeftError as exc:
         console.print(f"no trial to choose: {exc}")
     console.print(f"Optuna study: {config.study} at {_where(config.storage)}")
     console.print(f"MLflow store: {_where(config.tracking_uri)} (experiment 'autopeft', run '{config.study}')")
     console.print(f"dashboard:    autopeft ui --tracking-uri {redact_url(config.tracking_uri)}")
     console.print(f"export:       autopeft export --study {config.study} --storage {redact_url(config.storage)} --out export/")
+
+
+def _print_lead(lead: Any) -> None:
+    if lead is not None:
+        console.print(f"how far it leads: {lead.describe()}")
 
 
 def _scores(trial: Any) -> tuple[float, float]:
@@ -347,6 +353,7 @@ def export(
     accuracy, forgetting = _scores(result.trial)
     console.print(f"trial {result.trial.number}: val accuracy {accuracy:.4f}, "
                   f"forgetting {forgetting:.4f}, test accuracy {result.test_accuracy:.4f}")
+    _print_lead(result.lead)
     console.print(f"wrote {', '.join(result.files)} to {out}")
 
 

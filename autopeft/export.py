@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING
 
 import optuna
 
-from autopeft import adapter_io, methods
+from autopeft import adapter_io, methods, noise
 from autopeft.config import SearchConfig, format_bytes
 from autopeft.confirm import Confirmation, confirm
 from autopeft.errors import ConfigError, StudyError
+from autopeft.noise import Lead
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
 from autopeft.study import pareto_front, scores
@@ -105,6 +106,11 @@ def candidates(study: optuna.Study, rule: str = "balanced", tolerance: float = D
     return _ranked(within, accuracy_first)
 
 
+def lead_of(study: optuna.Study, ranked: Candidates) -> Lead | None:
+    """How the pick leads the rule's other candidates on accuracy; None for a rule that ranks on forgetting."""
+    return noise.lead(study, ranked.trials) if ranked.order is accuracy_first else None
+
+
 def _ranked(trials: list[optuna.trial.FrozenTrial], order: Callable[[float, float], tuple[float, float]]) -> Candidates:
     # A stable sort: among equal trials the earlier one leads, as max() and min() chose before.
     return Candidates(sorted(trials, key=lambda t: order(*scores(t)), reverse=True), order)
@@ -133,6 +139,7 @@ class ExportResult:
     files: list[str]
     retrained: bool
     confirmations: list[Confirmation] = field(default_factory=list)
+    lead: Lead | None = None  # how the rule's pick leads its other candidates (not for --trial or confirmation)
 
 
 def prepare_out(out: Path, force: bool) -> None:
@@ -188,6 +195,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
         tracker = Tracker(config.tracking_uri)
         confirmations = [confirm(study, t, runtime, confirm_seeds, tracker) for t in ranked.trials[:confirm_top]]
         trial = find_trial(study, _leader(confirmations, ranked.order).trial_number)
+    pick_lead = lead_of(study, ranked) if trial_number is None and not confirmations else None
     with tempfile.TemporaryDirectory() as scratch:
         adapter, retrained = adapter_of(trial, runtime, Path(scratch))
         score = held_out_accuracy(study, trial, runtime, adapter)
@@ -206,13 +214,19 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
                       f"{confirm_seeds + 1} runs each (its own and {confirm_seeds} with new seeds)")
     metrics = {"study": study_name, "trial": trial.number, "chosen_by": chosen_by,
                "val_accuracy": scores(trial)[0], "forgetting": scores(trial)[1], "test_accuracy": score,
+               **_sampling_error(study, scores(trial)[0]),
                "trainable_params": trial.user_attrs.get("trainable_params"),
                "memory_estimate_bytes": trial.user_attrs.get("memory_estimate_bytes"),
                "peft_backed": methods.get(params.method).peft_backed, "retrained_for_export": retrained,
                "confirmation": [c.as_dict() for c in confirmations]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "README.md").write_text(model_card(config, trial, params, metrics))
-    return ExportResult(trial, out, score, files, retrained, confirmations)
+    return ExportResult(trial, out, score, files, retrained, confirmations, pick_lead)
+
+
+def _sampling_error(study: optuna.Study, accuracy: float) -> dict:
+    rows = noise.validation_rows(study)
+    return {"val_rows": rows, "val_accuracy_standard_error": noise.standard_error(accuracy, rows)} if rows else {}
 
 
 def _leader(confirmations: list[Confirmation], order: Callable[[float, float], tuple[float, float]]) -> Confirmation:
@@ -235,7 +249,7 @@ Found by autopeft (study `{metrics['study']}`, trial {trial.number}).
 |---|---|
 | method | {params.method} ({own}) |
 | training | {params.training['optimizer']}, lr {params.training['learning_rate']:.3g}, {params.training['precision']}, micro-batch {params.training['micro_batch_size']} x {params.training['grad_accum_steps']} accumulation, {config.max_steps} steps, seed {trial.user_attrs['seed']} |
-| validation accuracy | {metrics['val_accuracy']:.4f} |
+| validation accuracy | {metrics['val_accuracy']:.4f}{_error_note(metrics)} |
 | forgetting (the study's forgetting probe) | {metrics['forgetting']:.4f} |
 {_confirmed_rows(trial.number, metrics['confirmation'])}| held-out test accuracy (computed once, at export) | {metrics['test_accuracy']:.4f} |
 | trainable parameters | {metrics['trainable_params']:,} |
@@ -246,6 +260,12 @@ Reproduce: `autopeft train --config training.yaml`
 {load_line(metrics['peft_backed'], config.task_type)}
 (the adapter weights are here when exported with `--with-weights`).
 """
+
+
+def _error_note(metrics: dict) -> str:
+    if "val_rows" not in metrics:
+        return ""
+    return f" (standard error {metrics['val_accuracy_standard_error']:.4f} on {metrics['val_rows']} rows)"
 
 
 def _confirmed_rows(number: int, confirmation: list[dict]) -> str:

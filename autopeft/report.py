@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from autopeft.noise import Lead
+
 DEFAULT_RULE = "balanced"  # = autopeft.export's defaults, not imported from there: export loads peft
 DEFAULT_TOLERANCE = 0.05
 MIB = 2**20
@@ -81,14 +83,16 @@ def _memory_budget(study: optuna.Study, trials: Sequence[FrozenTrial]) -> int | 
     return None
 
 
-def _chosen(study: optuna.Study, rule: str, tolerance: float) -> FrozenTrial | None:
+def _chosen(study: optuna.Study, rule: str, tolerance: float) -> tuple[FrozenTrial | None, Lead | None]:
+    """The rule's pick and how far it leads the rule's other candidates (None, None when there is none)."""
     from autopeft.errors import StudyError
-    from autopeft.export import select_trial  # lazy: export imports peft, which the plots do not need
+    from autopeft.export import candidates, lead_of  # lazy: export imports peft, which the plots do not need
 
     try:
-        return select_trial(study, rule, tolerance)  # type: ignore[arg-type]
+        ranked = candidates(study, rule, tolerance)  # type: ignore[arg-type]
     except (StudyError, ValueError):  # no completed trial, or none feasible (an empty Pareto front)
-        return None
+        return None, None
+    return (ranked.trials[0], lead_of(study, ranked)) if ranked.trials else (None, None)
 
 
 def _key_params(trials: Sequence[FrozenTrial]) -> list[str]:
@@ -381,7 +385,8 @@ def _img(path: Path) -> str:
             f"<figcaption>{caption}</figcaption></figure>")
 
 
-def _chosen_html(chosen: FrozenTrial | None, rule: str, tolerance: float, any_completed: bool) -> str:
+def _chosen_html(chosen: FrozenTrial | None, lead: Lead | None, rule: str, tolerance: float,
+                 any_completed: bool) -> str:
     if chosen is None:
         why = "no feasible completed trial" if any_completed else "No completed trial in this study"
         return f'<p id="chosen">{html.escape(why)}: nothing to choose yet.</p>'
@@ -389,7 +394,8 @@ def _chosen_html(chosen: FrozenTrial | None, rule: str, tolerance: float, any_co
     rule_text = f"{rule} (tolerance {tolerance:g})" if rule == "balanced" else rule
     return (f'<p id="chosen">Chosen trial: <b>#{chosen.number}</b> ({html.escape(_method(chosen))}) by rule '
             f"<code>{html.escape(rule_text)}</code>: validation accuracy {scores(chosen)[0]:.4f}, "
-            f"forgetting {scores(chosen)[1]:.4f}.</p><p class=\"note\">{html.escape(params)}</p>")
+            f"forgetting {scores(chosen)[1]:.4f}.</p><p class=\"note\">{html.escape(params)}</p>"
+            + (f'<p id="lead">How far it leads: {html.escape(lead.describe())}.</p>' if lead else ""))
 
 
 def _counts_html(trials: Sequence[FrozenTrial]) -> str:
@@ -457,7 +463,7 @@ def _confirmations_html(study: optuna.Study) -> list[str]:
             f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"]
 
 
-def _page(study: optuna.Study, chosen: FrozenTrial | None, rule: str, tolerance: float,
+def _page(study: optuna.Study, chosen: FrozenTrial | None, lead: Lead | None, rule: str, tolerance: float,
           plots: Sequence[Path]) -> str:
     trials = study.get_trials(deepcopy=False)
     name = html.escape(study.study_name)
@@ -465,7 +471,7 @@ def _page(study: optuna.Study, chosen: FrozenTrial | None, rule: str, tolerance:
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>autopeft report: {name}</title>',
         f"<style>{_CSS}</style></head><body>",
         f"<h1>autopeft study <code>{name}</code></h1>", _counts_html(trials),
-        "<h2>Chosen trial</h2>", _chosen_html(chosen, rule, tolerance, bool(_completed(trials))),
+        "<h2>Chosen trial</h2>", _chosen_html(chosen, lead, rule, tolerance, bool(_completed(trials))),
         "<h2>Plots</h2>", *(_img(p) for p in plots),
         "<h2>All trials</h2>",
         '<p class="note">Bold number: on the Pareto front. Highlighted row: the chosen trial.</p>',
@@ -478,7 +484,7 @@ def write_report(study: optuna.Study, out: Path, *, rule: str = DEFAULT_RULE,
     """Write the four plots and report.html into `out`; return their paths (plots first, page last)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    chosen = _chosen(study, rule, tolerance)
+    chosen, lead = _chosen(study, rule, tolerance)
     draws: dict[str, Callable[[Path], Path]] = {
         "pareto.png": lambda p: plot_pareto(study, p, chosen, rule),
         "history.png": lambda p: plot_history(study, p),
@@ -487,5 +493,5 @@ def write_report(study: optuna.Study, out: Path, *, rule: str = DEFAULT_RULE,
     }
     plots = [_safely(draw, out / name) for name, draw in draws.items()]
     page = out / "report.html"
-    page.write_text(_page(study, chosen, rule, tolerance, plots), encoding="utf-8")
+    page.write_text(_page(study, chosen, lead, rule, tolerance, plots), encoding="utf-8")
     return [*plots, page]

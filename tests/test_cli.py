@@ -26,6 +26,7 @@ def test_search_export_and_mlflow_records(tmp_path: Path, tiny_search_args: list
     done = autopeft("search", "--trials", "2", "--study", "e2e", *tiny_search_args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     for expected in ("val acc", "forgetting", "trainable", "chosen (balanced rule): trial",
+                     "how far it leads: val accuracy",
                      str(tmp_path / "autopeft.db"), str(tmp_path / "mlflow.db"), "autopeft ui --tracking-uri"):
         assert expected in done.stdout
 

@@ -51,6 +51,10 @@ def test_exported_adapter_loads_in_plain_peft_with_the_same_logits(finished_stud
     assert {"adapter_config.json", "training.yaml", "metrics.json", "README.md"} <= {p.name for p in out.iterdir()}
     card = (out / "README.md").read_text()
     assert "Why this trial" in card and "autopeft train --config training.yaml" in card
+    measured = json.loads((out / "metrics.json").read_text())
+    assert measured["val_rows"] == 60 and 0 <= measured["val_accuracy_standard_error"] <= 0.5 / 60 ** 0.5
+    assert f"standard error {measured['val_accuracy_standard_error']:.4f} on 60 rows" in card
+    assert "how far it leads: val accuracy" in done.stdout
     plain = subprocess.run([sys.executable, "-c", PLAIN_PEFT, str(tiny_bert), str(out)], capture_output=True,
                            text=True, timeout=300)
     assert plain.returncode == 0, plain.stderr

@@ -51,7 +51,7 @@ def complete(study: optuna.Study, method: str, acc: float, forgetting: float, lr
 def synthetic_study() -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name="report-test <&>", directions=["maximize", "minimize"])
-    study.set_user_attr("split", {"validation_majority": 0.5})
+    study.set_user_attr("split", {"validation_majority": 0.5, "validation_size": 200})
     for row in COMPLETED[:4]:
         complete(study, *row)
     failed = ask(study, "lora", 1e-3)
@@ -96,6 +96,7 @@ def test_the_page_lists_every_trial_method_reason_and_the_chosen_trial(
     chosen = select_trial(study)
     assert f"Chosen trial: <b>#{chosen.number}</b>" in page
     assert re.search(rf'<tr id="trial-{chosen.number}" class="[^"]*chosen', page)
+    assert re.search(r'<p id="lead">How far it leads: val accuracy [0-9.]+ on 200 rows: standard error', page)
     assert "CUDA &lt;tried&gt; to allocate &amp; failed" in page and FAIL_REASON not in page
     assert PRUNE_REASON in page
     assert "report-test &lt;&amp;&gt;" in page

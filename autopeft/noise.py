@@ -1,0 +1,65 @@
+"""How far a pick's validation accuracy leads the other candidates, against the validation set's sampling error.
+
+A validation accuracy measured on n rows has a standard error of sqrt(p (1 - p) / n): about 0.018 at 0.79 on
+500 rows, nine rows' worth. On MiniLM at 60 steps the leading trials of a search routinely sit that close
+(experiments/search/discussion.md), and retraining a configuration with another seed moves its accuracy by as
+much again (seed_spread.md). So when the rule's runner-up is within two standard errors of its pick, the pick's
+lead may be luck, and the user is told so, with the command that checks it (export --confirm-seeds: it catches a
+lucky run; it cannot rank candidates whose means differ by less than the seed-to-seed spread).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import optuna
+
+from autopeft.study import scores
+
+CLOSE = 2.0  # standard errors: within this of the pick, a candidate's lower accuracy may be chance
+
+
+def standard_error(accuracy: float, rows: int) -> float:
+    """The binomial standard error of an accuracy measured on `rows` examples (sampling error only)."""
+    return math.sqrt(accuracy * (1.0 - accuracy) / rows)
+
+
+def validation_rows(study: optuna.Study) -> int | None:
+    """Rows of the study's validation split, as recorded with the split; None for a study without it."""
+    rows = study.user_attrs.get("split", {}).get("validation_size")
+    return int(rows) if rows else None
+
+
+@dataclass(frozen=True)
+class Lead:
+    """The pick, its accuracy's standard error, and the rule's other candidates within CLOSE of it."""
+
+    pick: optuna.trial.FrozenTrial
+    rows: int
+    standard_error: float
+    close: tuple[optuna.trial.FrozenTrial, ...]  # in the rule's order
+
+    def describe(self) -> str:
+        accuracy = scores(self.pick)[0]
+        measured = (f"val accuracy {accuracy:.4f} on {self.rows} rows: standard error {self.standard_error:.4f} "
+                    "(sampling alone; another training seed moves it too)")
+        if not self.close:
+            return f"{measured}; no other candidate of the rule within {CLOSE:g} standard errors of it"
+        numbers = ", ".join(str(t.number) for t in self.close)
+        return (f"{measured}; within {CLOSE:g} standard errors of it: trial{'s' if len(self.close) > 1 else ''} "
+                f"{numbers}, so its lead may be luck (export --confirm-seeds 2 --confirm-top {len(self.close) + 1} "
+                "retrains them with new seeds and picks on the means)")
+
+
+def lead(study: optuna.Study, ranked: list[optuna.trial.FrozenTrial]) -> Lead | None:
+    """How `ranked[0]` (a rule's pick) leads the rest of `ranked` on validation accuracy."""
+    rows = validation_rows(study)
+    if rows is None or not ranked:
+        return None
+    pick, accuracy = ranked[0], scores(ranked[0])[0]
+    error = standard_error(accuracy, rows)
+    # At least one row's worth, so a pick at 0 or 1 (standard error 0) still counts an exact tie as close.
+    margin = CLOSE * max(error, 1.0 / rows)
+    close = tuple(t for t in ranked[1:] if accuracy - scores(t)[0] <= margin)
+    return Lead(pick, rows, error, close)
