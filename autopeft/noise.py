@@ -39,17 +39,24 @@ class Lead:
     rows: int
     standard_error: float
     close: tuple[optuna.trial.FrozenTrial, ...]  # in the rule's order
+    others: int  # the rule's other candidates, close or not
 
     def describe(self) -> str:
-        accuracy = scores(self.pick)[0]
-        measured = (f"val accuracy {accuracy:.4f} on {self.rows} rows: standard error {self.standard_error:.4f} "
-                    "(sampling alone; another training seed moves it too)")
-        if not self.close:
-            return f"{measured}; no other candidate of the rule within {CLOSE:g} standard errors of it"
-        numbers = ", ".join(str(t.number) for t in self.close)
-        return (f"{measured}; within {CLOSE:g} standard errors of it: trial{'s' if len(self.close) > 1 else ''} "
-                f"{numbers}, so its lead may be luck (export --confirm-seeds 2 --confirm-top {len(self.close) + 1} "
-                "retrains them with new seeds and picks on the means)")
+        measured = f"val accuracy {scores(self.pick)[0]:.4f} on {self.rows} rows, standard error {self.standard_error:.4f}"
+        if self.close:
+            numbers = ", ".join(str(t.number) for t in self.close)
+            where = (f"trial{'s' if len(self.close) > 1 else ''} {numbers} within {CLOSE:g} standard errors of it, "
+                     "a lead these rows cannot establish")
+        elif self.others:
+            where = f"it leads the rule's other candidates by more than {CLOSE:g} standard errors"
+        else:
+            return (f"{measured}; it is the rule's only candidate, and one training run, which a new seed can move "
+                    "further: export --confirm-seeds 2 retrains it to measure its mean")
+        top = f" --confirm-top {len(self.close) + 1}" if self.close else ""
+        # Sampling is only part of it: a configuration's runs also spread with the training seed, and a lead
+        # beyond two standard errors was still luck for random search's picks (experiments/search/lead_check.md).
+        return (f"{measured}; {where}. Each is one training run, which a new seed can move further: "
+                f"export --confirm-seeds 2{top} retrains the leaders and picks on the means")
 
 
 def lead(study: optuna.Study, ranked: list[optuna.trial.FrozenTrial]) -> Lead | None:
@@ -62,4 +69,4 @@ def lead(study: optuna.Study, ranked: list[optuna.trial.FrozenTrial]) -> Lead | 
     # At least one row's worth, so a pick at 0 or 1 (standard error 0) still counts an exact tie as close.
     margin = CLOSE * max(error, 1.0 / rows)
     close = tuple(t for t in ranked[1:] if accuracy - scores(t)[0] <= margin)
-    return Lead(pick, rows, error, close)
+    return Lead(pick, rows, error, close, len(ranked) - 1)

@@ -32,14 +32,14 @@ def test_candidates_within_two_standard_errors_of_the_pick_are_named() -> None:
     found = lead(study, candidates(study, "max-accuracy-under-forgetting=1").trials)
     assert found is not None
     assert found.pick.number == 1 and [t.number for t in found.close] == [2, 3]
-    assert "--confirm-top 3" in found.describe() and "trials 2, 3" in found.describe()
+    assert "trials 2, 3 within 2 standard errors" in found.describe() and "--confirm-top 3" in found.describe()
 
 
 def test_with_ten_times_the_rows_the_same_lead_is_clear() -> None:
     study = study_with([0.75, 0.79, 0.77, 0.76], rows=5000)
     found = lead(study, candidates(study, "max-accuracy-under-forgetting=1").trials)
     assert found is not None and found.close == ()
-    assert "no other candidate" in found.describe()
+    assert "leads the rule's other candidates by more than 2" in found.describe()
 
 
 def test_an_exact_tie_at_perfect_accuracy_is_close_though_its_standard_error_is_zero() -> None:
