@@ -19,10 +19,10 @@ import torch
 from autopeft.errors import TrialFailed
 from autopeft.space import TrialParams
 from autopeft.study import scores
-from autopeft.tracking import Tracker
 
 if TYPE_CHECKING:
     from autopeft.search import Runtime
+    from autopeft.tracking import Tracker
 
 SEED_STRIDE = 1_000_003  # extra seeds lie far from any trial's own (the study's seed + the trial number)
 KEY_PREFIX = "confirmation.trial-"  # study attribute holding a trial's runs: seed -> [accuracy, forgetting] or [reason]

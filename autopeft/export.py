@@ -28,7 +28,6 @@ from autopeft.noise import Lead
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
 from autopeft.study import pareto_front, scores
-from autopeft.tracking import Tracker
 
 if TYPE_CHECKING:
     from autopeft.search import Runtime
@@ -192,6 +191,8 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     runtime = prepare_runtime(config)  # base model and data once, for a retrain and the test score alike
     trial, confirmations = ranked.trials[0], []
     if confirm_seeds:
+        from autopeft.tracking import Tracker  # mlflow: only when there are runs to log
+
         tracker = Tracker(config.tracking_uri)
         confirmations = [confirm(study, t, runtime, confirm_seeds, tracker) for t in ranked.trials[:confirm_top]]
         trial = find_trial(study, _leader(confirmations, ranked.order).trial_number)

@@ -191,3 +191,16 @@ def test_param_spec_check(spec: ParamSpec, value: object, ok: bool) -> None:
 def test_every_registered_method_has_a_case_on_every_family() -> None:
     assert set(methods.names()) <= {name for name, _, _ in CASES}
     assert MARKERS.keys() >= set(methods.names())
+
+
+def test_the_registry_export_and_report_load_without_peft() -> None:
+    """peft takes seconds to import: commands that build no adapter (export's checks, report, methods, a bad
+    option) must not pay for it, so the method modules import it only where they build one."""
+    import subprocess
+    import sys
+
+    code = ("import sys, autopeft.methods, autopeft.export, autopeft.report, autopeft.cli; "
+            "assert len(autopeft.methods.names()) >= 9; print('peft' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

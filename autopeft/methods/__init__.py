@@ -2,6 +2,9 @@
 
 Adding a method means adding one file here: every module in this package is imported below, so its
 `register(...)` call runs, and the search-space validator and `autopeft methods` see it at once.
+A method module imports peft inside the functions that build the adapter, not at the top: importing peft
+takes about 4 s here, and commands that never build one (export's checks, report, methods, estimate, bad
+input) should answer without it.
 """
 
 from __future__ import annotations

@@ -27,14 +27,16 @@ Design decisions:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peft import AdaLoraConfig, get_peft_model
 from torch import nn
 
 from autopeft.errors import TrialFailed
 from autopeft.methods import Method, MethodContext, ParamSpec, register
 from autopeft.models import TARGET_SETS, family, target_modules
+
+if TYPE_CHECKING:
+    from peft import AdaLoraConfig
 
 
 def schedule(params: dict[str, Any], total_step: int) -> tuple[int, int]:
@@ -53,6 +55,8 @@ def schedule(params: dict[str, Any], total_step: int) -> tuple[int, int]:
 
 
 def adalora_config(model: nn.Module, params: dict[str, Any], context: MethodContext) -> AdaLoraConfig:
+    from peft import AdaLoraConfig
+
     tinit, tfinal = schedule(params, context.max_steps)
     return AdaLoraConfig(
         task_type=context.task_type,
@@ -71,6 +75,8 @@ def adalora_config(model: nn.Module, params: dict[str, Any], context: MethodCont
 
 
 def apply(model: nn.Module, params: dict[str, Any], context: MethodContext) -> nn.Module:
+    from peft import get_peft_model
+
     return get_peft_model(model, adalora_config(model, params, context))
 
 

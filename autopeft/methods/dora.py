@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from peft import get_peft_model
 from torch import nn
 
 from autopeft.methods import Method, MethodContext, register
@@ -13,6 +12,8 @@ from autopeft.methods.lora import LORA_PARAMS, lora_config
 
 
 def apply(model: nn.Module, params: dict[str, Any], context: MethodContext) -> nn.Module:
+    from peft import get_peft_model
+
     return get_peft_model(model, lora_config(model, params, context.task_type, use_dora=True))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from peft import IA3Config, get_peft_model
 from torch import nn
 
 from autopeft.methods import Method, MethodContext, ParamSpec, register
@@ -12,6 +11,8 @@ from autopeft.models import IA3_TARGET_SETS, ia3_modules
 
 
 def apply(model: nn.Module, params: dict[str, Any], context: MethodContext) -> nn.Module:
+    from peft import IA3Config, get_peft_model
+
     targets, feedforward = ia3_modules(model, params["target_modules"])
     config = IA3Config(task_type=context.task_type, target_modules=targets, feedforward_modules=feedforward)
     return get_peft_model(model, config)

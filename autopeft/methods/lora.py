@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from autopeft.methods import Method, MethodContext, ParamSpec, register
 from autopeft.models import TARGET_SETS, target_modules
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
 
 def lora_config(model: nn.Module, params: dict[str, Any], task_type: str, **extra: Any) -> LoraConfig:
     """peft's LoraConfig from searched parameters; `extra` switches on variants (DoRA: use_dora=True)."""
+    from peft import LoraConfig
+
     return LoraConfig(
         task_type=task_type,
         r=int(params["r"]),
@@ -25,6 +29,8 @@ def lora_config(model: nn.Module, params: dict[str, Any], task_type: str, **extr
 
 
 def apply(model: nn.Module, params: dict[str, Any], context: MethodContext) -> nn.Module:
+    from peft import get_peft_model
+
     return get_peft_model(model, lora_config(model, params, context.task_type))
 
 

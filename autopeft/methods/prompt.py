@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 from torch import nn
 
 from autopeft.methods import Method, MethodContext, ParamSpec, register
@@ -17,6 +16,8 @@ INIT_TEXT = "Classify the sentiment of this review:"
 
 
 def apply(model: nn.Module, params: dict[str, Any], context: MethodContext) -> nn.Module:
+    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
     from_text = params["init"] == "text"
     config = PromptTuningConfig(
         task_type=context.task_type,

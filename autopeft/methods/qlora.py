@@ -43,7 +43,6 @@ import importlib.util
 from typing import Any
 
 import torch
-from peft import get_peft_model
 from torch import nn
 
 from autopeft.methods import Method, MethodContext, ParamSpec, register
@@ -154,6 +153,8 @@ def quantize_blocks(model: nn.Module, *, double_quant: bool, compute_dtype: torc
 
 
 def apply(model: nn.Module, params: dict[str, Any], context: MethodContext) -> nn.Module:
+    from peft import get_peft_model
+
     problem = supports(model)
     if problem:
         raise ValueError(problem)
