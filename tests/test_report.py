@@ -96,7 +96,7 @@ def test_the_page_lists_every_trial_method_reason_and_the_chosen_trial(
     chosen = select_trial(study)
     assert f"Chosen trial: <b>#{chosen.number}</b>" in page
     assert re.search(rf'<tr id="trial-{chosen.number}" class="[^"]*chosen', page)
-    assert re.search(r'<p id="lead">How far it leads: val accuracy [0-9.]+ on 200 rows: standard error', page)
+    assert re.search(r'<p id="lead">How far it leads: val accuracy [0-9.]+ on 200 rows, standard error', page)
     assert "CUDA &lt;tried&gt; to allocate &amp; failed" in page and FAIL_REASON not in page
     assert PRUNE_REASON in page
     assert "report-test &lt;&amp;&gt;" in page
