@@ -220,11 +220,20 @@ def run_part(part: str, seeds: int, smoke_model: str | None, names: list[str], r
             row["strategies"][name] = result
             print(f"{part} seed {seed} {name}: best val {result['best_val_accuracy']} "
                   f"({result['wall_seconds']:.0f} s)", flush=True)
+        if part == "pruning":  # the target its rendering compares against: this seed's quality run as it stands
+            row["target"] = quality_target(seed)
         if runtime is not None and recipe:
             row["default_recipe"] = default_recipe(runtime, seed)
             print(f"{part} seed {seed} default recipe: {row['default_recipe']}", flush=True)
         rows.append(row)
     return rows
+
+
+def quality_target(seed: int) -> float | None:
+    """Random search's final best in the recorded quality part for this seed (pruning's target)."""
+    path = HERE / "results.json"
+    rows = json.loads(path.read_text())["parts"].get("quality", []) if path.exists() else []
+    return next((r["strategies"]["random"]["best_val_accuracy"] for r in rows if r["seed"] == seed), None)
 
 
 def run_bounded(part: str, seed: int, smoke_model: str | None, names: list[str]) -> dict:
@@ -457,7 +466,10 @@ def render_bounded(part: str, rows: list[dict]) -> list[str]:
 
 def render_pruning(rows: list[dict], quality: list[dict]) -> list[str]:
     spec = PARTS["pruning"]
-    target = {r["seed"]: r["strategies"]["random"]["best_val_accuracy"] for r in quality}
+    # The target each row was measured against (a later quality run must not move it); rows from before it
+    # was recorded take quality's current one.
+    current = {r["seed"]: r["strategies"]["random"]["best_val_accuracy"] for r in quality}
+    target = {r["seed"]: r.get("target", current.get(r["seed"])) for r in rows}
     lines = [f"## pruning: TPE in scalar mode (objective: validation accuracy), {spec['max_steps']} steps per trial, "
              f"{spec['timeout']:.0f} s of search per run, with and without hyperband", "",
              "Target: the same seed's random-search final best validation accuracy (part quality). Seconds are "
