@@ -24,7 +24,6 @@ from autopeft import adapter_io, methods, noise
 from autopeft.config import SearchConfig, format_bytes
 from autopeft.confirm import Confirmation, confirm
 from autopeft.errors import ConfigError, StudyError
-from autopeft.noise import Lead
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
 from autopeft.study import pareto_front, scores
@@ -105,7 +104,7 @@ def candidates(study: optuna.Study, rule: str = "balanced", tolerance: float = D
     return _ranked(within, accuracy_first)
 
 
-def lead_of(study: optuna.Study, ranked: Candidates) -> Lead | None:
+def lead_of(study: optuna.Study, ranked: Candidates) -> noise.Lead | None:
     """How the pick leads the rule's other candidates on accuracy; None for a rule that ranks on forgetting."""
     return noise.lead(study, ranked.trials) if ranked.order is accuracy_first else None
 
@@ -138,7 +137,7 @@ class ExportResult:
     files: list[str]
     retrained: bool
     confirmations: list[Confirmation] = field(default_factory=list)
-    lead: Lead | None = None  # how the rule's pick leads its other candidates (not for --trial or confirmation)
+    lead: noise.Lead | None = None  # how the rule's pick leads its other candidates (not for --trial or confirmation)
 
 
 def prepare_out(out: Path, force: bool) -> None:
