@@ -472,7 +472,8 @@ def render_pruning(rows: list[dict], quality: list[dict]) -> list[str]:
     target = {r["seed"]: r.get("target", current.get(r["seed"])) for r in rows}
     lines = [f"## pruning: TPE in scalar mode (objective: validation accuracy), {spec['max_steps']} steps per trial, "
              f"{spec['timeout']:.0f} s of search per run, with and without hyperband", "",
-             "Target: the same seed's random-search final best validation accuracy (part quality). Seconds are "
+             "Target: the same seed's random-search final best validation accuracy in part quality as it stood when "
+             "this part ran (recorded with each row). Seconds are "
              "counted from the first trial's start (model loading excluded, the same for both).", "",
              "| seed | target | hyperband: s to target | no pruning: s to target | ratio | hyperband trials (complete / pruned) | no pruning trials |",
              "|---|---|---|---|---|---|---|"]
