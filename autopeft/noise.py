@@ -43,15 +43,15 @@ class Lead:
 
     def describe(self) -> str:
         measured = f"val accuracy {scores(self.pick)[0]:.4f} on {self.rows} rows, standard error {self.standard_error:.4f}"
+        if not self.others:
+            return (f"{measured}; it is the rule's only candidate, and one training run, which a new seed can move "
+                    "further: export --confirm-seeds 2 retrains it to measure its mean")
         if self.close:
             numbers = ", ".join(str(t.number) for t in self.close)
             where = (f"trial{'s' if len(self.close) > 1 else ''} {numbers} within {CLOSE:g} standard errors of it, "
                      "a lead these rows cannot establish")
-        elif self.others:
-            where = f"it leads the rule's other candidates by more than {CLOSE:g} standard errors"
         else:
-            return (f"{measured}; it is the rule's only candidate, and one training run, which a new seed can move "
-                    "further: export --confirm-seeds 2 retrains it to measure its mean")
+            where = f"it leads the rule's other candidates by more than {CLOSE:g} standard errors"
         top = f" --confirm-top {len(self.close) + 1}" if self.close else ""
         # Sampling is only part of it: a configuration's runs also spread with the training seed, and a lead
         # beyond two standard errors was still luck for random search's picks (experiments/search/lead_check.md).

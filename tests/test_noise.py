@@ -54,3 +54,9 @@ def test_no_lead_without_the_split_size_or_for_a_rule_that_ranks_on_forgetting()
     study = study_with([0.79, 0.78], rows=500)
     assert lead_of(study, candidates(study, "least-forgetting")) is None
     assert lead_of(study, candidates(study, "balanced")) is not None
+
+
+def test_the_rules_only_candidate_is_said_to_be_one() -> None:
+    study = study_with([0.79], rows=500)
+    found = lead(study, candidates(study, "max-accuracy-under-forgetting=1").trials)
+    assert found is not None and found.others == 0 and "only candidate" in found.describe()
