@@ -25,6 +25,12 @@ def standard_error(accuracy: float, rows: int) -> float:
     return math.sqrt(accuracy * (1.0 - accuracy) / rows)
 
 
+def close_margin(accuracy: float, rows: int) -> float:
+    """How far below the pick a candidate may lie and still count as close: CLOSE standard errors, and at least
+    CLOSE rows' worth, so a pick at 0 or 1 (standard error 0) still counts an exact tie as close."""
+    return CLOSE * max(standard_error(accuracy, rows), 1.0 / rows)
+
+
 def validation_rows(study: optuna.Study) -> int | None:
     """Rows of the study's validation split, as recorded with the split; None for a study without it."""
     rows = study.user_attrs.get("split", {}).get("validation_size")
@@ -65,8 +71,6 @@ def lead(study: optuna.Study, ranked: list[optuna.trial.FrozenTrial]) -> Lead | 
     if rows is None or not ranked:
         return None
     pick, accuracy = ranked[0], scores(ranked[0])[0]
-    error = standard_error(accuracy, rows)
-    # At least one row's worth, so a pick at 0 or 1 (standard error 0) still counts an exact tie as close.
-    margin = CLOSE * max(error, 1.0 / rows)
+    margin = close_margin(accuracy, rows)
     close = tuple(t for t in ranked[1:] if accuracy - scores(t)[0] <= margin)
-    return Lead(pick, rows, error, close, len(ranked) - 1)
+    return Lead(pick, rows, standard_error(accuracy, rows), close, len(ranked) - 1)

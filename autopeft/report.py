@@ -92,7 +92,7 @@ def _chosen(study: optuna.Study, rule: str, tolerance: float) -> tuple[FrozenTri
         ranked = candidates(study, rule, tolerance)  # type: ignore[arg-type]
     except (StudyError, ValueError):  # no completed trial, or none feasible (an empty Pareto front)
         return None, None
-    return (ranked.trials[0], lead_of(study, ranked)) if ranked.trials else (None, None)
+    return ranked.trials[0], lead_of(study, ranked)
 
 
 def _key_params(trials: Sequence[FrozenTrial]) -> list[str]:

@@ -464,12 +464,10 @@ def render_bounded(part: str, rows: list[dict]) -> list[str]:
     return lines + goal_checks(rows, names, "recipe-bound") + [""]
 
 
-def render_pruning(rows: list[dict], quality: list[dict]) -> list[str]:
+def render_pruning(rows: list[dict]) -> list[str]:
     spec = PARTS["pruning"]
-    # The target each row was measured against (a later quality run must not move it); rows from before it
-    # was recorded take quality's current one.
-    current = {r["seed"]: r["strategies"]["random"]["best_val_accuracy"] for r in quality}
-    target = {r["seed"]: r.get("target", current.get(r["seed"])) for r in rows}
+    # The target each row was measured against, recorded with it: a later quality run must not move it.
+    target = {r["seed"]: r.get("target") for r in rows}
     lines = [f"## pruning: TPE in scalar mode (objective: validation accuracy), {spec['max_steps']} steps per trial, "
              f"{spec['timeout']:.0f} s of search per run, with and without hyperband", "",
              "Target: the same seed's random-search final best validation accuracy in part quality as it stood when "
@@ -558,7 +556,7 @@ def render(results: dict) -> str:
         if not rows:
             continue
         if part == "pruning":
-            lines += render_pruning(rows, results["parts"].get("quality", []))
+            lines += render_pruning(rows)
         elif part == "pruning-long":
             lines += render_pruning_long(rows)
         elif part in BOUNDED:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
-from autopeft.noise import CLOSE, standard_error  # noqa: E402
+from autopeft.noise import CLOSE, close_margin  # noqa: E402
 
 PARTS = {"longer": ("tpe-accuracy", "random"), "bounded": ("tpe", "nsga2", "random")}
 ROWS = 500  # the bench's validation rows
@@ -42,7 +42,7 @@ def pairs_of(part: str, seed: int, strategy: str, trials: list[dict], means: dic
     pick, *others = ranked(trials)
     if key(pick["params"]) not in means:
         return []
-    margin = CLOSE * standard_error(pick["val_accuracy"], ROWS)
+    margin = close_margin(pick["val_accuracy"], ROWS)
     return [{"part": part, "seed": seed, "strategy": strategy, "pick": pick["number"], "other": other["number"],
              "pick_config": key(pick["params"]), "other_config": key(other["params"]),
              "run_gap": pick["val_accuracy"] - other["val_accuracy"],
