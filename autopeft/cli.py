@@ -39,6 +39,9 @@ def _quiet_libraries() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     # bitsandbytes (imported by peft when installed) warns on every start about an optional CPU kernel.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # Without network, the hub client logs each retry of a dataset name that is not a local path; the one
+    # error line that follows says it all.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # read when huggingface_hub is first imported
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
@@ -228,6 +231,7 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None)
     console.print(trials_table(study))
     if stopped_reason:
         console.print(f"[yellow]{stopped_reason}[/yellow]")
+    _print_split(study.user_attrs.get("split", {}), config)
     try:
         ranked = candidates(study)
         accuracy, forgetting = _scores(ranked.trials[0])
@@ -243,6 +247,20 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None)
     console.print(f"export:       autopeft export --study {config.study} --storage {redact_url(config.storage)} --out export/")
 
 
+def _print_split(split: dict[str, Any], config: SearchConfig) -> None:
+    """The rows each split holds, and a warning where the task had fewer than asked for."""
+    names = ("train", "validation", "test")
+    held = [split.get(f"{name}_size") for name in names]
+    if None in held:
+        return
+    asked = [config.train_size, config.val_size, config.test_size]
+    console.print("data: " + ", ".join(f"{name} {rows} rows" for name, rows in zip(names, held)))
+    short = [f"--{option}-size {want} (got {got})" for option, want, got in zip(("train", "val", "test"), asked, held)
+             if got < want]
+    if short:
+        console.print(f"[yellow]the task has fewer rows than asked: {', '.join(short)}[/yellow]")
+
+
 def _print_lead(lead: Any) -> None:
     if lead is not None:
         console.print(f"how far it leads: {lead.describe()}")
@@ -254,8 +272,13 @@ def _scores(trial: Any) -> tuple[float, float]:
     return scores(trial)
 
 
+def _scored(trial: Any) -> bool:
+    """Whether the trial has final scores: a pruned one keeps only its last mid-training value."""
+    return trial.state.name == "COMPLETE" and bool(trial.values)
+
+
 def _trial_line(trial: Any) -> str:
-    values = "acc {:.4f} forgetting {:.4f}".format(*_scores(trial)) if trial.values else \
+    values = "acc {:.4f} forgetting {:.4f}".format(*_scores(trial)) if _scored(trial) else \
         trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason") or ""
     return f"trial {trial.number} {trial.state.name.lower()}: {describe_params(trial.user_attrs.get('params', {}))} {values}"
 
@@ -320,7 +343,7 @@ def trials_table(study: Any) -> Table:
         fraction = attrs.get("trainable_fraction")
         table.add_row(
             str(trial.number), describe_params(attrs.get("params", {})),
-            *((f"{v:.4f}" for v in _scores(trial)) if trial.values else ("-", "-")),
+            *((f"{v:.4f}" for v in _scores(trial)) if _scored(trial) else ("-", "-")),
             f"{trainable:,} ({100 * fraction:.2f}%)" if trainable else "-",
             f"{attrs['wall_seconds']:.1f}" if "wall_seconds" in attrs else "-",
             trial.state.name.lower() + (f": {_reason(trial)}" if trial.state.name in ("FAIL", "PRUNED") else ""))

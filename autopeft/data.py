@@ -106,7 +106,7 @@ def _arrange(source: Source, ids: dict[str, int], requested: dict[str, int],
     if carved == ["train"]:  # the source has every split: keep its train rows as they are (capped)
         carved = []
     rows = _stratified_parts(_class_ids(source.frames[pool], ids), [requested[s] for s in carved], seed,
-                             f"--task: {source.locations[pool]}", carved) if carved else []
+                             f"--task: {source.locations[pool]}", carved, list(ids)) if carved else []
     frames = {s: source.frames[pool].iloc[r] for s, r in zip(carved, rows, strict=True)}
     origins = {s: f"seeded stratified split of {source.origins[pool]}" for s in carved}
     for split in SPLITS:
@@ -182,7 +182,7 @@ def _class_ids(frame: pd.DataFrame, ids: dict[str, int]) -> list[int]:
 
 
 def _stratified_parts(labels: list[int], sizes: list[int], seed: int, where: str,
-                      names: list[str]) -> list[list[int]]:
+                      names: list[str], classes: list[str]) -> list[list[int]]:
     """Disjoint row lists of about `sizes` rows (proportionally fewer when the table is smaller), each with
     the table's class proportions. The first part is the training split; the last takes what remains."""
     from sklearn.model_selection import train_test_split
@@ -200,10 +200,25 @@ def _stratified_parts(labels: list[int], sizes: list[int], seed: int, where: str
                                            random_state=seed)
             parts.append(part)
     except ValueError as exc:  # e.g. a class with a single row cannot be in both halves of a split
-        counts = pd.Series(labels).value_counts().sort_index().tolist()
         raise DataError(f"{where}: cannot split {len(labels)} rows by class into {' / '.join(names)} of about "
-                        f"{' / '.join(map(str, scaled))} rows (rows per class: {counts}): {exc}") from exc
+                        f"{' / '.join(map(str, scaled))} rows: {_rarest(labels, classes)}; every class needs "
+                        "a row in each split (drop or merge rare classes, or give validation and test "
+                        "files)") from exc
     return parts + [index]
+
+
+def _rarest(labels: list[int], classes: list[str]) -> str:
+    """How many classes the rows hold and the rarest few, by name (a text column given as the label column
+    shows up here as nearly one class per row)."""
+    counts = pd.Series(labels).value_counts()
+    rarest = ", ".join(f"{_short(classes[c])!r} {n} row{'s' if n > 1 else ''}"
+                       for c, n in counts.sort_values(kind="stable").head(3).items())
+    return f"{len(counts)} classes, the rarest {rarest}"
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
 
 
 def _cap(labels: list[int], size: int, seed: int) -> list[int]:

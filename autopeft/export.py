@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import optuna
 
 from autopeft import adapter_io, methods, noise
-from autopeft.config import SearchConfig, format_bytes
+from autopeft.config import DEFAULT_SPACE, SearchConfig, format_bytes
 from autopeft.confirm import Confirmation, confirm
 from autopeft.errors import ConfigError, StudyError
 from autopeft.recipe import write_recipe
@@ -180,11 +180,14 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     if confirm_seeds < 0 or confirm_top < 1:
         raise ConfigError([f"--confirm-seeds must be 0 or more (got {confirm_seeds}) and --confirm-top 1 or more "
                            f"(got {confirm_top})"])
+    if tolerance < 0:
+        raise ConfigError([f"--tolerance: {tolerance} must be 0 or more (forgetting allowed above the least)"])
     study = load_existing_study(study_name, storage)
     ranked = Candidates([find_trial(study, trial_number)], accuracy_first) if trial_number is not None else \
         candidates(study, rule, tolerance)
+    # The study carries its space; the file it was read from (perhaps relative to another folder) is not needed.
+    config = SearchConfig.from_dict(study.user_attrs["config"], storage=storage, space=str(DEFAULT_SPACE))
     prepare_out(out, force)
-    config = SearchConfig.from_dict(study.user_attrs["config"], storage=storage)
     from autopeft.search import prepare_runtime
 
     runtime = prepare_runtime(config)  # base model and data once, for a retrain and the test score alike

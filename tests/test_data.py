@@ -81,7 +81,8 @@ GOOD = "text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i i
     ({"t.txt": GOOD}, "t.txt", Columns(), r"t\.txt must end in one of \.csv, \.jsonl, \.parquet"),
     ({}, "missing.csv", Columns(), r"missing\.csv does not exist"),
     ({"t.csv": "text,label\n" + "".join(f"r{i},a\n" for i in range(9)) + "lonely,b\n"}, "t.csv", Columns(),
-     r"cannot split 10 rows by class into train / validation / test .*rows per class: \[9, 1\]"),
+     r"cannot split 10 rows by class into train / validation / test .*: 2 classes, the rarest 'b' 1 row, 'a' 9 "
+     r"rows; every class needs a row in each split"),
     ({"d/train.csv": "text,label\n"}, "d", Columns(), r"train\.csv has no rows"),
 ])
 def test_bad_data_gets_one_line_naming_file_column_and_rule(tmp_path: Path, files: dict[str, str], task: str,
@@ -188,3 +189,22 @@ def test_an_unreachable_hub_dataset_is_one_line(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(DataError, match=r"^--task: 'nobody/nothing' is not a local file or folder, and loading it as a "
                                         r"hub dataset failed: Couldn't reach the Hugging Face Hub$"):
         load_task("nobody/nothing", seed=0, train_size=10, val_size=2, test_size=2)
+
+
+def test_na_like_words_are_texts_and_labels_and_only_empty_cells_are_missing(tmp_path: Path) -> None:
+    rows = "".join(f"{'None' if i == 3 else f'trip {i}'},{'NA' if i % 2 else 'EU'}\n" for i in range(20))
+    (tmp_path / "regions.CSV").write_text("text,label\n" + rows)
+    task = load_task(str(tmp_path / "regions.CSV"), seed=0, train_size=10, val_size=4, test_size=4)
+    assert task.label_names == ["EU", "NA"]
+    assert "None" in task.train.texts + task.validation.texts + task.test.texts
+    (tmp_path / "gap.csv").write_text("text,label\n" + rows + "a gap,\n")
+    with pytest.raises(DataError, match=r"rows without a label in column 'label' \(rows 20\)"):
+        load_task(str(tmp_path / "gap.csv"), seed=0, train_size=10, val_size=4, test_size=4)
+
+
+def test_a_text_column_given_as_the_label_is_named_by_its_class_count(tmp_path: Path) -> None:
+    (tmp_path / "swapped.csv").write_text("text,label\n" + "".join(f"review number {i},1\n" for i in range(30)))
+    with pytest.raises(DataError, match=r"30 classes, the rarest 'review number 0' 1 row") as caught:
+        load_task(str(tmp_path / "swapped.csv"), seed=0, train_size=10, val_size=4, test_size=4,
+                  columns=Columns(text="label", label="text"))
+    assert len(str(caught.value)) < 400
