@@ -128,6 +128,12 @@ class SearchConfig:
         elif self.pruner != "none" and self.objective_mode != "scalar":
             problems.append(f"--pruner: {self.pruner} needs --objective-mode scalar (Optuna cannot prune "
                             "multi-objective studies)")
+        if self.objective_mode == "scalar" and len(objectives) == 3:
+            problems.append(f"--objectives: a third objective ({objectives[2]}) needs --objective-mode pareto; scalar "
+                            "mode maximizes accuracy - --forgetting-weight x forgetting")
+        if self.warm_start and self.sampler == "grid":
+            problems.append("--warm-start: not with --sampler grid, which decides every trial; put the recipe's "
+                            "values in the grid instead")
         if self.prune_after is not None and self.pruner == "none":
             problems.append("--prune-after: needs a --pruner (without one no trial is stopped early)")
         elif self.prune_after is not None and not 1 <= self.prune_after < self.max_steps:

@@ -282,6 +282,8 @@ class Objective:
         seed = config.seed + trial.number
         trial.set_user_attr("params", params.flat())  # exactly what is built below
         trial.set_user_attr("seed", seed)
+        if config.sampler == "grid":
+            _skip_if_tried(trial, params.flat())
         run_id = self.tracker.start_trial_run(self.parent_run_id, config.study, trial.number,
                                               {**params.flat(), "seed": seed})
         trial.set_user_attr("mlflow_run_id", run_id)
@@ -407,22 +409,35 @@ DEFAULT_RECIPE = {"method": "lora", "lora.r": 8, "lora.alpha": 16.0, "lora.targe
                   "precision": "fp32"}
 
 
+def _skip_if_tried(trial: optuna.Trial, flat: dict[str, Any]) -> None:
+    """The grid is the product of every method's settings, so grid points that differ only in settings of
+    a method the trial does not use are one configuration: train it once. (Pruned, not counted as a trial.)"""
+    for other in trial.study.get_trials(deepcopy=False, states=(studies.COMPLETE, optuna.trial.TrialState.RUNNING)):
+        if other.number != trial.number and other.user_attrs.get("params") == flat:
+            reason = f"same configuration as trial {other.number} (this grid point differs only in another method's settings)"
+            trial.set_user_attr("duplicate_of", other.number)
+            trial.set_user_attr("prune_reason", reason)
+            raise optuna.TrialPruned(reason)
+
+
 def warm_start(study: optuna.Study, space: SearchSpace) -> None:
     """Enqueue the default recipe, keeping only the values the space can express."""
     if "lora" not in space.method_names():
         return
     dims = {d.name: d for d in (space.method, *space.training_dims.values(), *space.method_dims["lora"].values())}
     dims.update(space.training_overrides.get("lora", {}))  # e.g. "learning_rate" -> the dim named lora.learning_rate
-    fixed = {}
+    fixed, outside = {}, []
     for name, value in DEFAULT_RECIPE.items():
         dim = dims.get(name)
         if dim is None or dim.kind == "fixed":
             continue
         if dim.kind == "categorical" and value not in dim.choices or \
                 dim.kind in ("int", "float") and not dim.low <= value <= dim.high:
+            outside.append(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}")
             continue
         fixed[dim.name] = value
-    study.enqueue_trial(fixed, user_attrs={"warm_start": "default LoRA recipe"})
+    label = "default LoRA recipe" + (f", but for {', '.join(outside)} (outside the space: sampled)" if outside else "")
+    study.enqueue_trial(fixed, user_attrs={"warm_start": label})
 
 
 @dataclass(frozen=True)
@@ -561,6 +576,8 @@ def _attempt_caps(goal: int, remaining: int, max_failures: int, stopped: list[st
 def run_search(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
     """Run (or resume) the study until `config.trials` trials have completed or the timeout passes."""
     space = load_space(config.space)  # validated before any model or data loads
+    if config.sampler == "grid":
+        space.grid()  # a range the grid cannot walk is refused here, before the study exists
     runtime = prepare_runtime(config, space)  # bad model or data fails here, before anything is written
     check_budget_feasible(config, runtime)
     on_stale = studies.StaleTrialRetry()
@@ -608,17 +625,24 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
                            f"last reason: {trial.user_attrs.get('fail_reason', 'unknown')}")
             study.stop()
 
-    def stop_at_step_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def step_budget_spent() -> bool:
         spent = sum(t.user_attrs.get("steps_trained", 0) for t in study.get_trials(deepcopy=False))
-        if config.max_total_steps is not None and spent >= config.max_total_steps:
-            stopped.append(f"stopped at the training-step budget: {spent} of {config.max_total_steps} steps spent")
+        if config.max_total_steps is None or spent < config.max_total_steps:
+            return False
+        stopped.append(f"stopped at the training-step budget: {spent} of {config.max_total_steps} steps spent")
+        return True
+
+    def stop_at_step_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if step_budget_spent():
             study.stop()
 
     remaining = config.trials - studies.completed(study)
     stop_at_attempt_caps = _attempt_caps(config.trials, remaining, config.max_consecutive_failures, stopped)
+    began = time.monotonic()
     try:
         with _long_lived_objects_frozen():
-            if remaining > 0:
+            # A resumed study whose step budget is already spent trains nothing more.
+            if remaining > 0 and not step_budget_spent():
                 # Stop at `trials` completed trials; failed, pruned or rejected ones are replaced by new samples,
                 # up to caps so that a space where everything fails cannot loop for ever.
                 target = optuna.study.MaxTrialsCallback(config.trials, states=(studies.COMPLETE,))
@@ -635,4 +659,18 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
         tracker.close_study_run(parent, {"completed_trials": studies.completed(study)}, status="KILLED")
         raise
     tracker.close_study_run(parent, {"completed_trials": studies.completed(study)})
-    return SearchSummary(study, config, parent, stopped[0] if stopped else None)
+    reason = stopped[0] if stopped else _stopped_short(config, studies.completed(study), time.monotonic() - began)
+    return SearchSummary(study, config, parent, reason)
+
+
+def _stopped_short(config: SearchConfig, done: int, seconds: float) -> str | None:
+    """Why a search ended below its target when no callback said so: its timeout, or a grid walked to the
+    end (Optuna stops both silently)."""
+    held = f"{done} of {config.trials} trials completed"
+    if done >= config.trials:
+        return None
+    if config.timeout is not None and seconds >= config.timeout:
+        return f"stopped at --timeout {config.timeout:g} s with {held}"
+    if config.sampler == "grid":
+        return f"stopped with {held}: every configuration of the grid has been tried"
+    return None

@@ -12,7 +12,7 @@ import pytest
 from autopeft import study as studies
 from autopeft.config import SearchConfig
 from autopeft.errors import ConfigError
-from autopeft.search import Runtime, prepare_runtime, run_trials
+from autopeft.search import Runtime, SearchSummary, prepare_runtime, run_search, run_trials
 from autopeft.space import load_space
 from tests.tests_support import tiny_config
 
@@ -36,13 +36,18 @@ def runtime(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Runtim
 
 def search(runtime: Runtime, tmp_path: Path, **overrides: object) -> optuna.Study:
     """A fresh study with these settings on the shared model and data."""
+    return summarized_search(runtime, tmp_path, **overrides).study
+
+
+def summarized_search(runtime: Runtime, tmp_path: Path, **overrides: object) -> SearchSummary:
+    """The study (new, or resumed when tmp_path holds it) and why it stopped."""
     config = dataclasses.replace(runtime.config, storage=f"sqlite:///{tmp_path}/o.db",
                                  tracking_uri=f"sqlite:///{tmp_path}/m.db", artifacts_dir=str(tmp_path / "a"),
                                  **overrides)
     space = load_space(config.space)
     here = dataclasses.replace(runtime, config=config, space=space)
     on_stale = studies.StaleTrialRetry()
-    return run_trials(here, studies.open_study(config, space, runtime.task, on_stale), on_stale).study
+    return run_trials(here, studies.open_study(config, space, runtime.task, on_stale), on_stale)
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
@@ -81,9 +86,24 @@ def test_grid_sampler_walks_the_list_valued_space(runtime: Runtime, tmp_path: Pa
     assert len(seen) == 3  # no grid point twice
 
 
-def test_grid_sampler_refuses_a_continuous_range(runtime: Runtime, tmp_path: Path) -> None:
+def test_grid_sampler_trains_each_configuration_once_and_says_when_the_grid_is_done(
+        runtime: Runtime, tmp_path: Path) -> None:
+    """8 grid points, 6 configurations: (IA)^3 has no r, so its points at r 2 and r 4 are one configuration."""
+    (tmp_path / "grid.yaml").write_text(GRID_SPACE)
+    summary = summarized_search(runtime, tmp_path, sampler="grid", trials=10, space=str(tmp_path / "grid.yaml"))
+    complete = [t for t in summary.study.trials if t.state.name == "COMPLETE"]
+    configurations = [tuple(sorted(t.user_attrs["params"].items())) for t in complete]
+    assert len(configurations) == len(set(configurations)) == 6
+    skipped = [t for t in summary.study.trials if "duplicate_of" in t.user_attrs]
+    assert len(skipped) == 2 and all(t.state.name == "PRUNED" and t.params["method"] == "ia3" for t in skipped)
+    assert summary.stopped_reason == "stopped with 6 of 10 trials completed: every configuration of the grid has been tried"
+
+
+def test_grid_sampler_refuses_a_continuous_range_before_writing_a_study(runtime: Runtime, tmp_path: Path) -> None:
+    config = dataclasses.replace(runtime.config, storage=f"sqlite:///{tmp_path}/o.db", sampler="grid")
     with pytest.raises(ConfigError, match="learning_rate is a continuous range"):
-        search(runtime, tmp_path, sampler="grid", trials=1)
+        run_search(config)
+    assert not (tmp_path / "o.db").exists()
 
 
 @pytest.mark.parametrize("pruner", ["hyperband", "successive-halving", "median", "none"])
@@ -136,12 +156,21 @@ def test_a_third_objective_and_the_step_budget(runtime: Runtime, tmp_path: Path)
     assert len(complete) == 3
     assert all(t.values[2] == t.user_attrs["trainable_params"] for t in complete)
     assert study.directions[2] == optuna.study.StudyDirection.MINIMIZE
+    resumed = summarized_search(runtime, tmp_path, objectives=("accuracy", "forgetting", "trainable_params"),
+                                trials=5, max_total_steps=7)
+    assert len(resumed.study.trials) == len(study.trials)  # a spent budget trains nothing more
+    assert resumed.stopped_reason == "stopped at the training-step budget: 9 of 7 steps spent"
+
+
+def test_a_timeout_that_ends_the_search_says_so(runtime: Runtime, tmp_path: Path) -> None:
+    summary = summarized_search(runtime, tmp_path, trials=50, timeout=0.01)
+    assert summary.stopped_reason.startswith("stopped at --timeout 0.01 s with 1 of 50 trials completed")
 
 
 def test_warm_start_tries_the_default_lora_recipe_first(runtime: Runtime, tmp_path: Path) -> None:
     study = search(runtime, tmp_path, warm_start=True, trials=1)
     first = study.trials[0]
-    assert first.user_attrs["warm_start"] == "default LoRA recipe"
+    assert first.user_attrs["warm_start"] == "default LoRA recipe, but for learning_rate 0.0002 (outside the space: sampled)"
     # What the test space can express of the recipe is used; its lr 2e-4 is outside this space's range.
     assert (first.params["method"], first.params["lora.r"], first.params["lora.alpha"],
             first.params["lora.target_modules"]) == ("lora", 8, 16.0, "qv")
@@ -154,6 +183,9 @@ def test_warm_start_tries_the_default_lora_recipe_first(runtime: Runtime, tmp_pa
     ({"objective_mode": "weighted"}, "--objective-mode"),
     ({"max_total_steps": 0}, "--max-total-steps"),
     ({"prune_after": 10}, "--prune-after: needs a --pruner"),
+    ({"objective_mode": "scalar", "objectives": ("accuracy", "forgetting", "memory")},
+     "a third objective \\(memory\\) needs --objective-mode pareto"),
+    ({"sampler": "grid", "warm_start": True}, "--warm-start: not with --sampler grid"),
     ({"objective_mode": "scalar", "pruner": "hyperband", "max_steps": 60, "prune_after": 60},
      "--prune-after: 60 must be at least 1 and below --max-steps \\(60\\)")])
 def test_bad_strategy_options_are_one_clear_line(overrides: dict, message: str) -> None:
