@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -288,16 +289,21 @@ def _progress(study: Any, trial: Any) -> None:
 
 
 class SearchProgress:
-    """A live progress bar (completed trials of the target, best accuracy so far, ETA) above the trial lines."""
+    """A live progress bar (completed trials of the target, best accuracy so far, ETA) above the trial lines.
+    Counts the study's completed trials, so a resumed search starts where it stands. The ETA is this run's
+    mean time per completed trial times the trials left (rich's own estimate looks back 30 s only, and
+    trials take longer, so it never showed)."""
 
     def __init__(self, target: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.bar = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("best acc {task.fields[best]}"), TextColumn("ETA"), TimeRemainingColumn(),
+                            TextColumn("best acc {task.fields[best]}"), TextColumn("ETA {task.fields[eta]}"),
                             console=console, transient=True)
-        self.task = self.bar.add_task("search", total=max(target, 1), best="-")
-        self.best: float | None = None
+        self.task = self.bar.add_task("search", total=max(target, 1), best="-", eta="-")
+        self.target = target
+        self.started = time.monotonic()
+        self.completed_here = 0
 
     def __enter__(self) -> SearchProgress:
         self.bar.start()
@@ -308,10 +314,17 @@ class SearchProgress:
 
     def __call__(self, study: Any, trial: Any) -> None:
         self.bar.console.print(_trial_line(trial))
-        if trial.state.name == "COMPLETE":
-            accuracy = _scores(trial)[0]
-            self.best = accuracy if self.best is None else max(self.best, accuracy)
-            self.bar.update(self.task, advance=1, best=f"{self.best:.4f}")
+        self.completed_here += trial.state.name == "COMPLETE"
+        done = [t for t in study.get_trials(deepcopy=False) if _scored(t)]
+        best = max((_scores(t)[0] for t in done), default=None)
+        self.bar.update(self.task, completed=min(len(done), self.target),
+                        best="-" if best is None else f"{best:.4f}", eta=self._eta(len(done)))
+
+    def _eta(self, done: int) -> str:
+        if not self.completed_here:
+            return "-"
+        seconds = (time.monotonic() - self.started) / self.completed_here * max(self.target - done, 0)
+        return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
 def describe_params(flat: dict[str, Any]) -> str:

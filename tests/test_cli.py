@@ -114,6 +114,24 @@ def test_a_pruned_trial_in_a_scalar_study_prints_its_reason_not_scores() -> None
     assert "pruned: pruned by hyperband at step 30" in console.export_text()
 
 
+def test_the_progress_bar_counts_a_resumed_studys_trials_and_gives_an_eta() -> None:
+    import optuna
+
+    from autopeft.cli import SearchProgress
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for accuracy in (0.7, 0.6):  # one finished before this run, one in it
+        trial = study.ask()
+        trial.set_user_attr("val_accuracy", accuracy)
+        trial.set_user_attr("forgetting", 0.01)
+        study.tell(trial, [accuracy, 0.01])
+    progress = SearchProgress(4)
+    progress(study, study.trials[1])
+    shown = progress.bar.tasks[0]
+    assert shown.completed == 2 and shown.fields["best"] == "0.7000"
+    assert shown.fields["eta"] != "-"  # two trials left at this run's pace
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     done = autopeft("--debug", "search", "--model", "./missing", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" in done.stderr and "--model: ./missing does not exist" in done.stderr
