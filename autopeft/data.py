@@ -220,7 +220,6 @@ def _short(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-
 def _cap(labels: list[int], size: int, seed: int) -> list[int]:
     """All rows in file order, or a seeded stratified sample of `size` of them (random where a class is too
     rare to stratify)."""
