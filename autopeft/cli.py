@@ -274,8 +274,9 @@ def _scores(trial: Any) -> tuple[float, float]:
 
 
 def _scored(trial: Any) -> bool:
-    """Whether the trial has final scores: a pruned one keeps only its last mid-training value."""
-    return trial.state.name == "COMPLETE" and bool(trial.values)
+    from autopeft.study import has_scores
+
+    return has_scores(trial)
 
 
 def _trial_line(trial: Any) -> str:

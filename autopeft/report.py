@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autopeft.config import format_bytes
-from autopeft.study import pareto_front, scores
+from autopeft.study import has_scores, pareto_front, scores
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -48,7 +48,7 @@ def _method(trial: FrozenTrial) -> str:
 
 
 def _completed(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    return [t for t in trials if t.state == TrialState.COMPLETE and t.values]
+    return [t for t in trials if has_scores(t)]
 
 
 def _feasible(trial: FrozenTrial) -> bool:
@@ -331,7 +331,7 @@ def _mib(trial: FrozenTrial) -> float | None:
 def plot_accuracy_vs_memory(study: optuna.Study, path: Path, chosen: FrozenTrial | None, rule: str) -> Path:
     trials = study.get_trials(deepcopy=False)
     placed = [(t, mib) for t in trials if (mib := _mib(t)) is not None]
-    completed = [(t, mib, scores(t)[0]) for t, mib in placed if t.state == TrialState.COMPLETE and t.values]
+    completed = [(t, mib, scores(t)[0]) for t, mib in placed if has_scores(t)]
     fig, ax = _figure("Validation accuracy vs estimated peak training memory")
     ax.set_xlabel("estimated peak training memory (MiB)")
     ax.set_ylabel("validation accuracy")
@@ -412,7 +412,7 @@ _CLASSES = ("num", "", "", "", "num", "num", "num", "num", "num", "reason")  # r
 def _cells(trial: FrozenTrial, keys: Sequence[str]) -> list[str]:
     """One trials-table row, in the order of _COLUMNS; blank where the trial has no such fact."""
     params = trial.user_attrs.get("params", {})
-    values = scores(trial) if trial.state == TrialState.COMPLETE and trial.values else None
+    values = scores(trial) if has_scores(trial) else None
     trainable, fraction = trial.user_attrs.get("trainable_params"), trial.user_attrs.get("trainable_fraction")
     memory, wall = _memory_bytes(trial), trial.user_attrs.get("wall_seconds")
     share = f" ({fraction:.2%})" if fraction is not None else ""

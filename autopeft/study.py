@@ -202,6 +202,11 @@ def make_pruner(config: SearchConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def has_scores(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether the trial finished with scores: a pruned one keeps only its last mid-training value."""
+    return trial.state == COMPLETE and bool(trial.values)
+
+
 def scores(trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
     """(validation accuracy, forgetting) of a completed trial, whatever the study's objectives."""
     attrs = trial.user_attrs
