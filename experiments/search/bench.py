@@ -25,6 +25,9 @@ Each part runs over seeds 0..N-1 (the seed sets the data split, the sampler and 
   causal-bounded-longer  causal-bounded-larger with twice the trials (8) and twice the steps again (32): does the
            recipe, given steps to learn, leave room below its costs, and does TPE, given guided trials (2 random
            start-up trials of 8), reach random search's best within half of them?
+  causal-bounded-all-methods  causal-bounded-longer on a space with the project's other methods too (DoRA,
+           AdaLoRA, MoRA, bottleneck adapters, prefix and prompt tuning; causal_all_methods.yaml): is there a
+           configuration more accurate than the recipe at no more forgetting and memory off LoRA and (IA)^3?
   longer   quality with twice the trials (20), TPE on accuracy alone against random search: does a model-based
            sampler with more trials to learn from reach random search's final best in half of them?
   pruning-long  pruning on trials long enough for it to pay: 240 steps, the first rung at 30 (an eighth), where
@@ -36,7 +39,7 @@ Each part runs over seeds 0..N-1 (the seed sets the data split, the sampler and 
 
 Run:  .venv/bin/python experiments/search/bench.py --part PART [--seeds 3] [--only a,b]
       (PART: quality, pruning, pruning-long, causal, bounded, longer, causal-bounded, causal-bounded-larger,
-       causal-bounded-longer)
+       causal-bounded-longer, causal-bounded-all-methods)
       (--only runs those strategies and adds them to the part's recorded seeds.)
       (--smoke runs each part on a tiny random model in seconds, to check the script.)
       (--render-only re-renders results.md from results.json and runs nothing.)
@@ -91,10 +94,11 @@ PARTS["pruning-long"] = dict(PARTS["quality"], max_steps=240, objective_mode="sc
 # Each bounded part and the search it holds to the recipe's memory and forgetting (its settings, but for the
 # larger one's steps and evaluation rows).
 BOUNDED = {"bounded": "quality", "causal-bounded": "causal", "causal-bounded-larger": "causal",
-           "causal-bounded-longer": "causal"}
+           "causal-bounded-longer": "causal", "causal-bounded-all-methods": "causal"}
 PARTS.update({bounded: PARTS[held] for bounded, held in BOUNDED.items()})
 PARTS["causal-bounded-larger"] = dict(PARTS["causal"], max_steps=16, val_size=300, test_size=600)
 PARTS["causal-bounded-longer"] = dict(PARTS["causal-bounded-larger"], trials=8, max_steps=32)
+PARTS["causal-bounded-all-methods"] = dict(PARTS["causal-bounded-longer"], space=str(HERE / "causal_all_methods.yaml"))
 STRATEGIES = {
     "quality": {"tpe": dict(sampler="tpe"), "nsga2": dict(sampler="nsga2"), "random": dict(sampler="random"),
                 # TPE on accuracy alone (scalar mode, forgetting weight 0): is a Pareto objective what keeps
@@ -105,8 +109,8 @@ STRATEGIES = {
     "causal": {"tpe": dict(sampler="tpe"), "random": dict(sampler="random")},
 }
 STRATEGIES["bounded"] = {name: STRATEGIES["quality"][name] for name in ("tpe", "nsga2", "random")}
-STRATEGIES["causal-bounded"] = STRATEGIES["causal-bounded-larger"] = STRATEGIES["causal-bounded-longer"] = \
-    STRATEGIES["causal"]
+for _part in ("causal-bounded", "causal-bounded-larger", "causal-bounded-longer", "causal-bounded-all-methods"):
+    STRATEGIES[_part] = STRATEGIES["causal"]
 STRATEGIES["longer"] = {name: STRATEGIES["quality"][name] for name in ("tpe-accuracy", "random")}
 # Hyperband's trial count is open: it runs until a trial reaches the target or random search's time runs out.
 STRATEGIES["pruning-long"] = {"no pruning": dict(sampler="random"),
@@ -558,7 +562,7 @@ def render(results: dict) -> str:
         lines.append(f"{part}: `{command}`  ")
     lines.append("")
     for part in ("quality", "longer", "bounded", "pruning", "pruning-long", "causal", "causal-bounded",
-                 "causal-bounded-larger", "causal-bounded-longer"):
+                 "causal-bounded-larger", "causal-bounded-longer", "causal-bounded-all-methods"):
         rows = results["parts"].get(part)
         if not rows:
             continue
