@@ -159,9 +159,10 @@ def check_known_labels(frame: pd.DataFrame, label_names: list[str], columns: Col
 
 
 def _rows(mask: pd.Series) -> str:
-    """The first few offending rows, counted from 0 at the first data row."""
-    found = [int(i) for i in mask[mask].index[:5]]
-    return ", ".join(map(str, found)) + (", ..." if int(mask.sum()) > 5 else "")
+    """The first few offending rows, counted from 1 at the first data row (the row after a CSV's header, a
+    JSONL file's first line), as the message says."""
+    found = [int(i) + 1 for i in mask[mask].index[:5]]
+    return ", ".join(map(str, found)) + (", ..." if int(mask.sum()) > 5 else "") + ", counting from 1 at the first data row"
 
 
 def _natural(name: str) -> tuple[int, float, str]:

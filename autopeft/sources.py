@@ -18,6 +18,7 @@ How a `--task` value is read:
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,26 @@ def read_table(path: Path, columns: Columns, option: str) -> pd.DataFrame:
         frame = readers[path.suffix.lower()](path)
     except Exception as exc:  # a malformed file: name it instead of showing a parser traceback
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if path.suffix.lower() == ".jsonl":
+            message = _bad_json_line(path) or message
         raise DataError(f"{option}: cannot read {path}: {message}") from exc
     return select_columns(frame, columns, f"{option}: {path}")
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """The first line of a JSONL file that is not one JSON object, by line number (pandas names only a byte
+    offset into the whole file, which no editor shows)."""
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as exc:
+                return f"line {number} is not valid JSON ({exc.msg} at column {exc.colno})"
+            if not isinstance(value, dict):
+                return f"line {number} is not a JSON object ({type(value).__name__}); each line needs one row's columns"
+    return None
 
 
 def select_columns(frame: pd.DataFrame, columns: Columns, where: str) -> pd.DataFrame:

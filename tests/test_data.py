@@ -69,10 +69,10 @@ GOOD = "text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i i
     ({"t.csv": "text,y\na,1\nb,0\n"}, "t.csv", Columns(), r"no column 'label' \(set it with --label-column\); columns: text, y"),
     ({"t.csv": GOOD}, "t.csv", Columns(text_pair="hypothesis"), r"no column 'hypothesis' \(set it with --text-pair-column\)"),
     ({"t.csv": "text,label\na,1\nb,1\n"}, "t.csv", Columns(), r"only one class \('1'\) in column 'label'"),
-    ({"t.csv": "text,label\na,1\n ,0\n"}, "t.csv", Columns(), r"empty texts in column 'text' \(rows 1\)"),
-    ({"t.csv": "text,label\na,1\n,0\n"}, "t.csv", Columns(), r"empty texts in column 'text' \(rows 1\)"),
-    ({"t.csv": "q,a,label\nx,,1\ny,z,0\n"}, "t.csv", Columns("q", "label", "a"), r"empty texts in column 'a' \(rows 0\)"),
-    ({"t.csv": "text,label\na,1\nb,\nc,0\n"}, "t.csv", Columns(), r"rows without a label in column 'label' \(rows 1\)"),
+    ({"t.csv": "text,label\na,1\n ,0\n"}, "t.csv", Columns(), r"empty texts in column 'text' \(rows 2, counting from 1 at the first data row\)"),
+    ({"t.csv": "text,label\na,1\n,0\n"}, "t.csv", Columns(), r"empty texts in column 'text' \(rows 2, counting from 1 at the first data row\)"),
+    ({"t.csv": "q,a,label\nx,,1\ny,z,0\n"}, "t.csv", Columns("q", "label", "a"), r"empty texts in column 'a' \(rows 1, counting from 1 at the first data row\)"),
+    ({"t.csv": "text,label\na,1\nb,\nc,0\n"}, "t.csv", Columns(), r"rows without a label in column 'label' \(rows 2, counting from 1 at the first data row\)"),
     ({"d/train.csv": GOOD, "d/validation.csv": "text,label\nx,pos\ny,maybe\n"}, "d", Columns(),
      r"validation\.csv has labels 'maybe' in column 'label' that do not occur in train \(.*train\.csv\); allowed: neg, pos"),
     ({"d/train.csv": GOOD, "d/test.jsonl": '{"text": "x", "label": "other"}\n'}, "d", Columns(),
@@ -84,6 +84,10 @@ GOOD = "text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i i
      r"cannot split 10 rows by class into train / validation / test .*: 2 classes, the rarest 'b' 1 row, 'a' 9 "
      r"rows; every class needs a row in each split"),
     ({"d/train.csv": "text,label\n"}, "d", Columns(), r"train\.csv has no rows"),
+    ({"t.jsonl": '{"text": "a", "label": 1}\n\n{"text": "b", "label": 0\n'}, "t.jsonl", Columns(),
+     r"cannot read .*t\.jsonl: line 3 is not valid JSON \(Expecting ',' delimiter at column 25\)$"),
+    ({"t.jsonl": '{"text": "a", "label": 1}\n["b", 0]\n'}, "t.jsonl", Columns(),
+     r"cannot read .*t\.jsonl: line 2 is not a JSON object \(list\); each line needs one row's columns$"),
 ])
 def test_bad_data_gets_one_line_naming_file_column_and_rule(tmp_path: Path, files: dict[str, str], task: str,
                                                             columns: Columns, message: str) -> None:
@@ -198,7 +202,7 @@ def test_na_like_words_are_texts_and_labels_and_only_empty_cells_are_missing(tmp
     assert task.label_names == ["EU", "NA"]
     assert "None" in task.train.texts + task.validation.texts + task.test.texts
     (tmp_path / "gap.csv").write_text("text,label\n" + rows + "a gap,\n")
-    with pytest.raises(DataError, match=r"rows without a label in column 'label' \(rows 20\)"):
+    with pytest.raises(DataError, match=r"rows without a label in column 'label' \(rows 21, counting from 1 at the first data row\)"):
         load_task(str(tmp_path / "gap.csv"), seed=0, train_size=10, val_size=4, test_size=4)
 
 
