@@ -100,7 +100,7 @@ def search(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a hub model to run its own Python code (off by default).")] = False,
     objectives: Annotated[str, typer.Option(help="Pareto objectives: accuracy,forgetting, optionally followed by memory or trainable_params.")] = "accuracy,forgetting",
     objective_mode: Annotated[str, typer.Option(help="pareto (multi-objective) or scalar (accuracy - forgetting-weight x forgetting; needed for pruning).")] = "pareto",
-    forgetting_weight: Annotated[float, typer.Option(help="Weight of forgetting in scalar mode.")] = 1.0,
+    forgetting_weight: Annotated[float | None, typer.Option(help="Scalar mode only: weight of forgetting (default 1).")] = None,
     sampler: Annotated[str, typer.Option(help="tpe, nsga2, gp, random or grid (grid needs list-valued dimensions); seeded by --seed.")] = "tpe",
     pruner: Annotated[str, typer.Option(help="Scalar mode only: hyperband, successive-halving, median or none; compares how well the model separates the classes on validation rows (ROC AUC; a causal LM: accuracy) from --prune-after steps on.")] = "none",
     prune_after: Annotated[int | None, typer.Option(help="Steps a trial trains before the pruner may stop it (default: half of --max-steps). Lower saves more on long trials, but too early every configuration still looks alike.")] = None,
@@ -126,7 +126,8 @@ def search(
                             max_consecutive_failures=max_consecutive_failures, heartbeat_seconds=heartbeat,
                             force_new=force_new, trust_remote_code=trust_remote_code,
                             objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()),
-                            objective_mode=objective_mode, forgetting_weight=forgetting_weight, sampler=sampler,
+                            objective_mode=objective_mode, **_scalar_weight(forgetting_weight, objective_mode),
+                            sampler=sampler,
                             pruner=pruner, prune_after=prune_after, max_total_steps=max_total_steps, warm_start=warm_start,
                             text_column=text_column, label_column=label_column, text_pair_column=text_pair_column,
                             task_type=task_type, label_words=_csv(label_words), template=template,
@@ -171,6 +172,17 @@ def worker(
 
 def _csv(text: str | None) -> tuple[str, ...] | None:
     return tuple(part.strip() for part in text.split(",") if part.strip()) if text else None
+
+
+def _scalar_weight(weight: float | None, objective_mode: str) -> dict[str, float]:
+    """--forgetting-weight only where it weighs something: a Pareto search keeps forgetting as an objective of its
+    own, and silently ignoring the flag there would let a user believe it steered the search."""
+    if weight is None:
+        return {}
+    if objective_mode != "scalar":
+        raise ConfigError([f"--forgetting-weight: {weight} needs --objective-mode scalar (a Pareto search keeps "
+                           "forgetting as an objective of its own)"])
+    return {"forgetting_weight": weight}
 
 
 def _budget(text: str | None) -> int | None:

@@ -70,6 +70,7 @@ BAD_INPUTS = [
     (["--task", "missing.csv"], "--task: missing.csv does not exist"),
     (["--space", "bad.yaml"], "bad.yaml: methods.lora.r: 0 must be >= 1"),
     (["--trials", "-1"], "--trials: -1 must be at least 0"),
+    (["--forgetting-weight", "0.5"], "--forgetting-weight: 0.5 needs --objective-mode scalar"),
     (["--space", "broken.yaml"], "broken.yaml: not valid YAML at line"),
     (["--space", "unknown.yaml"], "unknown.yaml: method: 'dreambooth' must be one of"),
     (["--memory-budget", "1MiB"], "fits no configuration of"),
