@@ -446,7 +446,8 @@ def goal_checks(rows: list[dict], names: list[str], rule: str) -> list[str]:
 def render_bounded(part: str, rows: list[dict]) -> list[str]:
     spec = PARTS[part]
     names = [n for n in STRATEGIES[part] if all(n in r["strategies"] for r in rows)]
-    lines = [f"## {part}: {BOUNDED[part]}'s search held to the default recipe's costs, {spec['trials']} trained trials x "
+    space = f" on {Path(spec['space']).name}" if "space" in spec else ""
+    lines = [f"## {part}: {BOUNDED[part]}'s search{space} held to the default recipe's costs, {spec['trials']} trained trials x "
              f"{spec['max_steps']} steps per strategy, {spec['val_size']} validation / {spec['test_size']} test rows, "
              f"seeds {', '.join(str(r['seed']) for r in rows)}", "",
              "Per seed the default LoRA recipe trains first; each strategy then searches under `--memory-budget` "
