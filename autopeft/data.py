@@ -162,7 +162,8 @@ def _rows(mask: pd.Series) -> str:
     """The first few offending rows, counted from 1 at the first data row (the row after a CSV's header, a
     JSONL file's first line), as the message says."""
     found = [int(i) + 1 for i in mask[mask].index[:5]]
-    return ", ".join(map(str, found)) + (", ..." if int(mask.sum()) > 5 else "") + ", counting from 1 at the first data row"
+    more = ", ..." if int(mask.sum()) > 5 else ""
+    return ", ".join(map(str, found)) + more + ", counting from 1 at the first data row"
 
 
 def _natural(name: str) -> tuple[int, float, str]:
