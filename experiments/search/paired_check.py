@@ -1,0 +1,117 @@
+"""Are the causal exports that beat the recipe at its costs ahead on the same rows, or only by chance?
+
+Part `causal-bounded-all-methods` compares each export with the default recipe by two accuracies on the same 600
+test (and 300 validation) rows; every margin was under one standard error of an accuracy. A paired test uses the
+rows both models were scored on: only the rows where they disagree carry information, and under "no difference"
+each such row goes either way with probability 1/2 (exact McNemar test, two-sided).
+
+Per (seed, strategy) whose recipe-bound export beat the recipe: the recipe is retrained (seeded: its accuracies
+repeat the part's), the export is read from the adapter the part saved, and both predict every row.
+
+Run right after the part, on the machine that ran it (the adapters live in the folders results.json records):
+    .venv/bin/python experiments/search/paired_check.py
+Writes paired_check.json and paired_check.md next to this file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import DEFAULT_LORA, DEFAULT_TRAINING, base_config  # noqa: E402
+
+from autopeft import adapter_io, methods  # noqa: E402
+from autopeft.config import SearchConfig  # noqa: E402
+from autopeft.evaluate import predict_causal  # noqa: E402
+from autopeft.search import prepare_runtime, run_trial  # noqa: E402
+from autopeft.space import TRAINING_PARAMS, TrialParams  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+PART = "causal-bounded-all-methods"
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact p-value that rows one model alone gets right split this unevenly by chance."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def correct(runtime, model, split) -> list[bool]:
+    ev = runtime.evaluate
+    predicted, gold = predict_causal(model, split, ev.causal, pad_id=ev.pad_id, mode=ev.mode,
+                                     tokenizer=ev.tokenizer, batch_size=ev.batch_size)
+    return (predicted == gold).tolist()
+
+
+def compare(recipe: list[bool], export: list[bool]) -> dict:
+    only_export = sum(e and not r for r, e in zip(recipe, export, strict=True))
+    only_recipe = sum(r and not e for r, e in zip(recipe, export, strict=True))
+    return {"rows": len(recipe), "recipe_accuracy": sum(recipe) / len(recipe),
+            "export_accuracy": sum(export) / len(export), "only_export_right": only_export,
+            "only_recipe_right": only_recipe, "p_value": mcnemar_p(only_export, only_recipe)}
+
+
+def check_seed(row: dict) -> list[dict]:
+    wins = {name: s["export"]["recipe-bound"] for name, s in row["strategies"].items()
+            if s["export"].get("recipe-bound")
+            and s["export"]["recipe-bound"]["test_accuracy"] > row["default_recipe"]["test_accuracy"]}
+    if not wins:
+        return []
+    folder = Path(tempfile.mkdtemp(prefix="paired-check-"))
+    runtime = prepare_runtime(SearchConfig(**base_config(PART, row["seed"], folder, None)))
+    training = {**{k: s.default for k, s in TRAINING_PARAMS.items()}, **DEFAULT_TRAINING, "micro_batch_size": 4}
+    params = TrialParams("lora", methods.get("lora").resolve(DEFAULT_LORA), training)
+    recipe_model = run_trial(runtime, params, seed=row["seed"]).model
+    recipe_model.eval()
+    recipe = {split: correct(runtime, recipe_model, getattr(runtime, split)) for split in ("validation", "test")}
+    results = []
+    for name, export in wins.items():
+        study = Path(row["strategies"][name]["folder"]) / "artifacts" / f"{PART}-{name}-{row['seed']}"
+        model = adapter_io.load(copy.deepcopy(runtime.base_model), study / f"trial-{export['trial']}")
+        model.eval()
+        result = {"seed": row["seed"], "strategy": name, "trial": export["trial"],
+                  "method": export["params"]["method"]}
+        for split in ("validation", "test"):
+            result[split] = compare(recipe[split], correct(runtime, model, getattr(runtime, split)))
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    return results
+
+
+def render(results: list[dict]) -> str:
+    lines = ["# Paired check: the causal exports that beat the recipe at its costs", "",
+             f"Part `{PART}`; command: `python experiments/search/paired_check.py` (right after the part).", "",
+             "Rows only the export gets right against rows only the recipe gets right, and the exact two-sided "
+             "McNemar p-value (chance that a split this uneven happens with no difference).", "",
+             "| seed | strategy | export (trial, method) | split | recipe / export accuracy | only export / only recipe "
+             "right | p |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for split in ("validation", "test"):
+            c = r[split]
+            lines.append(f"| {r['seed']} | {r['strategy']} | {r['trial']}, {r['method']} | {split} ({c['rows']} rows) "
+                         f"| {c['recipe_accuracy']:.4f} / {c['export_accuracy']:.4f} | {c['only_export_right']} / "
+                         f"{c['only_recipe_right']} | {c['p_value']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    rows = json.loads((HERE / "results.json").read_text())["parts"][PART]
+    results = [r for row in rows for r in check_seed(row)]
+    (HERE / "paired_check.json").write_text(json.dumps(results, indent=2))
+    (HERE / "paired_check.md").write_text(render(results))
+    print(render(results))
+
+
+if __name__ == "__main__":
+    main()
