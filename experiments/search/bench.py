@@ -179,10 +179,15 @@ def exported(runtime, study: optuna.Study, rule: str) -> dict:
             "peak_bytes": peak_bytes(runtime, params)}
 
 
-def default_recipe(runtime, seed: int) -> dict:
+def recipe_params(runtime) -> TrialParams:
+    """The default LoRA recipe at the part's micro-batch size."""
     batch = 4 if runtime.config.task_type == "causal_lm" else 16  # as the part's space
     training = {**{k: s.default for k, s in TRAINING_PARAMS.items()}, **DEFAULT_TRAINING, "micro_batch_size": batch}
-    params = TrialParams("lora", methods.get("lora").resolve(DEFAULT_LORA), training)
+    return TrialParams("lora", methods.get("lora").resolve(DEFAULT_LORA), training)
+
+
+def default_recipe(runtime, seed: int) -> dict:
+    params = recipe_params(runtime)
     began = time.perf_counter()
     outcome = run_trial(runtime, params, seed=seed)
     return {"val_accuracy": outcome.accuracy, "forgetting": outcome.forgetting,

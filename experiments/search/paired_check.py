@@ -26,13 +26,12 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import DEFAULT_LORA, DEFAULT_TRAINING, base_config  # noqa: E402
+from bench import base_config, recipe_params  # noqa: E402
 
-from autopeft import adapter_io, methods  # noqa: E402
+from autopeft import adapter_io  # noqa: E402
 from autopeft.config import SearchConfig  # noqa: E402
 from autopeft.evaluate import predict_causal  # noqa: E402
 from autopeft.search import prepare_runtime, run_trial  # noqa: E402
-from autopeft.space import TRAINING_PARAMS, TrialParams  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PART = "causal-bounded-all-methods"
@@ -70,9 +69,7 @@ def check_seed(row: dict) -> list[dict]:
         return []
     folder = Path(tempfile.mkdtemp(prefix="paired-check-"))
     runtime = prepare_runtime(SearchConfig(**base_config(PART, row["seed"], folder, None)))
-    training = {**{k: s.default for k, s in TRAINING_PARAMS.items()}, **DEFAULT_TRAINING, "micro_batch_size": 4}
-    params = TrialParams("lora", methods.get("lora").resolve(DEFAULT_LORA), training)
-    recipe_model = run_trial(runtime, params, seed=row["seed"]).model
+    recipe_model = run_trial(runtime, recipe_params(runtime), seed=row["seed"]).model
     recipe_model.eval()
     recipe = {split: correct(runtime, recipe_model, getattr(runtime, split)) for split in ("validation", "test")}
     results = []
