@@ -53,12 +53,6 @@ def predict(model: nn.Module, split: TokenizedSplit, *, pad_id: int, batch_size:
     return class_probabilities(model, split, pad_id=pad_id, batch_size=batch_size, device=device).argmax(-1)
 
 
-def accuracy(model: nn.Module, split: TokenizedSplit, *, pad_id: int, batch_size: int = 128,
-             device: torch.device | None = None) -> float:
-    predictions = predict(model, split, pad_id=pad_id, batch_size=batch_size, device=device)
-    return float((predictions == split.labels).float().mean())
-
-
 def lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, keep: int,
               output_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token logits at the last `keep` positions, (batch, keep, vocab). `output_weight`: the output
@@ -178,9 +172,8 @@ def predict_causal(model: nn.Module, split: TokenizedSplit, fmt: CausalFormat, *
 def causal_accuracy(model: nn.Module, split: TokenizedSplit, fmt: CausalFormat, *, pad_id: int,
                     mode: CausalMode = "rank", tokenizer: Any = None, batch_size: int = 64,
                     device: torch.device | None = None) -> float:
-    predicted, gold = predict_causal(model, split, fmt, pad_id=pad_id, mode=mode, tokenizer=tokenizer,
-                                     batch_size=batch_size, device=device)
-    return float((predicted == gold).float().mean())
+    evaluator = Evaluator(pad_id, batch_size, causal=fmt, mode=mode, tokenizer=tokenizer)
+    return evaluator(model, split, device)
 
 
 @dataclass(frozen=True)
@@ -195,10 +188,17 @@ class Evaluator:
     tokenizer: Any = None  # generate mode decodes answers with it
 
     def __call__(self, model: nn.Module, split: TokenizedSplit, device: torch.device | None = None) -> float:
+        return float(self.hits(model, split, device).float().mean())
+
+    def hits(self, model: nn.Module, split: TokenizedSplit, device: torch.device | None = None) -> torch.Tensor:
+        """Whether each row is answered right, in the split's order: what a paired comparison of two models
+        on the same rows needs, and what accuracy averages."""
         if self.causal is None:
-            return accuracy(model, split, pad_id=self.pad_id, batch_size=self.batch_size, device=device)
-        return causal_accuracy(model, split, self.causal, pad_id=self.pad_id, mode=self.mode,
-                               tokenizer=self.tokenizer, batch_size=self.batch_size, device=device)
+            predicted = predict(model, split, pad_id=self.pad_id, batch_size=self.batch_size, device=device)
+            return predicted == split.labels
+        predicted, gold = predict_causal(model, split, self.causal, pad_id=self.pad_id, mode=self.mode,
+                                         tokenizer=self.tokenizer, batch_size=self.batch_size, device=device)
+        return predicted == gold
 
     def progress(self, model: nn.Module, split: TokenizedSplit,
                  device: torch.device | None = None) -> tuple[float, float]:

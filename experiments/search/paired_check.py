@@ -30,7 +30,6 @@ from bench import base_config, recipe_params  # noqa: E402
 
 from autopeft import adapter_io  # noqa: E402
 from autopeft.config import SearchConfig  # noqa: E402
-from autopeft.evaluate import predict_causal  # noqa: E402
 from autopeft.search import prepare_runtime, run_trial  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -44,13 +43,6 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
-
-
-def correct(runtime, model, split) -> list[bool]:
-    ev = runtime.evaluate
-    predicted, gold = predict_causal(model, split, ev.causal, pad_id=ev.pad_id, mode=ev.mode,
-                                     tokenizer=ev.tokenizer, batch_size=ev.batch_size)
-    return (predicted == gold).tolist()
 
 
 def compare(recipe: list[bool], export: list[bool]) -> dict:
@@ -71,7 +63,8 @@ def check_seed(row: dict) -> list[dict]:
     runtime = prepare_runtime(SearchConfig(**base_config(PART, row["seed"], folder, None)))
     recipe_model = run_trial(runtime, recipe_params(runtime), seed=row["seed"]).model
     recipe_model.eval()
-    recipe = {split: correct(runtime, recipe_model, getattr(runtime, split)) for split in ("validation", "test")}
+    recipe = {split: runtime.evaluate.hits(recipe_model, getattr(runtime, split)).tolist()
+              for split in ("validation", "test")}
     results = []
     for name, export in wins.items():
         study = Path(row["strategies"][name]["folder"]) / "artifacts" / f"{PART}-{name}-{row['seed']}"
@@ -80,7 +73,7 @@ def check_seed(row: dict) -> list[dict]:
         result = {"seed": row["seed"], "strategy": name, "trial": export["trial"],
                   "method": export["params"]["method"]}
         for split in ("validation", "test"):
-            result[split] = compare(recipe[split], correct(runtime, model, getattr(runtime, split)))
+            result[split] = compare(recipe[split], runtime.evaluate.hits(model, getattr(runtime, split)).tolist())
         print(json.dumps(result), flush=True)
         results.append(result)
     return results
