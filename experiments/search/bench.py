@@ -28,6 +28,9 @@ Each part runs over seeds 0..N-1 (the seed sets the data split, the sampler and 
   causal-bounded-all-methods  causal-bounded-longer on a space with the project's other methods too (DoRA,
            AdaLoRA, MoRA, bottleneck adapters, prefix and prompt tuning; causal_all_methods.yaml): is there a
            configuration more accurate than the recipe at no more forgetting and memory off LoRA and (IA)^3?
+  causal-bounded-warm  causal-bounded-longer with `--warm-start` in both searches: the recipe is each search's
+           first trial (one of its 8). Does TPE, modelling from a known-good configuration, find one more
+           accurate at its costs than random search does from the same start?
   longer   quality with twice the trials (20), TPE on accuracy alone against random search: does a model-based
            sampler with more trials to learn from reach random search's final best in half of them?
   pruning-long  pruning on trials long enough for it to pay: 240 steps, the first rung at 30 (an eighth), where
@@ -39,7 +42,7 @@ Each part runs over seeds 0..N-1 (the seed sets the data split, the sampler and 
 
 Run:  .venv/bin/python experiments/search/bench.py --part PART [--seeds 3] [--only a,b]
       (PART: quality, pruning, pruning-long, causal, bounded, longer, causal-bounded, causal-bounded-larger,
-       causal-bounded-longer, causal-bounded-all-methods)
+       causal-bounded-longer, causal-bounded-all-methods, causal-bounded-warm)
       (--only runs those strategies and adds them to the part's recorded seeds.)
       (--smoke runs each part on a tiny random model in seconds, to check the script.)
       (--render-only re-renders results.md from results.json and runs nothing.)
@@ -94,11 +97,12 @@ PARTS["pruning-long"] = dict(PARTS["quality"], max_steps=240, objective_mode="sc
 # Each bounded part and the search it holds to the recipe's memory and forgetting (its settings, but for the
 # larger one's steps and evaluation rows).
 BOUNDED = {"bounded": "quality", "causal-bounded": "causal", "causal-bounded-larger": "causal",
-           "causal-bounded-longer": "causal", "causal-bounded-all-methods": "causal"}
+           "causal-bounded-longer": "causal", "causal-bounded-all-methods": "causal", "causal-bounded-warm": "causal"}
 PARTS.update({bounded: PARTS[held] for bounded, held in BOUNDED.items()})
 PARTS["causal-bounded-larger"] = dict(PARTS["causal"], max_steps=16, val_size=300, test_size=600)
 PARTS["causal-bounded-longer"] = dict(PARTS["causal-bounded-larger"], trials=8, max_steps=32)
 PARTS["causal-bounded-all-methods"] = dict(PARTS["causal-bounded-longer"], space=str(HERE / "causal_all_methods.yaml"))
+PARTS["causal-bounded-warm"] = PARTS["causal-bounded-longer"]
 STRATEGIES = {
     "quality": {"tpe": dict(sampler="tpe"), "nsga2": dict(sampler="nsga2"), "random": dict(sampler="random"),
                 # TPE on accuracy alone (scalar mode, forgetting weight 0): is a Pareto objective what keeps
@@ -111,6 +115,7 @@ STRATEGIES = {
 STRATEGIES["bounded"] = {name: STRATEGIES["quality"][name] for name in ("tpe", "nsga2", "random")}
 for _part in ("causal-bounded", "causal-bounded-larger", "causal-bounded-longer", "causal-bounded-all-methods"):
     STRATEGIES[_part] = STRATEGIES["causal"]
+STRATEGIES["causal-bounded-warm"] = {name: dict(arm, warm_start=True) for name, arm in STRATEGIES["causal"].items()}
 STRATEGIES["longer"] = {name: STRATEGIES["quality"][name] for name in ("tpe-accuracy", "random")}
 # Hyperband's trial count is open: it runs until a trial reaches the target or random search's time runs out.
 STRATEGIES["pruning-long"] = {"no pruning": dict(sampler="random"),
@@ -452,6 +457,8 @@ def render_bounded(part: str, rows: list[dict]) -> list[str]:
     spec = PARTS[part]
     names = [n for n in STRATEGIES[part] if all(n in r["strategies"] for r in rows)]
     space = f" on {Path(spec['space']).name}" if "space" in spec else ""
+    if all(arm.get("warm_start") for arm in STRATEGIES[part].values()):
+        space += ", warm-started (`--warm-start`: its first trial peft's LoRA defaults, r 8, alpha 16, q/v, lr 2e-4),"
     lines = [f"## {part}: {BOUNDED[part]}'s search{space} held to the default recipe's costs, {spec['trials']} trained trials x "
              f"{spec['max_steps']} steps per strategy, {spec['val_size']} validation / {spec['test_size']} test rows, "
              f"seeds {', '.join(str(r['seed']) for r in rows)}", "",
@@ -568,7 +575,7 @@ def render(results: dict) -> str:
         lines.append(f"{part}: `{command}`  ")
     lines.append("")
     for part in ("quality", "longer", "bounded", "pruning", "pruning-long", "causal", "causal-bounded",
-                 "causal-bounded-larger", "causal-bounded-longer", "causal-bounded-all-methods"):
+                 "causal-bounded-larger", "causal-bounded-longer", "causal-bounded-all-methods", "causal-bounded-warm"):
         rows = results["parts"].get(part)
         if not rows:
             continue
