@@ -448,11 +448,26 @@ class SearchSummary:
     stopped_reason: str | None = None  # why the search stopped before its target, if it did
 
 
+# Distributions that provide a package under another name: mlflow-skinny is a complete MLflow client.
+_PROVIDED_BY = {"mlflow": ("mlflow", "mlflow-skinny")}
+
+
 def package_versions() -> dict[str, str]:
-    from importlib.metadata import version
+    """The versions a study's parent run records. A package installed under another distribution's name is
+    recorded with that name, a missing one as such: recording versions must never stop a search."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        for distribution in _PROVIDED_BY.get(name, (name,)):
+            try:
+                found = version(distribution)
+            except PackageNotFoundError:
+                continue
+            return found if distribution == name else f"{found} ({distribution})"
+        return "not installed"
 
     names = ("torch", "transformers", "peft", "optuna", "mlflow", "datasets", "scikit-learn")
-    return {f"version.{name}": version(name) for name in names}
+    return {f"version.{name}": installed(name) for name in names}
 
 
 def check_budget_feasible(config: SearchConfig, runtime: Runtime) -> None:

@@ -163,3 +163,21 @@ def test_every_method_runs_a_whole_trial(tmp_path: Path, tiny_bert: Path, method
     trial = study.trials[0]
     assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
     assert (Path(trial.user_attrs["adapter_dir"]) / "adapter_config.json").is_file()
+
+
+def test_package_versions_name_mlflow_skinny_and_missing_packages(monkeypatch) -> None:
+    """MLflow installed as mlflow-skinny (a complete client) crashed the search while recording versions."""
+    import importlib.metadata
+
+    from autopeft.search import package_versions
+
+    def version(name: str) -> str:
+        if name in ("mlflow", "datasets"):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return "3.1" if name == "mlflow-skinny" else "1.0"
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    versions = package_versions()
+    assert versions["version.mlflow"] == "3.1 (mlflow-skinny)"
+    assert versions["version.datasets"] == "not installed"
+    assert versions["version.torch"] == "1.0"
