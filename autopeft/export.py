@@ -166,7 +166,7 @@ def held_out_accuracy(study: optuna.Study, trial: optuna.trial.FrozenTrial, runt
     key = f"test_accuracy.trial-{trial.number}"
     if key in study.user_attrs:
         return float(study.user_attrs[key])
-    model = adapter_io.load(copy.deepcopy(runtime.base_model), adapter)
+    model = adapter_io.load(copy.deepcopy(runtime.base_model), adapter).to(runtime.device)
     value = runtime.evaluate(model, runtime.test, runtime.device)
     study.set_user_attr(key, value)
     return value

@@ -78,9 +78,22 @@ def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> R
     runtime = Runtime(config, space, task, tokenizer, base_model, splits["train"], splits["validation"],
                       splits["test"], probes, evaluator, causal_lm_loss if causal else classification_loss,
                       "CAUSAL_LM" if causal else "SEQ_CLS")
-    runtime.base_scores = probes.fit_base(base_model, runtime.device, cache_file=probe_cache(config),
-                                          cache_key=probe_cache_key(config, task))
+    with on_device(base_model, runtime.device):
+        runtime.base_scores = probes.fit_base(base_model, runtime.device, cache_file=probe_cache(config),
+                                              cache_key=probe_cache_key(config, task))
     return runtime
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """The shared base model stays on the CPU, and each trial copies it to the device; to be scored itself it
+    moves there for the while and back after, so the GPU never holds it beside a trial's copy."""
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
 
 
 def probe_cache(config: SearchConfig) -> Path:
@@ -624,7 +637,8 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
                                     {**config.public_dict(), **runtime.task.describe(), **package_versions()},
                                     config.space, study.user_attrs.get("space_yaml"))
     if "base_val_accuracy" not in study.user_attrs:  # the untouched base model's scores, once per study
-        base = runtime.evaluate(runtime.base_model, runtime.validation, runtime.device)
+        with on_device(runtime.base_model, runtime.device):
+            base = runtime.evaluate(runtime.base_model, runtime.validation, runtime.device)
         study.set_user_attr("base_val_accuracy", base)
         study.set_user_attr("base_probe_scores", runtime.base_scores)
         tracker.log_metrics(parent, {"base_val_accuracy": base,

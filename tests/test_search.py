@@ -181,3 +181,35 @@ def test_package_versions_name_mlflow_skinny_and_missing_packages(monkeypatch) -
     assert versions["version.mlflow"] == "3.1 (mlflow-skinny)"
     assert versions["version.datasets"] == "not installed"
     assert versions["version.torch"] == "1.0"
+
+
+CUDA_SPACE = """\
+method: [lora, ia3]
+training:
+  learning_rate: 5.0e-3
+  precision: {precision}
+  micro_batch_size: 8
+methods:
+  lora: {{r: 4, alpha: 8, target_modules: qv}}
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["classifier", "causal_lm"])
+def test_a_search_trains_scores_and_exports_on_cuda(tmp_path: Path, tiny_bert: Path, tiny_causal_models: dict,
+                                                    precision: str, causal: bool) -> None:
+    """The shared base model stays on the CPU; its own scores (validation, probes) and the export's test
+    score once ran it there on CUDA inputs, so no search could start on a GPU."""
+    from autopeft.export import export_trial
+
+    (tmp_path / "space.yaml").write_text(CUDA_SPACE.format(precision=precision))
+    extra = dict(model=str(tiny_causal_models["llama"]), task_type="causal_lm") if causal else {}
+    summary = run_search(config(tmp_path, tiny_bert, trials=2, **extra))
+    trials = summary.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 2 and "base_val_accuracy" in summary.study.user_attrs
+    for trial in trials:
+        assert trial.user_attrs["memory_measured_bytes"] > 0  # torch.cuda.max_memory_allocated
+        assert trial.user_attrs["forgetting"] >= 0.0
+    exported = export_trial("t", f"sqlite:///{tmp_path}/o.db", tmp_path / "out")
+    assert 0.0 <= exported.test_accuracy <= 1.0

@@ -274,9 +274,10 @@ def activation_scale(model: nn.Module, names: list[str], length: int = 32) -> to
     stds: list[torch.Tensor] = []
 
     def record(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        inner = kwargs.pop("cache", None)
-        inner = kwargs.pop("past_key_values", None) if inner is None else inner
-        return args, {**kwargs, "cache": _Recorder(inner, stds)}
+        # The recorder goes where the layer was handed its cache: transformers renamed the argument
+        # (past_key_values up to 5.17 at least, cache later), and a layer ignores a name it does not read.
+        name = next((n for n in ("cache", "past_key_values", "past_key_value") if n in kwargs), "cache")
+        return args, {**kwargs, name: _Recorder(kwargs.get(name), stds)}
 
     modules = dict(model.named_modules())
     handles = [modules[name].register_forward_pre_hook(record, with_kwargs=True) for name in names]

@@ -174,7 +174,7 @@ def peak_bytes(runtime, params: TrialParams) -> int:
 def exported(runtime, study: optuna.Study, rule: str) -> dict:
     """Test accuracy, forgetting and peak memory of the trial `autopeft export --select RULE` picks."""
     trial = select_trial(study, rule)
-    model = adapter_io.load(copy.deepcopy(runtime.base_model), Path(trial.user_attrs["adapter_dir"]))
+    model = adapter_io.load(copy.deepcopy(runtime.base_model), Path(trial.user_attrs["adapter_dir"])).to(runtime.device)
     model.eval()
     params = TrialParams.from_flat(trial.user_attrs["params"])
     return {"rule": rule, "trial": trial.number, "params": trial.user_attrs["params"],
