@@ -1,6 +1,6 @@
 """Are the causal exports that beat the recipe at its costs ahead on the same rows, or only by chance?
 
-Part `causal-bounded-all-methods` compares each export with the default recipe by two accuracies on the same 600
+A bounded causal part (`causal-bounded-all-methods`, `causal-bounded-warm`) compares each export with the default recipe by two accuracies on the same 600
 test (and 300 validation) rows; every margin was under one standard error of an accuracy. A paired test uses the
 rows both models were scored on: only the rows where they disagree carry information, and under "no difference"
 each such row goes either way with probability 1/2 (exact McNemar test, two-sided).
@@ -9,12 +9,14 @@ Per (seed, strategy) whose recipe-bound export beat the recipe: the recipe is re
 repeat the part's), the export is read from the adapter the part saved, and both predict every row.
 
 Run right after the part, on the machine that ran it (the adapters live in the folders results.json records):
-    .venv/bin/python experiments/search/paired_check.py
-Writes paired_check.json and paired_check.md next to this file.
+    .venv/bin/python experiments/search/paired_check.py [--part causal-bounded-warm]
+Writes paired_check.json and paired_check.md next to this file (for another part than the first,
+paired_check_PART.json and .md).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -33,7 +35,7 @@ from autopeft.config import SearchConfig  # noqa: E402
 from autopeft.search import prepare_runtime, run_trial  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PART = "causal-bounded-all-methods"
+DEFAULT_PART = "causal-bounded-all-methods"
 
 
 def mcnemar_p(only_a: int, only_b: int) -> float:
@@ -53,21 +55,21 @@ def compare(recipe: list[bool], export: list[bool]) -> dict:
             "only_recipe_right": only_recipe, "p_value": mcnemar_p(only_export, only_recipe)}
 
 
-def check_seed(row: dict) -> list[dict]:
+def check_seed(part: str, row: dict) -> list[dict]:
     wins = {name: s["export"]["recipe-bound"] for name, s in row["strategies"].items()
             if s["export"].get("recipe-bound")
             and s["export"]["recipe-bound"]["test_accuracy"] > row["default_recipe"]["test_accuracy"]}
     if not wins:
         return []
     folder = Path(tempfile.mkdtemp(prefix="paired-check-"))
-    runtime = prepare_runtime(SearchConfig(**base_config(PART, row["seed"], folder, None)))
+    runtime = prepare_runtime(SearchConfig(**base_config(part, row["seed"], folder, None)))
     recipe_model = run_trial(runtime, recipe_params(runtime), seed=row["seed"]).model
     recipe_model.eval()
     recipe = {split: runtime.evaluate.hits(recipe_model, getattr(runtime, split)).tolist()
               for split in ("validation", "test")}
     results = []
     for name, export in wins.items():
-        study = Path(row["strategies"][name]["folder"]) / "artifacts" / f"{PART}-{name}-{row['seed']}"
+        study = Path(row["strategies"][name]["folder"]) / "artifacts" / f"{part}-{name}-{row['seed']}"
         model = adapter_io.load(copy.deepcopy(runtime.base_model), study / f"trial-{export['trial']}")
         model.eval()
         result = {"seed": row["seed"], "strategy": name, "trial": export["trial"],
@@ -79,9 +81,10 @@ def check_seed(row: dict) -> list[dict]:
     return results
 
 
-def render(results: list[dict]) -> str:
+def render(part: str, results: list[dict]) -> str:
     lines = ["# Paired check: the causal exports that beat the recipe at its costs", "",
-             f"Part `{PART}`; command: `python experiments/search/paired_check.py` (right after the part).", "",
+             f"Part `{part}`; command: `python experiments/search/paired_check.py"
+             f"{'' if part == DEFAULT_PART else ' --part ' + part}` (right after the part).", "",
              "Rows only the export gets right against rows only the recipe gets right, and the exact two-sided "
              "McNemar p-value (chance that a split this uneven happens with no difference).", "",
              "| seed | strategy | export (trial, method) | split | recipe / export accuracy | only export / only recipe "
@@ -96,11 +99,15 @@ def render(results: list[dict]) -> str:
 
 
 def main() -> None:
-    rows = json.loads((HERE / "results.json").read_text())["parts"][PART]
-    results = [r for row in rows for r in check_seed(row)]
-    (HERE / "paired_check.json").write_text(json.dumps(results, indent=2))
-    (HERE / "paired_check.md").write_text(render(results))
-    print(render(results))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--part", default=DEFAULT_PART)
+    part = parser.parse_args().part
+    rows = json.loads((HERE / "results.json").read_text())["parts"][part]
+    results = [r for row in rows for r in check_seed(part, row)]
+    name = "paired_check" if part == DEFAULT_PART else f"paired_check_{part}"
+    (HERE / f"{name}.json").write_text(json.dumps(results, indent=2))
+    (HERE / f"{name}.md").write_text(render(part, results))
+    print(render(part, results))
 
 
 if __name__ == "__main__":
