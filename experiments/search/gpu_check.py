@@ -12,7 +12,7 @@ packaged ones. So accuracies here say nothing about quality (CPU parts measure t
 every path works on the GPU and what it costs there.
 
 Run from the repository root on a CUDA machine:
-    python experiments/search/gpu_check.py --tokenizers DIR   # DIR holds minilm/ and smollm2/ (config + tokenizer)
+    python experiments/search/gpu_check.py --tokenizers DIR   # DIR: minilm/, smollm2/ (config, tokenizer)
 Writes gpu_check.json and gpu_check_logs.txt to $OUT (else ./gpu_check_out).
     python experiments/search/gpu_check.py --render gpu_check.json   # writes gpu_check.md beside this file
     python experiments/search/gpu_check.py --tokenizers DIR --small   # 2-layer models, on the CPU if no GPU
@@ -40,37 +40,26 @@ sys.path.insert(0, str(ROOT))
 
 from autopeft import probes  # noqa: E402
 
-ENCODER_SPACE = """\
-method: [lora, dora, ia3, adapter, prompt]
-training:
-  learning_rate: {low: 5.0e-4, high: 5.0e-3, log: true}
-  optimizer: [adamw, adafactor]
-  precision: [fp32, bf16, fp16]
-  grad_accum_steps: [1, 2]
-  micro_batch_size: 16
-  warmup_ratio: 0.06
-  scheduler: linear
-methods:
+
+def space(methods: str, learning_rate: str, micro_batch_size: int, settings: str) -> str:
+    """A space over `methods` whose training settings offer every precision (the point of the check)."""
+    return (f"method: [{methods}]\ntraining:\n  learning_rate: {{{learning_rate}, log: true}}\n"
+            "  optimizer: [adamw, adafactor]\n  precision: [fp32, bf16, fp16]\n  grad_accum_steps: [1, 2]\n"
+            f"  micro_batch_size: {micro_batch_size}\n  warmup_ratio: 0.06\n  scheduler: linear\n"
+            f"methods:\n{settings}")
+
+
+ENCODER_SPACE = space("lora, dora, ia3, adapter, prompt", "low: 5.0e-4, high: 5.0e-3", 16, """\
   lora: {r: [8, 16], alpha: [16, 32], target_modules: [qv, all_linear]}
   dora: {r: [8, 16], alpha: [16, 32], target_modules: [qv, all_linear]}
   ia3: {target_modules: [kv, kv_ffn], learning_rate: {low: 3.0e-3, high: 3.0e-2, log: true}}
   adapter: {bottleneck: [16, 64], placement: [ffn, both], variant: [serial, parallel]}
   prompt: {num_virtual_tokens: [10, 20], learning_rate: {low: 3.0e-3, high: 3.0e-2, log: true}}
-"""
-CAUSAL_SPACE = """\
-method: [lora, ia3]
-training:
-  learning_rate: {low: 1.0e-4, high: 3.0e-3, log: true}
-  optimizer: [adamw, adafactor]
-  precision: [fp32, bf16, fp16]
-  grad_accum_steps: [1, 2]
-  micro_batch_size: 8
-  warmup_ratio: 0.06
-  scheduler: linear
-methods:
+""")
+CAUSAL_SPACE = space("lora, ia3", "low: 1.0e-4, high: 3.0e-3", 8, """\
   lora: {r: [8, 16], alpha: [16, 32], target_modules: [qv, all_linear]}
   ia3: {target_modules: [kv, kv_ffn], learning_rate: {low: 1.0e-3, high: 3.0e-2, log: true}}
-"""
+""")
 # (study, model folder, space, extra search options). Timeouts keep the whole check near three minutes.
 SEARCHES = [
     ("encoder", "minilm", ENCODER_SPACE,
@@ -97,8 +86,9 @@ def build_model(tokenizers: Path, name: str, folder: Path, small: bool) -> None:
 def autopeft(args: list[str], log: list[str]) -> tuple[int, float]:
     started = time.perf_counter()
     LOG.write_text("\n".join([*log, f"$ autopeft {' '.join(args)}  (running)"]))  # kept if the run is cut off
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # carried packages too
     done = subprocess.run([sys.executable, "-m", "autopeft.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": path})
     seconds = time.perf_counter() - started
     log += [f"$ autopeft {' '.join(args)}", done.stdout[-6000:], done.stderr[-4000:],
             f"exit {done.returncode}, {seconds:.1f} s", ""]
@@ -186,10 +176,12 @@ def render(report: dict) -> str:
         for row in result["trials"]:
             reason = (row.get("fail_reason") or row.get("prune_reason") or "").replace("|", "/")
             lines.append(f"| {row['number']} | {row['state']} | {row['method']} | {row['precision']} | "
-                         f"{row['optimizer']} | {cell(row, 'val_accuracy', '.3f')} | {cell(row, 'forgetting', '.4f')} | "
+                         f"{row['optimizer']} | {cell(row, 'val_accuracy', '.3f')} | "
+                         f"{cell(row, 'forgetting', '.4f')} | "
                          f"{mib(row.get('memory_estimate_bytes'))} | {mib(row.get('memory_measured_bytes'))} | "
                          f"{cell(row, 'memory_estimate_error', '+.1%')} | {cell(row, 'train_seconds', '.1f')} | "
-                         f"{cell(row, 'train_tokens_per_second', '.0f')} | {row.get('fp16_overflow_steps', '—')} | "
+                         f"{cell(row, 'train_tokens_per_second', '.0f')} | "
+                         f"{row.get('fp16_overflow_steps', '—')} | "
                          f"{reason[:160]} |")
         lines.append("")
     if "probes" in report:

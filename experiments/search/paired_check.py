@@ -1,9 +1,10 @@
 """Are the causal exports that beat the recipe at its costs ahead on the same rows, or only by chance?
 
-A bounded causal part (`causal-bounded-all-methods`, `causal-bounded-warm`) compares each export with the default recipe by two accuracies on the same 600
-test (and 300 validation) rows; every margin was under one standard error of an accuracy. A paired test uses the
-rows both models were scored on: only the rows where they disagree carry information, and under "no difference"
-each such row goes either way with probability 1/2 (exact McNemar test, two-sided).
+A bounded causal part (`causal-bounded-all-methods`, `causal-bounded-warm`) compares each export with the
+default recipe by two accuracies on the same 600 test (and 300 validation) rows, by margins of a few rows (in
+the first part all under one standard error of an accuracy). A paired test uses the rows both models were
+scored on: only the rows where they disagree carry information, and under "no difference" each such row goes
+either way with probability 1/2 (exact McNemar test, two-sided).
 
 Per (seed, strategy) whose recipe-bound export beat the recipe: the recipe is retrained (seeded: its accuracies
 repeat the part's), the export is read from the adapter the part saved, and both predict every row.
