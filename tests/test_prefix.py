@@ -216,3 +216,34 @@ def test_bad_input_and_unsupported_attention_say_why(tiny_models) -> None:
     base.config._attn_implementation = "flash_attention_2"  # as a model loaded that way reports it
     problem = get("prefix").problem(base)
     assert problem and "prefix" in problem and "flash_attention_2" in problem
+
+
+class _Layer(torch.nn.Module):
+    """An attention layer as transformers 5.17 calls one: its cache comes as `past_key_values`."""
+
+    def forward(self, hidden: torch.Tensor, past_key_values=None) -> torch.Tensor:
+        if past_key_values is not None:
+            past_key_values.update(hidden * 2, hidden * 3, 0)
+        return hidden
+
+
+class _Model(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"vocab_size": 50, "max_position_embeddings": 16})()
+        self.embed, self.attn = torch.nn.Embedding(50, 4), _Layer()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.embed(input_ids), past_key_values=DynamicCache())
+
+
+def test_the_prefix_scale_is_read_from_a_layer_that_takes_past_key_values() -> None:
+    """transformers renamed the cache argument (`past_key_values` in 5.17, `cache` in 5.24); the recorder
+    went in as `cache` alone, which a 5.17 layer never reads, so prefix tuning failed to start there."""
+    from autopeft.methods.prefix import activation_scale
+
+    model = _Model()
+    scale = activation_scale(model, ["attn"], length=8)
+    hidden = model.embed(torch.randint(50, (1, 8), generator=torch.Generator().manual_seed(0)))
+    assert scale.shape == (1, 2)
+    assert torch.allclose(scale[0], torch.stack([(hidden * 2).std(), (hidden * 3).std()]), rtol=1e-5)
