@@ -9,7 +9,6 @@ nothing, which is why trials at the majority-class rate are not candidates unles
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import tempfile
@@ -166,8 +165,9 @@ def held_out_accuracy(study: optuna.Study, trial: optuna.trial.FrozenTrial, runt
     key = f"test_accuracy.trial-{trial.number}"
     if key in study.user_attrs:
         return float(study.user_attrs[key])
-    model = adapter_io.load(copy.deepcopy(runtime.base_model), adapter).to(runtime.device)
-    value = runtime.evaluate(model, runtime.test, runtime.device)
+    from autopeft.search import load_trained
+
+    value = runtime.evaluate(load_trained(runtime, adapter), runtime.test, runtime.device)
     study.set_user_attr(key, value)
     return value
 

@@ -138,6 +138,11 @@ def _probes(config: SearchConfig, task: TaskData, base_model: nn.Module, tokeniz
     return build_probes(names, context)
 
 
+def load_trained(runtime: Runtime, adapter: Path) -> nn.Module:
+    """A fresh copy of the pristine base with a saved trial's adapter, on the device trials run on, to score."""
+    return adapter_io.load(copy.deepcopy(runtime.base_model), adapter).to(runtime.device).eval()
+
+
 def build_model(runtime: Runtime, params: TrialParams) -> nn.Module:
     """A fresh copy of the pristine base with this trial's adapter attached (only the adapter trains)."""
     model = copy.deepcopy(runtime.base_model)

@@ -52,7 +52,6 @@ Each part merges its rows into results.json and re-renders results.md next to th
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -70,11 +69,12 @@ os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 import optuna  # noqa: E402
 
-from autopeft import adapter_io, memory, methods  # noqa: E402
+from autopeft import memory, methods  # noqa: E402
 from autopeft.config import SearchConfig  # noqa: E402
 from autopeft.errors import StudyError  # noqa: E402
 from autopeft.export import select_trial  # noqa: E402
-from autopeft.search import build_model, prepare_runtime, run_search, run_trial, train_settings  # noqa: E402
+from autopeft.search import (build_model, load_trained, prepare_runtime, run_search, run_trial,  # noqa: E402
+                             train_settings)
 from autopeft.space import TRAINING_PARAMS, TrialParams  # noqa: E402
 from autopeft.study import pareto_front, pruner_checkpoints, rejected_by_budget, scores, startup_trials  # noqa: E402
 
@@ -96,8 +96,9 @@ PARTS["longer"] = dict(PARTS["quality"], trials=20)  # the same search with twic
 PARTS["pruning-long"] = dict(PARTS["quality"], max_steps=240, objective_mode="scalar", forgetting_weight=0.0)
 # Each bounded part and the search it holds to the recipe's memory and forgetting (its settings, but for the
 # larger one's steps and evaluation rows).
-BOUNDED = {"bounded": "quality", "causal-bounded": "causal", "causal-bounded-larger": "causal",
-           "causal-bounded-longer": "causal", "causal-bounded-all-methods": "causal", "causal-bounded-warm": "causal"}
+CAUSAL_BOUNDED = ("causal-bounded", "causal-bounded-larger", "causal-bounded-longer", "causal-bounded-all-methods",
+                  "causal-bounded-warm")
+BOUNDED = {"bounded": "quality", **{part: "causal" for part in CAUSAL_BOUNDED}}
 PARTS.update({bounded: PARTS[held] for bounded, held in BOUNDED.items()})
 PARTS["causal-bounded-larger"] = dict(PARTS["causal"], max_steps=16, val_size=300, test_size=600)
 PARTS["causal-bounded-longer"] = dict(PARTS["causal-bounded-larger"], trials=8, max_steps=32)
@@ -113,8 +114,7 @@ STRATEGIES = {
     "causal": {"tpe": dict(sampler="tpe"), "random": dict(sampler="random")},
 }
 STRATEGIES["bounded"] = {name: STRATEGIES["quality"][name] for name in ("tpe", "nsga2", "random")}
-for _part in ("causal-bounded", "causal-bounded-larger", "causal-bounded-longer", "causal-bounded-all-methods"):
-    STRATEGIES[_part] = STRATEGIES["causal"]
+STRATEGIES.update({part: STRATEGIES["causal"] for part in CAUSAL_BOUNDED})
 STRATEGIES["causal-bounded-warm"] = {name: dict(arm, warm_start=True) for name, arm in STRATEGIES["causal"].items()}
 STRATEGIES["longer"] = {name: STRATEGIES["quality"][name] for name in ("tpe-accuracy", "random")}
 # Hyperband's trial count is open: it runs until a trial reaches the target or random search's time runs out.
@@ -174,8 +174,7 @@ def peak_bytes(runtime, params: TrialParams) -> int:
 def exported(runtime, study: optuna.Study, rule: str) -> dict:
     """Test accuracy, forgetting and peak memory of the trial `autopeft export --select RULE` picks."""
     trial = select_trial(study, rule)
-    model = adapter_io.load(copy.deepcopy(runtime.base_model), Path(trial.user_attrs["adapter_dir"])).to(runtime.device)
-    model.eval()
+    model = load_trained(runtime, Path(trial.user_attrs["adapter_dir"]))
     params = TrialParams.from_flat(trial.user_attrs["params"])
     return {"rule": rule, "trial": trial.number, "params": trial.user_attrs["params"],
             "val_accuracy": scores(trial)[0], "forgetting": scores(trial)[1],
@@ -574,8 +573,7 @@ def render(results: dict) -> str:
     for part, command in results["commands"].items():
         lines.append(f"{part}: `{command}`  ")
     lines.append("")
-    for part in ("quality", "longer", "bounded", "pruning", "pruning-long", "causal", "causal-bounded",
-                 "causal-bounded-larger", "causal-bounded-longer", "causal-bounded-all-methods", "causal-bounded-warm"):
+    for part in ("quality", "longer", "bounded", "pruning", "pruning-long", "causal", *CAUSAL_BOUNDED):
         rows = results["parts"].get(part)
         if not rows:
             continue

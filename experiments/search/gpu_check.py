@@ -37,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ.get("OUT") or "gpu_check_out")
 LOG = OUT / "gpu_check_logs.txt"  # written after each command, so a run cut off by its time limit says where
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import fmt, mib  # noqa: E402  (the search bench's table cells)
 
 from autopeft import probes  # noqa: E402
 
@@ -156,14 +159,6 @@ def probe_checks(models: Path) -> dict:
     return checks
 
 
-def mib(value: float | None) -> str:
-    return "—" if value is None else f"{value / 2**20:.0f}"
-
-
-def cell(row: dict, key: str, spec: str) -> str:
-    return "—" if row.get(key) is None else format(row[key], spec)
-
-
 def render(report: dict) -> str:
     lines = [f"# The search on a GPU ({report['gpu']})", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".", ""]
@@ -176,11 +171,11 @@ def render(report: dict) -> str:
         for row in result["trials"]:
             reason = (row.get("fail_reason") or row.get("prune_reason") or "").replace("|", "/")
             lines.append(f"| {row['number']} | {row['state']} | {row['method']} | {row['precision']} | "
-                         f"{row['optimizer']} | {cell(row, 'val_accuracy', '.3f')} | "
-                         f"{cell(row, 'forgetting', '.4f')} | "
+                         f"{row['optimizer']} | {fmt(row.get('val_accuracy'), '.3f')} | "
+                         f"{fmt(row.get('forgetting'), '.4f')} | "
                          f"{mib(row.get('memory_estimate_bytes'))} | {mib(row.get('memory_measured_bytes'))} | "
-                         f"{cell(row, 'memory_estimate_error', '+.1%')} | {cell(row, 'train_seconds', '.1f')} | "
-                         f"{cell(row, 'train_tokens_per_second', '.0f')} | "
+                         f"{fmt(row.get('memory_estimate_error'), '+.1%')} | {fmt(row.get('train_seconds'), '.1f')} | "
+                         f"{fmt(row.get('train_tokens_per_second'), '.0f')} | "
                          f"{row.get('fp16_overflow_steps', '—')} | "
                          f"{reason[:160]} |")
         lines.append("")

@@ -18,7 +18,6 @@ paired_check_PART.json and .md).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -31,9 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import base_config, recipe_params  # noqa: E402
 
-from autopeft import adapter_io  # noqa: E402
 from autopeft.config import SearchConfig  # noqa: E402
-from autopeft.search import prepare_runtime, run_trial  # noqa: E402
+from autopeft.search import load_trained, prepare_runtime, run_trial  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PART = "causal-bounded-all-methods"
@@ -71,8 +69,7 @@ def check_seed(part: str, row: dict) -> list[dict]:
     results = []
     for name, export in wins.items():
         study = Path(row["strategies"][name]["folder"]) / "artifacts" / f"{part}-{name}-{row['seed']}"
-        model = adapter_io.load(copy.deepcopy(runtime.base_model), study / f"trial-{export['trial']}")
-        model.eval()
+        model = load_trained(runtime, study / f"trial-{export['trial']}")
         result = {"seed": row["seed"], "strategy": name, "trial": export["trial"],
                   "method": export["params"]["method"]}
         for split in ("validation", "test"):
