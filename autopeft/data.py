@@ -9,8 +9,11 @@ which the study records. Bad data stops with one line that names the file, the c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +24,7 @@ from autopeft.errors import DataError
 from autopeft.sources import PACKAGED_TASKS, Columns, Source, read_source
 
 __all__ = ["PACKAGED_TASKS", "Columns", "TaskData", "TextSplit", "TokenizedSplit", "collate", "eval_batches",
-           "length_grouped_batches", "load_eval_split", "load_task", "tokenize"]
+           "eval_positions_limited", "length_grouped_batches", "load_eval_split", "load_task", "tokenize"]
 SPLITS = ("train", "validation", "test")
 
 
@@ -308,7 +311,32 @@ def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch
     return [batches[i] for i in shuffled]
 
 
+# Padded positions an evaluation batch may hold, while a trial runs under a memory budget (None: no limit).
+# The budget bounds the trial's training step; an inference pass over no more positions than one training
+# micro-batch keeps less than it (one layer's activations at a time, not every layer's for backward), so
+# the trial's evaluations and probes stay inside the budget too. Measured: experiments/search/gpu_trial_memory.md.
+_EVAL_POSITIONS: ContextVar[int | None] = ContextVar("eval_positions", default=None)
+
+
+@contextlib.contextmanager
+def eval_positions_limited(positions: int | None) -> Iterator[None]:
+    """Within this block, `eval_batches` cuts batches at `positions` padded positions (None: no limit)."""
+    token = _EVAL_POSITIONS.set(positions)
+    try:
+        yield
+    finally:
+        _EVAL_POSITIONS.reset(token)
+
+
 def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Batches sorted by length: evaluation order does not matter, padding does."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    """Batches sorted by length: evaluation order does not matter, padding does. At most `batch_size`
+    rows, and within `eval_positions_limited` at most that many padded positions (a row longer than the
+    limit still gets a batch of its own)."""
+    limit = _EVAL_POSITIONS.get()
+    batches: list[list[int]] = [[]]
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        rows = batches[-1]  # ascending lengths: row i would set the batch's width
+        if len(rows) == batch_size or (rows and limit is not None and (len(rows) + 1) * lengths[i] > limit):
+            batches.append(rows := [])
+        rows.append(i)
+    return batches if batches[0] else []

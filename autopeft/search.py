@@ -21,7 +21,7 @@ from autopeft import adapter_io, interrupt, memory, methods
 from autopeft import study as studies
 from autopeft.budget import BudgetGate
 from autopeft.config import SearchConfig, format_bytes
-from autopeft.data import TaskData, TokenizedSplit, load_eval_split, load_task, tokenize
+from autopeft.data import TaskData, TokenizedSplit, eval_positions_limited, load_eval_split, load_task, tokenize
 from autopeft.evaluate import Evaluator
 from autopeft.errors import ConfigError, TrialFailed
 from autopeft.models import count_parameters, family, load_causal_lm, load_classifier
@@ -169,7 +169,7 @@ class TrialOutcome:
     seconds: float
     eval_seconds: float  # validation accuracy and the forgetting probe (intermediate evaluations included)
     intermediate: list[tuple[int, float]]  # (step, accuracy on the first rows of validation)
-    measured_peak_bytes: int | None  # CUDA: max_memory_allocated in training; CPU with a budget: measure_memory
+    measured_peak_bytes: int | None  # CUDA: max_memory_allocated over the trial; CPU with a budget: measure_memory
     probe_scores: dict[str, float] = field(default_factory=dict)  # every probe's metrics (forgetting included)
 
 
@@ -229,6 +229,12 @@ def measure_memory(runtime: Runtime, params: TrialParams) -> int | None:
                           num_labels=len(runtime.task.label_names), pad_id=runtime.pad_id)
 
 
+def eval_positions(runtime: Runtime, micro_batch_size: int) -> int | None:
+    """Under a memory budget, the padded positions a trial's evaluation batches may hold: one training
+    micro-batch of the longest rows, the batch its estimate is for (see data.eval_positions_limited)."""
+    return None if runtime.config.memory_budget is None else micro_batch_size * max(runtime.train.lengths())
+
+
 INTERMEDIATE_ROWS = 256  # a mid-training check on a slice of validation: cheap, and enough to see a trend
 
 
@@ -265,19 +271,22 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
             if on_checkpoint is not None:
                 on_checkpoint(step, score)
 
+    settings = train_settings(params, max_steps=runtime.config.max_steps, seed=seed)
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
-    result = fit(model, runtime.train, train_settings(params, max_steps=runtime.config.max_steps, seed=seed),
-                 pad_id=runtime.pad_id, device=runtime.device, loss_fn=runtime.loss_fn, on_step=check_progress,
-                 after_step=methods.get(params.method).after_step)
+    with eval_positions_limited(eval_positions(runtime, settings.micro_batch_size)):
+        result = fit(model, runtime.train, settings, pad_id=runtime.pad_id, device=runtime.device,
+                     loss_fn=runtime.loss_fn, on_step=check_progress, after_step=methods.get(params.method).after_step)
+        eval_start = time.perf_counter()
+        val_accuracy = runtime.evaluate(model, runtime.validation, runtime.device)
+        probe_scores = runtime.probes.score(model, runtime.device, measured={"val_accuracy": val_accuracy})
+    eval_seconds = time.perf_counter() - eval_start + checking[0]
+    # CUDA: the whole trial's peak (training, its evaluations and probes), what the budget promises to bound
     measured = torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda" else \
         measure_memory(runtime, params)
-    eval_start = time.perf_counter()
-    val_accuracy = runtime.evaluate(model, runtime.validation, runtime.device)
-    probe_scores = runtime.probes.score(model, runtime.device, measured={"val_accuracy": val_accuracy})
     end = time.perf_counter()
     return TrialOutcome(model, result, val_accuracy, probe_scores["forgetting"], trainable, total, estimate,
-                        end - start, end - eval_start + checking[0], intermediate, measured, probe_scores)
+                        end - start, eval_seconds, intermediate, measured, probe_scores)
 
 
 class Objective:
@@ -406,7 +415,7 @@ class Objective:
             "train_tokens_per_second": outcome.train.tokens_per_second,
             "padding_fraction": 1 - outcome.train.tokens / max(1, outcome.train.positions),
             "final_train_loss": outcome.train.losses[-1], "fp16_overflow_steps": outcome.train.overflow_steps,
-            "memory_estimate_bytes": outcome.estimate.total,
+            "memory_estimate_bytes": outcome.estimate.total, "memory_estimate_level": outcome.estimate.level,
             **{f"probe.{k}": v for k, v in outcome.probe_scores.items() if k != "forgetting"},
             **({"memory_measured_bytes": outcome.measured_peak_bytes,
                 "memory_estimate_error": outcome.estimate.total / outcome.measured_peak_bytes - 1}

@@ -72,7 +72,7 @@ SEARCHES = [
      ["--task-type", "causal_lm", "--probes", "perplexity,factual_recall", "--trials", "6", "--max-steps", "32",
       "--train-size", "1000", "--val-size", "200", "--test-size", "200", "--timeout", "50"]),
 ]
-TRIAL_KEYS = ("val_accuracy", "forgetting", "memory_estimate_bytes", "memory_measured_bytes",
+TRIAL_KEYS = ("val_accuracy", "forgetting", "memory_estimate_bytes", "memory_estimate_level", "memory_measured_bytes",
               "memory_estimate_error", "wall_seconds", "train_seconds", "eval_seconds", "train_tokens_per_second",
               "fp16_overflow_steps", "final_train_loss", "trainable_params", "fail_reason", "prune_reason")
 
@@ -159,9 +159,16 @@ def probe_checks(models: Path) -> dict:
     return checks
 
 
+def level(row: dict) -> str:
+    return f" ({row['memory_estimate_level']})" if row.get("memory_estimate_level") else ""
+
+
 def render(report: dict) -> str:
     lines = [f"# The search on a GPU ({report['gpu']})", "",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".", ""]
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".", "",
+             "est. MiB: the trial's recorded estimate, traced where the search has a memory budget (the encoder "
+             "search), else the analytic first guess (the causal search); measured MiB: "
+             "`torch.cuda.max_memory_allocated` during the trial.", ""]
     for study, result in report.get("searches", {}).items():
         lines += [f"## {study}: `autopeft search` exit {result['exit']} in {result['seconds']:.0f} s, "
                   f"`autopeft export` exit {result['export_exit']} in {result['export_seconds']:.0f} s", "",
@@ -173,7 +180,7 @@ def render(report: dict) -> str:
             lines.append(f"| {row['number']} | {row['state']} | {row['method']} | {row['precision']} | "
                          f"{row['optimizer']} | {fmt(row.get('val_accuracy'), '.3f')} | "
                          f"{fmt(row.get('forgetting'), '.4f')} | "
-                         f"{mib(row.get('memory_estimate_bytes'))} | {mib(row.get('memory_measured_bytes'))} | "
+                         f"{mib(row.get('memory_estimate_bytes'))}{level(row)} | {mib(row.get('memory_measured_bytes'))} | "
                          f"{fmt(row.get('memory_estimate_error'), '+.1%')} | {fmt(row.get('train_seconds'), '.1f')} | "
                          f"{fmt(row.get('train_tokens_per_second'), '.0f')} | "
                          f"{row.get('fp16_overflow_steps', '—')} | "
