@@ -1,7 +1,7 @@
 """Where a search trial's CUDA peak comes from: the estimate, `memory.measure`, and the trial's phases.
 
 The full-size GPU check (gpu_check.md) found the encoder search's trials, held by a memory budget to their
-traced estimate, peaking 12-28% above it on CUDA, while the memory bench's GPU check
+traced estimate, peaking 14-40% above it on CUDA, while the memory bench's GPU check
 (experiments/memory/gpu_results.json) had the estimate within 0.2% (median) of `memory.measure`. A trial
 runs more than `measure` does: a mid-training evaluation, then the final evaluation and the probes. This
 splits one trial's peak into what the process held before its model was built, the training steps, the
