@@ -78,20 +78,23 @@ def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> R
     runtime = Runtime(config, space, task, tokenizer, base_model, splits["train"], splits["validation"],
                       splits["test"], probes, evaluator, causal_lm_loss if causal else classification_loss,
                       "CAUSAL_LM" if causal else "SEQ_CLS")
-    with on_device(base_model, runtime.device):
+    with scoring_base(runtime):
         runtime.base_scores = probes.fit_base(base_model, runtime.device, cache_file=probe_cache(config),
                                               cache_key=probe_cache_key(config, task))
     return runtime
 
 
 @contextlib.contextmanager
-def on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+def scoring_base(runtime: Runtime) -> Iterator[nn.Module]:
     """The shared base model stays on the CPU, and each trial copies it to the device; to be scored itself it
-    moves there for the while and back after, so the GPU never holds it beside a trial's copy."""
+    moves there for the while and back after, so the GPU never holds it beside a trial's copy. Under a
+    memory budget it is scored in batches no larger than the space's smallest training micro-batch."""
+    model = runtime.base_model
     home = next(model.parameters()).device
-    model.to(device)
+    model.to(runtime.device)
     try:
-        yield model
+        with eval_positions_limited(eval_positions(runtime)):
+            yield model
     finally:
         model.to(home)
 
@@ -229,10 +232,22 @@ def measure_memory(runtime: Runtime, params: TrialParams) -> int | None:
                           num_labels=len(runtime.task.label_names), pad_id=runtime.pad_id)
 
 
-def eval_positions(runtime: Runtime, micro_batch_size: int) -> int | None:
-    """Under a memory budget, the padded positions a trial's evaluation batches may hold: one training
-    micro-batch of the longest rows, the batch its estimate is for (see data.eval_positions_limited)."""
-    return None if runtime.config.memory_budget is None else micro_batch_size * max(runtime.train.lengths())
+def eval_positions(runtime: Runtime, micro_batch_size: int | None = None) -> int | None:
+    """Under a memory budget, the padded positions an evaluation batch may hold: one training micro-batch of
+    the longest rows, the batch a trial's estimate is for (see data.eval_positions_limited). The micro-batch
+    is the trial's own; for the base model alone, the smallest the space offers (the lightest trial's)."""
+    if runtime.config.memory_budget is None:
+        return None
+    if micro_batch_size is None:
+        micro_batch_size = smallest_micro_batch(runtime.space)
+    return micro_batch_size * max(runtime.train.lengths())
+
+
+def smallest_micro_batch(space: SearchSpace | None) -> int:
+    if space is None:
+        return int(TRAINING_PARAMS["micro_batch_size"].default)
+    return int(min(min(_dim_options("micro_batch_size", {**space.training_dims, **space.training_overrides.get(m, {})}))
+                   for m in space.method_names()))
 
 
 INTERMEDIATE_ROWS = 256  # a mid-training check on a slice of validation: cheap, and enough to see a trend
@@ -415,7 +430,7 @@ class Objective:
             "train_tokens_per_second": outcome.train.tokens_per_second,
             "padding_fraction": 1 - outcome.train.tokens / max(1, outcome.train.positions),
             "final_train_loss": outcome.train.losses[-1], "fp16_overflow_steps": outcome.train.overflow_steps,
-            "memory_estimate_bytes": outcome.estimate.total, "memory_estimate_level": outcome.estimate.level,
+            "memory_estimate_bytes": outcome.estimate.total,
             **{f"probe.{k}": v for k, v in outcome.probe_scores.items() if k != "forgetting"},
             **({"memory_measured_bytes": outcome.measured_peak_bytes,
                 "memory_estimate_error": outcome.estimate.total / outcome.measured_peak_bytes - 1}
@@ -425,6 +440,7 @@ class Objective:
         for key, value in summary.items():
             trial.set_user_attr(key, value)
         trial.set_user_attr("adapter_dir", str(folder.resolve()))
+        trial.set_user_attr("memory_estimate_level", outcome.estimate.level)  # which estimate: not a metric
         self.tracker.log_metrics(run_id, summary)
         self.tracker.end_trial_run(run_id, "COMPLETE")
 
@@ -651,7 +667,7 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
                                     {**config.public_dict(), **runtime.task.describe(), **package_versions()},
                                     config.space, study.user_attrs.get("space_yaml"))
     if "base_val_accuracy" not in study.user_attrs:  # the untouched base model's scores, once per study
-        with on_device(runtime.base_model, runtime.device):
+        with scoring_base(runtime):
             base = runtime.evaluate(runtime.base_model, runtime.validation, runtime.device)
         study.set_user_attr("base_val_accuracy", base)
         study.set_user_attr("base_probe_scores", runtime.base_scores)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autopeft.data import (Columns, TextSplit, TokenizedSplit, collate, length_grouped_batches, load_eval_split,
-                           load_task, tokenize)
+from autopeft.data import (Columns, TextSplit, TokenizedSplit, collate, eval_batches, eval_positions_limited,
+                           length_grouped_batches, load_eval_split, load_task, tokenize)
 from autopeft.errors import DataError
 
 
@@ -212,3 +212,15 @@ def test_a_text_column_given_as_the_label_is_named_by_its_class_count(tmp_path: 
         load_task(str(tmp_path / "swapped.csv"), seed=0, train_size=10, val_size=4, test_size=4,
                   columns=Columns(text="label", label="text"))
     assert len(str(caught.value)) < 400
+
+
+def test_evaluation_batches_hold_at_most_the_limited_positions() -> None:
+    lengths = [5, 3, 9, 1, 7, 7, 2, 30]
+    assert eval_batches(lengths, 3) == [[3, 6, 1], [0, 4, 5], [2, 7]]  # by length, 3 rows each
+    with eval_positions_limited(14):
+        batches = eval_batches(lengths, 3)
+    assert sorted(i for rows in batches for i in rows) == list(range(len(lengths)))  # every row, once
+    for rows in batches:
+        assert len(rows) <= 3 and (len(rows) == 1 or len(rows) * max(lengths[i] for i in rows) <= 14)
+    assert [7] in batches  # a row longer than the limit is evaluated on its own
+    assert eval_batches(lengths, 3) == [[3, 6, 1], [0, 4, 5], [2, 7]]  # the limit ends with its block

@@ -267,3 +267,31 @@ def test_under_a_budget_a_trials_whole_cuda_peak_is_within_its_estimate(tmp_path
     trial = summary.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))[0]
     # 2%: the allocator's slack the estimate cannot see (experiments/memory/gpu_results.json)
     assert trial.user_attrs["memory_measured_bytes"] <= 1.02 * trial.user_attrs["memory_estimate_bytes"]
+
+
+def test_under_a_budget_every_evaluation_batch_of_a_search_and_its_export_is_limited(
+        tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The base model's scores, each trial's evaluations and probes, and the export's test score: all in
+    batches of at most one training micro-batch's positions, as the budget's promise needs."""
+    from autopeft import data, evaluate, probes
+    from autopeft.export import export_trial
+
+    calls = []
+
+    def recorded(lengths: list[int], batch_size: int) -> list[list[int]]:
+        batches = data.eval_batches(lengths, batch_size)
+        calls.append((data._EVAL_POSITIONS.get(), [len(rows) * max(lengths[i] for i in rows) for rows in batches
+                                                    if len(rows) > 1]))
+        return batches
+
+    monkeypatch.setattr(evaluate, "eval_batches", recorded)
+    monkeypatch.setattr(probes, "eval_batches", recorded)
+    (tmp_path / "space.yaml").write_text("method: lora\ntraining:\n  micro_batch_size: [2, 4]\n"
+                                         "methods:\n  lora: {r: 4, alpha: 8, target_modules: qv}\n")
+    run_search(config(tmp_path, tiny_bert, trials=2, memory_budget=2**30))
+    export_trial("t", f"sqlite:///{tmp_path}/o.db", tmp_path / "out")
+    longest = max(prepare_runtime(config(tmp_path, tiny_bert)).train.lengths())
+    assert len(calls) > 5  # base scores, probes, trials, export
+    for limit, positions in calls:
+        assert limit is not None and limit <= 4 * longest
+        assert all(p <= limit for p in positions)
