@@ -311,10 +311,11 @@ def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch
     return [batches[i] for i in shuffled]
 
 
-# Padded positions an evaluation batch may hold, while a trial runs under a memory budget (None: no limit).
-# The budget bounds the trial's training step; an inference pass over no more positions than one training
-# micro-batch keeps less than it (one layer's activations at a time, not every layer's for backward), so
-# the trial's evaluations and probes stay inside the budget too. Measured: experiments/search/gpu_trial_memory.md.
+# Padded positions an evaluation batch may hold under a memory budget (None: no limit). The budget bounds a
+# trial's training step; an inference pass over no more positions than one training micro-batch keeps less
+# (one layer's activations at a time, not every layer's for backward), so a trial's evaluations and probes,
+# the base model's scores and the export's test score stay inside the budget too (search.eval_positions).
+# Measured on an H200: experiments/search/gpu_trial_memory.md.
 _EVAL_POSITIONS: ContextVar[int | None] = ContextVar("eval_positions", default=None)
 
 

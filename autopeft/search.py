@@ -172,7 +172,7 @@ class TrialOutcome:
     seconds: float
     eval_seconds: float  # validation accuracy and the forgetting probe (intermediate evaluations included)
     intermediate: list[tuple[int, float]]  # (step, accuracy on the first rows of validation)
-    measured_peak_bytes: int | None  # CUDA: max_memory_allocated over the trial; CPU with a budget: measure_memory
+    measured_peak_bytes: int | None  # CUDA: max_memory_allocated over the trial; CPU, budgeted: measure_memory
     probe_scores: dict[str, float] = field(default_factory=dict)  # every probe's metrics (forgetting included)
 
 
@@ -246,8 +246,9 @@ def eval_positions(runtime: Runtime, micro_batch_size: int | None = None) -> int
 def smallest_micro_batch(space: SearchSpace | None) -> int:
     if space is None:
         return int(TRAINING_PARAMS["micro_batch_size"].default)
-    return int(min(min(_dim_options("micro_batch_size", {**space.training_dims, **space.training_overrides.get(m, {})}))
-                   for m in space.method_names()))
+    offered = [_dim_options("micro_batch_size", {**space.training_dims, **space.training_overrides.get(method, {})})
+               for method in space.method_names()]
+    return int(min(min(sizes) for sizes in offered))
 
 
 INTERMEDIATE_ROWS = 256  # a mid-training check on a slice of validation: cheap, and enough to see a trend
@@ -291,7 +292,8 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
         torch.cuda.reset_peak_memory_stats(runtime.device)
     with eval_positions_limited(eval_positions(runtime, settings.micro_batch_size)):
         result = fit(model, runtime.train, settings, pad_id=runtime.pad_id, device=runtime.device,
-                     loss_fn=runtime.loss_fn, on_step=check_progress, after_step=methods.get(params.method).after_step)
+                     loss_fn=runtime.loss_fn, on_step=check_progress,
+                     after_step=methods.get(params.method).after_step)
         eval_start = time.perf_counter()
         val_accuracy = runtime.evaluate(model, runtime.validation, runtime.device)
         probe_scores = runtime.probes.score(model, runtime.device, measured={"val_accuracy": val_accuracy})
