@@ -25,7 +25,7 @@ from autopeft.confirm import Confirmation, confirm
 from autopeft.errors import ConfigError, StudyError
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
-from autopeft.study import pareto_front, scores
+from autopeft.study import pareto_front, recorded_space, scores
 
 if TYPE_CHECKING:
     from autopeft.search import Runtime
@@ -193,7 +193,9 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     prepare_out(out, force)
     from autopeft.search import prepare_runtime
 
-    runtime = prepare_runtime(config)  # base model and data once, for a retrain and the test score alike
+    # Base model and data once, for a retrain and the test score alike; with the study's space, which sets
+    # the base model's evaluation batches under a memory budget when its probe scores are not cached here.
+    runtime = prepare_runtime(config, recorded_space(study))
     trial, confirmations = ranked.trials[0], []
     if confirm_seeds:
         from autopeft.tracking import Tracker  # mlflow: only when there are runs to log

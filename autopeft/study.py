@@ -80,11 +80,16 @@ def load_for_worker(config: SearchConfig, on_stale: StaleTrialRetry | None = Non
                          "with `autopeft search --trials 0 ...` (or `--workers N`) first")
     study = optuna.load_study(study_name=config.study, storage=storage)
     recorded = dict(study.user_attrs["config"])
-    space = parse_space(yaml.safe_load(study.user_attrs["space_yaml"]), f"{config.study}:space")
+    space = recorded_space(study)
     local = {k: getattr(config, k) for k in ("storage", "tracking_uri", "artifacts_dir", "worker_id", "timeout")}
     joined = SearchConfig.from_dict({**recorded, **local, "space": config.space,
                                      "trials": config.trials or recorded["trials"]})
     return study, joined, space
+
+
+def recorded_space(study: optuna.Study) -> SearchSpace:
+    """The space a study was created with, as it recorded it (workers and exports elsewhere need no file)."""
+    return parse_space(yaml.safe_load(study.user_attrs["space_yaml"]), f"{study.study_name}:space")
 
 
 def check_compatible(study: optuna.Study, config: SearchConfig, space: SearchSpace, task: TaskData) -> None:
