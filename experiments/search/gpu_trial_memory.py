@@ -145,7 +145,8 @@ def render(report: dict) -> str:
              "SmolLM2-135M's architectures, random weights, real tokenizers; 400 training rows, 256 validation "
              "rows, the study's default probes). Each column is a CUDA peak (`torch.cuda.max_memory_allocated`, "
              "reset at the phase's start), so every phase includes what the process already held: the 64 MiB "
-             "of cuBLAS workspaces, which the estimate counts too. Seconds: the final evaluation and probes.", "",
+             "of cuBLAS workspaces, which the estimate counts too. Seconds: the final evaluation and probes. Training "
+             "tokens/s: over the 16 steps, so the first run of a model at a precision carries CUDA's warm-up.", "",
              "| trial | estimate MiB | measure() MiB | held before the trial MiB | model MiB | training steps MiB | "
              "mid-training evaluation MiB | final evaluation and probes MiB | its seconds | training tokens/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
