@@ -166,10 +166,10 @@ def held_out_accuracy(study: optuna.Study, trial: optuna.trial.FrozenTrial, runt
     if key in study.user_attrs:
         return float(study.user_attrs[key])
     from autopeft.data import eval_positions_limited
-    from autopeft.search import eval_positions, load_trained, train_settings
+    from autopeft.search import eval_positions, load_trained
 
-    settings = train_settings(TrialParams.from_flat(trial.user_attrs["params"]), max_steps=1, seed=0)
-    with eval_positions_limited(eval_positions(runtime, settings.micro_batch_size)):  # inside a memory budget
+    params = TrialParams.from_flat(trial.user_attrs["params"])
+    with eval_positions_limited(eval_positions(runtime, params)):  # inside a memory budget
         value = runtime.evaluate(load_trained(runtime, adapter), runtime.test, runtime.device)
     study.set_user_attr(key, value)
     return value

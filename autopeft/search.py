@@ -58,6 +58,11 @@ class Runtime:
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
+    @property
+    def longest_row(self) -> int:
+        """Tokens in the longest training row: the batch length memory estimates and evaluation limits are for."""
+        return max(self.train.lengths())
+
 
 def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> Runtime:
     columns = Columns(config.text_column, config.label_column, config.text_pair_column)
@@ -216,9 +221,9 @@ def traced_estimate(runtime: Runtime, params: TrialParams) -> memory.MemoryEstim
 
 def _trace_options(runtime: Runtime) -> dict[str, Any]:
     """What a traced estimate of this search's trials needs besides the configuration."""
-    return dict(seq_len=max(runtime.train.lengths()), device=target_device(runtime),
-                task_type=runtime.method_task_type, num_labels=len(runtime.task.label_names),
-                max_steps=runtime.config.max_steps)
+    return {"seq_len": runtime.longest_row, "device": target_device(runtime),
+            "task_type": runtime.method_task_type, "num_labels": len(runtime.task.label_names),
+            "max_steps": runtime.config.max_steps}
 
 
 def measure_memory(runtime: Runtime, params: TrialParams) -> int | None:
@@ -228,27 +233,26 @@ def measure_memory(runtime: Runtime, params: TrialParams) -> int | None:
     if runtime.config.memory_budget is None or runtime.device.type != "cpu" or target_device(runtime).type != "cpu":
         return None
     return memory.measure(build_model(runtime, params), train_settings(params, max_steps=2, seed=0),
-                          seq_len=max(runtime.train.lengths()), task_type=runtime.method_task_type,
+                          seq_len=runtime.longest_row, task_type=runtime.method_task_type,
                           num_labels=len(runtime.task.label_names), pad_id=runtime.pad_id)
 
 
-def eval_positions(runtime: Runtime, micro_batch_size: int | None = None) -> int | None:
+def eval_positions(runtime: Runtime, params: TrialParams | None = None) -> int | None:
     """Under a memory budget, the padded positions an evaluation batch may hold: one training micro-batch of
     the longest rows, the batch a trial's estimate is for (see data.eval_positions_limited). The micro-batch
-    is the trial's own; for the base model alone, the smallest the space offers (the lightest trial's)."""
+    is the trial's (`params`); for the base model alone, the smallest the space offers (the lightest trial's)."""
     if runtime.config.memory_budget is None:
         return None
-    if micro_batch_size is None:
-        micro_batch_size = smallest_micro_batch(runtime.space)
-    return micro_batch_size * max(runtime.train.lengths())
+    micro_batch = train_settings(params, max_steps=1, seed=0).micro_batch_size if params is not None else \
+        smallest_micro_batch(runtime.space)
+    return micro_batch * runtime.longest_row
 
 
 def smallest_micro_batch(space: SearchSpace | None) -> int:
     if space is None:
         return int(TRAINING_PARAMS["micro_batch_size"].default)
-    offered = [_dim_options("micro_batch_size", {**space.training_dims, **space.training_overrides.get(method, {})})
-               for method in space.method_names()]
-    return int(min(min(sizes) for sizes in offered))
+    return min(int(size) for method in space.method_names()
+               for size in _dim_options("micro_batch_size", space.training_dims_of(method)))
 
 
 INTERMEDIATE_ROWS = 256  # a mid-training check on a slice of validation: cheap, and enough to see a trend
@@ -290,7 +294,7 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
     settings = train_settings(params, max_steps=runtime.config.max_steps, seed=seed)
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
-    with eval_positions_limited(eval_positions(runtime, settings.micro_batch_size)):
+    with eval_positions_limited(eval_positions(runtime, params)):
         result = fit(model, runtime.train, settings, pad_id=runtime.pad_id, device=runtime.device,
                      loss_fn=runtime.loss_fn, on_step=check_progress,
                      after_step=methods.get(params.method).after_step)
@@ -541,7 +545,7 @@ def _lightest_configurations(runtime: Runtime) -> list[tuple[str, TrialParams, m
     for method in space.method_names():
         if methods.get(method).problem(runtime.base_model):
             continue
-        dims = {**space.training_dims, **space.training_overrides.get(method, {})}
+        dims = space.training_dims_of(method)
         precision = "bf16" if set(_dim_options("precision", dims)) & {"bf16", "fp16"} else "fp32"
         settings = {**params_defaults(), "micro_batch_size": int(min(_dim_options("micro_batch_size", dims))),
                     "precision": precision,
@@ -549,7 +553,7 @@ def _lightest_configurations(runtime: Runtime) -> list[tuple[str, TrialParams, m
         model = build_model(runtime, TrialParams(method, methods.get(method).resolve({}), settings))
         estimates = {opt: memory.estimate(model, optimizer=opt, precision=precision,
                                           micro_batch_size=settings["micro_batch_size"],
-                                          seq_len=max(runtime.train.lengths()),
+                                          seq_len=runtime.longest_row,
                                           gradient_checkpointing=settings["gradient_checkpointing"])
                      for opt in _dim_options("optimizer", dims)}
         optimizer = min(estimates, key=lambda opt: estimates[opt].total)
@@ -580,9 +584,9 @@ def warm_up_tracer(runtime: Runtime) -> float:
     for method in space.method_names():
         if methods.get(method).problem(runtime.base_model):
             continue
-        dims = {**space.training_dims, **space.training_overrides.get(method, {})}
-        options = dict(seq_len=max(runtime.train.lengths()), task_type=runtime.method_task_type,
-                       num_labels=len(runtime.task.label_names))
+        dims = space.training_dims_of(method)
+        options = {"seq_len": runtime.longest_row, "task_type": runtime.method_task_type,
+                   "num_labels": len(runtime.task.label_names)}
         sizes = sorted({int(size) for size in _dim_options("micro_batch_size", dims)})
         for size in sizes:
             spent += memory.warm_up(runtime.base_model, method, micro_batch_size=size, **options)

@@ -96,12 +96,16 @@ class SearchSpace:
     def suggest(self, trial: optuna.Trial) -> TrialParams:
         method = self.method.suggest(trial)
         sampled = {name: dim.suggest(trial) for name, dim in self.method_dims[method].items()}
-        dims = {**self.training_dims, **self.training_overrides.get(method, {})}
+        dims = self.training_dims_of(method)
         training = {**{k: s.default for k, s in TRAINING_PARAMS.items()},
                     **{name: dim.suggest(trial) for name, dim in dims.items()}}
         if training["effective_batch_size"]:  # the batch is fixed; only its split was searched
             training["grad_accum_steps"] = training["effective_batch_size"] // training["micro_batch_size"]
         return TrialParams(method, methods.get(method).resolve(sampled), training)
+
+    def training_dims_of(self, method: str) -> dict[str, Dimension]:
+        """The training dimensions a trial of `method` draws: the shared ones, with the method's overrides."""
+        return {**self.training_dims, **self.training_overrides.get(method, {})}
 
     def grid(self) -> dict[str, list[Any]]:
         """Every searched dimension's values, for Optuna's GridSampler (ranges need a step)."""

@@ -5,8 +5,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from autopeft.data import (Columns, TextSplit, TokenizedSplit, collate, eval_batches, eval_positions_limited,
-                           length_grouped_batches, load_eval_split, load_task, tokenize)
+from autopeft.data import (
+    Columns,
+    TextSplit,
+    TokenizedSplit,
+    collate,
+    eval_batches,
+    eval_positions_limited,
+    length_grouped_batches,
+    load_eval_split,
+    load_task,
+    tokenize,
+)
 from autopeft.errors import DataError
 
 
@@ -81,8 +91,8 @@ GOOD = "text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i i
     ({"t.txt": GOOD}, "t.txt", Columns(), r"t\.txt must end in one of \.csv, \.jsonl, \.parquet"),
     ({}, "missing.csv", Columns(), r"missing\.csv does not exist"),
     ({"t.csv": "text,label\n" + "".join(f"r{i},a\n" for i in range(9)) + "lonely,b\n"}, "t.csv", Columns(),
-     r"cannot split 10 rows by class into train / validation / test .*: 2 classes, the rarest 'b' 1 row, 'a' 9 "
-     r"rows; every class needs a row in each split"),
+     (r"cannot split 10 rows by class into train / validation / test .*: 2 classes, the rarest 'b' 1 row, 'a' 9 "
+      r"rows; every class needs a row in each split")),
     ({"d/train.csv": "text,label\n"}, "d", Columns(), r"train\.csv has no rows"),
     ({"t.jsonl": '{"text": "a", "label": 1}\n\n{"text": "b", "label": 0\n'}, "t.jsonl", Columns(),
      r"cannot read .*t\.jsonl: line 3 is not valid JSON \(Expecting ',' delimiter at column 25\)$"),

@@ -85,7 +85,7 @@ def test_a_trial_depends_on_its_seed_not_on_what_ran_before_it(tmp_path: Path, t
 
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path: Path, tiny_bert: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import autopeft.search as search
+    from autopeft import search
 
     real_fit, calls = search.fit, {"n": 0}
 
@@ -204,7 +204,7 @@ def test_a_search_trains_scores_and_exports_on_cuda(tmp_path: Path, tiny_bert: P
     from autopeft.export import export_trial
 
     (tmp_path / "space.yaml").write_text(CUDA_SPACE.format(precision=precision))
-    extra = dict(model=str(tiny_causal_models["llama"]), task_type="causal_lm") if causal else {}
+    extra = {"model": str(tiny_causal_models["llama"]), "task_type": "causal_lm"} if causal else {}
     summary = run_search(config(tmp_path, tiny_bert, trials=2, **extra))
     trials = summary.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) == 2 and "base_val_accuracy" in summary.study.user_attrs
@@ -290,7 +290,7 @@ def test_under_a_budget_every_evaluation_batch_of_a_search_and_its_export_is_lim
                                          "methods:\n  lora: {r: 4, alpha: 8, target_modules: qv}\n")
     run_search(config(tmp_path, tiny_bert, trials=2, memory_budget=2**30))
     export_trial("t", f"sqlite:///{tmp_path}/o.db", tmp_path / "out")
-    longest = max(prepare_runtime(config(tmp_path, tiny_bert)).train.lengths())
+    longest = prepare_runtime(config(tmp_path, tiny_bert)).longest_row
     assert len(calls) > 5  # base scores, probes, trials, export
     for limit, positions in calls:
         assert limit is not None and limit <= 4 * longest

@@ -29,9 +29,9 @@ def tiny_config(tmp_path: Path, tiny_bert: Path, **overrides: object) -> SearchC
     space = tmp_path / "space.yaml"
     if not space.exists():
         space.write_text(SPACE)
-    values = dict(model=str(tiny_bert), space=str(space), study="t", storage=f"sqlite:///{tmp_path}/o.db",
-                  tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifacts_dir=str(tmp_path / "a"), trials=3,
-                  max_steps=3, train_size=64, val_size=32, test_size=32, seed=0)
+    values = {"model": str(tiny_bert), "space": str(space), "study": "t", "storage": f"sqlite:///{tmp_path}/o.db",
+              "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifacts_dir": str(tmp_path / "a"),
+              "trials": 3, "max_steps": 3, "train_size": 64, "val_size": 32, "test_size": 32, "seed": 0}
     return SearchConfig(**{**values, **overrides})  # type: ignore[arg-type]
 
 

@@ -53,7 +53,7 @@ def median_budget(folder: Path) -> tuple[int, list[int]]:
     space = load_space(config.space)
     runtime = prepare_runtime(config, space)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=123))
-    seq_len = max(runtime.train.lengths())
+    seq_len = runtime.longest_row
     totals = []
     for _ in range(DRAWS):
         trial = study.ask()

@@ -167,7 +167,7 @@ def trial_rows(study: optuna.Study, origin: float) -> list[dict]:
 def peak_bytes(runtime, params: TrialParams) -> int:
     """Live tensor bytes at the peak of one training step on a full-length batch (autopeft.memory.measure)."""
     return memory.measure(build_model(runtime, params), train_settings(params, max_steps=2, seed=0),
-                          seq_len=max(runtime.train.lengths()), task_type=runtime.method_task_type,
+                          seq_len=runtime.longest_row, task_type=runtime.method_task_type,
                           num_labels=len(runtime.task.label_names), pad_id=runtime.pad_id)
 
 

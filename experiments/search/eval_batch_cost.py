@@ -18,16 +18,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from autopeft import methods, search  # noqa: E402
-from autopeft.config import SearchConfig  # noqa: E402
-from autopeft.data import eval_positions_limited  # noqa: E402
-from autopeft.space import TrialParams  # noqa: E402
+from autopeft import methods, search
+from autopeft.config import SearchConfig
+from autopeft.data import eval_positions_limited
+from autopeft.space import TrialParams
 
 CASES = [  # (name, search options, the trial's micro-batch: the bench's spaces')
-    ("MiniLM, 1000 validation rows, micro-batch 16", dict(model="packaged:all-MiniLM-L6-v2", val_size=1000), 16),
+    ("MiniLM, 1000 validation rows, micro-batch 16", {"model": "packaged:all-MiniLM-L6-v2", "val_size": 1000}, 16),
     ("SmolLM2 causal LM, 300 validation rows, micro-batch 4",
-     dict(model="packaged:SmolLM2-135M-Instruct", task_type="causal_lm", probes=("perplexity",), val_size=300,
-          max_length=48), 4),
+     {"model": "packaged:SmolLM2-135M-Instruct", "task_type": "causal_lm", "probes": ("perplexity",),
+      "val_size": 300, "max_length": 48}, 4),
 ]
 
 
@@ -50,14 +50,14 @@ def main() -> None:
         params = TrialParams("lora", methods.get("lora").resolve({"r": 8, "alpha": 16, "target_modules": "qv"}),
                              search.params_defaults())
         model = search.build_model(runtime, params).eval()
-        limit = micro_batch * max(runtime.train.lengths())
+        limit = micro_batch * runtime.longest_row
         for positions in (None, limit, None, limit):
             rows.append({"case": name, **timed(runtime, model, positions)})
     (HERE / "eval_batch_cost.json").write_text(json.dumps(rows, indent=1))
     lines = ["# Evaluation held to a micro-batch: its cost on the CPU", "",
-             "Command: `.venv/bin/python experiments/search/eval_batch_cost.py` (2 CPU threads). A trial's final "
-             "evaluation, validation accuracy then the default probes, with 128-row batches and held to one "
-             "training micro-batch's positions (micro-batch x the longest training row), alternating, twice each.",
+             ("Command: `.venv/bin/python experiments/search/eval_batch_cost.py` (2 CPU threads). A trial's final "
+              "evaluation, validation accuracy then the default probes, with 128-row batches and held to one "
+              "training micro-batch's positions (micro-batch x the longest training row), alternating, twice each."),
              "", "| case | batches | validation s | probes s | accuracy |", "|---|---|---|---|---|"]
     for row in rows:
         batches = "128 rows" if row["positions"] is None else f"at most {row['positions']} positions"

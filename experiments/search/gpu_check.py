@@ -39,9 +39,9 @@ LOG = OUT / "gpu_check_logs.txt"  # written after each command, so a run cut off
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import fmt, mib  # noqa: E402  (the search bench's table cells)
+from bench import fmt, mib  # (the search bench's table cells)
 
-from autopeft import probes  # noqa: E402
+from autopeft import probes
 
 
 def space(methods: str, learning_rate: str, micro_batch_size: int, settings: str) -> str:
@@ -90,7 +90,7 @@ def autopeft(args: list[str], log: list[str]) -> tuple[int, float]:
     started = time.perf_counter()
     LOG.write_text("\n".join([*log, f"$ autopeft {' '.join(args)}  (running)"]))  # kept if the run is cut off
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # carried packages too
-    done = subprocess.run([sys.executable, "-m", "autopeft.cli", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "autopeft.cli", *args], capture_output=True, text=True, check=False,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": path})
     seconds = time.perf_counter() - started
     log += [f"$ autopeft {' '.join(args)}", done.stdout[-6000:], done.stderr[-4000:],
@@ -166,14 +166,14 @@ def level(row: dict) -> str:
 def render(report: dict) -> str:
     lines = [f"# The search on a GPU ({report['gpu']})", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".", "",
-             "est. MiB: the trial's recorded estimate, traced where the search has a memory budget (the encoder "
-             "search), else the analytic first guess (the causal search); measured MiB: "
-             "`torch.cuda.max_memory_allocated` during the trial.", ""]
+             ("est. MiB: the trial's recorded estimate, traced where the search has a memory budget (the encoder "
+              "search), else the analytic first guess (the causal search); measured MiB: "
+              "`torch.cuda.max_memory_allocated` during the trial."), ""]
     for study, result in report.get("searches", {}).items():
-        lines += [f"## {study}: `autopeft search` exit {result['exit']} in {result['seconds']:.0f} s, "
-                  f"`autopeft export` exit {result['export_exit']} in {result['export_seconds']:.0f} s", "",
-                  "| trial | state | method | precision | optimizer | val acc | forgetting | est. MiB | "
-                  "measured MiB | est. error | train s | tokens/s | fp16 overflow steps | reason |",
+        lines += [(f"## {study}: `autopeft search` exit {result['exit']} in {result['seconds']:.0f} s, "
+                   f"`autopeft export` exit {result['export_exit']} in {result['export_seconds']:.0f} s"), "",
+                  ("| trial | state | method | precision | optimizer | val acc | forgetting | est. MiB | "
+                   "measured MiB | est. error | train s | tokens/s | fp16 overflow steps | reason |"),
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in result["trials"]:
             reason = (row.get("fail_reason") or row.get("prune_reason") or "").replace("|", "/")
@@ -190,7 +190,7 @@ def render(report: dict) -> str:
         lines += ["## Forgetting probes on CUDA: the base model against itself, and a perturbed copy", "",
                   "| probe | base: scores | perturbed: scores |", "|---|---|---|"]
         for name, check in report["probes"].items():
-            show = lambda scores: ", ".join(f"{k} {v:.4g}" for k, v in scores.items())  # noqa: E731
+            show = lambda scores: ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
             lines.append(f"| {name} | {show(check['base'])} | {show(check['perturbed'])} |")
     return "\n".join(lines) + "\n"
 

@@ -29,13 +29,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_check import build_model  # noqa: E402  (random model of the architecture, real tokenizer)
+from gpu_check import build_model  # (random model of the architecture, real tokenizer)
 
-from autopeft import memory, methods, search  # noqa: E402
-from autopeft.config import SearchConfig  # noqa: E402
-from autopeft.data import eval_positions_limited  # noqa: E402
-from autopeft.space import TrialParams  # noqa: E402
-from autopeft.train import fit  # noqa: E402
+from autopeft import memory, methods, search
+from autopeft.config import SearchConfig
+from autopeft.data import eval_positions_limited
+from autopeft.space import TrialParams
+from autopeft.train import fit
 
 # (name, model folder, search options, method, method params, training settings): the GPU check's trials.
 CASES = [
@@ -79,7 +79,7 @@ def run_case(runtime: search.Runtime, method: str, method_params: dict, training
     device = runtime.device
     estimate = search.traced_estimate(runtime, params)
     measured = memory.measure(search.build_model(runtime, params), search.train_settings(params, max_steps=2, seed=0),
-                              seq_len=max(runtime.train.lengths()), device=device,
+                              seq_len=runtime.longest_row, device=device,
                               task_type=runtime.method_task_type, num_labels=len(runtime.task.label_names),
                               pad_id=runtime.pad_id) if device.type == "cuda" else None
     peaks = Peaks(device)
@@ -94,7 +94,7 @@ def run_case(runtime: search.Runtime, method: str, method_params: dict, training
             runtime.evaluate.progress(trained, subset, device)
             peaks.enter("training steps")
 
-    positions = training["micro_batch_size"] * max(runtime.train.lengths()) if limited else None
+    positions = training["micro_batch_size"] * runtime.longest_row if limited else None
     with eval_positions_limited(positions):
         peaks.enter("training steps")
         result = fit(model, runtime.train, search.train_settings(params, max_steps=steps, seed=0),
@@ -108,7 +108,7 @@ def run_case(runtime: search.Runtime, method: str, method_params: dict, training
     return {"estimate": estimate.total, "estimate_parts": estimate.parts(), "measure": measured,
             "allocated_before_trial": before, "model_on_device": weights, "phase_peaks": peaks.phases,
             "train_seconds": result.seconds, "evaluation_seconds": evaluation_seconds, "tokens_per_second": result.tokens / result.seconds,
-            "seq_len": max(runtime.train.lengths()), "steps": steps}
+            "seq_len": runtime.longest_row, "steps": steps}
 
 
 def main() -> None:
@@ -141,18 +141,19 @@ def main() -> None:
 
 def render(report: dict) -> str:
     lines = [f"# A search trial's CUDA peak by phase ({report['gpu']}, torch {report['torch']})", "",
-             "Command: `python experiments/search/gpu_trial_memory.py --tokenizers DIR --steps 16` (MiniLM's and "
-             "SmolLM2-135M's architectures, random weights, real tokenizers; 400 training rows, 256 validation "
-             "rows, the study's default probes). Each column is a CUDA peak (`torch.cuda.max_memory_allocated`, "
-             "reset at the phase's start), so every phase includes what the process already held: the 64 MiB "
-             "of cuBLAS workspaces, which the estimate counts too. Seconds: the final evaluation and probes. Training "
-             "tokens/s: over the 16 steps, so the first run of a model at a precision carries CUDA's warm-up.", "",
-             "| trial | estimate MiB | measure() MiB | held before the trial MiB | model MiB | training steps MiB | "
-             "mid-training evaluation MiB | final evaluation and probes MiB | its seconds | training tokens/s |",
+             ("Command: `python experiments/search/gpu_trial_memory.py --tokenizers DIR --steps 16` (MiniLM's and "
+              "SmolLM2-135M's architectures, random weights, real tokenizers; 400 training rows, 256 validation "
+              "rows, the study's default probes). Each column is a CUDA peak (`torch.cuda.max_memory_allocated`, "
+              "reset at the phase's start), so every phase includes what the process already held: the 64 MiB "
+              "of cuBLAS workspaces, which the estimate counts too. Seconds: the final evaluation and probes. "
+              "Training tokens/s: over the 16 steps, so the first run of a model at a precision carries CUDA's "
+              "warm-up."), "",
+             ("| trial | estimate MiB | measure() MiB | held before the trial MiB | model MiB | training steps MiB | "
+              "mid-training evaluation MiB | final evaluation and probes MiB | its seconds | training tokens/s |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, case in report["cases"].items():
         phase = case["phase_peaks"]
-        cell = lambda v: f"{v / MIB:.0f}" if v is not None else "—"  # noqa: E731
+        cell = lambda v: f"{v / MIB:.0f}" if v is not None else "—"
         lines.append(f"| {name} | {cell(case['estimate'])} | {cell(case['measure'])} | "
                      f"{cell(case['allocated_before_trial'])} | {cell(case['model_on_device'])} | "
                      f"{cell(phase.get('training steps'))} | {cell(phase.get('mid-training evaluation'))} | "
