@@ -16,7 +16,7 @@ _EXPORTS = {
     "run_search": "search",
     "SearchSpace": "space", "TrialParams": "space", "load_space": "space",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -75,5 +75,5 @@ class BudgetGate:
         extra = round(analytic.total * ratio) - analytic.total
         return dataclasses.replace(
             analytic, activations=max(0, analytic.activations + extra), level="calibrated",
-            notes=(*analytic.notes, f"analytic x {ratio:.2f}, the ratio traced/analytic measured on a traced "
-                                    "configuration of the same method, optimizer, precision and checkpointing"))
+            notes=(*analytic.notes, (f"analytic x {ratio:.2f}, the ratio traced/analytic measured on a traced "
+                                    "configuration of the same method, optimizer, precision and checkpointing")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -10,7 +11,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -18,6 +19,9 @@ from rich.table import Table
 
 from autopeft.config import DEFAULT_MODEL, DEFAULT_SPACE, DEFAULT_TASK, SearchConfig, parse_memory, redact_url
 from autopeft.errors import AutopeftError, ConfigError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=(
     "Find the best parameter-efficient fine-tuning configuration for a task, under a memory budget."))
@@ -180,8 +184,8 @@ def _scalar_weight(weight: float | None, objective_mode: str) -> dict[str, float
     if weight is None:
         return {}
     if objective_mode != "scalar":
-        raise ConfigError([f"--forgetting-weight: {weight} needs --objective-mode scalar (a Pareto search keeps "
-                           "forgetting as an objective of its own)"])
+        raise ConfigError([(f"--forgetting-weight: {weight} needs --objective-mode scalar (a Pareto search keeps "
+                           "forgetting as an objective of its own)")])
     return {"forgetting_weight": weight}
 
 
@@ -207,7 +211,7 @@ def _interruptible(call: Callable[[], T], config: SearchConfig) -> T:
 
         try:
             _print_summary(optuna.load_study(study_name=config.study, storage=config.storage), config, "interrupted")
-        except Exception:  # the study may not exist yet if Ctrl-C came during loading
+        except Exception:  # noqa: BLE001, S110 -- the study may not exist yet if Ctrl-C came during loading
             pass
         raise typer.Exit(130) from None
 
@@ -318,7 +322,7 @@ class SearchProgress:
         self.started = time.monotonic()
         self.completed_here = 0
 
-    def __enter__(self) -> SearchProgress:
+    def __enter__(self) -> Self:
         self.bar.start()
         return self
 
@@ -464,8 +468,8 @@ def estimate(
     known = TrainSettings.__dataclass_fields__
     for base, params in _guard(configurations):
         settings = TrainSettings(**{k: v for k, v in params.training.items() if k in known})
-        result = _guard(lambda: memory.estimate_traced(base, params.method, params.method_params, settings,
-                                                       seq_len=seq_len, device=device))
+        result = _guard(functools.partial(memory.estimate_traced, base, params.method, params.method_params,
+                                          settings, seq_len=seq_len, device=device))
         console.print(f"[bold]{params.method}[/bold] on {base}: micro-batch {settings.micro_batch_size} x {seq_len} "
                       f"tokens, {settings.optimizer}, {settings.precision}"
                       f"{', checkpointing' if settings.gradient_checkpointing else ''}")
@@ -524,7 +528,7 @@ def sync_stores(
 
     try:
         result = sync(source, target)
-    except Exception as exc:  # an unreachable target: say so in one line
+    except Exception as exc:  # noqa: BLE001 -- an unreachable target, whatever the store raises: say so in one line
         _fail(f"--target: cannot sync into {redact_url(target)}: {str(exc).splitlines()[0][:200]}")
     console.print(f"copied {result.copied} runs to {redact_url(target)} ({result.skipped} already synced)")
 

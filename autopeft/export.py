@@ -181,8 +181,8 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     """Export the trial `rule` picks (or `trial_number`). With `confirm_seeds`, the rule's `confirm_top` leading
     candidates each train that many more times first, and the one that leads on its runs' means is exported."""
     if confirm_seeds < 0 or confirm_top < 1:
-        raise ConfigError([f"--confirm-seeds must be 0 or more (got {confirm_seeds}) and --confirm-top 1 or more "
-                           f"(got {confirm_top})"])
+        raise ConfigError([(f"--confirm-seeds must be 0 or more (got {confirm_seeds}) and --confirm-top 1 or more "
+                           f"(got {confirm_top})")])
     if tolerance < 0:
         raise ConfigError([f"--tolerance: {tolerance} must be 0 or more (forgetting allowed above the least)"])
     study = load_existing_study(study_name, storage)

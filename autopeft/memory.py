@@ -742,8 +742,8 @@ def estimate_extrapolated(model: Any, method: str, method_params: dict[str, Any]
         optimizer_state=parts.get(OPTIMIZER, 0), extras=parts.get(EXTRAS, 0), activations=parts.get(None, 0),
         level="extrapolated" if through == "backward" else "extrapolated-forward", device="cpu",
         peak_at=phase, seconds=time.perf_counter() - start,
-        notes=(f"{traced} traced on 1 and 2 of {blocks} blocks ({where}), each phase's peak grown linearly; "
-               "the optimizer step is not traced",))
+        notes=((f"{traced} traced on 1 and 2 of {blocks} blocks ({where}), each phase's peak grown linearly; "
+               "the optimizer step is not traced"),))
 
 
 # (model class, method, checkpointing) whose step read a tensor's values on the meta device: traced fake
@@ -794,8 +794,8 @@ def warm_up(model: Any, method: str = "lora", *, seq_len: int = 8, micro_batch_s
 
     start = time.perf_counter()
     settings = TrainSettings(learning_rate=1e-4, micro_batch_size=micro_batch_size)
-    options = dict(seq_len=seq_len, task_type=task_type, num_labels=num_labels, max_steps=2, dtype=torch.float32,
-                   layers=1, through="backward")
+    options = {"seq_len": seq_len, "task_type": task_type, "num_labels": num_labels, "max_steps": 2, "dtype": torch.float32,
+                   "layers": 1, "through": "backward"}
     if meta:
         _quick_trace(model, method, methods.get(method).resolve({}), settings, meta=True, **options)
     else:

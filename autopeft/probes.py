@@ -76,7 +76,7 @@ def _gensim_test_file(name: str) -> Path:
 
 
 def _strip_markup(text: str) -> str:
-    text = re.sub(r"<!--.*?-->|<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.S)
+    text = re.sub(r"<!--.*?-->|<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.DOTALL)
     previous = None
     while previous != text:  # templates and links nest: resolve the innermost first
         previous = text
@@ -275,15 +275,15 @@ def scores_through_tied_head(base_model: nn.Module, probe: str) -> bool:
     from autopeft.models import family
 
     if family(base_model) == "bert":
-        raise ConfigError([f"--probes: {probe} scores next tokens, which an encoder (BERT layout) does not "
-                           "predict; use representation_drift"])
+        raise ConfigError([(f"--probes: {probe} scores next tokens, which an encoder (BERT layout) does not "
+                           "predict; use representation_drift")])
     if base_model.get_output_embeddings() is not None:
         return False
     if getattr(base_model.config, "tie_word_embeddings", False):
         return True
-    raise ConfigError([f"--probes: {probe} needs the LM head, which this classifier lacks (its output "
+    raise ConfigError([(f"--probes: {probe} needs the LM head, which this classifier lacks (its output "
                        "embedding is not tied to the input embedding); use the causal-LM task type or "
-                       "representation_drift"])
+                       "representation_drift")])
 
 
 def tied_head(model: nn.Module, tied: bool) -> torch.Tensor | None:

@@ -298,7 +298,7 @@ def plot_importance(study: optuna.Study, path: Path) -> Path:
                                          f"this study has {len(completed)}.")
     try:
         importances = _importances(study)
-    except Exception as exc:  # fANOVA rejects some studies (e.g. conditional or constant params): say so
+    except Exception as exc:  # noqa: BLE001 -- fANOVA rejects some studies (conditional or constant params): say so
         return _placeholder(path, title, f"Parameter importance is not available:\n"
                                          f"{type(exc).__name__}: {exc}")
     if not importances:
@@ -351,7 +351,7 @@ def _safely(draw: Callable[[Path], Path], path: Path) -> Path:
     """One plot's bug must not cost the whole report (it runs after hours of search): draw a note instead."""
     try:
         return draw(path)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- any plot's failure, as the docstring says
         import matplotlib.pyplot as plt
 
         plt.close("all")
@@ -458,8 +458,8 @@ def _confirmations_html(study: optuna.Study) -> list[str]:
         f'{c.forgetting:.4f}</td><td class="num">{len(c.runs)}</td><td class="reason">'
         f"{html.escape('; '.join(c.failures))}</td></tr>" for c in confirmations)
     return ["<h2>Confirmation runs</h2>",
-            '<p class="note">Leading trials retrained with new seeds by <code>autopeft export --confirm-seeds</code>: '
-            "its run is the search's own, the mean and sd are over all runs.</p>",
+            ('<p class="note">Leading trials retrained with new seeds by <code>autopeft export --confirm-seeds</code>: '
+            "its run is the search's own, the mean and sd are over all runs.</p>"),
             f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"]
 
 

@@ -21,18 +21,31 @@ from autopeft import adapter_io, interrupt, memory, methods
 from autopeft import study as studies
 from autopeft.budget import BudgetGate
 from autopeft.config import SearchConfig, format_bytes
-from autopeft.data import TaskData, TokenizedSplit, eval_positions_limited, load_eval_split, load_task, tokenize
-from autopeft.evaluate import Evaluator
+from autopeft.data import (
+    TaskData,
+    TokenizedSplit,
+    eval_positions_limited,
+    load_eval_split,
+    load_task,
+    tokenize,
+)
 from autopeft.errors import ConfigError, TrialFailed
+from autopeft.evaluate import Evaluator
 from autopeft.models import count_parameters, family, load_causal_lm, load_classifier
 from autopeft.probes import ProbeContext, ProbeSet, build_probes, default_probes, probe_problems
 from autopeft.recipe import write_recipe
+from autopeft.sources import Columns
 from autopeft.space import TRAINING_PARAMS, SearchSpace, TrialParams, load_space
 from autopeft.tracking import Tracker
-from autopeft.sources import Columns
 from autopeft.train import LossFn, TrainResult, TrainSettings, causal_lm_loss, classification_loss, fit
-from autopeft.verbalizer import (causal_format, default_label_words, default_template, label_words_problem,
-                                 tokenize_causal)
+from autopeft.verbalizer import (
+    causal_format,
+    default_label_words,
+    default_template,
+    label_words_problem,
+    tokenize_causal,
+)
+
 
 @dataclass
 class Runtime:
@@ -532,8 +545,8 @@ def check_budget_feasible(config: SearchConfig, runtime: Runtime) -> None:
     traced = [(label, traced_estimate(runtime, params)) for label, params, _ in lightest]
     label, fits_least = min(traced, key=lambda pair: pair[1].total)
     if fits_least.total > config.memory_budget:
-        raise ConfigError([f"--memory-budget: {format_bytes(config.memory_budget)} fits no configuration of "
-                           f"{config.space}; the lightest ({label}) needs {fits_least.describe()}"])
+        raise ConfigError([(f"--memory-budget: {format_bytes(config.memory_budget)} fits no configuration of "
+                           f"{config.space}; the lightest ({label}) needs {fits_least.describe()}")])
 
 
 def _lightest_configurations(runtime: Runtime) -> list[tuple[str, TrialParams, memory.MemoryEstimate]]:

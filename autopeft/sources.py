@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,7 @@ def _strings(values: pd.Series) -> pd.Series:
     """Values as strings with missing ones as None; integral floats (a label column with a gap reads as
     float) as integers, so 1.0 and 1 are the same label."""
     def one(value: Any) -> str | None:
-        if value is None or (isinstance(value, float) and value != value):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
             return None
         if isinstance(value, float) and value.is_integer():
             return str(int(value))

@@ -117,10 +117,10 @@ class SearchSpace:
                 grid[dim.name] = list(dim.choices)
             elif dim.kind in ("int", "float"):
                 if dim.step is None and dim.kind == "float" or dim.log:
-                    raise ConfigError([f"--sampler grid: {self.path}: {dim.name} is a continuous range; give it a "
-                                       "list of values (or a step, without log) to search it on a grid"])
+                    raise ConfigError([(f"--sampler grid: {self.path}: {dim.name} is a continuous range; give it a "
+                                       "list of values (or a step, without log) to search it on a grid")])
                 step = dim.step or 1
-                count = int(round((dim.high - dim.low) / step)) + 1
+                count = round((dim.high - dim.low) / step) + 1
                 grid[dim.name] = [type(step)(dim.low) + i * step for i in range(count)] if dim.kind == "float" \
                     else [int(dim.low) + i * int(step) for i in range(count)]
         return grid

@@ -67,7 +67,7 @@ def open_study(config: SearchConfig, space: SearchSpace, task: TaskData,
     study = optuna.create_study(study_name=config.study, storage=storage, directions=directions(config))
     study.set_user_attr("config", config.public_dict())
     study.set_user_attr("space_fingerprint", space.fingerprint)
-    study.set_user_attr("space_yaml", open(config.space).read())  # workers elsewhere need no copy of the file
+    study.set_user_attr("space_yaml", Path(config.space).read_text())  # workers elsewhere need no copy of the file
     study.set_user_attr("split", task.describe())
     return study
 

@@ -3,12 +3,13 @@ run ids (no global active run), so a resumed study re-attaches to its parent run
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import urllib.request
 import warnings
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
@@ -48,7 +49,7 @@ class Tracker:
         self._moved: dict[str, str] = {}  # server run id -> its replacement in the fallback store
         try:
             self._connect(tracking_uri)
-        except Exception as exc:  # a down server must not end the search
+        except Exception as exc:  # noqa: BLE001 -- a down server must not end the search, however it fails
             self._fall_back(exc)
 
     @property
@@ -151,7 +152,7 @@ class Tracker:
         metrics = [Metric(name, float(v), now, step) for step, v in enumerate(values, start=1)]
         for start in range(0, len(metrics), _BATCH):
             chunk = metrics[start:start + _BATCH]
-            self._do(lambda: self.client.log_batch(self._id(run_id), metrics=chunk))
+            self._do(functools.partial(self.client.log_batch, self._id(run_id), metrics=chunk))
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
@@ -179,5 +180,5 @@ class Tracker:
         try:
             self._do(lambda: self.client.get_run(run_id))
             return True
-        except Exception:  # MlflowException for a run that is not in this store
+        except Exception:  # noqa: BLE001 -- MlflowException for a run not in this store, or a store that is down
             return False

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["free_port", "postgres_url", "mlflow_server_url"]
+__all__ = ["free_port", "mlflow_server_url", "postgres_url"]
 
 
 def free_port() -> int:
@@ -35,7 +35,7 @@ def free_port() -> int:
 
 def _run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     """Run a command, capturing its output so that a failure message can show it."""
-    return subprocess.run(cmd, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
+    return subprocess.run(cmd, capture_output=True, check=False, text=True, **kwargs)  # type: ignore[call-overload]
 
 
 def _postgres_bindir() -> Path:

@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from autopeft import adapter_io, methods
 from autopeft.methods import MethodContext
-from autopeft.methods.adapter import InputTap, ParallelAdapter, SerialAdapter, AdaptedProjection
+from autopeft.methods.adapter import AdaptedProjection, InputTap, ParallelAdapter, SerialAdapter
 from autopeft.models import load_classifier, modules_for_roles
 
 FAMILIES = ("bert", "llama", "gpt2")
@@ -161,7 +161,7 @@ def test_parallel_adapter_input_is_the_sublayer_input(tiny_models, family) -> No
         model(**_inputs(tokenizer))
         for name, module, x, out in checks:
             role = "q" if name in modules_for_roles(model, ("o",)) else "ffn_in"
-            source = [n for n in modules_for_roles(model, (role,)) if _layer(n) == _layer(name)][0]
+            source = next(n for n in modules_for_roles(model, (role,)) if _layer(n) == _layer(name))
             update = module.adapter_up(module.adapter_act(module.adapter_down(seen[source])))
             expected = module.base(x) + 4.0 * update
             assert torch.allclose(out, expected, atol=1e-6), name

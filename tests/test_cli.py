@@ -19,7 +19,7 @@ AUTOPEFT = [sys.executable, "-m", "autopeft.cli"]
 
 
 def autopeft(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*AUTOPEFT, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run([*AUTOPEFT, *args], cwd=cwd, capture_output=True, check=False, text=True, timeout=600)
 
 
 def test_search_export_and_mlflow_records(tmp_path: Path, tiny_search_args: list[str]) -> None:

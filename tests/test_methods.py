@@ -201,6 +201,6 @@ def test_the_registry_export_and_report_load_without_peft() -> None:
 
     code = ("import sys, autopeft.methods, autopeft.export, autopeft.report, autopeft.cli; "
             "assert len(autopeft.methods.names()) >= 9; print('peft' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"

@@ -10,9 +10,23 @@ from autopeft.data import TextSplit, TokenizedSplit, tokenize
 from autopeft.errors import ConfigError
 from autopeft.evaluate import Evaluator
 from autopeft.models import load_classifier
-from autopeft.probes import (FactualRecall, GeneralizationGap, LinearProbe, OutOfDistribution, PerplexityIncrease,
-                             ProbeContext, ProbeSet, RepresentationDrift, build_probes, capital_country_pairs,
-                             default_probes, linear_cka, probe_problems, wikipedia_articles, wikipedia_paragraphs)
+from autopeft.probes import (
+    FactualRecall,
+    GeneralizationGap,
+    LinearProbe,
+    OutOfDistribution,
+    PerplexityIncrease,
+    ProbeContext,
+    ProbeSet,
+    RepresentationDrift,
+    build_probes,
+    capital_country_pairs,
+    default_probes,
+    linear_cka,
+    probe_problems,
+    wikipedia_articles,
+    wikipedia_paragraphs,
+)
 from autopeft.train import TrainSettings, causal_lm_loss, fit
 
 

@@ -4,6 +4,7 @@ impossible schedules fail the trial with a reason, pruned adapters reload), on t
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import optuna
@@ -15,10 +16,9 @@ from torch import nn
 from autopeft import adapter_io, memory, methods
 from autopeft.errors import TrialFailed
 from autopeft.methods import MethodContext
+from autopeft.methods.qlora import BLOCK_ROLES, dequantized_weight, quantize_layer
 from autopeft.models import load_classifier, modules_for_roles
 from autopeft.search import run_search
-
-from autopeft.methods.qlora import BLOCK_ROLES, dequantized_weight, quantize_layer
 
 LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": "qv", "use_rslora": False}
 QLORA = {**LORA, "double_quant": True, "compute_dtype": "fp32"}
@@ -189,7 +189,7 @@ def test_adalora_budget_falls_from_init_r_to_target_r(tiny_models) -> None:
     init, target = 8 * layers, 4 * layers
     assert all(budgets[s] == init for s in range(1, 9))  # warm-up: every triplet trains
     masked = [budgets[s] for s in range(10, 29, 2)]  # the budget phase re-allocates every 2 steps
-    assert all(a >= b for a, b in zip(masked, masked[1:])), masked
+    assert all(a >= b for a, b in itertools.pairwise(masked)), masked
     assert target < budgets[16] < init
     assert all(budgets[s] == target for s in range(28, 41))  # final phase: the target budget, fixed
     pattern = config.rank_pattern

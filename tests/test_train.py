@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from autopeft import methods
-from autopeft.methods import MethodContext
 from autopeft.data import TokenizedSplit, collate
 from autopeft.errors import TrialFailed
+from autopeft.methods import MethodContext
 from autopeft.models import load_classifier
 from autopeft.train import TrainSettings, classification_loss, fit
 
@@ -157,7 +157,7 @@ def test_an_unavailable_optimizer_fails_the_trial_with_its_reason(lora_model: to
 
 def test_gradient_checkpointing_gives_the_same_update(lora_model: torch.nn.Module) -> None:
     split = variable_length_split(16)
-    settings = dict(learning_rate=1e-2, micro_batch_size=8, max_steps=2, seed=0)
+    settings = {"learning_rate": 1e-2, "micro_batch_size": 8, "max_steps": 2, "seed": 0}
     plain, checkpointed = copy.deepcopy(lora_model), copy.deepcopy(lora_model)
     torch.manual_seed(0)
     fit(plain, split, TrainSettings(**settings), pad_id=0, loss_fn=_deterministic_loss)

@@ -31,11 +31,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from autopeft import adapter_io, memory, methods  # noqa: E402
-from autopeft.config import format_bytes  # noqa: E402
-from autopeft.methods import MethodContext  # noqa: E402
-from autopeft.models import load_classifier, save_tiny_model  # noqa: E402
-from autopeft.train import TrainSettings  # noqa: E402
+from autopeft import adapter_io, memory, methods
+from autopeft.config import format_bytes
+from autopeft.methods import MethodContext
+from autopeft.models import load_classifier, save_tiny_model
+from autopeft.train import TrainSettings
 
 HERE = Path(__file__).resolve().parent
 COMMAND = ".venv/bin/python experiments/memory/bench.py"
@@ -122,7 +122,7 @@ def _smollm2(causal: bool) -> tuple[torch.nn.Module, str]:
             if causal:
                 return AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=torch.float32), name
             return load_classifier(name, 2, seed=0)[0], name
-        except Exception:  # noqa: BLE001 -- not packaged here: fall back to the architecture
+        except Exception:  # noqa: BLE001, S112 -- not packaged here: fall back to the architecture
             continue
     config = _config_file("smollm2.json")
     torch.manual_seed(0)
@@ -225,12 +225,12 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         "",
         f"Command: `{COMMAND}` ({result['wall_seconds'] / 60:.1f} min on {result['machine']['cpu_threads']} CPU threads).",
         "",
-        "Measured: `autopeft.memory.measure`, two real optimizer steps of `autopeft.train.fit` on full-length "
+        ("Measured: `autopeft.memory.measure`, two real optimizer steps of `autopeft.train.fit` on full-length "
         "synthetic batches (one row one token short, so batches carry padding as real ones do), peak of live "
         "tensor-storage bytes counted by the `LiveBytes` dispatch-mode tracker (parameters, gradients, optimizer "
         "state, activations, temporaries). Traced: `estimate_traced`, the same step on fake tensors with the same "
         "tracker (no real memory). Analytic: `estimate` (closed form). 4 x weights: the weight-only rule of thumb. "
-        "Error = estimate / measured - 1.",
+        "Error = estimate / measured - 1."),
         "",
         f"Models: {'; '.join(f'{k}: {v}' for k, v in result['models'].items())}.",
         "",
@@ -247,11 +247,11 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         e = s[name]
         lines.append(f"| {title} | {e['median_abs_error']:.2%} | {e['worst_abs_error']:.2%} | "
                      f"{e['within_15pct']}/{s['configurations']} | {e['under_estimates']} |")
-    lines += ["", f"Traced estimate time: median {s['traced_seconds_median']:.1f} s per configuration on this "
-              "shared 2-core machine (the model is built and stepped on fake tensors).", "",
+    lines += ["", (f"Traced estimate time: median {s['traced_seconds_median']:.1f} s per configuration on this "
+              "shared 2-core machine (the model is built and stepped on fake tensors)."), "",
               "## Configurations", "",
-              "| configuration | measured | traced | analytic | 4 x weights | traced breakdown (weights / trainable / "
-              "grads / optimizer / activations / adapter extras), peak in |",
+              ("| configuration | measured | traced | analytic | 4 x weights | traced breakdown (weights / trainable / "
+              "grads / optimizer / activations / adapter extras), peak in |"),
               "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" not in r:

@@ -30,20 +30,20 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
-import optuna  # noqa: E402
+import optuna
 
-from autopeft import memory  # noqa: E402
-from autopeft.config import SearchConfig, format_bytes  # noqa: E402
-from autopeft.search import prepare_runtime, run_search, train_settings  # noqa: E402
-from autopeft.space import load_space  # noqa: E402
-from autopeft.study import rejected_by_budget  # noqa: E402
+from autopeft import memory
+from autopeft.config import SearchConfig, format_bytes
+from autopeft.search import prepare_runtime, run_search, train_settings
+from autopeft.space import load_space
+from autopeft.study import rejected_by_budget
 
 HERE = Path(__file__).resolve().parent
 SPACE = HERE / "configs" / "budget_space.yaml"
 DRAWS = 40
 ADMITTED = 8
-SEARCH = dict(model="packaged:all-MiniLM-L6-v2", space=str(SPACE), max_steps=4, train_size=1000, val_size=100,
-              test_size=100, max_length=128, probes=("representation_drift",), sampler="random", seed=0)
+SEARCH = {"model": "packaged:all-MiniLM-L6-v2", "space": str(SPACE), "max_steps": 4, "train_size": 1000, "val_size": 100,
+              "test_size": 100, "max_length": 128, "probes": ("representation_drift",), "sampler": "random", "seed": 0}
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -116,7 +116,7 @@ def main() -> None:
 def record_run(result: dict) -> None:
     """Each run's verdict, appended to budget_history.json: rejection times vary from run to run on a shared
     machine, and one run's worst case is not the benchmark's."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, check=False, text=True, cwd=HERE)
     history_file = HERE / "budget_history.json"
     history = json.loads(history_file.read_text()) if history_file.exists() else []
     history.append({"date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit.stdout.strip() or None,
@@ -129,28 +129,28 @@ def record_run(result: dict) -> None:
 def render(r: dict) -> str:
     lines = ["# Budget respect: a search under a budget that cuts the space in half", "",
              f"Command: `{r['command']}`  ", f"Machine: {r['machine']}  ",
-             f"Budget: {format_bytes(r['budget_bytes'])} ({r['budget_bytes']} bytes), the median traced estimate of "
+             (f"Budget: {format_bytes(r['budget_bytes'])} ({r['budget_bytes']} bytes), the median traced estimate of "
              f"{len(r['draw_estimates'])} random configurations of `configs/budget_space.yaml` on MiniLM "
-             f"(range {format_bytes(min(r['draw_estimates']))} to {format_bytes(max(r['draw_estimates']))}).", "",
-             f"- admitted and trained: {r['admitted']}; measured above the budget: **{r['admitted_over_budget']}**; "
-             f"highest measured peak: {r['worst_measured_over_budget']:.3f} of the budget",
-             f"- rejected before training: {r['rejected']} ({100 * r['rejected_fraction']:.0f}% of the decided "
+             f"(range {format_bytes(min(r['draw_estimates']))} to {format_bytes(max(r['draw_estimates']))})."), "",
+             (f"- admitted and trained: {r['admitted']}; measured above the budget: **{r['admitted_over_budget']}**; "
+             f"highest measured peak: {r['worst_measured_over_budget']:.3f} of the budget"),
+             (f"- rejected before training: {r['rejected']} ({100 * r['rejected_fraction']:.0f}% of the decided "
              f"trials); wall time per rejected trial: median {r['rejected_seconds_median']:.2f} s, "
-             f"max **{r['rejected_seconds_max']:.2f} s** (sampling, building the adapter, estimating, logging)",
+             f"max **{r['rejected_seconds_max']:.2f} s** (sampling, building the adapter, estimating, logging)"),
              "- rejected, by the estimate that decided: " + "; ".join(
                  f"{level} {g['count']} (max {g['max_seconds']:.2f} s)" for level, g in r["rejected_by_level"].items()),
-             f"- search wall time: {r['search_wall_seconds']:.0f} s, of which {r['tracer_warm_up_seconds'] or 0:.1f} s "
+             (f"- search wall time: {r['search_wall_seconds']:.0f} s, of which {r['tracer_warm_up_seconds'] or 0:.1f} s "
              "warming the tracer up before the first trial (one-block forward and backward of each method at "
-             "each micro-batch size, and once on the meta device)", "",
-             "How a trial is decided (autopeft/budget.py): the analytic estimate rejects only above 1.5x the budget; "
+             "each micro-batch size, and once on the meta device)"), "",
+             ("How a trial is decided (autopeft/budget.py): the analytic estimate rejects only above 1.5x the budget; "
              "each trace calibrates the analytic estimate of its family (method, optimizer, precision, "
              "checkpointing), which then rejects above 1.2x the budget; a configuration that could be over the "
              "budget gets quick estimates of its first one and two blocks grown to full depth, first the forward "
              "pass alone (extrapolated-forward), then forward and backward (extrapolated), each rejecting "
              "above 1.03x (traced on the meta device where it runs as on the CPU, else on fake tensors); anything else is traced in full; estimates are "
-             "remembered per memory-relevant configuration. Admitted trials are always traced in full.", "",
-             "| trial | state | method | micro-batch | optimizer | checkpointing | estimate (level) | measured | "
-             "measured / budget | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "remembered per memory-relevant configuration. Admitted trials are always traced in full."), "",
+             ("| trial | state | method | micro-batch | optimizer | checkpointing | estimate (level) | measured | "
+             "measured / budget | seconds |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for t in r["trials"]:
         est = f"{format_bytes(t['estimate'])} ({t['estimate_level']})" if t["estimate"] else "—"
         measured = format_bytes(t["measured"]) if t["measured"] else "—"

@@ -27,24 +27,24 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import CASES, Case, Models  # noqa: E402
+from bench import CASES, Case, Models
 
-from autopeft import memory, methods  # noqa: E402
-from autopeft.config import format_bytes  # noqa: E402
-from autopeft.train import TrainSettings  # noqa: E402
+from autopeft import memory, methods
+from autopeft.config import format_bytes
+from autopeft.train import TrainSettings
 
 HERE = Path(__file__).resolve().parent
 COMMAND = ".venv/bin/python experiments/memory/extrapolation.py"
-LLAMA_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                max_position_embeddings=4096, pad_token_id=0)
+LLAMA_7B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                "max_position_embeddings": 4096, "pad_token_id": 0}
 
 
 def compare(model, case: Case) -> dict:
     params = methods.get(case.method).resolve(case.params)
     settings = TrainSettings(learning_rate=1e-4, optimizer=case.optimizer, precision=case.precision,
                              micro_batch_size=case.batch, gradient_checkpointing=case.checkpointing)
-    options = dict(seq_len=case.seq_len, task_type=case.task)
+    options = {"seq_len": case.seq_len, "task_type": case.task}
     full = memory.estimate_traced(model, case.method, params, settings, **options)
     row = {"label": case.label, "traced": full.total, "traced_seconds": full.seconds, "peak_at": full.peak_at,
            "checkpointing": case.checkpointing}
@@ -108,19 +108,19 @@ def main() -> None:
               "summary": summary, "rows": rows}
     (HERE / "extrapolation.json").write_text(json.dumps(result, indent=2) + "\n")
     fwd = summary["forward_without_checkpointing"]
-    lines = ["# Extrapolated vs full traced estimate", "", f"Command: `{COMMAND}`  ", f"Date: {result['date']}, "
-             f"torch {torch.__version__}, 2 CPU threads", "",
-             f"{len(done)} of {len(rows)} configurations extrapolated; |error| median "
+    lines = ["# Extrapolated vs full traced estimate", "", f"Command: `{COMMAND}`  ", (f"Date: {result['date']}, "
+             f"torch {torch.__version__}, 2 CPU threads"), "",
+             (f"{len(done)} of {len(rows)} configurations extrapolated; |error| median "
              f"{summary['median_abs_error']:.2%}, max {summary['max_abs_error']:.2%}; time of the two short traces "
-             f"/ the full trace: median {summary['median_time_ratio']:.2f}.", "",
-             f"Forward pass only (the gate's first quick estimate), on the "
+             f"/ the full trace: median {summary['median_time_ratio']:.2f}."), "",
+             (f"Forward pass only (the gate's first quick estimate), on the "
              f"{fwd['configurations']} configurations without checkpointing: |error| median "
              f"{fwd['median_abs_error']:.2%}, from {fwd['min_error']:+.2%} to {fwd['max_error']:+.2%}; time / the "
              f"full trace: median {fwd['median_time_ratio']:.2f}. With checkpointing the peak moves into the "
              f"backward pass's recomputation and the forward pass alone reads as low as "
              f"{summary['forward_with_checkpointing_min_error']:+.0%}: still decisive far above the budget, "
-             "otherwise the gate goes on to forward and backward.", "",
-             "Where the traces run: on the meta device where the step allows it (fp32, not qlora, no value read: "
+             "otherwise the gate goes on to forward and backward."), "",
+             ("Where the traces run: on the meta device where the step allows it (fp32, not qlora, no value read: "
              "`memory._quick_trace`), else on fake tensors. Against fake tensors everywhere (the baseline, same "
              f"run): seconds of the forward-only estimate median {summary['forward_median_seconds']:.2f} against "
              f"{summary['fake_only']['forward_median_seconds']:.2f}, max {summary['forward_max_seconds']:.2f} "
@@ -128,10 +128,10 @@ def main() -> None:
              f"{summary['median_seconds']:.2f} s against {summary['fake_only']['median_seconds']:.2f} s. Fake "
              f"tensors only: |error| median {summary['fake_only']['median_abs_error']:.2%}, max "
              f"{summary['fake_only']['max_abs_error']:.2%}; forward only without checkpointing median "
-             f"{summary['fake_only']['forward_median_abs_error']:.2%}.",
-             "", "| configuration | full trace | extrapolated | error | forward only (error) | full s | "
+             f"{summary['fake_only']['forward_median_abs_error']:.2%}."),
+             "", ("| configuration | full trace | extrapolated | error | forward only (error) | full s | "
              "extrapolated s | forward only s | fake only: error / forward error | fake only: extrapolated s / "
-             "forward s | peak in |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "forward s | peak in |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["extrapolated"] is None:
             lines.append(f"| {r['label']} | {format_bytes(r['traced'])} | — ({r['why']}) | | | "

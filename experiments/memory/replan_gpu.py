@@ -22,10 +22,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
-import gpu_check  # noqa: E402
+import gpu_check
 
-from autopeft import memory, methods  # noqa: E402
-from autopeft.train import TrainSettings  # noqa: E402
+from autopeft import memory, methods
+from autopeft.train import TrainSettings
 
 
 def main() -> None:

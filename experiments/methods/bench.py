@@ -26,10 +26,10 @@ from filelock import FileLock
 warnings.filterwarnings("ignore")
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
-from autopeft import memory, methods  # noqa: E402
-from autopeft.config import SearchConfig  # noqa: E402
-from autopeft.search import build_model, prepare_runtime, run_trial, train_settings  # noqa: E402
-from autopeft.space import TRAINING_PARAMS, TrialParams  # noqa: E402
+from autopeft import memory, methods
+from autopeft.config import SearchConfig
+from autopeft.search import build_model, prepare_runtime, run_trial, train_settings
+from autopeft.space import TRAINING_PARAMS, TrialParams
 
 HERE = Path(__file__).resolve().parent
 LOCK = FileLock(str(HERE / ".results.lock"))
@@ -48,10 +48,10 @@ SETTINGS: dict[str, tuple[dict, float]] = {
     "ia3": ({"target_modules": "kv_ffn"}, 1e-2),
 }
 MODELS = {
-    "minilm": dict(model="packaged:all-MiniLM-L6-v2", max_steps=100, train_size=4000, val_size=500,
-                   test_size=500, micro_batch_size=16, probes=("representation_drift",)),
-    "smollm2": dict(model="packaged:SmolLM2-135M-Instruct", max_steps=10, train_size=1000, val_size=200,
-                    test_size=200, micro_batch_size=8, probes=("perplexity",)),
+    "minilm": {"model": "packaged:all-MiniLM-L6-v2", "max_steps": 100, "train_size": 4000, "val_size": 500,
+                   "test_size": 500, "micro_batch_size": 16, "probes": ("representation_drift",)},
+    "smollm2": {"model": "packaged:SmolLM2-135M-Instruct", "max_steps": 10, "train_size": 1000, "val_size": 200,
+                    "test_size": 200, "micro_batch_size": 8, "probes": ("perplexity",)},
 }
 
 
@@ -84,7 +84,7 @@ def one_model(name: str, seeds: int, only: set[str] | None) -> list[dict]:
             continue
         try:
             rows.append(one_method(runtime, name, method, params, own, lr, seeds))
-        except Exception as exc:  # one broken method must not lose the others' results
+        except Exception as exc:  # noqa: BLE001 -- one broken method must not lose the others' results
             rows.append({"model": name, "method": method, "skipped": f"failed: {type(exc).__name__}: {exc}"[:300]})
     return rows
 
@@ -116,8 +116,8 @@ def render(results: dict) -> str:
         rows = [r for r in results["rows"] if r["model"] == model]
         if not rows:
             continue
-        lines += [f"## {model}: {spec['model']}, {spec['max_steps']} steps x batch {spec['micro_batch_size']}, "
-                  f"{spec['train_size']} train / {spec['val_size']} validation rows", "",
+        lines += [(f"## {model}: {spec['model']}, {spec['max_steps']} steps x batch {spec['micro_batch_size']}, "
+                  f"{spec['train_size']} train / {spec['val_size']} validation rows"), "",
                   "| method | lr | trainable params | % of base | s/step (median) | peak memory (MiB) | val accuracy | forgetting |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in rows:

@@ -67,30 +67,29 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
-import optuna  # noqa: E402
+import optuna
 
-from autopeft import memory, methods  # noqa: E402
-from autopeft.config import SearchConfig  # noqa: E402
-from autopeft.errors import StudyError  # noqa: E402
-from autopeft.export import select_trial  # noqa: E402
-from autopeft.search import (build_model, load_trained, prepare_runtime, run_search, run_trial,  # noqa: E402
-                             train_settings)
-from autopeft.space import TRAINING_PARAMS, TrialParams  # noqa: E402
-from autopeft.study import pareto_front, pruner_checkpoints, rejected_by_budget, scores, startup_trials  # noqa: E402
+from autopeft import memory, methods
+from autopeft.config import SearchConfig
+from autopeft.errors import StudyError
+from autopeft.export import select_trial
+from autopeft.search import build_model, load_trained, prepare_runtime, run_search, run_trial, train_settings
+from autopeft.space import TRAINING_PARAMS, TrialParams
+from autopeft.study import pareto_front, pruner_checkpoints, rejected_by_budget, scores, startup_trials
 
 HERE = Path(__file__).resolve().parent
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # What each part searches. Equal budgets inside a part: the same trials x steps for every strategy.
 PARTS = {
-    "quality": dict(model="packaged:all-MiniLM-L6-v2", trials=10, max_steps=60, train_size=4000, val_size=500,
-                    test_size=1000, max_length=64, probes=("linear_probe", "representation_drift")),
-    "pruning": dict(model="packaged:all-MiniLM-L6-v2", trials=200, max_steps=60, train_size=4000, val_size=500,
-                    test_size=1000, max_length=64, probes=("linear_probe", "representation_drift"), objective_mode="scalar",
-                    forgetting_weight=0.0, timeout=300.0),
-    "causal": dict(model="packaged:SmolLM2-135M-Instruct", trials=4, max_steps=8, train_size=1000, val_size=100,
-                   test_size=200, max_length=48, probes=("perplexity",), task_type="causal_lm",
-                   space=str(HERE / "causal_space.yaml")),
+    "quality": {"model": "packaged:all-MiniLM-L6-v2", "trials": 10, "max_steps": 60, "train_size": 4000, "val_size": 500,
+                    "test_size": 1000, "max_length": 64, "probes": ("linear_probe", "representation_drift")},
+    "pruning": {"model": "packaged:all-MiniLM-L6-v2", "trials": 200, "max_steps": 60, "train_size": 4000, "val_size": 500,
+                    "test_size": 1000, "max_length": 64, "probes": ("linear_probe", "representation_drift"), "objective_mode": "scalar",
+                    "forgetting_weight": 0.0, "timeout": 300.0},
+    "causal": {"model": "packaged:SmolLM2-135M-Instruct", "trials": 4, "max_steps": 8, "train_size": 1000, "val_size": 100,
+                   "test_size": 200, "max_length": 48, "probes": ("perplexity",), "task_type": "causal_lm",
+                   "space": str(HERE / "causal_space.yaml")},
 }
 PARTS["longer"] = dict(PARTS["quality"], trials=20)  # the same search with twice the trials
 PARTS["pruning-long"] = dict(PARTS["quality"], max_steps=240, objective_mode="scalar", forgetting_weight=0.0)
@@ -105,27 +104,27 @@ PARTS["causal-bounded-longer"] = dict(PARTS["causal-bounded-larger"], trials=8, 
 PARTS["causal-bounded-all-methods"] = dict(PARTS["causal-bounded-longer"], space=str(HERE / "causal_all_methods.yaml"))
 PARTS["causal-bounded-warm"] = PARTS["causal-bounded-longer"]
 STRATEGIES = {
-    "quality": {"tpe": dict(sampler="tpe"), "nsga2": dict(sampler="nsga2"), "random": dict(sampler="random"),
+    "quality": {"tpe": {"sampler": "tpe"}, "nsga2": {"sampler": "nsga2"}, "random": {"sampler": "random"},
                 # TPE on accuracy alone (scalar mode, forgetting weight 0): is a Pareto objective what keeps
                 # TPE from reaching random search's best within half the trials? Random search draws the same
                 # trials whatever the objective, so its results stay the reference.
-                "tpe-accuracy": dict(sampler="tpe", objective_mode="scalar", forgetting_weight=0.0)},
-    "pruning": {"hyperband": dict(sampler="tpe", pruner="hyperband"), "no pruning": dict(sampler="tpe")},
-    "causal": {"tpe": dict(sampler="tpe"), "random": dict(sampler="random")},
+                "tpe-accuracy": {"sampler": "tpe", "objective_mode": "scalar", "forgetting_weight": 0.0}},
+    "pruning": {"hyperband": {"sampler": "tpe", "pruner": "hyperband"}, "no pruning": {"sampler": "tpe"}},
+    "causal": {"tpe": {"sampler": "tpe"}, "random": {"sampler": "random"}},
 }
 STRATEGIES["bounded"] = {name: STRATEGIES["quality"][name] for name in ("tpe", "nsga2", "random")}
 STRATEGIES.update({part: STRATEGIES["causal"] for part in CAUSAL_BOUNDED})
 STRATEGIES["causal-bounded-warm"] = {name: dict(arm, warm_start=True) for name, arm in STRATEGIES["causal"].items()}
 STRATEGIES["longer"] = {name: STRATEGIES["quality"][name] for name in ("tpe-accuracy", "random")}
 # Hyperband's trial count is open: it runs until a trial reaches the target or random search's time runs out.
-STRATEGIES["pruning-long"] = {"no pruning": dict(sampler="random"),
-                              "hyperband": dict(sampler="random", pruner="hyperband", trials=200),
+STRATEGIES["pruning-long"] = {"no pruning": {"sampler": "random"},
+                              "hyperband": {"sampler": "random", "pruner": "hyperband", "trials": 200},
                               # The whole search: the same draws as "no pruning", as many, pruned or not.
-                              "hyperband whole search": dict(sampler="random", pruner="hyperband", trials=200)}
+                              "hyperband whole search": {"sampler": "random", "pruner": "hyperband", "trials": 200}}
 # The recipe people start from (peft's documented LoRA defaults, as in the brief), at the same step budget.
 DEFAULT_LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "attention", "use_rslora": False}
 DEFAULT_TRAINING = {"learning_rate": 2e-4, "optimizer": "adamw"}
-SMOKE = dict(train_size=120, val_size=60, test_size=60, max_steps=8, trials=3, probes=None)
+SMOKE = {"train_size": 120, "val_size": 60, "test_size": 60, "max_steps": 8, "trials": 3, "probes": None}
 
 
 def hypervolume(points: list[tuple[float, float]]) -> float:
@@ -316,8 +315,8 @@ def run_pruning_long(seed: int, smoke_model: str | None, names: list[str], recor
 
     results = {"no pruning": unpruned}
     # optuna's timeout stops starting trials: one running at the deadline finishes, so a ratio above 1 shows.
-    arms = {"hyperband": dict(callback=stop_at_target, timeout=allowance),
-            "hyperband whole search": dict(callback=stop_after_the_same_draws)}
+    arms = {"hyperband": {"callback": stop_at_target, "timeout": allowance},
+            "hyperband whole search": {"callback": stop_after_the_same_draws}}
     for name, limits in arms.items():
         if name in names:
             results[name], _, _ = run_strategy(part, name, seed, smoke_model, prune_after=prune_after, **limits)
@@ -365,14 +364,14 @@ def mib(n: float | None) -> str:
 def render_quality(part: str, rows: list[dict]) -> list[str]:
     spec = PARTS[part]
     names = [n for n in STRATEGIES[part] if all(n in r["strategies"] for r in rows)]  # those run on every seed
-    lines = [f"## {part}: {spec['model']}, {spec['trials']} trials x {spec['max_steps']} steps per strategy, "
+    lines = [(f"## {part}: {spec['model']}, {spec['trials']} trials x {spec['max_steps']} steps per strategy, "
              f"{spec['train_size']} train / {spec['val_size']} validation / {spec['test_size']} test rows, "
-             f"seeds {', '.join(str(r['seed']) for r in rows)}", "",
-             "Medians over seeds. 'export' is the trial `autopeft export` picks by default (balanced); its test "
+             f"seeds {', '.join(str(r['seed']) for r in rows)}"), "",
+             ("Medians over seeds. 'export' is the trial `autopeft export` picks by default (balanced); its test "
              "accuracy is read from the trial's saved adapter. 'trials to random's best': the trial count at "
-             "which the strategy first reached the same seed's random-search final best (— if never).", "",
-             "| strategy | best val accuracy | hypervolume | export: val / test accuracy | export forgetting | "
-             "export 1 - CKA | export peak MiB | best-accuracy trial: test accuracy / forgetting | trials to random's best | wall s |",
+             "which the strategy first reached the same seed's random-search final best (— if never)."), "",
+             ("| strategy | best val accuracy | hypervolume | export: val / test accuracy | export forgetting | "
+             "export 1 - CKA | export peak MiB | best-accuracy trial: test accuracy / forgetting | trials to random's best | wall s |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         results = [r["strategies"][name] for r in rows]
@@ -395,8 +394,8 @@ def render_quality(part: str, rows: list[dict]) -> list[str]:
         d = r["default_recipe"]
         lines.append(f"- seed {r['seed']}: {bests}; default recipe {fmt(d['val_accuracy'])} / {fmt(d['test_accuracy'])}")
     lines += halfway_lines(part, rows, names)
-    lines += ["", "Goal check per seed: does the exported (balanced) configuration beat the default recipe on test "
-              "accuracy at no more forgetting and no more peak memory?", ""]
+    lines += ["", ("Goal check per seed: does the exported (balanced) configuration beat the default recipe on test "
+              "accuracy at no more forgetting and no more peak memory?"), ""]
     return lines + goal_checks(rows, names, "balanced") + [""]
 
 
@@ -406,8 +405,8 @@ def halfway_lines(part: str, rows: list[dict], names: list[str]) -> list[str]:
     every strategy), which says how good the configurations a sampler picks are, not only its luckiest."""
     trials = PARTS[part]["trials"]
     startup = startup_trials(trials)
-    lines = ["", f"Per seed: best validation accuracy after {trials // 2} / {trials} trials; median over trials "
-             f"{startup + 1}-{trials} (after the {startup} random start-up trials):", ""]
+    lines = ["", (f"Per seed: best validation accuracy after {trials // 2} / {trials} trials; median over trials "
+             f"{startup + 1}-{trials} (after the {startup} random start-up trials):"), ""]
     for r in rows:
         cells = []
         for n in names:
@@ -458,16 +457,16 @@ def render_bounded(part: str, rows: list[dict]) -> list[str]:
     space = f" on {Path(spec['space']).name}" if "space" in spec else ""
     if all(arm.get("warm_start") for arm in STRATEGIES[part].values()):
         space += ", warm-started (`--warm-start`: its first trial peft's LoRA defaults, r 8, alpha 16, q/v, lr 2e-4),"
-    lines = [f"## {part}: {BOUNDED[part]}'s search{space} held to the default recipe's costs, {spec['trials']} trained trials x "
+    lines = [(f"## {part}: {BOUNDED[part]}'s search{space} held to the default recipe's costs, {spec['trials']} trained trials x "
              f"{spec['max_steps']} steps per strategy, {spec['val_size']} validation / {spec['test_size']} test rows, "
-             f"seeds {', '.join(str(r['seed']) for r in rows)}", "",
-             "Per seed the default LoRA recipe trains first; each strategy then searches under `--memory-budget` "
+             f"seeds {', '.join(str(r['seed']) for r in rows)}"), "",
+             ("Per seed the default LoRA recipe trains first; each strategy then searches under `--memory-budget` "
              "set to the recipe's measured peak (configurations estimated above it are rejected before training "
              "and not counted as trials), and exports the most accurate trial at no more forgetting than the "
              "recipe's (`--select max-accuracy-under-forgetting=F`, F the recipe's). Medians over seeds; test "
-             "accuracy read from the exported trial's saved adapter, peak measured on a full-length batch.", "",
-             "| strategy | best val accuracy | hypervolume | export: val / test accuracy | export forgetting | "
-             "export peak MiB | rejected by the budget | trials to random's best | wall s |",
+             "accuracy read from the exported trial's saved adapter, peak measured on a full-length batch."), "",
+             ("| strategy | best val accuracy | hypervolume | export: val / test accuracy | export forgetting | "
+             "export peak MiB | rejected by the budget | trials to random's best | wall s |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         results = [r["strategies"][name] for r in rows]
@@ -482,8 +481,8 @@ def render_bounded(part: str, rows: list[dict]) -> list[str]:
             f"{fmt(median([b.get('forgetting') for b in bound]))} | {mib(median([b.get('peak_bytes') for b in bound]))} | "
             f"{rejected} | {reach} | {fmt(median([r['wall_seconds'] for r in results]), '.0f')} |")
     lines.append(recipe_row(rows, drift=False))
-    lines += ["", "Goal check per seed: does the export beat the recipe on test accuracy at no more forgetting and no "
-              "more peak memory? (— : no trial qualified, the recipe stays)", ""]
+    lines += ["", ("Goal check per seed: does the export beat the recipe on test accuracy at no more forgetting and no "
+              "more peak memory? (— : no trial qualified, the recipe stays)"), ""]
     return lines + goal_checks(rows, names, "recipe-bound") + [""]
 
 
@@ -491,11 +490,11 @@ def render_pruning(rows: list[dict]) -> list[str]:
     spec = PARTS["pruning"]
     # The target each row was measured against, recorded with it: a later quality run must not move it.
     target = {r["seed"]: r.get("target") for r in rows}
-    lines = [f"## pruning: TPE in scalar mode (objective: validation accuracy), {spec['max_steps']} steps per trial, "
-             f"{spec['timeout']:.0f} s of search per run, with and without hyperband", "",
-             "Target: the same seed's random-search final best validation accuracy in part quality as it stood when "
+    lines = [(f"## pruning: TPE in scalar mode (objective: validation accuracy), {spec['max_steps']} steps per trial, "
+             f"{spec['timeout']:.0f} s of search per run, with and without hyperband"), "",
+             ("Target: the same seed's random-search final best validation accuracy in part quality as it stood when "
              "this part ran (recorded with each row). Seconds are "
-             "counted from the first trial's start (model loading excluded, the same for both).", "",
+             "counted from the first trial's start (model loading excluded, the same for both)."), "",
              "| seed | target | hyperband: s to target | no pruning: s to target | ratio | hyperband trials (complete / pruned) | no pruning trials |",
              "|---|---|---|---|---|---|---|"]
     ratios = []
@@ -518,13 +517,13 @@ def render_pruning(rows: list[dict]) -> list[str]:
 def render_pruning_long(rows: list[dict]) -> list[str]:
     spec = PARTS["pruning-long"]
     rungs = pruning_long_rungs(spec["max_steps"])
-    lines = [f"## pruning-long: random search, {spec['max_steps']} steps per trial, {spec['trials']} trials without "
-             f"pruning, then the same draws under hyperband (first rung at {rungs[0]} steps)", "",
-             "Target: the run without pruning's final best validation accuracy, first reached at its k-th trial. "
+    lines = [(f"## pruning-long: random search, {spec['max_steps']} steps per trial, {spec['trials']} trials without "
+             f"pruning, then the same draws under hyperband (first rung at {rungs[0]} steps)"), "",
+             ("Target: the run without pruning's final best validation accuracy, first reached at its k-th trial. "
              "Seconds from the first trial's start. 'same draws': the hyperband run's trials had the same "
-             "configurations as the run without pruning, in the same order.", "",
-             "| seed | target | k | no pruning: s to target | hyperband: s to target | ratio | "
-             f"hyperband trials (complete / pruned at {' / at '.join(map(str, rungs))}) | same draws |",
+             "configurations as the run without pruning, in the same order."), "",
+             ("| seed | target | k | no pruning: s to target | hyperband: s to target | ratio | "
+             f"hyperband trials (complete / pruned at {' / at '.join(map(str, rungs))}) | same draws |"),
              "|---|---|---|---|---|---|---|---|"]
     ratios = []
     for r in rows:
@@ -539,8 +538,8 @@ def render_pruning_long(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['seed']} | {r['target']:.4f} | {trials_to_reach(unpruned, r['target'])} | "
                      f"{fmt(slow, '.0f')} | {fmt(fast, '.0f')} | {fmt(ratio, '.2f')} | "
                      f"{' / '.join(map(str, counts))} | {'yes' if same else 'no'} |")
-    lines += ["", f"Median ratio (hyperband / no pruning), a run that never reached the target counting as "
-              f"above 1: {fmt(median([r if r is not None else float('inf') for r in ratios]), '.2f')}", ""]
+    lines += ["", (f"Median ratio (hyperband / no pruning), a run that never reached the target counting as "
+              f"above 1: {fmt(median([r if r is not None else float('inf') for r in ratios]), '.2f')}"), ""]
     return lines + whole_search_lines(rows)
 
 
@@ -550,11 +549,11 @@ def whole_search_lines(rows: list[dict]) -> list[str]:
     rows = [r for r in rows if "hyperband whole search" in r["strategies"]]
     if not rows:
         return []
-    lines = ["The whole search: the same draws, as many as without pruning, under hyperband. Seconds from the "
+    lines = [("The whole search: the same draws, as many as without pruning, under hyperband. Seconds from the "
              "first trial's start to the last one's end; regret: the best validation accuracy without pruning "
-             "less the best with it.", "",
-             "| seed | trials (complete / pruned) | no pruning: s | hyperband: s | ratio | best val: no pruning / "
-             "hyperband | regret | same draws |", "|---|---|---|---|---|---|---|---|"]
+             "less the best with it."), "",
+             ("| seed | trials (complete / pruned) | no pruning: s | hyperband: s | ratio | best val: no pruning / "
+             "hyperband | regret | same draws |"), "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         unpruned, pruned = r["strategies"]["no pruning"], r["strategies"]["hyperband whole search"]
         slow, fast = (max(t["seconds_from_start"] for t in trained_trials(x)) for x in (unpruned, pruned))

@@ -37,13 +37,13 @@ warnings.filterwarnings("ignore")
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import bench  # noqa: E402
-import seed_spread  # noqa: E402
+import bench
+import seed_spread
 
-from autopeft.export import export_trial, select_trial  # noqa: E402
-from autopeft.search import prepare_runtime, run_search, run_trial  # noqa: E402
-from autopeft.space import TrialParams  # noqa: E402
-from autopeft.study import scores  # noqa: E402
+from autopeft.export import export_trial, select_trial
+from autopeft.search import prepare_runtime, run_search, run_trial
+from autopeft.space import TrialParams
+from autopeft.study import scores
 
 PART, STRATEGY = "quality", "tpe-accuracy"
 RULE = "max-accuracy-under-forgetting=1"  # the most accurate trial: the probe's forgetting never exceeds 1
@@ -116,14 +116,14 @@ def replay(part: str, row: dict, runs: dict[str, list[float]]) -> dict:
 def render(results: dict) -> str:
     rows = results["rows"]
     lines = ["# What `export --confirm-seeds` buys", "",
-             f"`{results['command']}` on {results['machine']}. Part `{PART}`'s search (MiniLM, "
+             (f"`{results['command']}` on {results['machine']}. Part `{PART}`'s search (MiniLM, "
              f"{bench.PARTS[PART]['max_steps']} steps, {bench.PARTS[PART]['trials']} trials, TPE on validation "
              f"accuracy), exported with `--select {RULE}` three ways: **plain**; **confirmed** "
              f"(`--confirm-seeds {CONFIRM_SEEDS} --confirm-top {CONFIRM_TOP}`: {CONFIRM_SEEDS * CONFIRM_TOP} "
              f"more trainings); **more trials** (the same study continued by {CONFIRM_SEEDS * CONFIRM_TOP} "
              "trials, the same compute spent on search instead). Each pick is judged by training its "
              f"configuration again with seeds {', '.join(map(str, JUDGE_SEEDS))}: the mean validation and "
-             "test accuracy a user who retrains it gets.", "",
+             "test accuracy a user who retrains it gets."), "",
              "| seed | arm | trial | its run (val) | judged val | judged test | extra seconds |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -137,11 +137,11 @@ def render(results: dict) -> str:
         test = statistics.median(judged_means(row, arm)[1] for row in rows)
         lines.append(f"| {arm} | {val:.4f} | {test:.4f} |")
     lines += ["", "## Replayed on seed_spread.json (no training)", "",
-              f"Random search's {CONFIRM_TOP} best configurations per seed in parts `longer` and `bounded`, "
+              (f"Random search's {CONFIRM_TOP} best configurations per seed in parts `longer` and `bounded`, "
               "each with five extra runs, taken as what the configuration gives. The plain pick is random "
               "search's best run; the confirmed pick leads on the mean of its recorded run and "
               f"{CONFIRM_SEEDS} of the five (every pair of the five, averaged). Each pick is judged by its "
-              "configuration's mean over the five; 'best' is the best such mean of the three.", "",
+              "configuration's mean over the five; 'best' is the best such mean of the three."), "",
               "| part | seed | plain pick | confirmed pick | best of the three | pairs where the pick changed |",
               "|---|---|---|---|---|---|"]
     for r in results["replay"]:

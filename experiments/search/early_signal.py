@@ -37,19 +37,19 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-import optuna  # noqa: E402
-import torch  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
+import optuna
+import torch
+from scipy.stats import spearmanr
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import bench  # noqa: E402
+import bench
 
-from autopeft.config import SearchConfig  # noqa: E402
-from autopeft.evaluate import Evaluator, class_probabilities, class_separation  # noqa: E402
-from autopeft.search import INTERMEDIATE_ROWS, prepare_runtime, run_trial  # noqa: E402
-from autopeft.space import TrialParams  # noqa: E402
-from autopeft.study import make_pruner  # noqa: E402
+from autopeft.config import SearchConfig
+from autopeft.evaluate import Evaluator, class_probabilities, class_separation
+from autopeft.search import prepare_runtime, run_trial
+from autopeft.space import TrialParams
+from autopeft.study import make_pruner
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 STEPS = (15, 30, 90)
@@ -92,7 +92,7 @@ def measure_seed(row: dict) -> list[dict]:
     for trial in bench.trained_trials(row["strategies"]["no pruning"]):
         record = {"seed": row["seed"], "number": trial["number"], "final": trial["val_accuracy"], "at": {}}
 
-        def keep(step: int, _score: float) -> None:
+        def keep(step: int, _score: float, record: dict = record) -> None:
             record["at"][str(step)] = dict(recorder.last)
             if step == STEPS[-1]:
                 raise Enough
@@ -183,16 +183,16 @@ def replays(rows: list[dict], records: list[dict]) -> dict:
 
 def render(results: dict) -> str:
     lines = ["# Which mid-training score predicts a trial's final accuracy?", "",
-             f"`{results['command']}` on {results['machine']}. Trials: pruning-long's unpruned random draws "
+             (f"`{results['command']}` on {results['machine']}. Trials: pruning-long's unpruned random draws "
              "(MiniLM, 240 steps, 10 per seed, seeds 0-2). Spearman rank correlation of each score on the "
              "pruner's 256-row validation slice with the trial's final validation accuracy (500 rows): all 30 "
-             "trials, then per seed.", "",
+             "trials, then per seed."), "",
              "| score | " + " | ".join(f"step {s}" for s in STEPS) + " |", "|---|" + "---|" * len(STEPS)]
     for score in SCORES:
         cells = [f"{c['all']:.2f} ({', '.join(f'{v:.2f}' for v in c['per_seed'])})"
                  for c in (results["correlations"][score][str(s)] for s in STEPS)]
         lines.append(f"| {score} | " + " | ".join(cells) + " |")
-    lines += ["", "Replay of the pruning-long race on the same draws: Optuna's hyperband pruner (rungs 30 and 90, "
+    lines += ["", ("Replay of the pruning-long race on the same draws: Optuna's hyperband pruner (rungs 30 and 90, "
               "the bench's study names, so the same brackets) deciding on each score, or on the final accuracy "
               "(an oracle); a pruned trial costs its seconds in pruning-long's run without pruning (results.json) "
               "times the share of steps it trained (evaluations not counted). Cell: over the searches, the median ratio of seconds until a "
@@ -201,7 +201,7 @@ def render(results: dict) -> str:
               "median ratio of seconds for all the search's trials, and the median regret (the best final "
               "accuracy less the best the pruned search completed). Searches: the recorded order; "
               f"{SEQUENCES} random orders of the same 10 draws; {SEQUENCES} searches of 20 and of 40 trials drawn "
-              "with replacement from the seed's 10.", ""]
+              "with replacement from the seed's 10."), ""]
     for seed, searches in results["replay"].items():
         lines += [f"Seed {seed}:", "", "| search | " + " | ".join([*SCORES, ORACLE]) + " |",
                   "|---|" + "---|" * (len(SCORES) + 1)]

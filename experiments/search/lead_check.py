@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
-from autopeft.noise import CLOSE, close_margin  # noqa: E402
+from autopeft.noise import CLOSE, close_margin
 
 PARTS = {"longer": ("tpe-accuracy", "random"), "bounded": ("tpe", "nsga2", "random")}
 ROWS = 500  # the bench's validation rows

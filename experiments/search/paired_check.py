@@ -28,10 +28,10 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import base_config, recipe_params  # noqa: E402
+from bench import base_config, recipe_params
 
-from autopeft.config import SearchConfig  # noqa: E402
-from autopeft.search import load_trained, prepare_runtime, run_trial  # noqa: E402
+from autopeft.config import SearchConfig
+from autopeft.search import load_trained, prepare_runtime, run_trial
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PART = "causal-bounded-all-methods"
@@ -81,12 +81,12 @@ def check_seed(part: str, row: dict) -> list[dict]:
 
 def render(part: str, results: list[dict]) -> str:
     lines = ["# Paired check: the causal exports that beat the recipe at its costs", "",
-             f"Part `{part}`; command: `python experiments/search/paired_check.py"
-             f"{'' if part == DEFAULT_PART else ' --part ' + part}` (right after the part).", "",
-             "Rows only the export gets right against rows only the recipe gets right, and the exact two-sided "
-             "McNemar p-value (chance that a split this uneven happens with no difference).", "",
-             "| seed | strategy | export (trial, method) | split | recipe / export accuracy | only export / only recipe "
-             "right | p |", "|---|---|---|---|---|---|---|"]
+             (f"Part `{part}`; command: `python experiments/search/paired_check.py"
+             f"{'' if part == DEFAULT_PART else ' --part ' + part}` (right after the part)."), "",
+             ("Rows only the export gets right against rows only the recipe gets right, and the exact two-sided "
+             "McNemar p-value (chance that a split this uneven happens with no difference)."), "",
+             ("| seed | strategy | export (trial, method) | split | recipe / export accuracy | only export / only recipe "
+             "right | p |"), "|---|---|---|---|---|---|---|"]
     for r in results:
         for split in ("validation", "test"):
             c = r[split]

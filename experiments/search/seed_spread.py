@@ -37,11 +37,11 @@ warnings.filterwarnings("ignore")
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import bench  # noqa: E402
+import bench
 
-from autopeft.config import SearchConfig  # noqa: E402
-from autopeft.search import prepare_runtime, run_trial  # noqa: E402
-from autopeft.space import TrialParams  # noqa: E402
+from autopeft.config import SearchConfig
+from autopeft.search import prepare_runtime, run_trial
+from autopeft.space import TrialParams
 
 SAMPLERS = {"longer": "tpe-accuracy", "bounded": "tpe"}  # the TPE strategy each part races against random
 REFERENCE = "random"
@@ -131,7 +131,7 @@ def chance_by_run(part: str, reference: list, sampler: list, configs: dict[str, 
     for _ in range(REDRAWS):
         drawn: dict[tuple, float] = {}
 
-        def accuracy(trial: dict) -> float:
+        def accuracy(trial: dict, drawn: dict = drawn) -> float:
             name = key(trial["params"])
             if name not in configs:
                 return trial["val_accuracy"]
@@ -165,14 +165,14 @@ def render_part(part: str, result: dict, rows: dict[int, dict]) -> list[str]:
     sampler, seeds_used = SAMPLERS[part], ", ".join(map(str, TRAINING_SEEDS))
     spreads = [statistics.stdev(e["runs"]) for configs in seeds.values() for e in configs.values()]
     heading = f"## {part}: {spec['trials']} trials x {spec['max_steps']} steps, {sampler} against random"
-    lines = [heading + " search", "", f"`{result['command']}` on {result['machine']}. The part was recorded "
+    lines = [heading + " search", "", (f"`{result['command']}` on {result['machine']}. The part was recorded "
              f"in {RECORDED_AT[part]}. Each configuration below retrained with training seeds "
              f"{seeds_used} on its seed's split. 'as run': the search's own run (trial counts from 1); "
-             "'mean' and 'sd' over the five new runs.", "",
-             "Standard deviation of a configuration's five runs: median "
+             "'mean' and 'sd' over the five new runs."), "",
+             ("Standard deviation of a configuration's five runs: median "
              f"**{statistics.median(spreads):.4f}**, from {min(spreads):.4f} to {max(spreads):.4f} (the "
              "widest where a run stayed at the majority class). The validation rows are the same in every "
-             "run: this is the training seed's share alone.", ""]
+             "run: this is the training seed's share alone."), ""]
     for seed, configs in sorted(seeds.items()):
         lines += [f"Seed {seed}:", "", "| configuration | as run (trial: accuracy) | mean | sd | runs |",
                   "|---|---|---|---|---|"]
@@ -183,14 +183,14 @@ def render_part(part: str, result: dict, rows: dict[int, dict]) -> list[str]:
             lines.append(f"| {describe(entry['params'])} | {tried} | {mean(entry):.4f} | "
                          f"{statistics.stdev(entry['runs']):.4f} | {runs} |")
         lines.append("")
-    lines += [f"The race: trials {sampler} needed to reach random search's final best (goal: at most "
+    lines += [(f"The race: trials {sampler} needed to reach random search's final best (goal: at most "
               f"half, {spec['trials'] // 2}); the chance is that of reaching it in half the trials, as run, "
               "had each contender's run come out as one of its five new runs (10,000 redraws; a trial both "
               "searches ran is drawn once for both, a trial that is no contender keeps its recorded "
-              "accuracy):",
+              "accuracy):"),
               "",
-              f"| seed | random's best, as run | {sampler}, as run | mean of random's pick | best mean "
-              f"among random's top {TOP_REFERENCE} | {sampler}, by mean | chance, as run |",
+              (f"| seed | random's best, as run | {sampler}, as run | mean of random's pick | best mean "
+              f"among random's top {TOP_REFERENCE} | {sampler}, by mean | chance, as run |"),
               "|---|---|---|---|---|---|---|"]
     for r in races:
         by_run, by_mean = r["trials_by_run"] or "—", r["trials_by_mean"] or "—"

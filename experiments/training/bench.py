@@ -30,11 +30,11 @@ warnings.filterwarnings("ignore")
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-from autopeft.config import SearchConfig  # noqa: E402
-from autopeft.data import load_task  # noqa: E402
-from autopeft.models import resolve_model_path  # noqa: E402
-from autopeft.search import prepare_runtime, run_search, run_trial  # noqa: E402
-from autopeft.space import TrialParams  # noqa: E402
+from autopeft.config import SearchConfig
+from autopeft.data import load_task
+from autopeft.models import resolve_model_path
+from autopeft.search import prepare_runtime, run_search, run_trial
+from autopeft.space import TrialParams
 
 HERE = Path(__file__).resolve().parent
 LR_RANGE = (5e-4, 5e-3)
@@ -239,28 +239,28 @@ def render(r: dict) -> str:
     lines = ["# autopeft vs transformers.Trainer + peft (MiniLM-L6, Rotten Tomatoes 4000/1000/1000, CPU)", "",
              "Command: `.venv/bin/python experiments/training/bench.py`", "",
              f"Machine: {r['machine']}", "",
-             f"## A. Training throughput, one trial ({t['config']}, batch {t['batch']}, {t['steps']} steps, "
-             f"median of {len(t['autopeft_runs'])} interleaved runs)", "",
+             (f"## A. Training throughput, one trial ({t['config']}, batch {t['batch']}, {t['steps']} steps, "
+             f"median of {len(t['autopeft_runs'])} interleaved runs)"), "",
              "| | non-pad tokens/s (median) | runs | padding fraction |", "|---|---|---|---|",
-             f"| autopeft loop | {t['autopeft_median_tokens_per_s']:.0f} | "
+             (f"| autopeft loop | {t['autopeft_median_tokens_per_s']:.0f} | "
              f"{_runs(t['autopeft_runs'])} | "
-             f"{t['autopeft_runs'][0]['padding_fraction']:.1%} |",
-             f"| Trainer + DataCollatorWithPadding | {t['trainer_median_tokens_per_s']:.0f} | "
+             f"{t['autopeft_runs'][0]['padding_fraction']:.1%} |"),
+             (f"| Trainer + DataCollatorWithPadding | {t['trainer_median_tokens_per_s']:.0f} | "
              f"{_runs(t['trainer_runs'])} | "
-             f"{t['trainer_runs'][0]['padding_fraction']:.1%} |",
+             f"{t['trainer_runs'][0]['padding_fraction']:.1%} |"),
              f"| **ratio** | **{t['ratio']:.2f}x** | | |", ""]
     if "search" in r:
         s = r["search"]
         a, h = s["autopeft"], s["trainer"]
         lines += [f"## B. A search of {s['trials']} LoRA trials x {s['steps']} steps (same lr, r, alpha choices)", "",
                   "| | wall s | best val accuracy | notes |", "|---|---|---|---|",
-                  f"| autopeft search | {a['wall_seconds']:.0f} | {a['best_val_accuracy']:.4f} | best: "
+                  (f"| autopeft search | {a['wall_seconds']:.0f} | {a['best_val_accuracy']:.4f} | best: "
                   f"{a['best_params']}, {a['best_trainable_fraction']:.2%} of parameters trainable; "
                   f"{a['seconds_outside_training_loop']:.0f} s outside the training loop (model load, eval, probe, logging); "
                   f"per-trial overhead (all but training steps and evaluation) median "
-                  f"{a['median_trial_overhead_fraction']:.1%} of trial wall time |",
-                  f"| Trainer.hyperparameter_search | {h['wall_seconds']:.0f} | {h['best_val_accuracy']:.4f} | "
-                  f"sampled {h['best_hyperparameters']}; built per trial: {h['built_per_trial']} |",
+                  f"{a['median_trial_overhead_fraction']:.1%} of trial wall time |"),
+                  (f"| Trainer.hyperparameter_search | {h['wall_seconds']:.0f} | {h['best_val_accuracy']:.4f} | "
+                  f"sampled {h['best_hyperparameters']}; built per trial: {h['built_per_trial']} |"),
                   f"| **wall ratio (autopeft / Trainer)** | **{s['wall_ratio']:.2f}** | | |", ""]
     return "\n".join(lines) + "\n"
 
