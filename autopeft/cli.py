@@ -382,8 +382,8 @@ def trials_table(study: Any) -> Table:
 
 @app.command()
 def export(
-    study: Annotated[str, typer.Option(help="Study name.")],
     out: Annotated[Path, typer.Option(help="New or empty folder for adapter_config.json, training.yaml, metrics.json, README.md.")],
+    study: Annotated[str, typer.Option(help="Study name (the one `autopeft search` ran).")] = "default",
     storage: Annotated[str, typer.Option(help="Optuna storage URL of the study.")] = "sqlite:///autopeft.db",
     trial: Annotated[int | None, typer.Option(help="Export this trial number instead of applying --select.")] = None,
     select: Annotated[str, typer.Option(help="Rule: balanced (best accuracy within --tolerance of the least forgetting on the Pareto front), best-accuracy, least-forgetting, or max-accuracy-under-forgetting=X.")] = "balanced",
@@ -447,8 +447,9 @@ def estimate(
     seq_len: Annotated[int, typer.Option(help="Tokens per row of the longest batch.")] = 128,
     device: Annotated[str, typer.Option(help="Device to estimate for: cpu or cuda (works on a CPU-only machine).")] = "cpu",
 ) -> None:
-    """Predict the peak training memory of a configuration (or of each method of a space) without training,
-    traced on fake tensors: works for models far too large for this machine."""
+    """Predict the peak training memory of a configuration, or of each method of a space, without training.
+
+    The step is traced on fake tensors, so it works for models far too large for this machine."""
     from autopeft import memory, methods
     from autopeft.recipe import read_recipe
     from autopeft.space import TRAINING_PARAMS, TrialParams, load_space
@@ -478,7 +479,7 @@ def estimate(
 
 @app.command()
 def report(
-    study: Annotated[str, typer.Option(help="Study name.")],
+    study: Annotated[str, typer.Option(help="Study name (the one `autopeft search` ran).")] = "default",
     out: Annotated[Path, typer.Option(help="Folder for report.html and the PNG plots.")] = Path("report"),
     storage: Annotated[str, typer.Option(help="Optuna storage URL of the study.")] = "sqlite:///autopeft.db",
     tracking_uri: Annotated[str, typer.Option(help="MLflow store holding the study's parent run.")] = "sqlite:///mlflow.db",

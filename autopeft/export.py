@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 import optuna
 
 from autopeft import adapter_io, methods, noise
-from autopeft.config import DEFAULT_SPACE, SearchConfig, format_bytes
+from autopeft.config import DEFAULT_SPACE, SearchConfig, format_bytes, redact_url
 from autopeft.confirm import Confirmation, confirm
 from autopeft.errors import ConfigError, StudyError
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
-from autopeft.study import pareto_front, recorded_space, scores
+from autopeft.study import pareto_front, recorded_space, require_existing_store, scores
 
 if TYPE_CHECKING:
     from autopeft.search import Runtime
@@ -35,12 +35,13 @@ DEFAULT_TOLERANCE = 0.05  # absolute, on the forgetting probe's scale (a fractio
 
 
 def load_existing_study(name: str, storage: str) -> optuna.Study:
+    require_existing_store(storage, name)
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        raise StudyError(f"--study: no study named {name!r} in {storage}") from None
-    except Exception as exc:
-        raise StudyError(f"--storage: cannot open {storage!r}: {str(exc).splitlines()[0]}") from exc
+        raise StudyError(f"--study: no study named {name!r} in {redact_url(storage)}") from None
+    except Exception as exc:  # a bad URL, a missing driver or an unreachable server
+        raise StudyError(f"--storage: cannot open {redact_url(storage)!r}: {str(exc).splitlines()[0]}") from exc
 
 
 def completed_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -49,6 +49,18 @@ def connect(config: SearchConfig, on_stale: StaleTrialRetry | None = None) -> op
         raise StudyError(f"--storage: cannot open {redact_url(config.storage)}: {message}") from exc
 
 
+def require_existing_store(url: str, name: str) -> None:
+    """Commands that read a study (worker, export, report) must not create an empty sqlite file on a typo:
+    SQLAlchemy creates the database file on connect."""
+    if not url.startswith("sqlite:"):
+        return
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if database and database != ":memory:" and not Path(database).exists():
+        raise StudyError(f"--study: no study named {name!r} in {url} (the file {database} does not exist)")
+
+
 def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
     return any(s.study_name == name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
 
@@ -74,6 +86,7 @@ def open_study(config: SearchConfig, space: SearchSpace, task: TaskData,
 
 def load_for_worker(config: SearchConfig, on_stale: StaleTrialRetry | None = None) -> tuple[optuna.Study, SearchConfig, SearchSpace]:
     """Join an existing study: its recorded config and space, with this worker's storage and tracking."""
+    require_existing_store(config.storage, config.study)
     storage = connect(config, on_stale)
     if not study_exists(storage, config.study):
         raise StudyError(f"--study: no study named {config.study!r} in {redact_url(config.storage)}; create it "

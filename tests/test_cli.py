@@ -188,10 +188,28 @@ def test_export_runs_from_another_folder_and_refuses_a_negative_tolerance_before
     assert (elsewhere / "x" / "metrics.json").is_file()
 
 
-def test_export_of_unknown_study_is_a_clear_error(tmp_path: Path) -> None:
+READERS = [["export", "--out", "x"], ["report"], ["worker", "--study", "default", "--storage", "sqlite:///autopeft.db"]]
+
+
+@pytest.mark.parametrize("command", READERS, ids=[c[0] for c in READERS])
+def test_a_command_that_reads_a_study_creates_no_store_on_a_wrong_name(tmp_path: Path, command: list[str]) -> None:
+    """export and report read the study `autopeft search` names by default; a missing one is one line, exit 2,
+    and no empty autopeft.db left behind (SQLAlchemy creates the file on connect)."""
+    done = autopeft(*command, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "no study named 'default' in sqlite:///autopeft.db" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_of_unknown_study_is_a_clear_error(tmp_path: Path, tiny_search_args: list[str]) -> None:
+    assert autopeft("search", *tiny_search_args, "--trials", "0", cwd=tmp_path).returncode == 0
     done = autopeft("export", "--study", "nope", "--out", "x", cwd=tmp_path)
     assert done.returncode == 2 and "no study named 'nope'" in done.stderr
     assert not (tmp_path / "x").exists()
+    secret = autopeft("export", "--out", "x", "--storage", "postgresql+psycopg2://nobody:secret@127.0.0.1:9/none",
+                      cwd=tmp_path)
+    assert secret.returncode == 2 and "nobody:***@127.0.0.1" in secret.stderr and "secret" not in secret.stderr
 
 
 def free_port() -> int:
