@@ -17,7 +17,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from autopeft.config import DEFAULT_MODEL, DEFAULT_SPACE, DEFAULT_TASK, SearchConfig, parse_memory, redact_url
+from autopeft.config import (
+    DEFAULT_MODEL,
+    DEFAULT_SPACE,
+    DEFAULT_TASK,
+    SearchConfig,
+    missing_sqlite_file,
+    parse_memory,
+    redact_url,
+)
 from autopeft.errors import AutopeftError, ConfigError
 
 if TYPE_CHECKING:
@@ -508,7 +516,7 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to bind; the default serves this machine only.")] = "127.0.0.1",
 ) -> None:
     """Serve the MLflow dashboard (127.0.0.1 unless --host says otherwise). Ctrl-C stops it."""
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+    if missing_sqlite_file(tracking_uri):
         _fail(f"--tracking-uri: no MLflow store at {tracking_uri}; run `autopeft search` first")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
                "--host", host, "--port", str(port)]
@@ -527,6 +535,8 @@ def sync_stores(
     """Copy runs logged to a fallback store (while the tracking server was down) into the real one."""
     from autopeft.sync import sync
 
+    if missing_sqlite_file(source):
+        _fail(f"--source: no MLflow store at {source} (the file {missing_sqlite_file(source)} does not exist)")
     try:
         result = sync(source, target)
     except Exception as exc:  # noqa: BLE001 -- an unreachable target, whatever the store raises: say so in one line

@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 import yaml
 
-from autopeft.config import SearchConfig, redact_url
+from autopeft.config import SearchConfig, missing_sqlite_file, redact_url
 from autopeft.data import TaskData
 from autopeft.errors import StudyError
 from autopeft.space import SearchSpace, parse_space
@@ -50,15 +50,10 @@ def connect(config: SearchConfig, on_stale: StaleTrialRetry | None = None) -> op
 
 
 def require_existing_store(url: str, name: str) -> None:
-    """Commands that read a study (worker, export, report) must not create an empty sqlite file on a typo:
-    SQLAlchemy creates the database file on connect."""
-    if not url.startswith("sqlite:"):
-        return
-    from sqlalchemy.engine import make_url
-
-    database = make_url(url).database
-    if database and database != ":memory:" and not Path(database).exists():
-        raise StudyError(f"--study: no study named {name!r} in {url} (the file {database} does not exist)")
+    """Commands that read a study (worker, export, report) leave no empty sqlite file behind on a typo."""
+    missing = missing_sqlite_file(url)
+    if missing:
+        raise StudyError(f"--study: no study named {name!r} in {url} (the file {missing} does not exist)")
 
 
 def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:

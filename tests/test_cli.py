@@ -202,6 +202,12 @@ def test_a_command_that_reads_a_study_creates_no_store_on_a_wrong_name(tmp_path:
     assert os.listdir(tmp_path) == []
 
 
+def test_sync_from_a_store_that_does_not_exist_is_a_clear_error(tmp_path: Path) -> None:
+    done = autopeft("sync", "--source", "sqlite:///mlflow-fallbak.db", "--target", "sqlite:///mlflow.db", cwd=tmp_path)
+    assert done.returncode == 2 and "--source: no MLflow store at sqlite:///mlflow-fallbak.db" in done.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_export_of_unknown_study_is_a_clear_error(tmp_path: Path, tiny_search_args: list[str]) -> None:
     assert autopeft("search", *tiny_search_args, "--trials", "0", cwd=tmp_path).returncode == 0
     done = autopeft("export", "--study", "nope", "--out", "x", cwd=tmp_path)
