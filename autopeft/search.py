@@ -8,7 +8,7 @@ import copy
 import gc
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from autopeft.probes import ProbeContext, ProbeSet, build_probes, default_probes
 from autopeft.recipe import write_recipe
 from autopeft.sources import Columns
 from autopeft.space import TRAINING_PARAMS, SearchSpace, TrialParams, load_space
+from autopeft.stopping import SearchStops
 from autopeft.tracking import Tracker
 from autopeft.train import LossFn, TrainResult, TrainSettings, causal_lm_loss, classification_loss, fit
 from autopeft.verbalizer import (
@@ -626,30 +627,6 @@ def params_defaults() -> dict[str, Any]:
     return {k: spec.default for k, spec in TRAINING_PARAMS.items()}
 
 
-# Rejections by the memory budget cost no training (under a second each) and teach the sampler where the
-# budget lies: a search may go through many of them per trial it trains.
-REJECTIONS_PER_TRIAL = 20
-
-
-def _attempt_caps(goal: int, remaining: int, max_failures: int, stopped: list[str]) -> Callable[..., None]:
-    """A callback that stops the search short of `goal` completed trials, saying why, after
-    `2 * remaining + max_failures` trials this run that trained or failed, or `REJECTIONS_PER_TRIAL *
-    remaining` rejected by the memory budget."""
-    counts = {"trained": 0, "rejected": 0}
-    caps = {"trained": 2 * remaining + max_failures, "rejected": REJECTIONS_PER_TRIAL * remaining}
-
-    def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        kind = "rejected" if studies.rejected_by_budget(trial) else "trained"
-        counts[kind] += 1
-        if counts[kind] >= caps[kind] and studies.completed(study) < goal:
-            what = "were rejected by the memory budget" if kind == "rejected" else "trained or failed"
-            stopped.append(f"stopped with {studies.completed(study)} of {goal} trials completed: {counts[kind]} "
-                           f"trials {what}, the cap for {remaining} trials")
-            study.stop()
-
-    return stop
-
-
 def run_search(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
     """Run (or resume) the study until `config.trials` trials have completed or the timeout passes."""
     space = load_space(config.space)  # validated before any model or data loads
@@ -685,48 +662,17 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
     parent = tracker.open_study_run(config.study, study.user_attrs.get("mlflow_parent_run_id"),
                                     {**config.public_dict(), **runtime.task.describe(), **package_versions()},
                                     config.space, study.user_attrs.get("space_yaml"))
-    if "base_val_accuracy" not in study.user_attrs:  # the untouched base model's scores, once per study
-        with scoring_base(runtime):
-            base = runtime.evaluate(runtime.base_model, runtime.validation, runtime.device)
-        study.set_user_attr("base_val_accuracy", base)
-        study.set_user_attr("base_probe_scores", runtime.base_scores)
-        tracker.log_metrics(parent, {"base_val_accuracy": base,
-                                     **{f"base_{k}": v for k, v in runtime.base_scores.items()}})
+    _record_base_scores(runtime, study, tracker, parent)
     study.set_user_attr("mlflow_parent_run_id", parent)
     runtime.probes.save_base(probe_cache(config), probe_cache_key(config, runtime.task))
     objective = Objective(runtime, tracker, parent)
-    stopped: list[str] = []
-
-    def stop_after_failures(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if objective.consecutive_failures >= config.max_consecutive_failures:
-            stopped.append(f"stopped after {objective.consecutive_failures} consecutive failed trials; "
-                           f"last reason: {trial.user_attrs.get('fail_reason', 'unknown')}")
-            study.stop()
-
-    def step_budget_spent() -> bool:
-        spent = sum(t.user_attrs.get("steps_trained", 0) for t in study.get_trials(deepcopy=False))
-        if config.max_total_steps is None or spent < config.max_total_steps:
-            return False
-        stopped.append(f"stopped at the training-step budget: {spent} of {config.max_total_steps} steps spent")
-        return True
-
-    def stop_at_step_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if step_budget_spent():
-            study.stop()
-
-    remaining = config.trials - studies.completed(study)
-    stop_at_attempt_caps = _attempt_caps(config.trials, remaining, config.max_consecutive_failures, stopped)
-    began = time.monotonic()
+    stops = SearchStops(config, study, lambda: objective.consecutive_failures)
     try:
         with _long_lived_objects_frozen():
             # A resumed study whose step budget is already spent trains nothing more.
-            if remaining > 0 and not step_budget_spent():
-                # Stop at `trials` completed trials; failed, pruned or rejected ones are replaced by new samples,
-                # up to caps so that a space where everything fails cannot loop for ever.
-                target = optuna.study.MaxTrialsCallback(config.trials, states=(studies.COMPLETE,))
-                callbacks = [target, stop_after_failures, stop_at_step_budget, stop_at_attempt_caps]
+            if stops.remaining > 0 and not stops.step_budget_spent(study):
                 study.optimize(objective, timeout=config.timeout, catch=(TrialFailed,),
-                               callbacks=callbacks + ([progress] if progress else []), gc_after_trial=True)
+                               callbacks=stops.callbacks() + ([progress] if progress else []), gc_after_trial=True)
         interrupt.check()
     except Exception as exc:
         if not interrupt.REQUESTED.is_set():
@@ -737,18 +683,16 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
         tracker.close_study_run(parent, {"completed_trials": studies.completed(study)}, status="KILLED")
         raise
     tracker.close_study_run(parent, {"completed_trials": studies.completed(study)})
-    reason = stopped[0] if stopped else _stopped_short(config, studies.completed(study), time.monotonic() - began)
-    return SearchSummary(study, config, parent, reason)
+    return SearchSummary(study, config, parent, stops.reason(study))
 
 
-def _stopped_short(config: SearchConfig, done: int, seconds: float) -> str | None:
-    """Why a search ended below its target when no callback said so: its timeout, or a grid walked to the
-    end (Optuna stops both silently)."""
-    held = f"{done} of {config.trials} trials completed"
-    if done >= config.trials:
-        return None
-    if config.timeout is not None and seconds >= config.timeout:
-        return f"stopped at --timeout {config.timeout:g} s with {held}"
-    if config.sampler == "grid":
-        return f"stopped with {held}: every configuration of the grid has been tried"
-    return None
+def _record_base_scores(runtime: Runtime, study: optuna.Study, tracker: Tracker, parent: str) -> None:
+    """The untouched base model's validation accuracy and probe scores, once per study."""
+    if "base_val_accuracy" in study.user_attrs:
+        return
+    with scoring_base(runtime):
+        base = runtime.evaluate(runtime.base_model, runtime.validation, runtime.device)
+    study.set_user_attr("base_val_accuracy", base)
+    study.set_user_attr("base_probe_scores", runtime.base_scores)
+    tracker.log_metrics(parent, {"base_val_accuracy": base,
+                                 **{f"base_{k}": v for k, v in runtime.base_scores.items()}})

@@ -1,0 +1,89 @@
+"""When a search stops before its trials are done, and the one line that says why.
+
+Optuna stops a study silently (a timeout, a grid walked to its end, `study.stop()` from a callback); the user
+is owed the reason. `SearchStops` holds the conditions checked after every trial and records the first that
+fired: the target number of completed trials, consecutive failures, the training-step budget, and caps on
+attempts, so that a space where everything fails or is rejected cannot loop for ever.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from autopeft import study as studies
+from autopeft.config import SearchConfig
+
+# Rejections by the memory budget cost no training (under a second each) and teach the sampler where the
+# budget lies: a search may go through many of them per trial it trains.
+REJECTIONS_PER_TRIAL = 20
+
+Callback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
+
+
+class SearchStops:
+    """The stop conditions of one run of a search (a resumed study counts only what is left to do).
+
+    Attempts are capped at `2 * remaining + max_consecutive_failures` trials that trained or failed, and at
+    `REJECTIONS_PER_TRIAL * remaining` rejected by the memory budget."""
+
+    def __init__(self, config: SearchConfig, study: optuna.Study, consecutive_failures: Callable[[], int]) -> None:
+        self.config = config
+        self.consecutive_failures = consecutive_failures
+        self.remaining = config.trials - studies.completed(study)
+        self.counts = {"trained": 0, "rejected": 0}
+        self.caps = {"trained": 2 * self.remaining + config.max_consecutive_failures,
+                     "rejected": REJECTIONS_PER_TRIAL * self.remaining}
+        self.reasons: list[str] = []
+        self.began = time.monotonic()
+
+    def callbacks(self) -> list[Callback]:
+        # Failed, pruned or rejected trials are replaced by new samples until `trials` have completed.
+        target = optuna.study.MaxTrialsCallback(self.config.trials, states=(studies.COMPLETE,))
+        return [target, self._after_failures, self._at_step_budget, self._at_attempt_caps]
+
+    def step_budget_spent(self, study: optuna.Study) -> bool:
+        budget = self.config.max_total_steps
+        spent = sum(t.user_attrs.get("steps_trained", 0) for t in study.get_trials(deepcopy=False))
+        if budget is None or spent < budget:
+            return False
+        self.reasons.append(f"stopped at the training-step budget: {spent} of {budget} steps spent")
+        return True
+
+    def reason(self, study: optuna.Study) -> str | None:
+        """The first condition that stopped the search, else a timeout or an exhausted grid, else None."""
+        if self.reasons:
+            return self.reasons[0]
+        done, trials = studies.completed(study), self.config.trials
+        if done >= trials:
+            return None
+        held = f"{done} of {trials} trials completed"
+        if self.config.timeout is not None and time.monotonic() - self.began >= self.config.timeout:
+            return f"stopped at --timeout {self.config.timeout:g} s with {held}"
+        if self.config.sampler == "grid":
+            return f"stopped with {held}: every configuration of the grid has been tried"
+        return None
+
+    def _after_failures(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        failures = self.consecutive_failures()
+        if failures >= self.config.max_consecutive_failures:
+            self.reasons.append(f"stopped after {failures} consecutive failed trials; "
+                                f"last reason: {trial.user_attrs.get('fail_reason', 'unknown')}")
+            study.stop()
+
+    def _at_step_budget(self, study: optuna.Study, _trial: Any) -> None:
+        if self.step_budget_spent(study):
+            study.stop()
+
+    def _at_attempt_caps(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        kind = "rejected" if studies.rejected_by_budget(trial) else "trained"
+        self.counts[kind] += 1
+        done = studies.completed(study)
+        if self.counts[kind] >= self.caps[kind] and done < self.config.trials:
+            what = "were rejected by the memory budget" if kind == "rejected" else "trained or failed"
+            self.reasons.append(f"stopped with {done} of {self.config.trials} trials completed: "
+                                f"{self.counts[kind]} trials {what}, the cap for {self.remaining} trials")
+            study.stop()

@@ -1,0 +1,92 @@
+"""A search stops short of its trials only for a stated reason: each cap on attempts, in an Optuna study whose
+trials train, fail or are rejected by the memory budget (no model: the objective says what happened)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autopeft.config import SearchConfig
+from autopeft.errors import TrialFailed
+from autopeft.stopping import REJECTIONS_PER_TRIAL, SearchStops
+
+
+def _run(outcome: Callable[[optuna.Trial], float], tmp_path: Path, *, trials: int, **options: object
+         ) -> tuple[optuna.Study, SearchStops]:
+    config = SearchConfig(trials=trials, objective_mode="scalar", storage=f"sqlite:///{tmp_path / 'a.db'}",
+                          **options)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    failures = [0]
+
+    def objective(trial: optuna.Trial) -> float:
+        try:
+            value = outcome(trial)
+        except TrialFailed:
+            failures[0] += 1
+            raise
+        failures[0] = 0
+        return value
+
+    stops = SearchStops(config, study, lambda: failures[0])
+    study.optimize(objective, n_trials=10_000, catch=(TrialFailed,), callbacks=stops.callbacks())
+    return study, stops
+
+
+def _reject(trial: optuna.Trial) -> float:
+    trial.set_constraint("memory", 1.0)
+    raise optuna.TrialPruned("over the memory budget")
+
+
+def test_a_search_stops_at_its_target_of_completed_trials_with_no_reason(tmp_path: Path) -> None:
+    study, stops = _run(lambda trial: trial.suggest_float("x", 0, 1), tmp_path, trials=3)
+    assert len(study.trials) == 3 and stops.reason(study) is None
+
+
+def test_rejections_by_the_budget_are_capped_per_remaining_trial(tmp_path: Path) -> None:
+    study, stops = _run(_reject, tmp_path, trials=2)
+    assert len(study.trials) == REJECTIONS_PER_TRIAL * 2
+    assert stops.reason(study) == (f"stopped with 0 of 2 trials completed: {REJECTIONS_PER_TRIAL * 2} trials were "
+                                   "rejected by the memory budget, the cap for 2 trials")
+
+
+def test_pruned_trials_are_capped_at_twice_the_trials_plus_the_failures_allowed(tmp_path: Path) -> None:
+    def pruned(trial: optuna.Trial) -> float:
+        raise optuna.TrialPruned("below the rung")
+
+    study, stops = _run(pruned, tmp_path, trials=3, max_consecutive_failures=4)
+    assert len(study.trials) == 2 * 3 + 4
+    assert stops.reason(study) == "stopped with 0 of 3 trials completed: 10 trials trained or failed, the cap for 3 trials"
+
+
+@pytest.mark.parametrize("allowed", [1, 3])
+def test_consecutive_failures_stop_the_search_and_name_the_last_reason(tmp_path: Path, allowed: int) -> None:
+    def fails(trial: optuna.Trial) -> float:
+        trial.set_user_attr("fail_reason", "non-finite loss")
+        raise TrialFailed("non-finite loss")
+
+    study, stops = _run(fails, tmp_path, trials=5, max_consecutive_failures=allowed)
+    assert len(study.trials) == allowed
+    assert stops.reason(study) == f"stopped after {allowed} consecutive failed trials; last reason: non-finite loss"
+
+
+def test_a_completed_trial_resets_the_failure_count(tmp_path: Path) -> None:
+    def every_other(trial: optuna.Trial) -> float:
+        if trial.number % 2 == 0:
+            raise TrialFailed("out of memory")
+        return 1.0
+
+    study, stops = _run(every_other, tmp_path, trials=3, max_consecutive_failures=2)
+    assert len(study.trials) == 6 and stops.reason(study) is None
+
+
+def test_the_step_budget_stops_the_search_once_spent(tmp_path: Path) -> None:
+    def trains(trial: optuna.Trial) -> float:
+        trial.set_user_attr("steps_trained", 4)
+        return 1.0
+
+    study, stops = _run(trains, tmp_path, trials=10, max_total_steps=10)
+    assert len(study.trials) == 3  # 4 + 4 < 10, 12 >= 10
+    assert stops.reason(study) == "stopped at the training-step budget: 12 of 10 steps spent"
