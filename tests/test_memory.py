@@ -14,6 +14,7 @@ import torch
 from transformers import LlamaConfig
 
 from autopeft import adapter_io, memory
+from autopeft.config import format_bytes
 from autopeft.methods import MethodContext
 from autopeft.models import load_classifier
 from autopeft.train import TrainSettings, build_optimizer
@@ -61,7 +62,7 @@ def test_breakdown_adds_up(tiny_models: dict[str, Path]) -> None:
         assert all(value >= 0 for value in parts.values())
         assert estimate.weights > 0 and estimate.trainable > 0 and estimate.optimizer_state > 0
     assert traced.level == "traced" and traced.activations > 0
-    assert "total" in traced.table() and traced.describe().startswith(memory.format_bytes(traced.total))
+    assert "total" in traced.table() and traced.describe().startswith(format_bytes(traced.total))
     # The frozen weights are counted at their storage precision: exactly the model's frozen fp32 tensors.
     adapted = _adapted(base, "lora", LORA)
     frozen = sum(p.numel() * 4 for p in adapted.parameters() if not p.requires_grad)

@@ -265,7 +265,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
                      f"{format_bytes(r['rule_4x_weights'])} ({_pct(e['rule_4x_weights'])}) | {parts}, {t['peak_at']} |")
     notes = sorted({n for r in result["rows"] if "traced" in r for n in r["traced"]["notes"]})
     if notes:
-        lines += ["", "Substitutions the traced estimator made (see autopeft/memory.py):", ""]
+        lines += ["", "Substitutions the traced estimator made (see autopeft/memory/):", ""]
         lines += [f"- {n}" for n in notes]
     path.write_text("\n".join(lines) + "\n")
 

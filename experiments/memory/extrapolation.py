@@ -121,7 +121,7 @@ def main() -> None:
              f"{summary['forward_with_checkpointing_min_error']:+.0%}: still decisive far above the budget, "
              "otherwise the gate goes on to forward and backward."), "",
              ("Where the traces run: on the meta device where the step allows it (fp32, not qlora, no value read: "
-             "`memory._quick_trace`), else on fake tensors. Against fake tensors everywhere (the baseline, same "
+             "`memory.traced._quick_trace`), else on fake tensors. Against fake tensors everywhere (the baseline, same "
              f"run): seconds of the forward-only estimate median {summary['forward_median_seconds']:.2f} against "
              f"{summary['fake_only']['forward_median_seconds']:.2f}, max {summary['forward_max_seconds']:.2f} "
              f"against {summary['fake_only']['forward_max_seconds']:.2f}; forward and backward median "
