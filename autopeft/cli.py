@@ -251,7 +251,7 @@ def _run_local_workers(count: int, trials: int, config: SearchConfig) -> Any:
 
 
 def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None) -> None:
-    from autopeft.export import DEFAULT_TOLERANCE, candidates, lead_of
+    from autopeft.export import DEFAULT_TOLERANCE, candidates, describe_rule, lead_of, majority_warning
 
     console.print(trials_table(study))
     if stopped_reason:
@@ -261,8 +261,10 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None)
         ranked = candidates(study)
         accuracy, forgetting = _scores(ranked.trials[0])
         console.print(f"chosen (balanced rule): trial {ranked.trials[0].number}, val accuracy {accuracy:.4f}, "
-                      f"forgetting {forgetting:.4f} -- the most accurate Pareto trial whose forgetting is within "
-                      f"{DEFAULT_TOLERANCE} of the least-forgetting one that beat the majority class")
+                      f"forgetting {forgetting:.4f} -- {describe_rule('balanced', DEFAULT_TOLERANCE)}")
+        warning = majority_warning(study, ranked.trials[0])
+        if warning:
+            console.print(f"[yellow]warning: {warning}[/yellow]")
         _print_lead(lead_of(study, ranked))
     except AutopeftError as exc:
         console.print(f"no trial to choose: {exc}")
@@ -415,6 +417,8 @@ def export(
     console.print(f"trial {result.trial.number}: val accuracy {accuracy:.4f}, "
                   f"forgetting {forgetting:.4f}, test accuracy {result.test_accuracy:.4f}")
     _print_lead(result.lead)
+    if result.warning:
+        console.print(f"[yellow]warning: {result.warning}[/yellow]")
     console.print(f"wrote {', '.join(result.files)} to {out}")
 
 

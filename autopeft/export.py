@@ -104,6 +104,17 @@ def candidates(study: optuna.Study, rule: str = "balanced", tolerance: float = D
     return _ranked(within, accuracy_first)
 
 
+def majority_warning(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str | None:
+    """A pick that does no better than always answering the validation set's most common label learned
+    nothing a user can use; every rule can end there (the balanced rule when no trial beat the majority)."""
+    majority = study.user_attrs.get("split", {}).get("validation_majority")
+    accuracy = scores(trial)[0]
+    if majority is None or accuracy > majority + 1e-9:
+        return None
+    return (f"trial {trial.number} is no better than the majority class (val accuracy {accuracy:.4f}; always "
+            f"answering the most common label scores {majority:.4f}): it has learned nothing usable")
+
+
 def lead_of(study: optuna.Study, ranked: Candidates) -> noise.Lead | None:
     """How the pick leads the rule's other candidates on accuracy; None for a rule that ranks on forgetting."""
     return noise.lead(study, ranked.trials) if ranked.order is accuracy_first else None
@@ -138,6 +149,7 @@ class ExportResult:
     retrained: bool
     confirmations: list[Confirmation] = field(default_factory=list)
     lead: noise.Lead | None = None  # how the rule's pick leads its other candidates (not for --trial or confirmation)
+    warning: str | None = None  # `majority_warning`: the pick learned nothing
 
 
 def prepare_out(out: Path, force: bool) -> None:
@@ -218,10 +230,11 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     params = TrialParams.from_flat(trial.user_attrs["params"])
     write_recipe(out / "training.yaml", config, params, trial.user_attrs["seed"])
     chosen_by = f"--trial {trial_number}" if trial_number is not None else describe_rule(rule, tolerance)
+    warning = majority_warning(study, trial)
     if len(confirmations) > 1:
         chosen_by += (f"; then, of its {len(confirmations)} leading candidates, the best on the mean of "
                       f"{confirm_seeds + 1} runs each (its own and {confirm_seeds} with new seeds)")
-    metrics = {"study": study_name, "trial": trial.number, "chosen_by": chosen_by,
+    metrics = {"study": study_name, "trial": trial.number, "chosen_by": chosen_by, "warning": warning,
                "val_accuracy": scores(trial)[0], "forgetting": scores(trial)[1], "test_accuracy": score,
                **_sampling_error(study, scores(trial)[0]),
                "trainable_params": trial.user_attrs.get("trainable_params"),
@@ -230,7 +243,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
                "confirmation": [c.as_dict() for c in confirmations]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "README.md").write_text(model_card(config, trial, params, metrics))
-    return ExportResult(trial, out, score, files, retrained, confirmations, pick_lead)
+    return ExportResult(trial, out, score, files, retrained, confirmations, pick_lead, warning)
 
 
 def _sampling_error(study: optuna.Study, accuracy: float) -> dict:
@@ -248,11 +261,12 @@ def _leader(confirmations: list[Confirmation], order: Callable[[float, float], t
 def model_card(config: SearchConfig, trial: optuna.trial.FrozenTrial, params: TrialParams, metrics: dict) -> str:
     memory = metrics["memory_estimate_bytes"]
     own = ", ".join(f"{k}={v}" for k, v in params.method_params.items())
+    warning = f"\n\n**Warning**: {metrics['warning']}." if metrics["warning"] else ""
     return f"""# {params.method} adapter for {config.model} on {config.task}
 
 Found by autopeft (study `{metrics['study']}`, trial {trial.number}).
 
-**Why this trial**: {metrics['chosen_by']}.
+**Why this trial**: {metrics['chosen_by']}.{warning}
 
 | | |
 |---|---|

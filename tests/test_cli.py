@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import optuna
 import pytest
 
 AUTOPEFT = [sys.executable, "-m", "autopeft.cli"]
@@ -38,6 +39,14 @@ def test_search_export_and_mlflow_records(tmp_path: Path, tiny_search_args: list
     assert config.peft_type in ("LORA", "IA3")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and "most accurate Pareto trial" in metrics["chosen_by"]
+    # Three steps on a tiny model may learn nothing; whichever happened, search and export say the same.
+    majority = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'autopeft.db'}").user_attrs[
+        "split"]["validation_majority"]
+    learned_nothing = metrics["val_accuracy"] <= majority
+    assert (metrics["warning"] is not None) == learned_nothing
+    card = (tmp_path / "out" / "README.md").read_text()
+    for text in (done.stdout, exported.stdout, card):
+        assert ("no better than the majority class" in text) == learned_nothing
     import yaml
 
     training = yaml.safe_load((tmp_path / "out" / "training.yaml").read_text())

@@ -4,7 +4,7 @@ import optuna
 import pytest
 
 from autopeft.errors import StudyError
-from autopeft.export import select_trial
+from autopeft.export import majority_warning, select_trial
 
 
 def study_with(values: list[tuple[float, float]], majority: float = 0.578) -> optuna.Study:
@@ -38,3 +38,13 @@ def test_when_nothing_learned_the_least_forgetting_trial_is_still_chosen() -> No
 def test_a_study_without_completed_trials_cannot_be_exported() -> None:
     with pytest.raises(StudyError, match="no completed trial"):
         select_trial(study_with([]))
+
+
+def test_a_pick_no_better_than_the_majority_class_is_flagged_whatever_chose_it() -> None:
+    nothing = study_with([(0.578, 0.01), (0.578, 0.002)])
+    warning = majority_warning(nothing, select_trial(nothing))
+    assert warning == ("trial 1 is no better than the majority class (val accuracy 0.5780; always answering the most "
+                       "common label scores 0.5780): it has learned nothing usable")
+    learned = study_with(TRIALS)
+    assert majority_warning(learned, select_trial(learned)) is None
+    assert majority_warning(learned, learned.trials[0]) is not None  # e.g. picked by --trial 0
