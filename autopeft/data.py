@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from autopeft.errors import DataError
-from autopeft.sources import PACKAGED_TASKS, Columns, Source, read_source
+from autopeft.sources import PACKAGED_TASKS, Columns, Source, read_source, refuse_columns_for_packaged
 
 __all__ = ["PACKAGED_TASKS", "Columns", "TaskData", "TextSplit", "TokenizedSplit", "collate", "eval_batches",
            "eval_positions_limited", "length_grouped_batches", "load_eval_split", "load_task", "tokenize"]
@@ -79,6 +79,7 @@ def load_task(task: str, *, seed: int, train_size: int, val_size: int, test_size
     """Train / validation / test of at most the requested sizes: the source's own splits where it has them,
     a seeded stratified split of its train rows for the others."""
     columns = columns or Columns()
+    refuse_columns_for_packaged(task, columns)
     source = read_source(task, columns)
     label_names = _checked_label_names(source, columns)
     ids = {name: i for i, name in enumerate(label_names)}

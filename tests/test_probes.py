@@ -196,6 +196,14 @@ def test_bad_probe_sets_are_named(names: list[str], decoder: bool, has_ood: bool
     assert any(message in p for p in probe_problems(names, decoder=decoder, has_ood=has_ood))
 
 
+def test_the_forgetting_probe_list_names_every_forgetting_probe_and_only_for_known_names() -> None:
+    (only,) = probe_problems(["generalization_gap"], decoder=False, has_ood=False)
+    assert "(linear_probe, representation_drift, perplexity, factual_recall)" in only
+    assert probe_problems(["nope"], decoder=False, has_ood=False) == [
+        ("--probes: unknown probe 'nope'; known: linear_probe, representation_drift, perplexity, factual_recall, "
+        "generalization_gap, ood_accuracy")]
+
+
 def test_default_probe_sets_are_valid() -> None:
     for decoder in (False, True):
         for has_ood in (False, True):
