@@ -145,6 +145,8 @@ def search(
                             task_type=task_type, label_words=_csv(label_words), template=template,
                             causal_eval=causal_eval, ood_task=ood_task, probes=_csv(probes))
 
+    if workers < 1:
+        _fail(f"--workers: {workers} must be at least 1 (1 runs the search in this process)")
     config = _guard(build)  # before the heavy imports below: bad flags are refused in well under a second
     from autopeft.search import run_search
 

