@@ -499,11 +499,11 @@ def report(
     tracking_uri: Annotated[str, typer.Option(help="MLflow store holding the study's parent run.")] = "sqlite:///mlflow.db",
 ) -> None:
     """Write a self-contained HTML report and PNG plots of a study, and log them to its MLflow parent run."""
-    from autopeft.export import load_existing_study
+    from autopeft.export import create_out, load_existing_study
     from autopeft.report import write_report
 
     found = _guard(lambda: load_existing_study(study, storage))
-    out.mkdir(parents=True, exist_ok=True)
+    _guard(lambda: create_out(out))
     paths = write_report(found, out)
     parent = found.user_attrs.get("mlflow_parent_run_id")
     if parent:
@@ -522,6 +522,8 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to bind; the default serves this machine only.")] = "127.0.0.1",
 ) -> None:
     """Serve the MLflow dashboard (127.0.0.1 unless --host says otherwise). Ctrl-C stops it."""
+    if not 1 <= port <= 65535:
+        _fail(f"--port: {port} must be between 1 and 65535")
     if missing_sqlite_file(tracking_uri):
         _fail(f"--tracking-uri: no MLflow store at {tracking_uri}; run `autopeft search` first")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,

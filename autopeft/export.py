@@ -158,7 +158,14 @@ def prepare_out(out: Path, force: bool) -> None:
         raise ConfigError([f"--out: {out} is a file, not a folder"])
     if out.exists() and any(out.iterdir()) and not force:
         raise ConfigError([f"--out: {out} is not empty; choose a new folder or pass --force to overwrite"])
-    out.mkdir(parents=True, exist_ok=True)
+    create_out(out)
+
+
+def create_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only place, a file in the path, no permission
+        raise ConfigError([f"--out: cannot create {out}: {exc.strerror or exc}"]) from None
 
 
 def adapter_of(trial: optuna.trial.FrozenTrial, runtime: Runtime, scratch: Path) -> tuple[Path, bool]:

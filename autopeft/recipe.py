@@ -47,8 +47,8 @@ def read_recipe(path: Path, **overrides: Any) -> tuple[SearchConfig, TrialParams
                 if k in methods.get(data["method"]).params and (why := methods.get(data["method"]).params[k].check(v))]
     if problems:
         raise ConfigError(problems)
-    config = SearchConfig(**{k: data[k] for k in _DATA_KEYS}, seed=data["split_seed"],
-                          max_steps=overrides.get("max_steps") or data["max_steps"],
+    steps = data["max_steps"] if overrides.get("max_steps") is None else overrides["max_steps"]  # 0 is refused
+    config = SearchConfig(**{k: data[k] for k in _DATA_KEYS}, seed=data["split_seed"], max_steps=steps,
                           **{k: v for k, v in overrides.items() if k != "max_steps" and v is not None})
     training = {k: data.get(k, spec.default) for k, spec in TRAINING_PARAMS.items()}
     params = TrialParams(data["method"], methods.get(data["method"]).resolve(data["method_params"]), training)

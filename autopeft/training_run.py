@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autopeft import adapter_io
+from autopeft.errors import ConfigError
 from autopeft.export import prepare_out
 from autopeft.recipe import read_recipe
 from autopeft.search import prepare_runtime, run_trial
@@ -26,6 +27,8 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
                       tracking_uri: str = "sqlite:///mlflow.db", force: bool = False,
                       seed: int | None = None) -> TrainingRun:
     config, params, trial_seed = read_recipe(recipe, max_steps=max_steps, tracking_uri=tracking_uri)
+    if seed is not None and not 0 <= seed < 2**32:
+        raise ConfigError([f"--seed: {seed} must be between 0 and 2**32 - 1"])
     seed = trial_seed if seed is None else seed  # another training seed; the split and head stay the study's
     prepare_out(out, force)
     runtime = prepare_runtime(config)

@@ -30,7 +30,7 @@ def tiny_causal_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
             for f in ("llama", "gpt2")}
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def tiny_search_args(tiny_bert: Path) -> list[str]:
     """CLI options for a search that finishes in seconds on the tiny model and a small real split."""
     return ["--model", str(tiny_bert), "--train-size", "120", "--val-size", "60", "--test-size", "60",

@@ -214,6 +214,37 @@ def test_a_command_that_reads_a_study_creates_no_store_on_a_wrong_name(tmp_path:
     assert os.listdir(tmp_path) == []
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, tiny_search_args: list[str]) -> Path:
+    """A folder holding a one-trial study, its MLflow store and its export (export/training.yaml)."""
+    folder = tmp_path_factory.mktemp("exported")
+    assert autopeft("search", "--trials", "1", *tiny_search_args, cwd=folder).returncode == 0
+    assert autopeft("export", "--out", "export", cwd=folder).returncode == 0
+    return folder
+
+
+OTHER_BAD_INPUTS = [
+    (["train", "--config", "export/training.yaml", "--max-steps", "0", "--out", "t"], "--max-steps: 0 must be at least 1"),
+    (["train", "--config", "export/training.yaml", "--seed", "-3", "--out", "t"], "--seed: -3 must be between 0 and"),
+    (["train", "--config", "export/training.yaml", "--out", "/proc/autopeft"], "--out: cannot create /proc/autopeft"),
+    (["export", "--out", "/proc/autopeft"], "--out: cannot create /proc/autopeft"),
+    (["report", "--out", "/proc/autopeft"], "--out: cannot create /proc/autopeft"),
+    (["ui", "--port", "99999"], "--port: 99999 must be between 1 and 65535"),
+    (["estimate", "--model", "./no/such/model"], "--model: ./no/such/model does not exist"),
+    (["estimate", "--model", "nobody/no-such-model"], "--model: cannot load 'nobody/no-such-model'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), OTHER_BAD_INPUTS, ids=[f"{a[0]}: {m}" for a, m in OTHER_BAD_INPUTS])
+def test_bad_input_to_the_other_commands_is_one_line_exit_2_and_nothing_written(exported: Path, args: list[str],
+                                                                               message: str) -> None:
+    before = sorted(exported.rglob("*"))
+    done = autopeft(*args, cwd=exported)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert sorted(exported.rglob("*")) == before
+
+
 def test_sync_from_a_store_that_does_not_exist_is_a_clear_error(tmp_path: Path) -> None:
     done = autopeft("sync", "--source", "sqlite:///mlflow-fallbak.db", "--target", "sqlite:///mlflow.db", cwd=tmp_path)
     assert done.returncode == 2 and "--source: no MLflow store at sqlite:///mlflow-fallbak.db" in done.stderr
