@@ -160,6 +160,11 @@ class SearchConfig:
             problems.append(f"--task-type: {self.task_type!r} must be classification or causal_lm")
         if self.causal_eval not in ("rank", "generate"):
             problems.append(f"--causal-eval: {self.causal_eval!r} must be rank or generate")
+        if self.task_type == "classification":  # a classification head has no words or prompt to use them
+            given = {"--label-words": self.label_words, "--template": self.template,
+                     "--causal-eval": None if self.causal_eval == "rank" else self.causal_eval}
+            problems += [f"{name}: applies to --task-type causal_lm only (this task is classification)"
+                         for name, value in given.items() if value is not None]
         if self.template is not None:
             from autopeft.errors import DataError
             from autopeft.verbalizer import check_template

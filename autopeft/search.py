@@ -135,7 +135,7 @@ def _load_for_task(config: SearchConfig, task: TaskData) -> tuple[nn.Module, Any
         words = list(config.label_words or default_label_words(task.label_names))
         problem = label_words_problem(words, task.label_names)
         if problem:
-            raise ConfigError([f"--label-words: {problem}"])
+            raise ConfigError([problem])
         template = config.template or default_template(task.train.pairs is not None)
         fmt = causal_format(tokenizer, words, template)
         evaluator = Evaluator(int(tokenizer.pad_token_id), config.eval_batch_size, causal=fmt,

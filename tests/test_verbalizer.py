@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests_support import tiny_config
 
 from autopeft.data import TextSplit, collate
-from autopeft.errors import DataError
+from autopeft.errors import ConfigError, DataError
 from autopeft.evaluate import Evaluator, causal_accuracy, choice_log_likelihoods, normalize_answer
 from autopeft.train import TrainSettings, causal_lm_loss, fit
 from autopeft.verbalizer import causal_format, tokenize_causal
@@ -106,3 +107,23 @@ def test_label_words_must_name_every_class() -> None:
     assert label_words_problem(["good", "bad"], ["neg", "pos"]) is None
     problem = label_words_problem(["good"], ["neg", "pos"])
     assert problem is not None and problem.startswith("--label-words: 1 words (good) for 2 classes (neg, pos)")
+
+
+def test_a_search_names_wrong_label_words_once_before_training(tmp_path: Path, tiny_bert: Path,
+                                                              tiny_causal_models: dict[str, Path]) -> None:
+    from autopeft.search import prepare_runtime
+
+    config = tiny_config(tmp_path, tiny_bert, model=str(tiny_causal_models["llama"]), task_type="causal_lm",
+                         label_words=("good",))
+    with pytest.raises(ConfigError) as caught:
+        prepare_runtime(config)
+    assert str(caught.value).startswith("--label-words: 1 words (good) for 2 classes")
+
+
+@pytest.mark.parametrize(("option", "value"), [("label_words", ("good", "bad")), ("template", "{text} Label:"),
+                                               ("causal_eval", "generate")])
+def test_the_causal_lm_options_are_refused_for_a_classification_task(tmp_path: Path, tiny_bert: Path,
+                                                                     option: str, value: object) -> None:
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(ConfigError, match=f"^{flag}: applies to --task-type causal_lm only"):
+        tiny_config(tmp_path, tiny_bert, **{option: value})
