@@ -398,6 +398,13 @@ def _chosen_html(chosen: FrozenTrial | None, lead: Lead | None, rule: str, toler
             + (f'<p id="lead">How far it leads: {html.escape(lead.describe())}.</p>' if lead else ""))
 
 
+def _warning_html(study: optuna.Study, chosen: FrozenTrial | None) -> list[str]:
+    from autopeft.export import majority_warning
+
+    warning = majority_warning(study, chosen) if chosen is not None else None
+    return [f'<p id="warning"><b>Warning</b>: {html.escape(warning)}.</p>'] if warning else []
+
+
 def _counts_html(trials: Sequence[FrozenTrial]) -> str:
     counts = Counter(t.state.name.lower() for t in trials)
     text = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no trials"
@@ -472,6 +479,7 @@ def _page(study: optuna.Study, chosen: FrozenTrial | None, lead: Lead | None, ru
         f"<style>{_CSS}</style></head><body>",
         f"<h1>autopeft study <code>{name}</code></h1>", _counts_html(trials),
         "<h2>Chosen trial</h2>", _chosen_html(chosen, lead, rule, tolerance, bool(_completed(trials))),
+        *_warning_html(study, chosen),
         "<h2>Plots</h2>", *(_img(p) for p in plots),
         "<h2>All trials</h2>",
         '<p class="note">Bold number: on the Pareto front. Highlighted row: the chosen trial.</p>',

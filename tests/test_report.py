@@ -100,6 +100,16 @@ def test_the_page_lists_every_trial_method_reason_and_the_chosen_trial(
     assert "CUDA &lt;tried&gt; to allocate &amp; failed" in page and FAIL_REASON not in page
     assert PRUNE_REASON in page
     assert "report-test &lt;&amp;&gt;" in page
+    assert 'id="warning"' not in page  # the pick beat the majority class (0.5)
+
+
+def test_a_chosen_trial_no_better_than_the_majority_class_is_flagged(tmp_path: Path) -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr("split", {"validation_majority": 0.6})
+    complete(study, "ia3", 0.6, 0.0, 1e-2, 600)
+    write_report(study, tmp_path)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert '<p id="warning"><b>Warning</b>: trial 0 is no better than the majority class' in page
 
 
 def test_the_page_is_self_contained(report: tuple[optuna.Study, list[Path], str]) -> None:
