@@ -543,8 +543,9 @@ def sync_stores(
     """Copy runs logged to a fallback store (while the tracking server was down) into the real one."""
     from autopeft.sync import sync
 
-    if missing_sqlite_file(source):
-        _fail(f"--source: no MLflow store at {source} (the file {missing_sqlite_file(source)} does not exist)")
+    missing = missing_sqlite_file(source)
+    if missing:
+        _fail(f"--source: no MLflow store at {source} (the file {missing} does not exist)")
     try:
         result = sync(source, target)
     except Exception as exc:  # noqa: BLE001 -- an unreachable target, whatever the store raises: say so in one line
