@@ -338,7 +338,9 @@ class Objective:
         config = self.runtime.config
         if not self._needed(trial):  # other workers have completed (or are completing) the study
             trial.study.stop()
-            raise optuna.TrialPruned("not needed: the study already has its trials")
+            reason = "not needed: other workers' trials, done or running, complete the study"
+            trial.set_user_attr("prune_reason", reason)  # the trials table shows it
+            raise optuna.TrialPruned(reason)
         assert self.runtime.space is not None
         params = self.runtime.space.suggest(trial)
         seed = config.seed + trial.number

@@ -143,3 +143,18 @@ def test_a_waiting_worker_outlasts_a_trial_whose_worker_dies_late(tmp_path: Path
     assert objective._needed(ours)
     assert time.monotonic() - began >= 4.0
     assert study.trials[other.number].state == optuna.trial.TrialState.FAIL
+
+
+def test_a_trial_a_late_worker_starts_after_the_study_is_complete_is_pruned_with_its_reason(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from autopeft.search import Objective
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'done.db'}")
+    done = study.ask()
+    study.tell(done, 0.8)  # another worker completed the study's one trial
+    objective = Objective(SimpleNamespace(config=SimpleNamespace(trials=1, heartbeat_seconds=1)), None, "")
+    study.optimize(objective, n_trials=1)
+    late = study.trials[-1]
+    assert late.state == optuna.trial.TrialState.PRUNED
+    assert late.user_attrs["prune_reason"] == "not needed: other workers' trials, done or running, complete the study"
