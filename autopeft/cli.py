@@ -458,8 +458,9 @@ def estimate(
     config: Annotated[Path | None, typer.Option("--config", help="training.yaml (from `autopeft export`): estimate that configuration.")] = None,
     model: Annotated[str, typer.Option(help="With --space: hub id, local folder or packaged:<name> (only its config is read).")] = DEFAULT_MODEL,
     space: Annotated[Path, typer.Option(help="With no --config: each method of this space at its default parameters.")] = DEFAULT_SPACE,
-    seq_len: Annotated[int, typer.Option(help="Tokens per row of the longest batch.")] = 128,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per row of the longest batch (default: a --config recipe's max_length, else 128).")] = None,
     device: Annotated[str, typer.Option(help="Device to estimate for: cpu or cuda (works on a CPU-only machine).")] = "cpu",
+    task_type: Annotated[str, typer.Option(help="With --space: classification (a head) or causal_lm (logits over the vocabulary); a --config recipe says its own.")] = "classification",
 ) -> None:
     """Predict the peak training memory of a configuration, or of each method of a space, without training.
 
@@ -469,24 +470,31 @@ def estimate(
     from autopeft.space import TRAINING_PARAMS, TrialParams, load_space
     from autopeft.train import TrainSettings
 
-    if device not in ("cpu", "cuda") or seq_len < 1:
-        _fail(f"--device must be cpu or cuda and --seq-len at least 1 (got {device!r}, {seq_len})")
+    if device not in ("cpu", "cuda"):
+        _fail(f"--device: {device!r} must be cpu or cuda")
+    if seq_len is not None and seq_len < 2:
+        _fail(f"--seq-len: {seq_len} must be at least 2")
+    if task_type not in ("classification", "causal_lm"):
+        _fail(f"--task-type: {task_type!r} must be classification or causal_lm")
 
-    def configurations() -> list[tuple[str, TrialParams]]:
+    def configurations() -> list[tuple[str, TrialParams, str, int]]:
+        """(base model, configuration, task type, tokens per row) for each estimate."""
         if config is not None:
             recipe, params, _ = read_recipe(config)
-            return [(recipe.model, params)]
+            return [(recipe.model, params, recipe.task_type, seq_len or recipe.max_length)]
         loaded = load_space(space)
         defaults = {k: spec.default for k, spec in TRAINING_PARAMS.items()}
-        return [(model, TrialParams(name, methods.get(name).resolve({}), defaults)) for name in loaded.method_names()]
+        return [(model, TrialParams(name, methods.get(name).resolve({}), defaults), task_type, seq_len or 128)
+                for name in loaded.method_names()]
 
     known = TrainSettings.__dataclass_fields__
-    for base, params in _guard(configurations):
+    for base, params, kind, tokens in _guard(configurations):
         settings = TrainSettings(**{k: v for k, v in params.training.items() if k in known})
+        peft_task = "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS"
         result = _guard(functools.partial(memory.estimate_traced, base, params.method, params.method_params,
-                                          settings, seq_len=seq_len, device=device))
-        console.print(f"[bold]{params.method}[/bold] on {base}: micro-batch {settings.micro_batch_size} x {seq_len} "
-                      f"tokens, {settings.optimizer}, {settings.precision}"
+                                          settings, seq_len=tokens, device=device, task_type=peft_task))
+        console.print(f"[bold]{params.method}[/bold] on {base} ({kind}): micro-batch {settings.micro_batch_size} x "
+                      f"{tokens} tokens, {settings.optimizer}, {settings.precision}"
                       f"{', checkpointing' if settings.gradient_checkpointing else ''}")
         console.print(result.table(), highlight=False)
 

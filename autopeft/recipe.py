@@ -13,16 +13,25 @@ from autopeft.errors import ConfigError
 from autopeft.space import TRAINING_PARAMS, TrialParams
 
 _DATA_KEYS = ("model", "task", "train_size", "val_size", "test_size", "max_length")
+# How the task's rows become training examples and scores; optional when read (recipes written before them
+# were all classification on the default columns and probes).
+_TASK_KEYS = ("text_column", "label_column", "text_pair_column", "task_type", "label_words", "template", "causal_eval",
+              "ood_task", "probes")
 
 
 def to_recipe(config: SearchConfig, params: TrialParams, seed: int) -> dict[str, Any]:
     """Everything needed to reproduce one trial: model, data split, method and training settings, seeds."""
     return {
         **{key: getattr(config, key) for key in _DATA_KEYS},
+        **{key: _plain(getattr(config, key)) for key in _TASK_KEYS},
         "split_seed": config.seed,  # also seeds the classification head, which every trial shares
         "method": params.method, "method_params": params.method_params,
         **params.training, "max_steps": config.max_steps, "seed": seed,
     }
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value  # YAML's safe dumper has no tuples
 
 
 def write_recipe(path: Path, config: SearchConfig, params: TrialParams, seed: int) -> None:
@@ -48,7 +57,8 @@ def read_recipe(path: Path, **overrides: Any) -> tuple[SearchConfig, TrialParams
     if problems:
         raise ConfigError(problems)
     steps = data["max_steps"] if overrides.get("max_steps") is None else overrides["max_steps"]  # 0 is refused
-    config = SearchConfig(**{k: data[k] for k in _DATA_KEYS}, seed=data["split_seed"], max_steps=steps,
+    task = {k: tuple(data[k]) if isinstance(data[k], list) else data[k] for k in _TASK_KEYS if k in data}
+    config = SearchConfig(**{k: data[k] for k in _DATA_KEYS}, **task, seed=data["split_seed"], max_steps=steps,
                           **{k: v for k, v in overrides.items() if k != "max_steps" and v is not None})
     training = {k: data.get(k, spec.default) for k, spec in TRAINING_PARAMS.items()}
     params = TrialParams(data["method"], methods.get(data["method"]).resolve(data["method_params"]), training)

@@ -245,6 +245,24 @@ def test_bad_input_to_the_other_commands_is_one_line_exit_2_and_nothing_written(
     assert sorted(exported.rglob("*")) == before
 
 
+def test_estimate_counts_a_causal_lms_logits_for_a_causal_task(tmp_path: Path,
+                                                               tiny_causal_models: dict[str, Path]) -> None:
+    """`estimate` traced every configuration as a classifier; a causal LM trains on logits over its
+    vocabulary, which a two-class head does not have."""
+    (tmp_path / "space.yaml").write_text("method: ia3\n")
+
+    def total(*task: str) -> float:
+        done = autopeft("estimate", "--model", str(tiny_causal_models["llama"]), "--space", "space.yaml", *task,
+                        cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        line = next(line for line in done.stdout.splitlines() if line.startswith("total"))
+        value, unit = line.split()[1:3]
+        return float(value) * {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+
+    classifier, causal = total(), total("--task-type", "causal_lm")
+    assert causal > classifier + 2**20
+
+
 def test_sync_from_a_store_that_does_not_exist_is_a_clear_error(tmp_path: Path) -> None:
     done = autopeft("sync", "--source", "sqlite:///mlflow-fallbak.db", "--target", "sqlite:///mlflow.db", cwd=tmp_path)
     assert done.returncode == 2 and "--source: no MLflow store at sqlite:///mlflow-fallbak.db" in done.stderr

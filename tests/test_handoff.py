@@ -92,6 +92,38 @@ def test_train_reproduces_the_trial_and_out_is_safe(finished_study: Path) -> Non
     assert any(not torch.equal(same[name], moved[name]) for name in same)  # another seed: other initial weights
 
 
+def test_a_recipe_keeps_how_the_task_is_read_and_scored(tmp_path: Path) -> None:
+    """training.yaml once held only the model, data sizes and training settings: `autopeft train` rebuilt a
+    causal-LM trial as a classifier and looked for a file's rows in the default columns."""
+    from autopeft.config import SearchConfig
+    from autopeft.recipe import read_recipe, write_recipe
+    from autopeft.space import TrialParams
+
+    task = {"text_column": "review", "label_column": "verdict", "text_pair_column": "title",
+            "task_type": "causal_lm", "label_words": ("bad", "good"), "template": "{text} / {text_pair} Verdict:",
+            "causal_eval": "generate", "ood_task": "other.csv", "probes": ("perplexity", "factual_recall")}
+    config = SearchConfig(model="m", task="reviews.csv", **task)  # type: ignore[arg-type]
+    write_recipe(tmp_path / "training.yaml", config, TrialParams("ia3", {"target_modules": "kv"}, {}), seed=3)
+    read, _, seed = read_recipe(tmp_path / "training.yaml")
+    assert {key: getattr(read, key) for key in task} == task and seed == 3
+
+
+def test_train_reproduces_a_causal_lm_trial_on_the_users_columns(tmp_path: Path,
+                                                                 tiny_causal_models: dict[str, Path]) -> None:
+    rows = "".join(f"a review number {i},{'good' if i % 2 else 'bad'}\n" for i in range(60))
+    (tmp_path / "reviews.csv").write_text("review,verdict\n" + rows)
+    done = autopeft("search", "--trials", "1", "--model", str(tiny_causal_models["llama"]), "--task", "reviews.csv",
+                    "--text-column", "review", "--label-column", "verdict", "--task-type", "causal_lm",
+                    "--train-size", "30", "--val-size", "14", "--test-size", "14", "--max-steps", "4", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert autopeft("export", "--out", "out", cwd=tmp_path).returncode == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    trained = autopeft("train", "--config", "out/training.yaml", "--out", "again", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    reproduced = float(trained.stdout.split("val accuracy ")[1].split(",")[0])
+    assert reproduced == pytest.approx(metrics["val_accuracy"], abs=1e-6)
+
+
 def test_confirmation_retrains_the_leading_candidates_and_exports_the_best_mean(finished_study: Path) -> None:
     done = autopeft("export", "--study", "h", "--out", "out4", "--select", "max-accuracy-under-forgetting=1.0",
                     "--confirm-seeds", "1", "--confirm-top", "2", cwd=finished_study)
