@@ -443,12 +443,13 @@ def train(
     tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI to log the run to.")] = "sqlite:///mlflow.db",
     force: Annotated[bool, typer.Option(help="Write into --out even if it is not empty.")] = False,
     seed: Annotated[int | None, typer.Option(help="Training seed (adapter's initial weights, dropout, batch order) instead of the trial's; the data split stays the study's. How much the accuracy moves with it is how much to trust one run.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow a hub model to run its own Python code (off by default; a recipe never turns it on).")] = False,
 ) -> None:
     """Train one exported configuration (same seeds), log it to MLflow and save the adapter."""
     from autopeft.training_run import train_from_recipe
 
     result = _guard(lambda: train_from_recipe(config, out, max_steps=max_steps, tracking_uri=tracking_uri, force=force,
-                                              seed=seed))
+                                              seed=seed, trust_remote_code=trust_remote_code))
     console.print(f"{result.method}: val accuracy {result.accuracy:.4f}, forgetting {result.forgetting:.4f}, "
                   f"{result.steps} steps in {result.seconds:.1f} s; adapter saved to {out}; MLflow run {result.run_id}")
 

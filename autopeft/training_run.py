@@ -25,8 +25,10 @@ class TrainingRun:
 
 def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
                       tracking_uri: str = "sqlite:///mlflow.db", force: bool = False,
-                      seed: int | None = None) -> TrainingRun:
-    config, params, trial_seed = read_recipe(recipe, max_steps=max_steps, tracking_uri=tracking_uri)
+                      seed: int | None = None, trust_remote_code: bool = False) -> TrainingRun:
+    # A recipe never turns remote code on (it may come from someone else): the person running it does.
+    config, params, trial_seed = read_recipe(recipe, max_steps=max_steps, tracking_uri=tracking_uri,
+                                             trust_remote_code=trust_remote_code)
     if seed is not None and not 0 <= seed < 2**32:
         raise ConfigError([f"--seed: {seed} must be between 0 and 2**32 - 1"])
     seed = trial_seed if seed is None else seed  # another training seed; the split and head stay the study's

@@ -102,10 +102,12 @@ def test_a_recipe_keeps_how_the_task_is_read_and_scored(tmp_path: Path) -> None:
     task = {"text_column": "review", "label_column": "verdict", "text_pair_column": "title",
             "task_type": "causal_lm", "label_words": ("bad", "good"), "template": "{text} / {text_pair} Verdict:",
             "causal_eval": "generate", "ood_task": "other.csv", "probes": ("perplexity", "factual_recall")}
-    config = SearchConfig(model="m", task="reviews.csv", **task)  # type: ignore[arg-type]
+    config = SearchConfig(model="m", task="reviews.csv", trust_remote_code=True, **task)  # type: ignore[arg-type]
     write_recipe(tmp_path / "training.yaml", config, TrialParams("ia3", {"target_modules": "kv"}, {}), seed=3)
     read, _, seed = read_recipe(tmp_path / "training.yaml")
     assert {key: getattr(read, key) for key in task} == task and seed == 3
+    assert not read.trust_remote_code  # only the person running the recipe turns it on
+    assert read_recipe(tmp_path / "training.yaml", trust_remote_code=True)[0].trust_remote_code
 
 
 def test_train_reproduces_a_causal_lm_trial_on_the_users_columns(tmp_path: Path,
