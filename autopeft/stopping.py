@@ -20,6 +20,9 @@ from autopeft.config import SearchConfig
 # Rejections by the memory budget cost no training (under a second each) and teach the sampler where the
 # budget lies: a search may go through many of them per trial it trains.
 REJECTIONS_PER_TRIAL = 20
+# Trials stopped early by the pruner are what a pruned search is for (hyperband stops most of them), and
+# each costs a fraction of a trial: counted against the failures' cap they ended healthy searches short.
+PRUNED_PER_TRIAL = 10
 
 Callback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 
@@ -27,16 +30,17 @@ Callback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 class SearchStops:
     """The stop conditions of one run of a search (a resumed study counts only what is left to do).
 
-    Attempts are capped at `2 * remaining + max_consecutive_failures` trials that trained or failed, and at
+    Attempts are capped at `2 * remaining + max_consecutive_failures` trials that trained or failed, at
+    `PRUNED_PER_TRIAL * remaining` stopped early by the pruner (or skipped as a repeat), and at
     `REJECTIONS_PER_TRIAL * remaining` rejected by the memory budget."""
 
     def __init__(self, config: SearchConfig, study: optuna.Study, consecutive_failures: Callable[[], int]) -> None:
         self.config = config
         self.consecutive_failures = consecutive_failures
         self.remaining = config.trials - studies.completed(study)
-        self.counts = {"trained": 0, "rejected": 0}
+        self.counts = {"trained": 0, "pruned": 0, "rejected": 0}
         self.caps = {"trained": 2 * self.remaining + config.max_consecutive_failures,
-                     "rejected": REJECTIONS_PER_TRIAL * self.remaining}
+                     "pruned": PRUNED_PER_TRIAL * self.remaining, "rejected": REJECTIONS_PER_TRIAL * self.remaining}
         self.reasons: list[str] = []
         self.began = time.monotonic()
 
@@ -79,11 +83,13 @@ class SearchStops:
             study.stop()
 
     def _at_attempt_caps(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        kind = "rejected" if studies.rejected_by_budget(trial) else "trained"
+        kind = ("rejected" if studies.rejected_by_budget(trial) else
+                "pruned" if trial.state == optuna.trial.TrialState.PRUNED else "trained")
         self.counts[kind] += 1
         done = studies.completed(study)
         if self.counts[kind] >= self.caps[kind] and done < self.config.trials:
-            what = "were rejected by the memory budget" if kind == "rejected" else "trained or failed"
+            what = {"rejected": "were rejected by the memory budget", "pruned": "were pruned early",
+                    "trained": "trained or failed"}[kind]
             self.reasons.append(f"stopped with {done} of {self.config.trials} trials completed: "
                                 f"{self.counts[kind]} trials {what}, the cap for {self.remaining} trials")
             study.stop()

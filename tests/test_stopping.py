@@ -11,7 +11,7 @@ import pytest
 
 from autopeft.config import SearchConfig
 from autopeft.errors import TrialFailed
-from autopeft.stopping import REJECTIONS_PER_TRIAL, SearchStops
+from autopeft.stopping import PRUNED_PER_TRIAL, REJECTIONS_PER_TRIAL, SearchStops
 
 
 def _run(outcome: Callable[[optuna.Trial], float], tmp_path: Path, *, trials: int, **options: object
@@ -52,13 +52,28 @@ def test_rejections_by_the_budget_are_capped_per_remaining_trial(tmp_path: Path)
                                    "rejected by the memory budget, the cap for 2 trials")
 
 
-def test_pruned_trials_are_capped_at_twice_the_trials_plus_the_failures_allowed(tmp_path: Path) -> None:
+def test_trials_the_pruner_stops_have_their_own_larger_cap(tmp_path: Path) -> None:
+    """A pruned search stops most trials early by design; they once counted against the failures' cap
+    (2 x trials + failures allowed) and `--trials 3 --pruner hyperband` ended at 2 of 3."""
     def pruned(trial: optuna.Trial) -> float:
         raise optuna.TrialPruned("below the rung")
 
     study, stops = _run(pruned, tmp_path, trials=3, max_consecutive_failures=4)
-    assert len(study.trials) == 2 * 3 + 4
-    assert stops.reason(study) == "stopped with 0 of 3 trials completed: 10 trials trained or failed, the cap for 3 trials"
+    assert len(study.trials) == PRUNED_PER_TRIAL * 3
+    assert stops.reason(study) == (f"stopped with 0 of 3 trials completed: {PRUNED_PER_TRIAL * 3} trials were pruned "
+                                   "early, the cap for 3 trials")
+
+
+def test_trials_that_fail_between_completions_are_capped_at_twice_the_trials_plus_the_failures_allowed(
+        tmp_path: Path) -> None:
+    def mostly_fails(trial: optuna.Trial) -> float:
+        if trial.number % 5 != 4:  # four failures in a row (one short of the stop), then a completion
+            raise TrialFailed("out of memory")
+        return 1.0
+
+    study, stops = _run(mostly_fails, tmp_path, trials=3, max_consecutive_failures=5)
+    assert len(study.trials) == 2 * 3 + 5
+    assert stops.reason(study) == "stopped with 2 of 3 trials completed: 11 trials trained or failed, the cap for 3 trials"
 
 
 @pytest.mark.parametrize("allowed", [1, 3])
