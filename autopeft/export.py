@@ -25,7 +25,7 @@ from autopeft.confirm import Confirmation, confirm
 from autopeft.errors import ConfigError, StudyError
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
-from autopeft.study import pareto_front, recorded_space, require_existing_store, scores
+from autopeft.study import pareto_front, recorded_space, require_existing_store, scores, validation_majority
 
 if TYPE_CHECKING:
     from autopeft.search import Runtime
@@ -93,7 +93,7 @@ def candidates(study: optuna.Study, rule: str = "balanced", tolerance: float = D
     pareto = pareto_front(done)
     if rule == "best-accuracy":
         return _ranked(pareto, accuracy_first)
-    majority = study.user_attrs.get("split", {}).get("validation_majority", 0.0)
+    majority = validation_majority(study) or 0.0
     learned = [t for t in pareto if scores(t)[0] > majority + 1e-9] or pareto
     if rule == "least-forgetting":
         return _ranked(learned, forgetting_first)
@@ -107,7 +107,7 @@ def candidates(study: optuna.Study, rule: str = "balanced", tolerance: float = D
 def majority_warning(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str | None:
     """A pick that does no better than always answering the validation set's most common label learned
     nothing a user can use; every rule can end there (the balanced rule when no trial beat the majority)."""
-    majority = study.user_attrs.get("split", {}).get("validation_majority")
+    majority = validation_majority(study)
     accuracy = scores(trial)[0]
     if majority is None or accuracy > majority + 1e-9:
         return None

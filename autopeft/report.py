@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autopeft.config import format_bytes
-from autopeft.study import has_scores, pareto_front, scores
+from autopeft.study import has_scores, pareto_front, scores, validation_majority
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -189,7 +189,7 @@ def _spread(ax: Axes, trials: Sequence[FrozenTrial]) -> list[tuple[FrozenTrial, 
 
 
 def _majority_line(ax: Axes, study: optuna.Study) -> None:
-    majority = study.user_attrs.get("split", {}).get("validation_majority")
+    majority = validation_majority(study)
     if majority is not None:  # a trial at this accuracy learned nothing; it is the floor to beat
         ax.axhline(majority, color="0.5", linestyle=":", label=f"majority class ({majority:.3f})")
 

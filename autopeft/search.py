@@ -257,7 +257,7 @@ def eval_positions(runtime: Runtime, params: TrialParams | None = None) -> int |
     is the trial's (`params`); for the base model alone, the smallest the space offers (the lightest trial's)."""
     if runtime.config.memory_budget is None:
         return None
-    micro_batch = train_settings(params, max_steps=1, seed=0).micro_batch_size if params is not None else \
+    micro_batch = int(params.training["micro_batch_size"]) if params is not None else \
         smallest_micro_batch(runtime.space)
     return micro_batch * runtime.longest_row
 

@@ -95,6 +95,12 @@ def load_for_worker(config: SearchConfig, on_stale: StaleTrialRetry | None = Non
     return study, joined, space
 
 
+def validation_majority(study: optuna.Study) -> float | None:
+    """The validation accuracy of always answering the most common label (recorded with the split): the
+    score of a trial that learned nothing."""
+    return study.user_attrs.get("split", {}).get("validation_majority")
+
+
 def recorded_space(study: optuna.Study) -> SearchSpace:
     """The space a study was created with, as it recorded it (workers and exports elsewhere need no file)."""
     return parse_space(yaml.safe_load(study.user_attrs["space_yaml"]), f"{study.study_name}:space")
