@@ -254,16 +254,19 @@ def _run_local_workers(count: int, trials: int, config: SearchConfig) -> Any:
 
 def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None) -> None:
     from autopeft.export import DEFAULT_TOLERANCE, candidates, describe_rule, lead_of, majority_warning
+    from autopeft.study import default_rule, forgetting_weight
 
     console.print(trials_table(study))
     if stopped_reason:
         console.print(f"[yellow]{stopped_reason}[/yellow]")
     _print_split(study.user_attrs.get("split", {}), config)
     try:
-        ranked = candidates(study)
+        rule = default_rule(study)
+        ranked = candidates(study, rule)
         accuracy, forgetting = _scores(ranked.trials[0])
-        console.print(f"chosen (balanced rule): trial {ranked.trials[0].number}, val accuracy {accuracy:.4f}, "
-                      f"forgetting {forgetting:.4f} -- {describe_rule('balanced', DEFAULT_TOLERANCE)}")
+        console.print(f"chosen ({rule} rule): trial {ranked.trials[0].number}, val accuracy {accuracy:.4f}, "
+                      f"forgetting {forgetting:.4f} -- "
+                      f"{describe_rule(rule, DEFAULT_TOLERANCE, forgetting_weight(study))}")
         warning = majority_warning(study, ranked.trials[0])
         if warning:
             console.print(f"[yellow]warning: {warning}[/yellow]")
@@ -398,7 +401,7 @@ def export(
     study: Annotated[str, typer.Option(help="Study name (the one `autopeft search` ran).")] = "default",
     storage: Annotated[str, typer.Option(help="Optuna storage URL of the study.")] = "sqlite:///autopeft.db",
     trial: Annotated[int | None, typer.Option(help="Export this trial number instead of applying --select.")] = None,
-    select: Annotated[str, typer.Option(help="Rule: balanced (best accuracy within --tolerance of the least forgetting on the Pareto front), best-accuracy, least-forgetting, or max-accuracy-under-forgetting=X.")] = "balanced",
+    select: Annotated[str | None, typer.Option(help="Rule: balanced (best accuracy within --tolerance of the least forgetting on the Pareto front; a Pareto study's default), best-scalar (highest accuracy - forgetting weight x forgetting; a scalar study's default), best-accuracy, least-forgetting, or max-accuracy-under-forgetting=X.")] = None,
     tolerance: Annotated[float, typer.Option(help="Forgetting tolerance of the balanced rule, on the forgetting probe's scale (linear_probe: fraction of probe accuracy lost).")] = 0.05,
     with_weights: Annotated[bool, typer.Option(help="Also write the trained adapter weights (safetensors); retrained if the trial's were not kept.")] = False,
     force: Annotated[bool, typer.Option(help="Write into --out even if it is not empty.")] = False,

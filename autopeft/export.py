@@ -5,6 +5,8 @@ the majority-class rate), the one with the highest validation accuracy whose for
 `tolerance` above the least-forgetting of them. Accuracy alone would pick whatever overwrote the most
 general ability; forgetting alone would pick an adapter that never moved (it forgets nothing and learns
 nothing, which is why trials at the majority-class rate are not candidates unless no trial learned).
+A scalar study (`--objective-mode scalar`) stated its trade-off when it ran: its default rule ("best-scalar") is
+that objective, the highest accuracy - forgetting_weight x forgetting.
 """
 
 from __future__ import annotations
@@ -25,12 +27,21 @@ from autopeft.confirm import Confirmation, confirm
 from autopeft.errors import ConfigError, StudyError
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
-from autopeft.study import pareto_front, recorded_space, require_existing_store, scores, validation_majority
+from autopeft.study import (
+    default_rule,
+    forgetting_weight,
+    pareto_front,
+    recorded_space,
+    require_existing_store,
+    scores,
+    validation_majority,
+)
 
 if TYPE_CHECKING:
     from autopeft.search import Runtime
 
-RULES: tuple[str, ...] = ("balanced", "best-accuracy", "least-forgetting", "max-accuracy-under-forgetting=X")
+RULES: tuple[str, ...] = ("balanced", "best-accuracy", "least-forgetting", "best-scalar",
+                          "max-accuracy-under-forgetting=X")
 DEFAULT_TOLERANCE = 0.05  # absolute, on the forgetting probe's scale (a fraction for every probe we ship)
 
 
@@ -48,7 +59,9 @@ def completed_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def describe_rule(rule: str, tolerance: float) -> str:
+def describe_rule(rule: str, tolerance: float, weight: float = 1.0) -> str:
+    if rule == "best-scalar":
+        return f"the trial with the highest val accuracy - {weight:g} x forgetting (the scalar objective)"
     if rule == "balanced":
         return (f"the most accurate Pareto trial whose forgetting is within {tolerance} of the least-forgetting "
                 "Pareto trial that beat the majority class")
@@ -75,15 +88,26 @@ def forgetting_first(accuracy: float, forgetting: float) -> tuple[float, float]:
     return -forgetting, accuracy
 
 
-def select_trial(study: optuna.Study, rule: str = "balanced",
+def scalar_first(weight: float) -> Callable[[float, float], tuple[float, float]]:
+    """The scalar objective, then accuracy among equal scores."""
+    def order(accuracy: float, forgetting: float) -> tuple[float, float]:
+        return accuracy - weight * forgetting, accuracy
+    return order
+
+
+def select_trial(study: optuna.Study, rule: str | None = None,
                  tolerance: float = DEFAULT_TOLERANCE) -> optuna.trial.FrozenTrial:
     return candidates(study, rule, tolerance).trials[0]
 
 
-def candidates(study: optuna.Study, rule: str = "balanced", tolerance: float = DEFAULT_TOLERANCE) -> Candidates:
+def candidates(study: optuna.Study, rule: str | None = None, tolerance: float = DEFAULT_TOLERANCE) -> Candidates:
+    """The trials `rule` admits, best first; no rule is the study's default (`study.default_rule`)."""
+    rule = rule or default_rule(study)
     done = completed_trials(study)
     if not done:
         raise StudyError(f"--study: {study.study_name!r} has no completed trial to export")
+    if rule == "best-scalar":
+        return _ranked(done, scalar_first(forgetting_weight(study)))
     if rule.startswith("max-accuracy-under-forgetting="):
         limit = _threshold(rule)
         under = [t for t in done if scores(t)[1] <= limit]
@@ -116,8 +140,11 @@ def majority_warning(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> st
 
 
 def lead_of(study: optuna.Study, ranked: Candidates) -> noise.Lead | None:
-    """How the pick leads the rule's other candidates on accuracy; None for a rule that ranks on forgetting."""
-    return noise.lead(study, ranked.trials) if ranked.order is accuracy_first else None
+    """How the pick leads the rule's other candidates on the score it ranks them by (accuracy, or the scalar
+    objective), against the validation accuracy's sampling error; None for a rule that ranks on forgetting."""
+    if ranked.order is forgetting_first:
+        return None
+    return noise.lead(study, ranked.trials, score=lambda t: ranked.order(*scores(t))[0])
 
 
 def _ranked(trials: list[optuna.trial.FrozenTrial], order: Callable[[float, float], tuple[float, float]]) -> Candidates:
@@ -196,7 +223,7 @@ def held_out_accuracy(study: optuna.Study, trial: optuna.trial.FrozenTrial, runt
 
 
 def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int | None = None,
-                 rule: str = "balanced", tolerance: float = DEFAULT_TOLERANCE, with_weights: bool = False,
+                 rule: str | None = None, tolerance: float = DEFAULT_TOLERANCE, with_weights: bool = False,
                  force: bool = False, confirm_seeds: int = 0, confirm_top: int = 3) -> ExportResult:
     """Export the trial `rule` picks (or `trial_number`). With `confirm_seeds`, the rule's `confirm_top` leading
     candidates each train that many more times first, and the one that leads on its runs' means is exported."""
@@ -206,6 +233,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     if tolerance < 0:
         raise ConfigError([f"--tolerance: {tolerance} must be 0 or more (forgetting allowed above the least)"])
     study = load_existing_study(study_name, storage)
+    rule = rule or default_rule(study)
     ranked = Candidates([find_trial(study, trial_number)], accuracy_first) if trial_number is not None else \
         candidates(study, rule, tolerance)
     # The study carries its space; the file it was read from (perhaps relative to another folder) is not needed.
@@ -236,7 +264,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
                 files.append(weights.name)
     params = TrialParams.from_flat(trial.user_attrs["params"])
     write_recipe(out / "training.yaml", config, params, trial.user_attrs["seed"])
-    chosen_by = f"--trial {trial_number}" if trial_number is not None else describe_rule(rule, tolerance)
+    chosen_by = f"--trial {trial_number}" if trial_number is not None else describe_rule(rule, tolerance, forgetting_weight(study))
     warning = majority_warning(study, trial)
     if len(confirmations) > 1:
         chosen_by += (f"; then, of its {len(confirmations)} leading candidates, the best on the mean of "

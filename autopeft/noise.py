@@ -11,6 +11,7 @@ lucky run; it cannot rank candidates whose means differ by less than the seed-to
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
@@ -65,12 +66,15 @@ class Lead:
                 f"export --confirm-seeds 2{top} retrains the leaders and picks on the means")
 
 
-def lead(study: optuna.Study, ranked: list[optuna.trial.FrozenTrial]) -> Lead | None:
-    """How `ranked[0]` (a rule's pick) leads the rest of `ranked` on validation accuracy."""
+def lead(study: optuna.Study, ranked: list[optuna.trial.FrozenTrial],
+         score: Callable[[optuna.trial.FrozenTrial], float] | None = None) -> Lead | None:
+    """How `ranked[0]` (a rule's pick) leads the rest of `ranked` on `score` (validation accuracy unless
+    given), against the sampling error of the pick's validation accuracy."""
     rows = validation_rows(study)
     if rows is None or not ranked:
         return None
+    score = score or (lambda t: scores(t)[0])
     pick, accuracy = ranked[0], scores(ranked[0])[0]
     margin = close_margin(accuracy, rows)
-    close = tuple(t for t in ranked[1:] if accuracy - scores(t)[0] <= margin)
+    close = tuple(t for t in ranked[1:] if score(pick) - score(t) <= margin)
     return Lead(pick, rows, standard_error(accuracy, rows), close, len(ranked) - 1)

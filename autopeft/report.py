@@ -20,7 +20,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autopeft.config import format_bytes
-from autopeft.study import has_scores, pareto_front, scores, validation_majority
+from autopeft.study import (
+    default_rule,
+    forgetting_weight,
+    has_scores,
+    pareto_front,
+    scores,
+    validation_majority,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -28,8 +35,7 @@ if TYPE_CHECKING:
 
     from autopeft.noise import Lead
 
-DEFAULT_RULE = "balanced"  # = autopeft.export's defaults, not imported from there: export loads peft
-DEFAULT_TOLERANCE = 0.05
+DEFAULT_TOLERANCE = 0.05  # = autopeft.export's, not imported from there: export loads peft
 MIB = 2**20
 # Trials without values, by state: marker, colour and legend text of their mark in the bottom band.
 _NO_VALUE_STYLES = {TrialState.FAIL: ("X", "tab:red", "failed"),
@@ -385,13 +391,14 @@ def _img(path: Path) -> str:
             f"<figcaption>{caption}</figcaption></figure>")
 
 
-def _chosen_html(chosen: FrozenTrial | None, lead: Lead | None, rule: str, tolerance: float,
+def _chosen_html(chosen: FrozenTrial | None, lead: Lead | None, rule: str, tolerance: float, weight: float,
                  any_completed: bool) -> str:
     if chosen is None:
         why = "no feasible completed trial" if any_completed else "No completed trial in this study"
         return f'<p id="chosen">{html.escape(why)}: nothing to choose yet.</p>'
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in chosen.user_attrs.get("params", {}).items())
-    rule_text = f"{rule} (tolerance {tolerance:g})" if rule == "balanced" else rule
+    rule_text = {"balanced": f"{rule} (tolerance {tolerance:g})",
+                 "best-scalar": f"{rule} (forgetting weight {weight:g})"}.get(rule, rule)
     return (f'<p id="chosen">Chosen trial: <b>#{chosen.number}</b> ({html.escape(_method(chosen))}) by rule '
             f"<code>{html.escape(rule_text)}</code>: validation accuracy {scores(chosen)[0]:.4f}, "
             f"forgetting {scores(chosen)[1]:.4f}.</p><p class=\"note\">{html.escape(params)}</p>"
@@ -478,7 +485,8 @@ def _page(study: optuna.Study, chosen: FrozenTrial | None, lead: Lead | None, ru
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>autopeft report: {name}</title>',
         f"<style>{_CSS}</style></head><body>",
         f"<h1>autopeft study <code>{name}</code></h1>", _counts_html(trials),
-        "<h2>Chosen trial</h2>", _chosen_html(chosen, lead, rule, tolerance, bool(_completed(trials))),
+        "<h2>Chosen trial</h2>", _chosen_html(chosen, lead, rule, tolerance, forgetting_weight(study),
+                                               bool(_completed(trials))),
         *_warning_html(study, chosen),
         "<h2>Plots</h2>", *(_img(p) for p in plots),
         "<h2>All trials</h2>",
@@ -487,9 +495,11 @@ def _page(study: optuna.Study, chosen: FrozenTrial | None, lead: Lead | None, ru
     ])
 
 
-def write_report(study: optuna.Study, out: Path, *, rule: str = DEFAULT_RULE,
+def write_report(study: optuna.Study, out: Path, *, rule: str | None = None,
                  tolerance: float = DEFAULT_TOLERANCE) -> list[Path]:
-    """Write the four plots and report.html into `out`; return their paths (plots first, page last)."""
+    """Write the four plots and report.html into `out`; return their paths (plots first, page last). The
+    chosen trial is `rule`'s pick, by default the study's own (`autopeft export`'s default)."""
+    rule = rule or default_rule(study)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     chosen, lead = _chosen(study, rule, tolerance)

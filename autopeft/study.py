@@ -101,6 +101,17 @@ def validation_majority(study: optuna.Study) -> float | None:
     return study.user_attrs.get("split", {}).get("validation_majority")
 
 
+def default_rule(study: optuna.Study) -> str:
+    """The export rule a study's pick defaults to: a scalar study's own objective, else the balanced rule on
+    the Pareto front (autopeft.export states both)."""
+    return "best-scalar" if study.user_attrs.get("config", {}).get("objective_mode") == "scalar" else "balanced"
+
+
+def forgetting_weight(study: optuna.Study) -> float:
+    """The weight of forgetting in the study's scalar objective (1, the default, for a Pareto study)."""
+    return float(study.user_attrs.get("config", {}).get("forgetting_weight", 1.0))
+
+
 def recorded_space(study: optuna.Study) -> SearchSpace:
     """The space a study was created with, as it recorded it (workers and exports elsewhere need no file)."""
     return parse_space(yaml.safe_load(study.user_attrs["space_yaml"]), f"{study.study_name}:space")

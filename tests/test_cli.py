@@ -127,6 +127,28 @@ def test_a_pruned_trial_in_a_scalar_study_prints_its_reason_not_scores() -> None
     assert "pruned: pruned by hyperband at step 30" in console.export_text()
 
 
+def test_a_scalar_studys_summary_names_the_pick_of_its_own_objective(monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna
+    from rich.console import Console
+
+    from autopeft import cli
+    from autopeft.config import SearchConfig
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("config", {"objective_mode": "scalar", "forgetting_weight": 0.5})
+    for accuracy, forgetting in [(0.80, 0.30), (0.75, 0.02)]:  # 0.65 and 0.74 on the objective
+        trial = study.ask()
+        trial.set_user_attr("params", {"method": "lora", "lora.r": 8, "learning_rate": 1e-3})
+        trial.set_user_attr("val_accuracy", accuracy)
+        trial.set_user_attr("forgetting", forgetting)
+        study.tell(trial, accuracy - 0.5 * forgetting)
+    console = Console(width=300, record=True)
+    monkeypatch.setattr(cli, "console", console)
+    cli._print_summary(study, SearchConfig(objective_mode="scalar", forgetting_weight=0.5), None)
+    assert ("chosen (best-scalar rule): trial 1, val accuracy 0.7500, forgetting 0.0200 -- the trial with the "
+            "highest val accuracy - 0.5 x forgetting (the scalar objective)") in console.export_text()
+
+
 def test_the_progress_bar_counts_a_resumed_studys_trials_and_gives_an_eta() -> None:
     import optuna
 

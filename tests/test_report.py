@@ -112,6 +112,20 @@ def test_a_chosen_trial_no_better_than_the_majority_class_is_flagged(tmp_path: P
     assert '<p id="warning"><b>Warning</b>: trial 0 is no better than the majority class' in page
 
 
+def test_a_scalar_study_is_reported_with_its_own_objectives_pick(tmp_path: Path) -> None:
+    study = optuna.create_study(study_name="scalar", direction="maximize")
+    study.set_user_attr("config", {"objective_mode": "scalar", "forgetting_weight": 2.0})
+    for method, acc, forgetting, lr, mib in COMPLETED:
+        trial = ask(study, method, lr)
+        trial.set_user_attr("val_accuracy", acc)
+        trial.set_user_attr("forgetting", forgetting)
+        study.tell(trial, acc - 2.0 * forgetting)
+    write_report(study, tmp_path)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    # 0.70 - 2 x 0.03 = 0.64 leads; the balanced rule would take trial 2 (0.78, forgetting 0.12)
+    assert "Chosen trial: <b>#3</b> (ia3) by rule <code>best-scalar (forgetting weight 2)</code>" in page
+
+
 def test_the_page_is_self_contained(report: tuple[optuna.Study, list[Path], str]) -> None:
     _, _, page = report
     assert page.count('src="data:image/png;base64,') == 4

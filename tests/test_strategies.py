@@ -12,6 +12,7 @@ import pytest
 from autopeft import study as studies
 from autopeft.config import SearchConfig
 from autopeft.errors import ConfigError
+from autopeft.export import select_trial
 from autopeft.search import Runtime, SearchSummary, prepare_runtime, run_search, run_trials
 from autopeft.space import load_space
 from tests.tests_support import tiny_config
@@ -116,6 +117,8 @@ def test_scalar_mode_with_each_pruner(runtime: Runtime, tmp_path: Path, pruner: 
         assert trial.values[0] == pytest.approx(trial.user_attrs["val_accuracy"] - 0.5 * trial.user_attrs["forgetting"])
         if pruner != "none":  # reported from half the steps on, where the pruner can decide
             assert sorted(trial.intermediate_values) == {"median": [4, 6]}.get(pruner, [4])
+    # export's and the summary's default pick is the study's own objective
+    assert select_trial(study) == max(complete, key=lambda t: t.values[0])
 
 
 def test_prune_after_moves_the_first_rung_and_reports_at_every_rung(runtime: Runtime, tmp_path: Path) -> None:
