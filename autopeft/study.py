@@ -39,6 +39,7 @@ class StaleTrialRetry:
 
 def connect(config: SearchConfig, on_stale: StaleTrialRetry | None = None) -> optuna.storages.BaseStorage:
     try:
+        _make_sqlite_folder(config.storage)
         if config.storage.startswith(("sqlite:", "postgresql", "mysql")):
             return optuna.storages.RDBStorage(config.storage, heartbeat_interval=config.heartbeat_seconds,
                                               grace_period=3 * config.heartbeat_seconds,
@@ -47,6 +48,17 @@ def connect(config: SearchConfig, on_stale: StaleTrialRetry | None = None) -> op
     except Exception as exc:  # a bad URL, a missing driver or an unreachable server
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StudyError(f"--storage: cannot open {redact_url(config.storage)}: {message}") from exc
+
+
+def _make_sqlite_folder(url: str) -> None:
+    """A new sqlite store may go in a new folder (`--storage sqlite:///runs/a.db`), as MLflow's sqlite store
+    does for `--tracking-uri`; sqlite itself only creates the file."""
+    if url.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
 def require_existing_store(url: str, name: str) -> None:
