@@ -459,6 +459,8 @@ class Objective:
                if outcome.measured_peak_bytes else {}),
         }
         summary["steps_trained"] = len(outcome.train.losses)
+        if config.objective_mode == "scalar":  # the value the study optimizes, to sort the dashboard by
+            summary["scalar_objective"] = self._values(outcome)
         for key, value in summary.items():
             trial.set_user_attr(key, value)
         trial.set_user_attr("adapter_dir", str(folder.resolve()))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from mlflow import MlflowClient
 
 from autopeft import study as studies
 from autopeft.config import SearchConfig
@@ -119,6 +120,11 @@ def test_scalar_mode_with_each_pruner(runtime: Runtime, tmp_path: Path, pruner: 
             assert sorted(trial.intermediate_values) == {"median": [4, 6]}.get(pruner, [4])
     # export's and the summary's default pick is the study's own objective
     assert select_trial(study) == max(complete, key=lambda t: t.values[0])
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    logged = {int(r.data.tags["optuna.trial_number"]): r.data.metrics.get("scalar_objective")
+              for r in client.search_runs([client.get_experiment_by_name("autopeft").experiment_id])
+              if r.data.tags.get("autopeft.state") == "COMPLETE"}
+    assert logged == {t.number: pytest.approx(t.values[0]) for t in complete}  # on the dashboard, to sort by
 
 
 def test_prune_after_moves_the_first_rung_and_reports_at_every_rung(runtime: Runtime, tmp_path: Path) -> None:
