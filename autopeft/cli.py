@@ -402,7 +402,7 @@ def export(
     storage: Annotated[str, typer.Option(help="Optuna storage URL of the study.")] = "sqlite:///autopeft.db",
     trial: Annotated[int | None, typer.Option(help="Export this trial number instead of applying --select.")] = None,
     select: Annotated[str | None, typer.Option(help="Rule: balanced (best accuracy within --tolerance of the least forgetting on the Pareto front; a Pareto study's default), best-scalar (highest accuracy - forgetting weight x forgetting; a scalar study's default), best-accuracy, least-forgetting, or max-accuracy-under-forgetting=X.")] = None,
-    tolerance: Annotated[float, typer.Option(help="Forgetting tolerance of the balanced rule, on the forgetting probe's scale (linear_probe: fraction of probe accuracy lost).")] = 0.05,
+    tolerance: Annotated[float | None, typer.Option(help="Forgetting tolerance of the balanced rule (default 0.05), on the forgetting probe's scale (linear_probe: fraction of probe accuracy lost).")] = None,
     with_weights: Annotated[bool, typer.Option(help="Also write the trained adapter weights (safetensors); retrained if the trial's were not kept.")] = False,
     force: Annotated[bool, typer.Option(help="Write into --out even if it is not empty.")] = False,
     confirm_seeds: Annotated[int, typer.Option(help="Train each of the rule's leading candidates this many more times with new seeds and export the one that leads on the means (a search's best run is usually a lucky one). Each costs one trial's training; 0 exports the rule's pick as is.")] = 0,

@@ -223,17 +223,15 @@ def held_out_accuracy(study: optuna.Study, trial: optuna.trial.FrozenTrial, runt
 
 
 def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int | None = None,
-                 rule: str | None = None, tolerance: float = DEFAULT_TOLERANCE, with_weights: bool = False,
+                 rule: str | None = None, tolerance: float | None = None, with_weights: bool = False,
                  force: bool = False, confirm_seeds: int = 0, confirm_top: int = 3) -> ExportResult:
     """Export the trial `rule` picks (or `trial_number`). With `confirm_seeds`, the rule's `confirm_top` leading
     candidates each train that many more times first, and the one that leads on its runs' means is exported."""
     if confirm_seeds < 0 or confirm_top < 1:
         raise ConfigError([(f"--confirm-seeds must be 0 or more (got {confirm_seeds}) and --confirm-top 1 or more "
                            f"(got {confirm_top})")])
-    if tolerance < 0:
-        raise ConfigError([f"--tolerance: {tolerance} must be 0 or more (forgetting allowed above the least)"])
     study = load_existing_study(study_name, storage)
-    rule = rule or default_rule(study)
+    rule, tolerance = _rule_settings(study, trial_number, rule, tolerance)
     ranked = Candidates([find_trial(study, trial_number)], accuracy_first) if trial_number is not None else \
         candidates(study, rule, tolerance)
     # The study carries its space; the file it was read from (perhaps relative to another folder) is not needed.
@@ -264,7 +262,8 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
                 files.append(weights.name)
     params = TrialParams.from_flat(trial.user_attrs["params"])
     write_recipe(out / "training.yaml", config, params, trial.user_attrs["seed"])
-    chosen_by = f"--trial {trial_number}" if trial_number is not None else describe_rule(rule, tolerance, forgetting_weight(study))
+    chosen_by = (f"--trial {trial_number}" if trial_number is not None
+                 else describe_rule(rule, tolerance, forgetting_weight(study)))
     warning = majority_warning(study, trial)
     if len(confirmations) > 1:
         chosen_by += (f"; then, of its {len(confirmations)} leading candidates, the best on the mean of "
@@ -279,6 +278,22 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "README.md").write_text(model_card(config, trial, params, metrics))
     return ExportResult(trial, out, score, files, retrained, confirmations, pick_lead, warning)
+
+
+def _rule_settings(study: optuna.Study, trial_number: int | None, rule: str | None,
+                   tolerance: float | None) -> tuple[str, float]:
+    """The rule (the study's default unless given) and the balanced rule's tolerance. A --select beside
+    --trial, or a --tolerance for a rule that has none, would be ignored: refused instead."""
+    if trial_number is not None and rule is not None:
+        raise ConfigError([f"--trial {trial_number} and --select {rule}: choose one (--trial exports that trial)"])
+    if tolerance is not None and tolerance < 0:
+        raise ConfigError([f"--tolerance: {tolerance} must be 0 or more (forgetting allowed above the least)"])
+    rule = rule or default_rule(study)
+    if tolerance is not None and (rule != "balanced" or trial_number is not None):
+        chosen = f"--trial {trial_number}" if trial_number is not None else f"the {rule} rule"
+        raise ConfigError([(f"--tolerance: applies to the balanced rule only, and this export uses {chosen} "
+                            "(leave --tolerance out, or add --select balanced)")])
+    return rule, DEFAULT_TOLERANCE if tolerance is None else tolerance
 
 
 def _sampling_error(study: optuna.Study, accuracy: float) -> dict:
