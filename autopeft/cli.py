@@ -509,14 +509,17 @@ def report(
     out: Annotated[Path, typer.Option(help="Folder for report.html and the PNG plots.")] = Path("report"),
     storage: Annotated[str, typer.Option(help="Optuna storage URL of the study.")] = "sqlite:///autopeft.db",
     tracking_uri: Annotated[str, typer.Option(help="MLflow store holding the study's parent run.")] = "sqlite:///mlflow.db",
+    select: Annotated[str | None, typer.Option(help="The rule whose pick the report marks, as for `autopeft export` (default: the study's, balanced or best-scalar).")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="Forgetting tolerance of the balanced rule (default 0.05).")] = None,
 ) -> None:
     """Write a self-contained HTML report and PNG plots of a study, and log them to its MLflow parent run."""
-    from autopeft.export import create_out, load_existing_study
+    from autopeft.export import create_out, load_existing_study, rule_settings
     from autopeft.report import write_report
 
     found = _guard(lambda: load_existing_study(study, storage))
+    rule, tolerance_used = _guard(lambda: rule_settings(found, select, tolerance))
     _guard(lambda: create_out(out))
-    paths = write_report(found, out)
+    paths = write_report(found, out, rule=rule, tolerance=tolerance_used)
     parent = found.user_attrs.get("mlflow_parent_run_id")
     if parent:
         from autopeft.tracking import Tracker

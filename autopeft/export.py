@@ -231,7 +231,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
         raise ConfigError([(f"--confirm-seeds must be 0 or more (got {confirm_seeds}) and --confirm-top 1 or more "
                            f"(got {confirm_top})")])
     study = load_existing_study(study_name, storage)
-    rule, tolerance = _rule_settings(study, trial_number, rule, tolerance)
+    rule, tolerance = rule_settings(study, rule, tolerance, trial_number)
     ranked = Candidates([find_trial(study, trial_number)], accuracy_first) if trial_number is not None else \
         candidates(study, rule, tolerance)
     # The study carries its space; the file it was read from (perhaps relative to another folder) is not needed.
@@ -280,15 +280,19 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     return ExportResult(trial, out, score, files, retrained, confirmations, pick_lead, warning)
 
 
-def _rule_settings(study: optuna.Study, trial_number: int | None, rule: str | None,
-                   tolerance: float | None) -> tuple[str, float]:
-    """The rule (the study's default unless given) and the balanced rule's tolerance. A --select beside
-    --trial, or a --tolerance for a rule that has none, would be ignored: refused instead."""
+def rule_settings(study: optuna.Study, rule: str | None, tolerance: float | None,
+                  trial_number: int | None = None) -> tuple[str, float]:
+    """The rule (the study's default unless given) and the balanced rule's tolerance, checked. A --select
+    beside --trial, or a --tolerance for a rule that has none, would be ignored: refused instead."""
     if trial_number is not None and rule is not None:
         raise ConfigError([f"--trial {trial_number} and --select {rule}: choose one (--trial exports that trial)"])
     if tolerance is not None and tolerance < 0:
         raise ConfigError([f"--tolerance: {tolerance} must be 0 or more (forgetting allowed above the least)"])
     rule = rule or default_rule(study)
+    if rule.startswith("max-accuracy-under-forgetting="):
+        _threshold(rule)
+    elif rule not in RULES:
+        raise ConfigError([f"--select: {rule!r} is not one of {', '.join(RULES)}"])
     if tolerance is not None and (rule != "balanced" or trial_number is not None):
         chosen = f"--trial {trial_number}" if trial_number is not None else f"the {rule} rule"
         raise ConfigError([(f"--tolerance: applies to the balanced rule only, and this export uses {chosen} "

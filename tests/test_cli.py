@@ -255,6 +255,9 @@ OTHER_BAD_INPUTS = [
     (["export", "--out", "x", "--select", "best-accuracy", "--tolerance", "0.1"],
      "--tolerance: applies to the balanced rule only, and this export uses the best-accuracy rule"),
     (["export", "--out", "x", "--trial", "0", "--tolerance", "0.1"], "--tolerance: applies to the balanced rule only"),
+    (["export", "--out", "x", "--select", "max-accuracy-under-forgetting=low"], "the threshold after '=' must be a number"),
+    (["report", "--out", "r", "--select", "newest"], "--select: 'newest' is not one of balanced, best-accuracy"),
+    (["report", "--out", "r", "--select", "least-forgetting", "--tolerance", "0.1"], "--tolerance: applies to the balanced"),
     (["ui", "--port", "99999"], "--port: 99999 must be between 1 and 65535"),
     (["estimate", "--model", "./no/such/model"], "--model: ./no/such/model does not exist"),
     (["estimate", "--model", "nobody/no-such-model"], "--model: cannot load 'nobody/no-such-model'"),
@@ -269,6 +272,14 @@ def test_bad_input_to_the_other_commands_is_one_line_exit_2_and_nothing_written(
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert sorted(exported.rglob("*")) == before
+
+
+def test_the_report_marks_the_pick_of_the_rule_asked_for(exported: Path, tmp_path: Path) -> None:
+    done = autopeft("report", "--out", str(tmp_path / "r"), "--select", "max-accuracy-under-forgetting=1",
+                    cwd=exported)
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    assert "by rule <code>max-accuracy-under-forgetting=1</code>" in page
 
 
 def test_estimate_counts_a_causal_lms_logits_for_a_causal_task(tmp_path: Path,
