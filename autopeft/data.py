@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -196,6 +197,8 @@ def _stratified_parts(labels: list[int], sizes: list[int], seed: int, where: str
     total = min(len(labels), sum(sizes))
     scale = total / sum(sizes)  # a small file keeps the requested proportions
     scaled = [max(1, int(n * scale)) for n in sizes]
+    if min(Counter(labels).values()) >= len(sizes):  # else rare classes are the problem, named below
+        _require_a_row_per_class(scaled, names, len(set(labels)), where, scale < 1)
     index = list(range(len(labels)))
     try:
         if total < len(labels):
@@ -211,6 +214,18 @@ def _stratified_parts(labels: list[int], sizes: list[int], seed: int, where: str
                         "a row in each split (drop or merge rare classes, or give validation and test "
                         "files)") from exc
     return parts + [index]
+
+
+SIZE_OPTIONS = {"train": "--train-size", "validation": "--val-size", "test": "--test-size"}
+
+
+def _require_a_row_per_class(sizes: list[int], names: list[str], classes: int, where: str, scaled: bool) -> None:
+    """A stratified split needs a row of every class: a size below the class count is the user's to raise."""
+    for name, size in zip(names, sizes, strict=True):
+        if size < classes:
+            shrunk = " (the table holds fewer rows than asked for, so every split was scaled down)" if scaled else ""
+            raise DataError(f"{where}: a {name} split of {size} row{'s' if size > 1 else ''} cannot hold a row of "
+                            f"each of the {classes} classes; {SIZE_OPTIONS[name]} must be at least {classes}{shrunk}")
 
 
 def _rarest(labels: list[int], classes: list[str]) -> str:
