@@ -561,6 +561,8 @@ def sync_stores(
     missing = missing_sqlite_file(source)
     if missing:
         _fail(f"--source: no MLflow store at {source} (the file {missing} does not exist)")
+    if _where(source).rstrip("/") == _where(target).rstrip("/"):  # each run would be copied beside itself
+        _fail(f"--target: {redact_url(target)} is the store --source names; sync copies runs into another store")
     try:
         result = sync(source, target)
     except Exception as exc:  # noqa: BLE001 -- an unreachable target, whatever the store raises: say so in one line

@@ -227,9 +227,10 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
                  force: bool = False, confirm_seeds: int = 0, confirm_top: int = 3) -> ExportResult:
     """Export the trial `rule` picks (or `trial_number`). With `confirm_seeds`, the rule's `confirm_top` leading
     candidates each train that many more times first, and the one that leads on its runs' means is exported."""
-    if confirm_seeds < 0 or confirm_top < 1:
-        raise ConfigError([(f"--confirm-seeds must be 0 or more (got {confirm_seeds}) and --confirm-top 1 or more "
-                           f"(got {confirm_top})")])
+    if confirm_seeds < 0:
+        raise ConfigError([f"--confirm-seeds: {confirm_seeds} must be 0 or more (new-seed runs per candidate)"])
+    if confirm_top < 1:
+        raise ConfigError([f"--confirm-top: {confirm_top} must be at least 1 (candidates to retrain)"])
     study = load_existing_study(study_name, storage)
     rule, tolerance = rule_settings(study, rule, tolerance, trial_number)
     ranked = Candidates([find_trial(study, trial_number)], accuracy_first) if trial_number is not None else \

@@ -10,7 +10,7 @@ import yaml
 from autopeft import methods
 from autopeft.config import SearchConfig
 from autopeft.errors import ConfigError
-from autopeft.space import TRAINING_PARAMS, TrialParams
+from autopeft.space import TRAINING_PARAMS, TrialParams, yaml_problem
 
 _DATA_KEYS = ("model", "task", "train_size", "val_size", "test_size", "max_length")
 # How the task's rows become training examples and scores; optional when read (recipes written before them
@@ -45,7 +45,7 @@ def read_recipe(path: Path, **overrides: Any) -> tuple[SearchConfig, TrialParams
     except FileNotFoundError:
         raise ConfigError([f"--config: {path} does not exist"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"--config: {path} is not valid YAML: {exc}"]) from None
+        raise ConfigError([f"--config: {path} is {yaml_problem(exc)}"]) from None
     missing = [k for k in (*_DATA_KEYS, "split_seed", "method", "method_params", "max_steps", "seed")
                if not isinstance(data, dict) or k not in data]
     if missing:

@@ -249,6 +249,7 @@ OTHER_BAD_INPUTS = [
     (["train", "--config", "export/training.yaml", "--max-steps", "0", "--out", "t"], "--max-steps: 0 must be at least 1"),
     (["train", "--config", "export/training.yaml", "--seed", "-3", "--out", "t"], "--seed: -3 must be between 0 and"),
     (["train", "--config", "export/training.yaml", "--out", "/proc/autopeft"], "--out: cannot create /proc/autopeft"),
+    (["train", "--config", "export/README.md", "--out", "t"], "--config: export/README.md is not valid YAML at line"),
     (["export", "--out", "/proc/autopeft"], "--out: cannot create /proc/autopeft"),
     (["report", "--out", "/proc/autopeft"], "--out: cannot create /proc/autopeft"),
     (["export", "--out", "x", "--trial", "0", "--select", "best-accuracy"], "--trial 0 and --select best-accuracy: choose one"),
@@ -259,6 +260,7 @@ OTHER_BAD_INPUTS = [
     (["report", "--out", "r", "--select", "newest"], "--select: 'newest' is not one of balanced, best-accuracy"),
     (["report", "--out", "r", "--select", "least-forgetting", "--tolerance", "0.1"], "--tolerance: applies to the balanced"),
     (["ui", "--port", "99999"], "--port: 99999 must be between 1 and 65535"),
+    (["sync", "--source", "sqlite:///mlflow.db", "--target", "sqlite:///./mlflow.db"], "--target: sqlite:///./mlflow.db is the store --source names"),
     (["estimate", "--model", "./no/such/model"], "--model: ./no/such/model does not exist"),
     (["estimate", "--model", "nobody/no-such-model"], "--model: cannot load 'nobody/no-such-model'"),
 ]

@@ -149,7 +149,7 @@ def test_confirmation_retrains_the_leading_candidates_and_exports_the_best_mean(
 def test_bad_confirmation_options_are_refused_before_any_work(finished_study: Path) -> None:
     done = autopeft("export", "--study", "h", "--out", "out5", "--confirm-top", "0", "--confirm-seeds", "1",
                     cwd=finished_study)
-    assert done.returncode == 2 and "--confirm-top 1 or more (got 0)" in done.stderr
+    assert done.returncode == 2 and "--confirm-top: 0 must be at least 1" in done.stderr
     assert not (finished_study / "out5").exists()
 
 
