@@ -460,11 +460,11 @@ def train(
 @app.command()
 def estimate(
     config: Annotated[Path | None, typer.Option("--config", help="training.yaml (from `autopeft export`): estimate that configuration.")] = None,
-    model: Annotated[str, typer.Option(help="With --space: hub id, local folder or packaged:<name> (only its config is read).")] = DEFAULT_MODEL,
-    space: Annotated[Path, typer.Option(help="With no --config: each method of this space at its default parameters.")] = DEFAULT_SPACE,
+    model: Annotated[str | None, typer.Option(help=f"With --space: hub id, local folder or packaged:<name> (only its config is read; default {DEFAULT_MODEL}).", show_default=False)] = None,
+    space: Annotated[Path | None, typer.Option(help="With no --config: each method of this space at its default parameters (default: the shipped space).", show_default=False)] = None,
     seq_len: Annotated[int | None, typer.Option(help="Tokens per row of the longest batch (default: a --config recipe's max_length, else 128).")] = None,
     device: Annotated[str, typer.Option(help="Device to estimate for: cpu or cuda (works on a CPU-only machine).")] = "cpu",
-    task_type: Annotated[str, typer.Option(help="With --space: classification (a head) or causal_lm (logits over the vocabulary); a --config recipe says its own.")] = "classification",
+    task_type: Annotated[str | None, typer.Option(help="With --space: classification (a head, the default) or causal_lm (logits over the vocabulary); a --config recipe says its own.")] = None,
 ) -> None:
     """Predict the peak training memory of a configuration, or of each method of a space, without training.
 
@@ -478,17 +478,21 @@ def estimate(
         _fail(f"--device: {device!r} must be cpu or cuda")
     if seq_len is not None and seq_len < 2:
         _fail(f"--seq-len: {seq_len} must be at least 2")
-    if task_type not in ("classification", "causal_lm"):
+    if task_type not in (None, "classification", "causal_lm"):
         _fail(f"--task-type: {task_type!r} must be classification or causal_lm")
+    given = {"--model": model, "--space": space, "--task-type": task_type}
+    for option in (name for name, value in given.items() if config is not None and value is not None):
+        _fail(f"{option}: a --config recipe names its own model, method and task type; leave {option} out")
 
     def configurations() -> list[tuple[str, TrialParams, str, int]]:
         """(base model, configuration, task type, tokens per row) for each estimate."""
         if config is not None:
             recipe, params, _ = read_recipe(config)
             return [(recipe.model, params, recipe.task_type, seq_len or recipe.max_length)]
-        loaded = load_space(space)
+        loaded = load_space(space or DEFAULT_SPACE)
         defaults = {k: spec.default for k, spec in TRAINING_PARAMS.items()}
-        return [(model, TrialParams(name, methods.get(name).resolve({}), defaults), task_type, seq_len or 128)
+        return [(model or DEFAULT_MODEL, TrialParams(name, methods.get(name).resolve({}), defaults),
+                 task_type or "classification", seq_len or 128)
                 for name in loaded.method_names()]
 
     known = TrainSettings.__dataclass_fields__

@@ -113,6 +113,8 @@ class SearchConfig:
             problems.append(f"--seed: {self.seed} must be between 0 and 2**32 - 1")
         if self.timeout is not None and self.timeout <= 0:
             problems.append(f"--timeout: {self.timeout} must be a positive number of seconds")
+        if self.worker_id is not None and self.worker_id < 0:
+            problems.append(f"--worker-id: {self.worker_id} must be 0 or more")
         if self.memory_budget is not None and self.memory_budget <= 0:
             problems.append(f"--memory-budget: {self.memory_budget} must be greater than zero")
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.study):

@@ -181,7 +181,8 @@ def seeded_sampler(config: SearchConfig, study: optuna.Study, space: SearchSpace
     """The chosen sampler, seeded by the trial count (a resumed study does not replay its first samples) and
     by the worker (workers starting together do not all sample the same first configuration)."""
     worker = config.worker_id if config.worker_id is not None else 0
-    seed = config.seed + len(study.trials) + 7919 * worker
+    # Optuna's samplers take seeds below 2**32; a process id (the default worker id) can reach 2**22
+    seed = (config.seed + len(study.trials) + 7919 * worker) % 2**32
     startup = startup_trials(config.trials)
     if config.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=startup)
