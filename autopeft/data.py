@@ -22,7 +22,14 @@ import pandas as pd
 import torch
 
 from autopeft.errors import DataError
-from autopeft.sources import PACKAGED_TASKS, Columns, Source, read_source, refuse_columns_for_packaged
+from autopeft.sources import (
+    PACKAGED_TASKS,
+    Columns,
+    Source,
+    read_source,
+    refuse_columns_for_packaged,
+    row_numbers,
+)
 
 __all__ = ["PACKAGED_TASKS", "Columns", "TaskData", "TextSplit", "TokenizedSplit", "collate", "eval_batches",
            "eval_positions_limited", "length_grouped_batches", "load_eval_split", "load_task", "tokenize"]
@@ -148,11 +155,11 @@ def check_rows(frame: pd.DataFrame, columns: Columns, where: str) -> None:
     for key, user_name in text_columns:
         empty = frame[key].map(lambda t: not isinstance(t, str) or not t.strip())
         if empty.any():
-            raise DataError(f"{where} has empty texts in column {user_name!r} (rows {_rows(empty)}); "
+            raise DataError(f"{where} has empty texts in column {user_name!r} (rows {row_numbers(empty)}); "
                             "every row needs a non-empty text")
     missing = frame["label"].isna()
     if missing.any():
-        raise DataError(f"{where} has rows without a label in column {columns.label!r} (rows {_rows(missing)})")
+        raise DataError(f"{where} has rows without a label in column {columns.label!r} (rows {row_numbers(missing)})")
 
 
 def check_known_labels(frame: pd.DataFrame, label_names: list[str], columns: Columns, where: str,
@@ -161,14 +168,6 @@ def check_known_labels(frame: pd.DataFrame, label_names: list[str], columns: Col
     if unseen:
         raise DataError(f"{where} has labels {', '.join(map(repr, unseen[:5]))} in column {columns.label!r} that "
                         f"do not occur in {reference}; allowed: {', '.join(label_names)}")
-
-
-def _rows(mask: pd.Series) -> str:
-    """The first few offending rows, counted from 1 at the first data row (the row after a CSV's header, a
-    JSONL file's first line), as the message says."""
-    found = [int(i) + 1 for i in mask[mask].index[:5]]
-    more = ", ..." if int(mask.sum()) > 5 else ""
-    return ", ".join(map(str, found)) + more + ", counting from 1 at the first data row"
 
 
 def _natural(name: str) -> tuple[int, float, str]:

@@ -152,10 +152,30 @@ def select_columns(frame: pd.DataFrame, columns: Columns, where: str) -> pd.Data
         if column not in frame.columns:
             raise DataError(f"{where} has no column {column!r} (set it with {option}); "
                             f"columns: {', '.join(map(str, frame.columns))}")
-    out = pd.DataFrame({"text": _strings(frame[columns.text]), "label": _strings(frame[columns.label])})
+    used = {"text": columns.text, "label": columns.label}
     if columns.text_pair:
-        out["text_pair"] = _strings(frame[columns.text_pair])
-    return out.reset_index(drop=True)
+        used["text_pair"] = columns.text_pair
+    frame = frame.reset_index(drop=True)
+    for column in used.values():
+        _refuse_nested(frame[column], column, where)
+    return pd.DataFrame({key: _strings(frame[column]) for key, column in used.items()})
+
+
+def _refuse_nested(values: pd.Series, column: str, where: str) -> None:
+    """A JSON object or list where a text or label belongs (a column option pointed at a nested field, or a
+    multi-label column) would be trained on as its printed form."""
+    nested = values.map(lambda v: isinstance(v, (dict, list, tuple)))
+    if nested.any():
+        raise DataError(f"{where} has JSON objects or lists in column {column!r} (rows {row_numbers(nested)}); "
+                        "texts and labels must be single values")
+
+
+def row_numbers(mask: pd.Series) -> str:
+    """The first few offending rows, counted from 1 at the first data row (the row after a CSV's header, a
+    JSONL file's first line), as the message says."""
+    found = [int(i) + 1 for i in mask[mask].index[:5]]
+    more = ", ..." if int(mask.sum()) > 5 else ""
+    return ", ".join(map(str, found)) + more + ", counting from 1 at the first data row"
 
 
 def _strings(values: pd.Series) -> pd.Series:

@@ -94,6 +94,11 @@ GOOD = "text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i i
      (r"cannot split 10 rows by class into train / validation / test .*: 2 classes, the rarest 'b' 1 row, 'a' 9 "
       r"rows; every class needs a row in each split")),
     ({"d/train.csv": "text,label\n"}, "d", Columns(), r"train\.csv has no rows"),
+    ({"t.jsonl": '{"text": "a", "label": "x"}\n{"text": {"title": "b"}, "label": "y"}\n'}, "t.jsonl", Columns(),
+     (r"t\.jsonl has JSON objects or lists in column 'text' \(rows 2, counting from 1 at the first data row\); "
+     r"texts and labels must be single values$")),
+    ({"t.jsonl": '{"text": "a", "label": ["x", "y"]}\n{"text": "b", "label": "y"}\n'}, "t.jsonl", Columns(),
+     r"JSON objects or lists in column 'label' \(rows 1,"),
     ({"t.jsonl": '{"text": "a", "label": 1}\n\n{"text": "b", "label": 0\n'}, "t.jsonl", Columns(),
      r"cannot read .*t\.jsonl: line 3 is not valid JSON \(Expecting ',' delimiter at column 25\)$"),
     ({"t.jsonl": '{"text": "a", "label": 1}\n["b", 0]\n'}, "t.jsonl", Columns(),
