@@ -145,8 +145,12 @@ def test_a_scalar_studys_summary_names_the_pick_of_its_own_objective(monkeypatch
     console = Console(width=300, record=True)
     monkeypatch.setattr(cli, "console", console)
     cli._print_summary(study, SearchConfig(objective_mode="scalar", forgetting_weight=0.5), None)
+    text = console.export_text()
     assert ("chosen (best-scalar rule): trial 1, val accuracy 0.7500, forgetting 0.0200 -- the trial with the "
-            "highest val accuracy - 0.5 x forgetting (the scalar objective)") in console.export_text()
+            "highest val accuracy - 0.5 x forgetting (the scalar objective)") in text
+    rows = [line for line in text.splitlines() if "lora(" in line]
+    cells = [[cell.strip() for cell in row.split("│")[3:6]] for row in rows]  # val acc, forgetting, objective
+    assert cells == [["0.8000", "0.3000", "0.6500"], ["0.7500", "0.0200", "0.7400"]]
 
 
 def test_the_progress_bar_counts_a_resumed_studys_trials_and_gives_an_eta() -> None:
