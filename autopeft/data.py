@@ -83,23 +83,32 @@ class TaskData:
 
 
 def load_task(task: str, *, seed: int, train_size: int, val_size: int, test_size: int,
-              columns: Columns | None = None) -> TaskData:
+              columns: Columns | None = None, open_answers: bool = False) -> TaskData:
     """Train / validation / test of at most the requested sizes: the source's own splits where it has them,
-    a seeded stratified split of its train rows for the others."""
+    a seeded stratified split of its train rows for the others.
+
+    `open_answers`: the labels are answers a causal LM generates (question answering), not a closed set of
+    classes: an answer need not occur in train, and where answers are too varied to stratify (a class per
+    row, say) the split is a seeded random one."""
     columns = columns or Columns()
     refuse_columns_for_packaged(task, columns)
     source = read_source(task, columns)
-    label_names = _checked_label_names(source, columns)
+    label_names = _checked_label_names(source, columns, open_answers)
     ids = {name: i for i, name in enumerate(label_names)}
-    frames, origins = _arrange(source, ids, {"train": train_size, "validation": val_size, "test": test_size}, seed)
+    requested = {"train": train_size, "validation": val_size, "test": test_size}
+    frames, origins = _arrange(source, ids, requested, seed, open_answers)
     texts = {s: _text_split(f, ids, columns) for s, f in frames.items()}
     return TaskData(task, label_names, texts["train"], texts["validation"], texts["test"], seed, columns, origins)
 
 
-def _checked_label_names(source: Source, columns: Columns) -> list[str]:
-    """The training rows' classes, after checking every row of every split (one clear line per problem)."""
+def _checked_label_names(source: Source, columns: Columns, open_answers: bool) -> list[str]:
+    """The training rows' classes (every split's answers, for open answers), after checking every row of
+    every split (one clear line per problem)."""
     for split, frame in source.frames.items():
         check_rows(frame, columns, f"--task: {source.locations[split]}")
+    if open_answers:
+        every = pd.concat(list(source.frames.values()), ignore_index=True)
+        return _label_names(every, columns, f"--task: {source.name}")
     pool = "train" if "train" in source.frames else "all"
     label_names = _label_names(source.frames[pool], columns, f"--task: {source.locations[pool]}")
     for split in ("validation", "test"):
@@ -109,18 +118,22 @@ def _checked_label_names(source: Source, columns: Columns) -> list[str]:
     return label_names
 
 
-def _arrange(source: Source, ids: dict[str, int], requested: dict[str, int],
-             seed: int) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+def _arrange(source: Source, ids: dict[str, int], requested: dict[str, int], seed: int,
+             open_answers: bool) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
     """Each split's rows and how they were made: the splits the source lacks carved from its train rows
-    (stratified, seeded), the ones it has kept (capped at their size by a stratified sample)."""
+    (stratified, seeded; random where open answers are too varied to stratify), the ones it has kept (capped
+    at their size by a stratified sample)."""
     pool = "train" if "train" in source.frames else "all"
     carved = [s for s in SPLITS if s == "train" or s not in source.frames]
     if carved == ["train"]:  # the source has every split: keep its train rows as they are (capped)
         carved = []
-    rows = _stratified_parts(_class_ids(source.frames[pool], ids), [requested[s] for s in carved], seed,
-                             f"--task: {source.locations[pool]}", carved, list(ids)) if carved else []
+    labels = _class_ids(source.frames[pool], ids)
+    stratify = not (open_answers and carved and min(Counter(labels).values()) < len(carved))
+    rows = _stratified_parts(labels, [requested[s] for s in carved], seed, f"--task: {source.locations[pool]}",
+                             carved, list(ids), stratify) if carved else []
     frames = {s: source.frames[pool].iloc[r] for s, r in zip(carved, rows, strict=True)}
-    origins = {s: f"seeded stratified split of {source.origins[pool]}" for s in carved}
+    how = "stratified" if stratify else "random (answers too varied to stratify)"
+    origins = {s: f"seeded {how} split of {source.origins[pool]}" for s in carved}
     for split in SPLITS:
         if split not in frames:
             frame = source.frames[split]
@@ -188,24 +201,26 @@ def _class_ids(frame: pd.DataFrame, ids: dict[str, int]) -> list[int]:
 
 
 def _stratified_parts(labels: list[int], sizes: list[int], seed: int, where: str,
-                      names: list[str], classes: list[str]) -> list[list[int]]:
+                      names: list[str], classes: list[str], stratify: bool = True) -> list[list[int]]:
     """Disjoint row lists of about `sizes` rows (proportionally fewer when the table is smaller), each with
-    the table's class proportions. The first part is the training split; the last takes what remains."""
+    the table's class proportions (unless not `stratify`: seeded random rows). The first part is the training
+    split; the last takes what remains."""
     from sklearn.model_selection import train_test_split
 
     total = min(len(labels), sum(sizes))
     scale = total / sum(sizes)  # a small file keeps the requested proportions
     scaled = [max(1, int(n * scale)) for n in sizes]
-    if min(Counter(labels).values()) >= len(sizes):  # else rare classes are the problem, named below
+    if stratify and min(Counter(labels).values()) >= len(sizes):  # else rare classes are the problem, below
         _require_a_row_per_class(scaled, names, len(set(labels)), where, scale < 1)
     index = list(range(len(labels)))
     try:
         if total < len(labels):
-            index, _ = train_test_split(index, train_size=total, stratify=labels, random_state=seed)
+            index, _ = train_test_split(index, train_size=total, stratify=labels if stratify else None,
+                                        random_state=seed)
         parts = []
         for size in scaled[:-1]:
-            part, index = train_test_split(index, train_size=size, stratify=[labels[i] for i in index],
-                                           random_state=seed)
+            part, index = train_test_split(index, train_size=size, random_state=seed,
+                                           stratify=[labels[i] for i in index] if stratify else None)
             parts.append(part)
     except ValueError as exc:  # e.g. a class with a single row cannot be in both halves of a split
         raise DataError(f"{where}: cannot split {len(labels)} rows by class into {' / '.join(names)} of about "

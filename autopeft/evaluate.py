@@ -6,8 +6,9 @@ Causal-LM accuracy (classification as generation, see verbalizer.py) has two mod
   classification head and with the majority-class rate, and it measures what the model prefers even
   before it has learned the answer format. This is what the search optimises.
 - "generate": greedy decoding of at most the longest answer's tokens (plus end-of-sequence); correct when
-  the decoded text equals the label word after normalization (case folded, punctuation dropped, spaces
-  collapsed). Stricter: a model that has not learned to answer in words scores 0.
+  the decoded text equals the row's label word after normalization (case folded, punctuation dropped, spaces
+  collapsed). Stricter: a model that has not learned to answer in words scores 0. The "label words" may be
+  open answers, one per distinct answer of a question-answering task (data.load_task's `open_answers`).
 
 Language-model scores also work on a classifier built from a decoder (a sequence-classification head on
 the same blocks): the output embedding (tied to the input embedding in SmolLM2, the Llama-style tiny
@@ -164,9 +165,16 @@ def predict_causal(model: nn.Module, split: TokenizedSplit, fmt: CausalFormat, *
     longest = max(len(a) for a in fmt.answer_ids) + (fmt.eos_id is not None)
     answers = generate_greedy(model, prompts, max_new_tokens=longest, pad_id=pad_id, eos_id=fmt.eos_id,
                               batch_size=batch_size, device=device)
-    words = {normalize_answer(w): k for k, w in enumerate(fmt.label_words)}
+    normalized = [normalize_answer(w) for w in fmt.label_words]
+    words: dict[str, int] = {}
+    for k, word in enumerate(normalized):
+        words.setdefault(word, k)
     texts = [normalize_answer(tokenizer.decode(a, skip_special_tokens=True)) for a in answers]
-    return torch.tensor([words.get(t, -1) for t in texts]), torch.tensor(golds)
+    # Open answers may differ only where normalization drops it ("Paris" and "paris."): matching the row's
+    # own answer counts as right whichever of them the lookup would name.
+    predicted = [gold if text == normalized[gold] else words.get(text, -1)
+                 for text, gold in zip(texts, golds, strict=True)]
+    return torch.tensor(predicted), torch.tensor(golds)
 
 
 def causal_accuracy(model: nn.Module, split: TokenizedSplit, fmt: CausalFormat, *, pad_id: int,

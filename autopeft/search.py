@@ -81,7 +81,8 @@ class Runtime:
 def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> Runtime:
     columns = Columns(config.text_column, config.label_column, config.text_pair_column)
     task = load_task(config.task, seed=config.seed, train_size=config.train_size,
-                     val_size=config.val_size, test_size=config.test_size, columns=columns)
+                     val_size=config.val_size, test_size=config.test_size, columns=columns,
+                     open_answers=config.task_type == "causal_lm" and config.causal_eval == "generate")
     loaded = _load_for_task(config, task)
     base_model, tokenizer, tokenize_split, evaluator = loaded
     base_model.eval()

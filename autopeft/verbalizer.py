@@ -20,6 +20,7 @@ generated and compared with the label words after normalization.
 
 from __future__ import annotations
 
+import functools
 import string
 from dataclasses import dataclass
 from typing import Any
@@ -57,10 +58,15 @@ class CausalFormat:
 
     def label_of(self, answer: list[int]) -> int:
         """The class whose target is `answer` (a training sequence's labelled tokens)."""
-        for label in range(len(self.answer_ids)):
-            if answer == self.target(label):
-                return label
-        raise ValueError(f"answer tokens {answer} match no label word of {self.label_words}")
+        label = self._labels_by_target.get(tuple(answer))
+        if label is None:
+            raise ValueError(f"answer tokens {answer} match no label word of {self.label_words[:10]}")
+        return label
+
+    @functools.cached_property
+    def _labels_by_target(self) -> dict[tuple[int, ...], int]:
+        # open answers (question answering) can be thousands of classes: a lookup, not a scan per row
+        return {tuple(self.target(label)): label for label in range(len(self.answer_ids))}
 
 
 def check_template(template: str) -> None:

@@ -127,3 +127,57 @@ def test_the_causal_lm_options_are_refused_for_a_classification_task(tmp_path: P
     flag = "--" + option.replace("_", "-")
     with pytest.raises(ConfigError, match=f"^{flag}: applies to --task-type causal_lm only"):
         tiny_config(tmp_path, tiny_bert, **{option: value})
+
+
+def _question_file(path: Path, rows: int = 60) -> Path:
+    """Questions whose answers are open text, nearly one per row: no closed set of classes to stratify."""
+    lines = "".join(f'{{"question": "What is 2 plus {i}?", "answer": "{2 + i}"}}\n' for i in range(rows))
+    path.write_text(lines)
+    return path
+
+
+def test_open_answers_split_at_random_and_need_not_occur_in_train(tmp_path: Path) -> None:
+    from autopeft.data import Columns, load_task
+
+    task_file = _question_file(tmp_path / "qa.jsonl")
+    columns = Columns(text="question", label="answer")
+    with pytest.raises(DataError, match="cannot split 60 rows by class"):  # as classes: one row each
+        load_task(str(task_file), seed=0, train_size=30, val_size=15, test_size=15, columns=columns)
+    task = load_task(str(task_file), seed=0, train_size=30, val_size=15, test_size=15, columns=columns,
+                     open_answers=True)
+    assert [len(s.texts) for s in task.splits().values()] == [30, 15, 15]
+    assert task.origins["validation"].startswith("seeded random (answers too varied to stratify) split")
+    assert not set(task.validation.labels) & set(task.train.labels)  # every answer is new
+    again = load_task(str(task_file), seed=0, train_size=30, val_size=15, test_size=15, columns=columns,
+                      open_answers=True)
+    assert again.validation.fingerprint() == task.validation.fingerprint()  # seeded
+
+
+def test_a_generated_answer_equal_to_its_rows_after_normalization_is_right(
+        tiny_causal_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Open answers can differ only where normalization drops it ("Paris" and "paris."): the row's own
+    answer counts, not whichever of them a lookup of the normalized text would name."""
+    from autopeft import evaluate
+
+    model, tokenizer = _causal(tiny_causal_models["llama"])
+    words = ["Paris", "paris.", "Rome"]
+    split = TextSplit(["capital of France", "capital of France again", "capital of Italy"], [1, 0, 2])
+    fmt = causal_format(tokenizer, words)
+    said = [tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in ("paris", "PARIS", "rome!")]
+    monkeypatch.setattr(evaluate, "generate_greedy", lambda *args, **kwargs: said)
+    tokenized = tokenize_causal(split, tokenizer, 32, words)
+    assert causal_accuracy(model, tokenized, fmt, pad_id=tokenizer.pad_token_id, mode="generate",
+                           tokenizer=tokenizer) == 1.0
+
+
+def test_a_causal_search_on_open_answers_trains_and_scores_generated_answers(
+        tmp_path: Path, tiny_bert: Path, tiny_causal_models: dict[str, Path]) -> None:
+    from autopeft.search import run_search
+
+    config = tiny_config(tmp_path, tiny_bert, model=str(tiny_causal_models["llama"]), task_type="causal_lm",
+                         causal_eval="generate", task=str(_question_file(tmp_path / "qa.jsonl")),
+                         text_column="question", label_column="answer", template="Q: {text}\nA:",
+                         trials=1, max_steps=2, train_size=30, val_size=15, test_size=15)
+    study = run_search(config).study
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+    assert "random" in study.user_attrs["split"]["validation_origin"]
