@@ -179,8 +179,9 @@ def check_known_labels(frame: pd.DataFrame, label_names: list[str], columns: Col
                        reference: str) -> None:
     unseen = sorted(set(frame["label"]) - set(label_names), key=_natural)
     if unseen:
+        allowed = ", ".join(label_names[:10]) + (f", ... ({len(label_names)} in all)" if len(label_names) > 10 else "")
         raise DataError(f"{where} has labels {', '.join(map(repr, unseen[:5]))} in column {columns.label!r} that "
-                        f"do not occur in {reference}; allowed: {', '.join(label_names)}")
+                        f"do not occur in {reference}; allowed: {allowed}")
 
 
 def _natural(name: str) -> tuple[int, float, str]:

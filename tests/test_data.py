@@ -244,6 +244,15 @@ def test_na_like_words_are_texts_and_labels_and_only_empty_cells_are_missing(tmp
         load_task(str(tmp_path / "gap.csv"), seed=0, train_size=10, val_size=4, test_size=4)
 
 
+def test_unseen_labels_list_at_most_ten_allowed_ones(tmp_path: Path) -> None:
+    """Open answers can be thousands of "classes": the message names the first few, and how many."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.csv").write_text("text,label\n" + "".join(f"q{i},a{i:02d}\n" for i in range(30)))
+    (tmp_path / "d" / "test.csv").write_text("text,label\nq,elsewhere\n")
+    with pytest.raises(DataError, match=r"allowed: a00, a01, .*, a09, \.\.\. \(30 in all\)$"):
+        load_task(str(tmp_path / "d"), seed=0, train_size=10, val_size=10, test_size=10)
+
+
 def test_a_text_column_given_as_the_label_is_named_by_its_class_count(tmp_path: Path) -> None:
     (tmp_path / "swapped.csv").write_text("text,label\n" + "".join(f"review number {i},1\n" for i in range(30)))
     with pytest.raises(DataError, match=r"30 classes, the rarest 'review number 0' 1 row") as caught:
