@@ -172,14 +172,16 @@ def check_rows(frame: pd.DataFrame, columns: Columns, where: str) -> None:
                             "every row needs a non-empty text")
     missing = frame["label"].isna()
     if missing.any():
-        raise DataError(f"{where} has rows without a label in column {columns.label!r} (rows {row_numbers(missing)})")
+        raise DataError(f"{where} has rows without a label in column {columns.label!r} "
+                        f"(rows {row_numbers(missing)})")
 
 
 def check_known_labels(frame: pd.DataFrame, label_names: list[str], columns: Columns, where: str,
                        reference: str) -> None:
     unseen = sorted(set(frame["label"]) - set(label_names), key=_natural)
     if unseen:
-        allowed = ", ".join(label_names[:10]) + (f", ... ({len(label_names)} in all)" if len(label_names) > 10 else "")
+        more = f", ... ({len(label_names)} in all)" if len(label_names) > 10 else ""
+        allowed = ", ".join(label_names[:10]) + more
         raise DataError(f"{where} has labels {', '.join(map(repr, unseen[:5]))} in column {columns.label!r} that "
                         f"do not occur in {reference}; allowed: {allowed}")
 
@@ -239,8 +241,9 @@ def _require_a_row_per_class(sizes: list[int], names: list[str], classes: int, w
     for name, size in zip(names, sizes, strict=True):
         if size < classes:
             shrunk = " (the table holds fewer rows than asked for, so every split was scaled down)" if scaled else ""
-            raise DataError(f"{where}: a {name} split of {size} row{'s' if size > 1 else ''} cannot hold a row of "
-                            f"each of the {classes} classes; {SIZE_OPTIONS[name]} must be at least {classes}{shrunk}")
+            raise DataError(f"{where}: a {name} split of {size} row{'s' if size > 1 else ''} cannot hold a row "
+                            f"of each of the {classes} classes; {SIZE_OPTIONS[name]} must be at least "
+                            f"{classes}{shrunk}")
 
 
 def _rarest(labels: list[int], classes: list[str]) -> str:
