@@ -10,6 +10,7 @@ which the study records. Bad data stops with one line that names the file, the c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import re
 from collections import Counter
@@ -32,7 +33,8 @@ from autopeft.sources import (
 )
 
 __all__ = ["PACKAGED_TASKS", "Columns", "TaskData", "TextSplit", "TokenizedSplit", "collate", "eval_batches",
-           "eval_positions_limited", "length_grouped_batches", "load_eval_split", "load_task", "tokenize"]
+           "eval_positions_limited", "length_grouped_batches", "load_eval_split", "load_task", "tokenize",
+           "with_eval_answers"]
 SPLITS = ("train", "validation", "test")
 
 
@@ -150,14 +152,30 @@ def load_eval_split(task: str, *, label_names: list[str], columns: Columns | Non
     """An extra evaluation set (e.g. out of distribution) labelled with the main task's classes: a source's
     test split, else its validation split, else all its rows; at most `max_rows` (seeded, stratified)."""
     columns = columns or Columns()
-    source = read_source(task, columns, option)
-    split = next(s for s in ("test", "validation", "all", "train") if s in source.frames)
-    frame, where = source.frames[split], f"{option}: {source.locations[split]}"
-    check_rows(frame, columns, where)
+    frame, where = _eval_frame(task, columns, option)
     check_known_labels(frame, label_names, columns, where, "the training task")
     ids = {name: i for i, name in enumerate(label_names)}
     kept = _cap(_class_ids(frame, ids), max_rows, seed)
     return _text_split(frame.iloc[kept], ids, columns)
+
+
+def with_eval_answers(task: TaskData, eval_task: str, columns: Columns | None = None,
+                      option: str = "--ood-task") -> TaskData:
+    """`task` with the answers of an extra evaluation set that it lacks appended to its label names (open
+    answers: an out-of-distribution question has answers of its own); the task's own ids are unchanged."""
+    frame, _ = _eval_frame(eval_task, columns or Columns(), option)
+    known = set(task.label_names)
+    new = sorted({label for label in frame["label"] if label not in known}, key=_natural)
+    return dataclasses.replace(task, label_names=[*task.label_names, *new])
+
+
+def _eval_frame(task: str, columns: Columns, option: str) -> tuple[pd.DataFrame, str]:
+    """The rows an extra evaluation set is scored on (its test split, else validation, else all), checked."""
+    source = read_source(task, columns, option)
+    split = next(s for s in ("test", "validation", "all", "train") if s in source.frames)
+    frame, where = source.frames[split], f"{option}: {source.locations[split]}"
+    check_rows(frame, columns, where)
+    return frame, where
 
 
 def check_rows(frame: pd.DataFrame, columns: Columns, where: str) -> None:

@@ -28,6 +28,7 @@ from autopeft.data import (
     load_eval_split,
     load_task,
     tokenize,
+    with_eval_answers,
 )
 from autopeft.errors import ConfigError, TrialFailed
 from autopeft.evaluate import Evaluator
@@ -80,9 +81,11 @@ class Runtime:
 
 def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> Runtime:
     columns = Columns(config.text_column, config.label_column, config.text_pair_column)
+    open_answers = config.task_type == "causal_lm" and config.causal_eval == "generate"
     task = load_task(config.task, seed=config.seed, train_size=config.train_size,
-                     val_size=config.val_size, test_size=config.test_size, columns=columns,
-                     open_answers=config.task_type == "causal_lm" and config.causal_eval == "generate")
+                     val_size=config.val_size, test_size=config.test_size, columns=columns, open_answers=open_answers)
+    if config.ood_task and open_answers:  # before the answer format is built from the label names
+        task = with_eval_answers(task, config.ood_task, columns)
     loaded = _load_for_task(config, task)
     base_model, tokenizer, tokenize_split, evaluator = loaded
     base_model.eval()

@@ -174,10 +174,25 @@ def test_a_causal_search_on_open_answers_trains_and_scores_generated_answers(
         tmp_path: Path, tiny_bert: Path, tiny_causal_models: dict[str, Path]) -> None:
     from autopeft.search import run_search
 
+    ood = tmp_path / "ood.jsonl"  # other questions, answers the task never has
+    ood.write_text("".join(f'{{"question": "What is 500 plus {i}?", "answer": "{500 + i}"}}\n' for i in range(8)))
     config = tiny_config(tmp_path, tiny_bert, model=str(tiny_causal_models["llama"]), task_type="causal_lm",
                          causal_eval="generate", task=str(_question_file(tmp_path / "qa.jsonl")),
                          text_column="question", label_column="answer", template="Q: {text}\nA:",
-                         trials=1, max_steps=2, train_size=30, val_size=15, test_size=15)
+                         trials=1, max_steps=2, train_size=30, val_size=15, test_size=15, ood_task=str(ood))
     study = run_search(config).study
     assert [t.state.name for t in study.trials] == ["COMPLETE"]
+    assert "probe.ood_accuracy" in study.trials[0].user_attrs  # scored on its own answers, not refused
     assert "random" in study.user_attrs["split"]["validation_origin"]
+
+
+def test_an_ood_sets_own_answers_are_appended_to_the_tasks(tmp_path: Path) -> None:
+    from autopeft.data import Columns, load_task, with_eval_answers
+
+    columns = Columns(text="question", label="answer")
+    task = load_task(str(_question_file(tmp_path / "qa.jsonl", rows=20)), seed=0, train_size=10, val_size=5,
+                     test_size=5, columns=columns, open_answers=True)
+    (tmp_path / "ood.jsonl").write_text('{"question": "a", "answer": "7"}\n{"question": "b", "answer": "900"}\n')
+    extended = with_eval_answers(task, str(tmp_path / "ood.jsonl"), columns)
+    assert extended.label_names == [*task.label_names, "900"]  # "7" is the task's own answer already
+    assert extended.train == task.train  # the task's rows keep their ids
