@@ -379,21 +379,21 @@ def _reason(trial: Any) -> str:
 
 
 def trials_table(study: Any) -> Table:
-    """Every trial; a scalar study's also with the objective it ranks them by."""
-    from autopeft.study import default_rule, forgetting_weight
+    """Every trial; a scalar study's also with the objective it ranks them by (a completed trial's value)."""
+    from autopeft.study import is_scalar
 
-    weight = forgetting_weight(study) if default_rule(study) == "best-scalar" else None
+    scalar = is_scalar(study)
     table = Table(title=f"study {study.study_name}")
     numbers = ("#", "val acc", "forgetting", "objective", "wall s")
-    for column in ("#", "method and hyperparameters", "val acc", "forgetting",
-                   *(("objective",) if weight is not None else ()), "trainable", "wall s", "state"):
+    for column in ("#", "method and hyperparameters", "val acc", "forgetting", *(("objective",) if scalar else ()),
+                   "trainable", "wall s", "state"):
         table.add_column(column, justify="right" if column in numbers else "left")
     for trial in study.trials:
         attrs = trial.user_attrs
         trainable = attrs.get("trainable_params")
         fraction = attrs.get("trainable_fraction")
         scored = _scores(trial) if _scored(trial) else None
-        objective = () if weight is None else (f"{scored[0] - weight * scored[1]:.4f}" if scored else "-",)
+        objective = (f"{trial.values[0]:.4f}" if scored else "-",) if scalar else ()
         table.add_row(
             str(trial.number), describe_params(attrs.get("params", {})),
             *((f"{v:.4f}" for v in scored) if scored else ("-", "-")), *objective,

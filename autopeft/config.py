@@ -37,15 +37,21 @@ def redact_url(url: str) -> str:
     return re.sub(r"(//[^/:@]*:)[^/]*@", r"\1***@", url)
 
 
-def missing_sqlite_file(url: str) -> str | None:
-    """The file a sqlite:/// URL names, when it does not exist: a command that only reads a store refuses it,
-    because SQLAlchemy would create an empty database there on connect."""
+def sqlite_file(url: str) -> str | None:
+    """The database file a sqlite URL names (None for another store or an in-memory one)."""
     if not url.startswith("sqlite:"):
         return None
     from sqlalchemy.engine import make_url
 
     database = make_url(url).database
-    return database if database and database != ":memory:" and not Path(database).exists() else None
+    return database if database and database != ":memory:" else None
+
+
+def missing_sqlite_file(url: str) -> str | None:
+    """The file a sqlite:/// URL names, when it does not exist: a command that only reads a store refuses it,
+    because SQLAlchemy would create an empty database there on connect."""
+    database = sqlite_file(url)
+    return database if database and not Path(database).exists() else None
 
 
 def format_bytes(n: float) -> str:

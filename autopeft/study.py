@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 import yaml
 
-from autopeft.config import SearchConfig, missing_sqlite_file, redact_url
+from autopeft.config import SearchConfig, missing_sqlite_file, redact_url, sqlite_file
 from autopeft.data import TaskData
 from autopeft.errors import StudyError
 from autopeft.space import SearchSpace, parse_space
@@ -53,12 +53,9 @@ def connect(config: SearchConfig, on_stale: StaleTrialRetry | None = None) -> op
 def _make_sqlite_folder(url: str) -> None:
     """A new sqlite store may go in a new folder (`--storage sqlite:///runs/a.db`), as MLflow's sqlite store
     does for `--tracking-uri`; sqlite itself only creates the file."""
-    if url.startswith("sqlite:"):
-        from sqlalchemy.engine import make_url
-
-        database = make_url(url).database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+    database = sqlite_file(url)
+    if database:
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
 def require_existing_store(url: str, name: str) -> None:
@@ -113,10 +110,15 @@ def validation_majority(study: optuna.Study) -> float | None:
     return study.user_attrs.get("split", {}).get("validation_majority")
 
 
+def is_scalar(study: optuna.Study) -> bool:
+    """Whether the study optimises one value, accuracy - forgetting_weight x forgetting (its trials' value)."""
+    return study.user_attrs.get("config", {}).get("objective_mode") == "scalar"
+
+
 def default_rule(study: optuna.Study) -> str:
     """The export rule a study's pick defaults to: a scalar study's own objective, else the balanced rule on
     the Pareto front (autopeft.export states both)."""
-    return "best-scalar" if study.user_attrs.get("config", {}).get("objective_mode") == "scalar" else "balanced"
+    return "best-scalar" if is_scalar(study) else "balanced"
 
 
 def forgetting_weight(study: optuna.Study) -> float:
