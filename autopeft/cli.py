@@ -153,7 +153,7 @@ def search(
     console.print(f"study [bold]{config.study}[/bold] in {_where(config.storage)}; "
                   f"loading model and data once for all trials ...")
     def run() -> Any:
-        with SearchProgress(config.trials) as progress:
+        with SearchProgress(config.trials, scalar=config.objective_mode == "scalar") as progress:
             return run_search(config, progress=progress)
 
     summary = _interruptible(run, config)
@@ -321,16 +321,19 @@ def _progress(study: Any, trial: Any) -> None:
 
 
 class SearchProgress:
-    """A live progress bar (completed trials of the target, best accuracy so far, ETA) above the trial lines.
-    Counts the study's completed trials, so a resumed search starts where it stands. The ETA is this run's
-    mean time per completed trial times the trials left (rich's own estimate looks back 30 s only, and
+    """A live progress bar (completed trials of the target, best so far, ETA) above the trial lines.
+    Counts the study's completed trials, so a resumed search starts where it stands. Best so far is the
+    highest accuracy, or in a scalar study the highest objective (what it ranks trials by). The ETA is this
+    run's mean time per completed trial times the trials left (rich's own estimate looks back 30 s only, and
     trials take longer, so it never showed)."""
 
-    def __init__(self, target: int) -> None:
+    def __init__(self, target: int, *, scalar: bool = False) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+        self.scalar = scalar
+        label = "best objective" if scalar else "best acc"
         self.bar = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("best acc {task.fields[best]}"), TextColumn("ETA {task.fields[eta]}"),
+                            TextColumn(label + " {task.fields[best]}"), TextColumn("ETA {task.fields[eta]}"),
                             console=console, transient=True)
         self.task = self.bar.add_task("search", total=max(target, 1), best="-", eta="-")
         self.target = target
@@ -348,9 +351,12 @@ class SearchProgress:
         self.bar.console.print(_trial_line(trial))
         self.completed_here += trial.state.name == "COMPLETE"
         done = [t for t in study.get_trials(deepcopy=False) if _scored(t)]
-        best = max((_scores(t)[0] for t in done), default=None)
+        best = max((self._value(t) for t in done), default=None)
         self.bar.update(self.task, completed=min(len(done), self.target),
                         best="-" if best is None else f"{best:.4f}", eta=self._eta(len(done)))
+
+    def _value(self, trial: Any) -> float:
+        return trial.values[0] if self.scalar else _scores(trial)[0]
 
     def _eta(self, done: int) -> str:
         if not self.completed_here:

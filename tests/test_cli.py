@@ -171,6 +171,23 @@ def test_the_progress_bar_counts_a_resumed_studys_trials_and_gives_an_eta() -> N
     assert shown.fields["eta"] != "-"  # two trials left at this run's pace
 
 
+def test_a_scalar_studys_progress_bar_shows_the_best_objective_not_the_best_accuracy() -> None:
+    import optuna
+
+    from autopeft.cli import SearchProgress
+
+    study = optuna.create_study(direction="maximize")
+    for accuracy, forgetting in ((0.8, 0.3), (0.75, 0.02)):  # objective at weight 0.5: 0.65, 0.74
+        trial = study.ask()
+        trial.set_user_attr("val_accuracy", accuracy)
+        trial.set_user_attr("forgetting", forgetting)
+        study.tell(trial, accuracy - 0.5 * forgetting)
+    progress = SearchProgress(4, scalar=True)
+    progress(study, study.trials[1])
+    assert progress.bar.tasks[0].fields["best"] == "0.7400"
+    assert "best objective" in progress.bar.columns[3].text_format
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     done = autopeft("--debug", "search", "--model", "./missing", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" in done.stderr and "--model: ./missing does not exist" in done.stderr
