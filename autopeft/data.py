@@ -305,6 +305,7 @@ class TokenizedSplit:
     input_ids: list[list[int]]
     labels: torch.Tensor | list[list[int]]
     pad_left: bool = False  # decoders: the last position is then always a real token (classification)
+    token_type_ids: list[list[int]] | None = None  # sentence pairs on a model with segment embeddings (BERT)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -313,20 +314,34 @@ class TokenizedSplit:
         return [len(ids) for ids in self.input_ids]
 
     def take(self, rows: int) -> TokenizedSplit:
-        return TokenizedSplit(self.input_ids[:rows], self.labels[:rows], self.pad_left)
+        return self.subset(list(range(min(rows, len(self)))))
+
+    def subset(self, rows: list[int]) -> TokenizedSplit:
+        labels = self.labels[rows] if isinstance(self.labels, torch.Tensor) else [self.labels[i] for i in rows]
+        segments = None if self.token_type_ids is None else [self.token_type_ids[i] for i in rows]
+        return TokenizedSplit([self.input_ids[i] for i in rows], labels, self.pad_left, segments)
 
 
-def tokenize(split: TextSplit, tokenizer: Any, max_length: int) -> TokenizedSplit:
+def tokenize(split: TextSplit, tokenizer: Any, max_length: int, *, segments: bool = False) -> TokenizedSplit:
     """Classification rows. Sentence pairs are encoded as pairs by the tokenizer (BERT: [CLS] a [SEP] b
-    [SEP], truncating the longer text first). A tokenizer without a separator token (GPT-2, SmolLM2) would
-    run the two texts together, so there the second text starts on a new line."""
+    [SEP], truncating the longer text first), with the segment ids that tell a model with segment
+    embeddings which text a token is in (`segments`: as `tokenizer(a, b)` gives them to a user of the export).
+    A tokenizer without a separator token (GPT-2, SmolLM2) would run the two texts together, so there the
+    second text starts on a new line."""
     if split.pairs is None:
-        ids = tokenizer(split.texts, truncation=True, max_length=max_length)["input_ids"]
+        encoded = tokenizer(split.texts, truncation=True, max_length=max_length)
     else:
         pairs = split.pairs if tokenizer.sep_token is not None else ["\n" + p for p in split.pairs]
-        ids = tokenizer(split.texts, pairs, truncation=True, max_length=max_length)["input_ids"]
-    return TokenizedSplit(list(ids), torch.tensor(split.labels, dtype=torch.long),
-                          pad_left=tokenizer.padding_side == "left")
+        encoded = tokenizer(split.texts, pairs, truncation=True, max_length=max_length)
+    kept = segments and split.pairs is not None and "token_type_ids" in encoded
+    return TokenizedSplit(list(encoded["input_ids"]), torch.tensor(split.labels, dtype=torch.long),
+                          pad_left=tokenizer.padding_side == "left",
+                          token_type_ids=list(encoded["token_type_ids"]) if kept else None)
+
+
+def has_segment_embeddings(model: Any) -> bool:
+    """Whether the model learned an embedding per segment (BERT's two), so a pair's segment ids matter."""
+    return getattr(model.config, "type_vocab_size", 0) > 1
 
 
 def collate(split: TokenizedSplit, rows: list[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -336,6 +351,7 @@ def collate(split: TokenizedSplit, rows: list[int], pad_id: int) -> dict[str, to
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     per_token = not isinstance(split.labels, torch.Tensor)
     labels = torch.full((len(rows), width), -100, dtype=torch.long) if per_token else split.labels[rows]
+    segments = None if split.token_type_ids is None else torch.zeros((len(rows), width), dtype=torch.long)
     for r, i in enumerate(rows):
         ids = split.input_ids[i]
         place = slice(width - len(ids), width) if split.pad_left else slice(0, len(ids))
@@ -343,7 +359,16 @@ def collate(split: TokenizedSplit, rows: list[int], pad_id: int) -> dict[str, to
         mask[r, place] = 1
         if per_token:
             labels[r, place] = torch.tensor(split.labels[i])
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if segments is not None:
+            segments[r, place] = torch.tensor(split.token_type_ids[i])  # type: ignore[index]
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return batch if segments is None else {**batch, "token_type_ids": segments}
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """What a classifier's forward takes from a batch (segment ids only when the split has them)."""
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    return {name: batch[name].to(device) if device else batch[name] for name in names if name in batch}
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch.Generator,

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from autopeft.data import TokenizedSplit, collate, eval_batches
+from autopeft.data import TokenizedSplit, collate, eval_batches, model_inputs
 from autopeft.verbalizer import CausalFormat
 
 CausalMode = Literal["rank", "generate"]
@@ -41,7 +41,7 @@ def class_probabilities(model: nn.Module, split: TokenizedSplit, *, pad_id: int,
     probabilities: torch.Tensor | None = None
     for rows in eval_batches(split.lengths(), batch_size):
         batch = collate(split, rows, pad_id)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(**model_inputs(batch, device)).logits
         if probabilities is None:
             probabilities = torch.empty(len(split), logits.shape[-1])
         probabilities[rows] = logits.float().softmax(-1).cpu()

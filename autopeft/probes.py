@@ -391,9 +391,6 @@ class FactualRecall:
         self.base, self.tied = state["recall"], state["tied"]
 
 
-def subset(split: TokenizedSplit, rows: list[int]) -> TokenizedSplit:
-    labels = split.labels[rows] if isinstance(split.labels, torch.Tensor) else [split.labels[i] for i in rows]
-    return TokenizedSplit([split.input_ids[i] for i in rows], labels, split.pad_left)
 
 
 class GeneralizationGap:
@@ -405,7 +402,7 @@ class GeneralizationGap:
     def __init__(self, evaluate: Evaluate, train: TokenizedSplit, validation: TokenizedSplit, *,
                  max_rows: int = 1000, seed: int = 0) -> None:
         rows = sorted(random.Random(seed).sample(range(len(train)), min(max_rows, len(train))))
-        self.evaluate, self.train, self.validation = evaluate, subset(train, rows), validation
+        self.evaluate, self.train, self.validation = evaluate, train.subset(rows), validation
 
     def fit_base(self, base_model: nn.Module, device: torch.device | None = None) -> None:
         """Nothing to remember: the gap compares a model with itself."""

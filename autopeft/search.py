@@ -25,6 +25,7 @@ from autopeft.data import (
     TaskData,
     TokenizedSplit,
     eval_positions_limited,
+    has_segment_embeddings,
     load_eval_split,
     load_task,
     tokenize,
@@ -148,7 +149,8 @@ def _load_for_task(config: SearchConfig, task: TaskData) -> tuple[nn.Module, Any
                                                                template), evaluator
     model, tokenizer = load_classifier(config.model, len(task.label_names), seed=config.seed,
                                        trust_remote_code=config.trust_remote_code)
-    return model, tokenizer, lambda split: tokenize(split, tokenizer, config.max_length), \
+    segments = has_segment_embeddings(model)
+    return model, tokenizer, lambda split: tokenize(split, tokenizer, config.max_length, segments=segments), \
         Evaluator(int(tokenizer.pad_token_id), config.eval_batch_size)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopeft import interrupt
-from autopeft.data import TokenizedSplit, collate, length_grouped_batches
+from autopeft.data import TokenizedSplit, collate, length_grouped_batches, model_inputs
 from autopeft.errors import TrialFailed
 
 Optimizer = Literal["adamw", "adafactor", "sgd", "adamw_8bit"]
@@ -122,7 +122,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings) -
 
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of per-example losses, number of examples). Summed so accumulation can normalise once."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch)).logits
     return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"])
 
 

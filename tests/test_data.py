@@ -271,3 +271,18 @@ def test_evaluation_batches_hold_at_most_the_limited_positions() -> None:
         assert len(rows) <= 3 and (len(rows) == 1 or len(rows) * max(lengths[i] for i in rows) <= 14)
     assert [7] in batches  # a row longer than the limit is evaluated on its own
     assert eval_batches(lengths, 3) == [[3, 6, 1], [0, 4, 5], [2, 7]]  # the limit ends with its block
+
+
+def test_a_pair_is_scored_with_its_segment_ids_as_a_user_of_the_export_feeds_them(tiny_models: dict[str, Path]) -> None:
+    from autopeft.data import has_segment_embeddings
+    from autopeft.evaluate import class_probabilities
+    from autopeft.models import load_classifier
+
+    model, tokenizer = load_classifier(str(tiny_models["bert"]), 2, seed=0)
+    texts, pairs = ["a fine film", "dull", "the plot was thin"], ["it was good", "it was bad and long", "bad"]
+    split = tokenize(TextSplit(texts, [1, 0, 0], pairs), tokenizer, 64, segments=has_segment_embeddings(model))
+    assert split.token_type_ids is not None and split.subset([1]).token_type_ids == [split.token_type_ids[1]]
+    ours = class_probabilities(model, split, pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        theirs = model(**tokenizer(texts, pairs, padding=True, return_tensors="pt")).logits.softmax(-1)
+    assert torch.allclose(ours, theirs, atol=1e-5)
