@@ -189,9 +189,12 @@ class SearchConfig:
         return asdict(self)
 
     def public_dict(self) -> dict[str, Any]:
-        """What may be written to MLflow, the study and exported files: URLs without their passwords."""
+        """What may be written to MLflow, the study and exported files: URLs without their passwords, and
+        local model and data paths made absolute (an export or a worker may run from another folder)."""
         data = asdict(self)
         data["storage"], data["tracking_uri"] = redact_url(self.storage), redact_url(self.tracking_uri)
+        for key in ("model", "task", "ood_task"):
+            data[key] = absolute_if_local(data[key])
         return data
 
     @classmethod
@@ -202,3 +205,11 @@ class SearchConfig:
             if merged.get(key) is not None:
                 merged[key] = tuple(merged[key])
         return cls(**merged)
+
+
+def absolute_if_local(source: str | None) -> str | None:
+    """A model or data path that exists here, made absolute; a hub id or packaged name as given."""
+    if source is None:
+        return None
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source

@@ -62,13 +62,15 @@ class TaskData:
     seed: int
     columns: Columns = field(default_factory=Columns)
     origins: dict[str, str] = field(default_factory=dict)  # split -> how it was made
+    ood: TextSplit | None = None  # the out-of-distribution evaluation set (--ood-task), when given
 
     def describe(self) -> dict[str, Any]:
         """What the study records about the split, so a resumed or exported run can check it."""
+        recorded = {**self.splits(), **({"ood": self.ood} if self.ood is not None else {})}
         return {
             "task": self.name, "labels": self.label_names, "split_seed": self.seed,
-            **{f"{name}_size": len(split.texts) for name, split in self.splits().items()},
-            **{f"{name}_fingerprint": split.fingerprint() for name, split in self.splits().items()},
+            **{f"{name}_size": len(split.texts) for name, split in recorded.items()},
+            **{f"{name}_fingerprint": split.fingerprint() for name, split in recorded.items()},
             **{f"{name}_origin": origin for name, origin in self.origins.items()},
             "text_column": self.columns.text, "label_column": self.columns.label,
             "text_pair_column": self.columns.text_pair,

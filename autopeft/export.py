@@ -28,6 +28,7 @@ from autopeft.errors import ConfigError, StudyError
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
 from autopeft.study import (
+    check_same_data,
     default_rule,
     forgetting_weight,
     pareto_front,
@@ -179,13 +180,13 @@ class ExportResult:
     warning: str | None = None  # `majority_warning`: the pick learned nothing
 
 
-def prepare_out(out: Path, force: bool) -> None:
-    """Write only into a new or empty folder (or an existing one with --force): never over someone's files."""
+def check_out(out: Path, force: bool) -> None:
+    """Write only into a new or empty folder (or an existing one with --force): never over someone's files.
+    Checked first; the folder is created only once there is something to write (`create_out`)."""
     if out.exists() and not out.is_dir():
         raise ConfigError([f"--out: {out} is a file, not a folder"])
     if out.exists() and any(out.iterdir()) and not force:
         raise ConfigError([f"--out: {out} is not empty; choose a new folder or pass --force to overwrite"])
-    create_out(out)
 
 
 def create_out(out: Path) -> None:
@@ -237,12 +238,14 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
         candidates(study, rule, tolerance)
     # The study carries its space; the file it was read from (perhaps relative to another folder) is not needed.
     config = SearchConfig.from_dict(study.user_attrs["config"], storage=storage, space=str(DEFAULT_SPACE))
-    prepare_out(out, force)
+    check_out(out, force)
     from autopeft.search import prepare_runtime
 
     # Base model and data once, for a retrain and the test score alike; with the study's space, which sets
     # the base model's evaluation batches under a memory budget when its probe scores are not cached here.
     runtime = prepare_runtime(config, recorded_space(study))
+    check_same_data(study, runtime.task)
+    create_out(out)
     trial, confirmations = ranked.trials[0], []
     if confirm_seeds:
         from autopeft.tracking import Tracker  # mlflow: only when there are runs to log

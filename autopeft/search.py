@@ -9,7 +9,7 @@ import gc
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,18 +85,18 @@ def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> R
     open_answers = config.task_type == "causal_lm" and config.causal_eval == "generate"
     task = load_task(config.task, seed=config.seed, train_size=config.train_size,
                      val_size=config.val_size, test_size=config.test_size, columns=columns, open_answers=open_answers)
-    if config.ood_task and open_answers:  # before the answer format is built from the label names
-        task = with_eval_answers(task, config.ood_task, columns)
+    if config.ood_task:
+        if open_answers:  # before the answer format is built from the label names
+            task = with_eval_answers(task, config.ood_task, columns)
+        task = replace(task, ood=load_eval_split(config.ood_task, label_names=task.label_names, columns=columns,
+                                                 max_rows=config.test_size, seed=config.seed))
     loaded = _load_for_task(config, task)
     base_model, tokenizer, tokenize_split, evaluator = loaded
     base_model.eval()
     for param in base_model.parameters():  # the shared copy is never trained
         param.requires_grad_(False)
     splits = {name: tokenize_split(split) for name, split in task.splits().items()}
-    ood = None
-    if config.ood_task:
-        ood = tokenize_split(load_eval_split(config.ood_task, label_names=task.label_names, columns=columns,
-                                             max_rows=config.test_size, seed=config.seed))
+    ood = tokenize_split(task.ood) if task.ood is not None else None
     probes = _probes(config, task, base_model, tokenizer, evaluator, splits, ood)
     causal = config.task_type == "causal_lm"
     runtime = Runtime(config, space, task, tokenizer, base_model, splits["train"], splits["validation"],
@@ -130,7 +130,7 @@ def probe_cache(config: SearchConfig) -> Path:
 def probe_cache_key(config: SearchConfig, task: TaskData) -> str:
     split = task.describe()
     return (f"{config.model}|{config.seed}|{config.task_type}|{config.max_length}|{config.ood_task}|"
-            f"{split['train_fingerprint']}|{split['validation_fingerprint']}")
+            f"{split['train_fingerprint']}|{split['validation_fingerprint']}|{split.get('ood_fingerprint')}")
 
 
 def _load_for_task(config: SearchConfig, task: TaskData) -> tuple[nn.Module, Any, Any, Evaluator]:

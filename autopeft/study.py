@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 import yaml
 
-from autopeft.config import SearchConfig, missing_sqlite_file, redact_url, sqlite_file
+from autopeft.config import SearchConfig, absolute_if_local, missing_sqlite_file, redact_url, sqlite_file
 from autopeft.data import TaskData
 from autopeft.errors import StudyError
 from autopeft.space import SearchSpace, parse_space
@@ -151,25 +151,29 @@ def check_compatible(study: optuna.Study, config: SearchConfig, space: SearchSpa
                          "same settings, choose another --study name, or pass --force-new to replace it")
 
 
+def check_same_data(study: optuna.Study, task: TaskData) -> None:
+    """An export scores the study's own held-out rows: refused when the data changed since the search."""
+    changes = _split_changes(study.user_attrs.get("split", task.describe()), task.describe())
+    if changes:
+        raise StudyError(f"--study: {study.study_name!r} was searched on other data ({'; '.join(changes)}); its "
+                         "test rows are gone: restore the data the search used, or search again")
+
+
 def _same_setting(key: str, recorded: Any, now: Any) -> bool:
     """Equal settings; a task given once as a relative and once as an absolute path is the same task."""
-    if key in ("task", "ood_task") and isinstance(recorded, str) and isinstance(now, str):
-        return _local_path(recorded) == _local_path(now)
+    if key in ("model", "task", "ood_task") and isinstance(recorded, str) and isinstance(now, str):
+        return absolute_if_local(recorded) == absolute_if_local(now)
     return recorded == now
-
-
-def _local_path(task: str) -> str:
-    path = Path(task).expanduser()
-    return str(path.resolve()) if path.exists() else task
 
 
 def _split_changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """What differs between two recorded splits, in a user's words: which splits hold other rows (the
     data changed, or another split seed or size), and any other setting by name."""
-    changed = [k for k in {**recorded, **now} if recorded.get(k) != now.get(k)
-               and not (k == "task" and _same_setting(k, recorded.get(k), now.get(k)))]
-    splits = [s for s in ("train", "validation", "test") if any(k.startswith(f"{s}_") for k in changed)]
-    others = [k for k in changed if not k.startswith(("train_", "validation_", "test_"))]
+    # The task's name is the config's to compare (a path relative to the folder the search ran in); a key the
+    # record lacks was added by a later version of autopeft: nothing to compare it with.
+    changed = [k for k in recorded if k != "task" and recorded.get(k) != now.get(k)]
+    splits = [s for s in ("train", "validation", "test", "ood") if any(k.startswith(f"{s}_") for k in changed)]
+    others = [k for k in changed if not k.startswith(("train_", "validation_", "test_", "ood_"))]
     return ([f"other rows in {', '.join(splits)}"] if splits else []) + others
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from autopeft import adapter_io
 from autopeft.errors import ConfigError
-from autopeft.export import prepare_out
+from autopeft.export import check_out, create_out
 from autopeft.recipe import read_recipe
 from autopeft.search import prepare_runtime, run_trial
 from autopeft.tracking import Tracker
@@ -32,8 +32,9 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
     if seed is not None and not 0 <= seed < 2**32:
         raise ConfigError([f"--seed: {seed} must be between 0 and 2**32 - 1"])
     seed = trial_seed if seed is None else seed  # another training seed; the split and head stay the study's
-    prepare_out(out, force)
+    check_out(out, force)
     runtime = prepare_runtime(config)
+    create_out(out)
     tracker = Tracker(tracking_uri)
     run_id = tracker.start_run(f"train-{params.method}", {**params.flat(), "seed": seed, "model": config.model,
                                                           "task": config.task, "max_steps": config.max_steps})

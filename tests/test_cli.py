@@ -227,12 +227,15 @@ def test_export_of_a_study_without_completed_trials_is_a_clear_error(tmp_path: P
     assert not (tmp_path / "x").exists()
 
 
-def test_export_runs_from_another_folder_and_refuses_a_negative_tolerance_before_writing(
+def test_export_and_its_recipe_run_from_another_folder_and_an_export_refuses_changed_data_before_writing(
         tmp_path: Path, tiny_search_args: list[str]) -> None:
     searched, elsewhere = tmp_path / "searched", tmp_path / "elsewhere"
     searched.mkdir(), elsewhere.mkdir()
     (searched / "mine.yaml").write_text("method: lora\ntraining:\n  learning_rate: 0.001\n  micro_batch_size: 8\n")
-    assert autopeft("search", "--trials", "1", "--space", "mine.yaml", *tiny_search_args, cwd=searched).returncode == 0
+    rows = "".join(f"review {i} {'fine' if i % 2 else 'dull'},{i % 2}\n" for i in range(80))
+    (searched / "reviews.csv").write_text("text,label\n" + rows)
+    assert autopeft("search", "--trials", "1", "--space", "mine.yaml", "--task", "reviews.csv", *tiny_search_args,
+                    cwd=searched).returncode == 0
     storage = f"sqlite:///{searched / 'autopeft.db'}"
     refused = autopeft("export", "--study", "default", "--storage", storage, "--tolerance", "-1", "--out", "x",
                        cwd=elsewhere)
@@ -241,6 +244,15 @@ def test_export_runs_from_another_folder_and_refuses_a_negative_tolerance_before
     done = autopeft("export", "--study", "default", "--storage", storage, "--out", "x", cwd=elsewhere)
     assert done.returncode == 0, done.stderr
     assert (elsewhere / "x" / "metrics.json").is_file()
+    # The recipe names the data by its absolute path, so it trains from any folder.
+    assert f"task: {searched / 'reviews.csv'}" in (elsewhere / "x" / "training.yaml").read_text()
+    trained = autopeft("train", "--config", "x/training.yaml", "--max-steps", "1", "--out", "t",
+                       "--tracking-uri", f"sqlite:///{elsewhere / 'mlflow.db'}", cwd=elsewhere)
+    assert trained.returncode == 0, trained.stderr
+    (searched / "reviews.csv").write_text("text,label\n" + rows.replace("review 3 fine", "review 3 great"))
+    changed = autopeft("export", "--study", "default", "--storage", storage, "--out", "y", cwd=elsewhere)
+    assert changed.returncode == 2 and "'default' was searched on other data (other rows in" in changed.stderr
+    assert len(changed.stderr.strip().splitlines()) == 1 and not (elsewhere / "y").exists()
 
 
 READERS = [["export", "--out", "x"], ["report"], ["worker", "--study", "default", "--storage", "sqlite:///autopeft.db"]]

@@ -155,6 +155,17 @@ def test_resume_adds_only_the_missing_trials_and_refuses_another_space(tmp_path:
         run_search(config(tmp_path, tiny_bert, trials=4, space=str(other)))
 
 
+def test_resume_refuses_an_ood_set_whose_rows_changed(tmp_path: Path, tiny_bert: Path) -> None:
+    ood = tmp_path / "ood.csv"  # the base model's OOD score is cached per study: it must be of these rows
+    rows = "".join(f"snippet {i} {'fine' if i % 2 else 'dull'},{['rotten', 'fresh'][i % 2]}\n" for i in range(20))
+    ood.write_text("text,label\n" + rows)
+    first = run_search(config(tmp_path, tiny_bert, trials=1, ood_task=str(ood))).study
+    assert first.user_attrs["split"]["ood_size"] == 20
+    ood.write_text("text,label\n" + rows.replace("snippet 3 fine", "snippet 3 great"))
+    with pytest.raises(StudyError, match=r"a different data split \(other rows in ood\)"):
+        run_search(config(tmp_path, tiny_bert, trials=2, ood_task=str(ood)))
+
+
 @pytest.mark.parametrize("method", ["dora", "prompt"])
 def test_every_method_runs_a_whole_trial(tmp_path: Path, tiny_bert: Path, method: str) -> None:
     space = tmp_path / "one.yaml"
