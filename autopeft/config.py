@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -127,6 +128,11 @@ class SearchConfig:
             problems.append(f"--study: {self.study!r} may only hold letters, digits, '.', '_' and '-'")
         if self.max_consecutive_failures < 1 or self.heartbeat_seconds < 1:
             problems.append("--max-consecutive-failures and the heartbeat must be at least 1")
+        named = [c for c in (self.text_column, self.label_column, self.text_pair_column) if c is not None]
+        if len(set(named)) < len(named):  # a model trained on its own labels scores 1.0 and learns nothing
+            problems.append(f"--text-column {self.text_column!r}, --label-column {self.label_column!r}"
+                            + (f", --text-pair-column {self.text_pair_column!r}" if self.text_pair_column else "")
+                            + ": each must name a different column")
         problems += self._strategy_problems()
         if not Path(self.space).is_file():
             problems.append(f"--space: {self.space} does not exist")
@@ -181,8 +187,8 @@ class SearchConfig:
                 check_template(self.template)
             except DataError as exc:
                 problems.append(str(exc))
-        if self.forgetting_weight < 0:
-            problems.append(f"--forgetting-weight: {self.forgetting_weight} must be at least 0")
+        if not 0 <= self.forgetting_weight < math.inf:  # also refuses nan, which every comparison fails
+            problems.append(f"--forgetting-weight: {self.forgetting_weight} must be a finite number, at least 0")
         return problems
 
     def to_dict(self) -> dict[str, Any]:

@@ -115,6 +115,7 @@ def _checked_label_names(source: Source, columns: Columns, open_answers: bool) -
         return _label_names(every, columns, f"--task: {source.name}")
     pool = "train" if "train" in source.frames else "all"
     label_names = _label_names(source.frames[pool], columns, f"--task: {source.locations[pool]}")
+    _refuse_near_duplicates(label_names, columns, f"--task: {source.locations[pool]}")
     for split in ("validation", "test"):
         if split in source.frames:
             check_known_labels(source.frames[split], label_names, columns, f"--task: {source.locations[split]}",
@@ -217,6 +218,19 @@ def _label_names(frame: pd.DataFrame, columns: Columns, where: str) -> list[str]
         raise DataError(f"{where} has only one class ({names[0]!r}) in column {columns.label!r}; "
                         "a classification task needs at least two")
     return names
+
+
+def _refuse_near_duplicates(names: list[str], columns: Columns, where: str) -> None:
+    """Labels that differ only in case or surrounding spaces ('pos', 'pos ', 'Pos') are almost always one class
+    written several ways; trained as separate classes they split it, and accuracy falls for no visible reason."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.strip().casefold(), []).append(name)
+    clashing = [group for group in groups.values() if len(group) > 1]
+    if clashing:
+        shown = "; ".join(", ".join(repr(n) for n in group) for group in clashing[:3])
+        raise DataError(f"{where} has labels in column {columns.label!r} that differ only in case or surrounding "
+                        f"spaces ({shown}); write each class one way")
 
 
 def _class_ids(frame: pd.DataFrame, ids: dict[str, int]) -> list[int]:

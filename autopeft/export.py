@@ -12,6 +12,7 @@ that objective, the highest accuracy - forgetting_weight x forgetting.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -155,9 +156,12 @@ def _ranked(trials: list[optuna.trial.FrozenTrial], order: Callable[[float, floa
 
 def _threshold(rule: str) -> float:
     try:
-        return float(rule.split("=", 1)[1])
+        threshold = float(rule.split("=", 1)[1])
     except ValueError:
-        raise ConfigError([f"--select: {rule!r}: the threshold after '=' must be a number"]) from None
+        threshold = math.nan
+    if math.isnan(threshold):
+        raise ConfigError([f"--select: {rule!r}: the threshold after '=' must be a number"])
+    return threshold
 
 
 def find_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
@@ -194,6 +198,15 @@ def create_out(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a read-only place, a file in the path, no permission
         raise ConfigError([f"--out: cannot create {out}: {exc.strerror or exc}"]) from None
+
+
+def clear_export(out: Path) -> None:
+    """Remove what an earlier export wrote into this folder (with --force), so no file of another trial stays
+    beside this one's: peft would load an earlier trial's weights under this trial's config with a warning only.
+    Other files in the folder are left alone."""
+    owned = [adapter_io.OWN_CONFIG, adapter_io.PEFT_CONFIG, "training.yaml", "metrics.json", "README.md"]
+    for path in [*(out / name for name in owned), *out.glob("adapter_model.*")]:
+        path.unlink(missing_ok=True)
 
 
 def adapter_of(trial: optuna.trial.FrozenTrial, runtime: Runtime, scratch: Path) -> tuple[Path, bool]:
@@ -246,6 +259,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     runtime = prepare_runtime(config, recorded_space(study))
     check_same_data(study, runtime.task)
     create_out(out)
+    clear_export(out)
     trial, confirmations = ranked.trials[0], []
     if confirm_seeds:
         from autopeft.tracking import Tracker  # mlflow: only when there are runs to log
@@ -290,8 +304,9 @@ def rule_settings(study: optuna.Study, rule: str | None, tolerance: float | None
     beside --trial, or a --tolerance for a rule that has none, would be ignored: refused instead."""
     if trial_number is not None and rule is not None:
         raise ConfigError([f"--trial {trial_number} and --select {rule}: choose one (--trial exports that trial)"])
-    if tolerance is not None and tolerance < 0:
-        raise ConfigError([f"--tolerance: {tolerance} must be 0 or more (forgetting allowed above the least)"])
+    if tolerance is not None and not 0 <= tolerance < math.inf:  # nan included
+        raise ConfigError([(f"--tolerance: {tolerance} must be a finite number, 0 or more (forgetting allowed "
+                            "above the least)")])
     rule = rule or default_rule(study)
     if rule.startswith("max-accuracy-under-forgetting="):
         _threshold(rule)

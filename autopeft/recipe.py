@@ -46,6 +46,8 @@ def read_recipe(path: Path, **overrides: Any) -> tuple[SearchConfig, TrialParams
         raise ConfigError([f"--config: {path} does not exist"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"--config: {path} is {yaml_problem(exc)}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"--config: {path} is not UTF-8 text (a YAML recipe, as `autopeft export` writes)"]) from None
     missing = [k for k in (*_DATA_KEYS, "split_seed", "method", "method_params", "max_steps", "seed")
                if not isinstance(data, dict) or k not in data]
     if missing:
@@ -54,6 +56,8 @@ def read_recipe(path: Path, **overrides: Any) -> tuple[SearchConfig, TrialParams
         raise ConfigError([f"{path}: method: {data['method']!r} must be one of {', '.join(methods.names())}"])
     problems = [f"{path}: method_params.{k}: {v!r} {why}" for k, v in data["method_params"].items()
                 if k in methods.get(data["method"]).params and (why := methods.get(data["method"]).params[k].check(v))]
+    problems += [f"{path}: {k}: {data[k]!r} {why}" for k, spec in TRAINING_PARAMS.items()
+                 if k in data and (why := spec.check(data[k]))]
     if problems:
         raise ConfigError(problems)
     steps = data["max_steps"] if overrides.get("max_steps") is None else overrides["max_steps"]  # 0 is refused

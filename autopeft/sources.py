@@ -115,8 +115,10 @@ def read_table(path: Path, columns: Columns, option: str) -> pd.DataFrame:
     """One local file as a table of text, label (and text_pair). Missing values are kept (as None) so the
     checks in data.py can name their rows."""
     # Only an empty CSV cell is missing: "NA", "None" or "null" are real texts and labels.
-    readers = {".csv": lambda p: pd.read_csv(p, keep_default_na=False, na_values=[""]),
-               ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
+    # Texts and labels are read as written: "007" stays "007", and labels "01" and "1" stay two labels.
+    readers = {".csv": lambda p: pd.read_csv(p, keep_default_na=False, na_values=[""], dtype=str),
+               ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
+               ".parquet": pd.read_parquet}
     if not path.is_file():
         raise DataError(f"{option}: {path} does not exist")
     if path.suffix.lower() not in readers:
@@ -168,6 +170,10 @@ def _refuse_nested(values: pd.Series, column: str, where: str) -> None:
     if nested.any():
         raise DataError(f"{where} has JSON objects or lists in column {column!r} (rows {row_numbers(nested)}); "
                         "texts and labels must be single values")
+    raw = values.map(lambda v: isinstance(v, (bytes, bytearray)))
+    if raw.any():  # would be trained on as "b'...'"
+        raise DataError(f"{where} has bytes in column {column!r} (rows {row_numbers(raw)}); texts and labels must "
+                        "be strings or numbers (decode the column when writing the file)")
 
 
 def row_numbers(mask: pd.Series) -> str:

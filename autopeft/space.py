@@ -283,6 +283,8 @@ def load_space(path: str | Path) -> SearchSpace:
         raise ConfigError([f"{path}: no such search-space file"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: {yaml_problem(exc)}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text (a search space is a YAML file)"]) from None
     return parse_space(data, str(path))
 
 

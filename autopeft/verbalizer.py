@@ -70,7 +70,15 @@ class CausalFormat:
 
 
 def check_template(template: str) -> None:
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:  # a lone brace
+        raise DataError(f"--template: {template!r} is not a valid template ({exc}); write a literal brace as "
+                        "{{ or }}") from None
+    if any(spec or conversion for _, name, spec, conversion in parsed if name is not None):
+        raise DataError(f"--template: {template!r} may hold plain {{text}} and {{text_pair}} fields only, "
+                        "without conversions or format specs")
+    fields = {name for _, name, _, _ in parsed if name is not None}
     if "text" not in fields or not fields <= {"text", "text_pair"}:
         raise DataError(f"--template: {template!r} must contain {{text}} (and may contain {{text_pair}} for "
                         f"sentence pairs), no other fields; found: {', '.join(sorted(fields)) or 'none'}")

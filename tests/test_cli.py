@@ -80,7 +80,13 @@ BAD_INPUTS = [
     (["--space", "bad.yaml"], "bad.yaml: methods.lora.r: 0 must be >= 1"),
     (["--trials", "-1"], "--trials: -1 must be at least 0"),
     (["--forgetting-weight", "0.5"], "--forgetting-weight: 0.5 needs --objective-mode scalar"),
+    (["--objective-mode", "scalar", "--forgetting-weight", "nan"], "--forgetting-weight: nan must be a finite number"),
+    (["--objective-mode", "scalar", "--forgetting-weight", "inf"], "--forgetting-weight: inf must be a finite number"),
     (["--space", "broken.yaml"], "broken.yaml: not valid YAML at line"),
+    (["--space", "latin.yaml"], "latin.yaml: not UTF-8 text"),
+    (["--text-column", "label"], "--text-column 'label', --label-column 'label': each must name a different column"),
+    (["--task-type", "causal_lm", "--template", "Review: {text} }"], "is not a valid template (Single '}' encountered"),
+    (["--task-type", "causal_lm", "--template", "Review: {text!r}"], "may hold plain {text} and {text_pair} fields only"),
     (["--space", "unknown.yaml"], "unknown.yaml: method: 'dreambooth' must be one of"),
     (["--memory-budget", "1MiB"], "fits no configuration of"),
     (["--task", "task.csv"], "task.csv has no column 'label'"),
@@ -97,6 +103,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path: Path, args: 
     (tmp_path / "bad.yaml").write_text("method: lora\nmethods:\n  lora:\n    r: [0, 4]\n")
     (tmp_path / "task.csv").write_text("text,stars\ngood,1\nbad,0\n")
     (tmp_path / "broken.yaml").write_text("method: [lora\n")
+    (tmp_path / "latin.yaml").write_bytes("method: lora  # réglage\n".encode("latin-1"))
     (tmp_path / "unknown.yaml").write_text("method: dreambooth\n")
     before = set(os.listdir(tmp_path))
     done = autopeft("search", *tiny_search_args, *args, cwd=tmp_path)
@@ -239,7 +246,7 @@ def test_export_and_its_recipe_run_from_another_folder_and_an_export_refuses_cha
     storage = f"sqlite:///{searched / 'autopeft.db'}"
     refused = autopeft("export", "--study", "default", "--storage", storage, "--tolerance", "-1", "--out", "x",
                        cwd=elsewhere)
-    assert refused.returncode == 2 and "--tolerance: -1.0 must be 0 or more" in refused.stderr
+    assert refused.returncode == 2 and "--tolerance: -1.0 must be a finite number, 0 or more" in refused.stderr
     assert not (elsewhere / "x").exists()
     done = autopeft("export", "--study", "default", "--storage", storage, "--out", "x", cwd=elsewhere)
     assert done.returncode == 0, done.stderr
@@ -290,6 +297,9 @@ OTHER_BAD_INPUTS = [
      "--tolerance: applies to the balanced rule only, and this export uses the best-accuracy rule"),
     (["export", "--out", "x", "--trial", "0", "--tolerance", "0.1"], "--tolerance: applies to the balanced rule only"),
     (["export", "--out", "x", "--select", "max-accuracy-under-forgetting=low"], "the threshold after '=' must be a number"),
+    (["export", "--out", "x", "--tolerance", "nan"], "--tolerance: nan must be a finite number, 0 or more"),
+    (["report", "--out", "r", "--tolerance", "nan"], "--tolerance: nan must be a finite number, 0 or more"),
+    (["export", "--out", "x", "--select", "max-accuracy-under-forgetting=nan"], "the threshold after '=' must be a number"),
     (["report", "--out", "r", "--select", "newest"], "--select: 'newest' is not one of balanced, best-accuracy"),
     (["report", "--out", "r", "--select", "least-forgetting", "--tolerance", "0.1"], "--tolerance: applies to the balanced"),
     (["worker", "--study", "default", "--storage", "sqlite:///autopeft.db", "--worker-id", "-3"], "--worker-id: -3 must be 0 or more"),
@@ -311,6 +321,39 @@ def test_bad_input_to_the_other_commands_is_one_line_exit_2_and_nothing_written(
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert sorted(exported.rglob("*")) == before
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("learning_rate: -1", "learning_rate: -1 must be >= 1e-08"),
+    ("optimizer: lion", "optimizer: 'lion' must be one of"),
+    ("micro_batch_size: 0", "micro_batch_size: 0 must be >= 1"),
+    ("precision: fp8", "precision: 'fp8' must be one of"),
+])
+def test_a_recipe_with_a_bad_training_value_is_refused_before_training(exported: Path, tmp_path: Path, line: str,
+                                                                       message: str) -> None:
+    key = line.split(":")[0]
+    recipe = [row for row in (exported / "export" / "training.yaml").read_text().splitlines()
+              if not row.startswith(f"{key}:")]
+    (tmp_path / "edited.yaml").write_text("\n".join([*recipe, line]) + "\n")
+    for command in (["train", "--out", "t"], ["estimate"]):
+        done = autopeft(command[0], "--config", "edited.yaml", *command[1:], cwd=tmp_path)
+        assert done.returncode == 2 and f"edited.yaml: {message}" in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.yaml"]
+
+
+def test_export_with_force_removes_an_earlier_exports_files_and_keeps_the_users(exported: Path) -> None:
+    """peft would load a stale adapter_model.* under the new trial's config with only a warning."""
+    out = exported / "again"
+    out.mkdir()
+    for stale in ("adapter_model.safetensors", "autopeft_adapter.json", "adapter_config.json"):
+        (out / stale).write_text("from an earlier export")
+    (out / "notes.txt").write_text("mine")
+    done = autopeft("export", "--out", "again", "--force", cwd=exported)
+    assert done.returncode == 0, done.stderr
+    kept = sorted(p.name for p in out.iterdir())
+    assert "adapter_model.safetensors" not in kept and "notes.txt" in kept and "metrics.json" in kept
+    assert all(p.read_text() != "from an earlier export" for p in out.iterdir() if p.suffix == ".json")
 
 
 def test_the_report_marks_the_pick_of_the_rule_asked_for(exported: Path, tmp_path: Path) -> None:

@@ -103,6 +103,9 @@ GOOD = "text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i i
      r"cannot read .*t\.jsonl: line 3 is not valid JSON \(Expecting ',' delimiter at column 25\)$"),
     ({"t.jsonl": '{"text": "a", "label": 1}\n["b", 0]\n'}, "t.jsonl", Columns(),
      r"cannot read .*t\.jsonl: line 2 is not a JSON object \(list\); each line needs one row's columns$"),
+    ({"t.csv": "text,label\n" + "".join(f"r{i},{['pos', 'pos ', 'Pos', 'neg'][i % 4]}\n" for i in range(40))},
+     "t.csv", Columns(), (r"t\.csv has labels in column 'label' that differ only in case or surrounding spaces "
+                          r"\('Pos', 'pos', 'pos '\); write each class one way$")),
 ])
 def test_bad_data_gets_one_line_naming_file_column_and_rule(tmp_path: Path, files: dict[str, str], task: str,
                                                             columns: Columns, message: str) -> None:
@@ -286,3 +289,23 @@ def test_a_pair_is_scored_with_its_segment_ids_as_a_user_of_the_export_feeds_the
     with torch.no_grad():
         theirs = model(**tokenizer(texts, pairs, padding=True, return_tensors="pt")).logits.softmax(-1)
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["t.csv", "t.jsonl"])
+def test_texts_and_labels_are_read_as_written_not_as_numbers(tmp_path: Path, name: str) -> None:
+    texts, labels = ["007", "1e3", "0.10", "plain"] * 5, ["01", "1"] * 10
+    if name.endswith(".csv"):
+        (tmp_path / name).write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in zip(texts, labels)))
+    else:
+        (tmp_path / name).write_text("".join(f'{{"text": "{t}", "label": "{lab}"}}\n' for t, lab in zip(texts, labels)))
+    task = load_task(str(tmp_path / name), seed=0, train_size=10, val_size=4, test_size=4)
+    assert task.label_names == ["01", "1"]
+    assert set(task.train.texts) <= set(texts) and "007" in task.train.texts + task.validation.texts + task.test.texts
+
+
+def test_bytes_in_a_parquet_text_column_are_refused(tmp_path: Path) -> None:
+    import pandas as pd
+
+    pd.DataFrame({"text": [b"good", b"bad"] * 10, "label": ["pos", "neg"] * 10}).to_parquet(tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t\.parquet has bytes in column 'text' \(rows 1, 2, 3, 4, 5, \.\.\., counting"):
+        load_task(str(tmp_path / "t.parquet"), seed=0, train_size=10, val_size=4, test_size=4)
