@@ -378,10 +378,15 @@ def describe_params(flat: dict[str, Any]) -> str:
     return f"{method}({own}) {train}".strip()
 
 
-def _reason(trial: Any) -> str:
+def _reason(trial: Any, retried: set[int]) -> str:
+    """Why a trial failed or was pruned. A failure the trial's code did not record is a worker that stopped
+    sending heartbeats (its configuration then runs again as a later trial), or an error outside the trial."""
     attrs = trial.user_attrs
-    return attrs.get("fail_reason") or attrs.get("prune_reason") or (
-        "worker stopped (no heartbeat); configuration retried" if trial.state.name == "FAIL" else "")
+    if attrs.get("fail_reason") or attrs.get("prune_reason") or trial.state.name != "FAIL":
+        return attrs.get("fail_reason") or attrs.get("prune_reason") or ""
+    if trial.number in retried:
+        return "worker stopped (no heartbeat); configuration retried"
+    return "failed outside the trial's code, no reason recorded (see the search's log)"
 
 
 def trials_table(study: Any) -> Table:
@@ -394,6 +399,7 @@ def trials_table(study: Any) -> Table:
     for column in ("#", "method and hyperparameters", "val acc", "forgetting", *(("objective",) if scalar else ()),
                    "trainable", "wall s", "state"):
         table.add_column(column, justify="right" if column in numbers else "left")
+    retried = {t.user_attrs["retry_of"] for t in study.trials if "retry_of" in t.user_attrs}
     for trial in study.trials:
         attrs = trial.user_attrs
         trainable = attrs.get("trainable_params")
@@ -405,7 +411,7 @@ def trials_table(study: Any) -> Table:
             *((f"{v:.4f}" for v in scored) if scored else ("-", "-")), *objective,
             f"{trainable:,} ({100 * fraction:.2f}%)" if trainable else "-",
             f"{attrs['wall_seconds']:.1f}" if "wall_seconds" in attrs else "-",
-            trial.state.name.lower() + (f": {_reason(trial)}" if trial.state.name in ("FAIL", "PRUNED") else ""))
+            trial.state.name.lower() + (f": {_reason(trial, retried)}" if trial.state.name in ("FAIL", "PRUNED") else ""))
     return table
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import math
 import time
 import traceback
 from collections.abc import Iterator
@@ -378,9 +379,13 @@ class Objective:
             trial.set_user_attr("fail_reason", "interrupted")
             self.tracker.end_trial_run(run_id, "FAIL", "interrupted")
             raise
+        values = self._values(outcome)
+        if not all(math.isfinite(v) for v in (values if isinstance(values, tuple) else (values,))):
+            self._fail(trial, run_id, f"non-finite score: validation accuracy {outcome.accuracy}, "
+                                      f"forgetting {outcome.forgetting}")  # Optuna would fail it without a word
         self._record(trial, run_id, outcome, started)
         self.consecutive_failures = 0
-        return self._values(outcome)
+        return values
 
     def _values(self, outcome: TrialOutcome) -> float | tuple[float, ...]:
         config = self.runtime.config

@@ -208,6 +208,9 @@ def fit(model: nn.Module, data: TokenizedSplit, settings: TrainSettings, *, pad_
             model.train()
             start += time.perf_counter() - paused
     result.seconds = time.perf_counter() - start
+    if settings.max_steps and result.overflow_steps == settings.max_steps:  # the adapter is still its init
+        raise TrialFailed(f"fp16 overflow: the loss scaler skipped all {settings.max_steps} optimizer steps "
+                          "(gradients never finite), so nothing was trained; a lower learning rate or bf16 may train")
     result.final_loss_scale = scaler.get_scale() if scaler.is_enabled() else None
     model.eval()
     return result

@@ -134,6 +134,25 @@ def test_a_pruned_trial_in_a_scalar_study_prints_its_reason_not_scores() -> None
     assert "pruned: pruned by hyperband at step 30" in console.export_text()
 
 
+def test_a_failure_without_a_recorded_reason_is_called_a_lost_worker_only_when_it_was_retried() -> None:
+    import optuna
+    from rich.console import Console
+
+    from autopeft.cli import trials_table
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for _ in range(2):  # failed by Optuna, not by the trial's code: no fail_reason
+        study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    retry = study.ask()
+    retry.set_user_attr("retry_of", 0)  # what the stale-trial callback enqueues for a lost worker
+    study.tell(retry, state=optuna.trial.TrialState.FAIL)
+    console = Console(width=300, record=True)
+    console.print(trials_table(study))
+    rows = [line for line in console.export_text().splitlines() if "fail" in line]
+    assert "worker stopped (no heartbeat); configuration retried" in rows[0]
+    assert "failed outside the trial's code" in rows[1] and "worker" not in rows[1]
+
+
 def test_a_scalar_studys_summary_names_the_pick_of_its_own_objective(monkeypatch: pytest.MonkeyPatch) -> None:
     import optuna
     from rich.console import Console

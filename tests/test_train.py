@@ -109,6 +109,17 @@ def test_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(lora
     assert any(not torch.equal(after[n], before[n]) for n in before)  # later steps did update
 
 
+def test_a_fp16_run_whose_every_step_overflowed_fails_instead_of_passing_as_trained(
+        lora_model: torch.nn.Module) -> None:
+    def always_overflow(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        loss, n = classification_loss(model, batch)
+        return loss * 1e36, n
+
+    settings = TrainSettings(learning_rate=1e-2, precision="fp16", micro_batch_size=8, max_steps=3)
+    with pytest.raises(TrialFailed, match="skipped all 3 optimizer steps"):
+        fit(lora_model, variable_length_split(32), settings, pad_id=0, loss_fn=always_overflow)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "sgd", "adamw_8bit"])
 def test_optimizer_state_matches_the_memory_estimate(lora_model: torch.nn.Module, optimizer: str) -> None:
     from autopeft.memory import optimizer_state_bytes
