@@ -176,6 +176,8 @@ def worker(
     from autopeft.search import run_worker
     from autopeft.study import worker_id_default
 
+    if trials < 0:
+        _fail(f"--trials: {trials} must be 0 or more (0: the target the study was created with)")
     config = _guard(lambda: SearchConfig(study=study, storage=storage, tracking_uri=tracking_uri,
                                          artifacts_dir=str(artifacts_dir), trials=trials, timeout=timeout,
                                          worker_id=worker_id if worker_id is not None else worker_id_default()))
@@ -272,7 +274,11 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None)
             console.print(f"[yellow]warning: {warning}[/yellow]")
         _print_lead(lead_of(study, ranked))
     except AutopeftError as exc:
-        console.print(f"no trial to choose: {exc}")
+        if config.trials == 0 and not study.trials:  # created for workers, as asked
+            console.print(f"study created with no trials; start workers: autopeft worker --study {config.study} "
+                          f"--storage {redact_url(config.storage)} --trials N (the completed trials to reach)")
+        else:
+            console.print(f"no trial to choose: {exc}")
     console.print(f"Optuna study: {config.study} at {_where(config.storage)}")
     console.print(f"MLflow store: {_where(config.tracking_uri)} (experiment 'autopeft', run '{config.study}')")
     console.print(f"dashboard:    autopeft ui --tracking-uri {redact_url(config.tracking_uri)}")
@@ -532,7 +538,7 @@ def report(
     study: Annotated[str, typer.Option(help="Study name (the one `autopeft search` ran).")] = "default",
     out: Annotated[Path, typer.Option(help="Folder for report.html and the PNG plots.")] = Path("report"),
     storage: Annotated[str, typer.Option(help="Optuna storage URL of the study.")] = "sqlite:///autopeft.db",
-    tracking_uri: Annotated[str, typer.Option(help="MLflow store holding the study's parent run.")] = "sqlite:///mlflow.db",
+    tracking_uri: Annotated[str, typer.Option(help="MLflow store holding the study's parent run (the report is logged to it).")] = "sqlite:///mlflow.db",
     select: Annotated[str | None, typer.Option(help="The rule whose pick the report marks, as for `autopeft export` (default: the study's, balanced or best-scalar).")] = None,
     tolerance: Annotated[float | None, typer.Option(help="Forgetting tolerance of the balanced rule (default 0.05).")] = None,
 ) -> None:
@@ -542,9 +548,11 @@ def report(
 
     found = _guard(lambda: load_existing_study(study, storage))
     rule, tolerance_used = _guard(lambda: rule_settings(found, select, tolerance))
+    parent = found.user_attrs.get("mlflow_parent_run_id")
+    if parent:
+        _require_parent_run(tracking_uri, parent, found.user_attrs.get("config", {}).get("tracking_uri"))
     _guard(lambda: create_out(out))
     paths = write_report(found, out, rule=rule, tolerance=tolerance_used)
-    parent = found.user_attrs.get("mlflow_parent_run_id")
     if parent:
         from autopeft.tracking import Tracker
 
@@ -552,6 +560,21 @@ def report(
         for path in paths:
             tracker.log_file(parent, path, artifact_path="report")
     console.print(f"wrote {', '.join(p.name for p in paths)} to {out}" + (f"; logged to MLflow run {parent}" if parent else ""))
+
+
+def _require_parent_run(tracking_uri: str, parent: str, logged_to: str | None) -> None:
+    """The report is logged to the study's parent run: a store without it is refused before anything is
+    written (and a missing sqlite file is not created, as SQLAlchemy would on connect)."""
+    hint = f" (the search logged to {logged_to}; pass it as --tracking-uri)" if logged_to else ""
+    if missing_sqlite_file(tracking_uri):
+        _fail(f"--tracking-uri: no MLflow store at {tracking_uri}{hint}")
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(tracking_uri).get_run(parent)
+    except MlflowException:
+        _fail(f"--tracking-uri: {redact_url(tracking_uri)} holds no run {parent}, this study's parent run{hint}")
 
 
 @app.command()

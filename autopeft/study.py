@@ -98,6 +98,9 @@ def load_for_worker(config: SearchConfig, on_stale: StaleTrialRetry | None = Non
     study = optuna.load_study(study_name=config.study, storage=storage)
     recorded = dict(study.user_attrs["config"])
     space = recorded_space(study)
+    if not (config.trials or recorded["trials"]):
+        raise StudyError(f"--trials: study {config.study!r} was created with --trials 0, so it has no target; pass "
+                         "--trials N, the completed trials the study should reach")
     local = {k: getattr(config, k) for k in ("storage", "tracking_uri", "artifacts_dir", "worker_id", "timeout")}
     joined = SearchConfig.from_dict({**recorded, **local, "space": config.space,
                                      "trials": config.trials or recorded["trials"]})

@@ -247,10 +247,13 @@ def test_a_resume_names_what_changed_in_the_data_and_takes_the_same_file_by_any_
 
 
 def test_export_of_a_study_without_completed_trials_is_a_clear_error(tmp_path: Path, tiny_search_args: list[str]) -> None:
-    assert autopeft("search", "--trials", "0", "--study", "empty", *tiny_search_args, cwd=tmp_path).returncode == 0
+    created = autopeft("search", "--trials", "0", "--study", "empty", *tiny_search_args, cwd=tmp_path)
+    assert created.returncode == 0 and "study created with no trials; start workers: autopeft worker" in created.stdout
     done = autopeft("export", "--study", "empty", "--out", "x", cwd=tmp_path)
     assert done.returncode == 2 and "'empty' has no completed trial to export" in done.stderr
     assert not (tmp_path / "x").exists()
+    idle = autopeft("worker", "--study", "empty", "--storage", "sqlite:///autopeft.db", cwd=tmp_path)
+    assert idle.returncode == 2 and "was created with --trials 0, so it has no target; pass --trials N" in idle.stderr
 
 
 def test_export_and_its_recipe_run_from_another_folder_and_an_export_refuses_changed_data_before_writing(
@@ -311,6 +314,8 @@ OTHER_BAD_INPUTS = [
     (["train", "--config", "export/README.md", "--out", "t"], "--config: export/README.md is not valid YAML at line"),
     (["export", "--out", "/proc/autopeft"], "--out: cannot create /proc/autopeft"),
     (["report", "--out", "/proc/autopeft"], "--out: cannot create /proc/autopeft"),
+    (["report", "--out", "r", "--tracking-uri", "sqlite:///other.db"],
+     "--tracking-uri: no MLflow store at sqlite:///other.db (the search logged to sqlite:///mlflow.db; pass it"),
     (["export", "--out", "x", "--trial", "0", "--select", "best-accuracy"], "--trial 0 and --select best-accuracy: choose one"),
     (["export", "--out", "x", "--select", "best-accuracy", "--tolerance", "0.1"],
      "--tolerance: applies to the balanced rule only, and this export uses the best-accuracy rule"),
