@@ -319,7 +319,9 @@ def _scored(trial: Any) -> bool:
 def _trial_line(trial: Any) -> str:
     values = "acc {:.4f} forgetting {:.4f}".format(*_scores(trial)) if _scored(trial) else \
         trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason") or ""
-    return f"trial {trial.number} {trial.state.name.lower()}: {describe_params(trial.user_attrs.get('params', {}))} {values}"
+    warm = f" ({trial.user_attrs['warm_start']})" if "warm_start" in trial.user_attrs else ""
+    return (f"trial {trial.number} {trial.state.name.lower()}: {describe_params(trial.user_attrs.get('params', {}))}"
+            f"{warm} {values}")
 
 
 def _progress(study: Any, trial: Any) -> None:
@@ -413,7 +415,7 @@ def trials_table(study: Any) -> Table:
         scored = _scores(trial) if _scored(trial) else None
         objective = (f"{trial.values[0]:.4f}" if scored else "-",) if scalar else ()
         table.add_row(
-            str(trial.number), describe_params(attrs.get("params", {})),
+            str(trial.number), describe_params(attrs.get("params", {})) + (" (warm start)" if "warm_start" in attrs else ""),
             *((f"{v:.4f}" for v in scored) if scored else ("-", "-")), *objective,
             f"{trainable:,} ({100 * fraction:.2f}%)" if trainable else "-",
             f"{attrs['wall_seconds']:.1f}" if "wall_seconds" in attrs else "-",

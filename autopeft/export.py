@@ -292,6 +292,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
                "trainable_params": trial.user_attrs.get("trainable_params"),
                "memory_estimate_bytes": trial.user_attrs.get("memory_estimate_bytes"),
                "peft_backed": methods.get(params.method).peft_backed, "retrained_for_export": retrained,
+               "label_names": runtime.task.label_names if config.task_type != "causal_lm" else None,
                "confirmation": [c.as_dict() for c in confirmations]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "README.md").write_text(model_card(config, trial, params, metrics))
@@ -350,12 +351,20 @@ Found by autopeft (study `{metrics['study']}`, trial {trial.number}).
 {_confirmed_rows(trial.number, metrics['confirmation'])}| held-out test accuracy (computed once, at export) | {metrics['test_accuracy']:.4f} |
 | trainable parameters | {metrics['trainable_params']:,} |
 | estimated peak training memory | {format_bytes(memory) if memory else 'n/a'} |
-
+{_labels_row(metrics['label_names'])}
 Reproduce: `autopeft train --config training.yaml`
 
-{load_line(metrics['peft_backed'], config.task_type)}
+{load_line(metrics['peft_backed'], config.task_type, len(metrics['label_names'] or []))}
 (the adapter weights are here when exported with `--with-weights`).
 """
+
+
+def _labels_row(label_names: list[str] | None) -> str:
+    """Which class each output of the head is: the order the user's labels were sorted in, nowhere else written."""
+    if not label_names:
+        return ""
+    shown = ", ".join(f"{i}: {name!r}" for i, name in enumerate(label_names[:50]))
+    return f"| labels (head output index: label) | {shown}{', ...' if len(label_names) > 50 else ''} |\n"
 
 
 def _error_note(metrics: dict) -> str:
@@ -374,9 +383,9 @@ def _confirmed_rows(number: int, confirmation: list[dict]) -> str:
             f"{mine['val_accuracy_sd']:.4f} |\n| forgetting over {runs} seeds (mean) | {mine['forgetting_mean']:.4f} |\n")
 
 
-def load_line(peft_backed: bool, task_type: str = "classification") -> str:
+def load_line(peft_backed: bool, task_type: str = "classification", num_labels: int = 0) -> str:
     base = "AutoModelForCausalLM.from_pretrained(BASE)" if task_type == "causal_lm" else \
-        "AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=N)"
+        f"AutoModelForSequenceClassification.from_pretrained(BASE, num_labels={num_labels or 'N'})"
     if peft_backed:
         return f"Load (peft only): `PeftModel.from_pretrained({base}, THIS_FOLDER)`"
     return f"Load (autopeft's own method, not in peft): `autopeft.adapter_io.load({base}, Path(THIS_FOLDER))`"

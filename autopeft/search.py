@@ -649,9 +649,19 @@ def run_search(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
         space.grid()  # a range the grid cannot walk is refused here, before the study exists
     runtime = prepare_runtime(config, space)  # bad model or data fails here, before anything is written
     check_budget_feasible(config, runtime)
+    make_artifacts_folder(config)  # an unusable folder is refused before the study exists
     on_stale = studies.StaleTrialRetry()
     study = studies.open_study(config, space, runtime.task, on_stale)
     return run_trials(runtime, study, on_stale, progress=progress)
+
+
+def make_artifacts_folder(config: SearchConfig) -> None:
+    """The study's folder for adapters and the base model's probe scores."""
+    folder = probe_cache(config).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError([f"--artifacts-dir: cannot create {folder}: {exc.strerror or exc}"]) from None
 
 
 def run_worker(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
@@ -659,6 +669,7 @@ def run_worker(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
     on_stale = studies.StaleTrialRetry()
     study, joined, space = studies.load_for_worker(config, on_stale)
     runtime = prepare_runtime(joined, space)
+    make_artifacts_folder(joined)
     return run_trials(runtime, study, on_stale, progress=progress)
 
 
@@ -670,7 +681,8 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
     warmed = warm_up_tracer(runtime)
     if warmed:  # recorded, so a benchmark can count it with the rejections it makes cheaper
         study.set_user_attr("tracer_warm_up_seconds", warmed)
-    if config.warm_start and runtime.space is not None and not study.trials:
+    # Also on a resumed study that never had it: --warm-start promises a search that does not end below it.
+    if config.warm_start and runtime.space is not None and not any("warm_start" in t.user_attrs for t in study.trials):
         warm_start(study, runtime.space)
     tracker = Tracker(config.tracking_uri)
     on_stale.tracker = tracker

@@ -45,6 +45,8 @@ def test_search_export_and_mlflow_records(tmp_path: Path, tiny_search_args: list
     learned_nothing = metrics["val_accuracy"] <= majority
     assert (metrics["warning"] is not None) == learned_nothing
     card = (tmp_path / "out" / "README.md").read_text()
+    assert metrics["label_names"] == ["fresh", "rotten"]  # which head output is which class
+    assert "| labels (head output index: label) | 0: 'fresh', 1: 'rotten' |" in card and "num_labels=2" in card
     for text in (done.stdout, exported.stdout, card):
         assert ("no better than the majority class" in text) == learned_nothing
     import yaml
@@ -84,6 +86,7 @@ BAD_INPUTS = [
     (["--objective-mode", "scalar", "--forgetting-weight", "inf"], "--forgetting-weight: inf must be a finite number"),
     (["--space", "broken.yaml"], "broken.yaml: not valid YAML at line"),
     (["--space", "latin.yaml"], "latin.yaml: not UTF-8 text"),
+    (["--artifacts-dir", "/proc/autopeft"], "--artifacts-dir: cannot create /proc/autopeft/default"),
     (["--text-column", "label"], "--text-column 'label', --label-column 'label': each must name a different column"),
     (["--task-type", "causal_lm", "--template", "Review: {text} }"], "is not a valid template (Single '}' encountered"),
     (["--task-type", "causal_lm", "--template", "Review: {text!r}"], "may hold plain {text} and {text_pair} fields only"),

@@ -185,6 +185,14 @@ def test_warm_start_tries_the_default_lora_recipe_first(runtime: Runtime, tmp_pa
             first.params["lora.target_modules"]) == ("lora", 8, 16.0, "qv")
 
 
+def test_warm_start_on_a_resumed_study_that_never_had_it_tries_the_recipe_once(runtime: Runtime,
+                                                                                 tmp_path: Path) -> None:
+    search(runtime, tmp_path, trials=1)
+    search(runtime, tmp_path, warm_start=True, trials=2)
+    study = search(runtime, tmp_path, warm_start=True, trials=3)
+    assert ["warm_start" in t.user_attrs for t in study.trials] == [False, True, False]
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"objectives": ("accuracy", "speed")}, "--objectives"),
     ({"pruner": "hyperband"}, "needs --objective-mode scalar"),
