@@ -297,6 +297,11 @@ def _print_split(split: dict[str, Any], config: SearchConfig) -> None:
              if got < want]
     if short:
         console.print(f"[yellow]the task has fewer rows than asked: {', '.join(short)}[/yellow]")
+    seen = [f"{split[f'{name}_rows_in_train']} of {split[f'{name}_size']} {name}"
+            for name in ("validation", "test", "ood") if split.get(f"{name}_rows_in_train")]
+    if seen:
+        console.print(f"[yellow]warning: {', '.join(seen)} rows have the text of a training row; "
+                      "their accuracy is not held out (duplicates in the data)[/yellow]")
 
 
 def _print_lead(lead: Any) -> None:

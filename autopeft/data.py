@@ -75,7 +75,14 @@ class TaskData:
             "text_column": self.columns.text, "label_column": self.columns.label,
             "text_pair_column": self.columns.text_pair,
             "validation_majority": self.majority_rate(self.validation),
+            **{f"{name}_rows_in_train": self.rows_in_train(split) for name, split in recorded.items() if name != "train"},
         }
+
+    def rows_in_train(self, split: TextSplit) -> int:
+        """Rows of `split` whose text (and pair) also occurs in train: duplicates in the user's data, which a
+        held-out score then counts as unseen."""
+        seen = set(zip(self.train.texts, self.train.pairs or [None] * len(self.train.texts)))
+        return sum(row in seen for row in zip(split.texts, split.pairs or [None] * len(split.texts)))
 
     @staticmethod
     def majority_rate(split: TextSplit) -> float:

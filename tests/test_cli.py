@@ -452,3 +452,18 @@ def test_ui_serves_the_store_on_localhost_and_stops_on_ctrl_c(tmp_path: Path) ->
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_the_summary_warns_of_held_out_rows_that_repeat_a_training_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    from autopeft import cli
+    from autopeft.config import SearchConfig
+
+    recording = Console(width=200, record=True)
+    monkeypatch.setattr(cli, "console", recording)
+    split = {"train_size": 40, "validation_size": 20, "test_size": 20, "validation_rows_in_train": 0,
+             "test_rows_in_train": 9}
+    cli._print_split(split, SearchConfig(train_size=40, val_size=20, test_size=20))
+    text = recording.export_text()
+    assert "warning: 9 of 20 test rows have the text of a training row" in text and "validation rows" not in text

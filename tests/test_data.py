@@ -309,3 +309,16 @@ def test_bytes_in_a_parquet_text_column_are_refused(tmp_path: Path) -> None:
     pd.DataFrame({"text": [b"good", b"bad"] * 10, "label": ["pos", "neg"] * 10}).to_parquet(tmp_path / "t.parquet")
     with pytest.raises(DataError, match=r"t\.parquet has bytes in column 'text' \(rows 1, 2, 3, 4, 5, \.\.\., counting"):
         load_task(str(tmp_path / "t.parquet"), seed=0, train_size=10, val_size=4, test_size=4)
+
+
+def test_rows_that_repeat_a_training_text_are_counted_per_split(tmp_path: Path) -> None:
+    rows = "".join(f"review {i} {'fine' if i % 2 else 'dull'},{i % 2}\n" for i in range(40))
+    (tmp_path / "twice.csv").write_text("text,label\n" + rows + rows)  # every row twice
+    task = load_task(str(tmp_path / "twice.csv"), seed=0, train_size=40, val_size=20, test_size=20)
+    described = task.describe()
+    in_train = set(task.train.texts)
+    assert described["test_rows_in_train"] == sum(t in in_train for t in task.test.texts) > 0
+    assert described["validation_rows_in_train"] == sum(t in in_train for t in task.validation.texts) > 0
+    (tmp_path / "once.csv").write_text("text,label\n" + rows)
+    once = load_task(str(tmp_path / "once.csv"), seed=0, train_size=20, val_size=10, test_size=10).describe()
+    assert once["test_rows_in_train"] == once["validation_rows_in_train"] == 0
