@@ -22,6 +22,7 @@ from autopeft.config import (
     DEFAULT_SPACE,
     DEFAULT_TASK,
     SearchConfig,
+    format_bytes,
     missing_sqlite_file,
     parse_memory,
     redact_url,
@@ -123,7 +124,7 @@ def search(
     text_pair_column: Annotated[str | None, typer.Option(help="Column holding a second text (sentence pairs).")] = None,
     task_type: Annotated[str, typer.Option(help="classification (a head on the model) or causal_lm (a decoder answers with a label word).")] = "classification",
     label_words: Annotated[str | None, typer.Option(help="causal_lm: comma-separated answer word per label, in label order (default: the label names).")] = None,
-    template: Annotated[str | None, typer.Option(help="causal_lm: prompt template with {text} (and {text_pair}).")] = None,
+    template: Annotated[str | None, typer.Option(help="causal_lm: prompt template with {text} (and {text_pair}); \\n in it is a newline, as in the default 'Text: {text}\\nLabel:'.")] = None,
     causal_eval: Annotated[str, typer.Option(help="causal_lm accuracy: rank (most likely label word) or generate (greedy answer, exact match).")] = "rank",
     ood_task: Annotated[str | None, typer.Option(help="An out-of-distribution evaluation set (file, folder or hub name) with the same labels.")] = None,
     probes: Annotated[str | None, typer.Option(help="Comma-separated probes: linear_probe, representation_drift, perplexity, factual_recall, generalization_gap, ood_accuracy (default: by model kind).")] = None,
@@ -142,7 +143,8 @@ def search(
                             sampler=sampler,
                             pruner=pruner, prune_after=prune_after, max_total_steps=max_total_steps, warm_start=warm_start,
                             text_column=text_column, label_column=label_column, text_pair_column=text_pair_column,
-                            task_type=task_type, label_words=_csv(label_words), template=template,
+                            task_type=task_type, label_words=_csv(label_words),
+                            template=template.replace("\\n", "\n") if template else None,  # as a shell passes it
                             causal_eval=causal_eval, ood_task=ood_task, probes=_csv(probes))
 
     if workers < 1:
@@ -403,14 +405,16 @@ def _reason(trial: Any, retried: set[int]) -> str:
 
 
 def trials_table(study: Any) -> Table:
-    """Every trial; a scalar study's also with the objective it ranks them by (a completed trial's value)."""
+    """Every trial; a scalar study's also with the objective it ranks them by (a completed trial's value), and a
+    study with memory as its third objective with each trial's peak memory (the value it was ranked by)."""
     from autopeft.study import is_scalar
 
     scalar = is_scalar(study)
+    memory = "memory" in study.user_attrs.get("config", {}).get("objectives", [])
     table = Table(title=f"study {study.study_name}")
-    numbers = ("#", "val acc", "forgetting", "objective", "wall s")
+    numbers = ("#", "val acc", "forgetting", "objective", "memory", "wall s")
     for column in ("#", "method and hyperparameters", "val acc", "forgetting", *(("objective",) if scalar else ()),
-                   "trainable", "wall s", "state"):
+                   *(("memory",) if memory else ()), "trainable", "wall s", "state"):
         table.add_column(column, justify="right" if column in numbers else "left")
     retried = {t.user_attrs["retry_of"] for t in study.trials if "retry_of" in t.user_attrs}
     for trial in study.trials:
@@ -419,9 +423,10 @@ def trials_table(study: Any) -> Table:
         fraction = attrs.get("trainable_fraction")
         scored = _scores(trial) if _scored(trial) else None
         objective = (f"{trial.values[0]:.4f}" if scored else "-",) if scalar else ()
+        peak = (format_bytes(trial.values[2]) if scored else "-",) if memory else ()
         table.add_row(
             str(trial.number), describe_params(attrs.get("params", {})) + (" (warm start)" if "warm_start" in attrs else ""),
-            *((f"{v:.4f}" for v in scored) if scored else ("-", "-")), *objective,
+            *((f"{v:.4f}" for v in scored) if scored else ("-", "-")), *objective, *peak,
             f"{trainable:,} ({100 * fraction:.2f}%)" if trainable else "-",
             f"{attrs['wall_seconds']:.1f}" if "wall_seconds" in attrs else "-",
             trial.state.name.lower() + (f": {_reason(trial, retried)}" if trial.state.name in ("FAIL", "PRUNED") else ""))

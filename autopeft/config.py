@@ -126,15 +126,19 @@ class SearchConfig:
             problems.append(f"--memory-budget: {self.memory_budget} must be greater than zero")
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.study):
             problems.append(f"--study: {self.study!r} may only hold letters, digits, '.', '_' and '-'")
-        if self.max_consecutive_failures < 1 or self.heartbeat_seconds < 1:
-            problems.append("--max-consecutive-failures and the heartbeat must be at least 1")
+        if self.max_consecutive_failures < 1:
+            problems.append(f"--max-consecutive-failures: {self.max_consecutive_failures} must be at least 1")
+        if self.heartbeat_seconds < 1:
+            problems.append(f"--heartbeat: {self.heartbeat_seconds} must be at least 1 (seconds)")
         named = [c for c in (self.text_column, self.label_column, self.text_pair_column) if c is not None]
         if len(set(named)) < len(named):  # a model trained on its own labels scores 1.0 and learns nothing
             problems.append(f"--text-column {self.text_column!r}, --label-column {self.label_column!r}"
                             + (f", --text-pair-column {self.text_pair_column!r}" if self.text_pair_column else "")
                             + ": each must name a different column")
         problems += self._strategy_problems()
-        if not Path(self.space).is_file():
+        if Path(self.space).is_dir():
+            problems.append(f"--space: {self.space} is a folder; give a search-space YAML file")
+        elif not Path(self.space).is_file():
             problems.append(f"--space: {self.space} does not exist")
         if problems:
             raise ConfigError(problems)

@@ -198,7 +198,7 @@ def _strings(values: pd.Series) -> pd.Series:
 
 
 def _folder(path: Path, columns: Columns, option: str) -> Source:
-    found = {split: _split_file(path, split) for split in SPLIT_NAMES}
+    found = {split: _split_file(path, split, option) for split in SPLIT_NAMES}
     if found["train"] is None:
         files = sorted(p.name for p in path.iterdir() if p.is_file())[:10]
         raise DataError(f"{option}: folder {path} has no train file; expected one of "
@@ -210,12 +210,15 @@ def _folder(path: Path, columns: Columns, option: str) -> Source:
                   {split: str(file) for split, file in present.items()})
 
 
-def _split_file(folder: Path, split: str) -> Path | None:
-    for name in SPLIT_NAMES[split]:
-        for suffix in SUFFIXES:
-            if (folder / f"{name}{suffix}").is_file():
-                return folder / f"{name}{suffix}"
-    return None
+def _split_file(folder: Path, split: str, option: str = "--task") -> Path | None:
+    """The one file of a folder that holds this split; two (train.csv and train.jsonl, validation.csv and
+    dev.csv) are refused rather than one of them used silently."""
+    found = [folder / f"{name}{suffix}" for name in SPLIT_NAMES[split] for suffix in SUFFIXES
+             if (folder / f"{name}{suffix}").is_file()]
+    if len(found) > 1:
+        raise DataError(f"{option}: folder {folder} has {len(found)} files for the {split} split "
+                        f"({', '.join(p.name for p in found)}); keep one")
+    return found[0] if found else None
 
 
 def _hub(task: str, columns: Columns, option: str) -> Source:

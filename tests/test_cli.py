@@ -86,10 +86,15 @@ BAD_INPUTS = [
     (["--objective-mode", "scalar", "--forgetting-weight", "inf"], "--forgetting-weight: inf must be a finite number"),
     (["--space", "broken.yaml"], "broken.yaml: not valid YAML at line"),
     (["--space", "latin.yaml"], "latin.yaml: not UTF-8 text"),
+    (["--heartbeat", "0"], "--heartbeat: 0 must be at least 1 (seconds)"),
+    (["--max-consecutive-failures", "0"], "--max-consecutive-failures: 0 must be at least 1"),
+    (["--space", "."], "--space: . is a folder; give a search-space YAML file"),
     (["--artifacts-dir", "/proc/autopeft"], "--artifacts-dir: cannot create /proc/autopeft/default"),
     (["--text-column", "label"], "--text-column 'label', --label-column 'label': each must name a different column"),
     (["--task-type", "causal_lm", "--template", "Review: {text} }"], "is not a valid template (Single '}' encountered"),
     (["--task-type", "causal_lm", "--template", "Review: {text!r}"], "may hold plain {text} and {text_pair} fields only"),
+    # A shell passes \n as two characters; the template reads it as a newline (repr shows it as \n, not \\n).
+    (["--task-type", "causal_lm", "--template", r"Review:\n{text!r}"], r"--template: 'Review:\n{text!r}' may hold plain"),
     (["--space", "unknown.yaml"], "unknown.yaml: method: 'dreambooth' must be one of"),
     (["--memory-budget", "1MiB"], "fits no configuration of"),
     (["--task", "task.csv"], "task.csv has no column 'label'"),
@@ -154,6 +159,24 @@ def test_a_failure_without_a_recorded_reason_is_called_a_lost_worker_only_when_i
     rows = [line for line in console.export_text().splitlines() if "fail" in line]
     assert "worker stopped (no heartbeat); configuration retried" in rows[0]
     assert "failed outside the trial's code" in rows[1] and "worker" not in rows[1]
+
+
+def test_a_study_ranked_on_memory_shows_each_trials_peak_in_its_table() -> None:
+    import optuna
+    from rich.console import Console
+
+    from autopeft.cli import trials_table
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.set_user_attr("config", {"objectives": ["accuracy", "forgetting", "memory"]})
+    trial = study.ask()
+    trial.set_user_attr("val_accuracy", 0.7)
+    trial.set_user_attr("forgetting", 0.01)
+    study.tell(trial, [0.7, 0.01, 300 * 2**20])
+    console = Console(width=200, record=True)
+    console.print(trials_table(study))
+    text = console.export_text()
+    assert "memory" in text and "300.0 MiB" in text
 
 
 def test_a_scalar_studys_summary_names_the_pick_of_its_own_objective(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -87,6 +87,8 @@ GOOD = "text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i i
      r"validation\.csv has labels 'maybe' in column 'label' that do not occur in train \(.*train\.csv\); allowed: neg, pos"),
     ({"d/train.csv": GOOD, "d/test.jsonl": '{"text": "x", "label": "other"}\n'}, "d", Columns(),
      r"test\.jsonl has labels 'other' .* do not occur in train"),
+    ({"d/train.csv": GOOD, "d/validation.csv": GOOD, "d/dev.jsonl": '{"text": "x", "label": "pos"}\n'}, "d", Columns(),
+     r"folder .*d has 2 files for the validation split \(validation\.csv, dev\.jsonl\); keep one$"),
     ({"d/data.csv": GOOD}, "d", Columns(), r"folder .*d has no train file; expected one of train\.csv, train\.jsonl, train\.parquet, optionally .*; found: data\.csv"),
     ({"t.txt": GOOD}, "t.txt", Columns(), r"t\.txt must end in one of \.csv, \.jsonl, \.parquet"),
     ({}, "missing.csv", Columns(), r"missing\.csv does not exist"),
