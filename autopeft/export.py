@@ -291,6 +291,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
                **_sampling_error(study, scores(trial)[0]),
                "trainable_params": trial.user_attrs.get("trainable_params"),
                "memory_estimate_bytes": trial.user_attrs.get("memory_estimate_bytes"),
+               "memory_estimate_seq_len": runtime.longest_row,  # trials are estimated at the longest training row
                "peft_backed": methods.get(params.method).peft_backed, "retrained_for_export": retrained,
                "label_names": runtime.task.label_names if config.task_type != "causal_lm" else None,
                "confirmation": [c.as_dict() for c in confirmations]}
@@ -350,13 +351,20 @@ Found by autopeft (study `{metrics['study']}`, trial {trial.number}).
 | forgetting (the study's forgetting probe) | {metrics['forgetting']:.4f} |
 {_confirmed_rows(trial.number, metrics['confirmation'])}| held-out test accuracy (computed once, at export) | {metrics['test_accuracy']:.4f} |
 | trainable parameters | {metrics['trainable_params']:,} |
-| estimated peak training memory | {format_bytes(memory) if memory else 'n/a'} |
+| estimated peak training memory | {_memory_cell(memory, metrics['memory_estimate_seq_len'])} |
 {_labels_row(metrics['label_names'])}
 Reproduce: `autopeft train --config training.yaml`
 
 {load_line(metrics['peft_backed'], config.task_type, len(metrics['label_names'] or []))}
 (the adapter weights are here when exported with `--with-weights`).
 """
+
+
+def _memory_cell(memory: int | None, seq_len: int) -> str:
+    if not memory:
+        return "n/a"
+    return (f"{format_bytes(memory)} at the longest training row, {seq_len} tokens (`autopeft estimate --config "
+            f"training.yaml --seq-len {seq_len}` estimates it again; without --seq-len, at max_length)")
 
 
 def _labels_row(label_names: list[str] | None) -> str:

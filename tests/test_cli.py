@@ -47,6 +47,7 @@ def test_search_export_and_mlflow_records(tmp_path: Path, tiny_search_args: list
     card = (tmp_path / "out" / "README.md").read_text()
     assert metrics["label_names"] == ["fresh", "rotten"]  # which head output is which class
     assert "| labels (head output index: label) | 0: 'fresh', 1: 'rotten' |" in card and "num_labels=2" in card
+    assert f"tokens (`autopeft estimate --config training.yaml --seq-len {metrics['memory_estimate_seq_len']}`" in card
     for text in (done.stdout, exported.stdout, card):
         assert ("no better than the majority class" in text) == learned_nothing
     import yaml
