@@ -117,7 +117,7 @@ def read_table(path: Path, columns: Columns, option: str) -> pd.DataFrame:
     # Only an empty CSV cell is missing: "NA", "None" or "null" are real texts and labels.
     # Texts and labels are read as written: "007" stays "007", and labels "01" and "1" stay two labels.
     readers = {".csv": lambda p: pd.read_csv(p, keep_default_na=False, na_values=[""], dtype=str),
-               ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
+               ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False, encoding="utf-8-sig"),  # as CSV: a BOM
                ".parquet": pd.read_parquet}
     if not path.is_file():
         raise DataError(f"{option}: {path} does not exist")
@@ -136,7 +136,7 @@ def read_table(path: Path, columns: Columns, option: str) -> pd.DataFrame:
 def _bad_json_line(path: Path) -> str | None:
     """The first line of a JSONL file that is not one JSON object, by line number (pandas names only a byte
     offset into the whole file, which no editor shows)."""
-    with path.open(encoding="utf-8", errors="replace") as lines:
+    with path.open(encoding="utf-8-sig", errors="replace") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -150,10 +150,12 @@ def _bad_json_line(path: Path) -> str | None:
 
 
 def select_columns(frame: pd.DataFrame, columns: Columns, where: str) -> pd.DataFrame:
+    if frame.empty and len(frame.columns) == 0:  # an empty JSONL file: no rows, hence no columns
+        raise DataError(f"{where} has no rows")
     for column, option in columns.required():
-        if column not in frame.columns:
+        if column not in frame.columns:  # quoted: a column named ' label' must show its space
             raise DataError(f"{where} has no column {column!r} (set it with {option}); "
-                            f"columns: {', '.join(map(str, frame.columns))}")
+                            f"columns: {', '.join(repr(str(c)) for c in frame.columns)}")
     used = {"text": columns.text, "label": columns.label}
     if columns.text_pair:
         used["text_pair"] = columns.text_pair

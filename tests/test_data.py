@@ -76,7 +76,9 @@ GOOD = "text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i i
 
 @pytest.mark.parametrize(("files", "task", "columns", "message"), [
     ({"t.csv": "words,label\na,1\nb,0\n"}, "t.csv", Columns(), r"t\.csv has no column 'text' \(set it with --text-column\)"),
-    ({"t.csv": "text,y\na,1\nb,0\n"}, "t.csv", Columns(), r"no column 'label' \(set it with --label-column\); columns: text, y"),
+    ({"t.csv": "text,y\na,1\nb,0\n"}, "t.csv", Columns(), r"no column 'label' \(set it with --label-column\); columns: 'text', 'y'"),
+    ({"t.csv": "text, label\na,1\nb,0\n"}, "t.csv", Columns(), r"no column 'label' .*; columns: 'text', ' label'$"),
+    ({"t.jsonl": ""}, "t.jsonl", Columns(), r"t\.jsonl has no rows$"),
     ({"t.csv": GOOD}, "t.csv", Columns(text_pair="hypothesis"), r"no column 'hypothesis' \(set it with --text-pair-column\)"),
     ({"t.csv": "text,label\na,1\nb,1\n"}, "t.csv", Columns(), r"only one class \('1'\) in column 'label'"),
     ({"t.csv": "text,label\na,1\n ,0\n"}, "t.csv", Columns(), r"empty texts in column 'text' \(rows 2, counting from 1 at the first data row\)"),
@@ -324,3 +326,10 @@ def test_rows_that_repeat_a_training_text_are_counted_per_split(tmp_path: Path) 
     (tmp_path / "once.csv").write_text("text,label\n" + rows)
     once = load_task(str(tmp_path / "once.csv"), seed=0, train_size=20, val_size=10, test_size=10).describe()
     assert once["test_rows_in_train"] == once["validation_rows_in_train"] == 0
+
+
+def test_a_jsonl_file_with_a_byte_order_mark_reads_as_a_csv_one_does(tmp_path: Path) -> None:
+    rows = "".join(f'{{"text": "review {i}", "label": "{"pos" if i % 2 else "neg"}"}}\n' for i in range(20))
+    (tmp_path / "bom.jsonl").write_bytes("\ufeff".encode() + rows.encode())
+    task = load_task(str(tmp_path / "bom.jsonl"), seed=0, train_size=10, val_size=4, test_size=4)
+    assert task.label_names == ["neg", "pos"]
