@@ -24,6 +24,7 @@ from autopeft.study import (
     default_rule,
     forgetting_weight,
     has_scores,
+    is_scalar,
     pareto_front,
     scores,
     validation_majority,
@@ -258,13 +259,13 @@ def plot_pareto(study: optuna.Study, path: Path, chosen: FrozenTrial | None, rul
     return _save(fig, path)
 
 
-def _best_so_far(ax: Axes, completed: Sequence[FrozenTrial]) -> None:
+def _best_so_far(ax: Axes, completed: Sequence[FrozenTrial], value: Callable[[FrozenTrial], float]) -> None:
     feasible = sorted((t for t in completed if _feasible(t)), key=lambda t: t.number)
     if not feasible:
         return
     best, xs, ys = float("-inf"), [], []
     for trial in feasible:
-        best = max(best, scores(trial)[0])
+        best = max(best, value(trial))
         xs.append(trial.number)
         ys.append(best)
     ax.plot(xs, ys, drawstyle="steps-post", color="black", linewidth=1.5, label="best so far", zorder=2)
@@ -275,12 +276,16 @@ def plot_history(study: optuna.Study, path: Path) -> Path:
 
     trials = study.get_trials(deepcopy=False)
     completed = _completed(trials)
-    fig, ax = _figure("Optimization history: validation accuracy per trial")
+    scalar = is_scalar(study)  # then the history of what the study maximised, which picks its trial
+    name = f"objective (accuracy - {forgetting_weight(study):g} x forgetting)" if scalar else "validation accuracy"
+    value: Callable[[FrozenTrial], float] = (lambda t: t.values[0]) if scalar else (lambda t: scores(t)[0])
+    fig, ax = _figure(f"Optimization history: {name} per trial")
     ax.set_xlabel("trial number")
-    ax.set_ylabel("validation accuracy")
-    _by_method(ax, [(t, t.number, scores(t)[0]) for t in completed], _colors(trials))
-    _best_so_far(ax, completed)
-    _majority_line(ax, study)
+    ax.set_ylabel(name)
+    _by_method(ax, [(t, t.number, value(t)) for t in completed], _colors(trials))
+    _best_so_far(ax, completed, value)
+    if not scalar:
+        _majority_line(ax, study)
     _no_completed_note(ax, completed)
     _mark_no_values(ax, [(t, float(t.number)) for t in trials if t.state in _NO_VALUE_STYLES])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -378,7 +383,7 @@ figcaption{font-size:13px;color:#555}.note{color:#555;font-size:13px}"""
 
 _CAPTIONS = {
     "pareto.png": "Accuracy vs forgetting: Pareto front outlined and joined, chosen trial starred.",
-    "history.png": "Validation accuracy per trial and the best so far.",
+    "history.png": "Validation accuracy (a scalar study: its objective) per trial and the best so far.",
     "importance.png": "Which parameters explain validation accuracy (fANOVA).",
     "accuracy_vs_memory.png": "Accuracy vs estimated peak training memory (MiB).",
 }

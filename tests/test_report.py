@@ -126,6 +126,25 @@ def test_a_scalar_study_is_reported_with_its_own_objectives_pick(tmp_path: Path)
     assert "Chosen trial: <b>#3</b> (ia3) by rule <code>best-scalar (forgetting weight 2)</code>" in page
 
 
+def test_a_scalar_studys_history_plots_its_objective(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autopeft import report
+
+    study = optuna.create_study(study_name="scalar", direction="maximize")
+    study.set_user_attr("config", {"objective_mode": "scalar", "forgetting_weight": 2.0})
+    for method, acc, forgetting, lr, _ in COMPLETED:
+        trial = ask(study, method, lr)
+        trial.set_user_attr("val_accuracy", acc)
+        trial.set_user_attr("forgetting", forgetting)
+        study.tell(trial, acc - 2.0 * forgetting)
+    saved = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: saved.append(fig) or path)
+    report.plot_history(study, tmp_path / "history.png")
+    ax = saved[0].axes[0]
+    assert ax.get_ylabel() == "objective (accuracy - 2 x forgetting)"
+    best = next(line for line in ax.get_lines() if line.get_label() == "best so far")
+    assert max(best.get_ydata()) == pytest.approx(0.64)  # trial 3's objective, the pick; not 0.81 accuracy
+
+
 def test_the_page_is_self_contained(report: tuple[optuna.Study, list[Path], str]) -> None:
     _, _, page = report
     assert page.count('src="data:image/png;base64,') == 4
