@@ -647,6 +647,7 @@ def run_search(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
     space = load_space(config.space)  # validated before any model or data loads
     if config.sampler == "grid":
         space.grid()  # a range the grid cannot walk is refused here, before the study exists
+    studies.check_settings_before_loading(config, space)
     runtime = prepare_runtime(config, space)  # bad model or data fails here, before anything is written
     check_budget_feasible(config, runtime)
     make_artifacts_folder(config)  # an unusable folder is refused before the study exists

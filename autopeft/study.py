@@ -134,7 +134,31 @@ def recorded_space(study: optuna.Study) -> SearchSpace:
     return parse_space(yaml.safe_load(study.user_attrs["space_yaml"]), f"{study.study_name}:space")
 
 
+def check_settings_before_loading(config: SearchConfig, space: SearchSpace) -> None:
+    """A resume with other settings or another space is refused before the model and data load (minutes on a
+    real model); the split, which needs the data, is checked when the study opens."""
+    if config.force_new or missing_sqlite_file(config.storage):  # nothing to resume (and no file created)
+        return
+    storage = connect(config)
+    if study_exists(storage, config.study):
+        _refuse(config, _setting_problems(optuna.load_study(study_name=config.study, storage=storage), config, space))
+
+
 def check_compatible(study: optuna.Study, config: SearchConfig, space: SearchSpace, task: TaskData) -> None:
+    problems = _setting_problems(study, config, space)
+    changes = _split_changes(study.user_attrs.get("split", task.describe()), task.describe())
+    if changes:
+        problems.append(f"a different data split ({'; '.join(changes)})")
+    _refuse(config, problems)
+
+
+def _refuse(config: SearchConfig, problems: list[str]) -> None:
+    if problems:
+        raise StudyError(f"--study: {config.study!r} already exists with {', '.join(problems)}; resume it with the "
+                         "same settings, choose another --study name, or pass --force-new to replace it")
+
+
+def _setting_problems(study: optuna.Study, config: SearchConfig, space: SearchSpace) -> list[str]:
     recorded = study.user_attrs.get("config", {})
     problems = []
     if study.user_attrs.get("space_fingerprint") != space.fingerprint:
@@ -146,12 +170,7 @@ def check_compatible(study: optuna.Study, config: SearchConfig, space: SearchSpa
         now = list(now) if isinstance(now, tuple) else now  # the study's record is JSON: lists
         if key in recorded and not _same_setting(key, recorded[key], now):
             problems.append(f"{key}={recorded[key]!r} (now {now!r})")
-    changes = _split_changes(study.user_attrs.get("split", task.describe()), task.describe())
-    if changes:
-        problems.append(f"a different data split ({'; '.join(changes)})")
-    if problems:
-        raise StudyError(f"--study: {config.study!r} already exists with {', '.join(problems)}; resume it with the "
-                         "same settings, choose another --study name, or pass --force-new to replace it")
+    return problems
 
 
 def check_same_data(study: optuna.Study, task: TaskData) -> None:

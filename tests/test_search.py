@@ -155,6 +155,20 @@ def test_resume_adds_only_the_missing_trials_and_refuses_another_space(tmp_path:
         run_search(config(tmp_path, tiny_bert, trials=4, space=str(other)))
 
 
+def test_a_resume_with_other_settings_is_refused_before_the_model_and_data_load(
+        tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import autopeft.search
+
+    run_search(config(tmp_path, tiny_bert, trials=1))
+
+    def loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model and data were loaded for a resume that is refused")
+
+    monkeypatch.setattr(autopeft.search, "prepare_runtime", loading)
+    with pytest.raises(StudyError, match=r"already exists with max_steps=3 \(now 4\)"):
+        run_search(config(tmp_path, tiny_bert, trials=2, max_steps=4))
+
+
 def test_resume_refuses_an_ood_set_whose_rows_changed(tmp_path: Path, tiny_bert: Path) -> None:
     ood = tmp_path / "ood.csv"  # the base model's OOD score is cached per study: it must be of these rows
     rows = "".join(f"snippet {i} {'fine' if i % 2 else 'dull'},{['rotten', 'fresh'][i % 2]}\n" for i in range(20))
