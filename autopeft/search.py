@@ -138,6 +138,10 @@ def _load_for_task(config: SearchConfig, task: TaskData) -> tuple[nn.Module, Any
     """The base model, its tokenizer, how a split is tokenized, and how accuracy is measured."""
     if config.task_type == "causal_lm":
         model, tokenizer = load_causal_lm(config.model, seed=config.seed, trust_remote_code=config.trust_remote_code)
+        if not getattr(model.config, "is_decoder", False) and family(model) == "bert":
+            # An encoder's attention sees the answer it is asked to predict: loss and scores would mean nothing.
+            raise ConfigError([(f"--task-type causal_lm: {config.model} is an encoder (bert); use a decoder, or "
+                                "--task-type classification")])
         words = list(config.label_words or default_label_words(task.label_names))
         problem = label_words_problem(words, task.label_names)
         if problem:
@@ -219,7 +223,8 @@ def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> 
     settings = train_settings(params, max_steps=runtime.config.max_steps, seed=0)  # defaults fill the gaps
     analytic = memory.estimate(model, optimizer=settings.optimizer, precision=settings.precision,
                                micro_batch_size=settings.micro_batch_size, seq_len=seq_len,
-                               gradient_checkpointing=settings.gradient_checkpointing)
+                               gradient_checkpointing=settings.gradient_checkpointing,
+                               task_type=runtime.method_task_type)  # a causal LM's logits span its vocabulary
     if runtime.config.memory_budget is None:
         return analytic
     memory_settings = tuple(getattr(settings, name) for name in MEMORY_SETTINGS)
@@ -583,7 +588,8 @@ def _lightest_configurations(runtime: Runtime) -> list[tuple[str, TrialParams, m
         estimates = {opt: memory.estimate(model, optimizer=opt, precision=precision,
                                           micro_batch_size=settings["micro_batch_size"],
                                           seq_len=runtime.longest_row,
-                                          gradient_checkpointing=settings["gradient_checkpointing"])
+                                          gradient_checkpointing=settings["gradient_checkpointing"],
+                                          task_type=runtime.method_task_type)
                      for opt in _dim_options("optimizer", dims)}
         optimizer = min(estimates, key=lambda opt: estimates[opt].total)
         params = TrialParams(method, methods.get(method).resolve({}), {**settings, "optimizer": optimizer})

@@ -120,6 +120,28 @@ def test_a_search_names_wrong_label_words_once_before_training(tmp_path: Path, t
     assert str(caught.value).startswith("--label-words: 1 words (good) for 2 classes")
 
 
+def test_a_causal_search_on_an_encoder_is_refused_before_training(tmp_path: Path, tiny_bert: Path) -> None:
+    from autopeft.search import prepare_runtime
+
+    with pytest.raises(ConfigError, match=r"^--task-type causal_lm: .* is an encoder \(bert\); use a decoder"):
+        prepare_runtime(tiny_config(tmp_path, tiny_bert, task_type="causal_lm"))
+
+
+def test_a_causal_trials_memory_estimate_counts_its_vocabulary_logits(tmp_path: Path, tiny_bert: Path,
+                                                                     tiny_causal_models: dict[str, Path]) -> None:
+    from autopeft.memory.analytic import logits_bytes
+    from autopeft.search import prepare_runtime, run_search
+
+    config = tiny_config(tmp_path, tiny_bert, model=str(tiny_causal_models["llama"]), task_type="causal_lm",
+                         trials=1, max_steps=2, train_size=30, val_size=15, test_size=15)
+    trial = run_search(config).study.trials[0]
+    runtime = prepare_runtime(config)
+    params = trial.user_attrs["params"]
+    logits = logits_bytes(runtime.base_model, micro_batch_size=params["micro_batch_size"],
+                          seq_len=runtime.longest_row, precision=params["precision"], task_type="CAUSAL_LM")
+    assert trial.user_attrs["memory_estimate"]["activations"] >= logits > 0
+
+
 @pytest.mark.parametrize(("option", "value"), [("label_words", ("good", "bad")), ("template", "{text} Label:"),
                                                ("causal_eval", "generate")])
 def test_the_causal_lm_options_are_refused_for_a_classification_task(tmp_path: Path, tiny_bert: Path,
