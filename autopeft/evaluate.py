@@ -162,8 +162,7 @@ def predict_causal(model: nn.Module, split: TokenizedSplit, fmt: CausalFormat, *
         return scores.argmax(1), torch.tensor(golds)
     if mode != "generate" or tokenizer is None:
         raise ValueError(f"mode {mode!r}: use 'rank', or 'generate' with the tokenizer to decode answers")
-    longest = max(len(a) for a in fmt.answer_ids) + (fmt.eos_id is not None)
-    answers = generate_greedy(model, prompts, max_new_tokens=longest, pad_id=pad_id, eos_id=fmt.eos_id,
+    answers = generate_greedy(model, prompts, max_new_tokens=generation_cap(fmt), pad_id=pad_id, eos_id=fmt.eos_id,
                               batch_size=batch_size, device=device)
     normalized = [normalize_answer(w) for w in fmt.label_words]
     words: dict[str, int] = {}
@@ -182,6 +181,12 @@ def causal_accuracy(model: nn.Module, split: TokenizedSplit, fmt: CausalFormat, 
                     device: torch.device | None = None) -> float:
     evaluator = Evaluator(pad_id, batch_size, causal=fmt, mode=mode, tokenizer=tokenizer)
     return evaluator(model, split, device)
+
+
+def generation_cap(fmt: CausalFormat) -> int:
+    """The new tokens a generated answer may have: the longest answer's, plus end-of-sequence. A user who
+    generates longer without an end-of-sequence token (a tokenizer lacking one) reads past the answer."""
+    return max(len(a) for a in fmt.answer_ids) + (fmt.eos_id is not None)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
@@ -294,6 +294,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
                "memory_estimate_seq_len": runtime.longest_row,  # trials are estimated at the longest training row
                "peft_backed": methods.get(params.method).peft_backed, "retrained_for_export": retrained,
                "label_names": runtime.task.label_names if config.task_type != "causal_lm" else None,
+               **_generation(runtime),
                "confirmation": [c.as_dict() for c in confirmations]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "README.md").write_text(model_card(config, trial, params, metrics))
@@ -355,7 +356,7 @@ Found by autopeft (study `{metrics['study']}`, trial {trial.number}).
 {_labels_row(metrics['label_names'])}
 Reproduce: `autopeft train --config training.yaml`
 
-{load_line(metrics['peft_backed'], config.task_type, len(metrics['label_names'] or []))}
+{load_line(metrics['peft_backed'], config.task_type, len(metrics['label_names'] or []))}{_generation_note(metrics)}
 (the adapter weights are here when exported with `--with-weights`).
 """
 
@@ -365,6 +366,27 @@ def _memory_cell(memory: int | None, seq_len: int) -> str:
         return "n/a"
     return (f"{format_bytes(memory)} at the longest training row, {seq_len} tokens (`autopeft estimate --config "
             f"training.yaml --seq-len {seq_len}` estimates it again; without --seq-len, at max_length)")
+
+
+def _generation(runtime: Runtime) -> dict[str, Any]:
+    """How a generate-mode accuracy was measured, so a user can generate the same way."""
+    evaluator = runtime.evaluate
+    if evaluator.causal is None or evaluator.mode != "generate":
+        return {}
+    from autopeft.evaluate import generation_cap
+
+    return {"generate_max_new_tokens": generation_cap(evaluator.causal),
+            "generate_stops_at_eos": evaluator.causal.eos_id is not None}
+
+
+def _generation_note(metrics: dict) -> str:
+    if "generate_max_new_tokens" not in metrics:
+        return ""
+    stop = "stopping at the end-of-sequence token" if metrics["generate_stops_at_eos"] else \
+        "(this tokenizer has no end-of-sequence token: an answer ends only at that cap)"
+    return (f"\nAccuracy was measured by greedy generation of at most {metrics['generate_max_new_tokens']} new "
+            f"tokens, {stop}: generate with `max_new_tokens={metrics['generate_max_new_tokens']}` to get the same "
+            "answers.")
 
 
 def _labels_row(label_names: list[str] | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,12 @@ def test_a_causal_search_on_open_answers_trains_and_scores_generated_answers(
     assert [t.state.name for t in study.trials] == ["COMPLETE"]
     assert "probe.ood_accuracy" in study.trials[0].user_attrs  # scored on its own answers, not refused
     assert "random" in study.user_attrs["split"]["validation_origin"]
+    from autopeft.export import export_trial
+
+    export_trial(config.study, config.storage, tmp_path / "export")  # says how its accuracy was generated
+    metrics = json.loads((tmp_path / "export" / "metrics.json").read_text())
+    assert metrics["generate_max_new_tokens"] >= 1 and metrics["generate_stops_at_eos"] is False
+    assert f"max_new_tokens={metrics['generate_max_new_tokens']}" in (tmp_path / "export" / "README.md").read_text()
 
 
 def test_an_ood_sets_own_answers_are_appended_to_the_tasks(tmp_path: Path) -> None:
