@@ -264,6 +264,7 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None)
     if stopped_reason:
         console.print(f"[yellow]{stopped_reason}[/yellow]")
     _print_split(study.user_attrs.get("split", {}), config)
+    chosen = False
     try:
         rule = default_rule(study)
         ranked = candidates(study, rule)
@@ -275,6 +276,7 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None)
         if warning:
             console.print(f"[yellow]warning: {warning}[/yellow]")
         _print_lead(lead_of(study, ranked))
+        chosen = True
     except AutopeftError as exc:
         if config.trials == 0 and not study.trials:  # created for workers, as asked
             console.print(f"study created with no trials; start workers: autopeft worker --study {config.study} "
@@ -284,7 +286,9 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None)
     console.print(f"Optuna study: {config.study} at {_where(config.storage)}")
     console.print(f"MLflow store: {_where(config.tracking_uri)} (experiment 'autopeft', run '{config.study}')")
     console.print(f"dashboard:    autopeft ui --tracking-uri {redact_url(config.tracking_uri)}")
-    console.print(f"export:       autopeft export --study {config.study} --storage {redact_url(config.storage)} --out export/")
+    if chosen:  # nothing to export otherwise
+        console.print(f"export:       autopeft export --study {config.study} --storage {redact_url(config.storage)} "
+                      "--out export/")
 
 
 def _print_split(split: dict[str, Any], config: SearchConfig) -> None:

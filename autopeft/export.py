@@ -66,11 +66,11 @@ def describe_rule(rule: str, tolerance: float, weight: float = 1.0) -> str:
         return f"the trial with the highest val accuracy - {weight:g} x forgetting (the scalar objective)"
     if rule == "balanced":
         return (f"the most accurate Pareto trial whose forgetting is within {tolerance} of the least-forgetting "
-                "Pareto trial that beat the majority class")
+                "Pareto trial that beat the majority class (of any, when none did)")
     if rule.startswith("max-accuracy-under-forgetting="):
         return f"the most accurate trial whose forgetting is at most {rule.split('=', 1)[1]}"
     return {"best-accuracy": "the most accurate Pareto trial", "least-forgetting":
-            "the least-forgetting Pareto trial that beat the majority class"}.get(rule, rule)
+            "the least-forgetting Pareto trial that beat the majority class (of any, when none did)"}.get(rule, rule)
 
 
 @dataclass(frozen=True)

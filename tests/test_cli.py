@@ -276,6 +276,7 @@ def test_a_resume_names_what_changed_in_the_data_and_takes_the_same_file_by_any_
 def test_export_of_a_study_without_completed_trials_is_a_clear_error(tmp_path: Path, tiny_search_args: list[str]) -> None:
     created = autopeft("search", "--trials", "0", "--study", "empty", *tiny_search_args, cwd=tmp_path)
     assert created.returncode == 0 and "study created with no trials; start workers: autopeft worker" in created.stdout
+    assert "autopeft export" not in created.stdout  # nothing to export yet
     done = autopeft("export", "--study", "empty", "--out", "x", cwd=tmp_path)
     assert done.returncode == 2 and "'empty' has no completed trial to export" in done.stderr
     assert not (tmp_path / "x").exists()
