@@ -112,14 +112,20 @@ def test_a_chosen_trial_no_better_than_the_majority_class_is_flagged(tmp_path: P
     assert '<p id="warning"><b>Warning</b>: trial 0 is no better than the majority class' in page
 
 
-def test_a_scalar_study_is_reported_with_its_own_objectives_pick(tmp_path: Path) -> None:
+def scalar_study(weight: float = 2.0) -> optuna.Study:
+    """COMPLETED as a scalar study: each trial's value is accuracy - weight x forgetting."""
     study = optuna.create_study(study_name="scalar", direction="maximize")
-    study.set_user_attr("config", {"objective_mode": "scalar", "forgetting_weight": 2.0})
-    for method, acc, forgetting, lr, mib in COMPLETED:
+    study.set_user_attr("config", {"objective_mode": "scalar", "forgetting_weight": weight})
+    for method, acc, forgetting, lr, _ in COMPLETED:
         trial = ask(study, method, lr)
         trial.set_user_attr("val_accuracy", acc)
         trial.set_user_attr("forgetting", forgetting)
-        study.tell(trial, acc - 2.0 * forgetting)
+        study.tell(trial, acc - weight * forgetting)
+    return study
+
+
+def test_a_scalar_study_is_reported_with_its_own_objectives_pick(tmp_path: Path) -> None:
+    study = scalar_study()
     write_report(study, tmp_path)
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     # 0.70 - 2 x 0.03 = 0.64 leads; the balanced rule would take trial 2 (0.78, forgetting 0.12)
@@ -129,13 +135,7 @@ def test_a_scalar_study_is_reported_with_its_own_objectives_pick(tmp_path: Path)
 def test_a_scalar_studys_history_plots_its_objective(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from autopeft import report
 
-    study = optuna.create_study(study_name="scalar", direction="maximize")
-    study.set_user_attr("config", {"objective_mode": "scalar", "forgetting_weight": 2.0})
-    for method, acc, forgetting, lr, _ in COMPLETED:
-        trial = ask(study, method, lr)
-        trial.set_user_attr("val_accuracy", acc)
-        trial.set_user_attr("forgetting", forgetting)
-        study.tell(trial, acc - 2.0 * forgetting)
+    study = scalar_study()
     saved = []
     monkeypatch.setattr(report, "_save", lambda fig, path: saved.append(fig) or path)
     report.plot_history(study, tmp_path / "history.png")
