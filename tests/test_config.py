@@ -22,3 +22,18 @@ def test_config_collects_every_problem() -> None:
     with pytest.raises(ConfigError) as info:
         SearchConfig(trials=-1, max_steps=-1, study="a b", space="/no/such.yaml")
     assert len(info.value.problems) == 4
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"objective_mode": "scalar", "forgetting_weight": float("nan")}, "--forgetting-weight: nan must be a finite number"),
+    ({"objective_mode": "scalar", "forgetting_weight": float("inf")}, "--forgetting-weight: inf must be a finite number"),
+    ({"heartbeat_seconds": 0}, "--heartbeat: 0 must be at least 1 (seconds)"),
+    ({"max_consecutive_failures": 0}, "--max-consecutive-failures: 0 must be at least 1"),
+    ({"space": "."}, "--space: . is a folder; give a search-space YAML file"),
+    ({"task_type": "causal_lm", "template": "Review: {text!r}"}, "may hold plain {text} and {text_pair} fields only"),
+    ({"text_pair_column": "label"}, "--text-pair-column 'label': each must name a different column"),
+])
+def test_a_bad_setting_is_named_with_what_is_allowed(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        SearchConfig(**overrides)
+    assert message in str(info.value)
