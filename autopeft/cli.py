@@ -400,9 +400,9 @@ def describe_params(flat: dict[str, Any]) -> str:
 def _reason(trial: Any, retried: set[int]) -> str:
     """Why a trial failed or was pruned. A failure the trial's code did not record is a worker that stopped
     sending heartbeats (its configuration then runs again as a later trial), or an error outside the trial."""
-    attrs = trial.user_attrs
-    if attrs.get("fail_reason") or attrs.get("prune_reason") or trial.state.name != "FAIL":
-        return attrs.get("fail_reason") or attrs.get("prune_reason") or ""
+    recorded = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason")
+    if recorded or trial.state.name != "FAIL":
+        return recorded or ""
     if trial.number in retried:
         return "worker stopped (no heartbeat); configuration retried"
     return "failed outside the trial's code, no reason recorded (see the search's log)"

@@ -52,6 +52,10 @@ class TextSplit:
         return digest.hexdigest()[:16]
 
 
+def _rows(split: TextSplit) -> Iterator[tuple[str, str | None]]:
+    return zip(split.texts, split.pairs or [None] * len(split.texts))
+
+
 @dataclass(frozen=True)
 class TaskData:
     name: str
@@ -67,6 +71,7 @@ class TaskData:
     def describe(self) -> dict[str, Any]:
         """What the study records about the split, so a resumed or exported run can check it."""
         recorded = {**self.splits(), **({"ood": self.ood} if self.ood is not None else {})}
+        seen = set(_rows(self.train))
         return {
             "task": self.name, "labels": self.label_names, "split_seed": self.seed,
             **{f"{name}_size": len(split.texts) for name, split in recorded.items()},
@@ -75,14 +80,11 @@ class TaskData:
             "text_column": self.columns.text, "label_column": self.columns.label,
             "text_pair_column": self.columns.text_pair,
             "validation_majority": self.majority_rate(self.validation),
-            **{f"{name}_rows_in_train": self.rows_in_train(split) for name, split in recorded.items() if name != "train"},
+            # Rows whose text (and pair) also occurs in train: duplicates in the user's data, which a held-out
+            # score would count as unseen.
+            **{f"{name}_rows_in_train": sum(row in seen for row in _rows(split))
+               for name, split in recorded.items() if name != "train"},
         }
-
-    def rows_in_train(self, split: TextSplit) -> int:
-        """Rows of `split` whose text (and pair) also occurs in train: duplicates in the user's data, which a
-        held-out score then counts as unseen."""
-        seen = set(zip(self.train.texts, self.train.pairs or [None] * len(self.train.texts)))
-        return sum(row in seen for row in zip(split.texts, split.pairs or [None] * len(split.texts)))
 
     @staticmethod
     def majority_rate(split: TextSplit) -> float:

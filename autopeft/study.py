@@ -146,7 +146,7 @@ def check_settings_before_loading(config: SearchConfig, space: SearchSpace) -> N
 
 def check_compatible(study: optuna.Study, config: SearchConfig, space: SearchSpace, task: TaskData) -> None:
     problems = _setting_problems(study, config, space)
-    changes = _split_changes(study.user_attrs.get("split", task.describe()), task.describe())
+    changes = _data_changes(study, task)
     if changes:
         problems.append(f"a different data split ({'; '.join(changes)})")
     _refuse(config, problems)
@@ -175,7 +175,7 @@ def _setting_problems(study: optuna.Study, config: SearchConfig, space: SearchSp
 
 def check_same_data(study: optuna.Study, task: TaskData) -> None:
     """An export scores the study's own held-out rows: refused when the data changed since the search."""
-    changes = _split_changes(study.user_attrs.get("split", task.describe()), task.describe())
+    changes = _data_changes(study, task)
     if changes:
         raise StudyError(f"--study: {study.study_name!r} was searched on other data ({'; '.join(changes)}); its "
                          "test rows are gone: restore the data the search used, or search again")
@@ -186,6 +186,12 @@ def _same_setting(key: str, recorded: Any, now: Any) -> bool:
     if key in ("model", "task", "ood_task") and isinstance(recorded, str) and isinstance(now, str):
         return absolute_if_local(recorded) == absolute_if_local(now)
     return recorded == now
+
+
+def _data_changes(study: optuna.Study, task: TaskData) -> list[str]:
+    """How the task's split differs from the one the study recorded (describe() hashes every row: once)."""
+    now = task.describe()
+    return _split_changes(study.user_attrs.get("split", now), now)
 
 
 def _split_changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
