@@ -417,6 +417,55 @@ def _warning_html(study: optuna.Study, chosen: FrozenTrial | None) -> list[str]:
     return [f'<p id="warning"><b>Warning</b>: {html.escape(warning)}.</p>'] if warning else []
 
 
+_LABELS_SHOWN = 12
+
+
+def _objective_text(config: dict[str, Any]) -> str:
+    if config.get("objective_mode") == "scalar":
+        return f"accuracy - {float(config.get('forgetting_weight', 1.0)):g} x forgetting (scalar)"
+    return ", ".join(config.get("objectives", ("accuracy", "forgetting"))) + " (Pareto)"
+
+
+def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
+    if not config:  # a study not written by `autopeft search`
+        return []
+    pruner = str(config.get("pruner", "none")) + (f", after {config['prune_after']} steps"
+                                                   if config.get("prune_after") else "")
+    budget = config.get("memory_budget")
+    rows = [("model", str(config.get("model"))),
+            ("task", f"{config.get('task')} ({config.get('task_type', 'classification')})"),
+            ("objective", _objective_text(config)),
+            ("sampler", f"{config.get('sampler')}, seed {config.get('seed')}"), ("pruner", pruner),
+            ("steps per trial", str(config.get("max_steps"))),
+            ("memory budget", format_bytes(budget) if budget else "none")]
+    if config.get("label_words"):  # the words a causal LM answers, one per label
+        rows.append(("label words", ", ".join(config["label_words"])))
+    return rows
+
+
+def _split_rows(split: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    labels = [str(label) for label in split.get("labels", [])]
+    if labels:  # open answers can hold a label per row: name a few and count them
+        more = f", ... ({len(labels)} in all)" if len(labels) > _LABELS_SHOWN else ""
+        rows.append(("labels", ", ".join(labels[:_LABELS_SHOWN]) + more))
+    sizes = [f"{split[f'{name}_size']} {name}" for name in ("train", "validation", "test", "ood")
+             if f"{name}_size" in split]
+    if sizes:
+        rows.append(("rows", " / ".join(sizes)))
+    if split.get("validation_majority") is not None:
+        majority = split["validation_majority"]
+        rows.append(("majority class", f"{majority:.4f} of validation (what a trial that learns nothing scores)"))
+    return rows
+
+
+def _setup_html(study: optuna.Study) -> list[str]:
+    """What the study ran on, from its recorded config and split: a mailed report must say what it is about."""
+    facts = _config_rows(study.user_attrs.get("config", {})) + _split_rows(study.user_attrs.get("split", {}))
+    rows = "".join(f"<tr><th>{html.escape(what)}</th><td>{html.escape(value)}</td></tr>" for what, value in facts)
+    return [f'<table id="setup"><tbody>{rows}</tbody></table>'] if rows else []
+
+
 def _counts_html(trials: Sequence[FrozenTrial]) -> str:
     counts = Counter(t.state.name.lower() for t in trials)
     text = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no trials"
@@ -428,17 +477,25 @@ _COLUMNS = ("#", "state", "method", "key params", "val acc", "forgetting", "trai
 _CLASSES = ("num", "", "", "", "num", "num", "num", "num", "num", "reason")  # right-align numbers
 
 
-def _cells(trial: FrozenTrial, keys: Sequence[str]) -> list[str]:
-    """One trials-table row, in the order of _COLUMNS; blank where the trial has no such fact."""
+def _columns(scalar: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The table's headings and cell classes; a scalar study shows the value it ranks trials by after forgetting."""
+    if not scalar:
+        return _COLUMNS, _CLASSES
+    return _COLUMNS[:6] + ("objective",) + _COLUMNS[6:], _CLASSES[:6] + ("num",) + _CLASSES[6:]
+
+
+def _cells(trial: FrozenTrial, keys: Sequence[str], scalar: bool = False) -> list[str]:
+    """One trials-table row, in the order of _columns(scalar); blank where the trial has no such fact."""
     params = trial.user_attrs.get("params", {})
     values = scores(trial) if has_scores(trial) else None
     trainable, fraction = trial.user_attrs.get("trainable_params"), trial.user_attrs.get("trainable_fraction")
     memory, wall = _memory_bytes(trial), trial.user_attrs.get("wall_seconds")
     share = f" ({fraction:.2%})" if fraction is not None else ""
+    objective = [f"{trial.value:.4f}" if values and trial.value is not None else ""] if scalar else []
     return [
         str(trial.number), trial.state.name.lower(), _method(trial),
         ", ".join(f"{k}={_fmt(params[k])}" for k in keys if k in params),
-        f"{values[0]:.4f}" if values else "", f"{values[1]:.4f}" if values else "",
+        f"{values[0]:.4f}" if values else "", f"{values[1]:.4f}" if values else "", *objective,
         f"{trainable:,}{share}" if trainable is not None else "",
         format_bytes(memory) if memory is not None else "",
         f"{wall:.1f}" if wall is not None else "", _reason(trial),
@@ -450,16 +507,17 @@ def _class(name: str) -> str:
 
 
 def _table_html(study: optuna.Study, trials: Sequence[FrozenTrial], chosen: FrozenTrial | None) -> str:
-    keys = _key_params(trials)
+    keys, scalar = _key_params(trials), is_scalar(study)
+    columns, classes = _columns(scalar)
     front = {t.number for t in pareto_front([t for t in _completed(study.trials) if _feasible(t)])}
     rows = []
     for trial in trials:
         marks = [c for c, on in (("front", trial.number in front),
                                  ("chosen", chosen is not None and trial.number == chosen.number)) if on]
         cells = "".join(f"<td{_class(cls)}>{html.escape(text)}</td>"
-                        for cls, text in zip(_CLASSES, _cells(trial, keys), strict=True))
+                        for cls, text in zip(classes, _cells(trial, keys, scalar), strict=True))
         rows.append(f'<tr id="trial-{trial.number}"{_class(" ".join(marks))}>{cells}</tr>')
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in _COLUMNS)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
@@ -489,7 +547,7 @@ def _page(study: optuna.Study, chosen: FrozenTrial | None, lead: Lead | None, ru
     return "\n".join([
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>autopeft report: {name}</title>',
         f"<style>{_CSS}</style></head><body>",
-        f"<h1>autopeft study <code>{name}</code></h1>", _counts_html(trials),
+        f"<h1>autopeft study <code>{name}</code></h1>", *_setup_html(study), _counts_html(trials),
         "<h2>Chosen trial</h2>", _chosen_html(chosen, lead, rule, tolerance, forgetting_weight(study),
                                                bool(_completed(trials))),
         *_warning_html(study, chosen),

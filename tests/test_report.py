@@ -132,6 +132,49 @@ def test_a_scalar_study_is_reported_with_its_own_objectives_pick(tmp_path: Path)
     assert "Chosen trial: <b>#3</b> (ia3) by rule <code>best-scalar (forgetting weight 2)</code>" in page
 
 
+def test_a_scalar_studys_table_shows_each_trials_objective(tmp_path: Path) -> None:
+    write_report(scalar_study(), tmp_path)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    head = page.split("<thead>")[-1].split("</thead>")[0]
+    assert "<th>forgetting</th><th>objective</th>" in head
+    row = page.split('<tr id="trial-3"')[1].split("</tr>")[0]  # ia3: 0.70 - 2 x 0.03
+    assert '<td class="num">0.7000</td><td class="num">0.0300</td><td class="num">0.6400</td>' in row
+
+
+def test_a_pareto_studys_table_has_no_objective_column(report: tuple[optuna.Study, list[Path], str]) -> None:
+    assert "<th>objective</th>" not in report[2]
+
+
+def test_the_page_says_what_the_study_ran_on(tmp_path: Path) -> None:
+    from autopeft.config import SearchConfig
+
+    config = SearchConfig(model="/models/tiny", task="/data/reviews.csv", task_type="causal_lm",
+                          label_words=("bad", "good"), objective_mode="scalar", forgetting_weight=2.0,
+                          pruner="hyperband", prune_after=5, max_steps=20, memory_budget=2**30, sampler="random")
+    study = scalar_study()
+    study.set_user_attr("config", config.public_dict())
+    study.set_user_attr("split", {"labels": ["neg", "pos"], "train_size": 200, "validation_size": 100,
+                                  "test_size": 100, "validation_majority": 0.55})
+    write_report(study, tmp_path)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    setup = page.split('<table id="setup">')[1].split("</table>")[0]
+    rows = dict(re.findall(r"<tr><th>([^<]+)</th><td>([^<]*)</td></tr>", setup))
+    assert rows == {"model": "/models/tiny", "task": "/data/reviews.csv (causal_lm)",
+                    "objective": "accuracy - 2 x forgetting (scalar)", "sampler": "random, seed 0",
+                    "pruner": "hyperband, after 5 steps", "steps per trial": "20", "memory budget": "1.0 GiB",
+                    "label words": "bad, good", "labels": "neg, pos", "rows": "200 train / 100 validation / 100 test",
+                    "majority class": "0.5500 of validation (what a trial that learns nothing scores)"}
+
+
+def test_many_open_answers_are_named_in_part_and_counted(tmp_path: Path) -> None:
+    study = synthetic_study()
+    study.set_user_attr("split", {"labels": [f"answer {i}" for i in range(40)]})
+    write_report(study, tmp_path)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "<th>labels</th><td>answer 0, answer 1," in page and "answer 11, ... (40 in all)</td>" in page
+    assert "answer 12" not in page
+
+
 def test_a_scalar_studys_history_plots_its_objective(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from autopeft import report
 
