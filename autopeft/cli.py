@@ -127,6 +127,9 @@ def search(
     template: Annotated[str | None, typer.Option(help="causal_lm: prompt template with {text} (and {text_pair}); \\n in it is a newline, as in the default 'Text: {text}\\nLabel:'.")] = None,
     causal_eval: Annotated[str, typer.Option(help="causal_lm accuracy: rank (most likely label word) or generate (greedy answer, exact match).")] = "rank",
     ood_task: Annotated[str | None, typer.Option(help="An out-of-distribution evaluation set (file, folder or hub name) with the same labels.")] = None,
+    ood_text_column: Annotated[str | None, typer.Option(help="The --ood-task's text column (default: --text-column).")] = None,
+    ood_label_column: Annotated[str | None, typer.Option(help="The --ood-task's label column (default: --label-column).")] = None,
+    ood_text_pair_column: Annotated[str | None, typer.Option(help="The --ood-task's second-text column (default: --text-pair-column).")] = None,
     probes: Annotated[str | None, typer.Option(help="Comma-separated probes: linear_probe, representation_drift, perplexity, factual_recall, generalization_gap, ood_accuracy (default: by model kind).")] = None,
 ) -> None:
     """Run (or resume) a budgeted search and print the trials, the chosen one and where everything is."""
@@ -145,7 +148,9 @@ def search(
                             text_column=text_column, label_column=label_column, text_pair_column=text_pair_column,
                             task_type=task_type, label_words=_csv(label_words),
                             template=template.replace("\\n", "\n") if template else None,  # as a shell passes it
-                            causal_eval=causal_eval, ood_task=ood_task, probes=_csv(probes))
+                            causal_eval=causal_eval, ood_task=ood_task, ood_text_column=ood_text_column,
+                            ood_label_column=ood_label_column, ood_text_pair_column=ood_text_pair_column,
+                            probes=_csv(probes))
 
     if workers < 1:
         _fail(f"--workers: {workers} must be at least 1 (1 runs the search in this process)")

@@ -106,6 +106,9 @@ class SearchConfig:
     template: str | None = None  # causal_lm: prompt with {text} (and {text_pair})
     causal_eval: str = "rank"  # causal_lm accuracy: rank the label words, or generate and match exactly
     ood_task: str | None = None  # an out-of-distribution evaluation set with the same labels
+    ood_text_column: str | None = None  # its columns, where they are named otherwise (default: the task's)
+    ood_label_column: str | None = None
+    ood_text_pair_column: str | None = None
     probes: tuple[str, ...] | None = None  # probe names (default: by model kind; see autopeft.probes)
 
     def __post_init__(self) -> None:
@@ -135,7 +138,7 @@ class SearchConfig:
             problems.append(f"--text-column {self.text_column!r}, --label-column {self.label_column!r}"
                             + (f", --text-pair-column {self.text_pair_column!r}" if self.text_pair_column else "")
                             + ": each must name a different column")
-        problems += self._strategy_problems()
+        problems += self._strategy_problems() + self._ood_column_problems()
         if Path(self.space).is_dir():
             problems.append(f"--space: {self.space} is a folder; give a search-space YAML file")
         elif not Path(self.space).is_file():
@@ -194,6 +197,17 @@ class SearchConfig:
         if not 0 <= self.forgetting_weight < math.inf:  # also refuses nan, which every comparison fails
             problems.append(f"--forgetting-weight: {self.forgetting_weight} must be a finite number, at least 0")
         return problems
+
+    def _ood_column_problems(self) -> list[str]:
+        given = {"--ood-text-column": self.ood_text_column, "--ood-label-column": self.ood_label_column,
+                 "--ood-text-pair-column": self.ood_text_pair_column}
+        if self.ood_task is None:
+            return [f"{name}: needs --ood-task (it names a column of that set)"
+                    for name, value in given.items() if value is not None]
+        if self.ood_text_pair_column is not None and self.text_pair_column is None:
+            return [("--ood-text-pair-column: the task has no second text (--text-pair-column); a model trained on "
+                     "single texts is scored on single texts")]
+        return []
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,7 @@ _DATA_KEYS = ("model", "task", "train_size", "val_size", "test_size", "max_lengt
 # How the task's rows become training examples and scores; optional when read (recipes written before them
 # were all classification on the default columns and probes).
 _TASK_KEYS = ("text_column", "label_column", "text_pair_column", "task_type", "label_words", "template", "causal_eval",
-              "ood_task", "probes")
+              "ood_task", "ood_text_column", "ood_label_column", "ood_text_pair_column", "probes")
 
 
 def to_recipe(config: SearchConfig, params: TrialParams, seed: int) -> dict[str, Any]:

@@ -81,6 +81,12 @@ class Runtime:
         return max(self.train.lengths())
 
 
+def ood_columns(config: SearchConfig) -> Columns:
+    """The --ood-task's columns: the task's, except where an --ood-*-column option names another."""
+    return Columns(config.ood_text_column or config.text_column, config.ood_label_column or config.label_column,
+                   config.ood_text_pair_column or config.text_pair_column, option_prefix="--ood-")
+
+
 def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> Runtime:
     columns = Columns(config.text_column, config.label_column, config.text_pair_column)
     open_answers = config.task_type == "causal_lm" and config.causal_eval == "generate"
@@ -88,9 +94,10 @@ def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> R
                      val_size=config.val_size, test_size=config.test_size, columns=columns, open_answers=open_answers)
     if config.ood_task:
         if open_answers:  # before the answer format is built from the label names
-            task = with_eval_answers(task, config.ood_task, columns)
-        task = replace(task, ood=load_eval_split(config.ood_task, label_names=task.label_names, columns=columns,
-                                                 max_rows=config.test_size, seed=config.seed))
+            task = with_eval_answers(task, config.ood_task, ood_columns(config))
+        task = replace(task, ood=load_eval_split(config.ood_task, label_names=task.label_names,
+                                                 columns=ood_columns(config), max_rows=config.test_size,
+                                                 seed=config.seed))
     loaded = _load_for_task(config, task)
     base_model, tokenizer, tokenize_split, evaluator = loaded
     base_model.eval()

@@ -44,11 +44,13 @@ class Columns:
     text: str = "text"
     label: str = "label"
     text_pair: str | None = None
+    option_prefix: str = "--"  # of the options that name these columns: "--ood-" for an --ood-task's
 
     def required(self) -> list[tuple[str, str]]:
         """(column, the option that names it), for the error message when one is missing."""
-        named = [(self.text, "--text-column"), (self.label, "--label-column")]
-        return named + ([(self.text_pair, "--text-pair-column")] if self.text_pair else [])
+        named = [(self.text, "text-column"), (self.label, "label-column")]
+        named += [(self.text_pair, "text-pair-column")] if self.text_pair else []
+        return [(column, self.option_prefix + option) for column, option in named]
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def read_source(task: str, columns: Columns, option: str = "--task") -> Source:
 
 def refuse_columns_for_packaged(task: str, columns: Columns) -> None:
     """A packaged task's columns are fixed: a column option given with it as --task would be silently ignored.
-    (An --ood-task shares the main task's column options, so a packaged one ignores them rightly.)"""
+    (A packaged --ood-task with the main task's column options ignores them rightly: those name the main task's.)"""
     if not task.startswith("packaged:"):
         return
     default = Columns()

@@ -165,7 +165,8 @@ def _setting_problems(study: optuna.Study, config: SearchConfig, space: SearchSp
         problems.append("a different search space")
     for key in ("model", "task", "max_steps", "train_size", "val_size", "test_size", "max_length", "seed",
                 "objectives", "objective_mode", "forgetting_weight", "task_type", "text_column", "label_column",
-                "text_pair_column", "label_words", "template", "causal_eval", "ood_task", "probes"):
+                "text_pair_column", "label_words", "template", "causal_eval", "ood_task", "ood_text_column",
+                "ood_label_column", "ood_text_pair_column", "probes"):
         now = getattr(config, key)
         now = list(now) if isinstance(now, tuple) else now  # the study's record is JSON: lists
         if key in recorded and not _same_setting(key, recorded[key], now):

@@ -32,6 +32,9 @@ def test_config_collects_every_problem() -> None:
     ({"space": "."}, "--space: . is a folder; give a search-space YAML file"),
     ({"task_type": "causal_lm", "template": "Review: {text!r}"}, "may hold plain {text} and {text_pair} fields only"),
     ({"text_pair_column": "label"}, "--text-pair-column 'label': each must name a different column"),
+    ({"ood_text_column": "sentence"}, "--ood-text-column: needs --ood-task (it names a column of that set)"),
+    ({"ood_task": "ood.csv", "ood_text_pair_column": "hypothesis"},
+     "--ood-text-pair-column: the task has no second text (--text-pair-column)"),
 ])
 def test_a_bad_setting_is_named_with_what_is_allowed(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -12,7 +12,7 @@ import torch
 from tests_support import tiny_config
 
 from autopeft.config import SearchConfig
-from autopeft.errors import ConfigError, StudyError
+from autopeft.errors import ConfigError, DataError, StudyError
 from autopeft.search import prepare_runtime, run_search
 from autopeft.space import TrialParams
 
@@ -167,6 +167,21 @@ def test_a_resume_with_other_settings_is_refused_before_the_model_and_data_load(
     monkeypatch.setattr(autopeft.search, "prepare_runtime", loading)
     with pytest.raises(StudyError, match=r"already exists with max_steps=3 \(now 4\)"):
         run_search(config(tmp_path, tiny_bert, trials=2, max_steps=4))
+
+
+def test_an_ood_set_with_other_column_names_is_read_through_the_ood_column_options(tmp_path: Path,
+                                                                                   tiny_bert: Path) -> None:
+    ood = tmp_path / "sst.csv"  # SST-2 names its text "sentence": the task's --text-column does not apply
+    ood.write_text("sentence,sentiment\n" + "".join(f"sst {i} {'fine' if i % 2 else 'dull'},{['rotten', 'fresh'][i % 2]}\n"
+                                                     for i in range(12)))
+    with pytest.raises(DataError, match=r"sst\.csv has no column 'text' \(set it with --ood-text-column\)"):
+        prepare_runtime(config(tmp_path, tiny_bert, ood_task=str(ood)))
+    runtime = prepare_runtime(config(tmp_path, tiny_bert, ood_task=str(ood), ood_text_column="sentence",
+                                     ood_label_column="sentiment"))
+    assert runtime.task.ood is not None
+    assert sorted(runtime.task.ood.texts) == sorted(f"sst {i} {'fine' if i % 2 else 'dull'}" for i in range(12))
+    assert [runtime.task.label_names[i] for i in runtime.task.ood.labels] == [
+        ["rotten", "fresh"][int(text.split()[1]) % 2] for text in runtime.task.ood.texts]
 
 
 def test_resume_refuses_an_ood_set_whose_rows_changed(tmp_path: Path, tiny_bert: Path) -> None:
