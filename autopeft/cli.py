@@ -155,8 +155,9 @@ def search(
     if workers < 1:
         _fail(f"--workers: {workers} must be at least 1 (1 runs the search in this process)")
     config = _guard(build)  # before the heavy imports below: bad flags are refused in well under a second
-    from autopeft.search import run_search
+    from autopeft.search import check_before_loading, run_search
 
+    _guard(lambda: check_before_loading(config))  # a bad space is refused before "loading" is announced
     console.print(f"study [bold]{config.study}[/bold] in {_where(config.storage)}; "
                   f"loading model and data once for all trials ...")
     def run() -> Any:

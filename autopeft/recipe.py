@@ -10,7 +10,7 @@ import yaml
 from autopeft import methods
 from autopeft.config import SearchConfig
 from autopeft.errors import ConfigError
-from autopeft.space import TRAINING_PARAMS, TrialParams, yaml_problem
+from autopeft.space import TRAINING_PARAMS, TrialParams, load_yaml_file, yaml_problem
 
 _DATA_KEYS = ("model", "task", "train_size", "val_size", "test_size", "max_length")
 # How the task's rows become training examples and scores; optional when read (recipes written before them
@@ -41,7 +41,7 @@ def write_recipe(path: Path, config: SearchConfig, params: TrialParams, seed: in
 def read_recipe(path: Path, **overrides: Any) -> tuple[SearchConfig, TrialParams, int]:
     """(the search config that rebuilds the model and split, the trial's parameters, the training seed)."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml_file(path)
     except FileNotFoundError:
         raise ConfigError([f"--config: {path} does not exist"]) from None
     except yaml.YAMLError as exc:

@@ -655,12 +655,18 @@ def params_defaults() -> dict[str, Any]:
     return {k: spec.default for k, spec in TRAINING_PARAMS.items()}
 
 
-def run_search(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
-    """Run (or resume) the study until `config.trials` trials have completed or the timeout passes."""
-    space = load_space(config.space)  # validated before any model or data loads
+def check_before_loading(config: SearchConfig) -> SearchSpace:
+    """The space, and a resumed study's settings, checked in well under a second: before any model or data loads."""
+    space = load_space(config.space)
     if config.sampler == "grid":
         space.grid()  # a range the grid cannot walk is refused here, before the study exists
     studies.check_settings_before_loading(config, space)
+    return space
+
+
+def run_search(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
+    """Run (or resume) the study until `config.trials` trials have completed or the timeout passes."""
+    space = check_before_loading(config)
     runtime = prepare_runtime(config, space)  # bad model or data fails here, before anything is written
     check_budget_feasible(config, runtime)
     make_artifacts_folder(config)  # an unusable folder is refused before the study exists

@@ -274,11 +274,35 @@ def parse_space(data: Any, path: str) -> SearchSpace:
     return SearchSpace(path, method, method_dims, training, overrides, hashlib.sha256(canonical.encode()).hexdigest()[:16])
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error. YAML forbids it, but
+    PyYAML keeps the last value silently: a second `r:` under `lora:` would quietly replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice in one mapping (lines {seen[key]} and {line}); keep one",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml_file(path: Path) -> Any:
+    """A YAML file a person writes (a space, a recipe), safe-loaded and refused when a key repeats."""
+    return yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a SafeLoader subclass: safe
+
+
 def load_space(path: str | Path) -> SearchSpace:
-    """Read a search-space file with yaml.safe_load and validate it (no model or data is touched)."""
+    """Read a search-space file with a safe loader and validate it (no model or data is touched)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml_file(path)
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such search-space file"]) from None
     except yaml.YAMLError as exc:

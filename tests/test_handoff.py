@@ -101,13 +101,30 @@ def test_a_recipe_keeps_how_the_task_is_read_and_scored(tmp_path: Path) -> None:
 
     task = {"text_column": "review", "label_column": "verdict", "text_pair_column": "title",
             "task_type": "causal_lm", "label_words": ("bad", "good"), "template": "{text} / {text_pair} Verdict:",
-            "causal_eval": "generate", "ood_task": "other.csv", "probes": ("perplexity", "factual_recall")}
+            "causal_eval": "generate", "ood_task": "other.csv", "ood_text_column": "sentence",
+            "ood_label_column": "sentiment", "ood_text_pair_column": "context", "probes": ("perplexity", "factual_recall")}
     config = SearchConfig(model="m", task="reviews.csv", trust_remote_code=True, **task)  # type: ignore[arg-type]
     write_recipe(tmp_path / "training.yaml", config, TrialParams("ia3", {"target_modules": "kv"}, {}), seed=3)
     read, _, seed = read_recipe(tmp_path / "training.yaml")
     assert {key: getattr(read, key) for key in task} == task and seed == 3
     assert not read.trust_remote_code  # only the person running the recipe turns it on
     assert read_recipe(tmp_path / "training.yaml", trust_remote_code=True)[0].trust_remote_code
+
+
+def test_a_recipe_edited_to_hold_a_key_twice_is_refused_naming_both_lines(tmp_path: Path) -> None:
+    from autopeft.config import SearchConfig
+    from autopeft.errors import ConfigError
+    from autopeft.recipe import read_recipe, write_recipe
+    from autopeft.space import TrialParams
+
+    recipe = tmp_path / "training.yaml"
+    write_recipe(recipe, SearchConfig(model="m"), TrialParams("ia3", {"target_modules": "kv"}, {}), seed=3)
+    lines = recipe.read_text().splitlines()
+    seed_line = next(i for i, line in enumerate(lines) if line.startswith("seed:")) + 1
+    recipe.write_text(recipe.read_text() + "seed: 4\n")  # PyYAML alone would train with seed 4, silently
+    with pytest.raises(ConfigError, match=rf"--config: {recipe} is not valid YAML at line {len(lines) + 1}, column 1: "
+                                          rf"'seed' is given twice in one mapping \(lines {seed_line} and {len(lines) + 1}\)"):
+        read_recipe(recipe)
 
 
 def test_train_reproduces_a_causal_lm_trial_on_the_users_columns(tmp_path: Path,

@@ -56,6 +56,8 @@ BAD_SPACES = [
     ("method: lora\nmethods:\n  lora:\n    r: [4, 8.5]\n", "8.5 must be an integer"),
     ("training: {}\n", "method: missing"),
     ("- lora\n", "must be a YAML mapping"),
+    ("method: lora\nmethods:\n  lora:\n    r: [4, 8]\n    alpha: 16\n    r: 16\n",
+     "not valid YAML at line 6, column 5: 'r' is given twice in one mapping (lines 4 and 6); keep one"),
 ]
 
 
@@ -66,6 +68,13 @@ def test_bad_space_names_file_key_and_what_is_allowed(tmp_path: Path, text: str,
         load_space(path)
     assert message in str(info.value)
     assert all(str(path) in problem for problem in info.value.problems)
+
+
+def test_a_merge_key_may_be_overridden_as_yaml_intends(tmp_path: Path) -> None:
+    text = ("method: lora\ntraining: &shared\n  learning_rate: 1.0e-3\n  optimizer: adamw\n"
+            "methods:\n  lora:\n    <<: *shared\n    learning_rate: 5.0e-4\n")
+    space = load_space(write(tmp_path, text))
+    assert space.training_overrides["lora"]["learning_rate"].value == 5.0e-4  # the method's own rate beats the merged one
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
