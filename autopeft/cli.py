@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -60,11 +61,11 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
-def _fail(*problems: str) -> NoReturn:
-    """Report input problems as one line each on stderr and exit 2 (nothing has been written)."""
+def _fail(*problems: str, code: int = 2) -> NoReturn:
+    """Report problems as one line each on stderr and exit: 2 for bad input (nothing has been written)."""
     for line in problems:
         err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def _guard(call: Callable[[], T]) -> T:
@@ -134,7 +135,7 @@ def search(
 ) -> None:
     """Run (or resume) a budgeted search and print the trials, the chosen one and where everything is."""
     def build() -> SearchConfig:
-        return SearchConfig(model=model, task=task, space=str(space), trials=0 if workers > 1 else trials,
+        return SearchConfig(model=model, task=task, space=str(space), trials=trials,
                             timeout=timeout, memory_budget=_budget(memory_budget), device=device, study=study,
                             storage=storage,
                             tracking_uri=tracking_uri, artifacts_dir=str(artifacts_dir), seed=seed,
@@ -154,6 +155,9 @@ def search(
 
     if workers < 1:
         _fail(f"--workers: {workers} must be at least 1 (1 runs the search in this process)")
+    if workers > 1 and trials == 0:
+        _fail(f"--trials 0 with --workers {workers}: the workers need a target; give --trials N, or create the "
+              "study with --trials 0 alone and start `autopeft worker ... --trials N` yourself")
     config = _guard(build)  # before the heavy imports below: bad flags are refused in well under a second
     from autopeft.search import check_before_loading, run_search
 
@@ -161,13 +165,18 @@ def search(
     console.print(f"study [bold]{config.study}[/bold] in {_where(config.storage)}; "
                   f"loading model and data once for all trials ...")
     def run() -> Any:
+        if workers > 1:  # the study, its parent run and the base scores; the workers train
+            return run_search(config, prepare_only=True)
         with SearchProgress(config.trials, scalar=config.objective_mode == "scalar") as progress:
             return run_search(config, progress=progress)
 
     summary = _interruptible(run, config)
+    failed_workers = []
     if workers > 1:
-        summary = _run_local_workers(workers, trials, config)
+        summary, failed_workers = _run_local_workers(workers, config)
     _print_summary(summary.study, config, summary.stopped_reason)
+    if failed_workers:
+        _fail(*failed_workers, code=1)
 
 
 @app.command()
@@ -179,6 +188,7 @@ def worker(
     trials: Annotated[int, typer.Option(help="Completed trials the study should reach (0 = what the study was created with).")] = 0,
     timeout: Annotated[float | None, typer.Option(help="Stop starting new trials after this many seconds.")] = None,
     worker_id: Annotated[int | None, typer.Option(help="Distinguishes this worker's sampler seed (default: the process id).")] = None,
+    spawned: Annotated[bool, typer.Option(hidden=True, help="Started by `search --workers N`, which prints the summary.")] = False,
 ) -> None:
     """Join a study created by `autopeft search` and run its trials; start one per GPU, on any machine."""
     from autopeft.search import run_worker
@@ -189,9 +199,10 @@ def worker(
     config = _guard(lambda: SearchConfig(study=study, storage=storage, tracking_uri=tracking_uri,
                                          artifacts_dir=str(artifacts_dir), trials=trials, timeout=timeout,
                                          worker_id=worker_id if worker_id is not None else worker_id_default()))
-    summary = _interruptible(lambda: run_worker(config, progress=_progress), config)
-    console.print(f"worker done: the study holds {sum(t.state.name == 'COMPLETE' for t in summary.study.trials)} "
-                  f"completed trials" + (f"; {summary.stopped_reason}" if summary.stopped_reason else ""))
+    summary = _interruptible(lambda: run_worker(config, progress=_progress), config, summary=not spawned)
+    done = sum(t.state.name == "COMPLETE" for t in summary.study.trials)
+    console.print(f"worker done: the study holds {done} completed trial{'s' * (done != 1)}"
+                  + (f"; {summary.stopped_reason}" if summary.stopped_reason else ""))
 
 
 def _csv(text: str | None) -> tuple[str, ...] | None:
@@ -218,14 +229,17 @@ def _budget(text: str | None) -> int | None:
         raise ConfigError([f"--memory-budget: {exc}"]) from None
 
 
-def _interruptible(call: Callable[[], T], config: SearchConfig) -> T:
-    """Ctrl-C: the running trial is already recorded as failed ("interrupted"); print what finished."""
+def _interruptible(call: Callable[[], T], config: SearchConfig, *, summary: bool = True) -> T:
+    """Ctrl-C: the running trial is already recorded as failed ("interrupted"); print what finished (unless
+    the process that started this one prints it)."""
     from autopeft import interrupt
 
     interrupt.install()
     try:
         return _guard(call)
     except KeyboardInterrupt:
+        if not summary:
+            raise typer.Exit(130) from None
         err.print("interrupted: the running trial is recorded as failed with reason 'interrupted'")
         import optuna
 
@@ -236,30 +250,39 @@ def _interruptible(call: Callable[[], T], config: SearchConfig) -> T:
         raise typer.Exit(130) from None
 
 
-def _run_local_workers(count: int, trials: int, config: SearchConfig) -> Any:
-    """`--workers N` on one machine: the study exists now; N `autopeft worker` processes share it."""
+def _run_local_workers(count: int, config: SearchConfig) -> tuple[Any, list[str]]:
+    """`--workers N` on one machine: the study exists now, with this search's settings recorded; N `autopeft
+    worker` processes share it. Returns the summary (with why the workers stopped short, if they did) and a line
+    for each worker that crashed. Ctrl-C reaches this process only (the workers have a session of their own),
+    which passes it on once and prints the one summary."""
     import optuna
 
     from autopeft.search import SearchSummary
+    from autopeft.stopping import SearchStops
 
     command = [sys.executable, "-m", "autopeft.cli", "worker", "--study", config.study, "--storage", config.storage,
-               "--tracking-uri", config.tracking_uri, "--artifacts-dir", config.artifacts_dir, "--trials", str(trials)]
+               "--tracking-uri", config.tracking_uri, "--artifacts-dir", config.artifacts_dir, "--spawned"]
     if config.timeout is not None:
         command += ["--timeout", str(config.timeout)]
+    study = optuna.load_study(study_name=config.study, storage=config.storage)
+    stops = SearchStops(config, study)
     # Split the cores between workers: N processes each using every core would oversubscribe the CPU.
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // count))}
-    processes = [subprocess.Popen([*command, "--worker-id", str(i)], env=env) for i in range(count)]
+    processes = [subprocess.Popen([*command, "--worker-id", str(i)], env=env, start_new_session=True)
+                 for i in range(count)]
     try:
-        for process in processes:
-            process.wait()
+        codes = [process.wait() for process in processes]
     except KeyboardInterrupt:
         for process in processes:
-            process.send_signal(2)
+            process.send_signal(signal.SIGINT)
         for process in processes:
             process.wait()
-        raise
+        err.print("interrupted: the running trials are recorded as failed with reason 'interrupted'")
+        _print_summary(optuna.load_study(study_name=config.study, storage=config.storage), config, "interrupted")
+        raise typer.Exit(130) from None
     study = optuna.load_study(study_name=config.study, storage=config.storage)
-    return SearchSummary(study, config, study.user_attrs.get("mlflow_parent_run_id", ""))
+    crashed = [f"worker {i} exited with code {code} (its output is above)" for i, code in enumerate(codes) if code]
+    return SearchSummary(study, config, study.user_attrs.get("mlflow_parent_run_id", ""), stops.reason(study)), crashed
 
 
 def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None) -> None:
@@ -269,7 +292,7 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None)
     console.print(trials_table(study))
     if stopped_reason:
         console.print(f"[yellow]{stopped_reason}[/yellow]")
-    _print_split(study.user_attrs.get("split", {}), config)
+    _print_split(study.user_attrs.get("split", {}), study.user_attrs.get("config", {}))
     chosen = False
     try:
         rule = default_rule(study)
@@ -286,7 +309,8 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None)
     except AutopeftError as exc:
         if config.trials == 0 and not study.trials:  # created for workers, as asked
             console.print(f"study created with no trials; start workers: autopeft worker --study {config.study} "
-                          f"--storage {redact_url(config.storage)} --trials N (the completed trials to reach)")
+                          f"--storage {redact_url(config.storage)} --tracking-uri {redact_url(config.tracking_uri)} "
+                          "--trials N (the completed trials to reach)")
         else:
             console.print(f"no trial to choose: {exc}")
     console.print(f"Optuna study: {config.study} at {_where(config.storage)}")
@@ -297,13 +321,14 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None)
                       "--out export/")
 
 
-def _print_split(split: dict[str, Any], config: SearchConfig) -> None:
-    """The rows each split holds, and a warning where the task had fewer than asked for."""
+def _print_split(split: dict[str, Any], recorded: dict[str, Any]) -> None:
+    """The rows each split holds, and a warning where the task had fewer than the study asked for (the
+    study's own sizes: a worker's command line has none)."""
     names = ("train", "validation", "test")
     held = [split.get(f"{name}_size") for name in names]
-    if None in held:
+    asked = [recorded.get(f"{name}_size") for name in ("train", "val", "test")]
+    if None in held or None in asked:
         return
-    asked = [config.train_size, config.val_size, config.test_size]
     console.print("data: " + ", ".join(f"{name} {rows} rows" for name, rows in zip(names, held)))
     short = [f"--{option}-size {want} (got {got})" for option, want, got in zip(("train", "val", "test"), asked, held)
              if got < want]

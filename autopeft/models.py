@@ -274,6 +274,7 @@ def save_tiny_model(folder: Path, family_name: str = "bert", *, seed: int = 0, c
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     packaged = Path(resolve_model_path("packaged:all-MiniLM-L6-v2"))
+    folder.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (packaged / name).exists():
             shutil.copy(packaged / name, folder / name)

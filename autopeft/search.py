@@ -350,16 +350,15 @@ class Objective:
         self.runtime = runtime
         self.tracker = tracker
         self.parent_run_id = parent_run_id
-        self.consecutive_failures = 0
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         started = time.perf_counter()
         config = self.runtime.config
-        if not self._needed(trial):  # other workers have completed (or are completing) the study
+        unneeded = self._unneeded(trial)  # other workers have completed (or are completing) the study
+        if unneeded:
             trial.study.stop()
-            reason = "not needed: other workers' trials, done or running, complete the study"
-            trial.set_user_attr("prune_reason", reason)  # the trials table shows it
-            raise optuna.TrialPruned(reason)
+            trial.set_user_attr("prune_reason", unneeded)  # the trials table shows it
+            raise optuna.TrialPruned(unneeded)
         assert self.runtime.space is not None
         params = self.runtime.space.suggest(trial)
         seed = config.seed + trial.number
@@ -396,7 +395,6 @@ class Objective:
             self._fail(trial, run_id, f"non-finite score: validation accuracy {outcome.accuracy}, "
                                       f"forgetting {outcome.forgetting}")  # Optuna would fail it without a word
         self._record(trial, run_id, outcome, started)
-        self.consecutive_failures = 0
         return values
 
     def _values(self, outcome: TrialOutcome) -> float | tuple[float, ...]:
@@ -417,21 +415,26 @@ class Objective:
             trial.set_user_attr("prune_reason", reason)
             raise optuna.TrialPruned(reason)
 
-    def _needed(self, trial: optuna.Trial) -> bool:
-        """Wait while running trials that started earlier could still complete the study. Each of them
-        completes, or fails on a live worker (which goes on and frees a place), or, when its worker died,
-        turns stale after the heartbeat grace period and is failed here. So with heartbeats the wait needs no
-        deadline: a fixed one let the last workers leave while a dead worker's trial still counted, and the
-        study ended a trial short. Without heartbeats a dead worker's trial never turns stale: bounded wait."""
+    def _unneeded(self, trial: optuna.Trial) -> str | None:
+        """Why this trial is not needed, or None. Wait while running trials that started earlier could still
+        complete the study. Each of them completes, or fails on a live worker (which goes on and frees a place),
+        or, when its worker died, turns stale after the heartbeat grace period and is failed here. So with
+        heartbeats the wait needs no deadline: a fixed one let the last workers leave while a dead worker's trial
+        still counted, and the study ended a trial short. Without heartbeats a dead worker's trial never turns
+        stale: bounded wait. The step budget counts what running trials will train: workers that all started at
+        once overspent it by a trial each."""
         config = self.runtime.config
         deadline = None if studies.has_heartbeats(trial.study) else time.monotonic() + 4 * config.heartbeat_seconds
         while not studies.may_start(trial.study, trial.number, config.trials):
             timed_out = deadline is not None and time.monotonic() > deadline
             if timed_out or studies.completed(trial.study) >= config.trials:
-                return False
+                return "not needed: other workers' trials, done or running, complete the study"
             time.sleep(1.0)
             optuna.storages.fail_stale_trials(trial.study)
-        return True
+        budget = config.max_total_steps
+        if budget is not None and studies.steps_committed(trial.study, trial.number, config.max_steps) >= budget:
+            return "not needed: the training-step budget is spent or taken by running trials"
+        return None
 
     def _check_budget(self, trial: optuna.Trial, estimate: memory.MemoryEstimate) -> None:
         budget = self.runtime.config.memory_budget
@@ -446,7 +449,6 @@ class Objective:
             raise optuna.TrialPruned(reason)
 
     def _fail(self, trial: optuna.Trial, run_id: str, reason: str) -> None:
-        self.consecutive_failures += 1
         trial.set_user_attr("fail_reason", reason)
         self.tracker.end_trial_run(run_id, "FAIL", reason)
         raise TrialFailed(reason)
@@ -664,15 +666,17 @@ def check_before_loading(config: SearchConfig) -> SearchSpace:
     return space
 
 
-def run_search(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
-    """Run (or resume) the study until `config.trials` trials have completed or the timeout passes."""
+def run_search(config: SearchConfig, *, progress: Any = None, prepare_only: bool = False) -> SearchSummary:
+    """Run (or resume) the study until `config.trials` trials have completed or the timeout passes.
+    `prepare_only`: create or resume the study, its MLflow parent run and the base model's scores, and train
+    nothing (for workers in other processes, which read the settings recorded here)."""
     space = check_before_loading(config)
     runtime = prepare_runtime(config, space)  # bad model or data fails here, before anything is written
     check_budget_feasible(config, runtime)
     make_artifacts_folder(config)  # an unusable folder is refused before the study exists
     on_stale = studies.StaleTrialRetry()
     study = studies.open_study(config, space, runtime.task, on_stale)
-    return run_trials(runtime, study, on_stale, progress=progress)
+    return run_trials(runtime, study, on_stale, progress=progress, train=not prepare_only)
 
 
 def make_artifacts_folder(config: SearchConfig) -> None:
@@ -694,7 +698,7 @@ def run_worker(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
 
 
 def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTrialRetry, *,
-               progress: Any = None) -> SearchSummary:
+               progress: Any = None, train: bool = True) -> SearchSummary:
     config = runtime.config
     study.sampler = studies.seeded_sampler(config, study, runtime.space)
     study.pruner = studies.make_pruner(config)
@@ -713,11 +717,11 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
     study.set_user_attr("mlflow_parent_run_id", parent)
     runtime.probes.save_base(probe_cache(config), probe_cache_key(config, runtime.task))
     objective = Objective(runtime, tracker, parent)
-    stops = SearchStops(config, study, lambda: objective.consecutive_failures)
+    stops = SearchStops(config, study)
     try:
         with _long_lived_objects_frozen():
             # A resumed study whose step budget is already spent trains nothing more.
-            if stops.remaining > 0 and not stops.step_budget_spent(study):
+            if train and stops.remaining > 0 and not stops.step_budget_spent(study):
                 study.optimize(objective, timeout=config.timeout, catch=(TrialFailed,),
                                callbacks=stops.callbacks() + ([progress] if progress else []), gc_after_trial=True)
         interrupt.check()
@@ -730,7 +734,7 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
         tracker.close_study_run(parent, {"completed_trials": studies.completed(study)}, status="KILLED")
         raise
     tracker.close_study_run(parent, {"completed_trials": studies.completed(study)})
-    return SearchSummary(study, config, parent, stops.reason(study))
+    return SearchSummary(study, config, parent, stops.reason(study) if train else None)
 
 
 def _record_base_scores(runtime: Runtime, study: optuna.Study, tracker: Tracker, parent: str) -> None:

@@ -8,6 +8,7 @@ attempts, so that a space where everything fails or is rejected cannot loop for 
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,9 +35,9 @@ class SearchStops:
     `PRUNED_PER_TRIAL * remaining` stopped early by the pruner (or skipped as a repeat), and at
     `REJECTIONS_PER_TRIAL * remaining` rejected by the memory budget."""
 
-    def __init__(self, config: SearchConfig, study: optuna.Study, consecutive_failures: Callable[[], int]) -> None:
+    def __init__(self, config: SearchConfig, study: optuna.Study) -> None:
         self.config = config
-        self.consecutive_failures = consecutive_failures
+        self.since = datetime.datetime.now()  # Optuna's trial times are naive local times too
         self.remaining = config.trials - studies.completed(study)
         self.counts = {"trained": 0, "pruned": 0, "rejected": 0}
         self.caps = {"trained": 2 * self.remaining + config.max_consecutive_failures,
@@ -64,6 +65,9 @@ class SearchStops:
         done, trials = studies.completed(study), self.config.trials
         if done >= trials:
             return None
+        # Conditions another process (a worker) may have stopped at: read from the study.
+        if self.step_budget_spent(study) or self._failures_stopped(study):
+            return self.reasons[0]
         held = f"{done} of {trials} trials completed"
         if self.config.timeout is not None and time.monotonic() - self.began >= self.config.timeout:
             return f"stopped at --timeout {self.config.timeout:g} s with {held}"
@@ -71,11 +75,18 @@ class SearchStops:
             return f"stopped with {held}: every configuration of the grid has been tried"
         return None
 
-    def _after_failures(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        failures = self.consecutive_failures()
-        if failures >= self.config.max_consecutive_failures:
-            self.reasons.append(f"stopped after {failures} consecutive failed trials; "
-                                f"last reason: {trial.user_attrs.get('fail_reason', 'unknown')}")
+    def _failures_stopped(self, study: optuna.Study) -> bool:
+        """Counted across the study's workers, since this run began (a resumed study's earlier failures are
+        not held against it)."""
+        failures = studies.failures_in_a_row(study, self.since)
+        if len(failures) < self.config.max_consecutive_failures:
+            return False
+        self.reasons.append(f"stopped after {len(failures)} consecutive failed trials; "
+                            f"last reason: {failures[-1].user_attrs.get('fail_reason', 'unknown')}")
+        return True
+
+    def _after_failures(self, study: optuna.Study, _trial: Any) -> None:
+        if self._failures_stopped(study):
             study.stop()
 
     def _at_step_budget(self, study: optuna.Study, _trial: Any) -> None:

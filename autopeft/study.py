@@ -4,6 +4,7 @@ may still start when several workers share one study."""
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from autopeft.space import SearchSpace, parse_space
 DIRECTION = {"accuracy": "maximize", "forgetting": "minimize", "memory": "minimize", "trainable_params": "minimize"}
 COMPLETE = optuna.trial.TrialState.COMPLETE
 RUNNING = optuna.trial.TrialState.RUNNING
+FAIL = optuna.trial.TrialState.FAIL
 
 
 class StaleTrialRetry:
@@ -79,6 +81,9 @@ def open_study(config: SearchConfig, space: SearchSpace, task: TaskData,
         else:
             study = optuna.load_study(study_name=config.study, storage=storage)
             check_compatible(study, config, space, task)
+            # The settings that may change on a resume (trials, budgets, sampler, ...) are this run's now:
+            # workers joining the study read them from here.
+            study.set_user_attr("config", config.public_dict())
             return study
     study = optuna.create_study(study_name=config.study, storage=storage, directions=directions(config))
     study.set_user_attr("config", config.public_dict())
@@ -323,6 +328,28 @@ def may_start(study: optuna.Study, number: int, target: int) -> bool:
     trials = study.get_trials(deepcopy=False, states=(COMPLETE, RUNNING))
     ahead = sum(1 for t in trials if t.state == COMPLETE or t.number < number)
     return ahead < target
+
+
+def steps_committed(study: optuna.Study, number: int, max_steps: int) -> int:
+    """Training steps spent by finished trials, plus what running trials that started before trial `number`
+    will train (a full trial each: a pruned one may give some back)."""
+    trials = study.get_trials(deepcopy=False)
+    spent = sum(t.user_attrs.get("steps_trained", 0) for t in trials if t.state != RUNNING)
+    return spent + max_steps * sum(1 for t in trials if t.state == RUNNING and t.number < number)
+
+
+def failures_in_a_row(study: optuna.Study, since: datetime.datetime) -> list[optuna.trial.FrozenTrial]:
+    """The trials started at or after `since` that failed since the last one that completed, in the order they
+    finished, across every worker of the study. Interrupted trials and dead workers' trials (no recorded
+    reason) are not the configuration's failures and are left out; so are pruned ones."""
+    finished = [t for t in study.get_trials(deepcopy=False, states=(COMPLETE, FAIL))
+                if t.datetime_start is not None and t.datetime_start >= since and t.datetime_complete is not None
+                and (t.state == COMPLETE or t.user_attrs.get("fail_reason") not in (None, "interrupted"))]
+    finished.sort(key=lambda t: t.datetime_complete)
+    since_last_success: list[optuna.trial.FrozenTrial] = []
+    for trial in finished:
+        since_last_success = [] if trial.state == COMPLETE else [*since_last_success, trial]
+    return since_last_success
 
 
 def worker_id_default() -> int:

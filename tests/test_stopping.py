@@ -19,18 +19,15 @@ def _run(outcome: Callable[[optuna.Trial], float], tmp_path: Path, *, trials: in
     config = SearchConfig(trials=trials, objective_mode="scalar", storage=f"sqlite:///{tmp_path / 'a.db'}",
                           **options)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    failures = [0]
 
     def objective(trial: optuna.Trial) -> float:
         try:
-            value = outcome(trial)
-        except TrialFailed:
-            failures[0] += 1
+            return outcome(trial)
+        except TrialFailed as exc:  # as the search's objective records a failure
+            trial.set_user_attr("fail_reason", exc.reason)
             raise
-        failures[0] = 0
-        return value
 
-    stops = SearchStops(config, study, lambda: failures[0])
+    stops = SearchStops(config, study)
     study.optimize(objective, n_trials=10_000, catch=(TrialFailed,), callbacks=stops.callbacks())
     return study, stops
 
@@ -79,7 +76,6 @@ def test_trials_that_fail_between_completions_are_capped_at_twice_the_trials_plu
 @pytest.mark.parametrize("allowed", [1, 3])
 def test_consecutive_failures_stop_the_search_and_name_the_last_reason(tmp_path: Path, allowed: int) -> None:
     def fails(trial: optuna.Trial) -> float:
-        trial.set_user_attr("fail_reason", "non-finite loss")
         raise TrialFailed("non-finite loss")
 
     study, stops = _run(fails, tmp_path, trials=5, max_consecutive_failures=allowed)
@@ -105,3 +101,50 @@ def test_the_step_budget_stops_the_search_once_spent(tmp_path: Path) -> None:
     study, stops = _run(trains, tmp_path, trials=10, max_total_steps=10)
     assert len(study.trials) == 3  # 4 + 4 < 10, 12 >= 10
     assert stops.reason(study) == "stopped at the training-step budget: 12 of 10 steps spent"
+
+
+def _finish(study: optuna.Study, state: optuna.trial.TrialState, reason: str | None = None) -> None:
+    """A trial another worker ran and recorded (asked and told here, as that worker's objective would)."""
+    trial = study.ask()
+    if reason:
+        trial.set_user_attr("fail_reason", reason)
+    study.tell(trial, 1.0 if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+
+
+def test_failures_in_a_row_are_counted_across_workers_and_only_since_this_run_began(tmp_path: Path) -> None:
+    """Each worker counted only its own failures: two workers allowed 2 in a row ran 4."""
+    config = SearchConfig(trials=3, objective_mode="scalar", max_consecutive_failures=2,
+                          storage=f"sqlite:///{tmp_path / 'a.db'}")
+    study = optuna.create_study()
+    _finish(study, optuna.trial.TrialState.FAIL, "out of memory")  # an earlier run's: a resume starts afresh
+    stops = SearchStops(config, study)
+    _finish(study, optuna.trial.TrialState.FAIL, "non-finite loss")
+    _finish(study, optuna.trial.TrialState.FAIL, "interrupted")  # Ctrl-C: not the configuration's failure
+    _finish(study, optuna.trial.TrialState.FAIL)  # a dead worker's trial, failed as stale: no reason
+    assert stops.reason(study) is None
+    _finish(study, optuna.trial.TrialState.FAIL, "out of memory: CUDA")
+    assert stops.reason(study) == "stopped after 2 consecutive failed trials; last reason: out of memory: CUDA"
+
+
+def test_a_completed_trial_between_failures_of_two_workers_resets_the_count(tmp_path: Path) -> None:
+    config = SearchConfig(trials=3, objective_mode="scalar", max_consecutive_failures=2,
+                          storage=f"sqlite:///{tmp_path / 'a.db'}")
+    study = optuna.create_study()
+    stops = SearchStops(config, study)
+    for state in ("FAIL", "COMPLETE", "FAIL"):
+        _finish(study, optuna.trial.TrialState[state], "nan" if state == "FAIL" else None)
+    assert stops.reason(study) is None
+
+
+def test_running_trials_take_their_steps_from_the_budget_before_they_finish() -> None:
+    """Three workers starting at once under --max-total-steps 60 at 30 steps a trial trained 90."""
+    from autopeft.study import steps_committed
+
+    study = optuna.create_study()
+    done = study.ask()
+    done.set_user_attr("steps_trained", 12)  # pruned early: what it trained
+    study.tell(done, 1.0)
+    running = [study.ask() for _ in range(2)]
+    assert steps_committed(study, running[0].number, 30) == 12  # the first running trial starts
+    assert steps_committed(study, running[1].number, 30) == 12 + 30
+    assert steps_committed(study, running[1].number + 1, 30) == 12 + 60
