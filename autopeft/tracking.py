@@ -3,17 +3,21 @@ run ids (no global active run), so a resumed study re-attaches to its parent run
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
 import time
 import urllib.request
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+
+from autopeft.config import sqlite_file
 
 EXPERIMENT = "autopeft"
 FALLBACK_URI = "sqlite:///mlflow-fallback.db"
@@ -32,6 +36,25 @@ def artifact_location(tracking_uri: str) -> str | None:
         return None
     database = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
     return (database.resolve().parent / "mlruns").as_uri()
+
+
+@contextlib.contextmanager
+def _creating_store(uri: str) -> Iterator[None]:
+    """Hold a lock on a SQLite store's folder while MLflow creates its tables and our experiment. Workers that
+    start together, or fall back together when a server dies, otherwise race on the same new file ("table ...
+    already exists") and one of them crashes or logs elsewhere. A server serialises this itself."""
+    database = sqlite_file(uri)
+    if database is None:
+        yield
+        return
+    folder = Path(database).expanduser().resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # closing releases the lock
 
 
 class Tracker:
@@ -62,10 +85,11 @@ class Tracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).read()
-        self.client = MlflowClient(tracking_uri=uri)
-        experiment = self.client.get_experiment_by_name(EXPERIMENT)
-        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
-            EXPERIMENT, artifact_location=artifact_location(uri))
+        with _creating_store(uri):
+            self.client = MlflowClient(tracking_uri=uri)
+            experiment = self.client.get_experiment_by_name(EXPERIMENT)  # a new SQLite store is created here
+            self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+                EXPERIMENT, artifact_location=artifact_location(uri))
 
     def _fall_back(self, exc: BaseException) -> None:
         warnings.warn(f"MLflow tracking at {self.intended_uri} is unreachable ({str(exc).splitlines()[0][:200]}); "

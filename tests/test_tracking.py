@@ -1,3 +1,5 @@
+import multiprocessing
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,3 +21,23 @@ def test_files_logged_to_a_sqlite_store_land_beside_it_not_in_the_working_direct
     tracker.log_file(run, note)
     assert list((store.parent / "mlruns").rglob("note.txt"))
     assert not (elsewhere / "mlruns").exists()
+
+
+def _open_and_log(database: str) -> tuple[str, list[str]]:
+    """One worker process's first contact with the tracking store (run in a fresh interpreter)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = Tracker(f"sqlite:///{database}")
+        tracker.start_run("worker", {"a": 1})
+    return tracker.uri, [str(w.message) for w in caught if "unreachable" in str(w.message)]
+
+
+def test_workers_that_create_a_new_sqlite_store_at_once_all_log_to_it(tmp_path: Path) -> None:
+    """MLflow creates a new SQLite store's tables on first contact; four processes doing it at once failed with
+    "duplicate column name" or "table ... already exists", and a search's worker crashed or fell back."""
+    database = str(tmp_path / "mlflow.db")
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        opened = pool.map(_open_and_log, [database] * 4)
+    assert opened == [(f"sqlite:///{database}", [])] * 4
+    store = Tracker(f"sqlite:///{database}")
+    assert len(store.client.search_runs([store.experiment_id])) == 4
