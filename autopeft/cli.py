@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -315,10 +316,18 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None)
             console.print(f"no trial to choose: {exc}")
     console.print(f"Optuna study: {config.study} at {_where(config.storage)}")
     console.print(f"MLflow store: {_where(config.tracking_uri)} (experiment 'autopeft', run '{config.study}')")
-    console.print(f"dashboard:    autopeft ui --tracking-uri {redact_url(config.tracking_uri)}")
+    if config.tracking_uri.startswith(("http://", "https://")):
+        console.print(f"dashboard:    {_server_page(config.tracking_uri)} (the tracking server's own)")
+    else:
+        console.print(f"dashboard:    autopeft ui --tracking-uri {redact_url(config.tracking_uri)}")
     if chosen:  # nothing to export otherwise
         console.print(f"export:       autopeft export --study {config.study} --storage {redact_url(config.storage)} "
                       "--out export/")
+
+
+def _server_page(uri: str) -> str:
+    """A tracking server's address as a browser takes it: without the credentials a URI may carry."""
+    return re.sub(r"//[^/@]*@", "//", uri)
 
 
 def _print_split(split: dict[str, Any], recorded: dict[str, Any]) -> None:
@@ -635,6 +644,9 @@ def ui(
         _fail(f"--port: {port} must be between 1 and 65535")
     if missing_sqlite_file(tracking_uri):
         _fail(f"--tracking-uri: no MLflow store at {tracking_uri}; run `autopeft search` first")
+    if tracking_uri.startswith(("http://", "https://")):  # `mlflow ui` serves a database, not another server
+        _fail(f"--tracking-uri: {redact_url(tracking_uri)} is a tracking server, which serves its own dashboard: "
+              f"open {_server_page(tracking_uri)} in a browser")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
                "--host", host, "--port", str(port)]
     console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")

@@ -369,6 +369,9 @@ OTHER_BAD_INPUTS = [
      "--model: a --config recipe names its own model"),
     (["estimate", "--config", "export/training.yaml", "--task-type", "causal_lm"], "--task-type: a --config recipe names its own"),
     (["ui", "--port", "99999"], "--port: 99999 must be between 1 and 65535"),
+    (["ui", "--tracking-uri", "http://me:pw@127.0.0.1:5555"],  # `mlflow ui` crashed on a server's URI
+     "--tracking-uri: http://me:***@127.0.0.1:5555 is a tracking server, which serves its own dashboard: open "
+     "http://127.0.0.1:5555 in a browser"),
     (["sync", "--source", "sqlite:///mlflow.db", "--target", "sqlite:///./mlflow.db"], "--target: sqlite:///./mlflow.db is the store --source names"),
     (["estimate", "--model", "./no/such/model"], "--model: ./no/such/model does not exist"),
     (["estimate", "--model", "nobody/no-such-model"], "--model: cannot load 'nobody/no-such-model'"),
