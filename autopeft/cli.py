@@ -566,23 +566,24 @@ def estimate(
     for option in (name for name, value in given.items() if config is not None and value is not None):
         _fail(f"{option}: a --config recipe names its own model, method and task type; leave {option} out")
 
-    def configurations() -> list[tuple[str, TrialParams, str, int]]:
-        """(base model, configuration, task type, tokens per row) for each estimate."""
+    def configurations() -> list[tuple[str, TrialParams, str, int, int | None]]:
+        """(base model, configuration, task type, tokens per row, the recipe's steps) for each estimate."""
         if config is not None:
             recipe, params, _ = read_recipe(config)
-            return [(recipe.model, params, recipe.task_type, seq_len or recipe.max_length)]
+            return [(recipe.model, params, recipe.task_type, seq_len or recipe.max_length, recipe.max_steps)]
         loaded = load_space(space or DEFAULT_SPACE)
         defaults = {k: spec.default for k, spec in TRAINING_PARAMS.items()}
         return [(model or DEFAULT_MODEL, TrialParams(name, methods.get(name).resolve({}), defaults),
-                 task_type or "classification", seq_len or 128)
+                 task_type or "classification", seq_len or 128, None)
                 for name in loaded.method_names()]
 
     known = TrainSettings.__dataclass_fields__
-    for base, params, kind, tokens in _guard(configurations):
+    for base, params, kind, tokens, steps in _guard(configurations):
         settings = TrainSettings(**{k: v for k, v in params.training.items() if k in known})
         peft_task = "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS"
         result = _guard(functools.partial(memory.estimate_traced, base, params.method, params.method_params,
-                                          settings, seq_len=tokens, device=device, task_type=peft_task))
+                                          settings, seq_len=tokens, device=device, task_type=peft_task,
+                                          max_steps=steps))  # as the search and export traced it
         console.print(f"[bold]{params.method}[/bold] on {base} ({kind}): micro-batch {settings.micro_batch_size} x "
                       f"{tokens} tokens, {settings.optimizer}, {settings.precision}"
                       f"{', checkpointing' if settings.gradient_checkpointing else ''}")

@@ -290,8 +290,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
                "val_accuracy": scores(trial)[0], "forgetting": scores(trial)[1], "test_accuracy": score,
                **_sampling_error(study, scores(trial)[0]),
                "trainable_params": trial.user_attrs.get("trainable_params"),
-               "memory_estimate_bytes": trial.user_attrs.get("memory_estimate_bytes"),
-               "memory_estimate_seq_len": runtime.longest_row,  # trials are estimated at the longest training row
+               **_memory_figure(trial, runtime, params),
                "peft_backed": methods.get(params.method).peft_backed, "retrained_for_export": retrained,
                "label_names": runtime.task.label_names if config.task_type != "causal_lm" else None,
                **_generation(runtime),
@@ -335,7 +334,6 @@ def _leader(confirmations: list[Confirmation], order: Callable[[float, float], t
 
 
 def model_card(config: SearchConfig, trial: optuna.trial.FrozenTrial, params: TrialParams, metrics: dict) -> str:
-    memory = metrics["memory_estimate_bytes"]
     own = ", ".join(f"{k}={v}" for k, v in params.method_params.items())
     warning = f"\n\n**Warning**: {metrics['warning']}." if metrics["warning"] else ""
     return f"""# {params.method} adapter for {config.model} on {config.task}
@@ -352,7 +350,7 @@ Found by autopeft (study `{metrics['study']}`, trial {trial.number}).
 | forgetting (the study's forgetting probe) | {metrics['forgetting']:.4f} |
 {_confirmed_rows(trial.number, metrics['confirmation'])}| held-out test accuracy (computed once, at export) | {metrics['test_accuracy']:.4f} |
 | trainable parameters | {metrics['trainable_params']:,} |
-| estimated peak training memory | {_memory_cell(memory, metrics['memory_estimate_seq_len'])} |
+| estimated peak training memory | {_memory_cell(metrics)} |
 {_labels_row(metrics['label_names'])}
 Reproduce: `autopeft train --config training.yaml`
 
@@ -361,11 +359,31 @@ Reproduce: `autopeft train --config training.yaml`
 """
 
 
-def _memory_cell(memory: int | None, seq_len: int) -> str:
+def _memory_figure(trial: optuna.trial.FrozenTrial, runtime: Runtime, params: TrialParams) -> dict[str, Any]:
+    """The exported configuration's peak training memory at the longest training row, traced as `autopeft
+    estimate --config` traces it. A search without a budget kept only the quick analytic estimate, some 10%
+    off; the card offers the estimate command to check, which must give the same figure."""
+    from autopeft.search import target_device, traced_estimate
+
+    figure = {"memory_estimate_seq_len": runtime.longest_row, "memory_estimate_device": target_device(runtime).type}
+    try:
+        estimate = traced_estimate(runtime, params)
+    except Exception:  # noqa: BLE001 -- a configuration the tracer cannot follow: the search's own figure, named
+        return {**figure, "memory_estimate_bytes": trial.user_attrs.get("memory_estimate_bytes"),
+                "memory_estimate_level": trial.user_attrs.get("memory_estimate_level", "analytic")}
+    return {**figure, "memory_estimate_bytes": estimate.total, "memory_estimate_level": estimate.level}
+
+
+def _memory_cell(metrics: dict[str, Any]) -> str:
+    memory, seq_len = metrics["memory_estimate_bytes"], metrics["memory_estimate_seq_len"]
     if not memory:
         return "n/a"
-    return (f"{format_bytes(memory)} at the longest training row, {seq_len} tokens (`autopeft estimate --config "
-            f"training.yaml --seq-len {seq_len}` estimates it again; without --seq-len, at max_length)")
+    level, device = metrics.get("memory_estimate_level", "analytic"), metrics.get("memory_estimate_device", "cpu")
+    command = (f"`autopeft estimate --config training.yaml --seq-len {seq_len}"
+               f"{' --device cuda' if device == 'cuda' else ''}`")
+    again = (f"{command} traces it again; without --seq-len, at max_length" if level == "traced" else
+             f"the search's quick estimate: {command} traces it, within a few percent")
+    return f"{format_bytes(memory)} on {device} at the longest training row, {seq_len} tokens ({level}; {again})"
 
 
 def _generation(runtime: Runtime) -> dict[str, Any]:

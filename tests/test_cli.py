@@ -16,6 +16,8 @@ from pathlib import Path
 import optuna
 import pytest
 
+from autopeft.config import format_bytes
+
 AUTOPEFT = [sys.executable, "-m", "autopeft.cli"]
 
 
@@ -47,7 +49,13 @@ def test_search_export_and_mlflow_records(tmp_path: Path, tiny_search_args: list
     card = (tmp_path / "out" / "README.md").read_text()
     assert metrics["label_names"] == ["fresh", "rotten"]  # which head output is which class
     assert "| labels (head output index: label) | 0: 'fresh', 1: 'rotten' |" in card and "num_labels=2" in card
-    assert f"tokens (`autopeft estimate --config training.yaml --seq-len {metrics['memory_estimate_seq_len']}`" in card
+    seq_len = metrics["memory_estimate_seq_len"]
+    assert f"tokens (traced; `autopeft estimate --config training.yaml --seq-len {seq_len}` traces it again" in card
+    # The card's figure is the one that command prints (it once showed the search's analytic estimate, 10% off).
+    again = autopeft("estimate", "--config", "out/training.yaml", "--seq-len", str(seq_len), cwd=tmp_path)
+    total = next(line for line in again.stdout.splitlines() if line.startswith("total"))
+    assert f"| {format_bytes(metrics['memory_estimate_bytes'])} on cpu at the longest training row" in card
+    assert total.split()[1:3] == format_bytes(metrics["memory_estimate_bytes"]).split()
     for text in (done.stdout, exported.stdout, card):
         assert ("no better than the majority class" in text) == learned_nothing
     import yaml
@@ -370,8 +378,8 @@ OTHER_BAD_INPUTS = [
     (["estimate", "--config", "export/training.yaml", "--task-type", "causal_lm"], "--task-type: a --config recipe names its own"),
     (["ui", "--port", "99999"], "--port: 99999 must be between 1 and 65535"),
     (["ui", "--tracking-uri", "http://me:pw@127.0.0.1:5555"],  # `mlflow ui` crashed on a server's URI
-     "--tracking-uri: http://me:***@127.0.0.1:5555 is a tracking server, which serves its own dashboard: open "
-     "http://127.0.0.1:5555 in a browser"),
+     ("--tracking-uri: http://me:***@127.0.0.1:5555 is a tracking server, which serves its own dashboard: open "
+      "http://127.0.0.1:5555 in a browser")),
     (["sync", "--source", "sqlite:///mlflow.db", "--target", "sqlite:///./mlflow.db"], "--target: sqlite:///./mlflow.db is the store --source names"),
     (["estimate", "--model", "./no/such/model"], "--model: ./no/such/model does not exist"),
     (["estimate", "--model", "nobody/no-such-model"], "--model: cannot load 'nobody/no-such-model'"),

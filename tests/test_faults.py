@@ -138,9 +138,10 @@ def test_a_waiting_worker_outlasts_a_trial_whose_worker_dies_late(tmp_path: Path
     threading.Thread(target=beat_then_die, daemon=True).start()
     threading.Timer(4.0, dies.set).start()
     ours = study.ask()
-    objective = Objective(SimpleNamespace(config=SimpleNamespace(trials=1, heartbeat_seconds=1)), None, "")
+    objective = Objective(SimpleNamespace(config=SimpleNamespace(trials=1, heartbeat_seconds=1, max_total_steps=None)),
+                          None, "")
     began = time.monotonic()
-    assert objective._needed(ours)
+    assert objective._unneeded(ours) is None
     assert time.monotonic() - began >= 4.0
     assert study.trials[other.number].state == optuna.trial.TrialState.FAIL
 
@@ -153,7 +154,8 @@ def test_a_trial_a_late_worker_starts_after_the_study_is_complete_is_pruned_with
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'done.db'}")
     done = study.ask()
     study.tell(done, 0.8)  # another worker completed the study's one trial
-    objective = Objective(SimpleNamespace(config=SimpleNamespace(trials=1, heartbeat_seconds=1)), None, "")
+    objective = Objective(SimpleNamespace(config=SimpleNamespace(trials=1, heartbeat_seconds=1, max_total_steps=None)),
+                          None, "")
     study.optimize(objective, n_trials=1)
     late = study.trials[-1]
     assert late.state == optuna.trial.TrialState.PRUNED
