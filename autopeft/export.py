@@ -146,7 +146,9 @@ def lead_of(study: optuna.Study, ranked: Candidates) -> noise.Lead | None:
     objective), against the validation accuracy's sampling error; None for a rule that ranks on forgetting."""
     if ranked.order is forgetting_first:
         return None
-    return noise.lead(study, ranked.trials, score=lambda t: ranked.order(*scores(t))[0])
+    name = "val accuracy" if ranked.order is accuracy_first else \
+        f"objective (accuracy - {forgetting_weight(study):g} x forgetting)"
+    return noise.lead(study, ranked.trials, score=lambda t: ranked.order(*scores(t))[0], score_name=name)
 
 
 def _ranked(trials: list[optuna.trial.FrozenTrial], order: Callable[[float, float], tuple[float, float]]) -> Candidates:

@@ -47,6 +47,7 @@ class Lead:
     standard_error: float
     close: tuple[optuna.trial.FrozenTrial, ...]  # in the rule's order
     others: int  # the rule's other candidates, close or not
+    ranked_on: str = "val accuracy"  # what the rule ranks by, and so what "within" compares
 
     def describe(self) -> str:
         measured = f"val accuracy {scores(self.pick)[0]:.4f} on {self.rows} rows, standard error {self.standard_error:.4f}"
@@ -55,10 +56,11 @@ class Lead:
                     "further: export --confirm-seeds 2 retrains it to measure its mean")
         if self.close:
             numbers = ", ".join(str(t.number) for t in self.close)
-            where = (f"trial{'s' if len(self.close) > 1 else ''} {numbers} within {CLOSE:g} standard errors of it, "
+            on = "" if self.ranked_on == "val accuracy" else f" on the {self.ranked_on}"
+            where = (f"trial{'s' if len(self.close) > 1 else ''} {numbers} within {CLOSE:g} standard errors of it{on}, "
                      "a lead these rows cannot establish")
         else:
-            where = f"it leads the rule's other candidates by more than {CLOSE:g} standard errors"
+            where = f"it leads the rule's other candidates on the {self.ranked_on} by more than {CLOSE:g} standard errors"
         top = f" --confirm-top {len(self.close) + 1}" if self.close else ""
         # Sampling is only part of it: a configuration's runs also spread with the training seed, and a lead
         # beyond two standard errors was still luck for random search's picks (experiments/search/lead_check.md).
@@ -67,9 +69,10 @@ class Lead:
 
 
 def lead(study: optuna.Study, ranked: list[optuna.trial.FrozenTrial],
-         score: Callable[[optuna.trial.FrozenTrial], float] | None = None) -> Lead | None:
+         score: Callable[[optuna.trial.FrozenTrial], float] | None = None,
+         score_name: str = "val accuracy") -> Lead | None:
     """How `ranked[0]` (a rule's pick) leads the rest of `ranked` on `score` (validation accuracy unless
-    given), against the sampling error of the pick's validation accuracy."""
+    given, named `score_name`), against the sampling error of the pick's validation accuracy."""
     rows = validation_rows(study)
     if rows is None or not ranked:
         return None
@@ -77,4 +80,4 @@ def lead(study: optuna.Study, ranked: list[optuna.trial.FrozenTrial],
     pick, accuracy = ranked[0], scores(ranked[0])[0]
     margin = close_margin(accuracy, rows)
     close = tuple(t for t in ranked[1:] if score(pick) - score(t) <= margin)
-    return Lead(pick, rows, standard_error(accuracy, rows), close, len(ranked) - 1)
+    return Lead(pick, rows, standard_error(accuracy, rows), close, len(ranked) - 1, score_name)

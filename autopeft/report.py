@@ -103,12 +103,17 @@ def _chosen(study: optuna.Study, rule: str, tolerance: float) -> tuple[FrozenTri
 
 
 def _key_params(trials: Sequence[FrozenTrial]) -> list[str]:
-    """Parameters whose value differs between trials: the ones that say how two rows differ."""
+    """The parameters that say how two rows differ: those whose value differs between trials, and a method's
+    own (absent from other methods' trials), so a method tried once still shows its rank or targets."""
     seen: dict[str, set[str]] = {}
-    for trial in trials:
-        for key, value in trial.user_attrs.get("params", {}).items():
+    holders: Counter[str] = Counter()
+    recorded = [t.user_attrs.get("params", {}) for t in trials]
+    for params in recorded:
+        holders.update(params.keys())
+        for key, value in params.items():
             seen.setdefault(key, set()).add(repr(value))
-    keys = [k for k, values in seen.items() if k != "method" and len(values) > 1]
+    everywhere = sum(1 for params in recorded if params)
+    keys = [k for k, values in seen.items() if k != "method" and (len(values) > 1 or holders[k] < everywhere)]
     return keys or [k for k in seen if k != "method"]
 
 
@@ -383,15 +388,18 @@ figcaption{font-size:13px;color:#555}.note{color:#555;font-size:13px}"""
 
 _CAPTIONS = {
     "pareto.png": "Accuracy vs forgetting: Pareto front outlined and joined, chosen trial starred.",
-    "history.png": "Validation accuracy (a scalar study: its objective) per trial and the best so far.",
+    "history.png": "Validation accuracy per trial and the best so far.",
     "importance.png": "Which parameters explain validation accuracy (fANOVA).",
     "accuracy_vs_memory.png": "Accuracy vs estimated peak training memory (MiB).",
 }
 
 
-def _img(path: Path) -> str:
+def _img(path: Path, scalar: bool) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    caption = html.escape(_CAPTIONS.get(path.name, path.name))
+    text = _CAPTIONS.get(path.name, path.name)
+    if scalar and path.name == "history.png":  # a scalar study plots what it ranks trials by
+        text = "The objective (accuracy - weight x forgetting) per trial and the best so far."
+    caption = html.escape(text)
     return (f'<figure><img alt="{caption}" src="data:image/png;base64,{data}">'
             f"<figcaption>{caption}</figcaption></figure>")
 
@@ -551,7 +559,7 @@ def _page(study: optuna.Study, chosen: FrozenTrial | None, lead: Lead | None, ru
         "<h2>Chosen trial</h2>", _chosen_html(chosen, lead, rule, tolerance, forgetting_weight(study),
                                                bool(_completed(trials))),
         *_warning_html(study, chosen),
-        "<h2>Plots</h2>", *(_img(p) for p in plots),
+        "<h2>Plots</h2>", *(_img(p, is_scalar(study)) for p in plots),
         "<h2>All trials</h2>",
         '<p class="note">Bold number: on the Pareto front. Highlighted row: the chosen trial.</p>',
         _table_html(study, trials, chosen), *_confirmations_html(study), "</body></html>",

@@ -63,6 +63,9 @@ class SearchStops:
         if self.reasons:
             return self.reasons[0]
         done, trials = studies.completed(study), self.config.trials
+        if self.remaining <= 0 < trials:  # a resume that asked for no more than the study holds
+            return (f"nothing to run: the study already holds {done} completed trial{'s' * (done != 1)} and --trials is "
+                    f"{trials}; pass a larger --trials to run more")
         if done >= trials:
             return None
         # Conditions another process (a worker) may have stopped at: read from the study.

@@ -39,7 +39,21 @@ def test_with_ten_times_the_rows_the_same_lead_is_clear() -> None:
     study = study_with([0.75, 0.79, 0.77, 0.76], rows=5000)
     found = lead(study, candidates(study, "max-accuracy-under-forgetting=1").trials)
     assert found is not None and found.close == ()
-    assert "leads the rule's other candidates by more than 2" in found.describe()
+    assert "leads the rule's other candidates on the val accuracy by more than 2" in found.describe()
+
+
+def test_a_scalar_rules_closeness_is_said_to_be_on_its_objective() -> None:
+    """best-scalar ranks on accuracy - weight x forgetting: a trial 0.15 below in accuracy is close on that,
+    and the message once read as if it were close in accuracy."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr("split", {"validation_majority": 0.5, "validation_size": 100})
+    study.set_user_attr("config", {"objective_mode": "scalar", "forgetting_weight": 0.5})
+    for accuracy, forgetting in ((0.58, 0.29), (0.43, 0.0)):  # objectives 0.435 and 0.43
+        study.tell(study.ask(), (accuracy, forgetting))
+    found = lead_of(study, candidates(study))
+    assert found is not None and [t.number for t in found.close] == [1]
+    assert "trial 1 within 2 standard errors of it on the objective (accuracy - 0.5 x forgetting)" in found.describe()
 
 
 def test_an_exact_tie_at_perfect_accuracy_is_close_though_its_standard_error_is_zero() -> None:

@@ -101,6 +101,7 @@ def test_the_page_lists_every_trial_method_reason_and_the_chosen_trial(
     assert PRUNE_REASON in page
     assert "report-test &lt;&amp;&gt;" in page
     assert 'id="warning"' not in page  # the pick beat the majority class (0.5)
+    assert "<figcaption>Validation accuracy per trial and the best so far.</figcaption>" in page  # Pareto: accuracy
 
 
 def test_a_chosen_trial_no_better_than_the_majority_class_is_flagged(tmp_path: Path) -> None:
@@ -130,6 +131,7 @@ def test_a_scalar_study_is_reported_with_its_own_objectives_pick(tmp_path: Path)
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     # 0.70 - 2 x 0.03 = 0.64 leads; the balanced rule would take trial 2 (0.78, forgetting 0.12)
     assert "Chosen trial: <b>#3</b> (ia3) by rule <code>best-scalar (forgetting weight 2)</code>" in page
+    assert "<figcaption>The objective (accuracy - weight x forgetting) per trial" in page
 
 
 def test_a_scalar_studys_table_shows_each_trials_objective(tmp_path: Path) -> None:
@@ -186,6 +188,19 @@ def test_a_scalar_studys_history_plots_its_objective(tmp_path: Path, monkeypatch
     assert ax.get_ylabel() == "objective (accuracy - 2 x forgetting)"
     best = next(line for line in ax.get_lines() if line.get_label() == "best so far")
     assert max(best.get_ydata()) == pytest.approx(0.64)  # trial 3's objective, the pick; not 0.81 accuracy
+
+
+def test_a_method_tried_once_still_shows_its_own_parameters(tmp_path: Path) -> None:
+    """Key params were only those whose value differed between trials: a LoRA trial among (IA)^3 ones showed
+    its learning rate and not its rank."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for method in ("lora", "ia3", "ia3"):
+        complete(study, method, 0.7, 0.01, 3e-3, 600)  # one learning rate for all: not a key parameter
+    write_report(study, tmp_path)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    cells = re.findall(r'<tr id="trial-\d+"[^>]*><td class="num">\d+</td><td>complete</td><td>\w+</td><td>([^<]*)</td>',
+                       page)
+    assert cells == ["lora.r=16", "", ""]
 
 
 def test_the_page_is_self_contained(report: tuple[optuna.Study, list[Path], str]) -> None:

@@ -148,3 +148,10 @@ def test_running_trials_take_their_steps_from_the_budget_before_they_finish() ->
     assert steps_committed(study, running[0].number, 30) == 12  # the first running trial starts
     assert steps_committed(study, running[1].number, 30) == 12 + 30
     assert steps_committed(study, running[1].number + 1, 30) == 12 + 60
+
+
+def test_a_resume_that_asks_for_no_more_trials_than_the_study_holds_says_so(tmp_path: Path) -> None:
+    study, _ = _run(lambda trial: trial.suggest_float("x", 0, 1), tmp_path, trials=3)
+    config = SearchConfig(trials=2, objective_mode="scalar", storage=f"sqlite:///{tmp_path / 'a.db'}")
+    assert SearchStops(config, study).reason(study) == ("nothing to run: the study already holds 3 completed trials "
+                                                        "and --trials is 2; pass a larger --trials to run more")
