@@ -60,6 +60,16 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # read when huggingface_hub is first imported
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a "View run" link per run on a server
+    default_format = warnings.formatwarning
+
+    def plain_ours(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+        """Our own warnings are messages to the user: one line, without the file and source line."""
+        if category.__module__.startswith("autopeft"):
+            return f"warning: {message}\n"
+        return default_format(message, category, *args, **kwargs)
+
+    warnings.formatwarning = plain_ours
 
 
 def _fail(*problems: str, code: int = 2) -> NoReturn:
@@ -175,7 +185,7 @@ def search(
     failed_workers = []
     if workers > 1:
         summary, failed_workers = _run_local_workers(workers, config)
-    _print_summary(summary.study, config, summary.stopped_reason)
+    _print_summary(summary.study, config, summary.stopped_reason, summary.fallback_uri)
     if failed_workers:
         _fail(*failed_workers, code=1)
 
@@ -203,7 +213,9 @@ def worker(
     summary = _interruptible(lambda: run_worker(config, progress=_progress), config, summary=not spawned)
     done = sum(t.state.name == "COMPLETE" for t in summary.study.trials)
     console.print(f"worker done: the study holds {done} completed trial{'s' * (done != 1)}"
-                  + (f"; {summary.stopped_reason}" if summary.stopped_reason else ""))
+                  + (f"; {summary.stopped_reason}" if summary.stopped_reason else "")
+                  + (f"; its runs went to {summary.fallback_uri} (autopeft sync copies them)" if summary.fallback_uri
+                     else ""))
 
 
 def _csv(text: str | None) -> tuple[str, ...] | None:
@@ -286,7 +298,7 @@ def _run_local_workers(count: int, config: SearchConfig) -> tuple[Any, list[str]
     return SearchSummary(study, config, study.user_attrs.get("mlflow_parent_run_id", ""), stops.reason(study)), crashed
 
 
-def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None) -> None:
+def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None, fallback_uri: str | None = None) -> None:
     from autopeft.export import DEFAULT_TOLERANCE, candidates, describe_rule, lead_of, majority_warning
     from autopeft.study import default_rule, forgetting_weight
 
@@ -316,6 +328,9 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None)
             console.print(f"no trial to choose: {exc}")
     console.print(f"Optuna study: {config.study} at {_where(config.storage)}")
     console.print(f"MLflow store: {_where(config.tracking_uri)} (experiment 'autopeft', run '{config.study}')")
+    if fallback_uri:
+        console.print(f"[yellow]  it stopped answering; runs from then on are in {fallback_uri}: copy them over with "
+                      f"autopeft sync --source {fallback_uri} --target {redact_url(config.tracking_uri)}[/yellow]")
     if config.tracking_uri.startswith(("http://", "https://")):
         console.print(f"dashboard:    {_server_page(config.tracking_uri)} (the tracking server's own)")
     else:

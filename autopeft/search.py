@@ -538,6 +538,7 @@ class SearchSummary:
     config: SearchConfig
     parent_run_id: str
     stopped_reason: str | None = None  # why the search stopped before its target, if it did
+    fallback_uri: str | None = None  # where runs went when the tracking store stopped answering
 
 
 # Distributions that provide a package under another name: mlflow-skinny is a complete MLflow client.
@@ -734,7 +735,8 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
         tracker.close_study_run(parent, {"completed_trials": studies.completed(study)}, status="KILLED")
         raise
     tracker.close_study_run(parent, {"completed_trials": studies.completed(study)})
-    return SearchSummary(study, config, parent, stops.reason(study) if train else None)
+    return SearchSummary(study, config, parent, stops.reason(study) if train else None,
+                         tracker.uri if tracker.fell_back else None)
 
 
 def _record_base_scores(runtime: Runtime, study: optuna.Study, tracker: Tracker, parent: str) -> None:

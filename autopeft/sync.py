@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
-from autopeft.tracking import EXPERIMENT, Tracker
+from autopeft.tracking import EXPERIMENT, MOVED_TAG, Tracker
 
 SYNCED_TAG = "autopeft.synced_to"
 
@@ -42,13 +42,22 @@ def sync(source_uri: str, target_uri: str) -> SyncResult:
 
 
 def _copy_run(source: MlflowClient, target: Tracker, run: Run, mapping: dict[str, str]) -> str:
+    """The run's copy in the target: a new run, or, for a run begun on the target before its server went down
+    (re-created in the fallback store with `autopeft.moved_from`), that original run, completed with the rest
+    of the run's records; else the original stayed RUNNING for ever beside a duplicate."""
     tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") or k == "mlflow.runName"}
     parent = run.data.tags.get("mlflow.parentRunId")
     if parent:
         tags["mlflow.parentRunId"] = mapping.get(parent, parent)
-    new = target.client.create_run(target.experiment_id, start_time=run.info.start_time, tags=tags)
-    run_id = new.info.run_id
-    params = [Param(k, v) for k, v in run.data.params.items()]
+    original = _original(target, run.data.tags.get(MOVED_TAG))
+    if original is not None:
+        run_id, logged = original.info.run_id, original.data.params
+        target.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()
+                                              if k not in ("mlflow.runName", "mlflow.parentRunId")])
+    else:
+        run_id, logged = target.client.create_run(target.experiment_id, start_time=run.info.start_time,
+                                                  tags=tags).info.run_id, {}
+    params = [Param(k, v) for k, v in run.data.params.items() if k not in logged]  # MLflow params are write-once
     for start in range(0, len(params), 100):
         target.client.log_batch(run_id, params=params[start:start + 100])
     for key in run.data.metrics:
@@ -62,3 +71,13 @@ def _copy_run(source: MlflowClient, target: Tracker, run: Run, mapping: dict[str
     target.client.log_batch(run_id, tags=[RunTag("autopeft.synced_from", run.info.run_id)])
     target.client.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
     return run_id
+
+
+def _original(target: Tracker, run_id: str | None) -> Run | None:
+    """The target's run that a fallback run replaced, when the target holds it."""
+    if not run_id:
+        return None
+    try:
+        return target.client.get_run(run_id)
+    except Exception:  # noqa: BLE001 -- MlflowException: not a run of this store (another server's, say)
+        return None

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from autopeft.config import sqlite_file
 
 EXPERIMENT = "autopeft"
+MOVED_TAG = "autopeft.moved_from"  # on a fallback run that replaces a run begun on the server: that run's id
 FALLBACK_URI = "sqlite:///mlflow-fallback.db"
 T = TypeVar("T")
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
@@ -124,7 +125,7 @@ class Tracker:
             return run_id
         if run_id not in self._moved:
             name, tags, params = self._runs[run_id]
-            self._moved[run_id] = self._create(name, {**tags, "autopeft.moved_from": run_id}, params)
+            self._moved[run_id] = self._create(name, {**tags, MOVED_TAG: run_id}, params)
         return self._moved[run_id]
 
     def _create(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:

@@ -117,3 +117,17 @@ def test_a_tracking_server_dying_mid_search_loses_nothing(tmp_path: Path, tiny_b
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["optuna.trial_number"] for r in children) == ["1", "2"]
     assert all("val_accuracy" in r.data.metrics and r.data.tags["autopeft.state"] == "COMPLETE" for r in children)
+
+    # Back up: sync completes the runs the server began (the study run and trial 0 stayed RUNNING there beside
+    # duplicates) and copies the others under that same study run.
+    from autopeft.sync import sync
+
+    with running_mlflow_server(server_root) as (url, _):
+        assert sync("sqlite:///mlflow-fallback.db", url).copied == 3
+    runs = on_server.search_runs([on_server.get_experiment_by_name("autopeft").experiment_id])
+    assert sorted(r.data.tags["autopeft.role"] for r in runs) == ["study", "trial", "trial", "trial"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    study_run = next(r for r in runs if r.data.tags["autopeft.role"] == "study")
+    assert study_run.info.run_id == summary.parent_run_id and study_run.data.metrics["completed_trials"] == 3
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags["autopeft.role"] == "trial"} == {
+        summary.parent_run_id}
