@@ -387,12 +387,22 @@ def collate(split: TokenizedSplit, rows: list[int], pad_id: int) -> dict[str, to
         if segments is not None:
             segments[r, place] = torch.tensor(split.token_type_ids[i])  # type: ignore[index]
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if split.pad_left:  # positions count from each row's first real token, whatever the batch's padding
+        batch["position_ids"] = left_padded_positions(mask)
     return batch if segments is None else {**batch, "token_type_ids": segments}
 
 
+def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows. transformers numbers the columns instead, which shifts a row by its
+    padding: harmless with rotary positions (Llama: only distances count), wrong with absolute ones (GPT-2),
+    where a row's score then depended on the longest row batched with it."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """What a classifier's forward takes from a batch (segment ids only when the split has them)."""
-    names = ("input_ids", "attention_mask", "token_type_ids")
+    """What a classifier's forward takes from a batch (segment ids only when the split has them, positions
+    only when it is left-padded)."""
+    names = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
     return {name: batch[name].to(device) if device else batch[name] for name in names if name in batch}
 
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from autopeft.data import TokenizedSplit, collate, eval_batches, model_inputs
+from autopeft.data import TokenizedSplit, collate, eval_batches, left_padded_positions, model_inputs
 from autopeft.verbalizer import CausalFormat
 
 CausalMode = Literal["rank", "generate"]
@@ -62,7 +62,7 @@ def lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     Rows are padded on the left, so positions are counted from each row's first real token: a model with
     absolute position embeddings (GPT-2) then scores a row the same whatever the padding."""
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
-              "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
+              "position_ids": left_padded_positions(attention_mask)}
     if output_weight is not None:
         out = model(**inputs, output_hidden_states=True)
         hidden = out.hidden_states[-1][:, -keep:]

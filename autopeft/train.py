@@ -129,7 +129,7 @@ def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of next-token losses over target positions, their number). `labels` has the input's shape with
     -100 on every position that is not a target (the prompt, padding), so only the answer is learned."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch)).logits
     logits = logits[:, -batch["labels"].shape[1]:]  # drop positions of virtual tokens a method prepends
     targets = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),

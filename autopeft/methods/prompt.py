@@ -4,6 +4,7 @@ merged into the weights."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -11,8 +12,11 @@ from torch import nn
 from autopeft.methods import Method, MethodContext, ParamSpec, register
 from autopeft.models import resolve_model_path
 
-# A task-neutral phrase for text initialisation; peft tokenizes it with the model's own tokenizer.
+# A phrase for text initialisation; peft tokenizes it with the model's own tokenizer.
 INIT_TEXT = "Classify the sentiment of this review:"
+# Left-padded decoder batches carry position ids (autopeft.data.left_padded_positions); peft's prompt tuning
+# drops them, with this warning on every forward pass. Its rows then keep transformers' column positions.
+warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
 
 
 def apply(model: nn.Module, params: dict[str, Any], context: MethodContext) -> nn.Module:
