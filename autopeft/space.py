@@ -158,16 +158,31 @@ def _parse_range(raw: dict, name: str, spec: ParamSpec, where: str, problems: li
             problems.append(f"{where}.{key}: {value!r} {why}")
     if len(problems) > before:
         return None
-    log = bool(raw.get("log", False))
+    log = raw.get("log", False)
+    if not isinstance(log, bool):  # bool("false") is True: a quoted "false" would search on a log scale
+        problems.append(f"{where}.log: {log!r} must be true or false (unquoted)")
     if low > high:
         problems.append(f"{where}: low {low!r} is greater than high {high!r}")
-    if log and low <= 0:
+    if log is True and low <= 0:
         problems.append(f"{where}.low: {low!r} must be > 0 on a log scale")
-    if step is not None and (not isinstance(step, (int, float)) or step <= 0 or log):
-        problems.append(f"{where}.step: {step!r} must be a positive number and cannot be combined with log")
+    problems += _step_problems(step, low, high, log is True, spec.kind, where)
     if len(problems) > before:
         return None
     return Dimension(name, spec.kind, low=low, high=high, log=log, step=step)
+
+
+def _step_problems(step: Any, low: Any, high: Any, log: bool, kind: str, where: str) -> list[str]:
+    """Optuna would round a fractional int step down and cut a high off the grid, each with only a warning."""
+    if step is None:
+        return []
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0 or log:
+        return [f"{where}.step: {step!r} must be a positive number and cannot be combined with log"]
+    if kind == "int" and step != int(step):
+        return [f"{where}.step: {step!r} must be a whole number for an integer parameter"]
+    if abs((high - low) / step - round((high - low) / step)) > 1e-9:
+        return [(f"{where}.high: {high!r} is not on the grid low + k x step ({low!r} + k x {step!r}); "
+                 f"use a high of {low + int((high - low) // step) * step!r}")]
+    return []
 
 
 def parse_dimension(raw: Any, name: str, spec: ParamSpec, where: str, problems: list[str]) -> Dimension | None:
@@ -190,7 +205,7 @@ def parse_dimension(raw: Any, name: str, spec: ParamSpec, where: str, problems: 
 
 
 def _parse_params(raw: Any, specs: dict[str, ParamSpec], prefix: str, where: str,
-                  problems: list[str]) -> dict[str, Dimension]:
+                  problems: list[str], also_allowed: str = "") -> dict[str, Dimension]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -199,7 +214,7 @@ def _parse_params(raw: Any, specs: dict[str, ParamSpec], prefix: str, where: str
     dims = {}
     for key, value in raw.items():
         if key not in specs:
-            problems.append(f"{where}.{key}: unknown parameter; allowed: {', '.join(specs)}")
+            problems.append(f"{where}.{key}: unknown parameter; allowed: {', '.join(specs)}{also_allowed}")
             continue
         dim = parse_dimension(value, f"{prefix}{key}", specs[key], f"{where}.{key}", problems)
         if dim is not None:
@@ -262,10 +277,14 @@ def parse_space(data: Any, path: str) -> SearchSpace:
             continue
         own, shared = _split_method_section(raw, methods.get(name).params)
         method_dims[name] = _parse_params(own, methods.get(name).params, f"{name}.", f"{path}: methods.{name}",
-                                          problems)
+                                          problems, f"; or a training parameter for this method: {', '.join(TRAINING_PARAMS)}")
         overrides[name] = _parse_params(shared, TRAINING_PARAMS, f"{name}.", f"{path}: methods.{name}", problems)
     training = _parse_params(data.get("training"), TRAINING_PARAMS, "", f"{path}: training", problems)
     _check_effective_batch(training, f"{path}: training", problems)
+    for name, own in overrides.items():  # a method's own batch settings, with the shared ones they override
+        if own.keys() & {"effective_batch_size", "micro_batch_size", "grad_accum_steps"}:
+            shared = {k: v for k, v in training.items() if not ("effective_batch_size" in own and k == "grad_accum_steps")}
+            _check_effective_batch({**shared, **own}, f"{path}: methods.{name}", problems)
     if problems or method is None:
         raise ConfigError(problems)
     for name in (method.choices if method.kind == "categorical" else (method.value,)):
