@@ -26,6 +26,7 @@ from autopeft import adapter_io, methods, noise
 from autopeft.config import DEFAULT_SPACE, SearchConfig, format_bytes, redact_url
 from autopeft.confirm import Confirmation, confirm
 from autopeft.errors import ConfigError, StudyError
+from autopeft.models import resolve_model_path
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
 from autopeft.study import (
@@ -356,7 +357,8 @@ Found by autopeft (study `{metrics['study']}`, trial {trial.number}).
 {_labels_row(metrics['label_names'])}
 Reproduce: `autopeft train --config training.yaml`
 
-{load_line(metrics['peft_backed'], config.task_type, len(metrics['label_names'] or []))}{_generation_note(metrics)}
+{load_line(metrics['peft_backed'], config.task_type, len(metrics['label_names'] or []))}, where BASE is
+`{resolve_model_path(config.model)}`{_generation_note(metrics)}
 (the adapter weights are here when exported with `--with-weights`).
 """
 

@@ -68,13 +68,14 @@ IA3_TARGET_SETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 
 def resolve_model_path(model: str) -> str:
-    """packaged:<name> -> its folder; an existing local path -> itself; anything else is a hub id."""
+    """packaged:<name> -> its folder; an existing local path -> itself, absolute (it ends up in adapter configs
+    as their base model, which must load from any folder); anything else is a hub id."""
     if model.startswith("packaged:"):
         return _packaged_path(model.removeprefix("packaged:"))
     looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
     if looks_local and not Path(model).expanduser().is_dir():
         raise ModelError(f"--model: {model} does not exist (expected a model folder, a hub id or packaged:<name>)")
-    return str(Path(model).expanduser()) if looks_local else model
+    return str(Path(model).expanduser().resolve()) if looks_local else model
 
 
 def _packaged_path(name: str) -> str:
