@@ -594,6 +594,7 @@ def estimate(
 
     known = TrainSettings.__dataclass_fields__
     for base, params, kind, tokens, steps in _guard(configurations):
+        _guard(functools.partial(_check_positions, base, params, tokens))
         settings = TrainSettings(**{k: v for k, v in params.training.items() if k in known})
         peft_task = "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS"
         result = _guard(functools.partial(memory.estimate_traced, base, params.method, params.method_params,
@@ -603,6 +604,21 @@ def estimate(
                       f"{tokens} tokens, {settings.optimizer}, {settings.precision}"
                       f"{', checkpointing' if settings.gradient_checkpointing else ''}")
         console.print(result.table(), highlight=False)
+
+
+def _check_positions(base: str, params: Any, tokens: int) -> None:
+    """A row longer than the model's position table cannot be traced (nor trained): say so in one line."""
+    from transformers import AutoConfig
+
+    from autopeft.models import resolve_model_path
+
+    model_config = AutoConfig.from_pretrained(resolve_model_path(base))
+    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    virtual = int(params.method_params.get("num_virtual_tokens", 0)) if params.method == "prompt" else 0
+    if limit is not None and tokens + virtual > limit:
+        extra = f" + {virtual} virtual tokens of prompt tuning" if virtual else ""
+        raise ConfigError([(f"--seq-len: {tokens} tokens{extra} exceed {base}'s {limit} positions; estimate at "
+                            f"{limit - virtual} tokens or fewer")])
 
 
 @app.command()

@@ -382,6 +382,8 @@ OTHER_BAD_INPUTS = [
       "http://127.0.0.1:5555 in a browser")),
     (["sync", "--source", "sqlite:///mlflow.db", "--target", "sqlite:///./mlflow.db"], "--target: sqlite:///./mlflow.db is the store --source names"),
     (["estimate", "--model", "./no/such/model"], "--model: ./no/such/model does not exist"),
+    (["estimate", "--config", "export/training.yaml", "--seq-len", "1000"],  # a traceback from the tracer before
+     "--seq-len: 1000 tokens exceed"),
     (["estimate", "--model", "nobody/no-such-model"], "--model: cannot load 'nobody/no-such-model'"),
 ]
 
