@@ -558,7 +558,7 @@ def train(
 def estimate(
     config: Annotated[Path | None, typer.Option("--config", help="training.yaml (from `autopeft export`): estimate that configuration.")] = None,
     model: Annotated[str | None, typer.Option(help=f"With --space: hub id, local folder or packaged:<name> (only its config is read; default {DEFAULT_MODEL}).", show_default=False)] = None,
-    space: Annotated[Path | None, typer.Option(help="With no --config: each method of this space at its default parameters (default: the shipped space).", show_default=False)] = None,
+    space: Annotated[Path | None, typer.Option(help="With no --config: each method of this space, with the values the space fixes and the searched ones at their defaults (default: the shipped space).", show_default=False)] = None,
     seq_len: Annotated[int | None, typer.Option(help="Tokens per row of the longest batch (default: a --config recipe's max_length, else 128).")] = None,
     device: Annotated[str, typer.Option(help="Device to estimate for: cpu or cuda (works on a CPU-only machine).")] = "cpu",
     task_type: Annotated[str | None, typer.Option(help="With --space: classification (a head, the default) or causal_lm (logits over the vocabulary); a --config recipe says its own.")] = None,
@@ -566,9 +566,9 @@ def estimate(
     """Predict the peak training memory of a configuration, or of each method of a space, without training.
 
     The step is traced on fake tensors, so it works for models far too large for this machine."""
-    from autopeft import memory, methods
+    from autopeft import memory
     from autopeft.recipe import read_recipe
-    from autopeft.space import TRAINING_PARAMS, TrialParams, load_space
+    from autopeft.space import TrialParams, load_space
     from autopeft.train import TrainSettings
 
     if device not in ("cpu", "cuda"):
@@ -587,10 +587,8 @@ def estimate(
             recipe, params, _ = read_recipe(config)
             return [(recipe.model, params, recipe.task_type, seq_len or recipe.max_length, recipe.max_steps)]
         loaded = load_space(space or DEFAULT_SPACE)
-        defaults = {k: spec.default for k, spec in TRAINING_PARAMS.items()}
-        return [(model or DEFAULT_MODEL, TrialParams(name, methods.get(name).resolve({}), defaults),
-                 task_type or "classification", seq_len or 128, None)
-                for name in loaded.method_names()]
+        return [(model or DEFAULT_MODEL, loaded.fixed_params(name), task_type or "classification", seq_len or 128,
+                 None) for name in loaded.method_names()]
 
     known = TrainSettings.__dataclass_fields__
     for base, params, kind, tokens, steps in _guard(configurations):
@@ -600,7 +598,8 @@ def estimate(
         result = _guard(functools.partial(memory.estimate_traced, base, params.method, params.method_params,
                                           settings, seq_len=tokens, device=device, task_type=peft_task,
                                           max_steps=steps))  # as the search and export traced it
-        console.print(f"[bold]{params.method}[/bold] on {base} ({kind}): micro-batch {settings.micro_batch_size} x "
+        own = ", ".join(f"{k}={v}" for k, v in params.method_params.items())
+        console.print(f"[bold]{params.method}[/bold]({own}) on {base} ({kind}): micro-batch {settings.micro_batch_size} x "
                       f"{tokens} tokens, {settings.optimizer}, {settings.precision}"
                       f"{', checkpointing' if settings.gradient_checkpointing else ''}")
         console.print(result.table(), highlight=False)

@@ -103,6 +103,17 @@ class SearchSpace:
             training["grad_accum_steps"] = training["effective_batch_size"] // training["micro_batch_size"]
         return TrialParams(method, methods.get(method).resolve(sampled), training)
 
+    def fixed_params(self, method: str) -> TrialParams:
+        """`method` with the values this space fixes and every searched parameter at its default: what
+        `autopeft estimate --space` estimates (the defaults once replaced fixed values too)."""
+        def fixed(dims: dict[str, Dimension]) -> dict[str, Any]:
+            return {name: dim.value for name, dim in dims.items() if dim.kind == "fixed"}
+
+        training = {**{k: s.default for k, s in TRAINING_PARAMS.items()}, **fixed(self.training_dims_of(method))}
+        if training["effective_batch_size"]:
+            training["grad_accum_steps"] = training["effective_batch_size"] // training["micro_batch_size"]
+        return TrialParams(method, methods.get(method).resolve(fixed(self.method_dims.get(method, {}))), training)
+
     def training_dims_of(self, method: str) -> dict[str, Dimension]:
         """The training dimensions a trial of `method` draws: the shared ones, with the method's overrides."""
         return {**self.training_dims, **self.training_overrides.get(method, {})}

@@ -146,3 +146,15 @@ def test_fixed_values_are_recorded_without_sampling(tmp_path: Path) -> None:
     params = space.suggest(trial)
     assert params.method_params["r"] == 16 and params.flat()["lora.r"] == 16
     assert "lora.r" not in trial.params
+
+
+def test_a_spaces_fixed_values_are_what_estimate_uses_and_searched_ones_take_their_defaults(tmp_path: Path) -> None:
+    """`autopeft estimate --space` estimated every method at the library's defaults: micro-batch 16, fp32, r 8,
+    whatever the space fixed."""
+    space = load_space(write(tmp_path, "method: [lora, ia3]\ntraining:\n  micro_batch_size: 64\n  precision: bf16\n"
+                                       "  optimizer: [adamw, adafactor]\nmethods:\n  lora:\n    r: 256\n"
+                                       "    alpha: [16, 32]\n  ia3:\n    effective_batch_size: 128\n"))
+    lora = space.fixed_params("lora")
+    assert lora.method_params["r"] == 256 and lora.method_params["alpha"] == 16.0  # alpha is searched: its default
+    assert (lora.training["micro_batch_size"], lora.training["precision"], lora.training["optimizer"]) == (64, "bf16", "adamw")
+    assert space.fixed_params("ia3").training["grad_accum_steps"] == 2  # 128 split into micro-batches of 64
