@@ -188,6 +188,8 @@ def search(
     _print_summary(summary.study, config, summary.stopped_reason, summary.fallback_uri)
     if failed_workers:
         _fail(*failed_workers, code=1)
+    if config.trials and summary.stopped_reason and not any(t.state.name == "COMPLETE" for t in summary.study.trials):
+        raise typer.Exit(1)  # stopped with nothing to show (every trial failed or was rejected): a script must see it
 
 
 @app.command()

@@ -291,6 +291,16 @@ def test_local_workers_read_the_searchs_target_and_share_its_step_budget_and_the
     assert sum(t.user_attrs.get("steps_trained", 0) for t in study.trials) == 3
 
 
+def test_a_search_that_completes_no_trial_exits_1(tmp_path: Path, tiny_search_args: list[str]) -> None:
+    """Every trial of this space fails (AdaLoRA's target rank above its initial one): the search stops, says why,
+    and a script running it must see that it produced nothing; it exited 0."""
+    (tmp_path / "broken.yaml").write_text("method: adalora\nmethods:\n  adalora:\n    init_r: 4\n    target_r: 8\n")
+    done = autopeft("search", "--space", "broken.yaml", "--max-consecutive-failures", "1", *tiny_search_args,
+                    cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "stopped after 1 consecutive failed trials; last reason:" in done.stdout and "target_r" in done.stdout
+
+
 def test_export_of_a_study_without_completed_trials_is_a_clear_error(tmp_path: Path, tiny_search_args: list[str]) -> None:
     created = autopeft("search", "--trials", "0", "--study", "empty", *tiny_search_args, cwd=tmp_path)
     assert created.returncode == 0 and "study created with no trials; start workers: autopeft worker" in created.stdout
