@@ -354,6 +354,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         started = time.perf_counter()
         config = self.runtime.config
+        trial.set_user_attr("worker", studies.worker_label())  # this trial's objective began (heartbeats run)
         unneeded = self._unneeded(trial)  # other workers have completed (or are completing) the study
         if unneeded:
             trial.study.stop()
@@ -431,6 +432,7 @@ class Objective:
                 return "not needed: other workers' trials, done or running, complete the study"
             time.sleep(1.0)
             optuna.storages.fail_stale_trials(trial.study)
+            studies.fail_unstarted_trials(trial.study, grace_seconds=3 * config.heartbeat_seconds)
         budget = config.max_total_steps
         if budget is not None and studies.steps_committed(trial.study, trial.number, config.max_steps) >= budget:
             return "not needed: the training-step budget is spent or taken by running trials"

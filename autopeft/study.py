@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -350,6 +351,28 @@ def failures_in_a_row(study: optuna.Study, since: datetime.datetime) -> list[opt
     for trial in finished:
         since_last_success = [] if trial.state == COMPLETE else [*since_last_success, trial]
     return since_last_success
+
+
+def worker_label() -> str:
+    """Which process runs a trial, recorded as its objective begins."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_unstarted_trials(study: optuna.Study, grace_seconds: float) -> list[int]:
+    """Fail the running trials whose worker died between creating them and starting their objective (before
+    Optuna's first heartbeat, so they never turn stale): no `worker` mark after `grace_seconds`. Other workers
+    waiting for the study's last places waited on such a trial for ever."""
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace_seconds)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
+        if "worker" not in trial.user_attrs and trial.datetime_start is not None and trial.datetime_start < cutoff:
+            try:
+                study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "its worker stopped before the trial began")
+                study.tell(trial.number, state=FAIL)
+            except (RuntimeError, ValueError):  # another worker failed it first, or it began after all
+                continue
+            failed.append(trial.number)
+    return failed
 
 
 def worker_id_default() -> int:

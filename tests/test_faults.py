@@ -129,6 +129,7 @@ def test_a_waiting_worker_outlasts_a_trial_whose_worker_dies_late(tmp_path: Path
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=3)
     study = optuna.create_study(storage=storage)
     other = study.ask()  # the other worker's trial, ahead of ours
+    other.set_user_attr("worker", "elsewhere:1")  # its objective began, as a live worker's does
     dies = threading.Event()
 
     def beat_then_die() -> None:  # alive for 4 s (past the old 4-heartbeat wait), then killed
@@ -160,3 +161,22 @@ def test_a_trial_a_late_worker_starts_after_the_study_is_complete_is_pruned_with
     late = study.trials[-1]
     assert late.state == optuna.trial.TrialState.PRUNED
     assert late.user_attrs["prune_reason"] == "not needed: other workers' trials, done or running, complete the study"
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_not_waited_on(tmp_path: Path) -> None:
+    """Killed between creating a trial and starting its objective, a worker leaves a RUNNING trial with no
+    heartbeat, which never turns stale: the workers waiting for the study's last places waited for ever."""
+    from autopeft.study import fail_unstarted_trials
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=3)
+    study = optuna.create_study(storage=storage)
+    orphan = study.ask()  # created; its worker died before the objective began
+    live = study.ask()
+    live.set_user_attr("worker", "host:123")  # its objective began: heartbeats cover it
+    assert fail_unstarted_trials(study, grace_seconds=60) == []  # too recent to tell from a slow start
+    assert fail_unstarted_trials(study, grace_seconds=0) == [orphan.number]
+    trials = study.get_trials()
+    assert trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    assert trials[orphan.number].user_attrs["fail_reason"] == "its worker stopped before the trial began"
+    assert trials[live.number].state == optuna.trial.TrialState.RUNNING
+    assert fail_unstarted_trials(study, grace_seconds=0) == []
