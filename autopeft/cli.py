@@ -613,7 +613,10 @@ def _check_positions(base: str, params: Any, tokens: int) -> None:
 
     from autopeft.models import resolve_model_path
 
-    model_config = AutoConfig.from_pretrained(resolve_model_path(base))
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_model_path(base))
+    except (OSError, ValueError):  # not loadable: the estimate says so in its own words
+        return
     limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
     virtual = int(params.method_params.get("num_virtual_tokens", 0)) if params.method == "prompt" else 0
     if limit is not None and tokens + virtual > limit:
