@@ -614,8 +614,12 @@ def _check_positions(base: str, params: Any, tokens: int) -> None:
     from autopeft.models import resolve_model_path
 
     try:
-        model_config = AutoConfig.from_pretrained(resolve_model_path(base))
+        folder = Path(resolve_model_path(base))
+        # A hub id is left to the estimate, which reads its config once (offline, each read retries for seconds).
+        model_config = AutoConfig.from_pretrained(folder) if folder.is_dir() else None
     except (OSError, ValueError):  # not loadable: the estimate says so in its own words
+        return
+    if model_config is None:
         return
     limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
     virtual = int(params.method_params.get("num_virtual_tokens", 0)) if params.method == "prompt" else 0

@@ -522,6 +522,6 @@ def test_the_summary_warns_of_held_out_rows_that_repeat_a_training_text(monkeypa
     monkeypatch.setattr(cli, "console", recording)
     split = {"train_size": 40, "validation_size": 20, "test_size": 20, "validation_rows_in_train": 0,
              "test_rows_in_train": 9}
-    cli._print_split(split, SearchConfig(train_size=40, val_size=20, test_size=20))
+    cli._print_split(split, SearchConfig(train_size=40, val_size=20, test_size=20).public_dict())  # as recorded
     text = recording.export_text()
     assert "warning: 9 of 20 test rows have the text of a training row" in text and "validation rows" not in text
