@@ -172,14 +172,14 @@ def search(
     config = _guard(build)  # before the heavy imports below: bad flags are refused in well under a second
     from autopeft.search import check_before_loading, run_search
 
-    _guard(lambda: check_before_loading(config))  # a bad space is refused before "loading" is announced
+    space = _guard(lambda: check_before_loading(config))  # a bad space is refused before "loading" is announced
     console.print(f"study [bold]{config.study}[/bold] in {_where(config.storage)}; "
                   f"loading model and data once for all trials ...")
     def run() -> Any:
         if workers > 1:  # the study, its parent run and the base scores; the workers train
-            return run_search(config, prepare_only=True)
+            return run_search(config, prepare_only=True, space=space)
         with SearchProgress(config.trials, scalar=config.objective_mode == "scalar") as progress:
-            return run_search(config, progress=progress)
+            return run_search(config, progress=progress, space=space)
 
     summary = _interruptible(run, config)
     failed_workers = []
@@ -607,21 +607,25 @@ def estimate(
         console.print(result.table(), highlight=False)
 
 
-def _check_positions(base: str, params: Any, tokens: int) -> None:
-    """A row longer than the model's position table cannot be traced (nor trained): say so in one line."""
+@functools.cache
+def _position_limit(base: str) -> int | None:
+    """The model's position table (None when unknown). A hub id is left to the estimate, which reads its config
+    once: offline, each read retries for seconds."""
     from transformers import AutoConfig
 
     from autopeft.models import resolve_model_path
 
     try:
         folder = Path(resolve_model_path(base))
-        # A hub id is left to the estimate, which reads its config once (offline, each read retries for seconds).
         model_config = AutoConfig.from_pretrained(folder) if folder.is_dir() else None
     except (OSError, ValueError):  # not loadable: the estimate says so in its own words
-        return
-    if model_config is None:
-        return
-    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+        return None
+    return getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+
+
+def _check_positions(base: str, params: Any, tokens: int) -> None:
+    """A row longer than the model's position table cannot be traced (nor trained): say so in one line."""
+    limit = _position_limit(base)
     virtual = int(params.method_params.get("num_virtual_tokens", 0)) if params.method == "prompt" else 0
     if limit is not None and tokens + virtual > limit:
         extra = f" + {virtual} virtual tokens of prompt tuning" if virtual else ""

@@ -386,7 +386,7 @@ def _memory_cell(metrics: dict[str, Any]) -> str:
     command = (f"`autopeft estimate --config training.yaml --seq-len {seq_len}"
                f"{' --device cuda' if device == 'cuda' else ''}`")
     again = (f"{command} traces it again; without --seq-len, at max_length" if level == "traced" else
-             f"the search's quick estimate: {command} traces it, within a few percent")
+             f"the search's quick estimate, which can be tens of percent off: {command} traces it")
     return f"{format_bytes(memory)} on {device} at the longest training row, {seq_len} tokens ({level}; {again})"
 
 

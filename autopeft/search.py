@@ -93,11 +93,11 @@ def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> R
     task = load_task(config.task, seed=config.seed, train_size=config.train_size,
                      val_size=config.val_size, test_size=config.test_size, columns=columns, open_answers=open_answers)
     if config.ood_task:
+        ood = ood_columns(config)
         if open_answers:  # before the answer format is built from the label names
-            task = with_eval_answers(task, config.ood_task, ood_columns(config))
-        task = replace(task, ood=load_eval_split(config.ood_task, label_names=task.label_names,
-                                                 columns=ood_columns(config), max_rows=config.test_size,
-                                                 seed=config.seed))
+            task = with_eval_answers(task, config.ood_task, ood)
+        task = replace(task, ood=load_eval_split(config.ood_task, label_names=task.label_names, columns=ood,
+                                                 max_rows=config.test_size, seed=config.seed))
     loaded = _load_for_task(config, task)
     base_model, tokenizer, tokenize_split, evaluator = loaded
     base_model.eval()
@@ -669,11 +669,13 @@ def check_before_loading(config: SearchConfig) -> SearchSpace:
     return space
 
 
-def run_search(config: SearchConfig, *, progress: Any = None, prepare_only: bool = False) -> SearchSummary:
+def run_search(config: SearchConfig, *, progress: Any = None, prepare_only: bool = False,
+               space: SearchSpace | None = None) -> SearchSummary:
     """Run (or resume) the study until `config.trials` trials have completed or the timeout passes.
     `prepare_only`: create or resume the study, its MLflow parent run and the base model's scores, and train
-    nothing (for workers in other processes, which read the settings recorded here)."""
-    space = check_before_loading(config)
+    nothing (for workers in other processes, which read the settings recorded here). `space`: what
+    `check_before_loading` returned, when the caller ran it already."""
+    space = space or check_before_loading(config)
     runtime = prepare_runtime(config, space)  # bad model or data fails here, before anything is written
     check_budget_feasible(config, runtime)
     make_artifacts_folder(config)  # an unusable folder is refused before the study exists

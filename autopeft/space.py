@@ -84,6 +84,15 @@ class TrialParams:
                    {k: v for k, v in flat.items() if k in TRAINING_PARAMS})
 
 
+def _training_values(chosen: dict[str, Any]) -> dict[str, Any]:
+    """Every training setting: the chosen ones over the defaults; a fixed effective batch sets the accumulation
+    (only its split into micro-batches is chosen)."""
+    training = {**{k: spec.default for k, spec in TRAINING_PARAMS.items()}, **chosen}
+    if training["effective_batch_size"]:
+        training["grad_accum_steps"] = training["effective_batch_size"] // training["micro_batch_size"]
+    return training
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     path: str
@@ -96,11 +105,7 @@ class SearchSpace:
     def suggest(self, trial: optuna.Trial) -> TrialParams:
         method = self.method.suggest(trial)
         sampled = {name: dim.suggest(trial) for name, dim in self.method_dims[method].items()}
-        dims = self.training_dims_of(method)
-        training = {**{k: s.default for k, s in TRAINING_PARAMS.items()},
-                    **{name: dim.suggest(trial) for name, dim in dims.items()}}
-        if training["effective_batch_size"]:  # the batch is fixed; only its split was searched
-            training["grad_accum_steps"] = training["effective_batch_size"] // training["micro_batch_size"]
+        training = _training_values({name: dim.suggest(trial) for name, dim in self.training_dims_of(method).items()})
         return TrialParams(method, methods.get(method).resolve(sampled), training)
 
     def fixed_params(self, method: str) -> TrialParams:
@@ -109,9 +114,7 @@ class SearchSpace:
         def fixed(dims: dict[str, Dimension]) -> dict[str, Any]:
             return {name: dim.value for name, dim in dims.items() if dim.kind == "fixed"}
 
-        training = {**{k: s.default for k, s in TRAINING_PARAMS.items()}, **fixed(self.training_dims_of(method))}
-        if training["effective_batch_size"]:
-            training["grad_accum_steps"] = training["effective_batch_size"] // training["micro_batch_size"]
+        training = _training_values(fixed(self.training_dims_of(method)))
         return TrialParams(method, methods.get(method).resolve(fixed(self.method_dims.get(method, {}))), training)
 
     def training_dims_of(self, method: str) -> dict[str, Dimension]:

@@ -347,10 +347,8 @@ def failures_in_a_row(study: optuna.Study, since: datetime.datetime) -> list[opt
                 if t.datetime_start is not None and t.datetime_start >= since and t.datetime_complete is not None
                 and (t.state == COMPLETE or t.user_attrs.get("fail_reason") not in (None, "interrupted"))]
     finished.sort(key=lambda t: t.datetime_complete)
-    since_last_success: list[optuna.trial.FrozenTrial] = []
-    for trial in finished:
-        since_last_success = [] if trial.state == COMPLETE else [*since_last_success, trial]
-    return since_last_success
+    last_success = max((i for i, t in enumerate(finished) if t.state == COMPLETE), default=-1)
+    return finished[last_success + 1:]
 
 
 def worker_label() -> str:

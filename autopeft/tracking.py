@@ -33,10 +33,8 @@ class TrackingFallbackWarning(UserWarning):
 def artifact_location(tracking_uri: str) -> str | None:
     """Where a new experiment keeps its files: a `mlruns` folder beside a SQLite store (MLflow's default is
     the current directory, wherever a run happens to start), the server's choice otherwise."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    database = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
-    return (database.resolve().parent / "mlruns").as_uri()
+    database = sqlite_file(tracking_uri)
+    return None if database is None else (Path(database).expanduser().resolve().parent / "mlruns").as_uri()
 
 
 @contextlib.contextmanager
