@@ -722,17 +722,26 @@ def sync_stores(
 
 @app.command("methods")
 def list_methods() -> None:
-    """List the PEFT methods, their parameters (with defaults) and the architectures they support."""
+    """List the PEFT methods, their parameters (default; allowed values) and the architectures they support,
+    then the training parameters every method shares: what a search-space YAML may name."""
     from autopeft import methods
+    from autopeft.space import TRAINING_PARAMS
+
+    def describe(specs: dict[str, methods.ParamSpec]) -> str:
+        return "\n".join(f"{k} ({s.shown_default()}; {s.allowed()}): {s.help}" for k, s in specs.items())
 
     table = Table()
-    for column in ("method", "what", "parameters (default)", "architectures", "merges"):
+    for column in ("method", "what", "parameters (default; allowed)", "architectures", "merges"):
         table.add_column(column)
     for name in methods.names():
         method = methods.get(name)
-        params = "\n".join(f"{k} ({s.default}): {s.help}" for k, s in method.params.items())
-        table.add_row(name, method.summary, params, ", ".join(method.families), "yes" if method.can_merge else "no")
+        table.add_row(name, method.summary, describe(method.params), ", ".join(method.families),
+                      "yes" if method.can_merge else "no")
     console.print(table)
+    training = Table(title="training parameters (the space's `training:` section, or per method)")
+    training.add_column("parameters (default; allowed)")
+    training.add_row(describe(TRAINING_PARAMS))
+    console.print(training)
 
 
 def main() -> None:

@@ -312,10 +312,11 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
     trainable, _ = count_parameters(model)
     total = sum(p.numel() for p in runtime.base_model.parameters())
     intermediate: list[tuple[int, float]] = []
-    due_at, checking = set(checkpoints or (runtime.config.max_steps // 2,)), [0.0]
+    due_at, checking, steps_done = set(checkpoints or (runtime.config.max_steps // 2,)), [0.0], [0]
     subset = runtime.validation.take(INTERMEDIATE_ROWS)
 
     def check_progress(step: int, trained: nn.Module) -> None:
+        steps_done[0] = step
         if step in due_at:
             began = time.perf_counter()
             accuracy, score = runtime.evaluate.progress(trained, subset, runtime.device)
@@ -327,13 +328,17 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
     settings = train_settings(params, max_steps=runtime.config.max_steps, seed=seed)
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
-    with eval_positions_limited(eval_positions(runtime, params)):
-        result = fit(model, runtime.train, settings, pad_id=runtime.pad_id, device=runtime.device,
-                     loss_fn=runtime.loss_fn, on_step=check_progress,
-                     after_step=methods.get(params.method).after_step)
-        eval_start = time.perf_counter()
-        val_accuracy = runtime.evaluate(model, runtime.validation, runtime.device)
-        probe_scores = runtime.probes.score(model, runtime.device, measured={"val_accuracy": val_accuracy})
+    try:
+        with eval_positions_limited(eval_positions(runtime, params)):
+            result = fit(model, runtime.train, settings, pad_id=runtime.pad_id, device=runtime.device,
+                         loss_fn=runtime.loss_fn, on_step=check_progress,
+                         after_step=methods.get(params.method).after_step)
+            eval_start = time.perf_counter()
+            val_accuracy = runtime.evaluate(model, runtime.validation, runtime.device)
+            probe_scores = runtime.probes.score(model, runtime.device, measured={"val_accuracy": val_accuracy})
+    except Exception as exc:
+        exc.steps_trained = steps_done[0]  # a failed trial's steps still count against a step budget
+        raise
     eval_seconds = time.perf_counter() - eval_start + checking[0]
     # CUDA: the whole trial's peak (training, its evaluations and probes), what the budget promises to bound
     measured = torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda" else \
@@ -379,6 +384,7 @@ class Objective:
             self.tracker.end_trial_run(run_id, "PRUNED", str(pruned))
             raise
         except (TrialFailed, torch.OutOfMemoryError) as exc:
+            trial.set_user_attr("steps_trained", getattr(exc, "steps_trained", 0))
             self._fail(trial, run_id, getattr(exc, "reason", None) or f"out of memory: {exc}")
         except Exception as exc:  # an unexpected error in one configuration must not end the search
             if interrupt.REQUESTED.is_set():  # a Ctrl-C that a library turned into an ordinary error
@@ -386,6 +392,7 @@ class Objective:
                 self.tracker.end_trial_run(run_id, "FAIL", "interrupted")
                 raise KeyboardInterrupt from exc
             trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+            trial.set_user_attr("steps_trained", getattr(exc, "steps_trained", 0))
             self._fail(trial, run_id, f"{type(exc).__name__}: {exc}")
         except BaseException:  # Ctrl-C: close the run so the store holds no RUNNING trial
             trial.set_user_attr("fail_reason", "interrupted")
@@ -393,6 +400,7 @@ class Objective:
             raise
         values = self._values(outcome)
         if not all(math.isfinite(v) for v in (values if isinstance(values, tuple) else (values,))):
+            trial.set_user_attr("steps_trained", len(outcome.train.losses))
             self._fail(trial, run_id, f"non-finite score: validation accuracy {outcome.accuracy}, "
                                       f"forgetting {outcome.forgetting}")  # Optuna would fail it without a word
         self._record(trial, run_id, outcome, started)

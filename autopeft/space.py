@@ -34,7 +34,7 @@ TRAINING_PARAMS: dict[str, ParamSpec] = {
     "max_grad_norm": ParamSpec("float", 1.0, "gradient clipping norm (0 disables clipping)", low=0.0, high=1e6),
     "momentum": ParamSpec("float", 0.9, "momentum of sgd", low=0.0, high=0.999),
     "gradient_checkpointing": ParamSpec("bool", False, "recompute activations in backward to save memory"),
-    "effective_batch_size": ParamSpec("int", 0, "if set, fixes micro_batch_size x grad_accum_steps and the "
+    "effective_batch_size": ParamSpec("int", 0, "if set (0: not set), fixes micro_batch_size x grad_accum_steps and the "
                                       "search picks only the split (grad_accum_steps is derived)", low=0, high=1 << 20),
 }
 _TOP_KEYS = ("method", "training", "methods")
@@ -53,6 +53,14 @@ class Dimension:
     high: float = 0.0
     log: bool = False
     step: float | None = None
+
+    def bounds(self) -> tuple[Any, Any]:
+        """The lowest and highest value a draw can take (numeric dimensions)."""
+        if self.kind == "fixed":
+            return self.value, self.value
+        if self.kind == "categorical":
+            return min(self.choices), max(self.choices)
+        return self.low, self.high
 
     def suggest(self, trial: optuna.Trial) -> Any:
         if self.kind == "fixed":
@@ -256,6 +264,23 @@ def _check_effective_batch(training: dict[str, Dimension], where: str, problems:
                         f"micro_batch_size in {sizes}")
 
 
+def _check_method_combinations(method_dims: dict[str, dict[str, Dimension]], path: str) -> None:
+    """Refuse a method whose parameters, as the space allows them, break its rules on every draw."""
+    problems = []
+    for name, dims in method_dims.items():
+        method = methods.get(name)
+        if method.space_problem is None:
+            continue
+        def bounds(param: str, dims: dict[str, Dimension] = dims, method: methods.Method = method) -> tuple[Any, Any]:
+            dim = dims.get(param)
+            return dim.bounds() if dim else (method.params[param].default,) * 2
+        problem = method.space_problem(bounds)
+        if problem:
+            problems.append(f"{path}: methods.{name}: {problem}")
+    if problems:
+        raise ConfigError(problems)
+
+
 def _split_method_section(raw: Any, own_specs: dict[str, ParamSpec]) -> tuple[Any, dict[str, Any]]:
     """A method's section holds its own parameters and, optionally, training parameters that override the
     shared ones for this method only (methods differ in the learning rates they need)."""
@@ -303,6 +328,7 @@ def parse_space(data: Any, path: str) -> SearchSpace:
         raise ConfigError(problems)
     for name in (method.choices if method.kind == "categorical" else (method.value,)):
         method_dims.setdefault(name, {})
+    _check_method_combinations(method_dims, path)
     canonical = json.dumps(data, sort_keys=True, default=str)
     return SearchSpace(path, method, method_dims, training, overrides, hashlib.sha256(canonical.encode()).hexdigest()[:16])
 

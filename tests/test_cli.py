@@ -525,3 +525,17 @@ def test_the_summary_warns_of_held_out_rows_that_repeat_a_training_text(monkeypa
     cli._print_split(split, SearchConfig(train_size=40, val_size=20, test_size=20).public_dict())  # as recorded
     text = recording.export_text()
     assert "warning: 9 of 20 test rows have the text of a training row" in text and "validation rows" not in text
+
+
+def test_methods_lists_each_parameters_default_and_allowed_values_and_the_training_parameters() -> None:
+    from typer.testing import CliRunner
+
+    from autopeft.cli import app
+
+    listed = CliRunner().invoke(app, ["methods"])
+    assert listed.exit_code == 0, listed.output
+    text = " ".join(listed.output.replace("│", " ").split())  # table cells wrap: compare the words
+    for expected in ("optimizer (adamw; adamw | adafactor | sgd | adamw_8bit)",
+                     "micro_batch_size (16; integer >= 1, <= 65536)", "use_rslora (false; true or false)",
+                     "init_r (12; integer >= 1, <= 1024)"):
+        assert expected in text

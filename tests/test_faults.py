@@ -180,3 +180,21 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_not_wait
     assert trials[orphan.number].user_attrs["fail_reason"] == "its worker stopped before the trial began"
     assert trials[live.number].state == optuna.trial.TrialState.RUNNING
     assert fail_unstarted_trials(study, grace_seconds=0) == []
+
+
+def test_steps_a_failed_trial_trained_count_against_the_step_budget(
+        tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests_support import tiny_config
+
+    from autopeft import search
+
+    def fit_that_diverges_at_step_3(model: object, *args: object, on_step, **kwargs: object) -> None:
+        for step in (1, 2):
+            on_step(step, model)
+        raise TrialFailed("non-finite loss")
+
+    monkeypatch.setattr(search, "fit", fit_that_diverges_at_step_3)
+    summary = search.run_search(tiny_config(tmp_path, tiny_bert, trials=5, max_total_steps=4,
+                                            max_consecutive_failures=10))
+    assert [t.user_attrs["steps_trained"] for t in summary.study.trials] == [2, 2]
+    assert summary.stopped_reason and "4 of 4 steps spent" in summary.stopped_reason

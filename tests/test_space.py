@@ -68,6 +68,10 @@ BAD_SPACES = [
      "methods.lora.effective_batch_size: 40 is not divisible by every micro_batch_size in [32]"),
     ("method: lora\nmethods:\n  lora:\n    r: [4, 8]\n    alpha: 16\n    r: 16\n",
      "not valid YAML at line 6, column 5: 'r' is given twice in one mapping (lines 4 and 6); keep one"),
+    ("method: [lora, adalora]\nmethods:\n  adalora:\n    init_r: [4, 8]\n",
+     "methods.adalora: target_r (at least 8) must be below init_r (at most 8)"),
+    ("method: adalora\nmethods:\n  adalora:\n    warmup_fraction: 0.5\n    final_fraction: {low: 0.5, high: 0.8}\n",
+     "methods.adalora: warmup_fraction + final_fraction must stay below 1"),
 ]
 
 
@@ -158,3 +162,8 @@ def test_a_spaces_fixed_values_are_what_estimate_uses_and_searched_ones_take_the
     assert lora.method_params["r"] == 256 and lora.method_params["alpha"] == 16.0  # alpha is searched: its default
     assert (lora.training["micro_batch_size"], lora.training["precision"], lora.training["optimizer"]) == (64, "bf16", "adamw")
     assert space.fixed_params("ia3").training["grad_accum_steps"] == 2  # 128 split into micro-batches of 64
+
+
+def test_a_method_rule_only_some_draws_break_is_left_to_fail_those_trials(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, "method: adalora\nmethods:\n  adalora:\n    init_r: [4, 12]\n    target_r: 8\n"))
+    assert space.method_dims["adalora"]["init_r"].choices == (4, 12)

@@ -31,6 +31,21 @@ class ParamSpec:
     high: float | None = None
     choices: tuple[Any, ...] = ()  # allowed values (choice)
 
+    def allowed(self) -> str:
+        """The values a space may give, in a few words (`autopeft methods` lists them)."""
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "choice":
+            return " | ".join(map(str, self.choices))
+        number = (lambda v: str(int(v))) if self.kind == "int" else (lambda v: f"{v:g}")
+        bounds = [f">= {number(self.low)}" if self.low is not None else "",
+                  f"<= {number(self.high)}" if self.high is not None else ""]
+        return f"{'integer' if self.kind == 'int' else 'number'} {', '.join(b for b in bounds if b)}".strip()
+
+    def shown_default(self) -> str:
+        """The default as a YAML space would write it."""
+        return str(self.default).lower() if isinstance(self.default, bool) else str(self.default)
+
     def check(self, value: Any) -> str | None:
         """Why `value` is not allowed, or None when it is."""
         if self.kind == "bool":
@@ -81,6 +96,9 @@ class Method:
     supports: Callable[[nn.Module], str | None] | None = None
     after_step: Callable[[nn.Module, int], None] | None = None
     merge: Callable[[nn.Module], nn.Module] | None = None
+    # Why no draw of a search space can work, given (lowest, highest) of each parameter in it (None when
+    # some can); a combination only some draws break is left to fail its trial.
+    space_problem: Callable[[Callable[[str], tuple[float, float]]], str | None] | None = None
 
     def problem(self, model: nn.Module) -> str | None:
         """Why this method cannot apply to `model`, or None when it can."""

@@ -27,6 +27,7 @@ Design decisions:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -52,6 +53,16 @@ def schedule(params: dict[str, Any], total_step: int) -> tuple[int, int]:
                           f"{params['final_fraction']} of {total_step} steps ({tinit} + {tfinal}) leave no "
                           "steps to reallocate the rank budget; their sum must stay below 1")
     return tinit, tfinal
+
+
+def space_problem(bounds: Callable[[str], tuple[float, float]]) -> str | None:
+    """Refuse a space in which every draw breaks `schedule`'s rules."""
+    if bounds("target_r")[0] >= bounds("init_r")[1]:
+        return (f"target_r (at least {bounds('target_r')[0]:g}) must be below init_r (at most "
+                f"{bounds('init_r')[1]:g}): the rank budget can only shrink")
+    if bounds("warmup_fraction")[0] + bounds("final_fraction")[0] >= 1:
+        return "warmup_fraction + final_fraction must stay below 1: no steps would be left to reallocate the rank budget"
+    return None
 
 
 def adalora_config(model: nn.Module, params: dict[str, Any], context: MethodContext) -> AdaLoraConfig:
@@ -104,5 +115,5 @@ register(Method(
                                                   "allocation (tfinal)", low=0.0, high=1.0),
         "update_every": ParamSpec("int", 10, "steps between two budget re-allocations (deltaT)", low=1),
     },
-    apply=apply, peft_backed=True, can_merge=True, after_step=after_step,
+    apply=apply, peft_backed=True, can_merge=True, after_step=after_step, space_problem=space_problem,
 ))
