@@ -626,7 +626,10 @@ def _position_limit(base: str) -> int | None:
 def _check_positions(base: str, params: Any, tokens: int) -> None:
     """A row longer than the model's position table cannot be traced (nor trained): say so in one line."""
     limit = _position_limit(base)
-    virtual = int(params.method_params.get("num_virtual_tokens", 0)) if params.method == "prompt" else 0
+    from autopeft import methods
+
+    added = methods.get(params.method).added_positions
+    virtual = added(params.method_params) if added else 0
     if limit is not None and tokens + virtual > limit:
         extra = f" + {virtual} virtual tokens of prompt tuning" if virtual else ""
         raise ConfigError([(f"--seq-len: {tokens} tokens{extra} exceed {base}'s {limit} positions; estimate at "

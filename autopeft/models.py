@@ -225,6 +225,15 @@ def family(model: nn.Module) -> str:
                      "Llama q_proj/k_proj/v_proj/o_proj/gate_proj/up_proj/down_proj; GPT-2 c_attn/c_proj/c_fc)")
 
 
+def position_table_rows(model: nn.Module) -> int | None:
+    """Rows of a learned absolute position table (BERT's position_embeddings, GPT-2's wpe): no input may be
+    longer. None for rotary positions (Llama): there is no table to run off."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe"):
+            return module.num_embeddings
+    return None
+
+
 def modules_for_roles(model: nn.Module, roles: tuple[str, ...]) -> list[str]:
     """Full names of the modules that play `roles` (q, k, v, o, ffn_in, ffn_out) in this model."""
     patterns = [_ROLE_PATTERNS[family(model)][role] for role in roles]

@@ -540,6 +540,11 @@ class ProbeSet:
     def names(self) -> list[str]:
         return [p.name for p in self.probes]
 
+    def longest_input(self) -> int:
+        """Tokens in the longest row a probe feeds the model (its texts, or the task's splits it evaluates)."""
+        splits = [v for p in self.probes for v in vars(p).values() if isinstance(v, TokenizedSplit) and len(v)]
+        return max((max(split.lengths()) for split in splits), default=0)
+
     def fit_base(self, base_model: nn.Module, device: torch.device | None = None, *,
                  cache_file: Path | None = None, cache_key: str = "") -> dict[str, float]:
         """Fit every probe on the base model and score the base itself (forgetting 0), or load both from

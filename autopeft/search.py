@@ -34,7 +34,7 @@ from autopeft.data import (
 )
 from autopeft.errors import ConfigError, TrialFailed
 from autopeft.evaluate import Evaluator
-from autopeft.models import count_parameters, family, load_causal_lm, load_classifier
+from autopeft.models import count_parameters, family, load_causal_lm, load_classifier, position_table_rows
 from autopeft.probes import ProbeContext, ProbeSet, build_probes, default_probes, probe_problems
 from autopeft.recipe import write_recipe
 from autopeft.sources import Columns
@@ -79,6 +79,12 @@ class Runtime:
     def longest_row(self) -> int:
         """Tokens in the longest training row: the batch length memory estimates and evaluation limits are for."""
         return max(self.train.lengths())
+
+    @property
+    def longest_input(self) -> int:
+        """Tokens in the longest row the model is ever given: training, evaluation (test at export) and probes."""
+        return max(*(max(split.lengths(), default=0) for split in (self.train, self.validation, self.test)),
+                   self.probes.longest_input())
 
 
 def ood_columns(config: SearchConfig) -> Columns:
@@ -288,6 +294,22 @@ def smallest_micro_batch(space: SearchSpace | None) -> int:
                for size in _dim_options("micro_batch_size", space.training_dims_of(method)))
 
 
+def positions_problem(runtime: Runtime, params: TrialParams) -> str | None:
+    """Why a trial's inputs would run off the model's position table (prompt tuning's virtual tokens on top of
+    the longest row the model is given), or None. Said before training, in place of an indexing error."""
+    added = methods.get(params.method).added_positions
+    rows = position_table_rows(runtime.base_model)
+    if added is None or rows is None:
+        return None
+    extra, longest = added(params.method_params), runtime.longest_input
+    if longest + extra <= rows:
+        return None
+    fixes = [f"--max-length {rows - extra} or less"] if rows > extra else []
+    fixes += [f"num_virtual_tokens {rows - longest} or less"] if rows > longest else []
+    return (f"{params.method}: {extra} virtual tokens + the longest row's {longest} tokens need {longest + extra} "
+            f"positions; the model has {rows}" + (f": use {' or '.join(fixes)}" if fixes else ""))
+
+
 INTERMEDIATE_ROWS = 256  # a mid-training check on a slice of validation: cheap, and enough to see a trend
 
 
@@ -301,6 +323,9 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
     problem = methods.get(params.method).problem(runtime.base_model)
     if problem:  # e.g. a method that cannot apply to this architecture: skipped, never crashed
         raise optuna.TrialPruned(f"skipped: {problem}")
+    problem = positions_problem(runtime, params)
+    if problem:
+        raise TrialFailed(problem)
     # The adapter's initial weights and the dropout masks draw on torch's global generator: seeded here, a
     # trial depends on its seed alone, not on what ran before it in the process (earlier trials, exports),
     # so `autopeft train` and export's retraining reproduce any trial of a search, not only the first.

@@ -205,6 +205,21 @@ def test_every_method_runs_a_whole_trial(tmp_path: Path, tiny_bert: Path, method
     assert (Path(trial.user_attrs["adapter_dir"]) / "adapter_config.json").is_file()
 
 
+def test_prompt_tuning_past_the_models_position_table_fails_its_trial_with_the_limits_before_training(
+        tmp_path: Path, tiny_bert: Path) -> None:
+    space = tmp_path / "one.yaml"
+    space.write_text("method: prompt\nmethods:\n  prompt:\n    num_virtual_tokens: 40\n")
+    task = tmp_path / "long.csv"  # every row over --max-length: the longest is exactly 100 tokens
+    task.write_text("text,label\n" + "".join(f"{'word ' * 150}{i},{i % 2}\n" for i in range(40)))
+    study = run_search(config(tmp_path, tiny_bert, trials=1, space=str(space), max_length=100, task=str(task),
+                              train_size=20, val_size=10, test_size=10,
+                              max_consecutive_failures=1)).study
+    assert study.trials[0].user_attrs["fail_reason"] == (
+        "prompt: 40 virtual tokens + the longest row's 100 tokens need 140 positions; the model has 128: "
+        "use --max-length 88 or less or num_virtual_tokens 28 or less")
+    assert study.trials[0].user_attrs["steps_trained"] == 0
+
+
 def test_package_versions_name_mlflow_skinny_and_missing_packages(monkeypatch) -> None:
     """MLflow installed as mlflow-skinny (a complete client) crashed the search while recording versions."""
     import importlib.metadata

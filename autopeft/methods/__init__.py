@@ -99,6 +99,9 @@ class Method:
     # Why no draw of a search space can work, given (lowest, highest) of each parameter in it (None when
     # some can); a combination only some draws break is left to fail its trial.
     space_problem: Callable[[Callable[[str], tuple[float, float]]], str | None] | None = None
+    # Positions the method adds to every input (prompt tuning's virtual tokens): a model with a position
+    # table (BERT, GPT-2) must hold them on top of the longest row.
+    added_positions: Callable[[dict[str, Any]], int] | None = None
 
     def problem(self, model: nn.Module) -> str | None:
         """Why this method cannot apply to `model`, or None when it can."""

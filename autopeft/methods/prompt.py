@@ -41,4 +41,5 @@ register(Method(
         "init": ParamSpec("choice", "random", "initialise from random vectors or from a text's embeddings",
                           choices=("random", "text")),
     },
-    apply=apply, peft_backed=True, can_merge=False))
+    apply=apply, peft_backed=True, can_merge=False,
+    added_positions=lambda params: int(params["num_virtual_tokens"])))
