@@ -196,7 +196,7 @@ def search(
 def worker(
     study: Annotated[str, typer.Option(help="Name of an existing study to join.")],
     storage: Annotated[str, typer.Option(help="Optuna storage URL shared by all workers (postgresql://...).")],
-    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking server shared by all workers (http://host:port).")] = "sqlite:///mlflow.db",
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking server shared by all workers (http://host:port; default: the one the study was created with).")] = None,
     artifacts_dir: Annotated[Path, typer.Option(help="Where this worker saves trained adapters.")] = Path("autopeft-artifacts"),
     trials: Annotated[int, typer.Option(help="Completed trials the study should reach (0 = what the study was created with).")] = 0,
     timeout: Annotated[float | None, typer.Option(help="Stop starting new trials after this many seconds.")] = None,
@@ -209,7 +209,7 @@ def worker(
 
     if trials < 0:
         _fail(f"--trials: {trials} must be 0 or more (0: the target the study was created with)")
-    config = _guard(lambda: SearchConfig(study=study, storage=storage, tracking_uri=tracking_uri,
+    config = _guard(lambda: SearchConfig(study=study, storage=storage, tracking_uri=tracking_uri or "",  # "": the study's
                                          artifacts_dir=str(artifacts_dir), trials=trials, timeout=timeout,
                                          worker_id=worker_id if worker_id is not None else worker_id_default()))
     summary = _interruptible(lambda: run_worker(config, progress=_progress), config, summary=not spawned)

@@ -48,6 +48,15 @@ def sqlite_file(url: str) -> str | None:
     return database if database and database != ":memory:" else None
 
 
+def absolute_sqlite_url(url: str) -> str:
+    """A sqlite URL naming a relative file, made absolute: a worker or an export run from another folder must
+    find the same store. Other URLs as given."""
+    database = sqlite_file(url)
+    if database is None or Path(database).is_absolute():
+        return url
+    return url.replace(database, str(Path(database).resolve()), 1)
+
+
 def missing_sqlite_file(url: str) -> str | None:
     """The file a sqlite:/// URL names, when it does not exist: a command that only reads a store refuses it,
     because SQLAlchemy would create an empty database there on connect."""
@@ -216,7 +225,7 @@ class SearchConfig:
         """What may be written to MLflow, the study and exported files: URLs without their passwords, and
         local model and data paths made absolute (an export or a worker may run from another folder)."""
         data = asdict(self)
-        data["storage"], data["tracking_uri"] = redact_url(self.storage), redact_url(self.tracking_uri)
+        data["storage"], data["tracking_uri"] = redact_url(self.storage), absolute_sqlite_url(redact_url(self.tracking_uri))
         for key in ("model", "task", "ood_task"):
             data[key] = absolute_if_local(data[key])
         return data

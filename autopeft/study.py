@@ -108,9 +108,20 @@ def load_for_worker(config: SearchConfig, on_stale: StaleTrialRetry | None = Non
         raise StudyError(f"--trials: study {config.study!r} was created with --trials 0, so it has no target; pass "
                          "--trials N, the completed trials the study should reach")
     local = {k: getattr(config, k) for k in ("storage", "tracking_uri", "artifacts_dir", "worker_id", "timeout")}
+    local["tracking_uri"] = config.tracking_uri or recorded_tracking_uri(recorded)
     joined = SearchConfig.from_dict({**recorded, **local, "space": config.space,
                                      "trials": config.trials or recorded["trials"]})
     return study, joined, space
+
+
+def recorded_tracking_uri(recorded: dict[str, Any]) -> str:
+    """The tracking store the study was created with, for a worker not told one: its runs then join the
+    study's parent run. A URL's password is never recorded, so such a store must be given again."""
+    uri = recorded["tracking_uri"]
+    if ":***@" in uri:
+        raise StudyError(f"--tracking-uri: the study logs to {uri}, whose password is not recorded; pass "
+                         "--tracking-uri with it")
+    return uri
 
 
 def validation_majority(study: optuna.Study) -> float | None:

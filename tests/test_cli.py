@@ -310,6 +310,19 @@ def test_export_of_a_study_without_completed_trials_is_a_clear_error(tmp_path: P
     assert not (tmp_path / "x").exists()
     idle = autopeft("worker", "--study", "empty", "--storage", "sqlite:///autopeft.db", cwd=tmp_path)
     assert idle.returncode == 2 and "was created with --trials 0, so it has no target; pass --trials N" in idle.stderr
+    elsewhere = tmp_path / "elsewhere"  # a worker not told the tracking store logs to the study's
+    elsewhere.mkdir()
+    joined = autopeft("worker", "--study", "empty", "--storage", f"sqlite:///{tmp_path}/autopeft.db", "--trials", "1",
+                      cwd=elsewhere)
+    assert joined.returncode == 0, joined.stderr
+    assert not (elsewhere / "mlflow.db").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("autopeft").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("autopeft.role") == "study")
+    assert [r.data.tags.get("autopeft.state") for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id] \
+        == ["COMPLETE"]
 
 
 def test_export_and_its_recipe_run_from_another_folder_and_an_export_refuses_changed_data_before_writing(
@@ -371,7 +384,7 @@ OTHER_BAD_INPUTS = [
     (["export", "--out", "/proc/autopeft"], "--out: cannot create /proc/autopeft"),
     (["report", "--out", "/proc/autopeft"], "--out: cannot create /proc/autopeft"),
     (["report", "--out", "r", "--tracking-uri", "sqlite:///other.db"],
-     "--tracking-uri: no MLflow store at sqlite:///other.db (the search logged to sqlite:///mlflow.db; pass it"),
+     "--tracking-uri: no MLflow store at sqlite:///other.db (the search logged to sqlite:////"),
     (["export", "--out", "x", "--trial", "0", "--select", "best-accuracy"], "--trial 0 and --select best-accuracy: choose one"),
     (["export", "--out", "x", "--select", "best-accuracy", "--tolerance", "0.1"],
      "--tolerance: applies to the balanced rule only, and this export uses the best-accuracy rule"),

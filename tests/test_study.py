@@ -34,3 +34,17 @@ def test_a_workers_sampler_takes_any_process_id_as_its_worker_id(sampler: str) -
     study.sampler = seeded_sampler(config, study)  # raised "Seed must be between 0 and 2**32 - 1"
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
     assert len(study.trials) == 1
+
+
+def test_a_worker_not_told_the_tracking_store_takes_the_studys_unless_its_password_was_withheld() -> None:
+    from autopeft.study import recorded_tracking_uri
+
+    assert recorded_tracking_uri({"tracking_uri": "http://10.0.0.5:5000"}) == "http://10.0.0.5:5000"
+    with pytest.raises(StudyError, match=r"--tracking-uri: the study logs to http://u:\*\*\*@h:5000, whose password"):
+        recorded_tracking_uri({"tracking_uri": "http://u:***@h:5000"})
+
+
+def test_a_relative_sqlite_tracking_store_is_recorded_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    recorded = SearchConfig(tracking_uri="sqlite:///runs/mlflow.db").public_dict()["tracking_uri"]
+    assert recorded == f"sqlite:///{tmp_path}/runs/mlflow.db"
