@@ -21,6 +21,7 @@ from autopeft.config import sqlite_file
 
 EXPERIMENT = "autopeft"
 MOVED_TAG = "autopeft.moved_from"  # on a fallback run that replaces a run begun on the server: that run's id
+LATEST_TAG = "autopeft.latest."  # + a setting: its value now, where a resumed search changed it (params keep the first)
 FALLBACK_URI = "sqlite:///mlflow-fallback.db"
 T = TypeVar("T")
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
@@ -149,6 +150,7 @@ class Tracker:
             self._remember(existing_run_id, study_name, {"autopeft.study": study_name, "autopeft.role": "study"},
                            params)
             self._do(lambda: self.client.update_run(self._id(existing_run_id), status="RUNNING"))
+            self._tag_changed_params(existing_run_id, params)
             return existing_run_id
         run_id = self._create(study_name, {"autopeft.study": study_name, "autopeft.role": "study"}, params)
         if space_text is not None:  # the study's own copy: a worker may not have the file
@@ -156,6 +158,14 @@ class Tracker:
         else:
             self._do(lambda: self.client.log_artifact(self._id(run_id), space_file, artifact_path="space"))
         return run_id
+
+    def _tag_changed_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """A param keeps its first value in MLflow; the settings a resumed search (or a joining worker) runs
+        with that differ from it are tagged `autopeft.latest.<name>`, so the dashboard shows what runs now."""
+        logged = self._do(lambda: self.client.get_run(self._id(run_id))).data.params
+        tags = [RunTag(f"{LATEST_TAG}{k}", str(v)[:5000]) for k, v in params.items() if logged.get(k) != str(v)[:6000]]
+        for start in range(0, len(tags), 100):
+            self._do(functools.partial(self.client.log_batch, self._id(run_id), tags=tags[start:start + 100]))
 
     def close_study_run(self, run_id: str, metrics: dict[str, float], status: str = "FINISHED") -> None:
         self.log_metrics(run_id, metrics)

@@ -41,3 +41,15 @@ def test_workers_that_create_a_new_sqlite_store_at_once_all_log_to_it(tmp_path: 
     assert opened == [(f"sqlite:///{database}", [])] * 4
     store = Tracker(f"sqlite:///{database}")
     assert len(store.client.search_runs([store.experiment_id])) == 4
+
+
+def test_a_reopened_study_run_tags_the_settings_that_changed_since_its_params_were_logged(tmp_path: Path) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text("method: lora\n")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = tracker.open_study_run("s", None, {"trials": 10, "sampler": "tpe"}, str(space))
+    assert tracker.open_study_run("s", run, {"trials": 20, "sampler": "tpe", "timeout": 60}, str(space)) == run
+    logged = tracker.client.get_run(run).data
+    assert logged.params == {"trials": "10", "sampler": "tpe"}
+    assert {k: v for k, v in logged.tags.items() if k.startswith("autopeft.latest.")} == \
+        {"autopeft.latest.trials": "20", "autopeft.latest.timeout": "60"}
