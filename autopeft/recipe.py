@@ -38,6 +38,43 @@ def write_recipe(path: Path, config: SearchConfig, params: TrialParams, seed: in
     path.write_text(yaml.safe_dump(to_recipe(config, params, seed), sort_keys=False))
 
 
+_REQUIRED = (*_DATA_KEYS, "split_seed", "method", "method_params", "max_steps", "seed")
+_ALLOWED = (*_REQUIRED, *_TASK_KEYS, *TRAINING_PARAMS)
+_INTEGERS = {"train_size": 1, "val_size": 1, "test_size": 1, "max_length": 1, "max_steps": 1, "split_seed": 0, "seed": 0}
+
+
+def _problems(path: Path, data: dict[str, Any]) -> list[str]:
+    """Every key the recipe may not hold and every value of the wrong kind: a typo in a key must not train on
+    a default without a word."""
+    problems = [f"{path}: {k}: unknown key; allowed: {', '.join(_ALLOWED)}" for k in data if k not in _ALLOWED]
+    problems += [f"{path}: {k}: {data[k]!r} must be an integer of at least {low}" for k, low in _INTEGERS.items()
+                 if isinstance(data[k], bool) or not isinstance(data[k], int) or data[k] < low]
+    problems += [f"{path}: {k}: {data[k]!r} {why}" for k, spec in TRAINING_PARAMS.items()
+                 if k in data and (why := spec.check(data[k]))]
+    if data["method"] not in methods.names():
+        return [*problems, f"{path}: method: {data['method']!r} must be one of {', '.join(methods.names())}"]
+    specs = methods.get(data["method"]).params
+    if not isinstance(data["method_params"], dict):
+        return [*problems, f"{path}: method_params: must map {data['method']}'s parameters to values"]
+    for k, v in data["method_params"].items():
+        if k not in specs:
+            problems.append(f"{path}: method_params.{k}: unknown parameter of {data['method']}; allowed: {', '.join(specs)}")
+        elif why := specs[k].check(v):
+            problems.append(f"{path}: method_params.{k}: {v!r} {why}")
+    return problems
+
+
+def _as_recipe_key(path: Path, problem: str, overridden: set[str]) -> str:
+    """'--max-steps: ...' about a value the recipe gave -> '<file>: max_steps: ...' (an option given on the
+    command line keeps its own name)."""
+    option, sep, rest = problem.partition(": ")
+    key = option.removeprefix("--").replace("-", "_")
+    key = "split_seed" if key == "seed" else key  # the search's --seed is the recipe's split_seed
+    if not sep or not option.startswith("--") or key not in _ALLOWED or key in overridden:
+        return problem
+    return f"{path}: {key}: {rest}"
+
+
 def read_recipe(path: Path, **overrides: Any) -> tuple[SearchConfig, TrialParams, int]:
     """(the search config that rebuilds the model and split, the trial's parameters, the training seed)."""
     try:
@@ -48,22 +85,20 @@ def read_recipe(path: Path, **overrides: Any) -> tuple[SearchConfig, TrialParams
         raise ConfigError([f"--config: {path} is {yaml_problem(exc)}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"--config: {path} is not UTF-8 text (a YAML recipe, as `autopeft export` writes)"]) from None
-    missing = [k for k in (*_DATA_KEYS, "split_seed", "method", "method_params", "max_steps", "seed")
-               if not isinstance(data, dict) or k not in data]
+    missing = [k for k in _REQUIRED if not isinstance(data, dict) or k not in data]
     if missing:
         raise ConfigError([f"{path}: missing key(s) {', '.join(missing)}"])
-    if data["method"] not in methods.names():
-        raise ConfigError([f"{path}: method: {data['method']!r} must be one of {', '.join(methods.names())}"])
-    problems = [f"{path}: method_params.{k}: {v!r} {why}" for k, v in data["method_params"].items()
-                if k in methods.get(data["method"]).params and (why := methods.get(data["method"]).params[k].check(v))]
-    problems += [f"{path}: {k}: {data[k]!r} {why}" for k, spec in TRAINING_PARAMS.items()
-                 if k in data and (why := spec.check(data[k]))]
+    problems = _problems(path, data)
     if problems:
         raise ConfigError(problems)
     steps = data["max_steps"] if overrides.get("max_steps") is None else overrides["max_steps"]  # 0 is refused
     task = {k: tuple(data[k]) if isinstance(data[k], list) else data[k] for k in _TASK_KEYS if k in data}
-    config = SearchConfig(**{k: data[k] for k in _DATA_KEYS}, **task, seed=data["split_seed"], max_steps=steps,
-                          **{k: v for k, v in overrides.items() if k != "max_steps" and v is not None})
+    try:
+        config = SearchConfig(**{k: data[k] for k in _DATA_KEYS}, **task, seed=data["split_seed"], max_steps=steps,
+                              **{k: v for k, v in overrides.items() if k != "max_steps" and v is not None})
+    except ConfigError as exc:  # the recipe's own values are named by their keys in the file, not as options
+        given = {k for k, v in overrides.items() if v is not None}
+        raise ConfigError([_as_recipe_key(path, problem, given) for problem in exc.problems]) from None
     training = {k: data.get(k, spec.default) for k, spec in TRAINING_PARAMS.items()}
     params = TrialParams(data["method"], methods.get(data["method"]).resolve(data["method_params"]), training)
     return config, params, int(data["seed"])

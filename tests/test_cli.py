@@ -26,7 +26,7 @@ def autopeft(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_search_export_and_mlflow_records(tmp_path: Path, tiny_search_args: list[str]) -> None:
-    done = autopeft("search", "--trials", "2", "--study", "e2e", *tiny_search_args, cwd=tmp_path)
+    done = autopeft("search", "--trials", "2", "--study", "e2e", *tiny_search_args, "--max-length", "24", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     for expected in ("val acc", "forgetting", "trainable", "chosen (balanced rule): trial",
                      "how far it leads: val accuracy",
@@ -64,6 +64,7 @@ def test_search_export_and_mlflow_records(tmp_path: Path, tiny_search_args: list
     for key in ("model", "task", "optimizer", "learning_rate", "precision", "grad_accum_steps",
                 "micro_batch_size", "max_steps", "seed"):
         assert key in training
+    assert training["max_length"] == 24 and seq_len == 24  # rotten tomatoes has rows longer than 24 tokens
 
     from mlflow.tracking import MlflowClient
 

@@ -40,3 +40,31 @@ def test_a_bad_setting_is_named_with_what_is_allowed(overrides: dict, message: s
     with pytest.raises(ConfigError) as info:
         SearchConfig(**overrides)
     assert message in str(info.value)
+
+
+RECIPE_EDITS = [
+    (("learning_rate:", "learning_rat:"), "learning_rat: unknown key; allowed: model, task"),
+    (("  r: 8", "  rank: 8"), "method_params.rank: unknown parameter of lora; allowed: r, alpha"),
+    (("seed: 3", "seed: banana"), "seed: 'banana' must be an integer of at least 0"),
+    (("split_seed: 0", "split_seed: 1.5"), "split_seed: 1.5 must be an integer of at least 0"),
+    (("max_steps: 3", "max_steps: -3"), "max_steps: -3 must be an integer of at least 1"),
+    (("task_type: classification", "task_type: bogus"), "task_type: 'bogus' must be classification or causal_lm"),
+]
+
+
+@pytest.mark.parametrize(("edit", "message"), RECIPE_EDITS, ids=[m for _, m in RECIPE_EDITS])
+def test_a_recipe_refuses_unknown_keys_and_wrong_values_naming_its_file_and_key(tmp_path, edit, message) -> None:
+    """A misspelt key trained on the default without a word; a wrong kind of value gave a traceback."""
+    from autopeft import methods
+    from autopeft.recipe import read_recipe, write_recipe
+    from autopeft.space import TRAINING_PARAMS, TrialParams
+
+    path = tmp_path / "training.yaml"
+    training = {k: spec.default for k, spec in TRAINING_PARAMS.items()}
+    write_recipe(path, SearchConfig(model="m", max_steps=3), TrialParams("lora", methods.get("lora").resolve({}), training), 3)
+    read_recipe(path)  # as written, it reads
+    path.write_text(path.read_text().replace(f"\n{edit[0]}", f"\n{edit[1]}", 1))
+    with pytest.raises(ConfigError) as info:
+        read_recipe(path)
+    assert [problem.split(": ", 1)[0] for problem in info.value.problems] == [str(path)]
+    assert message in info.value.problems[0]
