@@ -511,9 +511,14 @@ def export(
     """Write the chosen trial as files; its held-out test accuracy is computed here, once."""
     from autopeft.export import export_trial
 
-    result = _guard(lambda: export_trial(study, storage, out, trial_number=trial, rule=select, tolerance=tolerance,
-                                         with_weights=with_weights, force=force, confirm_seeds=confirm_seeds,
-                                         confirm_top=confirm_top))
+    try:
+        result = _guard(lambda: export_trial(study, storage, out, trial_number=trial, rule=select, tolerance=tolerance,
+                                             with_weights=with_weights, force=force, confirm_seeds=confirm_seeds,
+                                             confirm_top=confirm_top))
+    except KeyboardInterrupt:
+        err.print(f"interrupted: the export to {out} did not finish; an earlier export's files there are replaced "
+                  "only once the new ones are ready")
+        raise typer.Exit(130) from None
     if result.confirmations:
         console.print(confirmation_table(result.confirmations, result.trial.number))
     if result.retrained:

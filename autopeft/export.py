@@ -171,7 +171,10 @@ def find_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
     for trial in completed_trials(study):
         if trial.number == number:
             return trial
-    raise StudyError(f"--trial: {number} is not a completed trial of {study.study_name!r}; "
+    other = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    why = other.user_attrs.get("fail_reason") or other.user_attrs.get("prune_reason") if other is not None else None
+    state = f" ({other.state.name.lower()}{': ' + why if why else ''})" if other is not None else ""
+    raise StudyError(f"--trial: {number} is not a completed trial of {study.study_name!r}{state}; "
                      f"completed: {', '.join(str(t.number) for t in completed_trials(study)) or 'none'}")
 
 
@@ -262,7 +265,6 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     runtime = prepare_runtime(config, recorded_space(study))
     check_same_data(study, runtime.task)
     create_out(out)
-    clear_export(out)
     trial, confirmations = ranked.trials[0], []
     if confirm_seeds:
         from autopeft.tracking import Tracker  # mlflow: only when there are runs to log
@@ -274,12 +276,13 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     with tempfile.TemporaryDirectory() as scratch:
         adapter, retrained = adapter_of(trial, runtime, Path(scratch))
         score = held_out_accuracy(study, trial, runtime, adapter)
+        clear_export(out)  # only now: an export interrupted while it retrains leaves the earlier one whole
         config_file = adapter_io.config_file(adapter)
         files = [config_file.name, "training.yaml", "metrics.json", "README.md"]
-        shutil.copy(config_file, out / config_file.name)
+        shutil.copyfile(config_file, out / config_file.name)  # content only: a temporary file's 600 mode is not kept
         if with_weights:
             for weights in adapter.glob("adapter_model.*"):
-                shutil.copy(weights, out / weights.name)
+                shutil.copyfile(weights, out / weights.name)
                 files.append(weights.name)
     params = TrialParams.from_flat(trial.user_attrs["params"])
     write_recipe(out / "training.yaml", config, params, trial.user_attrs["seed"])

@@ -38,6 +38,8 @@ def test_search_export_and_mlflow_records(tmp_path: Path, tiny_search_args: list
     from peft import PeftConfig
 
     config = PeftConfig.from_pretrained(str(tmp_path / "out"))
+    modes = {p.name: p.stat().st_mode for p in (tmp_path / "out").iterdir()}  # the weights were 600, the rest 644
+    assert modes["adapter_model.safetensors"] == modes["metrics.json"] == modes["adapter_config.json"]
     assert config.peft_type in ("LORA", "IA3")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and "most accurate Pareto trial" in metrics["chosen_by"]
@@ -453,6 +455,26 @@ def test_export_with_force_removes_an_earlier_exports_files_and_keeps_the_users(
     kept = sorted(p.name for p in out.iterdir())
     assert "adapter_model.safetensors" not in kept and "notes.txt" in kept and "metrics.json" in kept
     assert all(p.read_text() != "from an earlier export" for p in out.iterdir() if p.suffix == ".json")
+
+
+def test_an_export_interrupted_while_it_retrains_leaves_the_earlier_export_whole(
+        exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--force once removed the earlier export first, so a Ctrl-C during --confirm-seeds left nothing."""
+    import shutil
+
+    from autopeft import export
+
+    out = tmp_path / "kept"
+    shutil.copytree(exported / "export", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "confirm", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_trial("default", f"sqlite:///{exported / 'autopeft.db'}", out, force=True, confirm_seeds=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_the_report_marks_the_pick_of_the_rule_asked_for(exported: Path, tmp_path: Path) -> None:

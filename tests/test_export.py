@@ -81,3 +81,17 @@ def test_a_pick_no_better_than_the_majority_class_is_flagged_whatever_chose_it()
     learned = study_with(TRIALS)
     assert majority_warning(learned, select_trial(learned)) is None
     assert majority_warning(learned, learned.trials[0]) is not None  # e.g. picked by --trial 0
+
+
+def test_asking_for_a_trial_that_did_not_complete_says_how_it_ended_and_why() -> None:
+    from autopeft.export import find_trial
+
+    study = study_with([(0.7, 0.01)])
+    failed = study.ask()
+    failed.set_user_attr("fail_reason", "non-finite loss")
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    with pytest.raises(StudyError, match=r"--trial: 1 is not a completed trial of '.*' \(fail: non-finite loss\); "
+                                         r"completed: 0$"):
+        find_trial(study, 1)
+    with pytest.raises(StudyError, match=r"--trial: 7 is not a completed trial of '[^(]*'; completed: 0$"):
+        find_trial(study, 7)
