@@ -505,7 +505,7 @@ def _cells(trial: FrozenTrial, keys: Sequence[str], scalar: bool = False) -> lis
         ", ".join(f"{k}={_fmt(params[k])}" for k in keys if k in params),
         f"{values[0]:.4f}" if values else "", f"{values[1]:.4f}" if values else "", *objective,
         f"{trainable:,}{share}" if trainable is not None else "",
-        format_bytes(memory) if memory is not None else "",
+        f"{format_bytes(memory)} ({trial.user_attrs.get('memory_estimate_level', 'analytic')})" if memory is not None else "",
         f"{wall:.1f}" if wall is not None else "", _reason(trial),
     ]
 

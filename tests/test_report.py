@@ -99,6 +99,7 @@ def test_the_page_lists_every_trial_method_reason_and_the_chosen_trial(
     assert re.search(r'<p id="lead">How far it leads: val accuracy [0-9.]+ on 200 rows, standard error', page)
     assert "CUDA &lt;tried&gt; to allocate &amp; failed" in page and FAIL_REASON not in page
     assert PRUNE_REASON in page
+    assert f"{COMPLETED[0][4]:.1f} MiB (analytic)" in page  # which estimate: an export's card shows a traced one
     assert "report-test &lt;&amp;&gt;" in page
     assert 'id="warning"' not in page  # the pick beat the majority class (0.5)
     assert "<figcaption>Validation accuracy per trial and the best so far.</figcaption>" in page  # Pareto: accuracy
