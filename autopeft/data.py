@@ -200,9 +200,9 @@ def check_rows(frame: pd.DataFrame, columns: Columns, where: str) -> None:
         if empty.any():
             raise DataError(f"{where} has empty texts in column {user_name!r} (rows {row_numbers(empty)}); "
                             "every row needs a non-empty text")
-    missing = frame["label"].isna()
+    missing = frame["label"].map(lambda label: not isinstance(label, str) or not label.strip())  # "" and "  " too
     if missing.any():
-        raise DataError(f"{where} has rows without a label in column {columns.label!r} "
+        raise DataError(f"{where} has rows without a label (missing, empty or blank) in column {columns.label!r} "
                         f"(rows {row_numbers(missing)})")
 
 

@@ -30,6 +30,7 @@ from autopeft.models import resolve_model_path
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
 from autopeft.study import (
+    beats_majority,
     check_same_data,
     default_rule,
     forgetting_weight,
@@ -120,8 +121,7 @@ def candidates(study: optuna.Study, rule: str | None = None, tolerance: float = 
     pareto = pareto_front(done)
     if rule == "best-accuracy":
         return _ranked(pareto, accuracy_first)
-    majority = validation_majority(study) or 0.0
-    learned = [t for t in pareto if scores(t)[0] > majority + 1e-9] or pareto
+    learned = [t for t in pareto if beats_majority(study, scores(t)[0])] or pareto
     if rule == "least-forgetting":
         return _ranked(learned, forgetting_first)
     if rule != "balanced":
@@ -134,9 +134,8 @@ def candidates(study: optuna.Study, rule: str | None = None, tolerance: float = 
 def majority_warning(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str | None:
     """A pick that does no better than always answering the validation set's most common label learned
     nothing a user can use; every rule can end there (the balanced rule when no trial beat the majority)."""
-    majority = validation_majority(study)
-    accuracy = scores(trial)[0]
-    if majority is None or accuracy > majority + 1e-9:
+    majority, accuracy = validation_majority(study), scores(trial)[0]
+    if majority is None or beats_majority(study, accuracy):
         return None
     return (f"trial {trial.number} is no better than the majority class (val accuracy {accuracy:.4f}; always "
             f"answering the most common label scores {majority:.4f}): it has learned nothing usable")

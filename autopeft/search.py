@@ -726,6 +726,12 @@ def make_artifacts_folder(config: SearchConfig) -> None:
         raise ConfigError([f"--artifacts-dir: cannot create {folder}: {exc.strerror or exc}"]) from None
 
 
+def split_params(task: TaskData) -> dict[str, Any]:
+    """The split as made, named apart from the settings that asked for it: `split.train_size` is the rows the
+    split holds, beside `train_size`, the rows requested (the split's sizes once overwrote the requested ones)."""
+    return {f"split.{key}": value for key, value in task.describe().items() if key != "task"}
+
+
 def run_worker(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
     """Join an existing study (any machine): its recorded config and space, this worker's stores."""
     on_stale = studies.StaleTrialRetry()
@@ -749,7 +755,7 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
     tracker = Tracker(config.tracking_uri)
     on_stale.tracker = tracker
     parent = tracker.open_study_run(config.study, study.user_attrs.get("mlflow_parent_run_id"),
-                                    {**config.public_dict(), **runtime.task.describe(), **package_versions()},
+                                    {**config.public_dict(), **split_params(runtime.task), **package_versions()},
                                     config.space, study.user_attrs.get("space_yaml"))
     _record_base_scores(runtime, study, tracker, parent)
     study.set_user_attr("mlflow_parent_run_id", parent)

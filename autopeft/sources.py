@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,10 +188,10 @@ def row_numbers(mask: pd.Series) -> str:
 
 
 def _strings(values: pd.Series) -> pd.Series:
-    """Values as strings with missing ones as None; integral floats (a label column with a gap reads as
+    """Values as strings with missing ones (None, NaN, pd.NA of a nullable column) as None; integral floats (a label column with a gap reads as
     float) as integers, so 1.0 and 1 are the same label."""
     def one(value: Any) -> str | None:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        if value is None or (not isinstance(value, str) and pd.isna(value)):  # NaN, and pandas' NA and NaT
             return None
         if isinstance(value, float) and value.is_integer():
             return str(int(value))

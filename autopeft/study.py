@@ -130,6 +130,17 @@ def validation_majority(study: optuna.Study) -> float | None:
     return study.user_attrs.get("split", {}).get("validation_majority")
 
 
+def beats_majority(study: optuna.Study, accuracy: float) -> bool:
+    """Whether a validation accuracy is at least one row above always answering the most common label (True
+    when the study recorded no majority rate). Half a row of slack: accuracies are float32 counts of rows, so an
+    accuracy equal to a rate like 1/3 reads a hair above it."""
+    majority = validation_majority(study)
+    if majority is None:
+        return True
+    rows = study.user_attrs.get("split", {}).get("validation_size")
+    return accuracy > majority + (0.5 / rows if rows else 1e-6)
+
+
 def is_scalar(study: optuna.Study) -> bool:
     """Whether the study optimises one value, accuracy - forgetting_weight x forgetting (its trials' value)."""
     return study.user_attrs.get("config", {}).get("objective_mode") == "scalar"

@@ -76,6 +76,8 @@ def test_search_export_and_mlflow_records(tmp_path: Path, tiny_search_args: list
     parents = [r for r in runs if r.data.tags.get("autopeft.role") == "study"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 2
+    logged = parents[0].data.params  # the split as made beside the sizes asked for, never over them
+    assert logged["val_size"] == "60" and logged["split.validation_size"] == "60" and "validation_size" not in logged
     for run in children:
         assert run.info.status == "FINISHED"
         assert {"val_accuracy", "forgetting", "trainable_params", "trainable_fraction", "wall_seconds",

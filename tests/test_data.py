@@ -84,7 +84,10 @@ GOOD = "text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i i
     ({"t.csv": "text,label\na,1\n ,0\n"}, "t.csv", Columns(), r"empty texts in column 'text' \(rows 2, counting from 1 at the first data row\)"),
     ({"t.csv": "text,label\na,1\n,0\n"}, "t.csv", Columns(), r"empty texts in column 'text' \(rows 2, counting from 1 at the first data row\)"),
     ({"t.csv": "q,a,label\nx,,1\ny,z,0\n"}, "t.csv", Columns("q", "label", "a"), r"empty texts in column 'a' \(rows 1, counting from 1 at the first data row\)"),
-    ({"t.csv": "text,label\na,1\nb,\nc,0\n"}, "t.csv", Columns(), r"rows without a label in column 'label' \(rows 2, counting from 1 at the first data row\)"),
+    ({"t.csv": "text,label\na,1\nb,\nc,0\n"}, "t.csv", Columns(), r"rows without a label \(missing, empty or blank\) in column 'label' \(rows 2, counting from 1 at the first data row\)"),
+    ({"t.csv": 'text,label\na,1\nb,"  "\nc,0\n'}, "t.csv", Columns(), r"rows without a label \(missing, empty or blank\) in column 'label' \(rows 2,"),
+    ({"t.jsonl": '{"text": "a", "label": "x"}\n{"text": "b", "label": ""}\n'}, "t.jsonl", Columns(),
+     r"rows without a label \(missing, empty or blank\) in column 'label' \(rows 2,"),
     ({"d/train.csv": GOOD, "d/validation.csv": "text,label\nx,pos\ny,maybe\n"}, "d", Columns(),
      r"validation\.csv has labels 'maybe' in column 'label' that do not occur in train \(.*train\.csv\); allowed: neg, pos"),
     ({"d/train.csv": GOOD, "d/test.jsonl": '{"text": "x", "label": "other"}\n'}, "d", Columns(),
@@ -247,7 +250,7 @@ def test_na_like_words_are_texts_and_labels_and_only_empty_cells_are_missing(tmp
     assert task.label_names == ["EU", "NA"]
     assert "None" in task.train.texts + task.validation.texts + task.test.texts
     (tmp_path / "gap.csv").write_text("text,label\n" + rows + "a gap,\n")
-    with pytest.raises(DataError, match=r"rows without a label in column 'label' \(rows 21, counting from 1 at the first data row\)"):
+    with pytest.raises(DataError, match=r"rows without a label \(.*\) in column 'label' \(rows 21, counting from 1 at the first data row\)"):
         load_task(str(tmp_path / "gap.csv"), seed=0, train_size=10, val_size=4, test_size=4)
 
 
@@ -333,3 +336,19 @@ def test_a_jsonl_file_with_a_byte_order_mark_reads_as_a_csv_one_does(tmp_path: P
     (tmp_path / "bom.jsonl").write_bytes("\ufeff".encode() + rows.encode())
     task = load_task(str(tmp_path / "bom.jsonl"), seed=0, train_size=10, val_size=4, test_size=4)
     assert task.label_names == ["neg", "pos"]
+
+
+def test_missing_values_of_pandas_nullable_columns_are_missing_not_the_text_na(tmp_path: Path) -> None:
+    """A Parquet file with nullable dtypes reads pd.NA, which str() turned into a class and a text '<NA>'."""
+    import pandas as pd
+
+    texts = pd.array([f"row {i}" for i in range(20)], dtype="string")
+    labels = pd.array([i % 2 for i in range(20)], dtype="Int64")
+    labels[3] = pd.NA
+    pd.DataFrame({"text": texts, "label": labels}).to_parquet(tmp_path / "labels.parquet")
+    with pytest.raises(DataError, match=r"rows without a label \(missing, empty or blank\) in column 'label' \(rows 4,"):
+        load_task(str(tmp_path / "labels.parquet"), seed=0, train_size=10, val_size=4, test_size=4)
+    texts[5], labels[3] = pd.NA, 1
+    pd.DataFrame({"text": texts, "label": labels}).to_parquet(tmp_path / "texts.parquet")
+    with pytest.raises(DataError, match=r"empty texts in column 'text' \(rows 6,"):
+        load_task(str(tmp_path / "texts.parquet"), seed=0, train_size=10, val_size=4, test_size=4)

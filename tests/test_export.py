@@ -95,3 +95,14 @@ def test_asking_for_a_trial_that_did_not_complete_says_how_it_ended_and_why() ->
         find_trial(study, 1)
     with pytest.raises(StudyError, match=r"--trial: 7 is not a completed trial of '[^(]*'; completed: 0$"):
         find_trial(study, 7)
+
+
+def test_an_accuracy_equal_to_a_majority_rate_float32_cannot_hold_exactly_has_not_beaten_it() -> None:
+    """1/3 as a float32 accuracy reads 0.33333334 > 0.333...: it was taken for a trial that learned something."""
+    import numpy as np
+
+    study = study_with([(float(np.float32(1 / 3)), 0.0), (float(np.float32(2 / 3)), 0.1)], majority=1 / 3)
+    study.set_user_attr("split", {"validation_majority": 1 / 3, "validation_size": 30})
+    assert majority_warning(study, study.trials[0]) is not None
+    assert majority_warning(study, study.trials[1]) is None
+    assert select_trial(study, "least-forgetting").number == 1  # the one that learned
