@@ -48,6 +48,16 @@ def sqlite_file(url: str) -> str | None:
     return database if database and database != ":memory:" else None
 
 
+def _distinct_columns(prefix: str, text: str, label: str, text_pair: str | None) -> list[str]:
+    """A text column that is also the label column gives a model its own labels to read: it scores 1.0 and
+    learns nothing. `prefix` names the options (--text-column or --ood-text-column)."""
+    named = [c for c in (text, label, text_pair) if c is not None]
+    if len(set(named)) == len(named):
+        return []
+    return [f"{prefix}text-column {text!r}, {prefix}label-column {label!r}"
+            + (f", {prefix}text-pair-column {text_pair!r}" if text_pair else "") + ": each must name a different column"]
+
+
 def absolute_sqlite_url(url: str) -> str:
     """A sqlite URL naming a relative file, made absolute: a worker or an export run from another folder must
     find the same store. Other URLs as given."""
@@ -142,11 +152,7 @@ class SearchConfig:
             problems.append(f"--max-consecutive-failures: {self.max_consecutive_failures} must be at least 1")
         if self.heartbeat_seconds < 1:
             problems.append(f"--heartbeat: {self.heartbeat_seconds} must be at least 1 (seconds)")
-        named = [c for c in (self.text_column, self.label_column, self.text_pair_column) if c is not None]
-        if len(set(named)) < len(named):  # a model trained on its own labels scores 1.0 and learns nothing
-            problems.append(f"--text-column {self.text_column!r}, --label-column {self.label_column!r}"
-                            + (f", --text-pair-column {self.text_pair_column!r}" if self.text_pair_column else "")
-                            + ": each must name a different column")
+        problems += _distinct_columns("--", self.text_column, self.label_column, self.text_pair_column)
         problems += self._strategy_problems() + self._ood_column_problems()
         if Path(self.space).is_dir():
             problems.append(f"--space: {self.space} is a folder; give a search-space YAML file")
@@ -216,7 +222,9 @@ class SearchConfig:
         if self.ood_text_pair_column is not None and self.text_pair_column is None:
             return [("--ood-text-pair-column: the task has no second text (--text-pair-column); a model trained on "
                      "single texts is scored on single texts")]
-        return []
+        return _distinct_columns("--ood-", self.ood_text_column or self.text_column,
+                                 self.ood_label_column or self.label_column,
+                                 self.ood_text_pair_column or self.text_pair_column)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

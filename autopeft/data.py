@@ -120,6 +120,8 @@ def _checked_label_names(source: Source, columns: Columns, open_answers: bool) -
     for split, frame in source.frames.items():
         check_rows(frame, columns, f"--task: {source.locations[split]}")
     if open_answers:
+        for frame in source.frames.values():
+            _strip_answers(frame)
         every = pd.concat(list(source.frames.values()), ignore_index=True)
         return _label_names(every, columns, f"--task: {source.name}")
     pool = "train" if "train" in source.frames else "all"
@@ -159,12 +161,17 @@ def _arrange(source: Source, ids: dict[str, int], requested: dict[str, int], see
     return frames, origins
 
 
+def _strip_answers(frame: pd.DataFrame) -> None:
+    """Open answers: "2 " and "2" are one answer (a generated one is compared without surrounding spaces)."""
+    frame["label"] = frame["label"].str.strip()
+
+
 def load_eval_split(task: str, *, label_names: list[str], columns: Columns | None = None, max_rows: int,
-                    seed: int, option: str = "--ood-task") -> TextSplit:
+                    seed: int, option: str = "--ood-task", open_answers: bool = False) -> TextSplit:
     """An extra evaluation set (e.g. out of distribution) labelled with the main task's classes: a source's
     test split, else its validation split, else all its rows; at most `max_rows` (seeded, stratified)."""
     columns = columns or Columns()
-    frame, where = _eval_frame(task, columns, option)
+    frame, where = _eval_frame(task, columns, option, open_answers)
     check_known_labels(frame, label_names, columns, where, "the training task")
     ids = {name: i for i, name in enumerate(label_names)}
     kept = _cap(_class_ids(frame, ids), max_rows, seed)
@@ -175,18 +182,20 @@ def with_eval_answers(task: TaskData, eval_task: str, columns: Columns | None = 
                       option: str = "--ood-task") -> TaskData:
     """`task` with the answers of an extra evaluation set that it lacks appended to its label names (open
     answers: an out-of-distribution question has answers of its own); the task's own ids are unchanged."""
-    frame, _ = _eval_frame(eval_task, columns or Columns(), option)
+    frame, _ = _eval_frame(eval_task, columns or Columns(), option, open_answers=True)
     known = set(task.label_names)
     new = sorted({label for label in frame["label"] if label not in known}, key=_natural)
     return dataclasses.replace(task, label_names=[*task.label_names, *new])
 
 
-def _eval_frame(task: str, columns: Columns, option: str) -> tuple[pd.DataFrame, str]:
+def _eval_frame(task: str, columns: Columns, option: str, open_answers: bool = False) -> tuple[pd.DataFrame, str]:
     """The rows an extra evaluation set is scored on (its test split, else validation, else all), checked."""
     source = read_source(task, columns, option)
     split = next(s for s in ("test", "validation", "all", "train") if s in source.frames)
     frame, where = source.frames[split], f"{option}: {source.locations[split]}"
     check_rows(frame, columns, where)
+    if open_answers:
+        _strip_answers(frame)
     return frame, where
 
 
@@ -257,7 +266,7 @@ def _stratified_parts(labels: list[int], sizes: list[int], seed: int, where: str
     scale = total / sum(sizes)  # a small file keeps the requested proportions
     scaled = [max(1, int(n * scale)) for n in sizes]
     if stratify and min(Counter(labels).values()) >= len(sizes):  # else rare classes are the problem, below
-        _require_a_row_per_class(scaled, names, len(set(labels)), where, scale < 1)
+        _require_a_row_per_class(scaled, names, len(set(labels)), where, total if scale < 1 else None)
     index = list(range(len(labels)))
     try:
         if total < len(labels):
@@ -279,14 +288,24 @@ def _stratified_parts(labels: list[int], sizes: list[int], seed: int, where: str
 SIZE_OPTIONS = {"train": "--train-size", "validation": "--val-size", "test": "--test-size"}
 
 
-def _require_a_row_per_class(sizes: list[int], names: list[str], classes: int, where: str, scaled: bool) -> None:
-    """A stratified split needs a row of every class: a size below the class count is the user's to raise."""
+def _require_a_row_per_class(sizes: list[int], names: list[str], classes: int, where: str,
+                             rows_when_scaled: int | None) -> None:
+    """A stratified split needs a row of every class: a size below the class count is the user's to raise. When
+    the table held fewer rows than asked for (`rows_when_scaled`), every split shrank with it, so raising one
+    size changes nothing: the advice is sizes that fit the table."""
     for name, size in zip(names, sizes, strict=True):
-        if size < classes:
-            shrunk = " (the table holds fewer rows than asked for, so every split was scaled down)" if scaled else ""
-            raise DataError(f"{where}: a {name} split of {size} row{'s' if size > 1 else ''} cannot hold a row "
-                            f"of each of the {classes} classes; {SIZE_OPTIONS[name]} must be at least "
-                            f"{classes}{shrunk}")
+        if size >= classes:
+            continue
+        problem = f"{where}: a {name} split of {size} row{'s' if size > 1 else ''} cannot hold a row of each of the {classes} classes"
+        if rows_when_scaled is None:
+            raise DataError(f"{problem}; {SIZE_OPTIONS[name]} must be at least {classes}")
+        train = rows_when_scaled - classes * (len(names) - 1)
+        if train < classes:
+            raise DataError(f"{problem}, and the table's {rows_when_scaled} rows are too few for {len(names)} such "
+                            "splits; add rows, or give validation and test files")
+        fitting = " ".join(f"{SIZE_OPTIONS[n]} {train if n == 'train' else classes}" for n in names)
+        raise DataError(f"{problem} (the table holds {rows_when_scaled} rows, fewer than asked for, so every split was "
+                        f"scaled down); ask for {rows_when_scaled} rows or fewer in all, e.g. {fitting}")
 
 
 def _rarest(labels: list[int], classes: list[str]) -> str:

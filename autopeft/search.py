@@ -46,6 +46,7 @@ from autopeft.verbalizer import (
     causal_format,
     default_label_words,
     default_template,
+    generated_answers_problem,
     label_words_problem,
     tokenize_causal,
 )
@@ -103,7 +104,8 @@ def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> R
         if open_answers:  # before the answer format is built from the label names
             task = with_eval_answers(task, config.ood_task, ood)
         task = replace(task, ood=load_eval_split(config.ood_task, label_names=task.label_names, columns=ood,
-                                                 max_rows=config.test_size, seed=config.seed))
+                                                 max_rows=config.test_size, seed=config.seed,
+                                                 open_answers=open_answers))
     loaded = _load_for_task(config, task)
     base_model, tokenizer, tokenize_split, evaluator = loaded
     base_model.eval()
@@ -156,11 +158,13 @@ def _load_for_task(config: SearchConfig, task: TaskData) -> tuple[nn.Module, Any
             raise ConfigError([(f"--task-type causal_lm: {config.model} is an encoder (bert); use a decoder, or "
                                 "--task-type classification")])
         words = list(config.label_words or default_label_words(task.label_names))
-        problem = label_words_problem(words, task.label_names)
+        problem = label_words_problem(words, task.label_names) or \
+            (generated_answers_problem(words) if config.label_words and config.causal_eval == "generate" else None)
         if problem:
             raise ConfigError([problem])
         template = config.template or default_template(task.train.pairs is not None)
-        fmt = causal_format(tokenizer, words, template)
+        source = "--label-words" if config.label_words else f"--task: the labels in column {config.label_column!r}"
+        fmt = causal_format(tokenizer, words, template, source=source)
         evaluator = Evaluator(int(tokenizer.pad_token_id), config.eval_batch_size, causal=fmt,
                               mode=config.causal_eval, tokenizer=tokenizer)  # type: ignore[arg-type]
         return model, tokenizer, lambda split: tokenize_causal(split, tokenizer, config.max_length, words,

@@ -43,13 +43,15 @@ class CausalFormat:
     eos_id: int | None
 
     @classmethod
-    def build(cls, tokenizer: Any, label_words: list[str] | tuple[str, ...], template: str) -> CausalFormat:
+    def build(cls, tokenizer: Any, label_words: list[str] | tuple[str, ...], template: str, *,
+              source: str = "--label-words") -> CausalFormat:
+        """`source` names where the words came from in an error: --label-words, or the task's answer column."""
         check_template(template)
         answers = tuple(tuple(tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"])
                         for word in label_words)
         problem = _answer_problem(list(label_words), answers)
         if problem:
-            raise DataError(f"--label-words: {problem}")
+            raise DataError(f"{source}: {problem}")
         return cls(template, tuple(w.strip() for w in label_words), answers, tokenizer.eos_token_id)
 
     def target(self, label: int) -> list[int]:
@@ -89,8 +91,11 @@ def _answer_problem(words: list[str], answers: tuple[tuple[int, ...], ...]) -> s
         return f"{words} has an empty label word"
     if any(not a for a in answers):
         return f"{words}: a label word tokenizes to nothing"
-    if len(set(answers)) < len(answers):
-        return f"{words}: two label words tokenize to the same tokens; choose words that differ"
+    first: dict[tuple[int, ...], str] = {}
+    for word, answer in zip(words, answers, strict=True):
+        if answer in first:  # named, not listed: open answers can be thousands
+            return f"{first[answer]!r} and {word!r} tokenize to the same tokens; choose words that differ"
+        first[answer] = word
     return None
 
 
@@ -132,9 +137,24 @@ def tokenize_causal(split: TextSplit, tokenizer: Any, max_length: int, label_wor
 
 
 def causal_format(tokenizer: Any, label_words: list[str] | tuple[str, ...],
-                  template: str = DEFAULT_TEMPLATE) -> CausalFormat:
+                  template: str = DEFAULT_TEMPLATE, *, source: str = "--label-words") -> CausalFormat:
     """The format tokenize_causal used: what evaluate.causal_accuracy needs to read its splits."""
-    return CausalFormat.build(tokenizer, label_words, template)
+    return CausalFormat.build(tokenizer, label_words, template, source=source)
+
+
+def generated_answers_problem(label_words: list[str] | tuple[str, ...]) -> str | None:
+    """Label words a generated answer cannot tell apart: generate mode compares answers normalized (case,
+    punctuation and extra spaces dropped), so 'yes' and 'Yes.' would both be right whatever the model says."""
+    from autopeft.evaluate import normalize_answer
+
+    first: dict[str, str] = {}
+    for word in label_words:
+        key = normalize_answer(word)
+        if key in first:
+            return (f"--label-words: {first[key]!r} and {word!r} are the same answer once normalized (case, "
+                    "punctuation and spaces dropped), as --causal-eval generate compares them; choose words that differ")
+        first[key] = word
+    return None
 
 
 def prompt_ids(tokenizer: Any, template: str, text: str, pair: str | None, budget: int) -> list[int]:

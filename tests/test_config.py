@@ -35,6 +35,10 @@ def test_config_collects_every_problem() -> None:
     ({"ood_text_column": "sentence"}, "--ood-text-column: needs --ood-task (it names a column of that set)"),
     ({"ood_task": "ood.csv", "ood_text_pair_column": "hypothesis"},
      "--ood-text-pair-column: the task has no second text (--text-pair-column)"),
+    ({"ood_task": "ood.csv", "ood_text_column": "y", "ood_label_column": "y"},  # the OOD texts were its labels
+     "--ood-text-column 'y', --ood-label-column 'y': each must name a different column"),
+    ({"ood_task": "ood.csv", "ood_text_column": "label"},  # the other is the task's --label-column
+     "--ood-text-column 'label', --ood-label-column 'label': each must name a different column"),
 ])
 def test_a_bad_setting_is_named_with_what_is_allowed(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -126,15 +127,22 @@ def test_bad_data_gets_one_line_naming_file_column_and_rule(tmp_path: Path, file
 @pytest.mark.parametrize(("sizes", "message"), [
     ((2, 6, 6), "a train split of 2 rows cannot hold a row of each of the 3 classes; --train-size must be at least 3$"),
     ((12, 1, 6), "a validation split of 1 row cannot hold a row of each of the 3 classes; --val-size must be at least 3$"),
-    ((60, 60, 4), "a test split of 1 row .*--test-size must be at least 3 \\(the table holds fewer rows than asked"),
+    ((60, 60, 4), ("a test split of 1 row cannot hold a row of each of the 3 classes \\(the table holds 60 rows, fewer "
+                  "than asked for, so every split was scaled down\\); ask for 60 rows or fewer in all, e.g. "
+                  "--train-size 54 --val-size 3 --test-size 3$")),
 ])
 def test_a_split_smaller_than_the_class_count_names_its_size_option(tmp_path: Path, sizes: tuple[int, int, int],
                                                                      message: str) -> None:
     rows = "".join(f"r{i},{'abc'[i % 3]}\n" for i in range(60))
     (tmp_path / "t.csv").write_text("text,label\n" + rows)
     train, val, test = sizes
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(DataError, match=message) as caught:
         load_task(str(tmp_path / "t.csv"), seed=0, train_size=train, val_size=val, test_size=test)
+    advice = re.search(r"--train-size (\d+) --val-size (\d+) --test-size (\d+)$", str(caught.value))
+    if advice:  # sizes that fit the table, as advised, do load (raising the one size named did not)
+        train, val, test = map(int, advice.groups())
+        task = load_task(str(tmp_path / "t.csv"), seed=0, train_size=train, val_size=val, test_size=test)
+        assert [len(split.texts) for split in task.splits().values()] == [train, val, test]
 
 
 @pytest.mark.parametrize(("columns", "option"), [(Columns(text="review"), "--text-column"),

@@ -46,7 +46,7 @@ def test_pairs_fill_the_pair_template(tiny_causal_models: dict[str, Path]) -> No
 
 
 @pytest.mark.parametrize(("words", "template", "message"), [
-    (["fresh", "fresh"], "{text} Label:", r"--label-words: .*two label words tokenize to the same tokens"),
+    (["fresh", "fresh"], "{text} Label:", r"--label-words: 'fresh' and 'fresh' tokenize to the same tokens"),
     (["fresh", " "], "{text} Label:", r"--label-words: .*empty label word"),
     (["fresh"], "{text} Label:", r"--label-words: 1 words for 2 classes"),
     (WORDS, "Label:", r"--template: 'Label:' must contain \{text\}"),
@@ -174,6 +174,27 @@ def test_open_answers_split_at_random_and_need_not_occur_in_train(tmp_path: Path
     again = load_task(str(task_file), seed=0, train_size=30, val_size=15, test_size=15, columns=columns,
                       open_answers=True)
     assert again.validation.fingerprint() == task.validation.fingerprint()  # seeded
+
+
+def test_label_words_generate_mode_cannot_tell_apart_are_refused() -> None:
+    """'yes' and 'yes.' both matched an answer 'yes': a model that always said it scored 100%."""
+    from autopeft.verbalizer import generated_answers_problem
+
+    assert generated_answers_problem(["yes", "Yes."]) == (
+        "--label-words: 'yes' and 'Yes.' are the same answer once normalized (case, punctuation and spaces dropped), "
+        "as --causal-eval generate compares them; choose words that differ")
+    assert generated_answers_problem(["yes", "no"]) is None
+
+
+def test_open_answers_that_differ_only_in_surrounding_spaces_are_one_answer(tmp_path: Path) -> None:
+    """They were two classes whose tokens clash, blamed on a --label-words the user never gave."""
+    from autopeft.data import Columns, load_task
+
+    rows = [f'{{"question": "q{i}", "answer": "{i % 3}{" " if i == 4 else ""}"}}' for i in range(30)]
+    (tmp_path / "qa.jsonl").write_text("\n".join(rows) + "\n")
+    task = load_task(str(tmp_path / "qa.jsonl"), seed=0, train_size=15, val_size=6, test_size=6,
+                     columns=Columns(text="question", label="answer"), open_answers=True)
+    assert task.label_names == ["0", "1", "2"]
 
 
 def test_a_generated_answer_equal_to_its_rows_after_normalization_is_right(
