@@ -264,11 +264,11 @@ def _check_effective_batch(training: dict[str, Dimension], where: str, problems:
                         f"micro_batch_size in {sizes}")
 
 
-def _check_method_combinations(method_dims: dict[str, dict[str, Dimension]], path: str) -> None:
-    """Refuse a method whose parameters, as the space allows them, break its rules on every draw."""
+def _check_method_combinations(names: list[str], method_dims: dict[str, dict[str, Dimension]], path: str) -> None:
+    """Refuse a method the space draws whose parameters, as the space allows them, break its rules on every draw."""
     problems = []
-    for name, dims in method_dims.items():
-        method = methods.get(name)
+    for name in names:
+        method, dims = methods.get(name), method_dims[name]
         if method.space_problem is None:
             continue
         def bounds(param: str, dims: dict[str, Dimension] = dims, method: methods.Method = method) -> tuple[Any, Any]:
@@ -326,9 +326,10 @@ def parse_space(data: Any, path: str) -> SearchSpace:
             _check_effective_batch({**shared, **own}, f"{path}: methods.{name}", problems)
     if problems or method is None:
         raise ConfigError(problems)
-    for name in (method.choices if method.kind == "categorical" else (method.value,)):
+    drawn = list(method.choices if method.kind == "categorical" else (method.value,))
+    for name in drawn:
         method_dims.setdefault(name, {})
-    _check_method_combinations(method_dims, path)
+    _check_method_combinations(drawn, method_dims, path)
     canonical = json.dumps(data, sort_keys=True, default=str)
     return SearchSpace(path, method, method_dims, training, overrides, hashlib.sha256(canonical.encode()).hexdigest()[:16])
 
