@@ -297,13 +297,13 @@ def test_local_workers_read_the_searchs_target_and_share_its_step_budget_and_the
 
 
 def test_a_search_that_completes_no_trial_exits_1(tmp_path: Path, tiny_search_args: list[str]) -> None:
-    """Every trial of this space fails (AdaLoRA's target rank above its initial one): the search stops, says why,
-    and a script running it must see that it produced nothing; it exited 0."""
-    (tmp_path / "broken.yaml").write_text("method: adalora\nmethods:\n  adalora:\n    init_r: 4\n    target_r: 8\n")
+    """Every trial of this space fails (more virtual tokens than the tiny model has positions): the search stops,
+    says why, and a script running it must see that it produced nothing; it exited 0."""
+    (tmp_path / "broken.yaml").write_text("method: prompt\nmethods:\n  prompt:\n    num_virtual_tokens: 500\n")
     done = autopeft("search", "--space", "broken.yaml", "--max-consecutive-failures", "1", *tiny_search_args,
                     cwd=tmp_path)
     assert done.returncode == 1, done.stderr
-    assert "stopped after 1 consecutive failed trials; last reason:" in done.stdout and "target_r" in done.stdout
+    assert "stopped after 1 consecutive failed trials; last reason:" in done.stdout and "500 virtual tokens" in done.stdout
 
 
 def test_export_of_a_study_without_completed_trials_is_a_clear_error(tmp_path: Path, tiny_search_args: list[str]) -> None:
