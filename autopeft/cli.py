@@ -136,7 +136,7 @@ def search(
     label_column: Annotated[str, typer.Option(help="Column holding the label.")] = "label",
     text_pair_column: Annotated[str | None, typer.Option(help="Column holding a second text (sentence pairs).")] = None,
     task_type: Annotated[str, typer.Option(help="classification (a head on the model) or causal_lm (a decoder answers with a label word).")] = "classification",
-    label_words: Annotated[str | None, typer.Option(help="causal_lm: comma-separated answer word per label, in label order (default: the label names).")] = None,
+    label_words: Annotated[str | None, typer.Option(help="causal_lm: comma-separated answer word per label, in the labels' sorted order (numbers numerically; the summary prints the pairing; default: the label names).")] = None,
     template: Annotated[str | None, typer.Option(help="causal_lm: prompt template with {text} (and {text_pair}); \\n in it is a newline, as in the default 'Text: {text}\\nLabel:'.")] = None,
     causal_eval: Annotated[str, typer.Option(help="causal_lm accuracy: rank (most likely label word) or generate (greedy answer, exact match).")] = "rank",
     ood_task: Annotated[str | None, typer.Option(help="An out-of-distribution evaluation set (file, folder or hub name) with the same labels.")] = None,
@@ -357,6 +357,9 @@ def _print_split(split: dict[str, Any], recorded: dict[str, Any]) -> None:
     if None in held or None in asked:
         return
     console.print("data: " + ", ".join(f"{name} {rows} rows" for name, rows in zip(names, held)))
+    words, labels = recorded.get("label_words"), split.get("labels")
+    if words and labels and len(words) == len(labels):  # --label-words follow the labels' sorted order, not the file's
+        console.print("label words: " + ", ".join(f"{label!r} -> {word!r}" for label, word in zip(labels, words)))
     short = [f"--{option}-size {want} (got {got})" for option, want, got in zip(("train", "val", "test"), asked, held)
              if got < want]
     if short:

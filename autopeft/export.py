@@ -298,7 +298,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
                **_memory_figure(trial, runtime, params),
                "peft_backed": methods.get(params.method).peft_backed, "retrained_for_export": retrained,
                "label_names": runtime.task.label_names if config.task_type != "causal_lm" else None,
-               **_generation(runtime),
+               **_generation(runtime), **_prompting(runtime),
                "confirmation": [c.as_dict() for c in confirmations]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "README.md").write_text(model_card(config, trial, params, metrics))
@@ -360,9 +360,8 @@ Found by autopeft (study `{metrics['study']}`, trial {trial.number}).
 Reproduce: `autopeft train --config training.yaml`
 
 {load_line(metrics['peft_backed'], config.task_type, len(metrics['label_names'] or []))}, where BASE is
-`{resolve_model_path(config.model)}`{_generation_note(metrics)}
-(the adapter weights are here when exported with `--with-weights`).
-"""
+`{resolve_model_path(config.model)}` (the adapter weights are here when exported with `--with-weights`).
+{_prompting_section(metrics)}"""
 
 
 def _memory_figure(trial: optuna.trial.FrozenTrial, runtime: Runtime, params: TrialParams) -> dict[str, Any]:
@@ -403,14 +402,48 @@ def _generation(runtime: Runtime) -> dict[str, Any]:
             "generate_stops_at_eos": evaluator.causal.eos_id is not None}
 
 
-def _generation_note(metrics: dict) -> str:
-    if "generate_max_new_tokens" not in metrics:
+def _prompting(runtime: Runtime) -> dict[str, Any]:
+    """A causal-LM task's prompt and answers: without them the adapter cannot be used as it was scored."""
+    fmt = runtime.evaluate.causal
+    if fmt is None:
+        return {}
+    return {"template": fmt.template, "causal_eval": runtime.evaluate.mode,
+            "answer_words": dict(zip(runtime.task.label_names, fmt.label_words, strict=True))}
+
+
+def _prompting_section(metrics: dict) -> str:
+    """How to prompt the adapter and read its answer, as the search scored it (causal-LM tasks only)."""
+    if "template" not in metrics:
         return ""
-    stop = "stopping at the end-of-sequence token" if metrics["generate_stops_at_eos"] else \
-        "(this tokenizer has no end-of-sequence token: an answer ends only at that cap)"
-    return (f"\nAccuracy was measured by greedy generation of at most {metrics['generate_max_new_tokens']} new "
-            f"tokens, {stop}: generate with `max_new_tokens={metrics['generate_max_new_tokens']}` to get the same "
-            "answers.")
+    words = metrics["answer_words"]
+    shown = "\n".join(f"| {label!r} | {word!r} |" for label, word in list(words.items())[:50])
+    more = f"\n\n({len(words) - 50} more in training.yaml's task)" if len(words) > 50 else ""
+    if metrics["causal_eval"] == "rank":
+        scoring = ("Accuracy ranks the answer words: the predicted label is the one whose word (its tokens, after the "
+                   "prompt and a space) has the highest summed log-probability.")
+    else:
+        stop = ("stopping at the end-of-sequence token" if metrics["generate_stops_at_eos"] else
+                "which is where an answer ends (this tokenizer has no end-of-sequence token)")
+        scoring = (f"Accuracy generates greedily, at most {metrics['generate_max_new_tokens']} new "
+                   f"token{'s' * (metrics['generate_max_new_tokens'] != 1)}, {stop} (`max_new_tokens="
+                   f"{metrics['generate_max_new_tokens']}` gives the same answers), and compares the answer with the "
+                   "row's word after normalizing both (case folded, punctuation dropped, spaces collapsed).")
+    fields = "`{text}` is the row's text" + (", `{text_pair}` its second text" if "{text_pair}" in metrics["template"] else "")
+    return f"""
+## Prompting
+
+Each row was given as this prompt ({fields}), followed by a space and the answer:
+
+```
+{metrics['template']}
+```
+
+| label | answer word |
+|---|---|
+{shown}{more}
+
+{scoring}
+"""
 
 
 def _labels_row(label_names: list[str] | None) -> str:

@@ -161,9 +161,13 @@ class Tracker:
 
     def _tag_changed_params(self, run_id: str, params: dict[str, Any]) -> None:
         """A param keeps its first value in MLflow; the settings a resumed search (or a joining worker) runs
-        with that differ from it are tagged `autopeft.latest.<name>`, so the dashboard shows what runs now."""
+        with that differ from it are tagged `autopeft.latest.<name>`, so the dashboard shows what runs now.
+        Settings the run never had (a newer autopeft's) are logged as params."""
         logged = self._do(lambda: self.client.get_run(self._id(run_id))).data.params
-        tags = [RunTag(f"{LATEST_TAG}{k}", str(v)[:5000]) for k, v in params.items() if logged.get(k) != str(v)[:6000]]
+        new = {k: v for k, v in params.items() if k not in logged}
+        self._do(lambda: self._log_params(self._id(run_id), new))
+        tags = [RunTag(f"{LATEST_TAG}{k}", str(v)[:5000]) for k, v in params.items()
+                if k in logged and logged[k] != str(v)[:6000]]
         for start in range(0, len(tags), 100):
             self._do(functools.partial(self.client.log_batch, self._id(run_id), tags=tags[start:start + 100]))
 

@@ -233,7 +233,19 @@ def test_a_causal_search_on_open_answers_trains_and_scores_generated_answers(
     export_trial(config.study, config.storage, tmp_path / "export")  # says how its accuracy was generated
     metrics = json.loads((tmp_path / "export" / "metrics.json").read_text())
     assert metrics["generate_max_new_tokens"] >= 1 and metrics["generate_stops_at_eos"] is False
-    assert f"max_new_tokens={metrics['generate_max_new_tokens']}" in (tmp_path / "export" / "README.md").read_text()
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert f"max_new_tokens={metrics['generate_max_new_tokens']}" in card
+    assert "## Prompting" in card and "```\nQ: {text}\nA:\n```" in card and "Accuracy generates greedily" in card
+    assert metrics["template"] == "Q: {text}\nA:" and metrics["answer_words"]["7"] == "7"
+
+
+def test_a_rank_scored_cards_prompting_pairs_each_label_with_its_word() -> None:
+    from autopeft.export import _prompting_section
+
+    section = _prompting_section({"template": "Text: {text}\nLabel:", "causal_eval": "rank",
+                                  "answer_words": {"negative": "good", "positive": "bad"}})
+    assert "| 'negative' | 'good' |\n| 'positive' | 'bad' |" in section
+    assert "highest summed log-probability" in section and "text_pair" not in section
 
 
 def test_an_ood_sets_own_answers_are_appended_to_the_tasks(tmp_path: Path) -> None:
