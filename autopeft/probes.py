@@ -503,15 +503,19 @@ def default_probes(*, decoder: bool, has_ood: bool) -> tuple[str, ...]:
     return forgetting + ("generalization_gap",) + (("ood_accuracy",) if has_ood else ())
 
 
-def probe_problems(names: Sequence[str], *, decoder: bool, has_ood: bool) -> list[str]:
-    """Every reason this probe set cannot run, for the config's up-front validation."""
+def probe_problems(names: Sequence[str], *, decoder: bool | None, has_ood: bool) -> list[str]:
+    """Every reason this probe set cannot run; `decoder` None (the model not loaded yet) leaves out the checks
+    that need to know whether it is a decoder."""
     unknown = [n for n in names if n not in PROBES]
     problems = [f"--probes: unknown probe {n!r}; known: {', '.join(PROBES)}" for n in unknown]
     if len(set(names)) < len(names):
         problems.append(f"--probes: {', '.join(names)} names a probe twice")
+    if has_ood and "ood_accuracy" not in names:  # the set would load, and never be scored
+        problems.append(f"--probes: {', '.join(names)} leaves out ood_accuracy, the probe that scores --ood-task; "
+                        "add it, or drop --ood-task")
     for name in (n for n in names if n in PROBES):
         _, needs_decoder, needs_ood, _ = PROBES[name]
-        if needs_decoder and not decoder:
+        if needs_decoder and decoder is False:
             problems.append(f"--probes: {name} needs a decoder (it scores next tokens); this model is an encoder")
         if needs_ood and not has_ood:
             problems.append(f"--probes: {name} needs an evaluation set; pass --ood-task")

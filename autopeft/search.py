@@ -700,6 +700,10 @@ def params_defaults() -> dict[str, Any]:
 def check_before_loading(config: SearchConfig) -> SearchSpace:
     """The space, and a resumed study's settings, checked in well under a second: before any model or data loads."""
     space = load_space(config.space)
+    if config.probes:  # the names, before a model loads; whether a probe needs a decoder is checked once it has
+        problems = probe_problems(config.probes, decoder=None, has_ood=config.ood_task is not None)
+        if problems:
+            raise ConfigError(problems)
     if config.sampler == "grid":
         space.grid()  # a range the grid cannot walk is refused here, before the study exists
     studies.check_settings_before_loading(config, space)
@@ -794,5 +798,6 @@ def _record_base_scores(runtime: Runtime, study: optuna.Study, tracker: Tracker,
         base = runtime.evaluate(runtime.base_model, runtime.validation, runtime.device)
     study.set_user_attr("base_val_accuracy", base)
     study.set_user_attr("base_probe_scores", runtime.base_scores)
+    study.set_user_attr("probe_names", runtime.probes.names)  # what a default --probes chose, for a resume to match
     tracker.log_metrics(parent, {"base_val_accuracy": base,
                                  **{f"base_{k}": v for k, v in runtime.base_scores.items()}})

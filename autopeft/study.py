@@ -197,6 +197,8 @@ def _setting_problems(study: optuna.Study, config: SearchConfig, space: SearchSp
                 "ood_label_column", "ood_text_pair_column", "probes"):
         now = getattr(config, key)
         now = list(now) if isinstance(now, tuple) else now  # the study's record is JSON: lists
+        if key == "probes" and recorded.get(key) is None and now == study.user_attrs.get("probe_names"):
+            continue  # the default set, now named: the same probes
         if key in recorded and not _same_setting(key, recorded[key], now):
             problems.append(f"{key}={recorded[key]!r} (now {now!r})")
     return problems

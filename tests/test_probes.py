@@ -191,6 +191,7 @@ def test_generalization_gap_and_ood_accuracy(tiny_bert: Path) -> None:
     (["representation_drift", "ood_accuracy"], True, False, "ood_accuracy needs an evaluation set; pass --ood-task"),
     (["generalization_gap"], True, False, "choose at least one forgetting probe"),
     (["perplexity", "perplexity"], True, False, "names a probe twice"),
+    (["perplexity"], True, True, "--probes: perplexity leaves out ood_accuracy, the probe that scores --ood-task"),
 ])
 def test_bad_probe_sets_are_named(names: list[str], decoder: bool, has_ood: bool, message: str) -> None:
     assert any(message in p for p in probe_problems(names, decoder=decoder, has_ood=has_ood))
@@ -243,3 +244,8 @@ def test_build_probes_makes_the_named_probes_in_order(tiny_bert: Path) -> None:
     probes = build_probes(["generalization_gap", "representation_drift", "ood_accuracy"], context)
     assert probes.names == ["generalization_gap", "representation_drift", "ood_accuracy"]
     assert probes.primary.name == "representation_drift"
+
+
+def test_before_the_model_loads_every_check_but_the_decoders_runs() -> None:
+    assert probe_problems(["perplexity", "linear_probe"], decoder=None, has_ood=False) == []
+    assert probe_problems(["perplexity"], decoder=None, has_ood=True) != []

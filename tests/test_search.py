@@ -350,3 +350,13 @@ def test_under_a_budget_every_evaluation_batch_of_a_search_and_its_export_is_lim
     for limit, positions in calls:
         assert limit is not None and limit <= 4 * longest
         assert all(p <= limit for p in positions)
+
+
+def test_a_resume_that_names_the_default_probes_is_the_same_study(tmp_path: Path, tiny_bert: Path) -> None:
+    """--probes spelling out the defaults was refused as a changed setting ('probes=None (now [...])')."""
+    study = run_search(config(tmp_path, tiny_bert, trials=1)).study
+    named = tuple(study.user_attrs["probe_names"])
+    assert named == ("linear_probe", "generalization_gap")
+    run_search(config(tmp_path, tiny_bert, trials=1, probes=named))
+    with pytest.raises(StudyError, match=r"probes=\['linear_probe', 'generalization_gap'\] \(now \['linear_probe'\]\)"):
+        run_search(config(tmp_path, tiny_bert, trials=1, probes=("linear_probe",)))
