@@ -130,7 +130,7 @@ def search(
     sampler: Annotated[str, typer.Option(help="tpe, nsga2, gp, random or grid (grid needs list-valued dimensions); seeded by --seed.")] = "tpe",
     pruner: Annotated[str, typer.Option(help="Scalar mode only: hyperband, successive-halving, median or none; compares how well the model separates the classes on validation rows (ROC AUC; a causal LM: accuracy) from --prune-after steps on.")] = "none",
     prune_after: Annotated[int | None, typer.Option(help="Steps a trial trains before the pruner may stop it (default: half of --max-steps). Lower saves more on long trials, but too early every configuration still looks alike.")] = None,
-    max_total_steps: Annotated[int | None, typer.Option(help="Stop once trials have trained this many optimizer steps in all (pruned trials count what they trained).")] = None,
+    max_total_steps: Annotated[int | None, typer.Option(help="Optimizer steps for all trials together: a trial starts only if its --max-steps fit in what is left (pruned and failed trials count what they trained).")] = None,
     warm_start: Annotated[bool, typer.Option(help="Try the default LoRA recipe (r 8, alpha 16, q/v, lr 2e-4) first, so the search never ends below it.")] = False,
     text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
     label_column: Annotated[str, typer.Option(help="Column holding the label.")] = "label",

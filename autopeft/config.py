@@ -188,8 +188,9 @@ class SearchConfig:
         elif self.prune_after is not None and not 1 <= self.prune_after < self.max_steps:
             problems.append(f"--prune-after: {self.prune_after} must be at least 1 and below --max-steps "
                             f"({self.max_steps})")
-        if self.max_total_steps is not None and self.max_total_steps < 1:
-            problems.append(f"--max-total-steps: {self.max_total_steps} must be at least 1")
+        if self.max_total_steps is not None and self.max_total_steps < self.max_steps:
+            problems.append(f"--max-total-steps: {self.max_total_steps} is below --max-steps ({self.max_steps}): no "
+                            "trial would fit in it")
         if self.device not in (None, "cpu", "cuda"):
             problems.append(f"--device: {self.device!r} must be cpu or cuda")
         if self.task_type not in ("classification", "causal_lm"):

@@ -471,8 +471,8 @@ class Objective:
             optuna.storages.fail_stale_trials(trial.study)
             studies.fail_unstarted_trials(trial.study, grace_seconds=3 * config.heartbeat_seconds)
         budget = config.max_total_steps
-        if budget is not None and studies.steps_committed(trial.study, trial.number, config.max_steps) >= budget:
-            return "not needed: the training-step budget is spent or taken by running trials"
+        if budget is not None and studies.steps_committed(trial.study, trial.number, config.max_steps) + config.max_steps > budget:
+            return "not needed: what is left of the training-step budget is spent or taken by running trials"
         return None
 
     def _check_budget(self, trial: optuna.Trial, estimate: memory.MemoryEstimate) -> None:

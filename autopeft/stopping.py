@@ -51,11 +51,14 @@ class SearchStops:
         return [target, self._after_failures, self._at_step_budget, self._at_attempt_caps]
 
     def step_budget_spent(self, study: optuna.Study) -> bool:
+        """Whether what is left of --max-total-steps is too little for another trial of --max-steps: a trial
+        starts only if it fits, so the budget is never overspent."""
         budget = self.config.max_total_steps
         spent = sum(t.user_attrs.get("steps_trained", 0) for t in study.get_trials(deepcopy=False))
-        if budget is None or spent < budget:
+        if budget is None or spent + self.config.max_steps <= budget:
             return False
-        self.reasons.append(f"stopped at the training-step budget: {spent} of {budget} steps spent")
+        left = f" (too few left for another {self.config.max_steps}-step trial)" if spent < budget else ""
+        self.reasons.append(f"stopped at the training-step budget: {spent} of {budget} steps spent{left}")
         return True
 
     def reason(self, study: optuna.Study) -> str | None:

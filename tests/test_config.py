@@ -33,6 +33,7 @@ def test_config_collects_every_problem() -> None:
     ({"task_type": "causal_lm", "template": "Review: {text!r}"}, "may hold plain {text} and {text_pair} fields only"),
     ({"text_pair_column": "label"}, "--text-pair-column 'label': each must name a different column"),
     ({"ood_text_column": "sentence"}, "--ood-text-column: needs --ood-task (it names a column of that set)"),
+    ({"max_steps": 10, "max_total_steps": 5}, "--max-total-steps: 5 is below --max-steps (10): no trial would fit in it"),
     ({"ood_task": "ood.csv", "ood_text_pair_column": "hypothesis"},
      "--ood-text-pair-column: the task has no second text (--text-pair-column)"),
     ({"ood_task": "ood.csv", "ood_text_column": "y", "ood_label_column": "y"},  # the OOD texts were its labels

@@ -93,14 +93,15 @@ def test_a_completed_trial_resets_the_failure_count(tmp_path: Path) -> None:
     assert len(study.trials) == 6 and stops.reason(study) is None
 
 
-def test_the_step_budget_stops_the_search_once_spent(tmp_path: Path) -> None:
+def test_the_step_budget_starts_only_trials_that_fit_in_what_is_left(tmp_path: Path) -> None:
     def trains(trial: optuna.Trial) -> float:
         trial.set_user_attr("steps_trained", 4)
         return 1.0
 
-    study, stops = _run(trains, tmp_path, trials=10, max_total_steps=10)
-    assert len(study.trials) == 3  # 4 + 4 < 10, 12 >= 10
-    assert stops.reason(study) == "stopped at the training-step budget: 12 of 10 steps spent"
+    study, stops = _run(trains, tmp_path, trials=10, max_steps=4, max_total_steps=10)
+    assert len(study.trials) == 2  # 8 spent: a third would end at 12, over the budget (it once ran)
+    assert stops.reason(study) == ("stopped at the training-step budget: 8 of 10 steps spent (too few left for another "
+                                   "4-step trial)")
 
 
 def _finish(study: optuna.Study, state: optuna.trial.TrialState, reason: str | None = None) -> None:
