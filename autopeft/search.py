@@ -757,8 +757,10 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
     warmed = warm_up_tracer(runtime)
     if warmed:  # recorded, so a benchmark can count it with the rejections it makes cheaper
         study.set_user_attr("tracer_warm_up_seconds", warmed)
-    # Also on a resumed study that never had it: --warm-start promises a search that does not end below it.
-    if config.warm_start and runtime.space is not None and not any("warm_start" in t.user_attrs for t in study.trials):
+    # Also on a resumed study that never had it: --warm-start promises a search that does not end below it. Not on
+    # one that already holds its --trials: nothing would run the recipe, left waiting in the study.
+    if config.warm_start and runtime.space is not None and not any("warm_start" in t.user_attrs for t in study.trials) \
+            and (config.trials == 0 or studies.completed(study) < config.trials):
         warm_start(study, runtime.space)
     tracker = Tracker(config.tracking_uri)
     on_stale.tracker = tracker

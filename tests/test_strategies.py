@@ -189,6 +189,8 @@ def test_warm_start_tries_the_default_lora_recipe_first(runtime: Runtime, tmp_pa
 def test_warm_start_on_a_resumed_study_that_never_had_it_tries_the_recipe_once(runtime: Runtime,
                                                                                  tmp_path: Path) -> None:
     search(runtime, tmp_path, trials=1)
+    held = search(runtime, tmp_path, warm_start=True, trials=1)  # holds its trials: the recipe was left waiting
+    assert [t.state.name for t in held.trials] == ["COMPLETE"]
     search(runtime, tmp_path, warm_start=True, trials=2)
     study = search(runtime, tmp_path, warm_start=True, trials=3)
     assert ["warm_start" in t.user_attrs for t in study.trials] == [False, True, False]
