@@ -292,7 +292,8 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
         chosen_by += (f"; then, of its {len(confirmations)} leading candidates, the best on the mean of "
                       f"{confirm_seeds + 1} runs each (its own and {confirm_seeds} with new seeds)")
     metrics = {"study": study_name, "trial": trial.number, "chosen_by": chosen_by, "warning": warning,
-               "val_accuracy": scores(trial)[0], "forgetting": scores(trial)[1], "test_accuracy": score,
+               "val_accuracy": scores(trial)[0], "forgetting": scores(trial)[1],
+               "forgetting_probe": runtime.probes.primary.name, "test_accuracy": score,
                **_sampling_error(study, scores(trial)[0]),
                "trainable_params": trial.user_attrs.get("trainable_params"),
                **_memory_figure(trial, runtime, params),
@@ -352,7 +353,7 @@ Found by autopeft (study `{metrics['study']}`, trial {trial.number}).
 | method | {params.method} ({own}) |
 | training | {params.training['optimizer']}, lr {params.training['learning_rate']:.3g}, {params.training['precision']}, micro-batch {params.training['micro_batch_size']} x {params.training['grad_accum_steps']} accumulation, {config.max_steps} steps, seed {trial.user_attrs['seed']} |
 | validation accuracy | {metrics['val_accuracy']:.4f}{_error_note(metrics)} |
-| forgetting (the study's forgetting probe) | {metrics['forgetting']:.4f} |
+| forgetting (the {metrics['forgetting_probe']} probe's) | {metrics['forgetting']:.4f} |
 {_confirmed_rows(trial.number, metrics['confirmation'])}| held-out test accuracy (computed once, at export) | {metrics['test_accuracy']:.4f} |
 | trainable parameters | {metrics['trainable_params']:,} |
 | estimated peak training memory | {_memory_cell(metrics)} |

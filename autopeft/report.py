@@ -446,9 +446,26 @@ def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
             ("sampler", f"{config.get('sampler')}, seed {config.get('seed')}"), ("pruner", pruner),
             ("steps per trial", str(config.get("max_steps"))),
             ("memory budget", format_bytes(budget) if budget else "none")]
-    if config.get("label_words"):  # the words a causal LM answers, one per label
-        rows.append(("label words", ", ".join(config["label_words"])))
     return rows
+
+
+def _probe_rows(study: optuna.Study) -> list[tuple[str, str]]:
+    """Which probes scored the trials, the forgetting one (the objective's) first: "forgetting" says nothing
+    without the probe behind it."""
+    names = study.user_attrs.get("probe_names") or study.user_attrs.get("config", {}).get("probes")
+    if not names:
+        return []
+    return [("probes", f"{names[0]} (the forgetting objective)" + "".join(f", {n}" for n in names[1:]))]
+
+
+def _label_word_rows(config: dict[str, Any], split: dict[str, Any]) -> list[tuple[str, str]]:
+    """The word a causal LM answers for each label, paired (the words follow the labels' sorted order)."""
+    words, labels = config.get("label_words"), split.get("labels") or []
+    if not words:
+        return []
+    if len(words) != len(labels):
+        return [("label words", ", ".join(words))]
+    return [("label words", ", ".join(f"{label} -> {word}" for label, word in zip(labels, words)))]
 
 
 def _split_rows(split: dict[str, Any]) -> list[tuple[str, str]]:
@@ -469,7 +486,8 @@ def _split_rows(split: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _setup_html(study: optuna.Study) -> list[str]:
     """What the study ran on, from its recorded config and split: a mailed report must say what it is about."""
-    facts = _config_rows(study.user_attrs.get("config", {})) + _split_rows(study.user_attrs.get("split", {}))
+    config, split = study.user_attrs.get("config", {}), study.user_attrs.get("split", {})
+    facts = _config_rows(config) + _probe_rows(study) + _label_word_rows(config, split) + _split_rows(split)
     rows = "".join(f"<tr><th>{html.escape(what)}</th><td>{html.escape(value)}</td></tr>" for what, value in facts)
     return [f'<table id="setup"><tbody>{rows}</tbody></table>'] if rows else []
 

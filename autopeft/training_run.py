@@ -42,7 +42,8 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
     adapter_io.save(outcome.model, out)
     tracker.log_curve(run_id, "train_loss", outcome.train.losses)
     tracker.log_metrics(run_id, {"val_accuracy": outcome.accuracy, "forgetting": outcome.forgetting,
-                                 "trainable_params": outcome.trainable, "train_seconds": outcome.train.seconds})
+                                 "trainable_params": outcome.trainable, "train_seconds": outcome.train.seconds,
+                                 **{f"probe.{k}": v for k, v in outcome.probe_scores.items() if k != "forgetting"}})
     tracker.log_file(run_id, adapter_io.config_file(out))
     tracker.end_trial_run(run_id, "COMPLETE")
     return TrainingRun(params.method, outcome.accuracy, outcome.forgetting, len(outcome.train.losses),

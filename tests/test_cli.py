@@ -51,6 +51,7 @@ def test_search_export_and_mlflow_records(tmp_path: Path, tiny_search_args: list
     card = (tmp_path / "out" / "README.md").read_text()
     assert metrics["label_names"] == ["fresh", "rotten"]  # which head output is which class
     assert "| labels (head output index: label) | 0: 'fresh', 1: 'rotten' |" in card and "num_labels=2" in card
+    assert "| forgetting (the linear_probe probe's) |" in card and metrics["forgetting_probe"] == "linear_probe"
     seq_len = metrics["memory_estimate_seq_len"]
     assert f"tokens (traced; `autopeft estimate --config training.yaml --seq-len {seq_len}` traces it again" in card
     # The card's figure is the one that command prints (it once showed the search's analytic estimate, 10% off).
@@ -352,6 +353,11 @@ def test_export_and_its_recipe_run_from_another_folder_and_an_export_refuses_cha
     trained = autopeft("train", "--config", "x/training.yaml", "--max-steps", "1", "--out", "t",
                        "--tracking-uri", f"sqlite:///{elsewhere / 'mlflow.db'}", cwd=elsewhere)
     assert trained.returncode == 0, trained.stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{elsewhere / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("autopeft").experiment_id])
+    assert {"probe.linear_probe_accuracy", "probe.generalization_gap"} <= set(run.data.metrics)  # as a trial's
     (searched / "reviews.csv").write_text("text,label\n" + rows.replace("review 3 fine", "review 3 great"))
     changed = autopeft("export", "--study", "default", "--storage", storage, "--out", "y", cwd=elsewhere)
     assert changed.returncode == 2 and "'default' was searched on other data (other rows in" in changed.stderr

@@ -158,6 +158,7 @@ def test_the_page_says_what_the_study_ran_on(tmp_path: Path) -> None:
     study.set_user_attr("config", config.public_dict())
     study.set_user_attr("split", {"labels": ["neg", "pos"], "train_size": 200, "validation_size": 100,
                                   "test_size": 100, "validation_majority": 0.55})
+    study.set_user_attr("probe_names", ["perplexity", "factual_recall"])
     write_report(study, tmp_path)
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     setup = page.split('<table id="setup">')[1].split("</table>")[0]
@@ -165,7 +166,8 @@ def test_the_page_says_what_the_study_ran_on(tmp_path: Path) -> None:
     assert rows == {"model": "/models/tiny", "task": "/data/reviews.csv (causal_lm)",
                     "objective": "accuracy - 2 x forgetting (scalar)", "sampler": "random, seed 0",
                     "pruner": "hyperband, after 5 steps", "steps per trial": "20", "memory budget": "1.0 GiB",
-                    "label words": "bad, good", "labels": "neg, pos", "rows": "200 train / 100 validation / 100 test",
+                    "probes": "perplexity (the forgetting objective), factual_recall",
+                    "label words": "neg -&gt; bad, pos -&gt; good", "labels": "neg, pos", "rows": "200 train / 100 validation / 100 test",
                     "majority class": "0.5500 of validation (what a trial that learns nothing scores)"}
 
 
