@@ -159,11 +159,11 @@ def search(
                             sampler=sampler,
                             pruner=pruner, prune_after=prune_after, max_total_steps=max_total_steps, warm_start=warm_start,
                             text_column=text_column, label_column=label_column, text_pair_column=text_pair_column,
-                            task_type=task_type, label_words=_csv(label_words),
+                            task_type=task_type, label_words=_csv(label_words, "--label-words"),
                             template=template.replace("\\n", "\n") if template else None,  # as a shell passes it
                             causal_eval=causal_eval, ood_task=ood_task, ood_text_column=ood_text_column,
                             ood_label_column=ood_label_column, ood_text_pair_column=ood_text_pair_column,
-                            probes=_csv(probes))
+                            probes=_csv(probes, "--probes"))
 
     if workers < 1:
         _fail(f"--workers: {workers} must be at least 1 (1 runs the search in this process)")
@@ -221,8 +221,16 @@ def worker(
                      else ""))
 
 
-def _csv(text: str | None) -> tuple[str, ...] | None:
-    return tuple(part.strip() for part in text.split(",") if part.strip()) if text else None
+def _csv(text: str | None, option: str) -> tuple[str, ...] | None:
+    """A comma-separated option's entries; an empty one ('good,', 'a,,b') is refused, not dropped: it would
+    shift every later entry onto the wrong label."""
+    if text is None:
+        return None
+    parts = tuple(part.strip() for part in text.split(","))
+    if not all(parts):
+        raise ConfigError([(f"{option}: {text!r} has an empty entry (entry {parts.index('') + 1}); give one "
+                           "comma-separated name per entry")])
+    return parts
 
 
 def _scalar_weight(weight: float | None, objective_mode: str) -> dict[str, float]:

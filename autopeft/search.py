@@ -774,8 +774,10 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
     stops = SearchStops(config, study)
     try:
         with _long_lived_objects_frozen():
-            # A resumed study whose step budget is already spent trains nothing more.
-            if train and stops.remaining > 0 and not stops.step_budget_spent(study):
+            # A resumed study whose step budget is spent, or whose grid is walked, trains nothing more (a walked
+            # grid's sampler draws a point again, which was trained as a repeat under a wrong reason).
+            grid_walked = isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study)
+            if train and stops.remaining > 0 and not stops.step_budget_spent(study) and not grid_walked:
                 study.optimize(objective, timeout=config.timeout, catch=(TrialFailed,),
                                callbacks=stops.callbacks() + ([progress] if progress else []), gc_after_trial=True)
         interrupt.check()

@@ -108,6 +108,7 @@ BAD_INPUTS = [
     (["--memory-budget", "1MiB"], "fits no configuration of"),
     (["--task", "task.csv"], "task.csv has no column 'label'"),
     (["--seed", "-1"], "--seed: -1 must be between 0 and 2**32 - 1"),
+    (["--task-type", "causal_lm", "--label-words", "good,"], "--label-words: 'good,' has an empty entry (entry 2)"),
     (["--workers", "0"], "--workers: 0 must be at least 1"),
     (["--workers", "2", "--trials", "-1"], "--trials: -1 must be at least 0"),  # once it loaded, wrote and exited 0
     (["--workers", "2", "--trials", "0"], "--trials 0 with --workers 2: the workers need a target"),

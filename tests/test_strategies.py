@@ -101,6 +101,16 @@ def test_grid_sampler_trains_each_configuration_once_and_says_when_the_grid_is_d
     assert summary.stopped_reason == "stopped with 6 of 10 trials completed: every configuration of the grid has been tried"
 
 
+def test_a_resumed_walked_grid_trains_nothing_more(runtime: Runtime, tmp_path: Path) -> None:
+    """Optuna's grid sampler draws a point again once the grid is walked: it ran as a repeat, under a wrong reason."""
+    (tmp_path / "two.yaml").write_text("method: ia3\ntraining:\n  learning_rate: [1.0e-3, 1.0e-2]\n")
+    first = summarized_search(runtime, tmp_path, sampler="grid", trials=3, space=str(tmp_path / "two.yaml"))
+    again = summarized_search(runtime, tmp_path, sampler="grid", trials=3, space=str(tmp_path / "two.yaml"))
+    assert [t.state.name for t in again.study.trials] == ["COMPLETE", "COMPLETE"]
+    assert again.stopped_reason == first.stopped_reason == (
+        "stopped with 2 of 3 trials completed: every configuration of the grid has been tried")
+
+
 def test_grid_sampler_refuses_a_continuous_range_before_writing_a_study(runtime: Runtime, tmp_path: Path) -> None:
     config = dataclasses.replace(runtime.config, storage=f"sqlite:///{tmp_path}/o.db", sampler="grid")
     with pytest.raises(ConfigError, match="learning_rate is a continuous range"):
