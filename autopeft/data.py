@@ -131,6 +131,11 @@ def _checked_label_names(source: Source, columns: Columns, open_answers: bool) -
         if split in source.frames:
             check_known_labels(source.frames[split], label_names, columns, f"--task: {source.locations[split]}",
                                f"train ({source.locations[pool]})")
+    if "validation" in source.frames:  # every trial would score the same: it ranks nothing
+        held = sorted(set(source.frames["validation"]["label"]))
+        if len(held) < 2:
+            raise DataError(f"--task: {source.locations['validation']} has only one class ({held[0]!r}) in column "
+                            f"{columns.label!r}; the validation rows rank the trials, so they need at least two")
     return label_names
 
 

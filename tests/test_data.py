@@ -91,6 +91,8 @@ GOOD = "text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i i
      r"rows without a label \(missing, empty or blank\) in column 'label' \(rows 2,"),
     ({"d/train.csv": GOOD, "d/validation.csv": "text,label\nx,pos\ny,maybe\n"}, "d", Columns(),
      r"validation\.csv has labels 'maybe' in column 'label' that do not occur in train \(.*train\.csv\); allowed: neg, pos"),
+    ({"d/train.csv": GOOD, "d/validation.csv": "text,label\nx,pos\ny,pos\n"}, "d", Columns(),
+     r"validation\.csv has only one class \('pos'\) in column 'label'; the validation rows rank the trials"),
     ({"d/train.csv": GOOD, "d/test.jsonl": '{"text": "x", "label": "other"}\n'}, "d", Columns(),
      r"test\.jsonl has labels 'other' .* do not occur in train"),
     ({"d/train.csv": GOOD, "d/validation.csv": GOOD, "d/dev.jsonl": '{"text": "x", "label": "pos"}\n'}, "d", Columns(),
