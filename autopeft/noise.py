@@ -56,7 +56,7 @@ class Lead:
                     "further: export --confirm-seeds 2 retrains it to measure its mean")
         if self.close:
             numbers = ", ".join(str(t.number) for t in self.close)
-            on = "" if self.ranked_on == "val accuracy" else f" on the {self.ranked_on}"
+            on = "" if self.ranked_on == "val accuracy" else f" on the {self.ranked_on} (the accuracy's standard errors)"
             where = (f"trial{'s' if len(self.close) > 1 else ''} {numbers} within {CLOSE:g} standard errors of it{on}, "
                      "a lead these rows cannot establish")
         else:

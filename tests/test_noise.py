@@ -53,7 +53,7 @@ def test_a_scalar_rules_closeness_is_said_to_be_on_its_objective() -> None:
         study.tell(study.ask(), (accuracy, forgetting))
     found = lead_of(study, candidates(study))
     assert found is not None and [t.number for t in found.close] == [1]
-    assert "trial 1 within 2 standard errors of it on the objective (accuracy - 0.5 x forgetting)" in found.describe()
+    assert "trial 1 within 2 standard errors of it on the objective (accuracy - 0.5 x forgetting) (the accuracy's standard errors)" in found.describe()
 
 
 def test_an_exact_tie_at_perfect_accuracy_is_close_though_its_standard_error_is_zero() -> None:
