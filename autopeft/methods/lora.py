@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from autopeft.methods import Method, MethodContext, ParamSpec, register
-from autopeft.models import TARGET_SETS, target_modules
+from autopeft.models import TARGET_SETS, family, target_modules
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -24,6 +24,7 @@ def lora_config(model: nn.Module, params: dict[str, Any], task_type: str, **extr
         lora_dropout=float(params["dropout"]),
         target_modules=target_modules(model, params["target_modules"]),
         use_rslora=bool(params["use_rslora"]),
+        fan_in_fan_out=family(model) == "gpt2",  # GPT-2's Conv1D stores weights in x out (peft warned each trial)
         **extra,
     )
 
