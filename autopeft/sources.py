@@ -131,7 +131,21 @@ def read_table(path: Path, columns: Columns, option: str) -> pd.DataFrame:
         if path.suffix.lower() == ".jsonl":
             message = _bad_json_line(path) or message
         raise DataError(f"{option}: cannot read {path}: {message}") from exc
+    if path.suffix.lower() == ".csv":
+        _refuse_repeated_header(path, option)
     return select_columns(frame, columns, f"{option}: {path}")
+
+
+def _refuse_repeated_header(path: Path, option: str) -> None:
+    """pandas reads a header 'text,text,label' as columns text and text.1: the first would be used without a word."""
+    import csv
+
+    with path.open(encoding="utf-8-sig", newline="") as lines:
+        header = next(csv.reader(lines), [])
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataError(f"{option}: {path} names the column{'s' * (len(repeated) > 1)} "
+                        f"{', '.join(map(repr, repeated))} more than once in its header; rename the copies")
 
 
 def _bad_json_line(path: Path) -> str | None:

@@ -99,6 +99,8 @@ GOOD = "text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i i
      r"folder .*d has 2 files for the validation split \(validation\.csv, dev\.jsonl\); keep one$"),
     ({"d/data.csv": GOOD}, "d", Columns(), r"folder .*d has no train file; expected one of train\.csv, train\.jsonl, train\.parquet, optionally .*; found: data\.csv"),
     ({"t.txt": GOOD}, "t.txt", Columns(), r"t\.txt must end in one of \.csv, \.jsonl, \.parquet"),
+    ({"t.csv": "text,text,label\na,b,1\nc,d,0\n"}, "t.csv", Columns(),
+     r"t\.csv names the column 'text' more than once in its header; rename the copies$"),
     ({}, "missing.csv", Columns(), r"missing\.csv does not exist"),
     ({"t.csv": "text,label\n" + "".join(f"r{i},a\n" for i in range(9)) + "lonely,b\n"}, "t.csv", Columns(),
      (r"cannot split 10 rows by class into train / validation / test .*: 2 classes, the rarest 'b' 1 row, 'a' 9 "
