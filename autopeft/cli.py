@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -224,7 +225,7 @@ def worker(
 def _csv(text: str | None, option: str) -> tuple[str, ...] | None:
     """A comma-separated option's entries; an empty one ('good,', 'a,,b') is refused, not dropped: it would
     shift every later entry onto the wrong label."""
-    if text is None:
+    if text is None or not text.strip():  # "" (an empty shell variable, say): the default
         return None
     parts = tuple(part.strip() for part in text.split(","))
     if not all(parts):
@@ -313,6 +314,8 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None,
     from autopeft.export import DEFAULT_TOLERANCE, candidates, describe_rule, lead_of, majority_warning
     from autopeft.study import default_rule, forgetting_weight
 
+    if not config.tracking_uri:  # a worker not told the store logs to the study's
+        config = dataclasses.replace(config, tracking_uri=study.user_attrs.get("config", {}).get("tracking_uri", ""))
     console.print(trials_table(study))
     if stopped_reason:
         console.print(f"[yellow]{stopped_reason}[/yellow]")

@@ -48,14 +48,12 @@ def sqlite_file(url: str) -> str | None:
     return database if database and database != ":memory:" else None
 
 
-def _distinct_columns(prefix: str, text: str, label: str, text_pair: str | None) -> list[str]:
+def _distinct_columns(named: dict[str, str]) -> list[str]:
     """A text column that is also the label column gives a model its own labels to read: it scores 1.0 and
-    learns nothing. `prefix` names the options (--text-column or --ood-text-column)."""
-    named = [c for c in (text, label, text_pair) if c is not None]
-    if len(set(named)) == len(named):
+    learns nothing. `named`: each option and the column it names."""
+    if len(set(named.values())) == len(named):
         return []
-    return [f"{prefix}text-column {text!r}, {prefix}label-column {label!r}"
-            + (f", {prefix}text-pair-column {text_pair!r}" if text_pair else "") + ": each must name a different column"]
+    return [", ".join(f"{option} {column!r}" for option, column in named.items()) + ": each must name a different column"]
 
 
 def absolute_sqlite_url(url: str) -> str:
@@ -64,7 +62,8 @@ def absolute_sqlite_url(url: str) -> str:
     database = sqlite_file(url)
     if database is None or Path(database).is_absolute():
         return url
-    return url.replace(database, str(Path(database).resolve()), 1)
+    prefix = url[:url.index("///") + 3]  # sqlite:/// (or sqlite+driver:///): the file's name follows
+    return prefix + str(Path(database).resolve()) + url[len(prefix) + len(database):]
 
 
 def missing_sqlite_file(url: str) -> str | None:
@@ -152,7 +151,8 @@ class SearchConfig:
             problems.append(f"--max-consecutive-failures: {self.max_consecutive_failures} must be at least 1")
         if self.heartbeat_seconds < 1:
             problems.append(f"--heartbeat: {self.heartbeat_seconds} must be at least 1 (seconds)")
-        problems += _distinct_columns("--", self.text_column, self.label_column, self.text_pair_column)
+        problems += _distinct_columns({"--text-column": self.text_column, "--label-column": self.label_column,
+                                       **({"--text-pair-column": self.text_pair_column} if self.text_pair_column else {})})
         problems += self._strategy_problems() + self._ood_column_problems()
         if Path(self.space).is_dir():
             problems.append(f"--space: {self.space} is a folder; give a search-space YAML file")
@@ -188,9 +188,8 @@ class SearchConfig:
         elif self.prune_after is not None and not 1 <= self.prune_after < self.max_steps:
             problems.append(f"--prune-after: {self.prune_after} must be at least 1 and below --max-steps "
                             f"({self.max_steps})")
-        if self.max_total_steps is not None and self.max_total_steps < self.max_steps:
-            problems.append(f"--max-total-steps: {self.max_total_steps} is below --max-steps ({self.max_steps}): no "
-                            "trial would fit in it")
+        if self.max_total_steps is not None and self.max_total_steps < 1:
+            problems.append(f"--max-total-steps: {self.max_total_steps} must be at least 1")
         if self.device not in (None, "cpu", "cuda"):
             problems.append(f"--device: {self.device!r} must be cpu or cuda")
         if self.task_type not in ("classification", "causal_lm"):
@@ -223,9 +222,12 @@ class SearchConfig:
         if self.ood_text_pair_column is not None and self.text_pair_column is None:
             return [("--ood-text-pair-column: the task has no second text (--text-pair-column); a model trained on "
                      "single texts is scored on single texts")]
-        return _distinct_columns("--ood-", self.ood_text_column or self.text_column,
-                                 self.ood_label_column or self.label_column,
-                                 self.ood_text_pair_column or self.text_pair_column)
+        if not any(given.values()):  # the task's own columns: checked as the task's
+            return []
+        own = {"text": self.ood_text_column, "label": self.ood_label_column, "text-pair": self.ood_text_pair_column}
+        task = {"text": self.text_column, "label": self.label_column, "text-pair": self.text_pair_column}
+        named = {(f"--ood-{k}-column" if own[k] else f"--{k}-column"): own[k] or task[k] for k in own if own[k] or task[k]}
+        return _distinct_columns(named)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -272,6 +272,8 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
         confirmations = [confirm(study, t, runtime, confirm_seeds, tracker) for t in ranked.trials[:confirm_top]]
         trial = find_trial(study, _leader(confirmations, ranked.order).trial_number)
     pick_lead = lead_of(study, ranked) if trial_number is None and not confirmations else None
+    if Path(trial.user_attrs.get("adapter_dir", "")).resolve() == out.resolve():  # --force would delete it first
+        raise ConfigError([f"--out: {out} is trial {trial.number}'s own adapter folder; export to another folder"])
     with tempfile.TemporaryDirectory() as scratch:
         adapter, retrained = adapter_of(trial, runtime, Path(scratch))
         score = held_out_accuracy(study, trial, runtime, adapter)

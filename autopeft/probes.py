@@ -510,9 +510,6 @@ def probe_problems(names: Sequence[str], *, decoder: bool | None, has_ood: bool)
     problems = [f"--probes: unknown probe {n!r}; known: {', '.join(PROBES)}" for n in unknown]
     if len(set(names)) < len(names):
         problems.append(f"--probes: {', '.join(names)} names a probe twice")
-    if has_ood and "ood_accuracy" not in names:  # the set would load, and never be scored
-        problems.append(f"--probes: {', '.join(names)} leaves out ood_accuracy, the probe that scores --ood-task; "
-                        "add it, or drop --ood-task")
     for name in (n for n in names if n in PROBES):
         _, needs_decoder, needs_ood, _ = PROBES[name]
         if needs_decoder and decoder is False:

@@ -78,6 +78,12 @@ def _reason(trial: FrozenTrial) -> str:
     return "; ".join(f"infeasible: {k} over by {v:g}" for k, v in over.items())
 
 
+def _memory_level(trial: FrozenTrial) -> str:
+    """Which estimate a trial's figure is: a rejected trial's budget check may have traced it."""
+    return str(trial.user_attrs.get("memory_estimate_level") or trial.user_attrs.get("memory_estimate", {}).get("level")
+               or "analytic")
+
+
 def _memory_budget(study: optuna.Study, trials: Sequence[FrozenTrial]) -> int | None:
     """The configured budget, or (for a study without its config) estimate minus the memory constraint."""
     budget = study.user_attrs.get("config", {}).get("memory_budget")
@@ -452,10 +458,14 @@ def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
 def _probe_rows(study: optuna.Study) -> list[tuple[str, str]]:
     """Which probes scored the trials, the forgetting one (the objective's) first: "forgetting" says nothing
     without the probe behind it."""
+    from autopeft.probes import PROBES
+
     names = study.user_attrs.get("probe_names") or study.user_attrs.get("config", {}).get("probes")
     if not names:
         return []
-    return [("probes", f"{names[0]} (the forgetting objective)" + "".join(f", {n}" for n in names[1:]))]
+    primary = next((n for n in names if n in PROBES and PROBES[n][3]), None)  # as ProbeSet picks it
+    return [("probes", ", ".join(f"{n} (the forgetting objective)" if n == primary else n
+                                 for n in sorted(names, key=lambda n: n != primary)))]
 
 
 def _label_word_rows(config: dict[str, Any], split: dict[str, Any]) -> list[tuple[str, str]]:
@@ -523,7 +533,7 @@ def _cells(trial: FrozenTrial, keys: Sequence[str], scalar: bool = False) -> lis
         ", ".join(f"{k}={_fmt(params[k])}" for k in keys if k in params),
         f"{values[0]:.4f}" if values else "", f"{values[1]:.4f}" if values else "", *objective,
         f"{trainable:,}{share}" if trainable is not None else "",
-        f"{format_bytes(memory)} ({trial.user_attrs.get('memory_estimate_level', 'analytic')})" if memory is not None else "",
+        f"{format_bytes(memory)} ({_memory_level(trial)})" if memory is not None else "",
         f"{wall:.1f}" if wall is not None else "", _reason(trial),
     ]
 

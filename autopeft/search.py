@@ -83,8 +83,12 @@ class Runtime:
 
     @property
     def longest_input(self) -> int:
-        """Tokens in the longest row the model is ever given: training, evaluation (test at export) and probes."""
-        return max(*(max(split.lengths(), default=0) for split in (self.train, self.validation, self.test)),
+        """Tokens in the longest row the model is ever given: training, evaluation (test at export) and probes. A
+        causal LM's evaluation puts any answer after a row's prompt (ranking every label word, or generating up
+        to the longest and an end token): its rows are counted with the longest answer again, an upper bound."""
+        causal = self.evaluate.causal
+        answers = max(len(a) for a in causal.answer_ids) + 1 if causal is not None else 0
+        return max(*(max(split.lengths(), default=0) + answers for split in (self.train, self.validation, self.test)),
                    self.probes.longest_input())
 
 
@@ -697,13 +701,28 @@ def params_defaults() -> dict[str, Any]:
     return {k: spec.default for k, spec in TRAINING_PARAMS.items()}
 
 
+def new_search_problems(config: SearchConfig) -> list[str]:
+    """Settings a search may not start with, though a study or recipe recorded with them still exports and
+    resumes: the probe names (before a model loads; whether one needs a decoder is checked once it has), an
+    --ood-task no probe scores, and a step budget no trial fits in."""
+    problems = []
+    if config.probes:
+        problems += probe_problems(config.probes, decoder=None, has_ood=config.ood_task is not None)
+        if config.ood_task and "ood_accuracy" not in config.probes:  # the set would load and never be scored
+            problems.append(f"--probes: {', '.join(config.probes)} leaves out ood_accuracy, the probe that scores "
+                            "--ood-task; add it, or drop --ood-task")
+    if config.max_total_steps is not None and config.max_total_steps < config.max_steps:
+        problems.append(f"--max-total-steps: {config.max_total_steps} is below --max-steps ({config.max_steps}): no "
+                        "trial would fit in it")
+    return problems
+
+
 def check_before_loading(config: SearchConfig) -> SearchSpace:
     """The space, and a resumed study's settings, checked in well under a second: before any model or data loads."""
     space = load_space(config.space)
-    if config.probes:  # the names, before a model loads; whether a probe needs a decoder is checked once it has
-        problems = probe_problems(config.probes, decoder=None, has_ood=config.ood_task is not None)
-        if problems:
-            raise ConfigError(problems)
+    problems = new_search_problems(config)
+    if problems:
+        raise ConfigError(problems)
     if config.sampler == "grid":
         space.grid()  # a range the grid cannot walk is refused here, before the study exists
     studies.check_settings_before_loading(config, space)
@@ -760,7 +779,7 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
     # Also on a resumed study that never had it: --warm-start promises a search that does not end below it. Not on
     # one that already holds its --trials: nothing would run the recipe, left waiting in the study.
     if config.warm_start and runtime.space is not None and not any("warm_start" in t.user_attrs for t in study.trials) \
-            and (config.trials == 0 or studies.completed(study) < config.trials):
+            and (config.trials == 0 or studies.completed(study) < config.trials) and studies.trial_fits_budget(study, config):
         warm_start(study, runtime.space)
     tracker = Tracker(config.tracking_uri)
     on_stale.tracker = tracker
@@ -796,12 +815,12 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
 
 def _record_base_scores(runtime: Runtime, study: optuna.Study, tracker: Tracker, parent: str) -> None:
     """The untouched base model's validation accuracy and probe scores, once per study."""
+    study.set_user_attr("probe_names", runtime.probes.names)  # what a default --probes chose, for a resume to match
     if "base_val_accuracy" in study.user_attrs:
         return
     with scoring_base(runtime):
         base = runtime.evaluate(runtime.base_model, runtime.validation, runtime.device)
     study.set_user_attr("base_val_accuracy", base)
     study.set_user_attr("base_probe_scores", runtime.base_scores)
-    study.set_user_attr("probe_names", runtime.probes.names)  # what a default --probes chose, for a resume to match
     tracker.log_metrics(parent, {"base_val_accuracy": base,
                                  **{f"base_{k}": v for k, v in runtime.base_scores.items()}})

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from autopeft.errors import DataError
@@ -183,7 +184,7 @@ def select_columns(frame: pd.DataFrame, columns: Columns, where: str) -> pd.Data
 def _refuse_nested(values: pd.Series, column: str, where: str) -> None:
     """A JSON object or list where a text or label belongs (a column option pointed at a nested field, or a
     multi-label column) would be trained on as its printed form."""
-    nested = values.map(lambda v: isinstance(v, (dict, list, tuple)))
+    nested = values.map(lambda v: isinstance(v, (dict, list, tuple, np.ndarray)))  # Parquet lists read as arrays
     if nested.any():
         raise DataError(f"{where} has JSON objects or lists in column {column!r} (rows {row_numbers(nested)}); "
                         "texts and labels must be single values")
@@ -205,7 +206,7 @@ def _strings(values: pd.Series) -> pd.Series:
     """Values as strings with missing ones (None, NaN, pd.NA of a nullable column) as None; integral floats (a label column with a gap reads as
     float) as integers, so 1.0 and 1 are the same label."""
     def one(value: Any) -> str | None:
-        if value is None or (not isinstance(value, str) and pd.isna(value)):  # NaN, and pandas' NA and NaT
+        if value is None or (pd.api.types.is_scalar(value) and not isinstance(value, str) and pd.isna(value)):
             return None
         if isinstance(value, float) and value.is_integer():
             return str(int(value))

@@ -53,10 +53,10 @@ class SearchStops:
     def step_budget_spent(self, study: optuna.Study) -> bool:
         """Whether what is left of --max-total-steps is too little for another trial of --max-steps: a trial
         starts only if it fits, so the budget is never overspent."""
+        if studies.trial_fits_budget(study, self.config):
+            return False
         budget = self.config.max_total_steps
         spent = sum(t.user_attrs.get("steps_trained", 0) for t in study.get_trials(deepcopy=False))
-        if budget is None or spent + self.config.max_steps <= budget:
-            return False
         left = f" (too few left for another {self.config.max_steps}-step trial)" if spent < budget else ""
         self.reasons.append(f"stopped at the training-step budget: {spent} of {budget} steps spent{left}")
         return True

@@ -197,8 +197,9 @@ def _setting_problems(study: optuna.Study, config: SearchConfig, space: SearchSp
                 "ood_label_column", "ood_text_pair_column", "probes"):
         now = getattr(config, key)
         now = list(now) if isinstance(now, tuple) else now  # the study's record is JSON: lists
-        if key == "probes" and recorded.get(key) is None and now == study.user_attrs.get("probe_names"):
-            continue  # the default set, now named: the same probes
+        if key == "probes" and study.user_attrs.get("probe_names") in (recorded.get(key), now) and \
+                None in (recorded.get(key), now):
+            continue  # the default set, named one time and not the other: the same probes
         if key in recorded and not _same_setting(key, recorded[key], now):
             problems.append(f"{key}={recorded[key]!r} (now {now!r})")
     return problems
@@ -353,6 +354,14 @@ def may_start(study: optuna.Study, number: int, target: int) -> bool:
     trials = study.get_trials(deepcopy=False, states=(COMPLETE, RUNNING))
     ahead = sum(1 for t in trials if t.state == COMPLETE or t.number < number)
     return ahead < target
+
+
+def trial_fits_budget(study: optuna.Study, config: SearchConfig) -> bool:
+    """Whether another trial of --max-steps fits in what is left of --max-total-steps (always, without one)."""
+    if config.max_total_steps is None:
+        return True
+    spent = sum(t.user_attrs.get("steps_trained", 0) for t in study.get_trials(deepcopy=False))
+    return spent + config.max_steps <= config.max_total_steps
 
 
 def steps_committed(study: optuna.Study, number: int, max_steps: int) -> int:

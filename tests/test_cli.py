@@ -486,6 +486,19 @@ def test_an_export_interrupted_while_it_retrains_leaves_the_earlier_export_whole
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_an_export_into_the_trials_own_adapter_folder_is_refused_and_the_adapter_kept(exported: Path) -> None:
+    """With the clearing moved after retraining, --force there deleted the adapter it was about to copy."""
+    from autopeft.errors import ConfigError
+    from autopeft.export import export_trial
+
+    storage = f"sqlite:///{exported / 'autopeft.db'}"
+    folder = Path(optuna.load_study(study_name="default", storage=storage).trials[0].user_attrs["adapter_dir"])
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(ConfigError, match="is trial 0's own adapter folder"):
+        export_trial("default", storage, folder, force=True)
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
 def test_the_report_marks_the_pick_of_the_rule_asked_for(exported: Path, tmp_path: Path) -> None:
     done = autopeft("report", "--out", str(tmp_path / "r"), "--select", "max-accuracy-under-forgetting=1",
                     cwd=exported)

@@ -33,13 +33,12 @@ def test_config_collects_every_problem() -> None:
     ({"task_type": "causal_lm", "template": "Review: {text!r}"}, "may hold plain {text} and {text_pair} fields only"),
     ({"text_pair_column": "label"}, "--text-pair-column 'label': each must name a different column"),
     ({"ood_text_column": "sentence"}, "--ood-text-column: needs --ood-task (it names a column of that set)"),
-    ({"max_steps": 10, "max_total_steps": 5}, "--max-total-steps: 5 is below --max-steps (10): no trial would fit in it"),
     ({"ood_task": "ood.csv", "ood_text_pair_column": "hypothesis"},
      "--ood-text-pair-column: the task has no second text (--text-pair-column)"),
     ({"ood_task": "ood.csv", "ood_text_column": "y", "ood_label_column": "y"},  # the OOD texts were its labels
      "--ood-text-column 'y', --ood-label-column 'y': each must name a different column"),
     ({"ood_task": "ood.csv", "ood_text_column": "label"},  # the other is the task's --label-column
-     "--ood-text-column 'label', --ood-label-column 'label': each must name a different column"),
+     "--ood-text-column 'label', --label-column 'label': each must name a different column"),
 ])
 def test_a_bad_setting_is_named_with_what_is_allowed(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -73,3 +72,10 @@ def test_a_recipe_refuses_unknown_keys_and_wrong_values_naming_its_file_and_key(
         read_recipe(path)
     assert [problem.split(": ", 1)[0] for problem in info.value.problems] == [str(path)]
     assert message in info.value.problems[0]
+
+
+def test_an_ood_sets_columns_are_checked_only_where_an_ood_option_names_one() -> None:
+    SearchConfig(ood_task="ood.csv")  # the task's columns, already checked as the task's
+    with pytest.raises(ConfigError) as info:
+        SearchConfig(text_column="label", ood_task="ood.csv")
+    assert len(info.value.problems) == 1  # once, under the options the user gave

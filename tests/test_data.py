@@ -350,6 +350,14 @@ def test_a_jsonl_file_with_a_byte_order_mark_reads_as_a_csv_one_does(tmp_path: P
     assert task.label_names == ["neg", "pos"]
 
 
+def test_a_parquet_list_column_is_refused_as_nested_not_a_traceback(tmp_path: Path) -> None:
+    import pandas as pd
+
+    pd.DataFrame({"text": ["a", "b"], "label": [["x", "y"], []]}).to_parquet(tmp_path / "lists.parquet")
+    with pytest.raises(DataError, match=r"JSON objects or lists in column 'label' \(rows 1, 2,"):
+        load_task(str(tmp_path / "lists.parquet"), seed=0, train_size=10, val_size=4, test_size=4)
+
+
 def test_missing_values_of_pandas_nullable_columns_are_missing_not_the_text_na(tmp_path: Path) -> None:
     """A Parquet file with nullable dtypes reads pd.NA, which str() turned into a class and a text '<NA>'."""
     import pandas as pd

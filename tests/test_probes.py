@@ -191,7 +191,6 @@ def test_generalization_gap_and_ood_accuracy(tiny_bert: Path) -> None:
     (["representation_drift", "ood_accuracy"], True, False, "ood_accuracy needs an evaluation set; pass --ood-task"),
     (["generalization_gap"], True, False, "choose at least one forgetting probe"),
     (["perplexity", "perplexity"], True, False, "names a probe twice"),
-    (["perplexity"], True, True, "--probes: perplexity leaves out ood_accuracy, the probe that scores --ood-task"),
 ])
 def test_bad_probe_sets_are_named(names: list[str], decoder: bool, has_ood: bool, message: str) -> None:
     assert any(message in p for p in probe_problems(names, decoder=decoder, has_ood=has_ood))
@@ -248,4 +247,17 @@ def test_build_probes_makes_the_named_probes_in_order(tiny_bert: Path) -> None:
 
 def test_before_the_model_loads_every_check_but_the_decoders_runs() -> None:
     assert probe_problems(["perplexity", "linear_probe"], decoder=None, has_ood=False) == []
-    assert probe_problems(["perplexity"], decoder=None, has_ood=True) != []
+    assert probe_problems(["perplexity", "perplexity"], decoder=None, has_ood=False) != []
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"probes": ("perplexity",), "ood_task": "ood.csv"},
+     "--probes: perplexity leaves out ood_accuracy, the probe that scores --ood-task"),
+    ({"max_steps": 10, "max_total_steps": 5}, "--max-total-steps: 5 is below --max-steps (10): no trial would fit in it"),
+])
+def test_a_new_search_is_refused_settings_a_recorded_study_may_still_hold(settings: dict, message: str) -> None:
+    from autopeft.config import SearchConfig
+    from autopeft.search import new_search_problems
+
+    config = SearchConfig(**settings)  # as read back from an older study or recipe: accepted
+    assert any(message in problem for problem in new_search_problems(config))

@@ -267,3 +267,15 @@ def test_confirmation_runs_kept_by_export_are_reported(tmp_path: Path) -> None:
 
 def test_a_study_without_confirmation_runs_has_no_such_section(report: tuple[optuna.Study, list[Path], str]) -> None:
     assert "Confirmation runs" not in report[2]
+
+
+def test_the_forgetting_probe_is_the_first_forgetting_one_and_a_rejected_trials_estimate_keeps_its_level() -> None:
+    from autopeft.report import _memory_level, _probe_rows
+
+    study = optuna.create_study()
+    study.set_user_attr("probe_names", ["generalization_gap", "linear_probe"])  # the gap measures no forgetting
+    assert _probe_rows(study) == [("probes", "linear_probe (the forgetting objective), generalization_gap")]
+    rejected = study.ask()
+    rejected.set_user_attr("memory_estimate", {"total": 2**30, "level": "traced"})
+    study.tell(rejected, state=optuna.trial.TrialState.PRUNED)
+    assert _memory_level(study.trials[0]) == "traced"

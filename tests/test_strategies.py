@@ -206,6 +206,13 @@ def test_warm_start_on_a_resumed_study_that_never_had_it_tries_the_recipe_once(r
     assert ["warm_start" in t.user_attrs for t in study.trials] == [False, True, False]
 
 
+def test_warm_start_on_a_study_whose_step_budget_is_spent_leaves_nothing_waiting(runtime: Runtime,
+                                                                                  tmp_path: Path) -> None:
+    search(runtime, tmp_path, trials=3, max_total_steps=3)  # 3 steps a trial: one fits
+    study = search(runtime, tmp_path, warm_start=True, trials=3, max_total_steps=3)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"objectives": ("accuracy", "speed")}, "--objectives"),
     ({"pruner": "hyperband"}, "needs --objective-mode scalar"),

@@ -48,3 +48,12 @@ def test_a_relative_sqlite_tracking_store_is_recorded_absolute(tmp_path: Path, m
     monkeypatch.chdir(tmp_path)
     recorded = SearchConfig(tracking_uri="sqlite:///runs/mlflow.db").public_dict()["tracking_uri"]
     assert recorded == f"sqlite:///{tmp_path}/runs/mlflow.db"
+
+
+@pytest.mark.parametrize("name", ["te", "e", "lite", "runs/mlflow.db"])
+def test_a_relative_sqlite_file_is_made_absolute_whatever_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    name: str) -> None:
+    from autopeft.config import absolute_sqlite_url
+
+    monkeypatch.chdir(tmp_path)  # "sqlite:///te" once became "sqli/.../te:///te"
+    assert absolute_sqlite_url(f"sqlite:///{name}") == f"sqlite:///{tmp_path}/{name}"
