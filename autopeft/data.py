@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from autopeft.errors import DataError
+from autopeft.errors import DataError, RareClassError
 from autopeft.sources import (
     PACKAGED_TASKS,
     Columns,
@@ -283,7 +283,7 @@ def _stratified_parts(labels: list[int], sizes: list[int], seed: int, where: str
                                            stratify=[labels[i] for i in index] if stratify else None)
             parts.append(part)
     except ValueError as exc:  # e.g. a class with a single row cannot be in both halves of a split
-        raise DataError(f"{where}: cannot split {len(labels)} rows by class into {' / '.join(names)} of about "
+        raise RareClassError(f"{where}: cannot split {len(labels)} rows by class into {' / '.join(names)} of about "
                         f"{' / '.join(map(str, scaled))} rows: {_rarest(labels, classes)}; every class needs "
                         "a row in each split (drop or merge rare classes, or give validation and test "
                         "files)") from exc

@@ -19,6 +19,10 @@ class DataError(AutopeftError):
     """The task data cannot be loaded or does not have the shape a task needs."""
 
 
+class RareClassError(DataError):
+    """A class has too few rows to put one in every split: often free answers taken for classes."""
+
+
 class ModelError(AutopeftError):
     """The model cannot be found or loaded."""
 

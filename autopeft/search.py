@@ -32,7 +32,7 @@ from autopeft.data import (
     tokenize,
     with_eval_answers,
 )
-from autopeft.errors import ConfigError, TrialFailed
+from autopeft.errors import ConfigError, RareClassError, TrialFailed
 from autopeft.evaluate import Evaluator
 from autopeft.models import count_parameters, family, load_causal_lm, load_classifier, position_table_rows
 from autopeft.probes import ProbeContext, ProbeSet, build_probes, default_probes, probe_problems
@@ -101,8 +101,14 @@ def ood_columns(config: SearchConfig) -> Columns:
 def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> Runtime:
     columns = Columns(config.text_column, config.label_column, config.text_pair_column)
     open_answers = config.task_type == "causal_lm" and config.causal_eval == "generate"
-    task = load_task(config.task, seed=config.seed, train_size=config.train_size,
-                     val_size=config.val_size, test_size=config.test_size, columns=columns, open_answers=open_answers)
+    try:
+        task = load_task(config.task, seed=config.seed, train_size=config.train_size,
+                         val_size=config.val_size, test_size=config.test_size, columns=columns, open_answers=open_answers)
+    except RareClassError as exc:
+        if config.task_type != "causal_lm" or open_answers:
+            raise
+        raise RareClassError(f"{exc}; if the labels are free answers (question answering), --causal-eval generate "
+                             "scores them as such and splits them at random") from None
     if config.ood_task:
         ood = ood_columns(config)
         if open_answers:  # before the answer format is built from the label names

@@ -214,6 +214,18 @@ def test_a_generated_answer_equal_to_its_rows_after_normalization_is_right(
                            tokenizer=tokenizer) == 1.0
 
 
+def test_free_answers_ranked_as_classes_are_pointed_to_generate_mode(
+        tmp_path: Path, tiny_bert: Path, tiny_causal_models: dict[str, Path]) -> None:
+    from autopeft.search import run_search
+
+    config = tiny_config(tmp_path, tiny_bert, model=str(tiny_causal_models["llama"]), task_type="causal_lm",
+                         task=str(_question_file(tmp_path / "qa.jsonl")), text_column="question",
+                         label_column="answer", train_size=30, val_size=15, test_size=15)
+    with pytest.raises(DataError, match=r"cannot split 60 rows by class .*; if the labels are free answers "
+                                        r"\(question answering\), --causal-eval generate scores them as such"):
+        run_search(config)
+
+
 def test_a_causal_search_on_open_answers_trains_and_scores_generated_answers(
         tmp_path: Path, tiny_bert: Path, tiny_causal_models: dict[str, Path]) -> None:
     from autopeft.search import run_search
