@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import math
 import time
@@ -81,11 +82,12 @@ class Runtime:
         """Tokens in the longest training row: the batch length memory estimates and evaluation limits are for."""
         return max(self.train.lengths())
 
-    @property
+    @functools.cached_property
     def longest_input(self) -> int:
         """Tokens in the longest row the model is ever given: training, evaluation (test at export) and probes. A
         causal LM's evaluation puts any answer after a row's prompt (ranking every label word, or generating up
-        to the longest and an end token): its rows are counted with the longest answer again, an upper bound."""
+        to the longest and an end token): its rows are counted with the longest answer again, an upper bound.
+        Once per process: the runtime never changes."""
         causal = self.evaluate.causal
         answers = max(len(a) for a in causal.answer_ids) + 1 if causal is not None else 0
         return max(*(max(split.lengths(), default=0) + answers for split in (self.train, self.validation, self.test)),

@@ -56,7 +56,7 @@ class SearchStops:
         if studies.trial_fits_budget(study, self.config):
             return False
         budget = self.config.max_total_steps
-        spent = sum(t.user_attrs.get("steps_trained", 0) for t in study.get_trials(deepcopy=False))
+        spent = studies.steps_spent(study)
         left = f" (too few left for another {self.config.max_steps}-step trial)" if spent < budget else ""
         self.reasons.append(f"stopped at the training-step budget: {spent} of {budget} steps spent{left}")
         return True

@@ -356,12 +356,14 @@ def may_start(study: optuna.Study, number: int, target: int) -> bool:
     return ahead < target
 
 
+def steps_spent(study: optuna.Study) -> int:
+    """Training steps every trial of the study has recorded (finished ones, and running ones so far)."""
+    return sum(t.user_attrs.get("steps_trained", 0) for t in study.get_trials(deepcopy=False))
+
+
 def trial_fits_budget(study: optuna.Study, config: SearchConfig) -> bool:
     """Whether another trial of --max-steps fits in what is left of --max-total-steps (always, without one)."""
-    if config.max_total_steps is None:
-        return True
-    spent = sum(t.user_attrs.get("steps_trained", 0) for t in study.get_trials(deepcopy=False))
-    return spent + config.max_steps <= config.max_total_steps
+    return config.max_total_steps is None or steps_spent(study) + config.max_steps <= config.max_total_steps
 
 
 def steps_committed(study: optuna.Study, number: int, max_steps: int) -> int:
