@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import functools
 import logging
 import os
@@ -185,8 +187,12 @@ def search(
 
     summary = _interruptible(run, config)
     failed_workers = []
-    if workers > 1:
+    if workers > 1 and _work_left(summary.study, config):
         summary, failed_workers = _run_local_workers(workers, config)
+    elif workers > 1:  # say why no worker was started: each would load the model to run nothing
+        from autopeft.stopping import SearchStops
+
+        summary = dataclasses.replace(summary, stopped_reason=SearchStops(config, summary.study).reason(summary.study))
     _print_summary(summary.study, config, summary.stopped_reason, summary.fallback_uri)
     if failed_workers:
         _fail(*failed_workers, code=1)
@@ -204,6 +210,7 @@ def worker(
     timeout: Annotated[float | None, typer.Option(help="Stop starting new trials after this many seconds.")] = None,
     worker_id: Annotated[int | None, typer.Option(help="Distinguishes this worker's sampler seed (default: the process id).")] = None,
     spawned: Annotated[bool, typer.Option(hidden=True, help="Started by `search --workers N`, which prints the summary.")] = False,
+    run_began: Annotated[str | None, typer.Option(hidden=True, help="When `search --workers N` began (ISO time): failures in a row count from then.")] = None,
 ) -> None:
     """Join a study created by `autopeft search` and run its trials; start one per GPU, on any machine."""
     from autopeft.search import run_worker
@@ -214,7 +221,8 @@ def worker(
     config = _guard(lambda: SearchConfig(study=study, storage=storage, tracking_uri=tracking_uri or "",  # "": the study's
                                          artifacts_dir=str(artifacts_dir), trials=trials, timeout=timeout,
                                          worker_id=worker_id if worker_id is not None else worker_id_default()))
-    summary = _interruptible(lambda: run_worker(config, progress=_progress), config, summary=not spawned)
+    began = datetime.datetime.fromisoformat(run_began) if run_began else None
+    summary = _interruptible(lambda: run_worker(config, progress=_progress, run_began=began), config, summary=not spawned)
     done = sum(t.state.name == "COMPLETE" for t in summary.study.trials)
     console.print(f"worker done: the study holds {done} completed trial{'s' * (done != 1)}"
                   + (f"; {summary.stopped_reason}" if summary.stopped_reason else "")
@@ -265,14 +273,33 @@ def _interruptible(call: Callable[[], T], config: SearchConfig, *, summary: bool
     except KeyboardInterrupt:
         if not summary:
             raise typer.Exit(130) from None
-        err.print("interrupted: the running trial is recorded as failed with reason 'interrupted'")
         import optuna
 
+        from autopeft.study import worker_label
+
         try:
-            _print_summary(optuna.load_study(study_name=config.study, storage=config.storage), config, "interrupted")
-        except Exception:  # noqa: BLE001, S110 -- the study may not exist yet if Ctrl-C came during loading
-            pass
+            study = optuna.load_study(study_name=config.study, storage=config.storage)
+        except Exception:  # noqa: BLE001 -- the study may not exist yet if Ctrl-C came during loading
+            study = None
+        _say_interrupted(study, [worker_label()])
+        if study is not None:
+            _print_summary(study, config, "interrupted")
         raise typer.Exit(130) from None
+
+
+def _work_left(study: Any, config: SearchConfig) -> bool:
+    from autopeft.study import completed, trial_fits_budget
+
+    return completed(study) < config.trials and trial_fits_budget(study, config)
+
+
+def _say_interrupted(study: Any, workers: list[str]) -> None:
+    """Which trials of these worker processes the Ctrl-C stopped (recorded as failed, 'interrupted')."""
+    stopped = [t.number for t in study.trials if t.user_attrs.get("worker") in workers
+               and t.user_attrs.get("fail_reason") == "interrupted"] if study is not None else []
+    trials = ", ".join(map(str, stopped))
+    err.print(f"interrupted: trial{'s' * (len(stopped) > 1)} {trials} recorded as failed with reason 'interrupted'"
+              if stopped else "interrupted: no trial was running")
 
 
 def _run_local_workers(count: int, config: SearchConfig) -> tuple[Any, list[str]]:
@@ -284,6 +311,7 @@ def _run_local_workers(count: int, config: SearchConfig) -> tuple[Any, list[str]
 
     from autopeft.search import SearchSummary
     from autopeft.stopping import SearchStops
+    from autopeft.study import worker_label
 
     command = [sys.executable, "-m", "autopeft.cli", "worker", "--study", config.study, "--storage", config.storage,
                "--tracking-uri", config.tracking_uri, "--artifacts-dir", config.artifacts_dir, "--spawned"]
@@ -291,6 +319,7 @@ def _run_local_workers(count: int, config: SearchConfig) -> tuple[Any, list[str]
         command += ["--timeout", str(config.timeout)]
     study = optuna.load_study(study_name=config.study, storage=config.storage)
     stops = SearchStops(config, study)
+    command += ["--run-began", stops.since.isoformat()]  # a worker that starts late counts the failures before it
     # Split the cores between workers: N processes each using every core would oversubscribe the CPU.
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // count))}
     processes = [subprocess.Popen([*command, "--worker-id", str(i)], env=env, start_new_session=True)
@@ -302,8 +331,9 @@ def _run_local_workers(count: int, config: SearchConfig) -> tuple[Any, list[str]
             process.send_signal(signal.SIGINT)
         for process in processes:
             process.wait()
-        err.print("interrupted: the running trials are recorded as failed with reason 'interrupted'")
-        _print_summary(optuna.load_study(study_name=config.study, storage=config.storage), config, "interrupted")
+        study = optuna.load_study(study_name=config.study, storage=config.storage)
+        _say_interrupted(study, [worker_label(p.pid) for p in processes])
+        _print_summary(study, config, "interrupted")
         raise typer.Exit(130) from None
     study = optuna.load_study(study_name=config.study, storage=config.storage)
     crashed = [f"worker {i} exited with code {code} (its output is above)" for i, code in enumerate(codes) if code]
@@ -469,14 +499,16 @@ def describe_params(flat: dict[str, Any]) -> str:
     return f"{method}({own}) {train}".strip()
 
 
-def _reason(trial: Any, retried: set[int]) -> str:
+def _reason(trial: Any, retried: dict[int, Any]) -> str:
     """Why a trial failed or was pruned. A failure the trial's code did not record is a worker that stopped
     sending heartbeats (its configuration then runs again as a later trial), or an error outside the trial."""
     recorded = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason")
     if recorded or trial.state.name != "FAIL":
         return recorded or ""
     if trial.number in retried:
-        return "worker stopped (no heartbeat); configuration retried"
+        retry = retried[trial.number]
+        runs = "waits to run again" if retry.state.name == "WAITING" else "ran again"
+        return f"worker stopped (no heartbeat); its configuration {runs} as trial {retry.number}"
     return "failed outside the trial's code, no reason recorded (see the search's log)"
 
 
@@ -492,7 +524,7 @@ def trials_table(study: Any) -> Table:
     for column in ("#", "method and hyperparameters", "val acc", "forgetting", *(("objective",) if scalar else ()),
                    *(("memory",) if memory else ()), "trainable", "wall s", "state"):
         table.add_column(column, justify="right" if column in numbers else "left")
-    retried = {t.user_attrs["retry_of"] for t in study.trials if "retry_of" in t.user_attrs}
+    retried = {t.user_attrs["retry_of"]: t for t in study.trials if "retry_of" in t.user_attrs}
     for trial in study.trials:
         attrs = trial.user_attrs
         trainable = attrs.get("trainable_params")
@@ -673,7 +705,7 @@ def report(
     rule, tolerance_used = _guard(lambda: rule_settings(found, select, tolerance))
     parent = found.user_attrs.get("mlflow_parent_run_id")
     if parent:
-        _require_parent_run(tracking_uri, parent, found.user_attrs.get("config", {}).get("tracking_uri"))
+        parent = _parent_run(tracking_uri, parent, found.user_attrs.get("config", {}).get("tracking_uri"))
     _guard(lambda: create_out(out))
     paths = write_report(found, out, rule=rule, tolerance=tolerance_used)
     if parent:
@@ -685,19 +717,32 @@ def report(
     console.print(f"wrote {', '.join(p.name for p in paths)} to {out}" + (f"; logged to MLflow run {parent}" if parent else ""))
 
 
-def _require_parent_run(tracking_uri: str, parent: str, logged_to: str | None) -> None:
-    """The report is logged to the study's parent run: a store without it is refused before anything is
-    written (and a missing sqlite file is not created, as SQLAlchemy would on connect)."""
-    hint = f" (the search logged to {logged_to}; pass it as --tracking-uri)" if logged_to else ""
+def _parent_run(tracking_uri: str, parent: str, logged_to: str | None) -> str:
+    """The study's parent run in this store: its own id, or its synced copy's (a parent run logged to the
+    fallback store while the server was down). The report is logged to it: a store without it is refused
+    before anything is written (and a missing sqlite file is not created, as SQLAlchemy would on connect)."""
+    elsewhere = logged_to and _where(logged_to).rstrip("/") != _where(tracking_uri).rstrip("/")
+    hint = f" (the search logged to {logged_to}; pass it as --tracking-uri)" if elsewhere else ""
     if missing_sqlite_file(tracking_uri):
         _fail(f"--tracking-uri: no MLflow store at {tracking_uri}{hint}")
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    try:
-        MlflowClient(tracking_uri).get_run(parent)
-    except MlflowException:
+    from autopeft.tracking import EXPERIMENT, FALLBACK_URI, synced_copy
+
+    client = MlflowClient(tracking_uri)
+    with contextlib.suppress(MlflowException):
+        return client.get_run(parent).info.run_id
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    copy = synced_copy(client, experiment.experiment_id, parent) if experiment else None
+    if copy:
+        return copy
+    if elsewhere:
         _fail(f"--tracking-uri: {redact_url(tracking_uri)} holds no run {parent}, this study's parent run{hint}")
+    # Where the search logged to, but not there: it fell back to its local store, not copied over yet.
+    _fail(f"--tracking-uri: {redact_url(tracking_uri)} holds neither run {parent}, this study's parent run, nor a "
+          f"copy of it; if the search logged to {FALLBACK_URI} while the server was down, copy it first: "
+          f"autopeft sync --source {FALLBACK_URI} --target {redact_url(tracking_uri)}")
 
 
 @app.command()

@@ -78,8 +78,10 @@ def confirm(study: optuna.Study, trial: optuna.trial.FrozenTrial, runtime: Runti
             kept[str(seed)] = [getattr(exc, "reason", None) or str(exc).splitlines()[0]]
         study.set_user_attr(key, kept)
     confirmation = _from_kept(trial, kept, seeds)
-    if tracker is not None and "mlflow_run_id" in trial.user_attrs:
-        tracker.log_metrics(trial.user_attrs["mlflow_run_id"], {
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    run_id = tracker.resolve(run_id) if tracker is not None and run_id else None  # None: a fallback store's, unsynced
+    if tracker is not None and run_id is not None:
+        tracker.log_metrics(run_id, {
             "confirmed_val_accuracy_mean": confirmation.accuracy, "confirmed_val_accuracy_sd": confirmation.accuracy_sd,
             "confirmed_forgetting_mean": confirmation.forgetting, "confirmed_runs": len(confirmation.runs)})
     return confirmation

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import functools
 import gc
 import math
+import shutil
 import time
 import traceback
 from collections.abc import Iterator
@@ -377,8 +379,8 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
             eval_start = time.perf_counter()
             val_accuracy = runtime.evaluate(model, runtime.validation, runtime.device)
             probe_scores = runtime.probes.score(model, runtime.device, measured={"val_accuracy": val_accuracy})
-    except Exception as exc:
-        exc.steps_trained = steps_done[0]  # a failed trial's steps still count against a step budget
+    except BaseException as exc:  # a failed or interrupted trial's steps still count against a step budget
+        exc.steps_trained = steps_done[0]
         raise
     eval_seconds = time.perf_counter() - eval_start + checking[0]
     # CUDA: the whole trial's peak (training, its evaluations and probes), what the budget promises to bound
@@ -406,6 +408,10 @@ class Objective:
             trial.study.stop()
             trial.set_user_attr("prune_reason", unneeded)  # the trials table shows it
             raise optuna.TrialPruned(unneeded)
+        if studies.retry_waiting(trial.study):  # queued while this trial waited for its place: it runs next, instead
+            reason = "not needed: a dead worker's configuration runs again in its place"
+            trial.set_user_attr("prune_reason", reason)
+            raise optuna.TrialPruned(reason)
         assert self.runtime.space is not None
         params = self.runtime.space.suggest(trial)
         seed = config.seed + trial.number
@@ -429,15 +435,13 @@ class Objective:
             self._fail(trial, run_id, getattr(exc, "reason", None) or f"out of memory: {exc}")
         except Exception as exc:  # an unexpected error in one configuration must not end the search
             if interrupt.REQUESTED.is_set():  # a Ctrl-C that a library turned into an ordinary error
-                trial.set_user_attr("fail_reason", "interrupted")
-                self.tracker.end_trial_run(run_id, "FAIL", "interrupted")
+                self._interrupted(trial, run_id, exc)
                 raise KeyboardInterrupt from exc
             trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
             trial.set_user_attr("steps_trained", getattr(exc, "steps_trained", 0))
             self._fail(trial, run_id, f"{type(exc).__name__}: {exc}")
-        except BaseException:  # Ctrl-C: close the run so the store holds no RUNNING trial
-            trial.set_user_attr("fail_reason", "interrupted")
-            self.tracker.end_trial_run(run_id, "FAIL", "interrupted")
+        except BaseException as exc:  # Ctrl-C: close the run so the store holds no RUNNING trial
+            self._interrupted(trial, run_id, exc)
             raise
         values = self._values(outcome)
         if not all(math.isfinite(v) for v in (values if isinstance(values, tuple) else (values,))):
@@ -499,6 +503,11 @@ class Objective:
             trial.set_user_attr("prune_reason", reason)
             raise optuna.TrialPruned(reason)
 
+    def _interrupted(self, trial: optuna.Trial, run_id: str, exc: BaseException) -> None:
+        trial.set_user_attr("steps_trained", getattr(exc, "steps_trained", 0))  # spent: --max-total-steps counts them
+        trial.set_user_attr("fail_reason", "interrupted")
+        self.tracker.end_trial_run(run_id, "FAIL", "interrupted")
+
     def _fail(self, trial: optuna.Trial, run_id: str, reason: str) -> None:
         trial.set_user_attr("fail_reason", reason)
         self.tracker.end_trial_run(run_id, "FAIL", reason)
@@ -507,6 +516,7 @@ class Objective:
     def _record(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, started: float) -> None:
         config = self.runtime.config
         folder = Path(config.artifacts_dir) / config.study / f"trial-{trial.number}"
+        shutil.rmtree(folder, ignore_errors=True)  # a replaced study's trial of this number left its own files
         adapter_io.save(outcome.model, folder)
         write_recipe(folder / "training.yaml", config, TrialParams.from_flat(trial.user_attrs["params"]),
                      trial.user_attrs["seed"])
@@ -749,6 +759,8 @@ def run_search(config: SearchConfig, *, progress: Any = None, prepare_only: bool
     make_artifacts_folder(config)  # an unusable folder is refused before the study exists
     on_stale = studies.StaleTrialRetry()
     study = studies.open_study(config, space, runtime.task, on_stale)
+    if config.force_new:
+        clear_trial_folders(config)
     return run_trials(runtime, study, on_stale, progress=progress, train=not prepare_only)
 
 
@@ -761,23 +773,31 @@ def make_artifacts_folder(config: SearchConfig) -> None:
         raise ConfigError([f"--artifacts-dir: cannot create {folder}: {exc.strerror or exc}"]) from None
 
 
+def clear_trial_folders(config: SearchConfig) -> None:
+    """The adapters of a study that --force-new replaced: the new study's trials reuse their numbers, and an
+    export of one found the old trial's adapter at its path (on a machine where the new trial did not run)."""
+    for folder in probe_cache(config).parent.glob("trial-*"):
+        shutil.rmtree(folder)
+
+
 def split_params(task: TaskData) -> dict[str, Any]:
     """The split as made, named apart from the settings that asked for it: `split.train_size` is the rows the
     split holds, beside `train_size`, the rows requested (the split's sizes once overwrote the requested ones)."""
     return {f"split.{key}": value for key, value in task.describe().items() if key != "task"}
 
 
-def run_worker(config: SearchConfig, *, progress: Any = None) -> SearchSummary:
-    """Join an existing study (any machine): its recorded config and space, this worker's stores."""
+def run_worker(config: SearchConfig, *, progress: Any = None, run_began: datetime.datetime | None = None) -> SearchSummary:
+    """Join an existing study (any machine): its recorded config and space, this worker's stores. `run_began`:
+    when the search that started this worker began (its failures in a row count from then; default now)."""
     on_stale = studies.StaleTrialRetry()
     study, joined, space = studies.load_for_worker(config, on_stale)
     runtime = prepare_runtime(joined, space)
     make_artifacts_folder(joined)
-    return run_trials(runtime, study, on_stale, progress=progress)
+    return run_trials(runtime, study, on_stale, progress=progress, run_began=run_began)
 
 
 def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTrialRetry, *,
-               progress: Any = None, train: bool = True) -> SearchSummary:
+               progress: Any = None, train: bool = True, run_began: datetime.datetime | None = None) -> SearchSummary:
     config = runtime.config
     study.sampler = studies.seeded_sampler(config, study, runtime.space)
     study.pruner = studies.make_pruner(config)
@@ -798,7 +818,7 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
     study.set_user_attr("mlflow_parent_run_id", parent)
     runtime.probes.save_base(probe_cache(config), probe_cache_key(config, runtime.task))
     objective = Objective(runtime, tracker, parent)
-    stops = SearchStops(config, study)
+    stops = SearchStops(config, study, since=run_began)
     try:
         with _long_lived_objects_frozen():
             # A resumed study whose step budget is spent, or whose grid is walked, trains nothing more (a walked

@@ -35,9 +35,11 @@ class SearchStops:
     `PRUNED_PER_TRIAL * remaining` stopped early by the pruner (or skipped as a repeat), and at
     `REJECTIONS_PER_TRIAL * remaining` rejected by the memory budget."""
 
-    def __init__(self, config: SearchConfig, study: optuna.Study) -> None:
+    def __init__(self, config: SearchConfig, study: optuna.Study, since: datetime.datetime | None = None) -> None:
+        """`since`: when this run of the search began (`search --workers N` passes its own start to its workers,
+        so a worker that starts late still counts the failures before it); default now."""
         self.config = config
-        self.since = datetime.datetime.now()  # Optuna's trial times are naive local times too
+        self.since = since or datetime.datetime.now()  # Optuna's trial times are naive local times too
         self.remaining = config.trials - studies.completed(study)
         self.counts = {"trained": 0, "pruned": 0, "rejected": 0}
         self.caps = {"trained": 2 * self.remaining + config.max_consecutive_failures,

@@ -22,6 +22,7 @@ DIRECTION = {"accuracy": "maximize", "forgetting": "minimize", "memory": "minimi
 COMPLETE = optuna.trial.TrialState.COMPLETE
 RUNNING = optuna.trial.TrialState.RUNNING
 FAIL = optuna.trial.TrialState.FAIL
+WAITING = optuna.trial.TrialState.WAITING
 
 
 class StaleTrialRetry:
@@ -34,6 +35,7 @@ class StaleTrialRetry:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
+        run_id = self.tracker.resolve(run_id) if self.tracker is not None and run_id else None  # another store's?
         if self.tracker is not None and run_id:
             self.tracker.end_trial_run(run_id, "KILLED", "worker stopped (no heartbeat)")
         if trial.params:
@@ -356,6 +358,11 @@ def may_start(study: optuna.Study, number: int, target: int) -> bool:
     return ahead < target
 
 
+def retry_waiting(study: optuna.Study) -> bool:
+    """Whether a dead worker's configuration waits to run again (queued by `StaleTrialRetry`)."""
+    return any("retry_of" in t.user_attrs for t in study.get_trials(deepcopy=False, states=(WAITING,)))
+
+
 def steps_spent(study: optuna.Study) -> int:
     """Training steps every trial of the study has recorded (finished ones, and running ones so far)."""
     return sum(t.user_attrs.get("steps_trained", 0) for t in study.get_trials(deepcopy=False))
@@ -386,9 +393,9 @@ def failures_in_a_row(study: optuna.Study, since: datetime.datetime) -> list[opt
     return finished[last_success + 1:]
 
 
-def worker_label() -> str:
-    """Which process runs a trial, recorded as its objective begins."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_label(pid: int | None = None) -> str:
+    """Which process runs a trial (this one, or process `pid` on this machine), recorded as its objective begins."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
 def fail_unstarted_trials(study: optuna.Study, grace_seconds: float) -> list[int]:

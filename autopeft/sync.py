@@ -1,6 +1,6 @@
 """`autopeft sync`: copy the runs of one MLflow store (e.g. the local fallback used while the tracking
 server was down) into another, keeping parent/child links, params, metric histories, tags and artifacts.
-Copied source runs are tagged, so running sync again copies only what is new."""
+Each copy is tagged with its source run's id, so running sync again copies only what this target lacks."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from dataclasses import dataclass
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
-from autopeft.tracking import EXPERIMENT, MOVED_TAG, Tracker
-
-SYNCED_TAG = "autopeft.synced_to"
+from autopeft.tracking import EXPERIMENT, MOVED_TAG, SYNCED_FROM_TAG, Tracker
 
 
 @dataclass(frozen=True)
@@ -26,19 +24,25 @@ def sync(source_uri: str, target_uri: str) -> SyncResult:
     experiment = source.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         return SyncResult(0, 0)
-    target = Tracker(target_uri, fallback_uri=target_uri)  # no fallback for the target itself
+    target = Tracker(target_uri, fallback_uri=None)  # no fallback for the target itself
     runs = source.search_runs([experiment.experiment_id], max_results=50000)
     # Parents first, so children can point at their copies.
     runs.sort(key=lambda r: "mlflow.parentRunId" in r.data.tags)
-    mapping = {r.info.run_id: r.data.tags[SYNCED_TAG] for r in runs if SYNCED_TAG in r.data.tags}
+    mapping = _copied_before(target)
     copied = 0
     for run in runs:
         if run.info.run_id in mapping:
             continue
         mapping[run.info.run_id] = _copy_run(source, target, run, mapping)
-        source.set_tag(run.info.run_id, SYNCED_TAG, mapping[run.info.run_id])
         copied += 1
     return SyncResult(copied, len(runs) - copied)
+
+
+def _copied_before(target: Tracker) -> dict[str, str]:
+    """Source run id -> its copy, for every run an earlier sync copied into this target. Read off the target's
+    own tags, so a run synced into one store is still copied into another."""
+    runs = target.client.search_runs([target.experiment_id], max_results=50000)
+    return {r.data.tags[SYNCED_FROM_TAG]: r.info.run_id for r in runs if SYNCED_FROM_TAG in r.data.tags}
 
 
 def _copy_run(source: MlflowClient, target: Tracker, run: Run, mapping: dict[str, str]) -> str:
@@ -68,7 +72,7 @@ def _copy_run(source: MlflowClient, target: Tracker, run: Run, mapping: dict[str
         if source.list_artifacts(run.info.run_id):
             local = source.download_artifacts(run.info.run_id, "", folder)
             target.client.log_artifacts(run_id, local)
-    target.client.log_batch(run_id, tags=[RunTag("autopeft.synced_from", run.info.run_id)])
+    target.client.log_batch(run_id, tags=[RunTag(SYNCED_FROM_TAG, run.info.run_id)])
     target.client.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
     return run_id
 

@@ -21,6 +21,7 @@ from autopeft.config import sqlite_file
 
 EXPERIMENT = "autopeft"
 MOVED_TAG = "autopeft.moved_from"  # on a fallback run that replaces a run begun on the server: that run's id
+SYNCED_FROM_TAG = "autopeft.synced_from"  # on a run `autopeft sync` copied (or completed): the source run's id
 LATEST_TAG = "autopeft.latest."  # + a setting: its value now, where a resumed search changed it (params keep the first)
 FALLBACK_URI = "sqlite:///mlflow-fallback.db"
 T = TypeVar("T")
@@ -63,7 +64,8 @@ class Tracker:
     over later. Every run's name, tags and params are remembered, so a run begun on the server is
     re-created in the fallback store when the server dies in the middle of it."""
 
-    def __init__(self, tracking_uri: str, fallback_uri: str = FALLBACK_URI) -> None:
+    def __init__(self, tracking_uri: str, fallback_uri: str | None = FALLBACK_URI) -> None:
+        """`fallback_uri=None`: no fallback, a store that does not answer raises (e.g. sync's target)."""
         self.uri = tracking_uri
         self.intended_uri = tracking_uri
         self.fallback_uri = fallback_uri
@@ -72,7 +74,9 @@ class Tracker:
         self._moved: dict[str, str] = {}  # server run id -> its replacement in the fallback store
         try:
             self._connect(tracking_uri)
-        except Exception as exc:  # noqa: BLE001 -- a down server must not end the search, however it fails
+        except Exception as exc:  # a down server must not end the search, however it fails
+            if fallback_uri is None:
+                raise
             self._fall_back(exc)
 
     @property
@@ -113,7 +117,7 @@ class Tracker:
         try:
             return action()
         except Exception as exc:
-            if not self._server_down():
+            if self.fallback_uri is None or not self._server_down():
                 raise
             self._fall_back(exc)
             return action()
@@ -145,8 +149,10 @@ class Tracker:
 
     def open_study_run(self, study_name: str, existing_run_id: str | None, params: dict[str, Any],
                        space_file: str, space_text: str | None = None) -> str:
-        """Re-open the study's parent run when it exists in this store, else create it."""
-        if existing_run_id and self._exists(existing_run_id):
+        """Re-open the study's parent run when this store holds it (or its synced copy), else create it. The
+        caller records the id returned: a synced copy's, so later lookups find it directly."""
+        existing_run_id = self.resolve(existing_run_id) if existing_run_id else None
+        if existing_run_id:
             self._remember(existing_run_id, study_name, {"autopeft.study": study_name, "autopeft.role": "study"},
                            params)
             self._do(lambda: self.client.update_run(self._id(existing_run_id), status="RUNNING"))
@@ -213,9 +219,26 @@ class Tracker:
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start:start + 100])
 
+    def resolve(self, run_id: str) -> str | None:
+        """The id under which this store holds run `run_id`: its own, or that of the copy `autopeft sync` made
+        of it (a run logged to the fallback store while the server was down, whose id the study recorded).
+        None when the store holds neither."""
+        if self._exists(run_id):
+            return run_id
+        return self._do(lambda: synced_copy(self.client, self.experiment_id, run_id))
+
     def _exists(self, run_id: str) -> bool:
         try:
             self._do(lambda: self.client.get_run(run_id))
             return True
         except Exception:  # noqa: BLE001 -- MlflowException for a run not in this store, or a store that is down
             return False
+
+
+def synced_copy(client: MlflowClient, experiment_id: str, source_run_id: str) -> str | None:
+    """The id of the run `autopeft sync` copied from `source_run_id` into the client's store, if any."""
+    if not source_run_id.isalnum():  # MLflow's ids are hex; anything else is not one (nor safe in a filter)
+        return None
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{SYNCED_FROM_TAG}` = '{source_run_id}'",
+                              max_results=1)
+    return runs[0].info.run_id if runs else None

@@ -161,16 +161,18 @@ def test_a_failure_without_a_recorded_reason_is_called_a_lost_worker_only_when_i
     from autopeft.cli import trials_table
 
     study = optuna.create_study(directions=["maximize", "minimize"])
-    for _ in range(2):  # failed by Optuna, not by the trial's code: no fail_reason
+    for _ in range(3):  # failed by Optuna, not by the trial's code: no fail_reason
         study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
     retry = study.ask()
     retry.set_user_attr("retry_of", 0)  # what the stale-trial callback enqueues for a lost worker
     study.tell(retry, state=optuna.trial.TrialState.FAIL)
+    study.enqueue_trial({}, user_attrs={"retry_of": 2})  # not run yet
     console = Console(width=300, record=True)
     console.print(trials_table(study))
     rows = [line for line in console.export_text().splitlines() if "fail" in line]
-    assert "worker stopped (no heartbeat); configuration retried" in rows[0]
+    assert "worker stopped (no heartbeat); its configuration ran again as trial 3" in rows[0]
     assert "failed outside the trial's code" in rows[1] and "worker" not in rows[1]
+    assert "worker stopped (no heartbeat); its configuration waits to run again as trial 4" in rows[2]
 
 
 def test_a_study_ranked_on_memory_shows_each_trials_peak_in_its_table() -> None:
@@ -258,7 +260,8 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
 
 def test_a_study_is_not_resumed_with_another_space_unless_forced(tmp_path: Path, tiny_search_args: list[str]) -> None:
-    assert autopeft("search", "--trials", "1", *tiny_search_args, cwd=tmp_path).returncode == 0
+    (tmp_path / "mora.yaml").write_text("method: mora\n")  # autopeft's own adapter files, not peft's
+    assert autopeft("search", "--trials", "1", "--space", "mora.yaml", *tiny_search_args, cwd=tmp_path).returncode == 0
     (tmp_path / "other.yaml").write_text("method: ia3\n")
     before = (tmp_path / "autopeft.db").read_bytes()
     refused = autopeft("search", "--trials", "1", "--space", "other.yaml", *tiny_search_args, cwd=tmp_path)
@@ -266,6 +269,10 @@ def test_a_study_is_not_resumed_with_another_space_unless_forced(tmp_path: Path,
     assert (tmp_path / "autopeft.db").read_bytes() == before
     forced = autopeft("search", "--trials", "1", "--space", "other.yaml", "--force-new", *tiny_search_args, cwd=tmp_path)
     assert forced.returncode == 0 and "ia3(" in forced.stdout
+    # The replaced study's trial 0 left MoRA's files in the folder of the new trial 0, and they were loaded.
+    assert not (tmp_path / "autopeft-artifacts" / "default" / "trial-0" / "autopeft_adapter.json").exists()
+    exported = autopeft("export", "--out", "out", "--with-weights", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
 
 
 def test_a_resume_names_what_changed_in_the_data_and_takes_the_same_file_by_any_path(
@@ -296,6 +303,10 @@ def test_local_workers_read_the_searchs_target_and_share_its_step_budget_and_the
     assert study.user_attrs["config"]["trials"] == 3  # a worker joining later needs no --trials
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 1
     assert sum(t.user_attrs.get("steps_trained", 0) for t in study.trials) == 3
+    again = autopeft("search", "--workers", "2", "--trials", "3", "--max-total-steps", "3", *tiny_search_args,
+                     cwd=tmp_path)
+    assert again.returncode == 0 and "stopped at the training-step budget: 3 of 3 steps spent" in again.stdout
+    assert "worker done" not in again.stdout  # no worker was started (each loaded the model to do nothing)
 
 
 def test_a_search_that_completes_no_trial_exits_1(tmp_path: Path, tiny_search_args: list[str]) -> None:

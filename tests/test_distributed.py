@@ -82,6 +82,26 @@ def test_a_down_tracking_server_falls_back_locally_and_sync_copies_the_runs(
     assert len(client.get_metric_history(children[0].info.run_id, "train_loss")) == 3
     assert {a.path for a in client.list_artifacts(children[0].info.run_id)} >= {"adapter_config.json", "training.yaml"}
 
+    # The study recorded the fallback store's run ids: what reads them finds the synced copies.
+    report = subprocess.run([*AUTOPEFT, "report", "--study", "fb", "--out", "rep", "--tracking-uri", mlflow_server_url],
+                            cwd=tmp_path, capture_output=True, check=False, text=True, timeout=300)
+    assert report.returncode == 0 and f"logged to MLflow run {parent.info.run_id}" in report.stdout, report.stderr
+    resumed = subprocess.run([*AUTOPEFT, "search", "--trials", "3", "--study", "fb", "--tracking-uri", mlflow_server_url,
+                              *tiny_search_args], cwd=tmp_path, capture_output=True, check=False, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    runs = client.search_runs([client.get_experiment_by_name("autopeft").experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("autopeft.study") == "fb" and r.data.tags.get("autopeft.role") == "study"]
+    assert [p.info.run_id for p in parents] == [parent.info.run_id]  # one parent run per study, not a second
+    assert sum(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs) == 3
+    # Runs synced into one store are still copied into another; a target that is down is one line, no fallback.
+    elsewhere = subprocess.run([*AUTOPEFT, "sync", "--source", "sqlite:///mlflow-fallback.db", "--target",
+                                "sqlite:///second.db"], cwd=tmp_path, capture_output=True, check=False, text=True, timeout=300)
+    assert elsewhere.returncode == 0 and "copied 3 runs" in elsewhere.stdout, elsewhere.stderr
+    unreachable = subprocess.run([*AUTOPEFT, "sync", "--source", "sqlite:///mlflow-fallback.db", "--target", down],
+                                 cwd=tmp_path, capture_output=True, check=False, text=True, timeout=300)
+    assert unreachable.returncode == 2 and len(unreachable.stderr.strip().splitlines()) == 1, unreachable.stderr
+    assert f"--target: cannot sync into {down}" in unreachable.stderr
+
 
 @pytest.mark.servers
 def test_a_tracking_server_dying_mid_search_loses_nothing(tmp_path: Path, tiny_bert: Path,

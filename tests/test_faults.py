@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -76,10 +77,11 @@ def test_ctrl_c_records_the_trial_as_interrupted_and_prints_the_summary(tmp_path
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
-    assert "interrupted" in err and "val acc" in out and "Traceback" not in err
+    assert f"interrupted: trial {victim.number} recorded as failed" in err and "val acc" in out and "Traceback" not in err
     study = optuna.load_study(study_name="f", storage=f"sqlite:///{tmp_path / 'autopeft.db'}")
     trial = next(t for t in study.trials if t.number == victim.number)
     assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted"
+    assert "steps_trained" in trial.user_attrs  # what it trained counts against --max-total-steps
     assert all(r.info.status != "RUNNING" for r in mlflow_runs(tmp_path))
 
 
@@ -108,6 +110,28 @@ def test_failed_trials_are_recorded_and_consecutive_failures_stop_the_search(
     statuses = {r.data.tags.get("autopeft.state"): r.info.status for r in mlflow_runs(tmp_path)
                 if r.data.tags.get("autopeft.role") == "trial"}
     assert statuses == {"FAIL": "FAILED"}
+
+
+def test_a_worker_started_late_counts_the_failures_since_its_search_began(
+        tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`search --workers N` passes its start to its workers: one that began after another worker's failures
+    counted from its own start and ran a fresh row of them past --max-consecutive-failures."""
+    import datetime
+
+    from tests_support import tiny_config
+
+    from autopeft import search
+
+    def broken_fit(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(search, "fit", broken_fit)
+    began = datetime.datetime.now()
+    config = tiny_config(tmp_path, tiny_bert, trials=5, max_consecutive_failures=3)
+    search.run_search(dataclasses.replace(config, max_consecutive_failures=2))  # an earlier worker's two failures
+    summary = search.run_worker(config, run_began=began)
+    assert len(summary.study.get_trials(states=(optuna.trial.TrialState.FAIL,))) == 3
+    assert summary.stopped_reason and "3 consecutive failed trials" in summary.stopped_reason
 
 
 def test_passwords_in_urls_are_never_written_out(tmp_path: Path) -> None:
@@ -145,6 +169,31 @@ def test_a_waiting_worker_outlasts_a_trial_whose_worker_dies_late(tmp_path: Path
     assert objective._unneeded(ours) is None
     assert time.monotonic() - began >= 4.0
     assert study.trials[other.number].state == optuna.trial.TrialState.FAIL
+
+
+def test_a_dead_workers_configuration_queued_while_a_trial_waits_runs_in_that_trials_place(tmp_path: Path) -> None:
+    """The trial that waited for the dead worker's place was already created when the configuration was queued
+    again: it ran a fresh draw in its place, and the retry was left waiting for ever (the configuration lost)."""
+    from types import SimpleNamespace
+
+    from autopeft.search import Objective
+    from autopeft.study import StaleTrialRetry
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=2,
+                                         heartbeat_stale_trial_callback=StaleTrialRetry())
+    study = optuna.create_study(storage=storage, direction="maximize")
+    dead = study.ask()
+    dead.suggest_float("learning_rate", 1e-4, 1e-2, log=True)
+    dead.set_user_attr("worker", "elsewhere:1")
+    storage.record_heartbeat(dead._trial_id)  # one heartbeat, then its worker is killed
+    ours = study.ask()
+    objective = Objective(SimpleNamespace(config=SimpleNamespace(trials=1, heartbeat_seconds=1, max_total_steps=None)),
+                          None, "")
+    with pytest.raises(optuna.TrialPruned, match="a dead worker's configuration runs again in its place"):
+        objective(ours)
+    retry = study.ask()  # the worker's next trial
+    assert retry.user_attrs["retry_of"] == dead.number
+    assert retry.suggest_float("learning_rate", 1e-4, 1e-2, log=True) == dead.params["learning_rate"]
 
 
 def test_a_trial_a_late_worker_starts_after_the_study_is_complete_is_pruned_with_its_reason(tmp_path: Path) -> None:

@@ -52,3 +52,23 @@ def test_a_reopened_study_run_tags_the_settings_that_changed_since_its_params_we
     logged = tracker.client.get_run(run).data
     assert logged.params == {"trials": "10", "sampler": "tpe", "timeout": "60"}  # a setting it never had: a param
     assert {k: v for k, v in logged.tags.items() if k.startswith("autopeft.latest.")} == {"autopeft.latest.trials": "20"}
+
+
+def test_a_run_logged_to_the_fallback_store_is_found_by_its_recorded_id_once_synced(tmp_path: Path) -> None:
+    """A study records the ids its runs got in the fallback store while the server was down; after `autopeft
+    sync` the server holds copies under other ids. A resumed search made a second parent run, `report` refused
+    the server and `export --confirm-seeds` crashed after retraining."""
+    from autopeft.sync import sync
+
+    space = tmp_path / "space.yaml"
+    space.write_text("method: lora\n")
+    fallback = Tracker(f"sqlite:///{tmp_path / 'fallback.db'}")
+    parent = fallback.open_study_run("s", None, {"trials": 2}, str(space))
+    trial = fallback.start_trial_run(parent, "s", 0, {"r": 8})
+    server = Tracker(f"sqlite:///{tmp_path / 'server.db'}")
+    assert server.resolve(trial) is None
+    sync(fallback.uri, server.uri)
+    copy = server.resolve(trial)
+    assert copy is not None and copy != trial and server.client.get_run(copy).data.params == {"r": "8"}
+    assert server.open_study_run("s", parent, {"trials": 3}, str(space)) == server.resolve(parent)
+    assert sync(fallback.uri, f"sqlite:///{tmp_path / 'another.db'}").copied == 2  # every target gets them once
