@@ -600,10 +600,16 @@ def train(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a hub model to run its own Python code (off by default; a recipe never turns it on).")] = False,
 ) -> None:
     """Train one exported configuration (same seeds), log it to MLflow and save the adapter."""
+    import torch
+
+    from autopeft.errors import TrialFailed
     from autopeft.training_run import train_from_recipe
 
-    result = _guard(lambda: train_from_recipe(config, out, max_steps=max_steps, tracking_uri=tracking_uri, force=force,
-                                              seed=seed, trust_remote_code=trust_remote_code))
+    try:
+        result = _guard(lambda: train_from_recipe(config, out, max_steps=max_steps, tracking_uri=tracking_uri,
+                                                  force=force, seed=seed, trust_remote_code=trust_remote_code))
+    except (TrialFailed, torch.OutOfMemoryError) as exc:  # trained (or began to) and failed: exit 1, not bad input
+        _fail(f"training failed: {getattr(exc, 'reason', None) or f'out of memory: {exc}'}", code=1)
     console.print(f"{result.method}: val accuracy {result.accuracy:.4f}, forgetting {result.forgetting:.4f}, "
                   f"{result.steps} steps in {result.seconds:.1f} s; adapter saved to {out}; MLflow run {result.run_id}")
 
@@ -661,8 +667,9 @@ def estimate(
 
 @functools.cache
 def _position_limit(base: str) -> int | None:
-    """The model's position table (None when unknown). A hub id is left to the estimate, which reads its config
-    once: offline, each read retries for seconds."""
+    """The model's position table (None when unknown, or rotary: Llama's positions have no table to run off,
+    whatever max_position_embeddings says). A hub id is left to the estimate, which reads its config once:
+    offline, each read retries for seconds."""
     from transformers import AutoConfig
 
     from autopeft.models import resolve_model_path
@@ -671,6 +678,8 @@ def _position_limit(base: str) -> int | None:
         folder = Path(resolve_model_path(base))
         model_config = AutoConfig.from_pretrained(folder) if folder.is_dir() else None
     except (OSError, ValueError):  # not loadable: the estimate says so in its own words
+        return None
+    if model_config is None or any(key.startswith("rope") for key in model_config.to_dict()):
         return None
     return getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
 

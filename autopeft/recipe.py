@@ -51,6 +51,7 @@ def _problems(path: Path, data: dict[str, Any]) -> list[str]:
                  if isinstance(data[k], bool) or not isinstance(data[k], int) or data[k] < low]
     problems += [f"{path}: {k}: {data[k]!r} {why}" for k, spec in TRAINING_PARAMS.items()
                  if k in data and (why := spec.check(data[k]))]
+    problems += _batch_problems(path, data) if not problems else []
     if data["method"] not in methods.names():
         return [*problems, f"{path}: method: {data['method']!r} must be one of {', '.join(methods.names())}"]
     specs = methods.get(data["method"]).params
@@ -62,6 +63,19 @@ def _problems(path: Path, data: dict[str, Any]) -> list[str]:
         elif why := specs[k].check(v):
             problems.append(f"{path}: method_params.{k}: {v!r} {why}")
     return problems
+
+
+def _batch_problems(path: Path, data: dict[str, Any]) -> list[str]:
+    """A recipe states the batch as micro_batch_size x grad_accum_steps; an effective_batch_size that disagrees
+    was read and ignored (the run trained on another batch than the one the file names)."""
+    effective = data.get("effective_batch_size", 0)
+    micro = data.get("micro_batch_size", TRAINING_PARAMS["micro_batch_size"].default)
+    accum = data.get("grad_accum_steps", TRAINING_PARAMS["grad_accum_steps"].default)
+    if not effective or effective == micro * accum:
+        return []
+    fix = f"grad_accum_steps: {effective // micro}, or " if effective % micro == 0 else ""
+    return [f"{path}: effective_batch_size: {effective} is not micro_batch_size x grad_accum_steps ({micro} x {accum}); "
+            f"set {fix}effective_batch_size: 0"]
 
 
 def _as_recipe_key(path: Path, problem: str, overridden: set[str]) -> str:

@@ -221,6 +221,9 @@ def parse_dimension(raw: Any, name: str, spec: ParamSpec, where: str, problems: 
     if bad:
         return None
     values = [int(v) if spec.kind == "int" else v for v in values]
+    if len(set(values)) < len(values):  # one configuration drawn twice as often; a grid walks it again and again
+        problems.append(f"{where}: {raw!r} lists a choice more than once; list each once")
+        return None
     if isinstance(raw, list) and len(values) > 1:
         return Dimension(name, "categorical", choices=tuple(values))
     return Dimension(name, "fixed", value=values[0])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from autopeft import adapter_io
-from autopeft.errors import ConfigError
+from autopeft.errors import ConfigError, TrialFailed
 from autopeft.export import check_out, create_out
 from autopeft.recipe import read_recipe
 from autopeft.search import prepare_runtime, run_trial
@@ -38,7 +41,13 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
     tracker = Tracker(tracking_uri)
     run_id = tracker.start_run(f"train-{params.method}", {**params.flat(), "seed": seed, "model": config.model,
                                                           "task": config.task, "max_steps": config.max_steps})
-    outcome = run_trial(runtime, params, seed=seed)
+    try:
+        outcome = run_trial(runtime, params, seed=seed)
+    except (TrialFailed, torch.OutOfMemoryError) as exc:  # the CLI says why in one line
+        tracker.end_trial_run(run_id, "FAIL", getattr(exc, "reason", None) or f"out of memory: {exc}")
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only if empty: nothing was written, and a folder of the user's stays
+        raise
     adapter_io.save(outcome.model, out)
     tracker.log_curve(run_id, "train_loss", outcome.train.losses)
     tracker.log_metrics(run_id, {"val_accuracy": outcome.accuracy, "forgetting": outcome.forgetting,

@@ -518,6 +518,15 @@ def test_the_report_marks_the_pick_of_the_rule_asked_for(exported: Path, tmp_pat
     assert "by rule <code>max-accuracy-under-forgetting=1</code>" in page
 
 
+def test_estimate_on_a_rotary_model_takes_rows_past_max_position_embeddings(tmp_path: Path,
+                                                                            tiny_models: dict[str, Path]) -> None:
+    """Llama has no position table to run off (the search trains such rows); estimate refused them."""
+    (tmp_path / "lora.yaml").write_text("method: lora\n")
+    done = autopeft("estimate", "--model", str(tiny_models["llama"]), "--space", "lora.yaml", "--seq-len", "200",
+                    cwd=tmp_path)
+    assert done.returncode == 0 and "200 tokens" in done.stdout, done.stderr
+
+
 def test_estimate_counts_a_causal_lms_logits_for_a_causal_task(tmp_path: Path,
                                                                tiny_causal_models: dict[str, Path]) -> None:
     """`estimate` traced every configuration as a classifier; a causal LM trains on logits over its

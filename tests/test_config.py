@@ -53,6 +53,9 @@ RECIPE_EDITS = [
     (("split_seed: 0", "split_seed: 1.5"), "split_seed: 1.5 must be an integer of at least 0"),
     (("max_steps: 3", "max_steps: -3"), "max_steps: -3 must be an integer of at least 1"),
     (("task_type: classification", "task_type: bogus"), "task_type: 'bogus' must be classification or causal_lm"),
+    (("learning_rate: 0.001", "learning_rate: .nan"), "learning_rate: nan must be a finite number"),  # a traceback
+    (("effective_batch_size: 0", "effective_batch_size: 48"),  # read, and trained at 16 without a word
+     "effective_batch_size: 48 is not micro_batch_size x grad_accum_steps (16 x 1); set grad_accum_steps: 3, or"),
 ]
 
 

@@ -92,6 +92,33 @@ def test_train_reproduces_the_trial_and_out_is_safe(finished_study: Path) -> Non
     assert any(not torch.equal(same[name], moved[name]) for name in same)  # another seed: other initial weights
 
 
+def test_a_training_run_that_fails_is_one_line_and_leaves_no_empty_folder(
+        finished_study: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recipe whose run fails (a non-finite loss, an AdaLoRA schedule with no step to score ranks) printed a
+    traceback, left an empty --out folder and its MLflow run RUNNING."""
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from autopeft import training_run
+    from autopeft.cli import app
+    from autopeft.errors import TrialFailed
+
+    assert autopeft("export", "--study", "h", "--out", "out-fails", cwd=finished_study).returncode == 0
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise TrialFailed("non-finite loss at step 2")
+
+    monkeypatch.setattr(training_run, "run_trial", fails)
+    monkeypatch.chdir(finished_study)
+    done = CliRunner().invoke(app, ["train", "--config", "out-fails/training.yaml", "--out", "failed-run"])
+    assert done.exit_code == 1 and "error: training failed: non-finite loss at step 2" in done.output, done.output
+    assert len(done.output.strip().splitlines()) == 1 and not (finished_study / "failed-run").exists()
+    client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
+    run = next(r for r in client.search_runs([client.get_experiment_by_name("autopeft").experiment_id])
+               if r.data.tags.get("autopeft.reason") == "non-finite loss at step 2")
+    assert run.info.status == "FAILED"
+
+
 def test_a_recipe_keeps_how_the_task_is_read_and_scored(tmp_path: Path) -> None:
     """training.yaml once held only the model, data sizes and training settings: `autopeft train` rebuilt a
     causal-LM trial as a classifier and looked for a file's rows in the default columns."""

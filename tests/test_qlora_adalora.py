@@ -222,6 +222,22 @@ def test_adalora_impossible_schedules_fail_the_trial_with_a_reason(tiny_models, 
         _attach(tiny_models["bert"], "adalora", {**ADALORA, **change}, steps=10)
 
 
+@pytest.mark.parametrize(("steps", "final_fraction"), [(1, 0.0), (2, 0.5), (4, 0.7)])
+def test_adalora_with_no_step_to_score_ranks_before_fixing_them_fails_with_a_reason(
+        tiny_models, steps: int, final_fraction: float) -> None:
+    """peft fixes the ranks at step total - tfinal from the scores of the steps before it: at step 1 there were
+    none, and the trial failed with a KeyError from inside peft (every AdaLoRA trial of a 1-step search)."""
+    params = {**ADALORA, "warmup_fraction": 0.0, "final_fraction": final_fraction}
+    with pytest.raises(TrialFailed, match="before the ranks are fixed; AdaLoRA needs at least 2"):
+        _attach(tiny_models["bert"], "adalora", params, steps=steps)
+
+
+def test_adalora_trains_when_one_step_scores_the_ranks_before_they_are_fixed(tiny_models) -> None:
+    model, tokenizer = _attach(tiny_models["bert"], "adalora", {**ADALORA, "warmup_fraction": 0.0,
+                                                                 "final_fraction": 0.5}, steps=4)
+    assert train_steps(model, _batch(tokenizer), 1e-2, 4, after_step=methods.get("adalora").after_step)
+
+
 @pytest.mark.parametrize("method", ["qlora", "adalora"])
 def test_a_whole_search_trial_runs(tmp_path: Path, tiny_bert: Path, method: str) -> None:
     if method == "qlora":

@@ -72,6 +72,9 @@ BAD_SPACES = [
      "methods.adalora: target_r (at least 8) must be below init_r (at most 8)"),
     ("method: adalora\nmethods:\n  adalora:\n    warmup_fraction: 0.5\n    final_fraction: {low: 0.5, high: 0.8}\n",
      "methods.adalora: warmup_fraction + final_fraction must stay below 1"),
+    ("method: lora\ntraining:\n  learning_rate: .nan\n", "learning_rate: nan must be a finite number"),  # loaded, then
+    ("method: lora\nmethods:\n  lora:\n    alpha: [.inf, 16]\n", "alpha: inf must be a finite number"),  # 5 fails
+    ("method: lora\nmethods:\n  lora:\n    r: [4, 4.0]\n", "r: [4, 4.0] lists a choice more than once"),
 ]
 
 

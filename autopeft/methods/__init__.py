@@ -10,6 +10,7 @@ input) should answer without it.
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class ParamSpec:
             return None if value in self.choices else f"must be one of {', '.join(map(str, self.choices))}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"must be a{'n integer' if self.kind == 'int' else ' number'}"
+        if not math.isfinite(value):  # nan passes every comparison below, and some ranges have no upper bound
+            return "must be a finite number"
         if self.kind == "int" and not float(value).is_integer():
             return "must be an integer"
         if self.low is not None and value < self.low:

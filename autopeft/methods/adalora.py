@@ -52,6 +52,10 @@ def schedule(params: dict[str, Any], total_step: int) -> tuple[int, int]:
         raise TrialFailed(f"adalora: warmup_fraction {params['warmup_fraction']} + final_fraction "
                           f"{params['final_fraction']} of {total_step} steps ({tinit} + {tfinal}) leave no "
                           "steps to reallocate the rank budget; their sum must stay below 1")
+    if total_step - tfinal < 2:  # peft fixes the ranks at step total - tfinal from scores of the steps before it
+        raise TrialFailed(f"adalora: final_fraction {params['final_fraction']} of {total_step} steps ({tfinal}) "
+                          f"leaves {total_step - tfinal} step before the ranks are fixed; AdaLoRA needs at least 2 "
+                          "(one to score the ranks): use more --max-steps or a smaller final_fraction")
     return tinit, tfinal
 
 
