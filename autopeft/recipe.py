@@ -74,8 +74,8 @@ def _batch_problems(path: Path, data: dict[str, Any]) -> list[str]:
     if not effective or effective == micro * accum:
         return []
     fix = f"grad_accum_steps: {effective // micro}, or " if effective % micro == 0 else ""
-    return [f"{path}: effective_batch_size: {effective} is not micro_batch_size x grad_accum_steps ({micro} x {accum}); "
-            f"set {fix}effective_batch_size: 0"]
+    return [(f"{path}: effective_batch_size: {effective} is not micro_batch_size x grad_accum_steps ({micro} x "
+             f"{accum}); set {fix}effective_batch_size: 0")]
 
 
 def _as_recipe_key(path: Path, problem: str, overridden: set[str]) -> str:
