@@ -642,7 +642,7 @@ def check_budget_feasible(config: SearchConfig, runtime: Runtime) -> None:
 
 
 def _lightest_configurations(runtime: Runtime) -> list[tuple[str, TrialParams, memory.MemoryEstimate]]:
-    """Per method (at its default parameters): the smallest micro-batch, the lowest precision and
+    """Per method (at its lightest parameters in the space): the smallest micro-batch, the lowest precision and
     checkpointing when the space offers them, with the optimizer of least state; and its analytic estimate."""
     space = runtime.space
     assert space is not None
@@ -655,7 +655,7 @@ def _lightest_configurations(runtime: Runtime) -> list[tuple[str, TrialParams, m
         settings = {**params_defaults(), "micro_batch_size": int(min(_dim_options("micro_batch_size", dims))),
                     "precision": precision,
                     "gradient_checkpointing": True in _dim_options("gradient_checkpointing", dims)}
-        model = build_model(runtime, TrialParams(method, methods.get(method).resolve({}), settings))
+        own, model = _lightest_model(runtime, method, settings)
         estimates = {opt: memory.estimate(model, optimizer=opt, precision=precision,
                                           micro_batch_size=settings["micro_batch_size"],
                                           seq_len=runtime.longest_row,
@@ -663,10 +663,26 @@ def _lightest_configurations(runtime: Runtime) -> list[tuple[str, TrialParams, m
                                           task_type=runtime.method_task_type)
                      for opt in _dim_options("optimizer", dims)}
         optimizer = min(estimates, key=lambda opt: estimates[opt].total)
-        params = TrialParams(method, methods.get(method).resolve({}), {**settings, "optimizer": optimizer})
+        params = TrialParams(method, own, {**settings, "optimizer": optimizer})
         results.append((f"{method}, micro-batch {settings['micro_batch_size']}, {precision}, {optimizer}", params,
                         estimates[optimizer]))
     return results
+
+
+def _lightest_model(runtime: Runtime, method: str, settings: dict[str, Any]) -> tuple[dict[str, Any], nn.Module]:
+    """The space's lightest parameters of `method` and the model built with them; when they break a rule of the
+    method (AdaLoRA's target_r and init_r both at their lowest, say), the values the space fixes, then the
+    method's defaults."""
+    space = runtime.space
+    assert space is not None
+    candidates = (space.lightest_method_params(method), space.fixed_params(method).method_params)
+    for own in candidates:
+        try:
+            return own, build_model(runtime, TrialParams(method, own, settings))
+        except TrialFailed:
+            continue
+    own = methods.get(method).resolve({})
+    return own, build_model(runtime, TrialParams(method, own, settings))
 
 
 def _dim_options(name: str, dims: dict) -> list:

@@ -125,6 +125,18 @@ class SearchSpace:
         training = _training_values(fixed(self.training_dims_of(method)))
         return TrialParams(method, methods.get(method).resolve(fixed(self.method_dims.get(method, {}))), training)
 
+    def lightest_method_params(self, method: str) -> dict[str, Any]:
+        """`method`'s parameters at their lightest in this space: the values it fixes, each searched number at
+        its lowest (a smaller rank or bottleneck, fewer virtual tokens, no dropout never cost more memory), and
+        other searched values (target sets, flags) at their defaults."""
+        chosen = {}
+        for name, dim in self.method_dims.get(method, {}).items():
+            numeric = dim.kind in ("int", "float") or (dim.kind == "categorical" and all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) for c in dim.choices))
+            if dim.kind == "fixed" or numeric:
+                chosen[name] = dim.bounds()[0]
+        return methods.get(method).resolve(chosen)
+
     def training_dims_of(self, method: str) -> dict[str, Dimension]:
         """The training dimensions a trial of `method` draws: the shared ones, with the method's overrides."""
         return {**self.training_dims, **self.training_overrides.get(method, {})}

@@ -124,6 +124,26 @@ def test_a_budget_only_the_analytic_estimate_overstates_is_accepted(tmp_path: Pa
         search.check_budget_feasible(config(tmp_path, tiny_bert, memory_budget=fits - 1), runtime)
 
 
+def test_the_budget_check_sizes_each_method_at_the_lightest_values_its_space_allows(tmp_path: Path,
+                                                                                   tiny_bert: Path) -> None:
+    """It sized each method at its defaults (prompt tuning at 20 virtual tokens) and refused a budget that the
+    space's only configuration (1 token, at most 4) fits."""
+    from autopeft import search
+    from autopeft.space import load_space
+
+    (tmp_path / "space.yaml").write_text("method: [prompt, lora]\ntraining:\n  micro_batch_size: 8\nmethods:\n"
+                                         "  prompt:\n    num_virtual_tokens: {low: 1, high: 4}\n"
+                                         "  lora:\n    r: [16, 4]\n    dropout: [0.1, 0.0]\n"
+                                         "    target_modules: [all_linear, qv]\n")
+    settings = config(tmp_path, tiny_bert, memory_budget=2**40)
+    runtime = prepare_runtime(settings, load_space(settings.space))
+    lightest = {params.method: params.method_params for _, params, _ in search._lightest_configurations(runtime)}
+    assert lightest["prompt"]["num_virtual_tokens"] == 1
+    assert (lightest["lora"]["r"], lightest["lora"]["dropout"], lightest["lora"]["target_modules"]) == (4, 0.0, "qv")
+    fits = min(search.traced_estimate(runtime, params).total for _, params, _ in search._lightest_configurations(runtime))
+    search.check_budget_feasible(config(tmp_path, tiny_bert, memory_budget=fits), runtime)
+
+
 def test_a_budget_that_rejects_most_draws_still_completes_its_trials(tmp_path: Path, tiny_bert: Path) -> None:
     """Rejections by the budget cost no training and have their own allowance: a search where 7 of 8 draws are
     over the budget still trains its trials (the trial cap of 2 x trials + 5 once ended it two short, silently)."""
