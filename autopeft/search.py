@@ -248,7 +248,9 @@ MEMORY_SETTINGS = ("optimizer", "precision", "micro_batch_size", "grad_accum_ste
 
 
 def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> memory.MemoryEstimate:
-    """Peak bytes of one training step; with a budget, the estimate autopeft.budget chooses to decide."""
+    """Peak bytes of one training step; with a budget, the estimate autopeft.budget chooses to decide. Without
+    one, the analytic estimate, unless memory is an objective: that ranks methods, and the analytic estimate
+    gives every method the same activations (prompt tuning's longer rows ranked it lightest)."""
     options = _trace_options(runtime)
     seq_len = options["seq_len"]  # the longest batch sets the peak
     settings = train_settings(params, max_steps=runtime.config.max_steps, seed=0)  # defaults fill the gaps
@@ -257,7 +259,7 @@ def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> 
                                gradient_checkpointing=settings.gradient_checkpointing,
                                task_type=runtime.method_task_type)  # a causal LM's logits span its vocabulary
     if runtime.config.memory_budget is None:
-        return analytic
+        return traced_estimate(runtime, params) if "memory" in runtime.config.objectives else analytic
     memory_settings = tuple(getattr(settings, name) for name in MEMORY_SETTINGS)
     key = (params.method, repr(sorted(params.method_params.items())), memory_settings, seq_len)
     family = (params.method, settings.optimizer, settings.precision, settings.gradient_checkpointing)

@@ -182,6 +182,18 @@ def test_a_third_objective_and_the_step_budget(runtime: Runtime, tmp_path: Path)
                                       "3-step trial)")
 
 
+def test_memory_as_an_objective_is_each_configurations_traced_peak(runtime: Runtime, tmp_path: Path) -> None:
+    """Without a budget the objective was the analytic estimate, which gives every method the same activations:
+    prompt tuning's 60 extra positions per row ranked lightest."""
+    (tmp_path / "space.yaml").write_text("method: [lora, prompt]\ntraining:\n  learning_rate: 1.0e-3\n"
+                                         "methods:\n  lora:\n    r: 4\n  prompt:\n    num_virtual_tokens: 60\n")
+    study = search(runtime, tmp_path, objectives=("accuracy", "forgetting", "memory"), sampler="grid", trials=2,
+                   space=str(tmp_path / "space.yaml"))
+    peak = {t.params["method"]: t.values[2] for t in study.trials if t.state.name == "COMPLETE"}
+    assert all(t.user_attrs["memory_estimate"]["level"] == "traced" for t in study.trials)
+    assert peak["prompt"] > peak["lora"]
+
+
 def test_a_timeout_that_ends_the_search_says_so(runtime: Runtime, tmp_path: Path) -> None:
     summary = summarized_search(runtime, tmp_path, trials=50, timeout=0.01)
     assert summary.stopped_reason.startswith("stopped at --timeout 0.01 s with 1 of 50 trials completed")
