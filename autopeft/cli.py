@@ -652,6 +652,7 @@ def estimate(
 
     known = TrainSettings.__dataclass_fields__
     for base, params, kind, tokens, steps in _guard(configurations):
+        _guard(functools.partial(_check_decoder, base, kind))
         _guard(functools.partial(_check_positions, base, params, tokens))
         settings = TrainSettings(**{k: v for k, v in params.training.items() if k in known})
         peft_task = "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS"
@@ -666,19 +667,41 @@ def estimate(
 
 
 @functools.cache
-def _position_limit(base: str) -> int | None:
-    """The model's position table (None when unknown, or rotary: Llama's positions have no table to run off,
-    whatever max_position_embeddings says). A hub id is left to the estimate, which reads its config once:
-    offline, each read retries for seconds."""
+@functools.cache
+def _local_config(base: str) -> Any:
+    """The config of a local or packaged model (None when it cannot be read here). A hub id is left to the
+    estimate, which reads its config once: offline, each read retries for seconds."""
     from transformers import AutoConfig
 
     from autopeft.models import resolve_model_path
 
     try:
         folder = Path(resolve_model_path(base))
-        model_config = AutoConfig.from_pretrained(folder) if folder.is_dir() else None
+        return AutoConfig.from_pretrained(folder) if folder.is_dir() else None
     except (OSError, ValueError):  # not loadable: the estimate says so in its own words
         return None
+
+
+def _check_decoder(base: str, kind: str) -> None:
+    """As the search refuses it: an encoder's attention sees the answer it is asked to predict."""
+    model_config = _local_config(base)
+    if kind != "causal_lm" or model_config is None or getattr(model_config, "is_decoder", False):
+        return
+    import torch
+    from transformers import AutoModel
+
+    from autopeft.models import family
+
+    with torch.device("meta"):
+        layout = family(AutoModel.from_config(model_config))
+    if layout == "bert":
+        raise ConfigError([f"--task-type causal_lm: {base} is an encoder (bert); use a decoder, or classification"])
+
+
+def _position_limit(base: str) -> int | None:
+    """The model's position table (None when unknown, or rotary: Llama's positions have no table to run off,
+    whatever max_position_embeddings says)."""
+    model_config = _local_config(base)
     if model_config is None or any(key.startswith("rope") for key in model_config.to_dict()):
         return None
     return getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)

@@ -518,13 +518,16 @@ def test_the_report_marks_the_pick_of_the_rule_asked_for(exported: Path, tmp_pat
     assert "by rule <code>max-accuracy-under-forgetting=1</code>" in page
 
 
-def test_estimate_on_a_rotary_model_takes_rows_past_max_position_embeddings(tmp_path: Path,
+def test_estimate_takes_rows_past_a_rotary_models_max_positions_and_refuses_an_encoder_as_causal_lm(tmp_path: Path,
                                                                             tiny_models: dict[str, Path]) -> None:
     """Llama has no position table to run off (the search trains such rows); estimate refused them."""
     (tmp_path / "lora.yaml").write_text("method: lora\n")
     done = autopeft("estimate", "--model", str(tiny_models["llama"]), "--space", "lora.yaml", "--seq-len", "200",
                     cwd=tmp_path)
     assert done.returncode == 0 and "x 200 tokens" in " ".join(done.stdout.split()), done.stderr
+    encoder = autopeft("estimate", "--model", str(tiny_models["bert"]), "--space", "lora.yaml", "--task-type",
+                       "causal_lm", cwd=tmp_path)  # an estimate of what the search refuses to train
+    assert encoder.returncode == 2 and "--task-type causal_lm: " in encoder.stderr and "is an encoder" in encoder.stderr
 
 
 def test_estimate_counts_a_causal_lms_logits_for_a_causal_task(tmp_path: Path,

@@ -38,7 +38,7 @@ register(Method(
     summary="Trainable virtual-token embeddings prepended to every input (peft prompt tuning).",
     params={
         "num_virtual_tokens": ParamSpec("int", 20, "number of virtual tokens", low=1, high=512),
-        "init": ParamSpec("choice", "random", "initialise from random vectors or from a text's embeddings",
+        "init": ParamSpec("choice", "random", "initialise from random vectors or from the embeddings of the text " + repr(INIT_TEXT),
                           choices=("random", "text")),
     },
     apply=apply, peft_backed=True, can_merge=False,
