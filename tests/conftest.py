@@ -3,6 +3,7 @@ real texts tokenize as they would with the packaged MiniLM), and small task file
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,11 @@ import pytest
 from autopeft.models import save_tiny_bert, save_tiny_model
 
 pytest_plugins = ["tests.servers"]  # real PostgreSQL and MLflow servers, started by the tests themselves
+
+# No test reads the hub (this machine cannot reach it): a name that is not a local folder fails at once instead of
+# after seconds of retries. Subprocesses inherit it. A test of the hub path sets its own.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
