@@ -507,8 +507,9 @@ def _reason(trial: Any, retried: dict[int, Any]) -> str:
         return recorded or ""
     if trial.number in retried:
         retry = retried[trial.number]
-        runs = "waits to run again" if retry.state.name == "WAITING" else "ran again"
-        return f"worker stopped (no heartbeat); its configuration {runs} as trial {retry.number}"
+        runs = {"WAITING": "waits to run again as trial {}", "RUNNING": "runs again as trial {}",
+                "PRUNED": "was queued again as trial {}, which was pruned"}.get(retry.state.name, "ran again as trial {}")
+        return f"worker stopped (no heartbeat); its configuration {runs.format(retry.number)}"
     return "failed outside the trial's code, no reason recorded (see the search's log)"
 
 
@@ -600,16 +601,17 @@ def train(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a hub model to run its own Python code (off by default; a recipe never turns it on).")] = False,
 ) -> None:
     """Train one exported configuration (same seeds), log it to MLflow and save the adapter."""
-    import torch
-
-    from autopeft.errors import TrialFailed
-    from autopeft.training_run import train_from_recipe
+    from autopeft.training_run import failure, train_from_recipe
 
     try:
         result = _guard(lambda: train_from_recipe(config, out, max_steps=max_steps, tracking_uri=tracking_uri,
                                                   force=force, seed=seed, trust_remote_code=trust_remote_code))
-    except (TrialFailed, torch.OutOfMemoryError) as exc:  # trained (or began to) and failed: exit 1, not bad input
-        _fail(f"training failed: {getattr(exc, 'reason', None) or f'out of memory: {exc}'}", code=1)
+    except typer.Exit:  # bad input, already said in one line (exit 2)
+        raise
+    except Exception as exc:  # noqa: BLE001 -- trained (or began to) and failed: exit 1; --debug shows where
+        if _state["debug"]:
+            traceback.print_exc()
+        _fail(f"training failed: {failure(exc)}", code=1)
     console.print(f"{result.method}: val accuracy {result.accuracy:.4f}, forgetting {result.forgetting:.4f}, "
                   f"{result.steps} steps in {result.seconds:.1f} s; adapter saved to {out}; MLflow run {result.run_id}")
 
@@ -762,11 +764,17 @@ def _parent_run(tracking_uri: str, parent: str, logged_to: str | None) -> str:
 
     from autopeft.tracking import EXPERIMENT, FALLBACK_URI, synced_copy
 
+    if tracking_uri.startswith(("http://", "https://")):  # as the search's tracker: fail fast, not after minutes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     client = MlflowClient(tracking_uri)
     with contextlib.suppress(MlflowException):
         return client.get_run(parent).info.run_id
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    copy = synced_copy(client, experiment.experiment_id, parent) if experiment else None
+    try:
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        copy = synced_copy(client, experiment.experiment_id, parent) if experiment else None
+    except Exception as exc:  # noqa: BLE001 -- a server that does not answer, however MLflow says it
+        _fail(f"--tracking-uri: cannot read {redact_url(tracking_uri)}: {str(exc).splitlines()[0][:200]}")
     if copy:
         return copy
     if elsewhere:

@@ -217,13 +217,29 @@ def clear_export(out: Path) -> None:
 def adapter_of(trial: optuna.trial.FrozenTrial, runtime: Runtime, scratch: Path) -> tuple[Path, bool]:
     """The trial's saved adapter folder, or (if it was not kept here) the same configuration retrained."""
     saved = Path(trial.user_attrs.get("adapter_dir", ""))
-    if adapter_io.is_saved_adapter(saved):
+    if adapter_io.is_saved_adapter(saved) and _trained_by(saved, trial):
         return saved, False
     from autopeft.search import run_trial
 
     params = TrialParams.from_flat(trial.user_attrs["params"])
     adapter_io.save(run_trial(runtime, params, seed=trial.user_attrs["seed"]).model, scratch)
     return scratch, True
+
+
+def _trained_by(folder: Path, trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether the adapter in `folder` is this trial's: the recipe saved beside it names the trial's configuration
+    and seed. A study replaced by --force-new reuses trial numbers, and on a machine where the new trial did not
+    run, the old trial's adapter still lies at the path the new one recorded."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((folder / "training.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    params = TrialParams.from_flat(trial.user_attrs["params"])
+    plain = json.loads(json.dumps({"method": params.method, "method_params": params.method_params,
+                                   "seed": trial.user_attrs["seed"], **params.training}))  # tuples as YAML lists
+    return isinstance(recipe, dict) and all(recipe.get(key) == value for key, value in plain.items())
 
 
 def held_out_accuracy(study: optuna.Study, trial: optuna.trial.FrozenTrial, runtime: Runtime, adapter: Path) -> float:

@@ -410,7 +410,9 @@ class Objective:
             trial.study.stop()
             trial.set_user_attr("prune_reason", unneeded)  # the trials table shows it
             raise optuna.TrialPruned(unneeded)
-        if studies.retry_waiting(trial.study):  # queued while this trial waited for its place: it runs next, instead
+        # A dead worker's configuration queued while this trial waited for its place runs next, instead (a retry
+        # itself runs: it is the configuration to keep).
+        if "retry_of" not in trial.user_attrs and studies.retry_waiting(trial.study):
             reason = "not needed: a dead worker's configuration runs again in its place"
             trial.set_user_attr("prune_reason", reason)
             raise optuna.TrialPruned(reason)
@@ -657,12 +659,11 @@ def _lightest_configurations(runtime: Runtime) -> list[tuple[str, TrialParams, m
         settings = {**params_defaults(), "micro_batch_size": int(min(_dim_options("micro_batch_size", dims))),
                     "precision": precision,
                     "gradient_checkpointing": True in _dim_options("gradient_checkpointing", dims)}
-        own, model = _lightest_model(runtime, method, settings)
-        estimates = {opt: memory.estimate(model, optimizer=opt, precision=precision,
-                                          micro_batch_size=settings["micro_batch_size"],
-                                          seq_len=runtime.longest_row,
-                                          gradient_checkpointing=settings["gradient_checkpointing"],
-                                          task_type=runtime.method_task_type)
+        built = _lightest_model(runtime, method, settings)
+        if built is None:  # no configuration of it trains at --max-steps (AdaLoRA at 1 step): its trials say why
+            continue
+        own, model = built
+        estimates = {opt: _analytic(runtime, model, {**settings, "optimizer": opt})
                      for opt in _dim_options("optimizer", dims)}
         optimizer = min(estimates, key=lambda opt: estimates[opt].total)
         params = TrialParams(method, own, {**settings, "optimizer": optimizer})
@@ -671,20 +672,47 @@ def _lightest_configurations(runtime: Runtime) -> list[tuple[str, TrialParams, m
     return results
 
 
-def _lightest_model(runtime: Runtime, method: str, settings: dict[str, Any]) -> tuple[dict[str, Any], nn.Module]:
+def _analytic(runtime: Runtime, model: nn.Module, settings: dict[str, Any]) -> memory.MemoryEstimate:
+    return memory.estimate(model, optimizer=settings["optimizer"], precision=settings["precision"],
+                           micro_batch_size=settings["micro_batch_size"], seq_len=runtime.longest_row,
+                           gradient_checkpointing=settings["gradient_checkpointing"], task_type=runtime.method_task_type)
+
+
+def _lightest_model(runtime: Runtime, method: str,
+                    settings: dict[str, Any]) -> tuple[dict[str, Any], nn.Module] | None:
     """The space's lightest parameters of `method` and the model built with them; when they break a rule of the
     method (AdaLoRA's target_r and init_r both at their lowest, say), the values the space fixes, then the
-    method's defaults."""
+    method's defaults. None when none of them can be built."""
     space = runtime.space
     assert space is not None
-    candidates = (space.lightest_method_params(method), space.fixed_params(method).method_params)
+    candidates = (_lightest_choices(runtime, method, settings, space.lightest_method_params(method)),
+                  space.fixed_params(method).method_params, methods.get(method).resolve({}))
     for own in candidates:
         try:
             return own, build_model(runtime, TrialParams(method, own, settings))
         except TrialFailed:
             continue
-    own = methods.get(method).resolve({})
-    return own, build_model(runtime, TrialParams(method, own, settings))
+    return None
+
+
+def _lightest_choices(runtime: Runtime, method: str, settings: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """`own` with each searched choice that is not a number (target modules, placement, ...) at the one of least
+    analytic estimate, one dimension at a time: which is lightest depends on the model, not on the name."""
+    assert runtime.space is not None
+    for name, dim in runtime.space.method_dims.get(method, {}).items():
+        if dim.kind != "categorical" or all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in dim.choices):
+            continue
+        sizes = {}
+        for choice in dim.choices:
+            params = methods.get(method).resolve({**own, name: choice})
+            try:
+                sizes[choice] = _analytic(runtime, build_model(runtime, TrialParams(method, params, settings)),
+                                          settings).total
+            except TrialFailed:
+                continue
+        if sizes:
+            own = methods.get(method).resolve({**own, name: min(sizes, key=lambda c: sizes[c])})
+    return own
 
 
 def _dim_options(name: str, dims: dict) -> list:

@@ -128,7 +128,8 @@ class SearchSpace:
     def lightest_method_params(self, method: str) -> dict[str, Any]:
         """`method`'s parameters at their lightest in this space: the values it fixes, each searched number at
         its lowest (a smaller rank or bottleneck, fewer virtual tokens, no dropout never cost more memory), and
-        other searched values (target sets, flags) at their defaults."""
+        other searched values (target sets, flags) at their defaults: which of those is lightest depends on the
+        model, so the search's budget check measures them."""
         chosen = {}
         for name, dim in self.method_dims.get(method, {}).items():
             numeric = dim.kind in ("int", "float") or (dim.kind == "categorical" and all(

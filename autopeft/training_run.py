@@ -26,6 +26,17 @@ class TrainingRun:
     run_id: str
 
 
+def failure(exc: BaseException) -> str:
+    """Why a training run failed, in one line."""
+    if isinstance(exc, TrialFailed):
+        return exc.reason
+    if isinstance(exc, torch.OutOfMemoryError):
+        return f"out of memory: {str(exc).splitlines()[0][:300]}"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
 def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
                       tracking_uri: str = "sqlite:///mlflow.db", force: bool = False,
                       seed: int | None = None, trust_remote_code: bool = False) -> TrainingRun:
@@ -37,16 +48,18 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
     seed = trial_seed if seed is None else seed  # another training seed; the split and head stay the study's
     check_out(out, force)
     runtime = prepare_runtime(config)
+    created = not out.exists()
     create_out(out)
     tracker = Tracker(tracking_uri)
     run_id = tracker.start_run(f"train-{params.method}", {**params.flat(), "seed": seed, "model": config.model,
                                                           "task": config.task, "max_steps": config.max_steps})
     try:
         outcome = run_trial(runtime, params, seed=seed)
-    except (TrialFailed, torch.OutOfMemoryError) as exc:  # the CLI says why in one line
-        tracker.end_trial_run(run_id, "FAIL", getattr(exc, "reason", None) or f"out of memory: {exc}")
-        with contextlib.suppress(OSError):
-            out.rmdir()  # only if empty: nothing was written, and a folder of the user's stays
+    except BaseException as exc:  # the CLI says why in one line; the run and the folder are not left half-made
+        tracker.end_trial_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAIL", failure(exc))
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # nothing was written into it
         raise
     adapter_io.save(outcome.model, out)
     tracker.log_curve(run_id, "train_loss", outcome.train.losses)

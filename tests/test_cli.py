@@ -406,6 +406,7 @@ OTHER_BAD_INPUTS = [
     (["train", "--config", "export/README.md", "--out", "t"], "--config: export/README.md is not valid YAML at line"),
     (["export", "--out", "/proc/autopeft"], "--out: cannot create /proc/autopeft"),
     (["report", "--out", "/proc/autopeft"], "--out: cannot create /proc/autopeft"),
+    (["report", "--out", "r", "--tracking-uri", "http://127.0.0.1:9"], "--tracking-uri: cannot read http://127.0.0.1:9: "),
     (["report", "--out", "r", "--tracking-uri", "sqlite:///other.db"],
      "--tracking-uri: no MLflow store at sqlite:///other.db (the search logged to sqlite:////"),
     (["export", "--out", "x", "--trial", "0", "--select", "best-accuracy"], "--trial 0 and --select best-accuracy: choose one"),

@@ -191,9 +191,13 @@ def test_a_dead_workers_configuration_queued_while_a_trial_waits_runs_in_that_tr
                           None, "")
     with pytest.raises(optuna.TrialPruned, match="a dead worker's configuration runs again in its place"):
         objective(ours)
+    study.tell(ours, state=optuna.trial.TrialState.PRUNED)  # as study.optimize records it
     retry = study.ask()  # the worker's next trial
     assert retry.user_attrs["retry_of"] == dead.number
     assert retry.suggest_float("learning_rate", 1e-4, 1e-2, log=True) == dead.params["learning_rate"]
+    study.enqueue_trial(dead.params, user_attrs={"retry_of": 99})  # another dead worker's, queued meanwhile
+    with pytest.raises(AttributeError):  # past the check: the stand-in runtime has no space to draw from
+        objective(retry)  # a retry is never given up for another retry (its configuration would be lost)
 
 
 def test_a_trial_a_late_worker_starts_after_the_study_is_complete_is_pruned_with_its_reason(tmp_path: Path) -> None:

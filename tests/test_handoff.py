@@ -105,18 +105,39 @@ def test_a_training_run_that_fails_is_one_line_and_leaves_no_empty_folder(
 
     assert autopeft("export", "--study", "h", "--out", "out-fails", cwd=finished_study).returncode == 0
 
-    def fails(*args: object, **kwargs: object) -> None:
-        raise TrialFailed("non-finite loss at step 2")
-
-    monkeypatch.setattr(training_run, "run_trial", fails)
     monkeypatch.chdir(finished_study)
-    done = CliRunner().invoke(app, ["train", "--config", "out-fails/training.yaml", "--out", "failed-run"])
-    assert done.exit_code == 1 and "error: training failed: non-finite loss at step 2" in done.output, done.output
-    assert len(done.output.strip().splitlines()) == 1 and not (finished_study / "failed-run").exists()
+    (finished_study / "users-empty-folder").mkdir()
     client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
-    run = next(r for r in client.search_runs([client.get_experiment_by_name("autopeft").experiment_id])
-               if r.data.tags.get("autopeft.reason") == "non-finite loss at step 2")
-    assert run.info.status == "FAILED"
+    for error, reason in ((TrialFailed("non-finite loss at step 2"), "non-finite loss at step 2"),
+                          (RuntimeError("CUDA error: device-side assert"), "RuntimeError: CUDA error: device-side assert")):
+        def fails(*args: object, error: BaseException = error, **kwargs: object) -> None:
+            raise error
+
+        monkeypatch.setattr(training_run, "run_trial", fails)
+        for out in ("failed-run", "users-empty-folder"):
+            done = CliRunner().invoke(app, ["train", "--config", "out-fails/training.yaml", "--out", out])
+            assert done.exit_code == 1 and f"error: training failed: {reason}" in done.output, done.output
+            assert len(done.output.strip().splitlines()) == 1
+            runs = [r for r in client.search_runs([client.get_experiment_by_name("autopeft").experiment_id])
+                    if r.data.tags.get("autopeft.reason") == reason]
+            assert runs and all(r.info.status == "FAILED" for r in runs)
+    assert not (finished_study / "failed-run").exists() and (finished_study / "users-empty-folder").is_dir()
+
+
+def test_an_adapter_another_configuration_left_at_the_trials_path_is_not_taken_for_it(
+        finished_study: Path, tmp_path: Path) -> None:
+    """A study replaced by --force-new reuses trial numbers: on a machine where the new trial did not run, the old
+    trial's adapter lies at the path the new one recorded, and export took it for the trial's."""
+    from autopeft.export import _trained_by
+
+    study = optuna.load_study(study_name="h", storage=f"sqlite:///{finished_study / 'autopeft.db'}")
+    trial = next(t for t in study.trials if t.state.name == "COMPLETE")
+    kept = Path(trial.user_attrs["adapter_dir"])
+    assert _trained_by(kept, trial)
+    other = shutil.copytree(kept, tmp_path / "left-by-another-study")
+    recipe = (other / "training.yaml").read_text()
+    (other / "training.yaml").write_text(recipe.replace(f"\nseed: {trial.user_attrs['seed']}\n", "\nseed: 12345\n"))
+    assert not _trained_by(other, trial)
 
 
 def test_a_recipe_keeps_how_the_task_is_read_and_scored(tmp_path: Path) -> None:

@@ -126,22 +126,38 @@ def test_a_budget_only_the_analytic_estimate_overstates_is_accepted(tmp_path: Pa
 
 def test_the_budget_check_sizes_each_method_at_the_lightest_values_its_space_allows(tmp_path: Path,
                                                                                    tiny_bert: Path) -> None:
-    """It sized each method at its defaults (prompt tuning at 20 virtual tokens) and refused a budget that the
-    space's only configuration (1 token, at most 4) fits."""
-    from autopeft import search
+    """It sized each method at its defaults: prompt tuning at 20 virtual tokens refused a budget that the space's
+    lightest configuration (1 token) fits; an adapter at a placement the space does not offer."""
+    from autopeft import methods, search
     from autopeft.space import load_space
 
-    (tmp_path / "space.yaml").write_text("method: [prompt, lora]\ntraining:\n  micro_batch_size: 8\nmethods:\n"
-                                         "  prompt:\n    num_virtual_tokens: {low: 1, high: 4}\n"
-                                         "  lora:\n    r: [16, 4]\n    dropout: [0.1, 0.0]\n"
-                                         "    target_modules: [all_linear, qv]\n")
+    (tmp_path / "space.yaml").write_text("method: prompt\ntraining:\n  micro_batch_size: 8\nmethods:\n"
+                                         "  prompt:\n    num_virtual_tokens: {low: 1, high: 4}\n")
     settings = config(tmp_path, tiny_bert, memory_budget=2**40)
     runtime = prepare_runtime(settings, load_space(settings.space))
+    one_token = TrialParams("prompt", {**methods.get("prompt").resolve({}), "num_virtual_tokens": 1},
+                            {**search.params_defaults(), "micro_batch_size": 8})
+    search.check_budget_feasible(config(tmp_path, tiny_bert, memory_budget=search.traced_estimate(runtime, one_token).total),
+                                 runtime)
+
+    (tmp_path / "space.yaml").write_text("method: [lora, adapter]\ntraining:\n  micro_batch_size: 8\nmethods:\n"
+                                         "  lora:\n    r: [16, 4]\n    dropout: [0.1, 0.0]\n"
+                                         "    target_modules: [all_linear, attention]\n"
+                                         "  adapter:\n    placement: [attention, ffn]\n")
+    runtime = prepare_runtime(settings, load_space(settings.space))
     lightest = {params.method: params.method_params for _, params, _ in search._lightest_configurations(runtime)}
-    assert lightest["prompt"]["num_virtual_tokens"] == 1
-    assert (lightest["lora"]["r"], lightest["lora"]["dropout"], lightest["lora"]["target_modules"]) == (4, 0.0, "qv")
-    fits = min(search.traced_estimate(runtime, params).total for _, params, _ in search._lightest_configurations(runtime))
-    search.check_budget_feasible(config(tmp_path, tiny_bert, memory_budget=fits), runtime)
+    assert (lightest["lora"]["r"], lightest["lora"]["dropout"], lightest["lora"]["target_modules"]) == (4, 0.0, "attention")
+    assert lightest["adapter"]["placement"] in ("attention", "ffn")  # not the default, both
+
+
+def test_under_a_budget_a_method_that_cannot_train_at_these_steps_fails_its_trials_with_the_reason(
+        tmp_path: Path, tiny_bert: Path) -> None:
+    """The budget check built AdaLoRA at 1 step to size it, and the search ended in a traceback."""
+    (tmp_path / "space.yaml").write_text("method: adalora\n")
+    summary = run_search(config(tmp_path, tiny_bert, trials=1, max_steps=1, memory_budget=2**40,
+                                max_consecutive_failures=1))
+    failed = summary.study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert len(failed) == 1 and "AdaLoRA needs at least 2" in failed[0].user_attrs["fail_reason"]
 
 
 def test_a_budget_that_rejects_most_draws_still_completes_its_trials(tmp_path: Path, tiny_bert: Path) -> None:
