@@ -687,16 +687,16 @@ def _local_config(base: str) -> Any:
 def _check_decoder(base: str, kind: str) -> None:
     """As the search refuses it: an encoder's attention sees the answer it is asked to predict."""
     model_config = _local_config(base)
-    if kind != "causal_lm" or model_config is None or getattr(model_config, "is_decoder", False):
+    if kind != "causal_lm" or model_config is None:
         return
     import torch
     from transformers import AutoModel
 
-    from autopeft.models import family
+    from autopeft.models import is_encoder
 
     with torch.device("meta"):
-        layout = family(AutoModel.from_config(model_config))
-    if layout == "bert":
+        encoder = is_encoder(AutoModel.from_config(model_config))
+    if encoder:
         raise ConfigError([f"--task-type causal_lm: {base} is an encoder (bert); use a decoder, or classification"])
 
 

@@ -225,6 +225,12 @@ def family(model: nn.Module) -> str:
                      "Llama q_proj/k_proj/v_proj/o_proj/gate_proj/up_proj/down_proj; GPT-2 c_attn/c_proj/c_fc)")
 
 
+def is_encoder(model: nn.Module) -> bool:
+    """A BERT-layout model that is not a decoder: its attention sees every position, the answer it would be
+    asked to predict included, so it cannot be trained as a causal LM."""
+    return not getattr(model.config, "is_decoder", False) and family(model) == "bert"
+
+
 def position_table_rows(model: nn.Module) -> int | None:
     """Rows of a learned absolute position table (BERT's position_embeddings, GPT-2's wpe): no input may be
     longer. None for rotary positions (Llama): there is no table to run off."""

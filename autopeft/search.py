@@ -37,7 +37,14 @@ from autopeft.data import (
 )
 from autopeft.errors import ConfigError, RareClassError, TrialFailed
 from autopeft.evaluate import Evaluator
-from autopeft.models import count_parameters, family, load_causal_lm, load_classifier, position_table_rows
+from autopeft.models import (
+    count_parameters,
+    family,
+    is_encoder,
+    load_causal_lm,
+    load_classifier,
+    position_table_rows,
+)
 from autopeft.probes import ProbeContext, ProbeSet, build_probes, default_probes, probe_problems
 from autopeft.recipe import write_recipe
 from autopeft.sources import Columns
@@ -167,7 +174,7 @@ def _load_for_task(config: SearchConfig, task: TaskData) -> tuple[nn.Module, Any
     """The base model, its tokenizer, how a split is tokenized, and how accuracy is measured."""
     if config.task_type == "causal_lm":
         model, tokenizer = load_causal_lm(config.model, seed=config.seed, trust_remote_code=config.trust_remote_code)
-        if not getattr(model.config, "is_decoder", False) and family(model) == "bert":
+        if is_encoder(model):
             # An encoder's attention sees the answer it is asked to predict: loss and scores would mean nothing.
             raise ConfigError([(f"--task-type causal_lm: {config.model} is an encoder (bert); use a decoder, or "
                                 "--task-type classification")])
@@ -700,7 +707,7 @@ def _lightest_choices(runtime: Runtime, method: str, settings: dict[str, Any], o
     analytic estimate, one dimension at a time: which is lightest depends on the model, not on the name."""
     assert runtime.space is not None
     for name, dim in runtime.space.method_dims.get(method, {}).items():
-        if dim.kind != "categorical" or all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in dim.choices):
+        if dim.kind != "categorical" or dim.numeric:
             continue
         sizes = {}
         for choice in dim.choices:

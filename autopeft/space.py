@@ -54,6 +54,12 @@ class Dimension:
     log: bool = False
     step: float | None = None
 
+    @property
+    def numeric(self) -> bool:
+        """Whether every value it can take is a number (a range, or choices of numbers; not flags)."""
+        values = self.choices if self.kind == "categorical" else (self.value,) if self.kind == "fixed" else (self.low,)
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
     def bounds(self) -> tuple[Any, Any]:
         """The lowest and highest value a draw can take (numeric dimensions)."""
         if self.kind == "fixed":
@@ -132,9 +138,7 @@ class SearchSpace:
         model, so the search's budget check measures them."""
         chosen = {}
         for name, dim in self.method_dims.get(method, {}).items():
-            numeric = dim.kind in ("int", "float") or (dim.kind == "categorical" and all(
-                isinstance(c, (int, float)) and not isinstance(c, bool) for c in dim.choices))
-            if dim.kind == "fixed" or numeric:
+            if dim.kind == "fixed" or dim.numeric:
                 chosen[name] = dim.bounds()[0]
         return methods.get(method).resolve(chosen)
 
