@@ -22,7 +22,7 @@ demo: $(STAMP)
 	.venv/bin/autopeft search
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=20
 
 clean:
 	rm -rf .venv autopeft.db mlflow.db mlruns autopeft-artifacts

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from autopeft.models import save_tiny_bert, save_tiny_model
+# `make test` runs the suite in two xdist workers on a 2-core machine. Each worker (and each CLI subprocess it
+# starts) then gets one torch thread: two workers of two threads each would fight over two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+from autopeft.models import save_tiny_bert, save_tiny_model  # imports torch: after the thread count
 
 pytest_plugins = ["tests.servers"]  # real PostgreSQL and MLflow servers, started by the tests themselves
 
@@ -16,6 +21,15 @@ pytest_plugins = ["tests.servers"]  # real PostgreSQL and MLflow servers, starte
 # after seconds of retries. Subprocesses inherit it. A test of the hub path sets its own.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests (packaged models, real servers, a browser) go first: started last, one of them would keep
+    one worker busy for a minute or two while the other has nothing left to take."""
+    def long(item: pytest.Item) -> bool:
+        return any(next(item.iter_markers(name), None) for name in ("slow", "servers"))
+
+    items.sort(key=lambda item: not long(item))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

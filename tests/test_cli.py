@@ -390,7 +390,7 @@ def test_a_command_that_reads_a_study_creates_no_store_on_a_wrong_name(tmp_path:
     assert os.listdir(tmp_path) == []
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session, not module: xdist may hand this module's tests out in pieces
 def exported(tmp_path_factory: pytest.TempPathFactory, tiny_search_args: list[str]) -> Path:
     """A folder holding a one-trial study, its MLflow store and its export (export/training.yaml)."""
     folder = tmp_path_factory.mktemp("exported")

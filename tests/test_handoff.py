@@ -20,10 +20,10 @@ def autopeft(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*AUTOPEFT, *args], cwd=cwd, capture_output=True, check=False, text=True, timeout=600)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session, not module: xdist may hand this module's tests out in pieces
 def finished_study(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Path:
-    """One finished 2-trial study shared by this module's tests (each exports into its own folder; the
-    last test deletes the kept adapters, so it must stay last)."""
+    """One finished 2-trial study shared by this module's tests, in any order (each exports into its own
+    folder; the one that needs the kept adapters gone hides them and puts them back)."""
     folder = tmp_path_factory.mktemp("handoff")
     done = autopeft("search", "--trials", "2", "--study", "h", "--model", str(tiny_bert), "--train-size", "120",
                     "--val-size", "60", "--test-size", "60", "--max-steps", "30", cwd=folder)
@@ -218,10 +218,14 @@ def test_bad_confirmation_options_are_refused_before_any_work(finished_study: Pa
     assert not (finished_study / "out5").exists()
 
 
-def test_a_trial_whose_adapter_was_not_kept_is_retrained_for_export(finished_study: Path) -> None:
-    shutil.rmtree(finished_study / "autopeft-artifacts")
-    done = autopeft("export", "--study", "h", "--out", "out3", "--with-weights",
-                    "--select", "max-accuracy-under-forgetting=1.0", cwd=finished_study)
+def test_a_trial_whose_adapter_was_not_kept_is_retrained_for_export(finished_study: Path, tmp_path: Path) -> None:
+    kept, hidden = finished_study / "autopeft-artifacts", tmp_path / "hidden-artifacts"
+    shutil.move(kept, hidden)
+    try:
+        done = autopeft("export", "--study", "h", "--out", "out3", "--with-weights",
+                        "--select", "max-accuracy-under-forgetting=1.0", cwd=finished_study)
+    finally:
+        shutil.move(hidden, kept)
     assert done.returncode == 0, done.stderr
     assert "retrained it with its seed" in done.stdout
     assert any(p.name.startswith("adapter_model.") for p in (finished_study / "out3").iterdir())
