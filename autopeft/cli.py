@@ -601,7 +601,8 @@ def train(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a hub model to run its own Python code (off by default; a recipe never turns it on).")] = False,
 ) -> None:
     """Train one exported configuration (same seeds), log it to MLflow and save the adapter."""
-    from autopeft.training_run import failure, train_from_recipe
+    from autopeft.search import failure
+    from autopeft.training_run import train_from_recipe
 
     try:
         result = _guard(lambda: train_from_recipe(config, out, max_steps=max_steps, tracking_uri=tracking_uri,
@@ -669,7 +670,6 @@ def estimate(
 
 
 @functools.cache
-@functools.cache
 def _local_config(base: str) -> Any:
     """The config of a local or packaged model (None when it cannot be read here). A hub id is left to the
     estimate, which reads its config once: offline, each read retries for seconds."""
@@ -684,20 +684,19 @@ def _local_config(base: str) -> Any:
         return None
 
 
+@functools.cache  # once per model, not per configuration: it builds the model (on the meta device)
 def _check_decoder(base: str, kind: str) -> None:
-    """As the search refuses it: an encoder's attention sees the answer it is asked to predict."""
+    """Refused as the search refuses it (search.refuse_encoder)."""
     model_config = _local_config(base)
     if kind != "causal_lm" or model_config is None:
         return
     import torch
     from transformers import AutoModel
 
-    from autopeft.models import is_encoder
+    from autopeft.search import refuse_encoder
 
     with torch.device("meta"):
-        encoder = is_encoder(AutoModel.from_config(model_config))
-    if encoder:
-        raise ConfigError([f"--task-type causal_lm: {base} is an encoder (bert); use a decoder, or classification"])
+        refuse_encoder(base, AutoModel.from_config(model_config))
 
 
 def _position_limit(base: str) -> int | None:
@@ -762,11 +761,9 @@ def _parent_run(tracking_uri: str, parent: str, logged_to: str | None) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from autopeft.tracking import EXPERIMENT, FALLBACK_URI, synced_copy
+    from autopeft.tracking import EXPERIMENT, FALLBACK_URI, fail_fast, synced_copy
 
-    if tracking_uri.startswith(("http://", "https://")):  # as the search's tracker: fail fast, not after minutes
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    fail_fast(tracking_uri)
     client = MlflowClient(tracking_uri)
     with contextlib.suppress(MlflowException):
         return client.get_run(parent).info.run_id

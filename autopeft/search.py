@@ -170,14 +170,19 @@ def probe_cache_key(config: SearchConfig, task: TaskData) -> str:
             f"{split['train_fingerprint']}|{split['validation_fingerprint']}|{split.get('ood_fingerprint')}")
 
 
+def refuse_encoder(name: str, model: nn.Module) -> None:
+    """An encoder's attention sees the answer it is asked to predict: as a causal LM, its loss and scores would
+    mean nothing."""
+    if is_encoder(model):
+        raise ConfigError([(f"--task-type causal_lm: {name} is an encoder (bert); use a decoder, or --task-type "
+                            "classification")])
+
+
 def _load_for_task(config: SearchConfig, task: TaskData) -> tuple[nn.Module, Any, Any, Evaluator]:
     """The base model, its tokenizer, how a split is tokenized, and how accuracy is measured."""
     if config.task_type == "causal_lm":
         model, tokenizer = load_causal_lm(config.model, seed=config.seed, trust_remote_code=config.trust_remote_code)
-        if is_encoder(model):
-            # An encoder's attention sees the answer it is asked to predict: loss and scores would mean nothing.
-            raise ConfigError([(f"--task-type causal_lm: {config.model} is an encoder (bert); use a decoder, or "
-                                "--task-type classification")])
+        refuse_encoder(config.model, model)
         words = list(config.label_words or default_label_words(task.label_names))
         problem = label_words_problem(words, task.label_names) or \
             (generated_answers_problem(words) if config.label_words and config.causal_eval == "generate" else None)
@@ -400,6 +405,18 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
                         end - start, eval_seconds, intermediate, measured, probe_scores)
 
 
+def failure(exc: BaseException) -> str:
+    """Why a trial, or `autopeft train`'s run, failed, in one line (a traceback is kept apart)."""
+    if isinstance(exc, TrialFailed):
+        return exc.reason
+    first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return f"out of memory: {first_line}"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(exc).__name__}: {first_line}"
+
+
 class Objective:
     """Optuna objective: one trial -> (validation accuracy, forgetting). Failures become trial states."""
 
@@ -443,14 +460,14 @@ class Objective:
             raise
         except (TrialFailed, torch.OutOfMemoryError) as exc:
             trial.set_user_attr("steps_trained", getattr(exc, "steps_trained", 0))
-            self._fail(trial, run_id, getattr(exc, "reason", None) or f"out of memory: {exc}")
+            self._fail(trial, run_id, failure(exc))
         except Exception as exc:  # an unexpected error in one configuration must not end the search
             if interrupt.REQUESTED.is_set():  # a Ctrl-C that a library turned into an ordinary error
                 self._interrupted(trial, run_id, exc)
                 raise KeyboardInterrupt from exc
             trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
             trial.set_user_attr("steps_trained", getattr(exc, "steps_trained", 0))
-            self._fail(trial, run_id, f"{type(exc).__name__}: {exc}")
+            self._fail(trial, run_id, failure(exc))
         except BaseException as exc:  # Ctrl-C: close the run so the store holds no RUNNING trial
             self._interrupted(trial, run_id, exc)
             raise
@@ -516,7 +533,7 @@ class Objective:
 
     def _interrupted(self, trial: optuna.Trial, run_id: str, exc: BaseException) -> None:
         trial.set_user_attr("steps_trained", getattr(exc, "steps_trained", 0))  # spent: --max-total-steps counts them
-        trial.set_user_attr("fail_reason", "interrupted")
+        trial.set_user_attr("fail_reason", "interrupted")  # whatever a library turned the Ctrl-C into
         self.tracker.end_trial_run(run_id, "FAIL", "interrupted")
 
     def _fail(self, trial: optuna.Trial, run_id: str, reason: str) -> None:

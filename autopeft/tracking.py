@@ -28,6 +28,13 @@ T = TypeVar("T")
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 
 
+def fail_fast(uri: str) -> None:
+    """Against a tracking server: a couple of retries instead of MLflow's default minutes when it is down."""
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
 class TrackingFallbackWarning(UserWarning):
     """The tracking server was unreachable; runs went to the local fallback store (re-sync later)."""
 
@@ -84,10 +91,8 @@ class Tracker:
         return self.uri != self.intended_uri
 
     def _connect(self, uri: str) -> None:
+        fail_fast(uri)
         if uri.startswith(("http://", "https://")):
-            # Fail fast instead of MLflow's default minutes of retries when the server is down.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).read()
         with _creating_store(uri):
             self.client = MlflowClient(tracking_uri=uri)

@@ -6,13 +6,11 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from autopeft import adapter_io
-from autopeft.errors import ConfigError, TrialFailed
+from autopeft.errors import ConfigError
 from autopeft.export import check_out, create_out
 from autopeft.recipe import read_recipe
-from autopeft.search import prepare_runtime, run_trial
+from autopeft.search import failure, prepare_runtime, run_trial
 from autopeft.tracking import Tracker
 
 
@@ -24,17 +22,6 @@ class TrainingRun:
     steps: int
     seconds: float
     run_id: str
-
-
-def failure(exc: BaseException) -> str:
-    """Why a training run failed, in one line."""
-    if isinstance(exc, TrialFailed):
-        return exc.reason
-    if isinstance(exc, torch.OutOfMemoryError):
-        return f"out of memory: {str(exc).splitlines()[0][:300]}"
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
 
 
 def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
