@@ -350,6 +350,7 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None,
     if stopped_reason:
         console.print(f"[yellow]{stopped_reason}[/yellow]")
     _print_split(study.user_attrs.get("split", {}), study.user_attrs.get("config", {}))
+    _print_whole_split_batches(study)
     chosen = False
     try:
         rule = default_rule(study)
@@ -410,6 +411,19 @@ def _print_split(split: dict[str, Any], recorded: dict[str, Any]) -> None:
     if seen:
         console.print(f"[yellow]warning: {', '.join(seen)} rows have the text of a training row; "
                       "their accuracy is not held out (duplicates in the data)[/yellow]")
+
+
+def _print_whole_split_batches(study: Any) -> None:
+    """A micro-batch larger than the training split holds all of it: such trials trained on fewer distinct rows
+    per step than their settings say, which the table's batch size does not show."""
+    rows = study.user_attrs.get("split", {}).get("train_size")
+    sizes = {int(size) for trial in study.trials
+             if (size := trial.user_attrs.get("params", {}).get("micro_batch_size")) is not None}
+    over = sorted(size for size in sizes if rows and size > rows)
+    if over:
+        console.print(f"[yellow]warning: micro-batch {', '.join(map(str, over))} exceeds the {rows} training rows, "
+                      "so each such micro-batch held all of them (a smaller micro_batch_size or more "
+                      "--train-size gives the batch the space states)[/yellow]")
 
 
 def _print_lead(lead: Any) -> None:

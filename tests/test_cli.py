@@ -283,12 +283,24 @@ def test_a_resume_names_what_changed_in_the_data_and_takes_the_same_file_by_any_
     assert first.returncode == 0
     assert "data: train 30 rows, validation 15 rows, test 15 rows" in first.stdout  # 60 rows, split 2:1:1 as asked
     assert "fewer rows than asked: --train-size 120 (got 30), --val-size 60 (got 15)" in first.stdout
+    assert "exceeds the 30 training rows" not in " ".join(first.stdout.split())  # micro-batch 16
     again = autopeft("search", "--trials", "1", "--task", str(tmp_path / "reviews.csv"), *tiny_search_args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     (tmp_path / "reviews.csv").write_text("text,label\n" + rows.replace("review 7 fine", "review 7 great"))
     refused = autopeft("search", "--trials", "1", "--task", "reviews.csv", *tiny_search_args, cwd=tmp_path)
     assert refused.returncode == 2
     assert "a different data split (other rows in " in refused.stderr, refused.stderr
+
+
+def test_the_summary_warns_when_a_micro_batch_holds_the_whole_training_split(
+        tmp_path: Path, tiny_search_args: list[str]) -> None:
+    rows = "".join(f"review {i} {'fine' if i % 2 else 'dull'},{i % 2}\n" for i in range(60))
+    (tmp_path / "reviews.csv").write_text("text,label\n" + rows)  # 30 training rows
+    (tmp_path / "big.yaml").write_text("method: ia3\ntraining:\n  micro_batch_size: 32\n")
+    done = autopeft("search", "--trials", "1", "--task", "reviews.csv", "--space", "big.yaml", *tiny_search_args,
+                    cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "warning: micro-batch 32 exceeds the 30 training rows" in " ".join(done.stdout.split())
 
 
 def test_local_workers_read_the_searchs_target_and_share_its_step_budget_and_the_summary_says_why_they_stopped(
