@@ -459,8 +459,8 @@ class SearchProgress:
     """A live progress bar (completed trials of the target, best so far, ETA) above the trial lines.
     Counts the study's completed trials, so a resumed search starts where it stands. Best so far is the
     highest accuracy, or in a scalar study the highest objective (what it ranks trials by). The ETA is this
-    run's mean time per completed trial times the trials left (rich's own estimate looks back 30 s only, and
-    trials take longer, so it never showed)."""
+    run's mean time per completed trial, counted from its first trial's start (not from loading the model),
+    times the trials left (rich's own estimate looks back 30 s only, and trials take longer, so it never showed)."""
 
     def __init__(self, target: int, *, scalar: bool = False) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -472,7 +472,7 @@ class SearchProgress:
                             console=console, transient=True)
         self.task = self.bar.add_task("search", total=max(target, 1), best="-", eta="-")
         self.target = target
-        self.started = time.monotonic()
+        self.first_start: datetime.datetime | None = None
         self.completed_here = 0
 
     def __enter__(self) -> Self:
@@ -484,6 +484,7 @@ class SearchProgress:
 
     def __call__(self, study: Any, trial: Any) -> None:
         self.bar.console.print(_trial_line(trial))
+        self.first_start = self.first_start or trial.datetime_start
         self.completed_here += trial.state.name == "COMPLETE"
         done = [t for t in study.get_trials(deepcopy=False) if _scored(t)]
         best = max((self._value(t) for t in done), default=None)
@@ -494,9 +495,10 @@ class SearchProgress:
         return trial.values[0] if self.scalar else _scores(trial)[0]
 
     def _eta(self, done: int) -> str:
-        if not self.completed_here:
+        if not self.completed_here or self.first_start is None:
             return "-"
-        seconds = (time.monotonic() - self.started) / self.completed_here * max(self.target - done, 0)
+        elapsed = (datetime.datetime.now() - self.first_start).total_seconds()  # Optuna's times are naive local
+        seconds = elapsed / self.completed_here * max(self.target - done, 0)
         return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
@@ -740,7 +742,7 @@ def report(
     study: Annotated[str, typer.Option(help="Study name (the one `autopeft search` ran).")] = "default",
     out: Annotated[Path, typer.Option(help="Folder for report.html and the PNG plots.")] = Path("report"),
     storage: Annotated[str, typer.Option(help="Optuna storage URL of the study.")] = "sqlite:///autopeft.db",
-    tracking_uri: Annotated[str, typer.Option(help="MLflow store holding the study's parent run (the report is logged to it).")] = "sqlite:///mlflow.db",
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store holding the study's parent run (the report is logged to it); default: the store the search logged to, as the study recorded it.")] = None,
     select: Annotated[str | None, typer.Option(help="The rule whose pick the report marks, as for `autopeft export` (default: the study's, balanced or best-scalar).")] = None,
     tolerance: Annotated[float | None, typer.Option(help="Forgetting tolerance of the balanced rule (default 0.05).")] = None,
 ) -> None:
@@ -751,8 +753,12 @@ def report(
     found = _guard(lambda: load_existing_study(study, storage))
     rule, tolerance_used = _guard(lambda: rule_settings(found, select, tolerance))
     parent = found.user_attrs.get("mlflow_parent_run_id")
+    logged_to = found.user_attrs.get("config", {}).get("tracking_uri")
+    # The study records its store (a sqlite file by absolute path), so a report from another folder finds it; a
+    # URL whose password was left out of the record must be given again.
+    tracking_uri = tracking_uri or (logged_to if logged_to and "***@" not in logged_to else "sqlite:///mlflow.db")
     if parent:
-        parent = _parent_run(tracking_uri, parent, found.user_attrs.get("config", {}).get("tracking_uri"))
+        parent = _parent_run(tracking_uri, parent, logged_to)
     _guard(lambda: create_out(out))
     paths = write_report(found, out, rule=rule, tolerance=tolerance_used)
     if parent:

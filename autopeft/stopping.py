@@ -65,14 +65,14 @@ class SearchStops:
 
     def reason(self, study: optuna.Study) -> str | None:
         """The first condition that stopped the search, else a timeout or an exhausted grid, else None."""
-        if self.reasons:
-            return self.reasons[0]
         done, trials = studies.completed(study), self.config.trials
         if self.remaining <= 0 < trials:  # a resume that asked for no more than the study holds
             return (f"nothing to run: the study already holds {done} completed trial{'s' * (done != 1)} and --trials is "
                     f"{trials}; pass a larger --trials to run more")
-        if done >= trials:
+        if done >= trials:  # the target was met, whatever else (a step budget spent by the last trial) fired too
             return None
+        if self.reasons:
+            return self.reasons[0]
         # Conditions another process (a worker) may have stopped at: read from the study.
         if self.step_budget_spent(study) or self._failures_stopped(study):
             return self.reasons[0]
@@ -89,7 +89,7 @@ class SearchStops:
         failures = studies.failures_in_a_row(study, self.since)
         if len(failures) < self.config.max_consecutive_failures:
             return False
-        self.reasons.append(f"stopped after {len(failures)} consecutive failed trials; "
+        self.reasons.append(f"stopped after {len(failures)} consecutive failed trial{'s' * (len(failures) > 1)}; "
                             f"last reason: {failures[-1].user_attrs.get('fail_reason', 'unknown')}")
         return True
 
@@ -110,5 +110,6 @@ class SearchStops:
             what = {"rejected": "were rejected by the memory budget", "pruned": "were pruned early",
                     "trained": "trained or failed"}[kind]
             self.reasons.append(f"stopped with {done} of {self.config.trials} trials completed: "
-                                f"{self.counts[kind]} trials {what}, the cap for {self.remaining} trials")
+                                f"{self.counts[kind]} trials {what}, the cap for {self.remaining} "
+                                f"trial{'s' * (self.remaining > 1)}")
             study.stop()

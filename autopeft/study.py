@@ -13,7 +13,14 @@ from typing import Any
 import optuna
 import yaml
 
-from autopeft.config import SearchConfig, absolute_if_local, missing_sqlite_file, redact_url, sqlite_file
+from autopeft.config import (
+    SearchConfig,
+    absolute_if_local,
+    format_bytes,
+    missing_sqlite_file,
+    redact_url,
+    sqlite_file,
+)
 from autopeft.data import TaskData
 from autopeft.errors import StudyError
 from autopeft.space import SearchSpace, parse_space
@@ -203,8 +210,25 @@ def _setting_problems(study: optuna.Study, config: SearchConfig, space: SearchSp
                 None in (recorded.get(key), now):
             continue  # the default set, named one time and not the other: the same probes
         if key in recorded and not _same_setting(key, recorded[key], now):
-            problems.append(f"{key}={recorded[key]!r} (now {now!r})")
-    return problems
+            was = study.user_attrs.get("probe_names") if key == "probes" and recorded[key] is None else recorded[key]
+            problems.append(f"{key}={was!r} (now {now!r})")  # the default probes by their names, not None
+    return problems + _over_new_budget(study, config.memory_budget)
+
+
+def _over_new_budget(study: optuna.Study, budget: int | None) -> list[str]:
+    """A resume may change --memory-budget, but not below a completed trial's estimate: the sampler would take
+    that trial as within the budget (its constraint was measured against the old one) and keep proposing its
+    region, and the pick could be a configuration the budget rules out."""
+    if budget is None:
+        return []
+    over = {t.number: t.user_attrs["memory_estimate"]["total"] for t in study.get_trials(deepcopy=False, states=(COMPLETE,))
+            if t.user_attrs.get("memory_estimate", {}).get("total", 0) > budget}
+    if not over:
+        return []
+    trials = ", ".join(map(str, sorted(over)))
+    needs = format_bytes(max(over.values()))
+    said = f"completed trial{'s' * (len(over) > 1)} {trials} estimated above --memory-budget {format_bytes(budget)} "
+    return [said + f"(up to {needs})"]
 
 
 def check_same_data(study: optuna.Study, task: TaskData) -> None:

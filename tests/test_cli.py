@@ -237,6 +237,26 @@ def test_the_progress_bar_counts_a_resumed_studys_trials_and_gives_an_eta() -> N
     assert shown.fields["eta"] != "-"  # two trials left at this run's pace
 
 
+def test_the_eta_is_the_trials_pace_not_the_model_loading_before_them() -> None:
+    """The clock once started when the bar did, before the model loaded: a tiny search's ETA read 17 s for 1 s."""
+    import datetime
+
+    import optuna
+
+    from autopeft.cli import SearchProgress
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    trial = study.ask()
+    trial.set_user_attr("val_accuracy", 0.7)
+    trial.set_user_attr("forgetting", 0.01)
+    study.tell(trial, [0.7, 0.01])
+    progress = SearchProgress(3)  # made now, as if the model had loaded for the minute before
+    finished = study.trials[0]
+    finished.datetime_start = datetime.datetime.now() - datetime.timedelta(seconds=60)  # the trial took a minute
+    progress(study, finished)
+    assert progress.bar.tasks[0].fields["eta"] in ("00:02:00", "00:02:01")  # two trials left at a minute each
+
+
 def test_a_scalar_studys_progress_bar_shows_the_best_objective_not_the_best_accuracy() -> None:
     import optuna
 
@@ -273,6 +293,21 @@ def test_a_study_is_not_resumed_with_another_space_unless_forced(tmp_path: Path,
     assert not (tmp_path / "autopeft-artifacts" / "default" / "trial-0" / "autopeft_adapter.json").exists()
     exported = autopeft("export", "--out", "out", "--with-weights", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
+
+
+def test_a_resume_may_loosen_the_memory_budget_but_not_drop_it_below_a_completed_trial(
+        tmp_path: Path, tiny_search_args: list[str]) -> None:
+    """Below a trial's estimate the sampler kept proposing that trial's region (its constraint was met against the
+    old budget) and the summary chose it."""
+    assert autopeft("search", "--trials", "1", *tiny_search_args, cwd=tmp_path).returncode == 0
+    study = optuna.load_study(study_name="default", storage=f"sqlite:///{tmp_path / 'autopeft.db'}")
+    needs = study.trials[0].user_attrs["memory_estimate"]["total"]
+    before = (tmp_path / "autopeft.db").read_bytes()
+    refused = autopeft("search", "--trials", "2", "--memory-budget", str(needs - 1), *tiny_search_args, cwd=tmp_path)
+    assert refused.returncode == 2 and "completed trial 0 estimated above --memory-budget" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and (tmp_path / "autopeft.db").read_bytes() == before
+    loosened = autopeft("search", "--trials", "2", "--memory-budget", "1GiB", *tiny_search_args, cwd=tmp_path)
+    assert loosened.returncode == 0, loosened.stderr
 
 
 def test_a_resume_names_what_changed_in_the_data_and_takes_the_same_file_by_any_path(
@@ -328,7 +363,7 @@ def test_a_search_that_completes_no_trial_exits_1(tmp_path: Path, tiny_search_ar
     done = autopeft("search", "--space", "broken.yaml", "--max-consecutive-failures", "1", *tiny_search_args,
                     cwd=tmp_path)
     assert done.returncode == 1, done.stderr
-    assert "stopped after 1 consecutive failed trials; last reason:" in done.stdout and "500 virtual tokens" in done.stdout
+    assert "stopped after 1 consecutive failed trial; last reason:" in done.stdout and "500 virtual tokens" in done.stdout
 
 
 def test_export_of_a_study_without_completed_trials_is_a_clear_error(tmp_path: Path, tiny_search_args: list[str]) -> None:
@@ -529,6 +564,13 @@ def test_the_report_marks_the_pick_of_the_rule_asked_for(exported: Path, tmp_pat
     assert done.returncode == 0, done.stderr
     page = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
     assert "by rule <code>max-accuracy-under-forgetting=1</code>" in page
+
+
+def test_a_report_from_another_folder_logs_to_the_store_the_study_recorded(exported: Path, tmp_path: Path) -> None:
+    """It once looked for ./mlflow.db wherever it ran, and refused while naming the store the study recorded."""
+    done = autopeft("report", "--out", "r", "--storage", f"sqlite:///{exported / 'autopeft.db'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "logged to MLflow run" in done.stdout and not (tmp_path / "mlflow.db").exists()
 
 
 def test_estimate_takes_rows_past_a_rotary_models_max_positions_and_refuses_an_encoder_as_causal_lm(tmp_path: Path,

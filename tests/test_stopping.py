@@ -73,14 +73,14 @@ def test_trials_that_fail_between_completions_are_capped_at_twice_the_trials_plu
     assert stops.reason(study) == "stopped with 2 of 3 trials completed: 11 trials trained or failed, the cap for 3 trials"
 
 
-@pytest.mark.parametrize("allowed", [1, 3])
-def test_consecutive_failures_stop_the_search_and_name_the_last_reason(tmp_path: Path, allowed: int) -> None:
+@pytest.mark.parametrize(("allowed", "said"), [(1, "1 consecutive failed trial;"), (3, "3 consecutive failed trials;")])
+def test_consecutive_failures_stop_the_search_and_name_the_last_reason(tmp_path: Path, allowed: int, said: str) -> None:
     def fails(trial: optuna.Trial) -> float:
         raise TrialFailed("non-finite loss")
 
     study, stops = _run(fails, tmp_path, trials=5, max_consecutive_failures=allowed)
     assert len(study.trials) == allowed
-    assert stops.reason(study) == f"stopped after {allowed} consecutive failed trials; last reason: non-finite loss"
+    assert stops.reason(study) == f"stopped after {said} last reason: non-finite loss"
 
 
 def test_a_completed_trial_resets_the_failure_count(tmp_path: Path) -> None:
@@ -102,6 +102,16 @@ def test_the_step_budget_starts_only_trials_that_fit_in_what_is_left(tmp_path: P
     assert len(study.trials) == 2  # 8 spent: a third would end at 12, over the budget (it once ran)
     assert stops.reason(study) == ("stopped at the training-step budget: 8 of 10 steps spent (too few left for another "
                                    "4-step trial)")
+
+
+def test_a_search_that_meets_its_target_as_the_step_budget_runs_out_gives_no_reason(tmp_path: Path) -> None:
+    """The step budget's callback fires after the last trial too; it once named the budget as the stop."""
+    def trains(trial: optuna.Trial) -> float:
+        trial.set_user_attr("steps_trained", 4)
+        return 1.0
+
+    study, stops = _run(trains, tmp_path, trials=2, max_steps=4, max_total_steps=8)
+    assert len(study.trials) == 2 and stops.reason(study) is None
 
 
 def _finish(study: optuna.Study, state: optuna.trial.TrialState, reason: str | None = None) -> None:
