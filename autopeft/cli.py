@@ -629,6 +629,8 @@ def train(
         if _state["debug"]:
             traceback.print_exc()
         _fail(f"training failed: {failure(exc)}", code=1)
+    if result.warning:
+        console.print(f"[yellow]warning: {result.warning}[/yellow]")
     console.print(f"{result.method}: val accuracy {result.accuracy:.4f}, forgetting {result.forgetting:.4f}, "
                   f"{result.steps} steps in {result.seconds:.1f} s; adapter saved to {out}; MLflow run {result.run_id}")
 

@@ -73,6 +73,12 @@ def missing_sqlite_file(url: str) -> str | None:
     return database if database and not Path(database).exists() else None
 
 
+# What MLflow 3 logs to ("" in the config: a worker's, which logs to its study's store). A bare path or file:
+# is MLflow's file store, which it no longer opens; any other scheme it has no store for. Both once ran the
+# whole search against the fallback store, as if a server had stopped answering.
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc")
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -139,8 +145,8 @@ class SearchConfig:
                 problems.append(f"--{name.replace('_', '-')}: {getattr(self, name)} must be at least 1")
         if not 0 <= self.seed < 2**32:  # numpy's and torch's generators take no negative seed
             problems.append(f"--seed: {self.seed} must be between 0 and 2**32 - 1")
-        if self.timeout is not None and self.timeout <= 0:
-            problems.append(f"--timeout: {self.timeout} must be a positive number of seconds")
+        if self.timeout is not None and not 0 < self.timeout < math.inf:  # nan fails every comparison: no timeout
+            problems.append(f"--timeout: {self.timeout} must be a positive, finite number of seconds")
         if self.worker_id is not None and self.worker_id < 0:
             problems.append(f"--worker-id: {self.worker_id} must be 0 or more")
         if self.memory_budget is not None and self.memory_budget <= 0:
@@ -211,6 +217,10 @@ class SearchConfig:
                 problems.append(str(exc))
         if not 0 <= self.forgetting_weight < math.inf:  # also refuses nan, which every comparison fails
             problems.append(f"--forgetting-weight: {self.forgetting_weight} must be a finite number, at least 0")
+        if self.tracking_uri and self.tracking_uri.split(":", 1)[0].split("+", 1)[0] not in TRACKING_SCHEMES:
+            problems.append(f"--tracking-uri: {redact_url(self.tracking_uri)!r} is not a store MLflow logs to; use "
+                            "sqlite:///mlflow.db (a local file), http(s)://host:port (a tracking server) or a "
+                            "database URL (postgresql://...)")
         return problems
 
     def _ood_column_problems(self) -> list[str]:

@@ -302,7 +302,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
                 shutil.copyfile(weights, out / weights.name)
                 files.append(weights.name)
     params = TrialParams.from_flat(trial.user_attrs["params"])
-    write_recipe(out / "training.yaml", config, params, trial.user_attrs["seed"])
+    write_recipe(out / "training.yaml", config, params, trial.user_attrs["seed"], runtime.split_fingerprints)
     chosen_by = (f"--trial {trial_number}" if trial_number is not None
                  else describe_rule(rule, tolerance, forgetting_weight(study)))
     warning = majority_warning(study, trial)

@@ -19,14 +19,17 @@ _TASK_KEYS = ("text_column", "label_column", "text_pair_column", "task_type", "l
               "ood_task", "ood_text_column", "ood_label_column", "ood_text_pair_column", "probes")
 
 
-def to_recipe(config: SearchConfig, params: TrialParams, seed: int) -> dict[str, Any]:
-    """Everything needed to reproduce one trial: model, data split, method and training settings, seeds."""
+def to_recipe(config: SearchConfig, params: TrialParams, seed: int,
+              split_fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
+    """Everything needed to reproduce one trial: model, data split, method and training settings, seeds; and
+    the fingerprints of the split it was trained and scored on, so a retrain can tell when the data changed."""
     return {
         **{key: getattr(config, key) for key in _DATA_KEYS},
         **{key: _plain(getattr(config, key)) for key in _TASK_KEYS},
         "split_seed": config.seed,  # also seeds the classification head, which every trial shares
         "method": params.method, "method_params": params.method_params,
         **params.training, "max_steps": config.max_steps, "seed": seed,
+        **({"split_fingerprints": split_fingerprints} if split_fingerprints else {}),
     }
 
 
@@ -34,12 +37,20 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value  # YAML's safe dumper has no tuples
 
 
-def write_recipe(path: Path, config: SearchConfig, params: TrialParams, seed: int) -> None:
-    path.write_text(yaml.safe_dump(to_recipe(config, params, seed), sort_keys=False))
+def write_recipe(path: Path, config: SearchConfig, params: TrialParams, seed: int,
+                 split_fingerprints: dict[str, str] | None = None) -> None:
+    path.write_text(yaml.safe_dump(to_recipe(config, params, seed, split_fingerprints), sort_keys=False))
+
+
+def split_changes(path: Path, now: dict[str, str]) -> list[str]:
+    """The splits whose rows differ from those the recipe's trial was trained and scored on (none when the
+    recipe records no fingerprints: written before they were)."""
+    recorded = load_yaml_file(path).get("split_fingerprints") or {}
+    return [name for name, fingerprint in recorded.items() if now.get(name) != fingerprint]
 
 
 _REQUIRED = (*_DATA_KEYS, "split_seed", "method", "method_params", "max_steps", "seed")
-_ALLOWED = (*_REQUIRED, *_TASK_KEYS, *TRAINING_PARAMS)
+_ALLOWED = (*_REQUIRED, *_TASK_KEYS, *TRAINING_PARAMS, "split_fingerprints")
 _INTEGERS = {"train_size": 1, "val_size": 1, "test_size": 1, "max_length": 1, "max_steps": 1, "split_seed": 0, "seed": 0}
 
 

@@ -82,6 +82,11 @@ class Runtime:
     budget_gate: BudgetGate = field(default_factory=BudgetGate)  # remembers traced memory estimates
     device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
+    @functools.cached_property
+    def split_fingerprints(self) -> dict[str, str]:
+        """Each split's fingerprint (a hash of its rows): what a recipe records to tell a retrain on other data."""
+        return {name: split.fingerprint() for name, split in self.task.splits().items()}
+
     @property
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
@@ -139,10 +144,23 @@ def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> R
     runtime = Runtime(config, space, task, tokenizer, base_model, splits["train"], splits["validation"],
                       splits["test"], probes, evaluator, causal_lm_loss if causal else classification_loss,
                       "CAUSAL_LM" if causal else "SEQ_CLS")
+    _check_positions(runtime)
     with scoring_base(runtime):
         runtime.base_scores = probes.fit_base(base_model, runtime.device, cache_file=probe_cache(config),
                                               cache_key=probe_cache_key(config, task))
     return runtime
+
+
+def _check_positions(runtime: Runtime) -> None:
+    """Rows longer than the model's position table stop the first forward pass with an indexing error: said
+    before it, in one line, with the --max-length that fits (a causal LM's answers come on top of it)."""
+    rows, longest = position_table_rows(runtime.base_model), runtime.longest_input
+    if rows is None or longest <= rows:
+        return
+    config = runtime.config
+    fits = rows - max(longest - config.max_length, 0)
+    raise ConfigError([(f"--max-length: {config.max_length} lets rows reach {longest} tokens, but {config.model} has "
+                       f"{rows} positions; use --max-length {fits} or less")])
 
 
 @contextlib.contextmanager
@@ -547,7 +565,7 @@ class Objective:
         shutil.rmtree(folder, ignore_errors=True)  # a replaced study's trial of this number left its own files
         adapter_io.save(outcome.model, folder)
         write_recipe(folder / "training.yaml", config, TrialParams.from_flat(trial.user_attrs["params"]),
-                     trial.user_attrs["seed"])
+                     trial.user_attrs["seed"], self.runtime.split_fingerprints)
         for file in (adapter_io.config_file(folder), folder / "training.yaml"):  # small: kept with every run
             self.tracker.log_file(run_id, file)
         self.tracker.log_curve(run_id, "train_loss", outcome.train.losses)

@@ -9,7 +9,7 @@ from pathlib import Path
 from autopeft import adapter_io
 from autopeft.errors import ConfigError
 from autopeft.export import check_out, create_out
-from autopeft.recipe import read_recipe
+from autopeft.recipe import read_recipe, split_changes
 from autopeft.search import failure, prepare_runtime, run_trial
 from autopeft.tracking import Tracker
 
@@ -22,6 +22,7 @@ class TrainingRun:
     steps: int
     seconds: float
     run_id: str
+    warning: str | None = None  # the data is not what the recipe's trial was trained and scored on
 
 
 def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
@@ -35,6 +36,9 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
     seed = trial_seed if seed is None else seed  # another training seed; the split and head stay the study's
     check_out(out, force)
     runtime = prepare_runtime(config)
+    changed = split_changes(recipe, runtime.split_fingerprints)
+    warning = (f"the {', '.join(changed)} rows differ from those {recipe}'s trial was trained and scored on (the "
+               "data changed): this run's accuracy is not comparable with the trial's") if changed else None
     created = not out.exists()
     create_out(out)
     tracker = Tracker(tracking_uri)
@@ -56,4 +60,4 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
     tracker.log_file(run_id, adapter_io.config_file(out))
     tracker.end_trial_run(run_id, "COMPLETE")
     return TrainingRun(params.method, outcome.accuracy, outcome.forgetting, len(outcome.train.losses),
-                       outcome.train.seconds, run_id)
+                       outcome.train.seconds, run_id, warning)

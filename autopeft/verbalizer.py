@@ -111,7 +111,7 @@ def default_template(pairs: bool) -> str:
 def label_words_problem(label_words: list[str] | tuple[str, ...], label_names: list[str]) -> str | None:
     """Why these words cannot name the task's classes (checked before anything trains), or None."""
     if len(label_words) != len(label_names):
-        return (f"--label-words: {len(label_words)} words ({', '.join(label_words)}) for {len(label_names)} "
+        return (f"--label-words: {len(label_words)} word{'s' * (len(label_words) != 1)} ({', '.join(label_words)}) for {len(label_names)} "
                 f"classes ({', '.join(label_names)}); give one word per class, in that order")
     return None
 

@@ -108,6 +108,9 @@ BAD_INPUTS = [
     (["--memory-budget", "1MiB"], "fits no configuration of"),
     (["--task", "task.csv"], "task.csv has no column 'label'"),
     (["--seed", "-1"], "--seed: -1 must be between 0 and 2**32 - 1"),
+    (["--tracking-uri", "mlflow.db"], "--tracking-uri: 'mlflow.db' is not a store MLflow logs to"),
+    # The tiny BERT has 128 positions; the first forward pass once failed with a size mismatch.
+    (["--task", "long.csv", "--max-length", "200"], "--max-length: 200 lets rows reach 200 tokens, but"),
     (["--task-type", "causal_lm", "--label-words", "good,"], "--label-words: 'good,' has an empty entry (entry 2)"),
     (["--workers", "0"], "--workers: 0 must be at least 1"),
     (["--workers", "2", "--trials", "-1"], "--trials: -1 must be at least 0"),  # once it loaded, wrote and exited 0
@@ -125,6 +128,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path: Path, args: 
     (tmp_path / "broken.yaml").write_text("method: [lora\n")
     (tmp_path / "latin.yaml").write_bytes("method: lora  # réglage\n".encode("latin-1"))
     (tmp_path / "unknown.yaml").write_text("method: dreambooth\n")
+    (tmp_path / "long.csv").write_text("text,label\n" + "".join(f"{'word ' * 300}{i},{i % 2}\n" for i in range(40)))
     before = set(os.listdir(tmp_path))
     done = autopeft("search", *tiny_search_args, *args, cwd=tmp_path)
     assert done.returncode == 2
@@ -411,7 +415,7 @@ def test_export_and_its_recipe_run_from_another_folder_and_an_export_refuses_cha
     assert f"task: {searched / 'reviews.csv'}" in (elsewhere / "x" / "training.yaml").read_text()
     trained = autopeft("train", "--config", "x/training.yaml", "--max-steps", "1", "--out", "t",
                        "--tracking-uri", f"sqlite:///{elsewhere / 'mlflow.db'}", cwd=elsewhere)
-    assert trained.returncode == 0, trained.stderr
+    assert trained.returncode == 0 and "warning" not in trained.stdout, trained.stderr
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{elsewhere / 'mlflow.db'}")
@@ -421,6 +425,11 @@ def test_export_and_its_recipe_run_from_another_folder_and_an_export_refuses_cha
     changed = autopeft("export", "--study", "default", "--storage", storage, "--out", "y", cwd=elsewhere)
     assert changed.returncode == 2 and "'default' was searched on other data (other rows in" in changed.stderr
     assert len(changed.stderr.strip().splitlines()) == 1 and not (elsewhere / "y").exists()
+    # A retrain on the changed data runs (the recipe may be reused on new data) but says it is not the trial's.
+    again = autopeft("train", "--config", "x/training.yaml", "--max-steps", "1", "--out", "t2",
+                     "--tracking-uri", f"sqlite:///{elsewhere / 'mlflow.db'}", cwd=elsewhere)
+    said = " ".join(again.stdout.split())
+    assert again.returncode == 0 and "rows differ from those x/training.yaml's trial was trained and scored on" in said
 
 
 READERS = [["export", "--out", "x"], ["report"], ["worker", "--study", "default", "--storage", "sqlite:///autopeft.db"]]

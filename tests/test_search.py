@@ -395,5 +395,5 @@ def test_a_resume_that_names_the_default_probes_is_the_same_study(tmp_path: Path
     assert named == ("linear_probe", "generalization_gap")
     run_search(config(tmp_path, tiny_bert, trials=1, probes=named))
     run_search(config(tmp_path, tiny_bert, trials=1))  # and left out again after being named
-    with pytest.raises(StudyError, match=r"probes=None \(now \['linear_probe'\]\)"):
+    with pytest.raises(StudyError, match=r"probes=\['linear_probe', 'generalization_gap'\] \(now \['linear_probe'\]\)"):
         run_search(config(tmp_path, tiny_bert, trials=1, probes=("linear_probe",)))

@@ -107,7 +107,7 @@ def test_label_words_must_name_every_class() -> None:
 
     assert label_words_problem(["good", "bad"], ["neg", "pos"]) is None
     problem = label_words_problem(["good"], ["neg", "pos"])
-    assert problem is not None and problem.startswith("--label-words: 1 words (good) for 2 classes (neg, pos)")
+    assert problem is not None and problem.startswith("--label-words: 1 word (good) for 2 classes (neg, pos)")
 
 
 def test_a_search_names_wrong_label_words_once_before_training(tmp_path: Path, tiny_bert: Path,
@@ -118,7 +118,7 @@ def test_a_search_names_wrong_label_words_once_before_training(tmp_path: Path, t
                          label_words=("good",))
     with pytest.raises(ConfigError) as caught:
         prepare_runtime(config)
-    assert str(caught.value).startswith("--label-words: 1 words (good) for 2 classes")
+    assert str(caught.value).startswith("--label-words: 1 word (good) for 2 classes")
 
 
 def test_a_causal_search_on_an_encoder_is_refused_before_training(tmp_path: Path, tiny_bert: Path) -> None:
