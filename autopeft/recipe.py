@@ -62,6 +62,10 @@ def _problems(path: Path, data: dict[str, Any]) -> list[str]:
                  if isinstance(data[k], bool) or not isinstance(data[k], int) or data[k] < low]
     problems += [f"{path}: {k}: {data[k]!r} {why}" for k, spec in TRAINING_PARAMS.items()
                  if k in data and (why := spec.check(data[k]))]
+    fingerprints = data.get("split_fingerprints", {})
+    if not isinstance(fingerprints, dict) or not all(isinstance(v, str) for v in fingerprints.values()):
+        problems.append(f"{path}: split_fingerprints: must map split names to fingerprints, as `autopeft export` "
+                        "writes them")
     problems += _batch_problems(path, data) if not problems else []
     if data["method"] not in methods.names():
         return [*problems, f"{path}: method: {data['method']!r} must be one of {', '.join(methods.names())}"]

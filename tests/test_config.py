@@ -56,6 +56,7 @@ RECIPE_EDITS = [
     (("seed: 3", "seed: banana"), "seed: 'banana' must be an integer of at least 0"),
     (("split_seed: 0", "split_seed: 1.5"), "split_seed: 1.5 must be an integer of at least 0"),
     (("max_steps: 3", "max_steps: -3"), "max_steps: -3 must be an integer of at least 1"),
+    (("max_steps: 3", "max_steps: 3\nsplit_fingerprints: [a, b]"), "split_fingerprints: must map split names to"),
     (("task_type: classification", "task_type: bogus"), "task_type: 'bogus' must be classification or causal_lm"),
     (("learning_rate: 0.001", "learning_rate: .nan"), "learning_rate: nan must be a finite number"),  # a traceback
     (("effective_batch_size: 0", "effective_batch_size: 48"),  # read, and trained at 16 without a word
