@@ -236,6 +236,10 @@ def _split_file(folder: Path, split: str, option: str = "--task") -> Path | None
     if len(found) > 1:
         raise DataError(f"{option}: folder {folder} has {len(found)} files for the {split} split "
                         f"({', '.join(p.name for p in found)}); keep one")
+    unread = sorted(p.name for p in folder.iterdir() if p.is_file() and p.stem in SPLIT_NAMES[split])
+    if not found and unread:  # validation.tsv was skipped, and validation rows carved from train without a word
+        raise DataError(f"{option}: folder {folder} has {', '.join(unread)} for the {split} split, in a format "
+                        f"autopeft does not read; save it as one of {', '.join(split + s for s in SUFFIXES)}")
     return found[0] if found else None
 
 

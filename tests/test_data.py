@@ -97,6 +97,8 @@ GOOD = "text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i i
      r"test\.jsonl has labels 'other' .* do not occur in train"),
     ({"d/train.csv": GOOD, "d/validation.csv": GOOD, "d/dev.jsonl": '{"text": "x", "label": "pos"}\n'}, "d", Columns(),
      r"folder .*d has 2 files for the validation split \(validation\.csv, dev\.jsonl\); keep one$"),
+    ({"d/train.csv": GOOD, "d/dev.tsv": "text\tlabel\nx\tpos\n"}, "d", Columns(),
+     r"folder .*d has dev\.tsv for the validation split, in a format autopeft does not read; save it as one of validation\.csv"),
     ({"d/data.csv": GOOD}, "d", Columns(), r"folder .*d has no train file; expected one of train\.csv, train\.jsonl, train\.parquet, optionally .*; found: data\.csv"),
     ({"t.txt": GOOD}, "t.txt", Columns(), r"t\.txt must end in one of \.csv, \.jsonl, \.parquet"),
     ({"t.csv": "text,text,label\na,b,1\nc,d,0\n"}, "t.csv", Columns(),
