@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,17 @@ def _as_recipe_key(path: Path, problem: str, overridden: set[str]) -> str:
     if not sep or not option.startswith("--") or key not in _ALLOWED or key in overridden:
         return problem
     return f"{path}: {key}: {rest}"
+
+
+def in_recipe_terms(path: Path, problem: str) -> str:
+    """A problem worded for the search's options ('--task: ... (set it with --label-column)'), in the words of
+    the recipe that gave those values ('<file>: task: ... (set it with label_column)'): `autopeft train` has no
+    such options."""
+    def as_key(match: re.Match[str]) -> str:
+        key = match.group(1).replace("-", "_")
+        return key if key in _ALLOWED else match.group(0)
+
+    return re.sub(r"(?<![\w-])--([a-z][a-z-]*)", as_key, _as_recipe_key(path, problem, set()))
 
 
 def read_recipe(path: Path, **overrides: Any) -> tuple[SearchConfig, TrialParams, int]:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autopeft import adapter_io
-from autopeft.errors import ConfigError
+from autopeft.errors import ConfigError, DataError
 from autopeft.export import check_out, create_out
-from autopeft.recipe import read_recipe, split_changes
+from autopeft.recipe import in_recipe_terms, read_recipe, split_changes
 from autopeft.search import failure, prepare_runtime, run_trial
 from autopeft.tracking import Tracker
 
@@ -35,7 +35,12 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
         raise ConfigError([f"--seed: {seed} must be between 0 and 2**32 - 1"])
     seed = trial_seed if seed is None else seed  # another training seed; the split and head stay the study's
     check_out(out, force)
-    runtime = prepare_runtime(config)
+    try:
+        runtime = prepare_runtime(config)
+    except DataError as exc:  # the recipe's values, named by its keys
+        raise type(exc)(in_recipe_terms(recipe, str(exc))) from None
+    except ConfigError as exc:
+        raise ConfigError([in_recipe_terms(recipe, problem) for problem in exc.problems]) from None
     changed = split_changes(recipe, runtime.split_fingerprints)
     warning = (f"the {', '.join(changed)} rows differ from those {recipe}'s trial was trained and scored on (the "
                "data changed): this run's accuracy is not comparable with the trial's") if changed else None
