@@ -31,6 +31,15 @@ EXTRAPOLATED_REJECT = 1.03  # quick bound above this x budget: over budget (it r
 ANALYTIC_UNDER = 2.1  # the analytic figure is at worst 52% under the peak: below budget / 2.1 it surely fits
 
 
+def recorded_over(estimate: dict, budget: int) -> bool:
+    """Whether a trial's recorded estimate (MemoryEstimate.as_dict()) puts it over `budget` by the rule the gate
+    rejects on: an analytic figure only far above it (a search without a budget records one), a calibrated or
+    extrapolated one above its margin, a traced one above the budget itself."""
+    level = estimate.get("level", "analytic")
+    margin = {"analytic": ANALYTIC_REJECT, "calibrated": CALIBRATED_REJECT, "traced": 1.0}.get(level, EXTRAPOLATED_REJECT)
+    return estimate.get("total", 0) > margin * budget
+
+
 @dataclasses.dataclass
 class BudgetGate:
     """Chooses and remembers the estimate that decides each configuration; one per search process."""

@@ -417,7 +417,7 @@ def _print_whole_split_batches(study: Any) -> None:
     """A micro-batch larger than the training split holds all of it: such trials trained on fewer distinct rows
     per step than their settings say, which the table's batch size does not show."""
     rows = study.user_attrs.get("split", {}).get("train_size")
-    sizes = {int(size) for trial in study.trials
+    sizes = {int(size) for trial in study.trials if trial.user_attrs.get("steps_trained")  # rejected ones never ran
              if (size := trial.user_attrs.get("params", {}).get("micro_batch_size")) is not None}
     over = sorted(size for size in sizes if rows and size > rows)
     if over:

@@ -217,7 +217,7 @@ class SearchConfig:
                 problems.append(str(exc))
         if not 0 <= self.forgetting_weight < math.inf:  # also refuses nan, which every comparison fails
             problems.append(f"--forgetting-weight: {self.forgetting_weight} must be a finite number, at least 0")
-        if self.tracking_uri and self.tracking_uri.split(":", 1)[0].split("+", 1)[0] not in TRACKING_SCHEMES:
+        if self.tracking_uri and self.tracking_uri.split(":", 1)[0].split("+", 1)[0].lower() not in TRACKING_SCHEMES:
             problems.append(f"--tracking-uri: {redact_url(self.tracking_uri)!r} is not a store MLflow logs to; use "
                             "sqlite:///mlflow.db (a local file), http(s)://host:port (a tracking server) or a "
                             "database URL (postgresql://...)")

@@ -232,11 +232,12 @@ def is_encoder(model: nn.Module) -> bool:
 
 
 def position_table_rows(model: nn.Module) -> int | None:
-    """Rows of a learned absolute position table (BERT's position_embeddings, GPT-2's wpe): no input may be
-    longer. None for rotary positions (Llama): there is no table to run off."""
+    """Positions a learned absolute position table (BERT's position_embeddings, GPT-2's wpe) gives: no input may
+    be longer. RoBERTa's table starts after its padding row (514 rows, 512 positions). None for rotary positions
+    (Llama): there is no table to run off."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe"):
-            return module.num_embeddings
+            return module.num_embeddings - (module.padding_idx + 1 if module.padding_idx is not None else 0)
     return None
 
 

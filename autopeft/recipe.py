@@ -113,7 +113,8 @@ def in_recipe_terms(path: Path, problem: str) -> str:
         key = match.group(1).replace("-", "_")
         return key if key in _ALLOWED else match.group(0)
 
-    return re.sub(r"(?<![\w-])--([a-z][a-z-]*)", as_key, _as_recipe_key(path, problem, set()))
+    # An option stands first, after a space or in brackets; a path or value that holds '--' is left alone.
+    return re.sub(r"(?<![^\s(])--([a-z][a-z-]*)", as_key, _as_recipe_key(path, problem, set()))
 
 
 def read_recipe(path: Path, **overrides: Any) -> tuple[SearchConfig, TrialParams, int]:

@@ -84,8 +84,10 @@ class Runtime:
 
     @functools.cached_property
     def split_fingerprints(self) -> dict[str, str]:
-        """Each split's fingerprint (a hash of its rows): what a recipe records to tell a retrain on other data."""
-        return {name: split.fingerprint() for name, split in self.task.splits().items()}
+        """The fingerprint (a hash of the rows) of each split a trial trains or is scored on (test is the
+        export's): what a recipe records to tell a retrain on other data."""
+        used = {"train": self.task.train, "validation": self.task.validation, "ood": self.task.ood}
+        return {name: split.fingerprint() for name, split in used.items() if split is not None}
 
     @property
     def pad_id(self) -> int:
@@ -102,10 +104,16 @@ class Runtime:
         causal LM's evaluation puts any answer after a row's prompt (ranking every label word, or generating up
         to the longest and an end token): its rows are counted with the longest answer again, an upper bound.
         Once per process: the runtime never changes."""
-        causal = self.evaluate.causal
-        answers = max(len(a) for a in causal.answer_ids) + 1 if causal is not None else 0
+        answers = self.answer_tokens
         return max(*(max(split.lengths(), default=0) + answers for split in (self.train, self.validation, self.test)),
                    self.probes.longest_input())
+
+    @property
+    def answer_tokens(self) -> int:
+        """Tokens a causal LM's evaluation may put after a prompt: the longest answer and an end token (0 with a
+        classification head)."""
+        causal = self.evaluate.causal
+        return max(len(a) for a in causal.answer_ids) + 1 if causal is not None else 0
 
 
 def ood_columns(config: SearchConfig) -> Columns:
@@ -158,7 +166,7 @@ def _check_positions(runtime: Runtime) -> None:
     if rows is None or longest <= rows:
         return
     config = runtime.config
-    fits = rows - max(longest - config.max_length, 0)
+    fits = rows - runtime.answer_tokens
     raise ConfigError([(f"--max-length: {config.max_length} lets rows reach {longest} tokens, but {config.model} has "
                        f"{rows} positions; use --max-length {fits} or less")])
 

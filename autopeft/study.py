@@ -217,12 +217,18 @@ def _setting_problems(study: optuna.Study, config: SearchConfig, space: SearchSp
 
 def _over_new_budget(study: optuna.Study, budget: int | None) -> list[str]:
     """A resume may change --memory-budget, but not below a completed trial's estimate: the sampler would take
-    that trial as within the budget (its constraint was measured against the old one) and keep proposing its
-    region, and the pick could be a configuration the budget rules out."""
+    that trial as within the budget (its constraint was met against the old one, or there was none) and keep
+    proposing its region, and the pick could be a configuration the budget rules out."""
     if budget is None:
         return []
-    over = {t.number: t.user_attrs["memory_estimate"]["total"] for t in study.get_trials(deepcopy=False, states=(COMPLETE,))
-            if t.user_attrs.get("memory_estimate", {}).get("total", 0) > budget}
+    estimates = {t.number: t.user_attrs["memory_estimate"] for t in study.get_trials(deepcopy=False, states=(COMPLETE,))
+                 if t.user_attrs.get("memory_estimate", {}).get("total", 0) > budget}
+    if not estimates:
+        return []
+    # autopeft.budget imports torch (through autopeft.memory): only when some estimate is above the budget.
+    from autopeft.budget import recorded_over
+
+    over = {number: estimate["total"] for number, estimate in estimates.items() if recorded_over(estimate, budget)}
     if not over:
         return []
     trials = ", ".join(map(str, sorted(over)))

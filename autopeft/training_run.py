@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autopeft import adapter_io
-from autopeft.errors import ConfigError, DataError
+from autopeft.errors import ConfigError, DataError, ModelError
 from autopeft.export import check_out, create_out
 from autopeft.recipe import in_recipe_terms, read_recipe, split_changes
 from autopeft.search import failure, prepare_runtime, run_trial
@@ -37,13 +37,13 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
     check_out(out, force)
     try:
         runtime = prepare_runtime(config)
-    except DataError as exc:  # the recipe's values, named by its keys
+    except (DataError, ModelError) as exc:  # the recipe's values, named by its keys
         raise type(exc)(in_recipe_terms(recipe, str(exc))) from None
     except ConfigError as exc:
         raise ConfigError([in_recipe_terms(recipe, problem) for problem in exc.problems]) from None
     changed = split_changes(recipe, runtime.split_fingerprints)
     warning = (f"the {', '.join(changed)} rows differ from those {recipe}'s trial was trained and scored on (the "
-               "data changed): this run's accuracy is not comparable with the trial's") if changed else None
+               "data changed): this run's scores are not comparable with the trial's") if changed else None
     created = not out.exists()
     create_out(out)
     tracker = Tracker(tracking_uri)

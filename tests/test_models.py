@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pytest
 import torch
 
 from autopeft.models import load_classifier
@@ -24,3 +25,19 @@ def test_a_local_model_given_relative_is_loaded_by_its_absolute_path(tiny_bert: 
     assert resolve_model_path(tiny_bert.name) == str(tiny_bert.resolve())
     model, _ = load_classifier(tiny_bert.name, 2, seed=0)
     assert model.config.name_or_path == str(tiny_bert.resolve())
+
+
+def test_the_position_limit_is_the_positions_a_table_gives_not_its_rows() -> None:
+    """RoBERTa numbers positions after its padding row: a 34-row table takes 32 tokens. Reading its rows as
+    the limit passed rows that then failed in the first forward pass."""
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    from autopeft.models import position_table_rows
+
+    shape = {"vocab_size": 50, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8}
+    roberta = RobertaModel(RobertaConfig(**shape, max_position_embeddings=34, pad_token_id=1))
+    assert position_table_rows(roberta) == 32
+    roberta(torch.ones(1, 32, dtype=torch.long) * 5)  # 32 tokens run
+    with pytest.raises((IndexError, RuntimeError)):  # the table, or a buffer of as many positions, runs out
+        roberta(torch.ones(1, 33, dtype=torch.long) * 5)
+    assert position_table_rows(BertModel(BertConfig(**shape, max_position_embeddings=34))) == 34
