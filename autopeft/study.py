@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 import yaml
 
+from autopeft.budget import recorded_over
 from autopeft.config import (
     SearchConfig,
     absolute_if_local,
@@ -221,14 +222,8 @@ def _over_new_budget(study: optuna.Study, budget: int | None) -> list[str]:
     proposing its region, and the pick could be a configuration the budget rules out."""
     if budget is None:
         return []
-    estimates = {t.number: t.user_attrs["memory_estimate"] for t in study.get_trials(deepcopy=False, states=(COMPLETE,))
-                 if t.user_attrs.get("memory_estimate", {}).get("total", 0) > budget}
-    if not estimates:
-        return []
-    # autopeft.budget imports torch (through autopeft.memory): only when some estimate is above the budget.
-    from autopeft.budget import recorded_over
-
-    over = {number: estimate["total"] for number, estimate in estimates.items() if recorded_over(estimate, budget)}
+    over = {t.number: t.user_attrs["memory_estimate"]["total"] for t in study.get_trials(deepcopy=False, states=(COMPLETE,))
+            if recorded_over(t.user_attrs.get("memory_estimate", {}), budget)}
     if not over:
         return []
     trials = ", ".join(map(str, sorted(over)))
