@@ -702,28 +702,41 @@ def _local_config(base: str) -> Any:
         return None
 
 
-@functools.cache  # once per model, not per configuration: it builds the model (on the meta device)
-def _check_decoder(base: str, kind: str) -> None:
-    """Refused as the search refuses it (search.refuse_encoder)."""
+@functools.cache  # once per model, not per configuration
+def _meta_model(base: str) -> Any:
+    """The model built from its config on the meta device (no weights, no memory), None when its config cannot
+    be read here: what the checks below read its layout from."""
     model_config = _local_config(base)
-    if kind != "causal_lm" or model_config is None:
-        return
+    if model_config is None:
+        return None
     import torch
     from transformers import AutoModel
 
+    with torch.device("meta"):
+        return AutoModel.from_config(model_config)
+
+
+def _check_decoder(base: str, kind: str) -> None:
+    """Refused as the search refuses it (search.refuse_encoder)."""
+    model = _meta_model(base) if kind == "causal_lm" else None
+    if model is None:
+        return
     from autopeft.search import refuse_encoder
 
-    with torch.device("meta"):
-        refuse_encoder(base, AutoModel.from_config(model_config))
+    refuse_encoder(base, model)
 
 
 def _position_limit(base: str) -> int | None:
-    """The model's position table (None when unknown, or rotary: Llama's positions have no table to run off,
-    whatever max_position_embeddings says)."""
+    """The positions the model's table gives, as the search counts them (RoBERTa's 514 rows give 512); else its
+    config's count (GPT-J's sinusoids are a buffer, not a table). None when unknown, or rotary: Llama's positions
+    have no table to run off, whatever max_position_embeddings says."""
     model_config = _local_config(base)
     if model_config is None or any(key.startswith("rope") for key in model_config.to_dict()):
         return None
-    return getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    from autopeft.models import position_table_rows
+
+    table = position_table_rows(_meta_model(base))
+    return table or getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
 
 
 def _check_positions(base: str, params: Any, tokens: int) -> None:

@@ -598,6 +598,20 @@ def test_estimate_takes_rows_past_a_rotary_models_max_positions_and_refuses_an_e
     assert encoder.returncode == 2 and "--task-type causal_lm: " in encoder.stderr and "is an encoder" in encoder.stderr
 
 
+def test_estimate_counts_robertas_positions_as_the_search_does(tmp_path: Path) -> None:
+    """RoBERTa numbers positions after its padding row: 34 table rows take 32 tokens. `estimate` read the
+    config's 34 and traced rows the search refuses and training cannot run."""
+    from transformers import RobertaConfig
+
+    RobertaConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                  max_position_embeddings=34, pad_token_id=1).save_pretrained(tmp_path / "roberta")
+    (tmp_path / "lora.yaml").write_text("method: lora\n")
+    estimate = ["estimate", "--model", "./roberta", "--space", "lora.yaml", "--seq-len"]
+    too_long = autopeft(*estimate, "33", cwd=tmp_path)
+    assert too_long.returncode == 2, too_long.stdout
+    assert "--seq-len: 33 tokens exceed ./roberta's 32 positions; estimate at 32 tokens or fewer" in too_long.stderr
+    assert autopeft(*estimate, "32", cwd=tmp_path).returncode == 0
+
 def test_estimate_counts_a_causal_lms_logits_for_a_causal_task(tmp_path: Path,
                                                                tiny_causal_models: dict[str, Path]) -> None:
     """`estimate` traced every configuration as a classifier; a causal LM trains on logits over its
