@@ -1,5 +1,7 @@
 """End to end through the `autopeft` command: search -> export -> peft loads it -> MLflow holds the runs;
-bad input -> one line, exit 2, nothing written; `autopeft ui` serves on 127.0.0.1 and stops on Ctrl-C."""
+bad input -> one line, exit 2, nothing written; `autopeft ui` serves on 127.0.0.1 and stops on Ctrl-C.
+Each command runs as its own process, except the tables of refusals, which run the same command in the test's
+process (`autopeft_here`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +26,27 @@ AUTOPEFT = [sys.executable, "-m", "autopeft.cli"]
 
 def autopeft(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*AUTOPEFT, *args], cwd=cwd, capture_output=True, check=False, text=True, timeout=600)
+
+
+def autopeft_here(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The same command in this test process: the refusal tests run some sixty commands, and a process of its own
+    spends 5-8 s of each starting Python and importing torch before it reads its first option. An exception the
+    command lets escape is returned as a traceback on stderr, as the process would print it."""
+    from typer.testing import CliRunner
+
+    from autopeft.cli import app
+
+    sigint, folder = signal.getsignal(signal.SIGINT), os.getcwd()  # a search installs its own Ctrl-C handler
+    os.chdir(cwd)
+    try:
+        done = CliRunner().invoke(app, list(args))
+    finally:
+        os.chdir(folder)
+        signal.signal(signal.SIGINT, sigint)
+    stderr = done.stderr
+    if done.exception is not None and not isinstance(done.exception, SystemExit):
+        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(done.exception))
+    return subprocess.CompletedProcess(list(args), done.exit_code, done.stdout, stderr)
 
 
 def test_search_export_and_mlflow_records(tmp_path: Path, tiny_search_args: list[str]) -> None:
@@ -130,7 +154,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path: Path, args: 
     (tmp_path / "unknown.yaml").write_text("method: dreambooth\n")
     (tmp_path / "long.csv").write_text("text,label\n" + "".join(f"{'word ' * 300}{i},{i % 2}\n" for i in range(40)))
     before = set(os.listdir(tmp_path))
-    done = autopeft("search", *tiny_search_args, *args, cwd=tmp_path)
+    done = autopeft_here("search", *tiny_search_args, *args, cwd=tmp_path)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr and "secret" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
@@ -441,7 +465,7 @@ READERS = [["export", "--out", "x"], ["report"], ["worker", "--study", "default"
 def test_a_command_that_reads_a_study_creates_no_store_on_a_wrong_name(tmp_path: Path, command: list[str]) -> None:
     """export and report read the study `autopeft search` names by default; a missing one is one line, exit 2,
     and no empty autopeft.db left behind (SQLAlchemy creates the file on connect)."""
-    done = autopeft(*command, cwd=tmp_path)
+    done = autopeft_here(*command, cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "no study named 'default' in sqlite:///autopeft.db" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
@@ -497,7 +521,7 @@ OTHER_BAD_INPUTS = [
 def test_bad_input_to_the_other_commands_is_one_line_exit_2_and_nothing_written(exported: Path, args: list[str],
                                                                                message: str) -> None:
     before = sorted(exported.rglob("*"))
-    done = autopeft(*args, cwd=exported)
+    done = autopeft_here(*args, cwd=exported)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert sorted(exported.rglob("*")) == before
@@ -518,7 +542,7 @@ def test_a_recipe_with_a_bad_training_value_is_refused_before_training(exported:
               if not row.startswith(f"{key}:")]
     (tmp_path / "edited.yaml").write_text("\n".join([*recipe, line]) + "\n")
     for command in (["train", "--out", "t"], ["estimate"])[:1 if key != "optimizer" else 2]:  # one recipe reader
-        done = autopeft(command[0], "--config", "edited.yaml", *command[1:], cwd=tmp_path)
+        done = autopeft_here(command[0], "--config", "edited.yaml", *command[1:], cwd=tmp_path)
         assert done.returncode == 2 and f"edited.yaml: {message}" in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.yaml"]
