@@ -312,7 +312,7 @@ def test_a_study_is_not_resumed_with_another_space_unless_forced(tmp_path: Path,
     assert autopeft("search", "--trials", "1", "--space", "mora.yaml", *tiny_search_args, cwd=tmp_path).returncode == 0
     (tmp_path / "other.yaml").write_text("method: ia3\n")
     before = (tmp_path / "autopeft.db").read_bytes()
-    refused = autopeft("search", "--trials", "1", "--space", "other.yaml", *tiny_search_args, cwd=tmp_path)
+    refused = autopeft_here("search", "--trials", "1", "--space", "other.yaml", *tiny_search_args, cwd=tmp_path)
     assert refused.returncode == 2 and "already exists with a different search space" in refused.stderr
     assert (tmp_path / "autopeft.db").read_bytes() == before
     forced = autopeft("search", "--trials", "1", "--space", "other.yaml", "--force-new", *tiny_search_args, cwd=tmp_path)
@@ -332,7 +332,7 @@ def test_a_resume_may_loosen_the_memory_budget_but_not_drop_it_below_a_completed
     recorded = study.trials[0].user_attrs["memory_estimate"]
     assert recorded["level"] == "analytic"  # no budget: the quick figure, which the gate trusts only far above one
     before = (tmp_path / "autopeft.db").read_bytes()
-    refused = autopeft("search", "--trials", "2", "--memory-budget", str(recorded["total"] // 2), *tiny_search_args,
+    refused = autopeft_here("search", "--trials", "2", "--memory-budget", str(recorded["total"] // 2), *tiny_search_args,
                        cwd=tmp_path)
     assert refused.returncode == 2 and "completed trial 0 estimated above --memory-budget" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and (tmp_path / "autopeft.db").read_bytes() == before
@@ -352,7 +352,7 @@ def test_a_resume_names_what_changed_in_the_data_and_takes_the_same_file_by_any_
     again = autopeft("search", "--trials", "1", "--task", str(tmp_path / "reviews.csv"), *tiny_search_args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     (tmp_path / "reviews.csv").write_text("text,label\n" + rows.replace("review 7 fine", "review 7 great"))
-    refused = autopeft("search", "--trials", "1", "--task", "reviews.csv", *tiny_search_args, cwd=tmp_path)
+    refused = autopeft_here("search", "--trials", "1", "--task", "reviews.csv", *tiny_search_args, cwd=tmp_path)
     assert refused.returncode == 2
     assert "a different data split (other rows in " in refused.stderr, refused.stderr
 
@@ -400,10 +400,10 @@ def test_export_of_a_study_without_completed_trials_is_a_clear_error(tmp_path: P
     created = autopeft("search", "--trials", "0", "--study", "empty", *tiny_search_args, cwd=tmp_path)
     assert created.returncode == 0 and "study created with no trials; start workers: autopeft worker" in created.stdout
     assert "autopeft export" not in created.stdout  # nothing to export yet
-    done = autopeft("export", "--study", "empty", "--out", "x", cwd=tmp_path)
+    done = autopeft_here("export", "--study", "empty", "--out", "x", cwd=tmp_path)
     assert done.returncode == 2 and "'empty' has no completed trial to export" in done.stderr
     assert not (tmp_path / "x").exists()
-    idle = autopeft("worker", "--study", "empty", "--storage", "sqlite:///autopeft.db", cwd=tmp_path)
+    idle = autopeft_here("worker", "--study", "empty", "--storage", "sqlite:///autopeft.db", cwd=tmp_path)
     assert idle.returncode == 2 and "was created with --trials 0, so it has no target; pass --trials N" in idle.stderr
     elsewhere = tmp_path / "elsewhere"  # a worker not told the tracking store logs to the study's
     elsewhere.mkdir()
@@ -430,7 +430,7 @@ def test_export_and_its_recipe_run_from_another_folder_and_an_export_refuses_cha
     assert autopeft("search", "--trials", "1", "--space", "mine.yaml", "--task", "reviews.csv", *tiny_search_args,
                     cwd=searched).returncode == 0
     storage = f"sqlite:///{searched / 'autopeft.db'}"
-    refused = autopeft("export", "--study", "default", "--storage", storage, "--tolerance", "-1", "--out", "x",
+    refused = autopeft_here("export", "--study", "default", "--storage", storage, "--tolerance", "-1", "--out", "x",
                        cwd=elsewhere)
     assert refused.returncode == 2 and "--tolerance: -1.0 must be a finite number, 0 or more" in refused.stderr
     assert not (elsewhere / "x").exists()
@@ -448,7 +448,7 @@ def test_export_and_its_recipe_run_from_another_folder_and_an_export_refuses_cha
     (run,) = client.search_runs([client.get_experiment_by_name("autopeft").experiment_id])
     assert {"probe.linear_probe_accuracy", "probe.generalization_gap"} <= set(run.data.metrics)  # as a trial's
     (searched / "reviews.csv").write_text("text,label\n" + rows.replace("review 3 fine", "review 3 great"))
-    changed = autopeft("export", "--study", "default", "--storage", storage, "--out", "y", cwd=elsewhere)
+    changed = autopeft_here("export", "--study", "default", "--storage", storage, "--out", "y", cwd=elsewhere)
     assert changed.returncode == 2 and "'default' was searched on other data (other rows in" in changed.stderr
     assert len(changed.stderr.strip().splitlines()) == 1 and not (elsewhere / "y").exists()
     # A retrain on the changed data runs (the recipe may be reused on new data) but says it is not the trial's.
@@ -617,7 +617,7 @@ def test_estimate_takes_rows_past_a_rotary_models_max_positions_and_refuses_an_e
     done = autopeft("estimate", "--model", str(tiny_models["llama"]), "--space", "lora.yaml", "--seq-len", "200",
                     cwd=tmp_path)
     assert done.returncode == 0 and "x 200 tokens" in " ".join(done.stdout.split()), done.stderr
-    encoder = autopeft("estimate", "--model", str(tiny_models["bert"]), "--space", "lora.yaml", "--task-type",
+    encoder = autopeft_here("estimate", "--model", str(tiny_models["bert"]), "--space", "lora.yaml", "--task-type",
                        "causal_lm", cwd=tmp_path)  # an estimate of what the search refuses to train
     assert encoder.returncode == 2 and "--task-type causal_lm: " in encoder.stderr and "is an encoder" in encoder.stderr
 
@@ -631,7 +631,7 @@ def test_estimate_counts_robertas_positions_as_the_search_does(tmp_path: Path) -
                   max_position_embeddings=34, pad_token_id=1).save_pretrained(tmp_path / "roberta")
     (tmp_path / "lora.yaml").write_text("method: lora\n")
     estimate = ["estimate", "--model", "./roberta", "--space", "lora.yaml", "--seq-len"]
-    too_long = autopeft(*estimate, "33", cwd=tmp_path)
+    too_long = autopeft_here(*estimate, "33", cwd=tmp_path)
     assert too_long.returncode == 2, too_long.stdout
     assert "--seq-len: 33 tokens exceed ./roberta's 32 positions; estimate at 32 tokens or fewer" in too_long.stderr
     assert autopeft(*estimate, "32", cwd=tmp_path).returncode == 0
@@ -655,17 +655,17 @@ def test_estimate_counts_a_causal_lms_logits_for_a_causal_task(tmp_path: Path,
 
 
 def test_sync_from_a_store_that_does_not_exist_is_a_clear_error(tmp_path: Path) -> None:
-    done = autopeft("sync", "--source", "sqlite:///mlflow-fallbak.db", "--target", "sqlite:///mlflow.db", cwd=tmp_path)
+    done = autopeft_here("sync", "--source", "sqlite:///mlflow-fallbak.db", "--target", "sqlite:///mlflow.db", cwd=tmp_path)
     assert done.returncode == 2 and "--source: no MLflow store at sqlite:///mlflow-fallbak.db" in done.stderr
     assert os.listdir(tmp_path) == []
 
 
 def test_export_of_unknown_study_is_a_clear_error(tmp_path: Path, tiny_search_args: list[str]) -> None:
     assert autopeft("search", *tiny_search_args, "--trials", "0", cwd=tmp_path).returncode == 0
-    done = autopeft("export", "--study", "nope", "--out", "x", cwd=tmp_path)
+    done = autopeft_here("export", "--study", "nope", "--out", "x", cwd=tmp_path)
     assert done.returncode == 2 and "no study named 'nope'" in done.stderr
     assert not (tmp_path / "x").exists()
-    secret = autopeft("export", "--out", "x", "--storage", "postgresql+psycopg2://nobody:secret@127.0.0.1:9/none",
+    secret = autopeft_here("export", "--out", "x", "--storage", "postgresql+psycopg2://nobody:secret@127.0.0.1:9/none",
                       cwd=tmp_path)
     assert secret.returncode == 2 and "nobody:***@127.0.0.1" in secret.stderr and "secret" not in secret.stderr
 
