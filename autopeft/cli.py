@@ -831,13 +831,54 @@ def ui(
     if tracking_uri.startswith(("http://", "https://")):  # `mlflow ui` serves a database, not another server
         _fail(f"--tracking-uri: {redact_url(tracking_uri)} is a tracking server, which serves its own dashboard: "
               f"open {_server_page(tracking_uri)} in a browser")
+    busy = _port_in_use(host, port)
+    if busy:  # mlflow would log the error and exit 0, after the line below named a URL another program serves
+        _fail(f"--port: {host}:{port} cannot be served: {busy}; choose a free one with --port")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
                "--host", host, "--port", str(port)]
     console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
+    raise typer.Exit(_serve(command))
+
+
+def _port_in_use(host: str, port: int) -> str | None:
+    """Why the dashboard could not bind host:port (in use, say), or None when it can."""
+    import socket
+
     try:
-        raise typer.Exit(subprocess.call(command))
+        with socket.create_server((host, port)):
+            return None
+    except OSError as exc:
+        return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def _serve(command: list[str]) -> int:
+    """Run the dashboard until it exits or this process is stopped. It runs in a process group of its own (mlflow
+    starts a web server and a job runner under it), stopped as a whole however this process stops: Ctrl-C,
+    or a signal sent to this process alone, which once left the dashboard serving."""
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    server = subprocess.Popen(command, start_new_session=True)
+    try:
+        return server.wait()
     except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+        return 0
+    finally:
+        _stop_group(server)
+
+
+def _stop_group(server: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C to the whole group, then SIGKILL to what is left of it: mlflow's job runners, started while it
+    shut down, outlived it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.wait(timeout=20)
+    time.sleep(1)  # a runner started as the server stopped is in the group by now
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
 
 
 @app.command("sync")

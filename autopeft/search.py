@@ -907,11 +907,13 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
         warm_start(study, runtime.space)
     tracker = Tracker(config.tracking_uri)
     on_stale.tracker = tracker
-    parent = tracker.open_study_run(config.study, study.user_attrs.get("mlflow_parent_run_id"),
+    parent_attr = studies.parent_run_attr(study, config)
+    known_parent = study.user_attrs.get(parent_attr)
+    parent = tracker.open_study_run(config.study, known_parent,
                                     {**config.public_dict(), **split_params(runtime.task), **package_versions()},
                                     config.space, study.user_attrs.get("space_yaml"))
-    _record_base_scores(runtime, study, tracker, parent)
-    study.set_user_attr("mlflow_parent_run_id", parent)
+    _record_base_scores(runtime, study, tracker, parent, new_parent=parent != known_parent)
+    study.set_user_attr(parent_attr, parent)
     runtime.probes.save_base(probe_cache(config), probe_cache_key(config, runtime.task))
     objective = Objective(runtime, tracker, parent)
     stops = SearchStops(config, study, since=run_began)
@@ -937,14 +939,17 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
                          tracker.uri if tracker.fell_back else None)
 
 
-def _record_base_scores(runtime: Runtime, study: optuna.Study, tracker: Tracker, parent: str) -> None:
-    """The untouched base model's validation accuracy and probe scores, once per study."""
+def _record_base_scores(runtime: Runtime, study: optuna.Study, tracker: Tracker, parent: str, *,
+                        new_parent: bool) -> None:
+    """The untouched base model's validation accuracy and probe scores, computed once per study, and logged to
+    each parent run it gets (a worker logging to a store of its own opens one there)."""
     study.set_user_attr("probe_names", runtime.probes.names)  # what a default --probes chose, for a resume to match
-    if "base_val_accuracy" in study.user_attrs:
+    if "base_val_accuracy" not in study.user_attrs:
+        with scoring_base(runtime):
+            base = runtime.evaluate(runtime.base_model, runtime.validation, runtime.device)
+        study.set_user_attr("base_val_accuracy", base)
+        study.set_user_attr("base_probe_scores", runtime.base_scores)
+    elif not new_parent:
         return
-    with scoring_base(runtime):
-        base = runtime.evaluate(runtime.base_model, runtime.validation, runtime.device)
-    study.set_user_attr("base_val_accuracy", base)
-    study.set_user_attr("base_probe_scores", runtime.base_scores)
-    tracker.log_metrics(parent, {"base_val_accuracy": base,
-                                 **{f"base_{k}": v for k, v in runtime.base_scores.items()}})
+    tracker.log_metrics(parent, {"base_val_accuracy": study.user_attrs["base_val_accuracy"],
+                                 **{f"base_{k}": v for k, v in study.user_attrs.get("base_probe_scores", {}).items()}})

@@ -17,6 +17,7 @@ from autopeft.budget import recorded_over
 from autopeft.config import (
     SearchConfig,
     absolute_if_local,
+    absolute_sqlite_url,
     format_bytes,
     missing_sqlite_file,
     redact_url,
@@ -122,6 +123,16 @@ def load_for_worker(config: SearchConfig, on_stale: StaleTrialRetry | None = Non
     joined = SearchConfig.from_dict({**recorded, **local, "space": config.space,
                                      "trials": config.trials or recorded["trials"]})
     return study, joined, space
+
+
+def parent_run_attr(study: optuna.Study, config: SearchConfig) -> str:
+    """The study attribute that holds its MLflow parent run in the store this process logs to. The store the
+    study records keeps `mlflow_parent_run_id`, which report and export read. A worker told another
+    --tracking-uri keeps its own parent there under a key of that store: it once overwrote the study's pointer
+    (report then looked for the parent in the wrong store) and made each later worker open yet another parent."""
+    recorded = study.user_attrs.get("config", {}).get("tracking_uri")
+    here = absolute_sqlite_url(redact_url(config.tracking_uri))
+    return "mlflow_parent_run_id" if recorded in (None, here) else f"mlflow_parent_run_id@{here}"
 
 
 def recorded_tracking_uri(recorded: dict[str, Any]) -> str:

@@ -420,6 +420,35 @@ def test_export_of_a_study_without_completed_trials_is_a_clear_error(tmp_path: P
         == ["COMPLETE"]
 
 
+def test_a_worker_logging_to_a_store_of_its_own_leaves_the_studys_parent_run_where_the_study_records_it(
+        tmp_path: Path, tiny_search_args: list[str]) -> None:
+    """Such a worker once moved the study's pointer to its own parent run: `report` then looked for that run in
+    the study's store and refused, and the next worker on the study's store opened a third parent."""
+    from mlflow.tracking import MlflowClient
+
+    assert autopeft("search", "--trials", "0", *tiny_search_args, cwd=tmp_path).returncode == 0
+    storage = ["--study", "default", "--storage", "sqlite:///autopeft.db"]
+    own = autopeft("worker", *storage, "--trials", "1", "--tracking-uri", "sqlite:///own.db", cwd=tmp_path)
+    assert own.returncode == 0, own.stderr
+    shared = autopeft("worker", *storage, "--trials", "2", cwd=tmp_path)
+    assert shared.returncode == 0, shared.stderr
+
+    def runs(store: str) -> tuple[list, list]:
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / store}")
+        found = client.search_runs([client.get_experiment_by_name("autopeft").experiment_id])
+        return ([r for r in found if r.data.tags.get("autopeft.role") == "study"],
+                [r for r in found if r.data.tags.get("autopeft.role") == "trial"])
+
+    (parent,), trials = runs("mlflow.db")
+    (own_parent,), own_trials = runs("own.db")
+    study = optuna.load_study(study_name="default", storage=f"sqlite:///{tmp_path / 'autopeft.db'}")
+    assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+    assert [r.data.tags["mlflow.parentRunId"] for r in trials] == [parent.info.run_id]
+    assert [r.data.tags["mlflow.parentRunId"] for r in own_trials] == [own_parent.info.run_id]
+    assert own_parent.data.metrics["base_val_accuracy"] == parent.data.metrics["base_val_accuracy"]
+    report = autopeft("report", "--out", "r", cwd=tmp_path)
+    assert report.returncode == 0 and "logged to MLflow run" in report.stdout, report.stderr
+
 def test_export_and_its_recipe_run_from_another_folder_and_an_export_refuses_changed_data_before_writing(
         tmp_path: Path, tiny_search_args: list[str]) -> None:
     searched, elsewhere = tmp_path / "searched", tmp_path / "elsewhere"
@@ -676,7 +705,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ui_serves_the_store_on_localhost_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["ctrl-c", "a signal to autopeft alone"])
+def test_ui_serves_the_store_on_localhost_refuses_a_busy_port_and_stops_whole(tmp_path: Path, stop: str) -> None:
+    """mlflow's web server and job runners once outlived a SIGTERM sent to autopeft alone and kept serving;
+    a busy port printed the URL of whatever served there, then exited 0."""
     from mlflow.tracking import MlflowClient
 
     MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("autopeft")
@@ -692,8 +724,17 @@ def test_ui_serves_the_store_on_localhost_and_stops_on_ctrl_c(tmp_path: Path) ->
             except OSError:
                 time.sleep(1)
         assert '"autopeft"' in body
-        os.killpg(server.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-        assert server.wait(timeout=30) is not None
+        if stop == "ctrl-c":
+            busy = autopeft_here("ui", "--port", str(port), cwd=tmp_path)
+            assert busy.returncode == 2 and busy.stdout == ""
+            assert busy.stderr == f"error: --port: 127.0.0.1:{port} cannot be served: Address already in use; choose " \
+                                  "a free one with --port\n"
+            os.killpg(server.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends: autopeft's process group
+        else:
+            server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # nothing serves the dashboard any more
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
