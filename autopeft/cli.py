@@ -887,7 +887,7 @@ def sync_stores(
     target: Annotated[str, typer.Option(help="Store to copy into (e.g. the tracking server http://host:port).")],
 ) -> None:
     """Copy runs logged to a fallback store (while the tracking server was down) into the real one."""
-    from autopeft.sync import sync
+    from autopeft.sync import SourceUnreadable, sync
 
     missing = missing_sqlite_file(source)
     if missing:
@@ -896,9 +896,15 @@ def sync_stores(
         _fail(f"--target: {redact_url(target)} is the store --source names; sync copies runs into another store")
     try:
         result = sync(source, target)
+    except SourceUnreadable as exc:
+        _fail(f"--source: cannot read {redact_url(source)}: {_first_line(exc)}")
     except Exception as exc:  # noqa: BLE001 -- an unreachable target, whatever the store raises: say so in one line
-        _fail(f"--target: cannot sync into {redact_url(target)}: {str(exc).splitlines()[0][:200]}")
+        _fail(f"--target: cannot sync into {redact_url(target)}: {_first_line(exc)}")
     console.print(f"copied {result.copied} runs to {redact_url(target)} ({result.skipped} already synced)")
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 @app.command("methods")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
-from autopeft.tracking import EXPERIMENT, MOVED_TAG, SYNCED_FROM_TAG, Tracker
+from autopeft.tracking import EXPERIMENT, MOVED_TAG, SYNCED_FROM_TAG, Tracker, fail_fast
 
 
 @dataclass(frozen=True)
@@ -19,13 +19,21 @@ class SyncResult:
     skipped: int
 
 
+class SourceUnreadable(Exception):
+    """The source store could not be read (as opposed to the target not taking the copies)."""
+
+
 def sync(source_uri: str, target_uri: str) -> SyncResult:
-    source = MlflowClient(tracking_uri=source_uri)
-    experiment = source.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
+    fail_fast(source_uri)
+    try:  # whatever the store raises (unreachable, not a store) is the source's problem, not the target's
+        source = MlflowClient(tracking_uri=source_uri)
+        experiment = source.get_experiment_by_name(EXPERIMENT)
+        runs = source.search_runs([experiment.experiment_id], max_results=50000) if experiment else []
+    except Exception as exc:
+        raise SourceUnreadable(str(exc)) from exc
+    if not runs:
         return SyncResult(0, 0)
     target = Tracker(target_uri, fallback_uri=None)  # no fallback for the target itself
-    runs = source.search_runs([experiment.experiment_id], max_results=50000)
     # Parents first, so children can point at their copies.
     runs.sort(key=lambda r: "mlflow.parentRunId" in r.data.tags)
     mapping = _copied_before(target)

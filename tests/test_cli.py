@@ -539,6 +539,8 @@ OTHER_BAD_INPUTS = [
      ("--tracking-uri: http://me:***@127.0.0.1:5555 is a tracking server, which serves its own dashboard: open "
       "http://127.0.0.1:5555 in a browser")),
     (["sync", "--source", "sqlite:///mlflow.db", "--target", "sqlite:///./mlflow.db"], "--target: sqlite:///./mlflow.db is the store --source names"),
+    # An unreadable source was blamed on --target.
+    (["sync", "--source", "http://127.0.0.1:9", "--target", "sqlite:///x.db"], "--source: cannot read http://127.0.0.1:9: "),
     (["estimate", "--model", "./no/such/model"], "--model: ./no/such/model does not exist"),
     (["estimate", "--config", "export/training.yaml", "--seq-len", "1000"],  # a traceback from the tracer before
      "--seq-len: 1000 tokens exceed"),
