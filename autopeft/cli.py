@@ -188,7 +188,9 @@ def search(
     summary = _interruptible(run, config)
     failed_workers = []
     if workers > 1 and _work_left(summary.study, config):
+        prepared_fallback = summary.fallback_uri  # this process fell back while it created the study's parent run
         summary, failed_workers = _run_local_workers(workers, config)
+        summary = dataclasses.replace(summary, fallback_uri=summary.fallback_uri or prepared_fallback)
     elif workers > 1:  # say why no worker was started: each would load the model to run nothing
         from autopeft.stopping import SearchStops
 
@@ -337,7 +339,19 @@ def _run_local_workers(count: int, config: SearchConfig) -> tuple[Any, list[str]
         raise typer.Exit(130) from None
     study = optuna.load_study(study_name=config.study, storage=config.storage)
     crashed = [f"worker {i} exited with code {code} (its output is above)" for i, code in enumerate(codes) if code]
-    return SearchSummary(study, config, study.user_attrs.get("mlflow_parent_run_id", ""), stops.reason(study)), crashed
+    return SearchSummary(study, config, study.user_attrs.get("mlflow_parent_run_id", ""), stops.reason(study),
+                         _fallback_written_since(stops.since)), crashed
+
+
+def _fallback_written_since(began: datetime.datetime) -> str | None:
+    """The fallback store, when a worker logged to it during this search. The workers run in this folder and only a
+    process whose tracking store stopped answering writes there. Each worker said so, but the summary printed
+    after them did not."""
+    from autopeft.config import sqlite_file
+    from autopeft.tracking import FALLBACK_URI
+
+    path = Path(sqlite_file(FALLBACK_URI) or "")
+    return FALLBACK_URI if path.is_file() and path.stat().st_mtime >= began.timestamp() else None
 
 
 def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None, fallback_uri: str | None = None) -> None:
@@ -900,7 +914,8 @@ def sync_stores(
         _fail(f"--source: cannot read {redact_url(source)}: {_first_line(exc)}")
     except Exception as exc:  # noqa: BLE001 -- an unreachable target, whatever the store raises: say so in one line
         _fail(f"--target: cannot sync into {redact_url(target)}: {_first_line(exc)}")
-    console.print(f"copied {result.copied} runs to {redact_url(target)} ({result.skipped} already synced)")
+    held = f"{result.completed} of them completing runs it held; " if result.completed else ""
+    console.print(f"copied {result.copied} runs to {redact_url(target)} ({held}{result.skipped} already synced)")
 
 
 def _first_line(exc: Exception) -> str:

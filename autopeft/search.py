@@ -455,7 +455,7 @@ class Objective:
         started = time.perf_counter()
         config = self.runtime.config
         trial.set_user_attr("worker", studies.worker_label())  # this trial's objective began (heartbeats run)
-        unneeded = self._unneeded(trial)  # other workers have completed (or are completing) the study
+        unneeded = self._wait_for_a_place(trial)  # other workers have completed (or are completing) the study
         if unneeded:
             trial.study.stop()
             trial.set_user_attr("prune_reason", unneeded)  # the trials table shows it
@@ -522,6 +522,17 @@ class Objective:
             reason = f"pruned by {self.runtime.config.pruner} at step {step}: intermediate score {value:.4f}"
             trial.set_user_attr("prune_reason", reason)
             raise optuna.TrialPruned(reason)
+
+    def _wait_for_a_place(self, trial: optuna.Trial) -> str | None:
+        """`_unneeded`, and a Ctrl-C during its wait recorded as the trial's reason: the trial (no run of its own yet)
+        once failed with none, and the summary's "interrupted:" line left it out."""
+        try:
+            return self._unneeded(trial)
+        except BaseException:
+            if interrupt.REQUESTED.is_set():  # a KeyboardInterrupt, or what a storage call turned it into
+                trial.set_user_attr("steps_trained", 0)
+                trial.set_user_attr("fail_reason", "interrupted")
+            raise
 
     def _unneeded(self, trial: optuna.Trial) -> str | None:
         """Why this trial is not needed, or None. Wait while running trials that started earlier could still

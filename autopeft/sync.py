@@ -1,6 +1,7 @@
 """`autopeft sync`: copy the runs of one MLflow store (e.g. the local fallback used while the tracking
 server was down) into another, keeping parent/child links, params, metric histories, tags and artifacts.
-Each copy is tagged with its source run's id, so running sync again copies only what this target lacks."""
+Each copy is tagged with its source run's id, so running sync again copies only what this target lacks: runs it
+has no copy of, and the records an earlier copy lacks (its source logged on after that sync, or it was stopped)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from autopeft.tracking import EXPERIMENT, MOVED_TAG, SYNCED_FROM_TAG, Tracker, f
 
 @dataclass(frozen=True)
 class SyncResult:
-    copied: int
-    skipped: int
+    copied: int  # runs written to the target: new copies, and runs it held that lacked some of the source's records
+    skipped: int  # runs whose copy was already up to date
+    completed: int = 0  # of `copied`, runs the target already held (an earlier copy, or a run its server began)
 
 
 class SourceUnreadable(Exception):
@@ -36,34 +38,52 @@ def sync(source_uri: str, target_uri: str) -> SyncResult:
     target = Tracker(target_uri, fallback_uri=None)  # no fallback for the target itself
     # Parents first, so children can point at their copies.
     runs.sort(key=lambda r: "mlflow.parentRunId" in r.data.tags)
-    mapping = _copied_before(target)
-    copied = 0
+    copies = _copied_before(target)
+    mapping: dict[str, str] = {}
+    copied = completed = 0
     for run in runs:
-        if run.info.run_id in mapping:
+        copy = copies.get(run.info.run_id) or _original(target, run.data.tags.get(MOVED_TAG))
+        if copy is not None and _up_to_date(copy, run):
+            mapping[run.info.run_id] = copy.info.run_id
             continue
-        mapping[run.info.run_id] = _copy_run(source, target, run, mapping)
+        mapping[run.info.run_id] = _copy_run(source, target, run, mapping, copy)
         copied += 1
-    return SyncResult(copied, len(runs) - copied)
+        completed += copy is not None
+    return SyncResult(copied, len(runs) - copied, completed)
 
 
-def _copied_before(target: Tracker) -> dict[str, str]:
-    """Source run id -> its copy, for every run an earlier sync copied into this target. Read off the target's
-    own tags, so a run synced into one store is still copied into another."""
+def _copied_before(target: Tracker) -> dict[str, Run]:
+    """Source run id -> its copy, for every run an earlier sync copied into this target (or began copying: the
+    tag is set first, so a sync stopped half-way is finished by the next). Read off the target's own tags, so a
+    run synced into one store is still copied into another."""
     runs = target.client.search_runs([target.experiment_id], max_results=50000)
-    return {r.data.tags[SYNCED_FROM_TAG]: r.info.run_id for r in runs if SYNCED_FROM_TAG in r.data.tags}
+    return {r.data.tags[SYNCED_FROM_TAG]: r for r in runs if SYNCED_FROM_TAG in r.data.tags}
 
 
-def _copy_run(source: MlflowClient, target: Tracker, run: Run, mapping: dict[str, str]) -> str:
-    """The run's copy in the target: a new run, or, for a run begun on the target before its server went down
-    (re-created in the fallback store with `autopeft.moved_from`), that original run, completed with the rest
-    of the run's records; else the original stayed RUNNING for ever beside a duplicate."""
-    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") or k == "mlflow.runName"}
+def _own_tags(run: Run) -> dict[str, str]:
+    return {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") or k == "mlflow.runName"}
+
+
+def _up_to_date(copy: Run, run: Run) -> bool:
+    """Whether the copy holds what the source run holds now. A run synced while its search was still logging (or
+    logged to later, as `export --confirm-seeds` does) has changed since its copy was made."""
+    return (copy.info.status == run.info.status and copy.info.end_time == run.info.end_time
+            and run.data.params.items() <= copy.data.params.items()
+            and run.data.metrics.items() <= copy.data.metrics.items() and _own_tags(run).items() <= copy.data.tags.items())
+
+
+def _copy_run(source: MlflowClient, target: Tracker, run: Run, mapping: dict[str, str], copy: Run | None) -> str:
+    """The run's copy in the target, made or completed: a new run; or a run the target already holds (an earlier
+    copy, or a run begun on the target before its server went down, re-created in the fallback store with
+    `autopeft.moved_from`), given the source's records it lacks. A begun run once stayed RUNNING for ever
+    beside a duplicate."""
+    tags = _own_tags(run)
     parent = run.data.tags.get("mlflow.parentRunId")
     if parent:
         tags["mlflow.parentRunId"] = mapping.get(parent, parent)
-    original = _original(target, run.data.tags.get(MOVED_TAG))
-    if original is not None:
-        run_id, logged = original.info.run_id, original.data.params
+    tags[SYNCED_FROM_TAG] = run.info.run_id
+    if copy is not None:
+        run_id, logged = copy.info.run_id, copy.data.params
         target.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()
                                               if k not in ("mlflow.runName", "mlflow.parentRunId")])
     else:
@@ -73,15 +93,19 @@ def _copy_run(source: MlflowClient, target: Tracker, run: Run, mapping: dict[str
     for start in range(0, len(params), 100):
         target.client.log_batch(run_id, params=params[start:start + 100])
     for key in run.data.metrics:
-        history = [Metric(m.key, m.value, m.timestamp, m.step) for m in source.get_metric_history(run.info.run_id, key)]
+        have = {(m.step, m.timestamp, m.value) for m in target.client.get_metric_history(run_id, key)} if copy else set()
+        history = [Metric(m.key, m.value, m.timestamp, m.step) for m in source.get_metric_history(run.info.run_id, key)
+                   if (m.step, m.timestamp, m.value) not in have]
         for start in range(0, len(history), 900):
             target.client.log_batch(run_id, metrics=history[start:start + 900])
     with tempfile.TemporaryDirectory() as folder:
         if source.list_artifacts(run.info.run_id):
             local = source.download_artifacts(run.info.run_id, "", folder)
             target.client.log_artifacts(run_id, local)
-    target.client.log_batch(run_id, tags=[RunTag(SYNCED_FROM_TAG, run.info.run_id)])
-    target.client.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
+    if run.info.status == "RUNNING":  # still logging: set_terminated would stamp an end time it does not have
+        target.client.update_run(run_id, status="RUNNING")
+    else:
+        target.client.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
     return run_id
 
 

@@ -371,11 +371,15 @@ def test_the_summary_warns_when_a_micro_batch_holds_the_whole_training_split(
 def test_local_workers_read_the_searchs_target_and_share_its_step_budget_and_the_summary_says_why_they_stopped(
         tmp_path: Path, tiny_search_args: list[str]) -> None:
     """The study once recorded --trials 0 for `--workers N`, and each worker started a trial under a step budget
-    that only finished trials counted: three workers at 30 steps a trial spent 90 of 60."""
-    done = autopeft("search", "--workers", "2", "--trials", "3", "--max-total-steps", "3", *tiny_search_args,
-                    cwd=tmp_path)
+    that only finished trials counted: three workers at 30 steps a trial spent 90 of 60. With no tracking server
+    answering, the workers logged to the fallback store and said so, but the summary, printed last, did not."""
+    down = f"http://127.0.0.1:{free_port()}"
+    done = autopeft("search", "--workers", "2", "--trials", "3", "--max-total-steps", "3", "--tracking-uri", down,
+                    *tiny_search_args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "stopped at the training-step budget: 3 of 3 steps spent" in done.stdout  # the search's own summary
+    said = " ".join(done.stdout.split())  # the summary's words (a worker says "its runs went to")
+    assert "it stopped answering; runs from then on are in sqlite:///mlflow-fallback.db" in said
     study = optuna.load_study(study_name="default", storage=f"sqlite:///{tmp_path / 'autopeft.db'}")
     assert study.user_attrs["config"]["trials"] == 3  # a worker joining later needs no --trials
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 1

@@ -72,3 +72,40 @@ def test_a_run_logged_to_the_fallback_store_is_found_by_its_recorded_id_once_syn
     assert copy is not None and copy != trial and server.client.get_run(copy).data.params == {"r": "8"}
     assert server.open_study_run("s", parent, {"trials": 3}, str(space)) == server.resolve(parent)
     assert sync(fallback.uri, f"sqlite:///{tmp_path / 'another.db'}").copied == 2  # every target gets them once
+
+
+def test_sync_completes_a_copy_whose_source_logged_on_and_a_copy_a_stopped_sync_left(tmp_path: Path) -> None:
+    """A sync run while the search still logged to the fallback store left the server's copy RUNNING for ever
+    ("already synced" on every later sync), and metrics logged later (export --confirm-seeds) never arrived. A
+    sync stopped after creating a run left it empty and RUNNING, and the next sync made a second copy."""
+    from autopeft.sync import sync
+    from autopeft.tracking import SYNCED_FROM_TAG
+
+    space = tmp_path / "space.yaml"
+    space.write_text("method: lora\n")
+    fallback = Tracker(f"sqlite:///{tmp_path / 'fallback.db'}")
+    parent = fallback.open_study_run("s", None, {"trials": 2}, str(space))
+    trial = fallback.start_trial_run(parent, "s", 0, {"r": 8})
+    fallback.log_metrics(trial, {"train_loss": 0.9}, step=1)
+    server = Tracker(f"sqlite:///{tmp_path / 'server.db'}")
+    assert sync(fallback.uri, server.uri).copied == 2
+
+    fallback.log_metrics(trial, {"train_loss": 0.5}, step=2)  # the search went on after the sync
+    fallback.end_trial_run(trial, "COMPLETE")
+    fallback.close_study_run(parent, {"completed_trials": 1})
+    again = sync(fallback.uri, server.uri)
+    assert (again.copied, again.completed, again.skipped) == (2, 2, 0)
+    runs = server.client.search_runs([server.experiment_id])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    copy = server.client.get_run(server.resolve(trial))
+    assert [m.value for m in server.client.get_metric_history(copy.info.run_id, "train_loss")] == [0.9, 0.5]
+    assert copy.data.tags["autopeft.state"] == "COMPLETE"
+    assert sync(fallback.uri, server.uri).copied == 0
+
+    stopped = Tracker(f"sqlite:///{tmp_path / 'stopped.db'}")  # what a sync stopped after its first run leaves
+    stopped.client.create_run(stopped.experiment_id, tags={SYNCED_FROM_TAG: parent})
+    assert sync(fallback.uri, stopped.uri).copied == 2
+    runs = stopped.client.search_runs([stopped.experiment_id])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    finished = stopped.client.get_run(stopped.resolve(parent))
+    assert finished.data.params["trials"] == "2" and finished.data.metrics["completed_trials"] == 1
