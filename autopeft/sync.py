@@ -5,6 +5,8 @@ has no copy of, and the records an earlier copy lacks (its source logged on afte
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 from dataclasses import dataclass
 
@@ -12,6 +14,8 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from autopeft.tracking import EXPERIMENT, MOVED_TAG, SYNCED_FROM_TAG, Tracker, fail_fast
+
+SYNCED_STATE_TAG = "autopeft.synced_state"  # on a complete copy: `source_state` of the run it was copied from
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,17 @@ def _own_tags(run: Run) -> dict[str, str]:
     return {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") or k == "mlflow.runName"}
 
 
+def source_state(run: Run) -> str:
+    """A digest of what the source run holds. Its copy is tagged with it once the copy is complete; a source that
+    logged on since (its search was still running, `export --confirm-seeds` added metrics) no longer matches. It
+    is compared with the source, never with the copy, which a resumed search may have logged to since."""
+    held = [run.info.status, run.info.end_time, sorted(run.data.params.items()), sorted(run.data.metrics.items()),
+            sorted(_own_tags(run).items())]
+    return hashlib.sha256(json.dumps(held).encode()).hexdigest()[:16]
+
+
 def _up_to_date(copy: Run, run: Run) -> bool:
-    """Whether the copy holds what the source run holds now. A run synced while its search was still logging (or
-    logged to later, as `export --confirm-seeds` does) has changed since its copy was made."""
-    return (copy.info.status == run.info.status and copy.info.end_time == run.info.end_time
-            and run.data.params.items() <= copy.data.params.items()
-            and run.data.metrics.items() <= copy.data.metrics.items() and _own_tags(run).items() <= copy.data.tags.items())
+    return copy.data.tags.get(SYNCED_STATE_TAG) == source_state(run)
 
 
 def _copy_run(source: MlflowClient, target: Tracker, run: Run, mapping: dict[str, str], copy: Run | None) -> str:
@@ -102,10 +111,11 @@ def _copy_run(source: MlflowClient, target: Tracker, run: Run, mapping: dict[str
         if source.list_artifacts(run.info.run_id):
             local = source.download_artifacts(run.info.run_id, "", folder)
             target.client.log_artifacts(run_id, local)
-    if run.info.status == "RUNNING":  # still logging: set_terminated would stamp an end time it does not have
-        target.client.update_run(run_id, status="RUNNING")
-    else:
+    # A copy's state only moves forward: a source still RUNNING leaves it as it is (a new copy is RUNNING), and a
+    # copy that has ended (a search resumed on the target closed it since) is not reopened or re-dated.
+    if run.info.status != "RUNNING" and (copy is None or copy.info.status == "RUNNING"):
         target.client.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
+    target.client.set_tag(run_id, SYNCED_STATE_TAG, source_state(run))  # last: the copy is complete
     return run_id
 
 

@@ -101,6 +101,13 @@ def test_sync_completes_a_copy_whose_source_logged_on_and_a_copy_a_stopped_sync_
     assert [m.value for m in server.client.get_metric_history(copy.info.run_id, "train_loss")] == [0.9, 0.5]
     assert copy.data.tags["autopeft.state"] == "COMPLETE"
     assert sync(fallback.uri, server.uri).copied == 0
+    # A search resumed on the server reopens the synced parent and logs on: later syncs leave it as it is.
+    study_run = server.open_study_run("s", parent, {"trials": 3}, str(space))
+    server.close_study_run(study_run, {"completed_trials": 2})
+    ended = server.client.get_run(study_run).info
+    assert sync(fallback.uri, server.uri).copied == 0
+    now = server.client.get_run(study_run)
+    assert (now.info.status, now.info.end_time, now.data.metrics["completed_trials"]) == ("FINISHED", ended.end_time, 2)
 
     stopped = Tracker(f"sqlite:///{tmp_path / 'stopped.db'}")  # what a sync stopped after its first run leaves
     stopped.client.create_run(stopped.experiment_id, tags={SYNCED_FROM_TAG: parent})
@@ -109,3 +116,4 @@ def test_sync_completes_a_copy_whose_source_logged_on_and_a_copy_a_stopped_sync_
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     finished = stopped.client.get_run(stopped.resolve(parent))
     assert finished.data.params["trials"] == "2" and finished.data.metrics["completed_trials"] == 1
+    assert sync(fallback.uri, stopped.uri).copied == 0  # complete now: not copied again
