@@ -855,31 +855,42 @@ def ui(
 
 
 def _port_in_use(host: str, port: int) -> str | None:
-    """Why the dashboard could not bind host:port (in use, say), or None when it can."""
+    """Why the dashboard could not bind host:port (in use, or a host this machine does not have), or None."""
     import socket
 
     try:
-        with socket.create_server((host, port)):
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # IPv6 for --host ::1
+        with socket.create_server((host, port), family=family):
             return None
+    except socket.gaierror as exc:
+        return exc.strerror or str(exc)
     except OSError as exc:
         return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill, the terminal closing
+
+
 def _serve(command: list[str]) -> int:
     """Run the dashboard until it exits or this process is stopped. It runs in a process group of its own (mlflow
-    starts a web server and a job runner under it), stopped as a whole however this process stops: Ctrl-C,
-    or a signal sent to this process alone, which once left the dashboard serving."""
+    starts a web server and job runners under it), stopped as a whole however this process stops: Ctrl-C, a
+    signal sent to this process alone, which once left the dashboard serving, or the terminal closing (the
+    group, a session of its own, gets no hang-up from it)."""
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    before = {sig: signal.signal(sig, stop) for sig in _STOPS}
     server = subprocess.Popen(command, start_new_session=True)
     try:
         return server.wait()
     except KeyboardInterrupt:
         return 0
     finally:
+        for sig in _STOPS:  # a second Ctrl-C must not cut the stop short and leave the group running
+            signal.signal(sig, signal.SIG_IGN)
         _stop_group(server)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _stop_group(server: subprocess.Popen[bytes]) -> None:

@@ -918,7 +918,7 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
         warm_start(study, runtime.space)
     tracker = Tracker(config.tracking_uri)
     on_stale.tracker = tracker
-    parent_attr = studies.parent_run_attr(study, config)
+    parent_attr = studies.parent_run_attr(study, config, holds=tracker.resolve)
     known_parent = study.user_attrs.get(parent_attr)
     parent = tracker.open_study_run(config.study, known_parent,
                                     {**config.public_dict(), **split_params(runtime.task), **package_versions()},

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,14 +126,18 @@ def load_for_worker(config: SearchConfig, on_stale: StaleTrialRetry | None = Non
     return study, joined, space
 
 
-def parent_run_attr(study: optuna.Study, config: SearchConfig) -> str:
-    """The study attribute that holds its MLflow parent run in the store this process logs to. The store the
-    study records keeps `mlflow_parent_run_id`, which report and export read. A worker told another
-    --tracking-uri keeps its own parent there under a key of that store: it once overwrote the study's pointer
-    (report then looked for the parent in the wrong store) and made each later worker open yet another parent."""
+def parent_run_attr(study: optuna.Study, config: SearchConfig, holds: Callable[[str], Any]) -> str:
+    """The study attribute that holds its MLflow parent run in the store this process logs to. The study's own
+    store (the one it records, or any store that `holds` its parent run: the same server by another name) keeps
+    `mlflow_parent_run_id`, which report and export read. A worker told another --tracking-uri keeps its own
+    parent there under a key of that store: it once overwrote the study's pointer (report then looked for the
+    parent in the wrong store) and made each later worker open yet another parent."""
     recorded = study.user_attrs.get("config", {}).get("tracking_uri")
     here = absolute_sqlite_url(redact_url(config.tracking_uri))
-    return "mlflow_parent_run_id" if recorded in (None, here) else f"mlflow_parent_run_id@{here}"
+    known = study.user_attrs.get("mlflow_parent_run_id")
+    if recorded in (None, here) or known is None or holds(known):
+        return "mlflow_parent_run_id"
+    return f"mlflow_parent_run_id@{here}"
 
 
 def recorded_tracking_uri(recorded: dict[str, Any]) -> str:

@@ -36,13 +36,17 @@ def autopeft_here(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
     from autopeft.cli import app
 
-    sigint, folder = signal.getsignal(signal.SIGINT), os.getcwd()  # a search installs its own Ctrl-C handler
+    # A search installs its own Ctrl-C handler, and commands set environment defaults (MLflow's retries, say) that
+    # later tests' subprocesses would inherit.
+    sigint, folder, environ = signal.getsignal(signal.SIGINT), os.getcwd(), dict(os.environ)
     os.chdir(cwd)
     try:
         done = CliRunner().invoke(app, list(args))
     finally:
         os.chdir(folder)
         signal.signal(signal.SIGINT, sigint)
+        os.environ.clear()
+        os.environ.update(environ)
     stderr = done.stderr
     if done.exception is not None and not isinstance(done.exception, SystemExit):
         stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(done.exception))
@@ -390,6 +394,24 @@ def test_local_workers_read_the_searchs_target_and_share_its_step_budget_and_the
     assert "worker done" not in again.stdout  # no worker was started (each loaded the model to do nothing)
 
 
+def test_the_workers_fallback_store_counts_when_it_was_written_during_the_search(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What tells the summary of `search --workers N` that a worker fell back: the fallback store in the folder the
+    workers ran in, written since the search began (an older one is another search's)."""
+    import datetime
+
+    from autopeft.cli import _fallback_written_since
+
+    monkeypatch.chdir(tmp_path)
+    began = datetime.datetime.now()
+    assert _fallback_written_since(began) is None
+    store = tmp_path / "mlflow-fallback.db"
+    store.write_bytes(b"")
+    os.utime(store, (began.timestamp() - 60, began.timestamp() - 60))
+    assert _fallback_written_since(began) is None
+    os.utime(store, (began.timestamp() + 1, began.timestamp() + 1))
+    assert _fallback_written_since(began) == "sqlite:///mlflow-fallback.db"
+
 def test_a_search_that_completes_no_trial_exits_1(tmp_path: Path, tiny_search_args: list[str]) -> None:
     """Every trial of this space fails (more virtual tokens than the tiny model has positions): the search stops,
     says why, and a script running it must see that it produced nothing; it exited 0."""
@@ -732,9 +754,8 @@ def test_ui_serves_the_store_on_localhost_refuses_a_busy_port_and_stops_whole(tm
         assert '"autopeft"' in body
         if stop == "ctrl-c":
             busy = autopeft_here("ui", "--port", str(port), cwd=tmp_path)
-            assert busy.returncode == 2 and busy.stdout == ""
-            assert busy.stderr == f"error: --port: 127.0.0.1:{port} cannot be served: Address already in use; choose " \
-                                  "a free one with --port\n"
+            assert busy.returncode == 2 and busy.stdout == "" and len(busy.stderr.strip().splitlines()) == 1
+            assert f"--port: 127.0.0.1:{port} cannot be served: Address already in use; choose a free one" in busy.stderr
             os.killpg(server.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends: autopeft's process group
         else:
             server.send_signal(signal.SIGTERM)
