@@ -46,6 +46,7 @@ import bz2
 import functools
 import html
 import importlib.util
+import math
 import random
 import re
 import xml.etree.ElementTree as ET
@@ -200,7 +201,7 @@ class RepresentationDrift:
 
     def forgetting(self, model: nn.Module, device: torch.device | None = None) -> float:
         base = _require(self.base, self.name)
-        return max(0.0, 1.0 - linear_cka(base, self.representations(model, device)))
+        return floored(1.0 - linear_cka(base, self.representations(model, device)))
 
     def score(self, model: nn.Module, device: torch.device | None = None,
               measured: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -259,7 +260,7 @@ class LinearProbe:
         accuracy = self.accuracy(model, device)
         # Floored at 0: a probe that reads the articles better than the base's is no forgetting (the accuracy
         # itself is logged); the search should not chase probe noise upwards.
-        lost = max(0.0, (base - accuracy) / base) if base > 0 else 0.0
+        lost = floored((base - accuracy) / base) if base > 0 else 0.0
         return {"linear_probe_accuracy": accuracy, self.forgetting_key: lost}
 
     def base_state(self) -> dict[str, Any]:
@@ -292,6 +293,12 @@ def tied_head(model: nn.Module, tied: bool) -> torch.Tensor | None:
     return model.get_input_embeddings().weight if tied else None
 
 
+def floored(value: float) -> float:
+    """max(0, value), with NaN kept: max(0.0, nan) is 0.0, which scored a model whose outputs are not finite as
+    one that forgot nothing (the trial completed, and exported, instead of failing as non-finite)."""
+    return value if math.isnan(value) else max(0.0, value)
+
+
 class PerplexityIncrease:
     """forgetting = perplexity of general text under the adapted model / under the base - 1 (floored at 0)."""
 
@@ -318,7 +325,9 @@ class PerplexityIncrease:
             batch = {k: v.to(device) for k, v in collate(self.split, rows, self.pad_id).items()}
             width = batch["input_ids"].shape[1]
             logits = lm_logits(model, batch["input_ids"], batch["attention_mask"], keep=width, output_weight=weight)
-            targets = batch["labels"][:, 1:]
+            # A left-padded row's first token would be scored from a pad position's output (rows that share a
+            # batch with longer ones); masked, the score no longer depends on how rows are batched.
+            targets = batch["labels"][:, 1:].masked_fill(batch["attention_mask"][:, :-1] == 0, -100)
             total += float(torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                 ignore_index=-100, reduction="sum"))
@@ -334,7 +343,7 @@ class PerplexityIncrease:
         base = _require(self.base, self.name)
         value = self.perplexity(model, device)
         change = value / base - 1.0
-        return {"perplexity": value, "perplexity_change": change, self.forgetting_key: max(0.0, change)}
+        return {"perplexity": value, "perplexity_change": change, self.forgetting_key: floored(change)}
 
     def base_state(self) -> dict[str, Any]:
         return {"perplexity": _require(self.base, self.name), "tied": self.tied}
@@ -382,7 +391,7 @@ class FactualRecall:
         top, soft = self.recall(model, device)
         retention = top / base if base > 0 else 1.0  # a base that recalls nothing has nothing to lose
         return {"recall_accuracy": top, "recall_probability": soft, "recall_retention": retention,
-                self.forgetting_key: max(0.0, 1.0 - retention)}
+                self.forgetting_key: floored(1.0 - retention)}
 
     def base_state(self) -> dict[str, Any]:
         return {"recall": _require(self.base, self.name), "tied": self.tied}

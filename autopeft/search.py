@@ -190,10 +190,15 @@ def probe_cache(config: SearchConfig) -> Path:
     return Path(config.artifacts_dir) / config.study / "probe-base.pt"
 
 
+PROBE_SCORING = 2  # raised when a probe scores differently: 2, the perplexity no longer scores tokens after padding
+
+
 def probe_cache_key(config: SearchConfig, task: TaskData) -> str:
+    """What the cached base scores were computed from: another key computes them again."""
     split = task.describe()
     return (f"{config.model}|{config.seed}|{config.task_type}|{config.max_length}|{config.ood_task}|"
-            f"{split['train_fingerprint']}|{split['validation_fingerprint']}|{split.get('ood_fingerprint')}")
+            f"{split['train_fingerprint']}|{split['validation_fingerprint']}|{split.get('ood_fingerprint')}|"
+            f"scoring {PROBE_SCORING}")
 
 
 def refuse_encoder(name: str, model: nn.Module) -> None:

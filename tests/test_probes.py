@@ -128,6 +128,22 @@ def test_perplexity_increase_is_zero_for_the_base_and_grows_with_damage(tiny_cau
     assert small["perplexity"] > probe.base
 
 
+
+def test_perplexity_does_not_depend_on_how_rows_are_batched_and_nan_outputs_are_not_zero_forgetting(
+        tiny_causal_models: dict[str, Path]) -> None:
+    """A left-padded row's first token was scored from a pad position, so a smaller evaluation batch (a memory
+    budget's) changed the base model's perplexity. A model with non-finite outputs scored forgetting 0."""
+    import math
+
+    model, tokenizer = _causal(tiny_causal_models["llama"])
+    batched, alone = (PerplexityIncrease(tokenizer, n_texts=6, max_length=48, batch_size=size) for size in (8, 1))
+    assert batched.perplexity(model) == pytest.approx(alone.perplexity(model), rel=1e-5)
+    batched.fit_base(model)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        next(p for p in broken.parameters() if p.dim() == 2).fill_(float("nan"))
+    assert math.isnan(batched.score(broken)["perplexity_increase"])
+
 def test_perplexity_of_a_decoder_classifier_uses_the_tied_lm_head(tiny_causal_models: dict[str, Path]) -> None:
     model, tokenizer = _causal(tiny_causal_models["llama"])
     classifier, class_tokenizer = load_classifier(str(tiny_causal_models["llama"]), 2, seed=0)
