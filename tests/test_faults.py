@@ -171,14 +171,14 @@ def test_a_waiting_worker_outlasts_a_trial_whose_worker_dies_late(tmp_path: Path
     assert study.trials[other.number].state == optuna.trial.TrialState.FAIL
 
 
-def test_ctrl_c_while_a_trial_waits_for_its_place_records_it_as_interrupted(tmp_path: Path) -> None:
+def test_ctrl_c_while_a_trial_waits_for_its_place_records_it_as_interrupted(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """`search --workers 2 --trials 1`: the second worker's trial waits while the first runs. A Ctrl-C then
     failed it with no reason, and the summary's "interrupted:" line named only the running trial."""
-    import _thread
-    import threading
     from types import SimpleNamespace
 
     from autopeft import interrupt
+    from autopeft import study as studies
     from autopeft.search import Objective
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'wait.db'}")
@@ -187,17 +187,18 @@ def test_ctrl_c_while_a_trial_waits_for_its_place_records_it_as_interrupted(tmp_
     objective = Objective(SimpleNamespace(config=SimpleNamespace(trials=1, heartbeat_seconds=30, max_total_steps=None)),
                           None, "")
 
-    def ctrl_c() -> None:  # what the signal handler does: set the flag, raise in the main thread
+    def ctrl_c(*args: object) -> bool:  # the Ctrl-C lands in the wait: the signal handler sets the flag and raises
         interrupt.REQUESTED.set()
-        _thread.interrupt_main()
+        raise KeyboardInterrupt
 
-    threading.Timer(1.0, ctrl_c).start()
+    monkeypatch.setattr(studies, "may_start", ctrl_c)
     try:
         with pytest.raises(KeyboardInterrupt):
             objective._wait_for_a_place(ours)
     finally:
         interrupt.REQUESTED.clear()
     assert study.trials[ours.number].user_attrs["fail_reason"] == "interrupted"
+
 
 def test_a_dead_workers_configuration_queued_while_a_trial_waits_runs_in_that_trials_place(tmp_path: Path) -> None:
     """The trial that waited for the dead worker's place was already created when the configuration was queued
