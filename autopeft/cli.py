@@ -32,7 +32,7 @@ from autopeft.config import (
     parse_memory,
     redact_url,
 )
-from autopeft.errors import AutopeftError, ConfigError
+from autopeft.errors import AutopeftError, ConfigError, first_line
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
@@ -820,7 +820,7 @@ def _parent_run(tracking_uri: str, parent: str, logged_to: str | None) -> str:
         experiment = client.get_experiment_by_name(EXPERIMENT)
         copy = synced_copy(client, experiment.experiment_id, parent) if experiment else None
     except Exception as exc:  # noqa: BLE001 -- a server that does not answer, however MLflow says it
-        _fail(f"--tracking-uri: cannot read {redact_url(tracking_uri)}: {str(exc).splitlines()[0][:200]}")
+        _fail(f"--tracking-uri: cannot read {redact_url(tracking_uri)}: {first_line(exc, 200)}")
     if copy:
         return copy
     if elsewhere:
@@ -922,15 +922,11 @@ def sync_stores(
     try:
         result = sync(source, target)
     except SourceUnreadable as exc:
-        _fail(f"--source: cannot read {redact_url(source)}: {_first_line(exc)}")
+        _fail(f"--source: cannot read {redact_url(source)}: {first_line(exc, 200)}")
     except Exception as exc:  # noqa: BLE001 -- an unreachable target, whatever the store raises: say so in one line
-        _fail(f"--target: cannot sync into {redact_url(target)}: {_first_line(exc)}")
+        _fail(f"--target: cannot sync into {redact_url(target)}: {first_line(exc, 200)}")
     held = f"{result.completed} of them completing runs it held; " if result.completed else ""
     console.print(f"copied {result.copied} runs to {redact_url(target)} ({held}{result.skipped} already synced)")
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 @app.command("methods")

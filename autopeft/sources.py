@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from autopeft.errors import DataError
+from autopeft.errors import DataError, first_line
 
 PACKAGED_TASKS = ("rotten_tomatoes",)
 SUFFIXES = (".csv", ".jsonl", ".parquet")
@@ -128,7 +128,7 @@ def read_table(path: Path, columns: Columns, option: str) -> pd.DataFrame:
     try:
         frame = readers[path.suffix.lower()](path)
     except Exception as exc:  # a malformed file: name it instead of showing a parser traceback
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = first_line(exc)
         if path.suffix.lower() == ".jsonl":
             message = _bad_json_line(path) or message
         raise DataError(f"{option}: cannot read {path}: {message}") from exc
@@ -251,7 +251,7 @@ def _hub(task: str, columns: Columns, option: str) -> Source:
     try:
         loaded = datasets.load_dataset(name, config or None)
     except Exception as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = first_line(exc)
         raise DataError(f"{option}: {task!r} is not a local file or folder, and loading it as a hub dataset failed: "
                         f"{message}") from exc
     frames, origins, locations = {}, {}, {}

@@ -18,7 +18,7 @@ import optuna
 import yaml
 
 from autopeft import methods
-from autopeft.errors import ConfigError
+from autopeft.errors import ConfigError, first_line
 from autopeft.methods import ParamSpec
 from autopeft.train import OPTIMIZERS, PRECISIONS, SCHEDULERS
 
@@ -396,4 +396,4 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
     """A YAML error in one line: where and what (PyYAML's own message quotes the text over several)."""
     mark = getattr(exc, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    return f"not valid YAML{where}: {getattr(exc, 'problem', None) or str(exc).splitlines()[0]}"
+    return f"not valid YAML{where}: {getattr(exc, 'problem', None) or first_line(exc)}"

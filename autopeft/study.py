@@ -25,7 +25,7 @@ from autopeft.config import (
     sqlite_file,
 )
 from autopeft.data import TaskData
-from autopeft.errors import StudyError
+from autopeft.errors import StudyError, first_line
 from autopeft.space import SearchSpace, parse_space
 
 DIRECTION = {"accuracy": "maximize", "forgetting": "minimize", "memory": "minimize", "trainable_params": "minimize"}
@@ -61,8 +61,7 @@ def connect(config: SearchConfig, on_stale: StaleTrialRetry | None = None) -> op
                                               heartbeat_stale_trial_callback=on_stale)
         return optuna.storages.get_storage(config.storage)
     except Exception as exc:  # a bad URL, a missing driver or an unreachable server
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise StudyError(f"--storage: cannot open {redact_url(config.storage)}: {message}") from exc
+        raise StudyError(f"--storage: cannot open {redact_url(config.storage)}: {first_line(exc)}") from exc
 
 
 def _make_sqlite_folder(url: str) -> None:

@@ -18,6 +18,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from autopeft.config import sqlite_file
+from autopeft.errors import first_line
 
 EXPERIMENT = "autopeft"
 MOVED_TAG = "autopeft.moved_from"  # on a fallback run that replaces a run begun on the server: that run's id
@@ -101,7 +102,7 @@ class Tracker:
                 EXPERIMENT, artifact_location=artifact_location(uri))
 
     def _fall_back(self, exc: BaseException) -> None:
-        warnings.warn(f"MLflow tracking at {self.intended_uri} is unreachable ({str(exc).splitlines()[0][:200]}); "
+        warnings.warn(f"MLflow tracking at {self.intended_uri} is unreachable ({first_line(exc, 200)}); "
                       f"logging to {self.fallback_uri} instead. Copy it over later with: autopeft sync "
                       f"--source {self.fallback_uri} --target {self.intended_uri}", TrackingFallbackWarning,
                       stacklevel=3)

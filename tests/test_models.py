@@ -41,3 +41,26 @@ def test_the_position_limit_is_the_positions_a_table_gives_not_its_rows() -> Non
     with pytest.raises((IndexError, RuntimeError)):  # the table, or a buffer of as many positions, runs out
         roberta(torch.ones(1, 33, dtype=torch.long) * 5)
     assert position_table_rows(BertModel(BertConfig(**shape, max_position_embeddings=34))) == 34
+
+
+@pytest.mark.parametrize(("raised", "reason"), [
+    (OSError("\nThe checkpoint is incomplete.\n  (details follow)"), "The checkpoint is incomplete."),
+    (OSError(), "OSError"),
+])
+def test_a_model_that_fails_to_load_is_refused_in_one_line_whatever_its_error_says(
+        tiny_bert: Path, monkeypatch, raised: OSError, reason: str) -> None:
+    """A library error that opens with a blank line, or has no message at all, still gives the one-line
+    refusal naming --model (a blank message once raised IndexError instead: a traceback, exit code 1)."""
+    import transformers
+
+    from autopeft.errors import ModelError
+    from autopeft.search import failure
+
+    def refuse(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    with pytest.raises(ModelError) as refused:
+        load_classifier(str(tiny_bert), 2, seed=0)
+    assert str(refused.value) == f"--model: cannot load {str(tiny_bert)!r}: {reason}"
+    assert failure(ValueError()) == "ValueError"  # a trial's reason: no dangling "ValueError: "
