@@ -197,6 +197,7 @@ def fit(model: nn.Module, data: TokenizedSplit, settings: TrainSettings, *, pad_
             result.examples += len(batch["input_ids"])
         result.overflow_steps += _optimizer_step(optimizer, scaler, params, settings.max_grad_norm)
         result.losses.append(step_loss)
+        _require_finite_weights(params, len(result.losses))
         result.learning_rates.append(scheduler.get_last_lr()[0])
         scheduler.step()
         if after_step is not None:
@@ -220,6 +221,15 @@ def _enable_checkpointing(model: nn.Module) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
+
+
+def _require_finite_weights(params: list[nn.Parameter], step: int) -> None:
+    # A finite loss can still give an update that overflows the weights (a huge learning rate, or clipping
+    # disabled). Caught here, the trial fails with this reason before a mid-training evaluation or a probe
+    # meets NaN outputs (the next step's loss check comes too late for the last step).
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise TrialFailed(f"non-finite weights after optimizer step {step}: the update overflowed "
+                          "(a lower learning rate, or gradient clipping, may train)")
 
 
 def _count_targets(batch: dict[str, torch.Tensor]) -> int:
