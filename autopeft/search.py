@@ -644,23 +644,37 @@ def _skip_if_tried(trial: optuna.Trial, flat: dict[str, Any]) -> None:
 
 
 def warm_start(study: optuna.Study, space: SearchSpace) -> None:
-    """Enqueue the default recipe, keeping only the values the space can express."""
-    if "lora" not in space.method_names():
-        return
+    """Enqueue the default recipe, keeping only the values the space can express (a space without LoRA is
+    refused before the search starts)."""
     dims = {d.name: d for d in (space.method, *space.training_dims.values(), *space.method_dims["lora"].values())}
     dims.update(space.training_overrides.get("lora", {}))  # e.g. "learning_rate" -> the dim named lora.learning_rate
-    fixed, outside = {}, []
+    fixed, outside, held = {}, [], []
     for name, value in DEFAULT_RECIPE.items():
         dim = dims.get(name)
-        if dim is None or dim.kind == "fixed":
+        if dim is None or dim.kind == "fixed":  # not searched: the trial runs the space's value, or the default
+            used = _unsearched_value(name) if dim is None else dim.value
+            if used != value:
+                held.append(f"{name} {_shown(used)} instead of {_shown(value)}")
             continue
         if dim.kind == "categorical" and value not in dim.choices or \
                 dim.kind in ("int", "float") and not dim.low <= value <= dim.high:
-            outside.append(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}")
+            outside.append(f"{name} {_shown(value)}")
             continue
         fixed[dim.name] = value
-    label = "default LoRA recipe" + (f", but for {', '.join(outside)} (outside the space: sampled)" if outside else "")
+    # The label says where the trial is not the recipe, so a user comparing against it is not misled.
+    differences = ([f"{', '.join(outside)} (outside the space: sampled)"] if outside else []) + \
+        ([f"{', '.join(held)} (not searched by the space)"] if held else [])
+    label = "default LoRA recipe" + (f", but for {'; '.join(differences)}" if differences else "")
     study.enqueue_trial(fixed, user_attrs={"warm_start": label})
+
+
+def _unsearched_value(name: str) -> Any:
+    method, dot, param = name.partition(".")
+    return methods.get(method).params[param].default if dot else TRAINING_PARAMS[name].default
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @dataclass(frozen=True)
@@ -851,6 +865,9 @@ def check_before_loading(config: SearchConfig) -> SearchSpace:
     """The space, and a resumed study's settings, checked in well under a second: before any model or data loads."""
     space = load_space(config.space)
     problems = new_search_problems(config)
+    if config.warm_start and "lora" not in space.method_names():  # the recipe could not be its first trial
+        problems.append(f"--warm-start: the default recipe is LoRA, and {config.space} searches "
+                        f"{', '.join(space.method_names())} only; add lora to its methods, or drop --warm-start")
     if problems:
         raise ConfigError(problems)
     if config.sampler == "grid":

@@ -208,6 +208,32 @@ def test_warm_start_tries_the_default_lora_recipe_first(runtime: Runtime, tmp_pa
             first.params["lora.target_modules"]) == ("lora", 8, 16.0, "qv")
 
 
+def test_warm_start_names_every_recipe_value_the_space_does_not_search(runtime: Runtime, tmp_path: Path) -> None:
+    """A space that fixes a recipe setting to another value, or leaves one out (the default is then trained),
+    runs the recipe with that value: the label said "default LoRA recipe" all the same."""
+    space = tmp_path / "fixed.yaml"
+    space.write_text("method: [lora, ia3]\ntraining:\n  micro_batch_size: 8\nmethods:\n  lora:\n    r: 4\n"
+                     "    alpha: [8, 16]\n")
+    first = search(runtime, tmp_path, warm_start=True, trials=1, space=str(space)).trials[0]
+    assert first.user_attrs["warm_start"] == ("default LoRA recipe, but for lora.r 4 instead of 8, "
+                                              "learning_rate 0.001 instead of 0.0002 (not searched by the space)")
+    assert (first.params["method"], first.params["lora.alpha"]) == ("lora", 16)
+
+
+def test_warm_start_on_a_space_without_lora_is_refused_before_anything_loads(tmp_path: Path, tiny_bert: Path) -> None:
+    """It was silently ignored: the search ran without the recipe it promised not to end below."""
+    from autopeft.search import check_before_loading
+
+    space = tmp_path / "ia3.yaml"
+    space.write_text("method: ia3\ntraining:\n  learning_rate: [1.0e-3, 1.0e-2]\n")
+    config = tiny_config(tmp_path, tiny_bert, space=str(space), warm_start=True)
+    with pytest.raises(ConfigError) as refused:
+        check_before_loading(config)
+    assert str(refused.value) == (f"--warm-start: the default recipe is LoRA, and {space} searches ia3 only; add "
+                                  "lora to its methods, or drop --warm-start")
+    assert not (tmp_path / "o.db").exists()
+
+
 def test_warm_start_on_a_resumed_study_that_never_had_it_tries_the_recipe_once(runtime: Runtime,
                                                                                  tmp_path: Path) -> None:
     search(runtime, tmp_path, trials=1)
