@@ -367,10 +367,12 @@ def positions_problem(runtime: Runtime, params: TrialParams) -> str | None:
     extra, longest = added(params.method_params), runtime.longest_input
     if longest + extra <= rows:
         return None
-    fixes = [f"--max-length {rows - extra} or less"] if rows > extra else []
+    answers = runtime.answer_tokens  # a causal LM's answer follows a prompt of up to --max-length tokens
+    fixes = [f"--max-length {rows - extra - answers} or less"] if rows > extra + answers else []
     fixes += [f"num_virtual_tokens {rows - longest} or less"] if rows > longest else []
-    return (f"{params.method}: {extra} virtual tokens + the longest row's {longest} tokens need {longest + extra} "
-            f"positions; the model has {rows}" + (f": use {' or '.join(fixes)}" if fixes else ""))
+    what = "task row with its answer, or probe text" if answers else "task row or probe text"
+    return (f"{params.method}: {extra} virtual tokens + the longest input's {longest} tokens ({what}) need "
+            f"{longest + extra} positions; the model has {rows}" + (f": use {' or '.join(fixes)}" if fixes else ""))
 
 
 INTERMEDIATE_ROWS = 256  # a mid-training check on a slice of validation: cheap, and enough to see a trend

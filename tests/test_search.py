@@ -251,9 +251,31 @@ def test_prompt_tuning_past_the_models_position_table_fails_its_trial_with_the_l
                               train_size=20, val_size=10, test_size=10,
                               max_consecutive_failures=1)).study
     assert study.trials[0].user_attrs["fail_reason"] == (
-        "prompt: 40 virtual tokens + the longest row's 100 tokens need 140 positions; the model has 128: "
+        "prompt: 40 virtual tokens + the longest input's 100 tokens (task row or probe text) need 140 positions; "
+        "the model has 128: "
         "use --max-length 88 or less or num_virtual_tokens 28 or less")
     assert study.trials[0].user_attrs["steps_trained"] == 0
+
+
+def test_prompt_tuning_past_a_causal_lms_position_table_suggests_a_max_length_that_fits(
+        tmp_path: Path, tiny_bert: Path, tiny_causal_models: dict) -> None:
+    """A causal LM's evaluation puts the answer after a prompt of up to --max-length tokens: the suggested
+    --max-length left the answer out, so the search it suggested failed again."""
+    import re
+
+    space = tmp_path / "one.yaml"
+    space.write_text("method: prompt\nmethods:\n  prompt:\n    num_virtual_tokens: 40\n")
+    task = tmp_path / "long.csv"
+    task.write_text("text,label\n" + "".join(f"{'word ' * 150}{i},{i % 2}\n" for i in range(40)))
+    causal = {"model": str(tiny_causal_models["gpt2"]), "task_type": "causal_lm", "space": str(space),
+              "task": str(task), "train_size": 20, "val_size": 10, "test_size": 10, "max_consecutive_failures": 1}
+    refused = run_search(config(tmp_path, tiny_bert, trials=1, max_length=100, **causal)).study.trials[0]
+    reason = refused.user_attrs["fail_reason"]
+    assert "(task row with its answer, or probe text)" in reason, reason
+    suggested = int(re.search(r"--max-length (\d+) or less", reason).group(1))
+    (tmp_path / "again").mkdir()
+    again = run_search(config(tmp_path / "again", tiny_bert, trials=1, max_length=suggested, **causal)).study
+    assert again.trials[0].state == optuna.trial.TrialState.COMPLETE, again.trials[0].user_attrs.get("fail_reason")
 
 
 def test_package_versions_name_mlflow_skinny_and_missing_packages(monkeypatch) -> None:

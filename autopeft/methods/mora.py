@@ -211,7 +211,7 @@ register(Method(
     summary="High-rank square update M between parameter-free compress/decompress maps, LoRA's budget (own).",
     params={
         "r": ParamSpec("int", 8, "the LoRA rank whose parameter count M matches: "
-                       "M's side is floor(sqrt((d_in + d_out) * r))", low=1, high=1024),
+                       "M's side is floor(sqrt((d_in + d_out) * r)), at most min(d_in, d_out)", low=1, high=1024),
         "target_modules": ParamSpec("choice", "qv", "which linear layers get an update",
                                     choices=tuple(TARGET_SETS)),
         "compression": ParamSpec("choice", "rotation", "how inputs are compressed to M's side and outputs "
