@@ -42,5 +42,9 @@ class TrialFailed(Exception):
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's message on one line, for a one-line refusal or failure reason: its first non-blank line
     (libraries often open with a newline or follow with a traceback-like dump), else its type's name."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 -- a broken __str__ must not turn one failed trial into a crashed search
+        text = ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return (lines[0] if lines else type(exc).__name__)[:limit]

@@ -186,6 +186,7 @@ class RepresentationDrift:
 
     name = "representation_drift"
     forgetting_key = "representation_drift"
+    own_length = True  # its texts are cut at its own max_length, whatever --max-length says
 
     def __init__(self, tokenizer: Any, *, n_texts: int = 96, max_length: int = 96, seed: int = 0) -> None:
         self.texts = _sample_texts(n_texts, seed)
@@ -224,6 +225,7 @@ class LinearProbe:
 
     name = "linear_probe"
     forgetting_key = "linear_probe_forgetting"
+    own_length = True  # its paragraphs are cut at its own max_length, whatever --max-length says
 
     def __init__(self, tokenizer: Any, *, n_articles: int = 16, per_article: int = 8, max_length: int = 48,
                  seed: int = 0) -> None:
@@ -550,9 +552,11 @@ class ProbeSet:
     def names(self) -> list[str]:
         return [p.name for p in self.probes]
 
-    def longest_input(self) -> int:
-        """Tokens in the longest row a probe feeds the model (its texts, or the task's splits it evaluates)."""
-        splits = [v for p in self.probes for v in vars(p).values() if isinstance(v, TokenizedSplit) and len(v)]
+    def longest_input(self, *, own_length_only: bool = False) -> int:
+        """Tokens in the longest row a probe feeds the model (its texts, or the task's splits it evaluates);
+        `own_length_only`: of the probes whose texts keep their length whatever --max-length says."""
+        probes = [p for p in self.probes if getattr(p, "own_length", False) or not own_length_only]
+        splits = [v for p in probes for v in vars(p).values() if isinstance(v, TokenizedSplit) and len(v)]
         return max((max(split.lengths()) for split in splits), default=0)
 
     def fit_base(self, base_model: nn.Module, device: torch.device | None = None, *,

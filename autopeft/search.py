@@ -51,7 +51,15 @@ from autopeft.sources import Columns
 from autopeft.space import TRAINING_PARAMS, SearchSpace, TrialParams, load_space
 from autopeft.stopping import SearchStops
 from autopeft.tracking import Tracker
-from autopeft.train import LossFn, TrainResult, TrainSettings, causal_lm_loss, classification_loss, fit
+from autopeft.train import (
+    LossFn,
+    TrainResult,
+    TrainSettings,
+    causal_lm_loss,
+    classification_loss,
+    fit,
+    require_finite_weights,
+)
 from autopeft.verbalizer import (
     causal_format,
     default_label_words,
@@ -104,9 +112,13 @@ class Runtime:
         causal LM's evaluation puts any answer after a row's prompt (ranking every label word, or generating up
         to the longest and an end token): its rows are counted with the longest answer again, an upper bound.
         Once per process: the runtime never changes."""
-        answers = self.answer_tokens
-        return max(*(max(split.lengths(), default=0) + answers for split in (self.train, self.validation, self.test)),
-                   self.probes.longest_input())
+        return max(self.longest_task_input, self.probes.longest_input())
+
+    @functools.cached_property
+    def longest_task_input(self) -> int:
+        """Tokens in the longest task row the model is given, with a causal LM's answer (see longest_input)."""
+        return max(max(split.lengths(), default=0) + self.answer_tokens
+                   for split in (self.train, self.validation, self.test))
 
     @property
     def answer_tokens(self) -> int:
@@ -368,9 +380,12 @@ def positions_problem(runtime: Runtime, params: TrialParams) -> str | None:
     if longest + extra <= rows:
         return None
     answers = runtime.answer_tokens  # a causal LM's answer follows a prompt of up to --max-length tokens
-    fixes = [f"--max-length {rows - extra - answers} or less"] if rows > extra + answers else []
+    # A shorter --max-length helps only if the probe texts cut at their own length fit beside the virtual tokens.
+    shortens = rows > extra + answers and runtime.probes.longest_input(own_length_only=True) + extra <= rows
+    fixes = [f"--max-length {rows - extra - answers} or less"] if shortens else []
     fixes += [f"num_virtual_tokens {rows - longest} or less"] if rows > longest else []
-    what = "task row with its answer, or probe text" if answers else "task row or probe text"
+    what = "a probe text" if runtime.longest_task_input < longest else \
+        "a task row with its answer" if answers else "a task row"
     return (f"{params.method}: {extra} virtual tokens + the longest input's {longest} tokens ({what}) need "
             f"{longest + extra} positions; the model has {rows}" + (f": use {' or '.join(fixes)}" if fixes else ""))
 
@@ -408,6 +423,7 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
     def check_progress(step: int, trained: nn.Module) -> None:
         steps_done[0] = step
         if step in due_at:
+            require_finite_weights(trained, step)
             began = time.perf_counter()
             accuracy, score = runtime.evaluate.progress(trained, subset, runtime.device)
             intermediate.append((step, accuracy))
@@ -646,8 +662,9 @@ def _skip_if_tried(trial: optuna.Trial, flat: dict[str, Any]) -> None:
 
 
 def warm_start(study: optuna.Study, space: SearchSpace) -> None:
-    """Enqueue the default recipe, keeping only the values the space can express (a space without LoRA is
-    refused before the search starts)."""
+    """Enqueue the default recipe, keeping only the values the space can express."""
+    if "lora" not in space.method_names():  # refused before a search starts; a study recorded before that was not
+        return
     dims = {d.name: d for d in (space.method, *space.training_dims.values(), *space.method_dims["lora"].values())}
     dims.update(space.training_overrides.get("lora", {}))  # e.g. "learning_rate" -> the dim named lora.learning_rate
     fixed, outside, held = {}, [], []

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
+from autopeft.errors import first_line
 from autopeft.tracking import EXPERIMENT, MOVED_TAG, SYNCED_FROM_TAG, Tracker, fail_fast
 
 SYNCED_STATE_TAG = "autopeft.synced_state"  # on a complete copy: `source_state` of the run it was copied from
@@ -36,7 +37,7 @@ def sync(source_uri: str, target_uri: str) -> SyncResult:
         experiment = source.get_experiment_by_name(EXPERIMENT)
         runs = source.search_runs([experiment.experiment_id], max_results=50000) if experiment else []
     except Exception as exc:
-        raise SourceUnreadable(str(exc)) from exc
+        raise SourceUnreadable(first_line(exc)) from exc
     if not runs:
         return SyncResult(0, 0)
     target = Tracker(target_uri, fallback_uri=None)  # no fallback for the target itself

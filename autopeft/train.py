@@ -197,7 +197,6 @@ def fit(model: nn.Module, data: TokenizedSplit, settings: TrainSettings, *, pad_
             result.examples += len(batch["input_ids"])
         result.overflow_steps += _optimizer_step(optimizer, scaler, params, settings.max_grad_norm)
         result.losses.append(step_loss)
-        _require_finite_weights(params, len(result.losses))
         result.learning_rates.append(scheduler.get_last_lr()[0])
         scheduler.step()
         if after_step is not None:
@@ -212,6 +211,7 @@ def fit(model: nn.Module, data: TokenizedSplit, settings: TrainSettings, *, pad_
     if settings.max_steps and result.overflow_steps == settings.max_steps:  # the adapter is still its init
         raise TrialFailed(f"fp16 overflow: the loss scaler skipped all {settings.max_steps} optimizer steps "
                           "(gradients never finite), so nothing was trained; a lower learning rate or bf16 may train")
+    require_finite_weights(model, len(result.losses))  # a later step's loss check cannot catch the last step's
     result.final_loss_scale = scaler.get_scale() if scaler.is_enabled() else None
     model.eval()
     return result
@@ -223,11 +223,14 @@ def _enable_checkpointing(model: nn.Module) -> None:
     base.config.use_cache = False
 
 
-def _require_finite_weights(params: list[nn.Parameter], step: int) -> None:
-    # A finite loss can still give an update that overflows the weights (a huge learning rate, or clipping
-    # disabled). Caught here, the trial fails with this reason before a mid-training evaluation or a probe
-    # meets NaN outputs (the next step's loss check comes too late for the last step).
-    if not all(bool(torch.isfinite(p).all()) for p in params):
+def require_finite_weights(model: nn.Module, step: int) -> None:
+    """Fail the trial if an update sent a trained weight to inf or NaN. A finite loss can still give such an
+    update (a huge learning rate, or clipping disabled); the next step's loss check would catch it, but not
+    after the last step, nor before a mid-training evaluation: there NaN outputs failed the trial with
+    scikit-learn's "Input contains NaN". Checked only where a model is about to be scored: a check every
+    step costs a full fine-tune a pass over all its weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if params and not bool(torch.stack([torch.isfinite(p).all().to(params[0].device) for p in params]).all()):
         raise TrialFailed(f"non-finite weights after optimizer step {step}: the update overflowed "
                           "(a lower learning rate, or gradient clipping, may train)")
 

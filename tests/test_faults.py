@@ -280,3 +280,17 @@ def test_steps_a_failed_trial_trained_count_against_the_step_budget(
                                             max_consecutive_failures=10))
     assert [t.user_attrs["steps_trained"] for t in summary.study.trials] == [2, 2]  # a third could need 3 more
     assert summary.stopped_reason and "4 of 6 steps spent (too few left for another 3-step trial)" in summary.stopped_reason
+
+
+def test_a_failed_trials_reason_is_one_line_whatever_the_exception_says() -> None:
+    """The reason recorded on a failed trial: no dangling "ValueError: " for an empty message, and an exception
+    whose own __str__ fails is still a reason (it ended the whole search with a traceback instead)."""
+    from autopeft.search import failure
+
+    class Unprintable(RuntimeError):
+        def __str__(self) -> str:
+            raise TypeError("no")
+
+    assert failure(ValueError()) == "ValueError"
+    assert failure(ValueError("\n  bad shape\n  details")) == "ValueError: bad shape"
+    assert failure(Unprintable()) == "Unprintable"

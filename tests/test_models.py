@@ -54,7 +54,6 @@ def test_a_model_that_fails_to_load_is_refused_in_one_line_whatever_its_error_sa
     import transformers
 
     from autopeft.errors import ModelError
-    from autopeft.search import failure
 
     def refuse(*args, **kwargs):
         raise raised
@@ -63,4 +62,3 @@ def test_a_model_that_fails_to_load_is_refused_in_one_line_whatever_its_error_sa
     with pytest.raises(ModelError) as refused:
         load_classifier(str(tiny_bert), 2, seed=0)
     assert str(refused.value) == f"--model: cannot load {str(tiny_bert)!r}: {reason}"
-    assert failure(ValueError()) == "ValueError"  # a trial's reason: no dangling "ValueError: "

@@ -251,10 +251,23 @@ def test_prompt_tuning_past_the_models_position_table_fails_its_trial_with_the_l
                               train_size=20, val_size=10, test_size=10,
                               max_consecutive_failures=1)).study
     assert study.trials[0].user_attrs["fail_reason"] == (
-        "prompt: 40 virtual tokens + the longest input's 100 tokens (task row or probe text) need 140 positions; "
+        "prompt: 40 virtual tokens + the longest input's 100 tokens (a task row) need 140 positions; "
         "the model has 128: "
         "use --max-length 88 or less or num_virtual_tokens 28 or less")
     assert study.trials[0].user_attrs["steps_trained"] == 0
+
+
+def test_prompt_tuning_past_the_position_table_on_a_probes_own_texts_suggests_no_max_length(
+        tmp_path: Path, tiny_bert: Path) -> None:
+    """The linear probe cuts its paragraphs at 48 tokens whatever --max-length says: when they are what runs
+    off the table, a shorter --max-length cannot help, and it was suggested all the same."""
+    space = tmp_path / "one.yaml"
+    space.write_text("method: prompt\nmethods:\n  prompt:\n    num_virtual_tokens: 90\n")
+    study = run_search(config(tmp_path, tiny_bert, trials=1, space=str(space), max_length=32,
+                              max_consecutive_failures=1)).study
+    assert study.trials[0].user_attrs["fail_reason"] == (
+        "prompt: 90 virtual tokens + the longest input's 48 tokens (a probe text) need 138 positions; the model "
+        "has 128: use num_virtual_tokens 80 or less")
 
 
 def test_prompt_tuning_past_a_causal_lms_position_table_suggests_a_max_length_that_fits(
@@ -271,7 +284,7 @@ def test_prompt_tuning_past_a_causal_lms_position_table_suggests_a_max_length_th
               "task": str(task), "train_size": 20, "val_size": 10, "test_size": 10, "max_consecutive_failures": 1}
     refused = run_search(config(tmp_path, tiny_bert, trials=1, max_length=100, **causal)).study.trials[0]
     reason = refused.user_attrs["fail_reason"]
-    assert "(task row with its answer, or probe text)" in reason, reason
+    assert "(a task row with its answer)" in reason, reason
     suggested = int(re.search(r"--max-length (\d+) or less", reason).group(1))
     (tmp_path / "again").mkdir()
     again = run_search(config(tmp_path / "again", tiny_bert, trials=1, max_length=suggested, **causal)).study

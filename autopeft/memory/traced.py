@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autopeft.errors import ModelError
+from autopeft.errors import ModelError, first_line
 from autopeft.memory.cuda_allocator import CachingAllocator, cuda_workspace_bytes
 from autopeft.memory.live_bytes import EXTRAS, GRADIENTS, OPTIMIZER, TRAINABLE, WEIGHTS, LiveBytes
 from autopeft.memory.result import MemoryEstimate
@@ -62,7 +62,7 @@ def _model_config(model: Any) -> Any:
     try:
         return AutoConfig.from_pretrained(resolve_model_path(str(model)))
     except (OSError, ValueError) as exc:  # not on the hub, offline, not a model folder
-        raise ModelError(f"--model: cannot load {model!r}: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(f"--model: cannot load {model!r}: {first_line(exc)}") from exc
 
 
 def _build_base(model: Any, config: Any, task_type: str, num_labels: int, dtype: torch.dtype) -> nn.Module:
