@@ -82,7 +82,11 @@ def load(base: nn.Module, folder: Path) -> nn.Module:
         return model
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, str(folder))
+    from autopeft.methods import prompt
+
+    model = PeftModel.from_pretrained(base, str(folder))
+    prompt.on_load(model)
+    return model
 
 
 def merge(model: nn.Module) -> nn.Module:
