@@ -316,6 +316,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
                "trainable_params": trial.user_attrs.get("trainable_params"),
                **_memory_figure(trial, runtime, params),
                "peft_backed": methods.get(params.method).peft_backed, "retrained_for_export": retrained,
+               "load_note": _load_note(params.method, runtime.base_model),
                "label_names": runtime.task.label_names if config.task_type != "causal_lm" else None,
                **_generation(runtime), **_prompting(runtime),
                "confirmation": [c.as_dict() for c in confirmations]}
@@ -379,7 +380,7 @@ Found by autopeft (study `{metrics['study']}`, trial {trial.number}).
 Reproduce: `autopeft train --config training.yaml`
 
 {load_line(metrics['peft_backed'], config.task_type, len(metrics['label_names'] or []))}, where BASE is
-`{resolve_model_path(config.model)}` (the adapter weights are here when exported with `--with-weights`).
+`{resolve_model_path(config.model)}` (the adapter weights are here when exported with `--with-weights`).{metrics.get("load_note", "")}
 {_prompting_section(metrics)}"""
 
 
@@ -487,6 +488,19 @@ def _confirmed_rows(number: int, confirmation: list[dict]) -> str:
     runs = len(mine["runs"])
     return (f"| validation accuracy over {runs} seeds (mean, sd) | {mine['val_accuracy_mean']:.4f}, "
             f"{mine['val_accuracy_sd']:.4f} |\n| forgetting over {runs} seeds (mean) | {mine['forgetting_mean']:.4f} |\n")
+
+
+def _load_note(method: str, base_model: Any) -> str:
+    """What plain peft does differently from how the adapter was trained and scored, if anything."""
+    from autopeft.models import family
+
+    if method != "prompt" or family(base_model) == "bert":
+        return ""
+    return ("\n\nPrompt tuning on a decoder: peft drops position ids, so with plain peft a left-padded row's score "
+            "depends on its batch's padding. autopeft trained and scored it with positions counted from each "
+            "row's start: load with `autopeft.adapter_io.load(...)` (the same call as above, from autopeft), or "
+            "after peft's load call `autopeft.methods.prompt.count_positions_from_row_starts(model)`, or score "
+            "rows one at a time.")
 
 
 def load_line(peft_backed: bool, task_type: str = "classification", num_labels: int = 0) -> str:

@@ -100,3 +100,25 @@ def test_prompt_tuning_on_a_decoder_scores_a_row_the_same_whatever_its_padding(
     together_again, alone_again = scores(reloaded)
     torch.testing.assert_close(together_again, alone_again, atol=1e-5, rtol=0)
     torch.testing.assert_close(alone_again, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family_name", ["gpt2", "llama"])
+def test_a_prompt_tuned_causal_lm_ranks_answers_the_same_whatever_the_padding(
+        family_name: str, tiny_causal_models: dict[str, Path]) -> None:
+    """The causal-LM path (answer ranking and generation go through lm_logits) of the test above."""
+    from autopeft import adapter_io
+    from autopeft.evaluate import choice_log_likelihoods
+    from autopeft.export import _load_note
+    from autopeft.methods import MethodContext
+    from autopeft.models import load_causal_lm
+
+    base, tokenizer = load_causal_lm(str(tiny_causal_models[family_name]), seed=0)
+    adapted = adapter_io.attach(base, "prompt", {"num_virtual_tokens": 5, "init": "random"},
+                                MethodContext("CAUSAL_LM"))
+    prompts = [tokenizer(t)["input_ids"] for t in ("a short one", "a much longer review of the plot and the actors")]
+    choices = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in (" good", " bad")]
+    together = choice_log_likelihoods(adapted, prompts, choices, pad_id=tokenizer.pad_token_id, batch_size=2)
+    alone = choice_log_likelihoods(adapted, prompts, choices, pad_id=tokenizer.pad_token_id, batch_size=1)
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
+    assert "count_positions_from_row_starts" in _load_note("prompt", base)  # the card tells plain-peft users
+    assert _load_note("lora", base) == ""
