@@ -31,6 +31,7 @@ from autopeft.config import (
     missing_sqlite_file,
     parse_memory,
     redact_url,
+    sqlite_file,
 )
 from autopeft.errors import AutopeftError, ConfigError, first_line
 
@@ -347,7 +348,6 @@ def _fallback_written_since(began: datetime.datetime) -> str | None:
     """The fallback store, when a worker logged to it during this search. The workers run in this folder and only a
     process whose tracking store stopped answering writes there. Each worker said so, but the summary printed
     after them did not."""
-    from autopeft.config import sqlite_file
     from autopeft.tracking import FALLBACK_URI
 
     path = Path(sqlite_file(FALLBACK_URI) or "")

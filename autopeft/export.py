@@ -26,7 +26,7 @@ from autopeft import adapter_io, methods, noise
 from autopeft.config import DEFAULT_SPACE, SearchConfig, format_bytes, redact_url
 from autopeft.confirm import Confirmation, confirm
 from autopeft.errors import ConfigError, StudyError, first_line
-from autopeft.models import resolve_model_path
+from autopeft.models import family, resolve_model_path
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
 from autopeft.study import (
@@ -492,8 +492,6 @@ def _confirmed_rows(number: int, confirmation: list[dict]) -> str:
 
 def _load_note(method: str, base_model: Any) -> str:
     """What plain peft does differently from how the adapter was trained and scored, if anything."""
-    from autopeft.models import family
-
     if method != "prompt" or family(base_model) == "bert":
         return ""
     return ("\n\nPrompt tuning on a decoder: peft drops position ids, so with plain peft a left-padded row's score "

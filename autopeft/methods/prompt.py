@@ -31,10 +31,8 @@ def apply(model: nn.Module, params: dict[str, Any], context: MethodContext) -> n
         prompt_tuning_init_text=INIT_TEXT if from_text else None,
         tokenizer_name_or_path=resolve_model_path(model.config.name_or_path) if from_text else None,
     )
-    decoder = family(model) != "bert"
     adapted = get_peft_model(model, config)
-    if decoder:
-        count_positions_from_row_starts(adapted)
+    count_positions_from_row_starts(adapted)
     return adapted
 
 
@@ -42,16 +40,17 @@ def count_positions_from_row_starts(model: nn.Module) -> None:
     """Give the wrapped model position ids counted over [virtual tokens, the row's own tokens], skipping the
     padding between them. Without them a left-padded row sat as far from the virtual tokens as its batch's
     padding put it, and a decoder's score of a row depended on the rows batched with it. A row with no
-    padding gets the positions peft gives it, so the trained prompt means the same to plain peft."""
-    model.base_model.register_forward_pre_hook(_positions_from_row_starts, with_kwargs=True)
+    padding gets the positions peft gives it, so the trained prompt means the same to plain peft. Decoders only:
+    an encoder pads on the right, after the row, so its positions are right already."""
+    if family(model.base_model) != "bert":
+        model.base_model.register_forward_pre_hook(_positions_from_row_starts, with_kwargs=True)
 
 
 def on_load(model: nn.Module) -> None:
-    """After peft loads a saved adapter: a decoder's prompt tuning counts positions as it was trained with."""
+    """After peft loads a saved adapter: prompt tuning counts positions as it was trained with."""
     from peft import PeftType
 
-    config = model.peft_config[model.active_adapter]
-    if config.peft_type == PeftType.PROMPT_TUNING and family(model.base_model) != "bert":
+    if model.peft_config[model.active_adapter].peft_type == PeftType.PROMPT_TUNING:
         count_positions_from_row_starts(model)
 
 
