@@ -807,13 +807,12 @@ def _parent_run(tracking_uri: str, parent: str, logged_to: str | None) -> str:
     hint = f" (the search logged to {logged_to}; pass it as --tracking-uri)" if elsewhere else ""
     if missing_sqlite_file(tracking_uri):
         _fail(f"--tracking-uri: no MLflow store at {tracking_uri}{hint}")
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from autopeft.tracking import EXPERIMENT, FALLBACK_URI, fail_fast, synced_copy
+    from autopeft.tracking import EXPERIMENT, FALLBACK_URI, client_for, fail_fast, synced_copy
 
     fail_fast(tracking_uri)
-    client = MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)
     with contextlib.suppress(MlflowException):
         return client.get_run(parent).info.run_id
     try:

@@ -14,7 +14,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from autopeft.errors import first_line
-from autopeft.tracking import EXPERIMENT, MOVED_TAG, SYNCED_FROM_TAG, Tracker, fail_fast
+from autopeft.tracking import EXPERIMENT, MOVED_TAG, SYNCED_FROM_TAG, Tracker, client_for, fail_fast
 
 SYNCED_STATE_TAG = "autopeft.synced_state"  # on a complete copy: `source_state` of the run it was copied from
 
@@ -33,7 +33,7 @@ class SourceUnreadable(Exception):
 def sync(source_uri: str, target_uri: str) -> SyncResult:
     fail_fast(source_uri)
     try:  # whatever the store raises (unreachable, not a store) is the source's problem, not the target's
-        source = MlflowClient(tracking_uri=source_uri)
+        source = client_for(source_uri)
         experiment = source.get_experiment_by_name(EXPERIMENT)
         runs = source.search_runs([experiment.experiment_id], max_results=50000) if experiment else []
     except Exception as exc:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from autopeft.config import sqlite_file
+from autopeft.config import absolute_sqlite_url, sqlite_file
 from autopeft.errors import first_line
 
 EXPERIMENT = "autopeft"
@@ -27,6 +27,13 @@ LATEST_TAG = "autopeft.latest."  # + a setting: its value now, where a resumed s
 FALLBACK_URI = "sqlite:///mlflow-fallback.db"
 T = TypeVar("T")
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+
+
+def client_for(uri: str) -> MlflowClient:
+    """A client of the store `uri` names from this folder. MLflow keeps one store per URL string for the life of
+    the process, so a relative sqlite URL is made absolute first: used again from another folder (a notebook, the
+    Python API) it would otherwise reach the first folder's file."""
+    return MlflowClient(tracking_uri=absolute_sqlite_url(uri))
 
 
 def fail_fast(uri: str) -> None:
@@ -96,7 +103,7 @@ class Tracker:
         if uri.startswith(("http://", "https://")):
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).read()
         with _creating_store(uri):
-            self.client = MlflowClient(tracking_uri=uri)
+            self.client = client_for(uri)
             experiment = self.client.get_experiment_by_name(EXPERIMENT)  # a new SQLite store is created here
             self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
                 EXPERIMENT, artifact_location=artifact_location(uri))

@@ -12,12 +12,12 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
 import urllib.request
 from pathlib import Path
 
 import optuna
 import pytest
+from tests_support import autopeft_here
 
 from autopeft.config import format_bytes
 
@@ -26,31 +26,6 @@ AUTOPEFT = [sys.executable, "-m", "autopeft.cli"]
 
 def autopeft(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*AUTOPEFT, *args], cwd=cwd, capture_output=True, check=False, text=True, timeout=600)
-
-
-def autopeft_here(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The same command in this test process: the refusal tests run some sixty commands, and a process of its own
-    spends 5-8 s of each starting Python and importing torch before it reads its first option. An exception the
-    command lets escape is returned as a traceback on stderr, as the process would print it."""
-    from typer.testing import CliRunner
-
-    from autopeft.cli import app
-
-    # A search installs its own Ctrl-C handler, and commands set environment defaults (MLflow's retries, say) that
-    # later tests' subprocesses would inherit.
-    sigint, folder, environ = signal.getsignal(signal.SIGINT), os.getcwd(), dict(os.environ)
-    os.chdir(cwd)
-    try:
-        done = CliRunner().invoke(app, list(args))
-    finally:
-        os.chdir(folder)
-        signal.signal(signal.SIGINT, sigint)
-        os.environ.clear()
-        os.environ.update(environ)
-    stderr = done.stderr
-    if done.exception is not None and not isinstance(done.exception, SystemExit):
-        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(done.exception))
-    return subprocess.CompletedProcess(list(args), done.exit_code, done.stdout, stderr)
 
 
 def test_search_export_and_mlflow_records(tmp_path: Path, tiny_search_args: list[str]) -> None:
@@ -313,17 +288,17 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
 def test_a_study_is_not_resumed_with_another_space_unless_forced(tmp_path: Path, tiny_search_args: list[str]) -> None:
     (tmp_path / "mora.yaml").write_text("method: mora\n")  # autopeft's own adapter files, not peft's
-    assert autopeft("search", "--trials", "1", "--space", "mora.yaml", *tiny_search_args, cwd=tmp_path).returncode == 0
+    assert autopeft_here("search", "--trials", "1", "--space", "mora.yaml", *tiny_search_args, cwd=tmp_path).returncode == 0
     (tmp_path / "other.yaml").write_text("method: ia3\n")
     before = (tmp_path / "autopeft.db").read_bytes()
     refused = autopeft_here("search", "--trials", "1", "--space", "other.yaml", *tiny_search_args, cwd=tmp_path)
     assert refused.returncode == 2 and "already exists with a different search space" in refused.stderr
     assert (tmp_path / "autopeft.db").read_bytes() == before
-    forced = autopeft("search", "--trials", "1", "--space", "other.yaml", "--force-new", *tiny_search_args, cwd=tmp_path)
+    forced = autopeft_here("search", "--trials", "1", "--space", "other.yaml", "--force-new", *tiny_search_args, cwd=tmp_path)
     assert forced.returncode == 0 and "ia3(" in forced.stdout
     # The replaced study's trial 0 left MoRA's files in the folder of the new trial 0, and they were loaded.
     assert not (tmp_path / "autopeft-artifacts" / "default" / "trial-0" / "autopeft_adapter.json").exists()
-    exported = autopeft("export", "--out", "out", "--with-weights", cwd=tmp_path)
+    exported = autopeft_here("export", "--out", "out", "--with-weights", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
 
 
@@ -331,7 +306,7 @@ def test_a_resume_may_loosen_the_memory_budget_but_not_drop_it_below_a_completed
         tmp_path: Path, tiny_search_args: list[str]) -> None:
     """Below a trial's estimate the sampler kept proposing that trial's region (its constraint was met against the
     old budget) and the summary chose it."""
-    assert autopeft("search", "--trials", "1", *tiny_search_args, cwd=tmp_path).returncode == 0
+    assert autopeft_here("search", "--trials", "1", *tiny_search_args, cwd=tmp_path).returncode == 0
     study = optuna.load_study(study_name="default", storage=f"sqlite:///{tmp_path / 'autopeft.db'}")
     recorded = study.trials[0].user_attrs["memory_estimate"]
     assert recorded["level"] == "analytic"  # no budget: the quick figure, which the gate trusts only far above one
@@ -340,7 +315,7 @@ def test_a_resume_may_loosen_the_memory_budget_but_not_drop_it_below_a_completed
                        cwd=tmp_path)
     assert refused.returncode == 2 and "completed trial 0 estimated above --memory-budget" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and (tmp_path / "autopeft.db").read_bytes() == before
-    loosened = autopeft("search", "--trials", "2", "--memory-budget", "1GiB", *tiny_search_args, cwd=tmp_path)
+    loosened = autopeft_here("search", "--trials", "2", "--memory-budget", "1GiB", *tiny_search_args, cwd=tmp_path)
     assert loosened.returncode == 0, loosened.stderr
 
 
@@ -348,12 +323,12 @@ def test_a_resume_names_what_changed_in_the_data_and_takes_the_same_file_by_any_
         tmp_path: Path, tiny_search_args: list[str]) -> None:
     rows = "".join(f"review {i} {'fine' if i % 2 else 'dull'},{i % 2}\n" for i in range(60))
     (tmp_path / "reviews.csv").write_text("text,label\n" + rows)
-    first = autopeft("search", "--trials", "1", "--task", "reviews.csv", *tiny_search_args, cwd=tmp_path)
+    first = autopeft_here("search", "--trials", "1", "--task", "reviews.csv", *tiny_search_args, cwd=tmp_path)
     assert first.returncode == 0
     assert "data: train 30 rows, validation 15 rows, test 15 rows" in first.stdout  # 60 rows, split 2:1:1 as asked
     assert "fewer rows than asked: --train-size 120 (got 30), --val-size 60 (got 15)" in first.stdout
     assert "exceeds the 30 training rows" not in " ".join(first.stdout.split())  # micro-batch 16
-    again = autopeft("search", "--trials", "1", "--task", str(tmp_path / "reviews.csv"), *tiny_search_args, cwd=tmp_path)
+    again = autopeft_here("search", "--trials", "1", "--task", str(tmp_path / "reviews.csv"), *tiny_search_args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     (tmp_path / "reviews.csv").write_text("text,label\n" + rows.replace("review 7 fine", "review 7 great"))
     refused = autopeft_here("search", "--trials", "1", "--task", "reviews.csv", *tiny_search_args, cwd=tmp_path)
@@ -366,7 +341,7 @@ def test_the_summary_warns_when_a_micro_batch_holds_the_whole_training_split(
     rows = "".join(f"review {i} {'fine' if i % 2 else 'dull'},{i % 2}\n" for i in range(60))
     (tmp_path / "reviews.csv").write_text("text,label\n" + rows)  # 30 training rows
     (tmp_path / "big.yaml").write_text("method: ia3\ntraining:\n  micro_batch_size: 32\n")
-    done = autopeft("search", "--trials", "1", "--task", "reviews.csv", "--space", "big.yaml", *tiny_search_args,
+    done = autopeft_here("search", "--trials", "1", "--task", "reviews.csv", "--space", "big.yaml", *tiny_search_args,
                     cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "warning: micro-batch 32 exceeds the 30 training rows" in " ".join(done.stdout.split())
@@ -416,14 +391,14 @@ def test_a_search_that_completes_no_trial_exits_1(tmp_path: Path, tiny_search_ar
     """Every trial of this space fails (more virtual tokens than the tiny model has positions): the search stops,
     says why, and a script running it must see that it produced nothing; it exited 0."""
     (tmp_path / "broken.yaml").write_text("method: prompt\nmethods:\n  prompt:\n    num_virtual_tokens: 500\n")
-    done = autopeft("search", "--space", "broken.yaml", "--max-consecutive-failures", "1", *tiny_search_args,
+    done = autopeft_here("search", "--space", "broken.yaml", "--max-consecutive-failures", "1", *tiny_search_args,
                     cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     assert "stopped after 1 consecutive failed trial; last reason:" in done.stdout and "500 virtual tokens" in done.stdout
 
 
 def test_export_of_a_study_without_completed_trials_is_a_clear_error(tmp_path: Path, tiny_search_args: list[str]) -> None:
-    created = autopeft("search", "--trials", "0", "--study", "empty", *tiny_search_args, cwd=tmp_path)
+    created = autopeft_here("search", "--trials", "0", "--study", "empty", *tiny_search_args, cwd=tmp_path)
     assert created.returncode == 0 and "study created with no trials; start workers: autopeft worker" in created.stdout
     assert "autopeft export" not in created.stdout  # nothing to export yet
     done = autopeft_here("export", "--study", "empty", "--out", "x", cwd=tmp_path)
@@ -433,7 +408,7 @@ def test_export_of_a_study_without_completed_trials_is_a_clear_error(tmp_path: P
     assert idle.returncode == 2 and "was created with --trials 0, so it has no target; pass --trials N" in idle.stderr
     elsewhere = tmp_path / "elsewhere"  # a worker not told the tracking store logs to the study's
     elsewhere.mkdir()
-    joined = autopeft("worker", "--study", "empty", "--storage", f"sqlite:///{tmp_path}/autopeft.db", "--trials", "1",
+    joined = autopeft_here("worker", "--study", "empty", "--storage", f"sqlite:///{tmp_path}/autopeft.db", "--trials", "1",
                       cwd=elsewhere)
     assert joined.returncode == 0, joined.stderr
     assert not (elsewhere / "mlflow.db").exists()
@@ -452,11 +427,11 @@ def test_a_worker_logging_to_a_store_of_its_own_leaves_the_studys_parent_run_whe
     the study's store and refused, and the next worker on the study's store opened a third parent."""
     from mlflow.tracking import MlflowClient
 
-    assert autopeft("search", "--trials", "0", *tiny_search_args, cwd=tmp_path).returncode == 0
+    assert autopeft_here("search", "--trials", "0", *tiny_search_args, cwd=tmp_path).returncode == 0
     storage = ["--study", "default", "--storage", "sqlite:///autopeft.db"]
-    own = autopeft("worker", *storage, "--trials", "1", "--tracking-uri", "sqlite:///own.db", cwd=tmp_path)
+    own = autopeft_here("worker", *storage, "--trials", "1", "--tracking-uri", "sqlite:///own.db", cwd=tmp_path)
     assert own.returncode == 0, own.stderr
-    shared = autopeft("worker", *storage, "--trials", "2", cwd=tmp_path)
+    shared = autopeft_here("worker", *storage, "--trials", "2", cwd=tmp_path)
     assert shared.returncode == 0, shared.stderr
 
     def runs(store: str) -> tuple[list, list]:
@@ -472,7 +447,7 @@ def test_a_worker_logging_to_a_store_of_its_own_leaves_the_studys_parent_run_whe
     assert [r.data.tags["mlflow.parentRunId"] for r in trials] == [parent.info.run_id]
     assert [r.data.tags["mlflow.parentRunId"] for r in own_trials] == [own_parent.info.run_id]
     assert own_parent.data.metrics["base_val_accuracy"] == parent.data.metrics["base_val_accuracy"]
-    report = autopeft("report", "--out", "r", cwd=tmp_path)
+    report = autopeft_here("report", "--out", "r", cwd=tmp_path)
     assert report.returncode == 0 and "logged to MLflow run" in report.stdout, report.stderr
 
 def test_export_and_its_recipe_run_from_another_folder_and_an_export_refuses_changed_data_before_writing(
@@ -482,19 +457,19 @@ def test_export_and_its_recipe_run_from_another_folder_and_an_export_refuses_cha
     (searched / "mine.yaml").write_text("method: lora\ntraining:\n  learning_rate: 0.001\n  micro_batch_size: 8\n")
     rows = "".join(f"review {i} {'fine' if i % 2 else 'dull'},{i % 2}\n" for i in range(80))
     (searched / "reviews.csv").write_text("text,label\n" + rows)
-    assert autopeft("search", "--trials", "1", "--space", "mine.yaml", "--task", "reviews.csv", *tiny_search_args,
+    assert autopeft_here("search", "--trials", "1", "--space", "mine.yaml", "--task", "reviews.csv", *tiny_search_args,
                     cwd=searched).returncode == 0
     storage = f"sqlite:///{searched / 'autopeft.db'}"
     refused = autopeft_here("export", "--study", "default", "--storage", storage, "--tolerance", "-1", "--out", "x",
                        cwd=elsewhere)
     assert refused.returncode == 2 and "--tolerance: -1.0 must be a finite number, 0 or more" in refused.stderr
     assert not (elsewhere / "x").exists()
-    done = autopeft("export", "--study", "default", "--storage", storage, "--out", "x", cwd=elsewhere)
+    done = autopeft_here("export", "--study", "default", "--storage", storage, "--out", "x", cwd=elsewhere)
     assert done.returncode == 0, done.stderr
     assert (elsewhere / "x" / "metrics.json").is_file()
     # The recipe names the data by its absolute path, so it trains from any folder.
     assert f"task: {searched / 'reviews.csv'}" in (elsewhere / "x" / "training.yaml").read_text()
-    trained = autopeft("train", "--config", "x/training.yaml", "--max-steps", "1", "--out", "t",
+    trained = autopeft_here("train", "--config", "x/training.yaml", "--max-steps", "1", "--out", "t",
                        "--tracking-uri", f"sqlite:///{elsewhere / 'mlflow.db'}", cwd=elsewhere)
     assert trained.returncode == 0 and "warning" not in trained.stdout, trained.stderr
     from mlflow.tracking import MlflowClient
@@ -507,7 +482,7 @@ def test_export_and_its_recipe_run_from_another_folder_and_an_export_refuses_cha
     assert changed.returncode == 2 and "'default' was searched on other data (other rows in" in changed.stderr
     assert len(changed.stderr.strip().splitlines()) == 1 and not (elsewhere / "y").exists()
     # A retrain on the changed data runs (the recipe may be reused on new data) but says it is not the trial's.
-    again = autopeft("train", "--config", "x/training.yaml", "--max-steps", "1", "--out", "t2",
+    again = autopeft_here("train", "--config", "x/training.yaml", "--max-steps", "1", "--out", "t2",
                      "--tracking-uri", f"sqlite:///{elsewhere / 'mlflow.db'}", cwd=elsewhere)
     said = " ".join(again.stdout.split())
     assert again.returncode == 0 and "rows differ from those x/training.yaml's trial was trained and scored on" in said
@@ -531,8 +506,8 @@ def test_a_command_that_reads_a_study_creates_no_store_on_a_wrong_name(tmp_path:
 def exported(tmp_path_factory: pytest.TempPathFactory, tiny_search_args: list[str]) -> Path:
     """A folder holding a one-trial study, its MLflow store and its export (export/training.yaml)."""
     folder = tmp_path_factory.mktemp("exported")
-    assert autopeft("search", "--trials", "1", *tiny_search_args, cwd=folder).returncode == 0
-    assert autopeft("export", "--out", "export", cwd=folder).returncode == 0
+    assert autopeft_here("search", "--trials", "1", *tiny_search_args, cwd=folder).returncode == 0
+    assert autopeft_here("export", "--out", "export", cwd=folder).returncode == 0
     return folder
 
 
@@ -612,7 +587,7 @@ def test_export_with_force_removes_an_earlier_exports_files_and_keeps_the_users(
     for stale in ("adapter_model.safetensors", "autopeft_adapter.json", "adapter_config.json"):
         (out / stale).write_text("from an earlier export")
     (out / "notes.txt").write_text("mine")
-    done = autopeft("export", "--out", "again", "--force", cwd=exported)
+    done = autopeft_here("export", "--out", "again", "--force", cwd=exported)
     assert done.returncode == 0, done.stderr
     kept = sorted(p.name for p in out.iterdir())
     assert "adapter_model.safetensors" not in kept and "notes.txt" in kept and "metrics.json" in kept
@@ -653,7 +628,7 @@ def test_an_export_into_the_trials_own_adapter_folder_is_refused_and_the_adapter
 
 
 def test_the_report_marks_the_pick_of_the_rule_asked_for(exported: Path, tmp_path: Path) -> None:
-    done = autopeft("report", "--out", str(tmp_path / "r"), "--select", "max-accuracy-under-forgetting=1",
+    done = autopeft_here("report", "--out", str(tmp_path / "r"), "--select", "max-accuracy-under-forgetting=1",
                     cwd=exported)
     assert done.returncode == 0, done.stderr
     page = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
@@ -662,7 +637,7 @@ def test_the_report_marks_the_pick_of_the_rule_asked_for(exported: Path, tmp_pat
 
 def test_a_report_from_another_folder_logs_to_the_store_the_study_recorded(exported: Path, tmp_path: Path) -> None:
     """It once looked for ./mlflow.db wherever it ran, and refused while naming the store the study recorded."""
-    done = autopeft("report", "--out", "r", "--storage", f"sqlite:///{exported / 'autopeft.db'}", cwd=tmp_path)
+    done = autopeft_here("report", "--out", "r", "--storage", f"sqlite:///{exported / 'autopeft.db'}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "logged to MLflow run" in done.stdout and not (tmp_path / "mlflow.db").exists()
 
@@ -671,7 +646,7 @@ def test_estimate_takes_rows_past_a_rotary_models_max_positions_and_refuses_an_e
                                                                             tiny_models: dict[str, Path]) -> None:
     """Llama has no position table to run off (the search trains such rows); estimate refused them."""
     (tmp_path / "lora.yaml").write_text("method: lora\n")
-    done = autopeft("estimate", "--model", str(tiny_models["llama"]), "--space", "lora.yaml", "--seq-len", "200",
+    done = autopeft_here("estimate", "--model", str(tiny_models["llama"]), "--space", "lora.yaml", "--seq-len", "200",
                     cwd=tmp_path)
     assert done.returncode == 0 and "x 200 tokens" in " ".join(done.stdout.split()), done.stderr
     encoder = autopeft_here("estimate", "--model", str(tiny_models["bert"]), "--space", "lora.yaml", "--task-type",
@@ -691,7 +666,7 @@ def test_estimate_counts_robertas_positions_as_the_search_does(tmp_path: Path) -
     too_long = autopeft_here(*estimate, "33", cwd=tmp_path)
     assert too_long.returncode == 2, too_long.stdout
     assert "--seq-len: 33 tokens exceed ./roberta's 32 positions; estimate at 32 tokens or fewer" in too_long.stderr
-    assert autopeft(*estimate, "32", cwd=tmp_path).returncode == 0
+    assert autopeft_here(*estimate, "32", cwd=tmp_path).returncode == 0
 
 def test_estimate_counts_a_causal_lms_logits_for_a_causal_task(tmp_path: Path,
                                                                tiny_causal_models: dict[str, Path]) -> None:
@@ -700,7 +675,7 @@ def test_estimate_counts_a_causal_lms_logits_for_a_causal_task(tmp_path: Path,
     (tmp_path / "space.yaml").write_text("method: ia3\n")
 
     def total(*task: str) -> float:
-        done = autopeft("estimate", "--model", str(tiny_causal_models["llama"]), "--space", "space.yaml", *task,
+        done = autopeft_here("estimate", "--model", str(tiny_causal_models["llama"]), "--space", "space.yaml", *task,
                         cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         line = next(line for line in done.stdout.splitlines() if line.startswith("total"))
@@ -718,7 +693,7 @@ def test_sync_from_a_store_that_does_not_exist_is_a_clear_error(tmp_path: Path) 
 
 
 def test_export_of_unknown_study_is_a_clear_error(tmp_path: Path, tiny_search_args: list[str]) -> None:
-    assert autopeft("search", *tiny_search_args, "--trials", "0", cwd=tmp_path).returncode == 0
+    assert autopeft_here("search", *tiny_search_args, "--trials", "0", cwd=tmp_path).returncode == 0
     done = autopeft_here("export", "--study", "nope", "--out", "x", cwd=tmp_path)
     assert done.returncode == 2 and "no study named 'nope'" in done.stderr
     assert not (tmp_path / "x").exists()

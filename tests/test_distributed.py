@@ -129,7 +129,7 @@ def test_a_tracking_server_dying_mid_search_loses_nothing(tmp_path: Path, tiny_b
     server_trials = [r for r in on_server.search_runs([on_server.get_experiment_by_name("autopeft").experiment_id])
                      if r.data.tags.get("autopeft.role") == "trial"]
     assert [r.data.tags["optuna.trial_number"] for r in server_trials] == ["0"]
-    fallback = MlflowClient(tracking_uri="sqlite:///mlflow-fallback.db")
+    fallback = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow-fallback.db'}")
     runs = fallback.search_runs([fallback.get_experiment_by_name("autopeft").experiment_id])
     parent = next(r for r in runs if r.data.tags.get("autopeft.role") == "study")
     assert parent.data.tags["autopeft.moved_from"] == summary.parent_run_id  # the study run, re-created

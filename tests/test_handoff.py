@@ -1,5 +1,7 @@
 """The hand-off: export -> plain peft loads it with the same logits; `autopeft train` reproduces the trial;
-`--out` is safe; a trial whose adapter was not kept is retrained for export."""
+`--out` is safe; a trial whose adapter was not kept is retrained for export. Searches and exports run in the test's
+process (`autopeft_here`); `train`, which a user runs later from a shell, runs as a process of its own, so the trial
+is reproduced from nothing but its recipe."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from tests_support import autopeft_here
 
 AUTOPEFT = [sys.executable, "-m", "autopeft.cli"]
 
@@ -25,7 +28,7 @@ def finished_study(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) ->
     """One finished 2-trial study shared by this module's tests, in any order (each exports into its own
     folder; the one that needs the kept adapters gone hides them and puts them back)."""
     folder = tmp_path_factory.mktemp("handoff")
-    done = autopeft("search", "--trials", "2", "--study", "h", "--model", str(tiny_bert), "--train-size", "120",
+    done = autopeft_here("search", "--trials", "2", "--study", "h", "--model", str(tiny_bert), "--train-size", "120",
                     "--val-size", "60", "--test-size", "60", "--max-steps", "30", cwd=folder)
     assert done.returncode == 0, done.stderr
     return folder
@@ -45,7 +48,7 @@ with torch.no_grad():
 
 
 def test_exported_adapter_loads_in_plain_peft_with_the_same_logits(finished_study: Path, tiny_bert: Path) -> None:
-    done = autopeft("export", "--study", "h", "--out", "out1", "--with-weights", cwd=finished_study)
+    done = autopeft_here("export", "--study", "h", "--out", "out1", "--with-weights", cwd=finished_study)
     assert done.returncode == 0, done.stderr
     out = finished_study / "out1"
     assert {"adapter_config.json", "training.yaml", "metrics.json", "README.md"} <= {p.name for p in out.iterdir()}
@@ -73,8 +76,8 @@ def test_exported_adapter_loads_in_plain_peft_with_the_same_logits(finished_stud
 
 
 def test_train_reproduces_the_trial_and_out_is_safe(finished_study: Path) -> None:
-    assert autopeft("export", "--study", "h", "--out", "out2", cwd=finished_study).returncode == 0
-    refused = autopeft("export", "--study", "h", "--out", "out2", cwd=finished_study)
+    assert autopeft_here("export", "--study", "h", "--out", "out2", cwd=finished_study).returncode == 0
+    refused = autopeft_here("export", "--study", "h", "--out", "out2", cwd=finished_study)
     assert refused.returncode == 2 and "is not empty" in refused.stderr
     metrics = json.loads((finished_study / "out2" / "metrics.json").read_text())
     trained = autopeft("train", "--config", "out2/training.yaml", "--out", "again", cwd=finished_study)
@@ -103,11 +106,11 @@ def test_a_training_run_that_fails_is_one_line_and_leaves_no_empty_folder(
     from autopeft.cli import app
     from autopeft.errors import TrialFailed
 
-    assert autopeft("export", "--study", "h", "--out", "out-fails", cwd=finished_study).returncode == 0
+    assert autopeft_here("export", "--study", "h", "--out", "out-fails", cwd=finished_study).returncode == 0
 
     monkeypatch.chdir(finished_study)
     (finished_study / "users-empty-folder").mkdir()
-    client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{finished_study / 'mlflow.db'}")
     for error, reason in ((TrialFailed("non-finite loss at step 2"), "non-finite loss at step 2"),
                           (RuntimeError("CUDA error: device-side assert"), "RuntimeError: CUDA error: device-side assert")):
         def fails(*args: object, error: BaseException = error, **kwargs: object) -> None:
@@ -179,11 +182,11 @@ def test_train_reproduces_a_causal_lm_trial_on_the_users_columns(tmp_path: Path,
                                                                  tiny_causal_models: dict[str, Path]) -> None:
     rows = "".join(f"a review number {i},{'good' if i % 2 else 'bad'}\n" for i in range(60))
     (tmp_path / "reviews.csv").write_text("review,verdict\n" + rows)
-    done = autopeft("search", "--trials", "1", "--model", str(tiny_causal_models["llama"]), "--task", "reviews.csv",
+    done = autopeft_here("search", "--trials", "1", "--model", str(tiny_causal_models["llama"]), "--task", "reviews.csv",
                     "--text-column", "review", "--label-column", "verdict", "--task-type", "causal_lm",
                     "--train-size", "30", "--val-size", "14", "--test-size", "14", "--max-steps", "4", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert autopeft("export", "--out", "out", cwd=tmp_path).returncode == 0
+    assert autopeft_here("export", "--out", "out", cwd=tmp_path).returncode == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     trained = autopeft("train", "--config", "out/training.yaml", "--out", "again", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
@@ -192,7 +195,7 @@ def test_train_reproduces_a_causal_lm_trial_on_the_users_columns(tmp_path: Path,
 
 
 def test_confirmation_retrains_the_leading_candidates_and_exports_the_best_mean(finished_study: Path) -> None:
-    done = autopeft("export", "--study", "h", "--out", "out4", "--select", "max-accuracy-under-forgetting=1.0",
+    done = autopeft_here("export", "--study", "h", "--out", "out4", "--select", "max-accuracy-under-forgetting=1.0",
                     "--confirm-seeds", "1", "--confirm-top", "2", cwd=finished_study)
     assert done.returncode == 0, done.stderr
     assert "confirmation" in done.stdout
@@ -212,7 +215,7 @@ def test_confirmation_retrains_the_leading_candidates_and_exports_the_best_mean(
 
 
 def test_bad_confirmation_options_are_refused_before_any_work(finished_study: Path) -> None:
-    done = autopeft("export", "--study", "h", "--out", "out5", "--confirm-top", "0", "--confirm-seeds", "1",
+    done = autopeft_here("export", "--study", "h", "--out", "out5", "--confirm-top", "0", "--confirm-seeds", "1",
                     cwd=finished_study)
     assert done.returncode == 2 and "--confirm-top: 0 must be at least 1" in done.stderr
     assert not (finished_study / "out5").exists()
@@ -222,7 +225,7 @@ def test_a_trial_whose_adapter_was_not_kept_is_retrained_for_export(finished_stu
     kept, hidden = finished_study / "autopeft-artifacts", tmp_path / "hidden-artifacts"
     shutil.move(kept, hidden)
     try:
-        done = autopeft("export", "--study", "h", "--out", "out3", "--with-weights",
+        done = autopeft_here("export", "--study", "h", "--out", "out3", "--with-weights",
                         "--select", "max-accuracy-under-forgetting=1.0", cwd=finished_study)
     finally:
         shutil.move(hidden, kept)

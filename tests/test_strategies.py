@@ -222,16 +222,16 @@ def test_warm_start_names_every_recipe_value_the_space_does_not_search(runtime: 
 
 def test_warm_start_on_a_space_without_lora_is_refused_before_anything_loads(tmp_path: Path, tiny_bert: Path) -> None:
     """It was silently ignored: the search ran without the recipe it promised not to end below."""
-    from autopeft.search import check_before_loading
+    from autopeft.search import run_search
 
     space = tmp_path / "ia3.yaml"
     space.write_text("method: ia3\ntraining:\n  learning_rate: [1.0e-3, 1.0e-2]\n")
     config = tiny_config(tmp_path, tiny_bert, space=str(space), warm_start=True)
     with pytest.raises(ConfigError) as refused:
-        check_before_loading(config)
+        run_search(config)
     assert str(refused.value) == (f"--warm-start: the default recipe is LoRA, and {space} searches ia3 only; add "
                                   "lora to its methods, or drop --warm-start")
-    assert not (tmp_path / "o.db").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ia3.yaml", "space.yaml"]  # no study, run or folder
 
 
 def test_warm_start_on_a_resumed_study_that_never_had_it_tries_the_recipe_once(runtime: Runtime,

@@ -23,6 +23,23 @@ def test_files_logged_to_a_sqlite_store_land_beside_it_not_in_the_working_direct
     assert not (elsewhere / "mlruns").exists()
 
 
+def test_one_relative_store_url_used_from_two_folders_logs_to_each_folders_own_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow keeps one store per URL string for the life of the process: a notebook (or any caller of the Python
+    API) that ran a search in one folder and then in another logged the second one's runs into the first
+    folder's mlflow.db."""
+    from mlflow.tracking import MlflowClient
+
+    names = {}
+    for folder in ("first", "second"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        names[folder] = Tracker("sqlite:///mlflow.db").start_run(f"run in {folder}", {"a": 1})
+    for folder, run_id in names.items():
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / folder / 'mlflow.db'}")
+        assert client.get_run(run_id).info.run_name == f"run in {folder}"
+
+
 def _open_and_log(database: str) -> tuple[str, list[str]]:
     """One worker process's first contact with the tracking store (run in a fresh interpreter)."""
     with warnings.catch_warnings(record=True) as caught:

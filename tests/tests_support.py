@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import traceback
 from pathlib import Path
 
 import torch
@@ -52,3 +56,28 @@ def train_steps(model, batch: dict, lr: float, steps: int, loss_fn=classificatio
         losses.append(float(loss_sum.detach() / count))
     model.eval()
     return losses
+
+
+def autopeft_here(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The same command in this test process: the refusal tests run some sixty commands, and a process of its own
+    spends 5-8 s of each starting Python and importing torch before it reads its first option. An exception the
+    command lets escape is returned as a traceback on stderr, as the process would print it."""
+    from typer.testing import CliRunner
+
+    from autopeft.cli import app
+
+    # A search installs its own Ctrl-C handler, and commands set environment defaults (MLflow's retries, say) that
+    # later tests' subprocesses would inherit.
+    sigint, folder, environ = signal.getsignal(signal.SIGINT), os.getcwd(), dict(os.environ)
+    os.chdir(cwd)
+    try:
+        done = CliRunner().invoke(app, list(args))
+    finally:
+        os.chdir(folder)
+        signal.signal(signal.SIGINT, sigint)
+        os.environ.clear()
+        os.environ.update(environ)
+    stderr = done.stderr
+    if done.exception is not None and not isinstance(done.exception, SystemExit):
+        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(done.exception))
+    return subprocess.CompletedProcess(list(args), done.exit_code, done.stdout, stderr)
