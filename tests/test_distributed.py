@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from tests_support import autopeft_here
 
 from tests.servers import free_port
 
@@ -22,8 +23,7 @@ def test_three_workers_on_postgres_and_an_mlflow_server(tmp_path: Path, tiny_sea
                                                         postgres_url: str, mlflow_server_url: str) -> None:
     stores = ["--storage", postgres_url, "--tracking-uri", mlflow_server_url]
     args = [a if a != "3" else "60" for a in tiny_search_args]  # --max-steps 60: trials last a few seconds
-    created = subprocess.run([*AUTOPEFT, "search", "--trials", "0", "--study", "dist", "--heartbeat", "1",
-                              *stores, *args], cwd=tmp_path, capture_output=True, check=False, text=True, timeout=300)
+    created = autopeft_here("search", "--trials", "0", "--study", "dist", "--heartbeat", "1", *stores, *args, cwd=tmp_path)
     assert created.returncode == 0, created.stderr
     workers = [subprocess.Popen([*AUTOPEFT, "worker", "--study", "dist", *stores, "--trials", "6",
                                  "--worker-id", str(i), "--artifacts-dir", f"a{i}"], cwd=tmp_path,
@@ -65,11 +65,11 @@ def test_a_down_tracking_server_falls_back_locally_and_sync_copies_the_runs(
     assert done.returncode == 0, done.stderr
     assert "is unreachable" in done.stderr and "autopeft sync" in done.stderr
     assert (tmp_path / "mlflow-fallback.db").is_file()
-    synced = subprocess.run([*AUTOPEFT, "sync", "--source", "sqlite:///mlflow-fallback.db", "--target",
-                             mlflow_server_url], cwd=tmp_path, capture_output=True, check=False, text=True, timeout=300)
+    synced = autopeft_here("sync", "--source", "sqlite:///mlflow-fallback.db", "--target",
+                             mlflow_server_url, cwd=tmp_path)
     assert synced.returncode == 0 and "copied 3 runs" in synced.stdout, synced.stderr
-    again = subprocess.run([*AUTOPEFT, "sync", "--source", "sqlite:///mlflow-fallback.db", "--target",
-                            mlflow_server_url], cwd=tmp_path, capture_output=True, check=False, text=True, timeout=300)
+    again = autopeft_here("sync", "--source", "sqlite:///mlflow-fallback.db", "--target",
+                            mlflow_server_url, cwd=tmp_path)
     assert "copied 0 runs" in again.stdout
 
     from mlflow.tracking import MlflowClient
@@ -83,8 +83,7 @@ def test_a_down_tracking_server_falls_back_locally_and_sync_copies_the_runs(
     assert {a.path for a in client.list_artifacts(children[0].info.run_id)} >= {"adapter_config.json", "training.yaml"}
 
     # The study recorded the fallback store's run ids: what reads them finds the synced copies.
-    report = subprocess.run([*AUTOPEFT, "report", "--study", "fb", "--out", "rep", "--tracking-uri", mlflow_server_url],
-                            cwd=tmp_path, capture_output=True, check=False, text=True, timeout=300)
+    report = autopeft_here("report", "--study", "fb", "--out", "rep", "--tracking-uri", mlflow_server_url, cwd=tmp_path)
     assert report.returncode == 0 and f"logged to MLflow run {parent.info.run_id}" in report.stdout, report.stderr
     resumed = subprocess.run([*AUTOPEFT, "search", "--trials", "3", "--study", "fb", "--tracking-uri", mlflow_server_url,
                               *tiny_search_args], cwd=tmp_path, capture_output=True, check=False, text=True, timeout=600)
@@ -94,11 +93,10 @@ def test_a_down_tracking_server_falls_back_locally_and_sync_copies_the_runs(
     assert [p.info.run_id for p in parents] == [parent.info.run_id]  # one parent run per study, not a second
     assert sum(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs) == 3
     # Runs synced into one store are still copied into another; a target that is down is one line, no fallback.
-    elsewhere = subprocess.run([*AUTOPEFT, "sync", "--source", "sqlite:///mlflow-fallback.db", "--target",
-                                "sqlite:///second.db"], cwd=tmp_path, capture_output=True, check=False, text=True, timeout=300)
+    elsewhere = autopeft_here("sync", "--source", "sqlite:///mlflow-fallback.db", "--target",
+                                "sqlite:///second.db", cwd=tmp_path)
     assert elsewhere.returncode == 0 and "copied 3 runs" in elsewhere.stdout, elsewhere.stderr
-    unreachable = subprocess.run([*AUTOPEFT, "sync", "--source", "sqlite:///mlflow-fallback.db", "--target", down],
-                                 cwd=tmp_path, capture_output=True, check=False, text=True, timeout=300)
+    unreachable = autopeft_here("sync", "--source", "sqlite:///mlflow-fallback.db", "--target", down, cwd=tmp_path)
     assert unreachable.returncode == 2 and len(unreachable.stderr.strip().splitlines()) == 1, unreachable.stderr
     assert f"--target: cannot sync into {down}" in unreachable.stderr
 
