@@ -359,6 +359,7 @@ class FactualRecall:
 
     name = "factual_recall"
     forgetting_key = "recall_forgetting"
+    own_length = True  # its prompts are as long as they are, whatever --max-length says
     PROMPT = "{capital} is the capital of"
 
     def __init__(self, tokenizer: Any, *, pairs: Sequence[tuple[str, str]] | None = None,
@@ -369,6 +370,8 @@ class FactualRecall:
                         for c, _ in self.pairs]
         self.choices = [list(tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in self.countries]
         self.gold = torch.tensor([self.countries.index(country) for _, country in self.pairs])
+        # A prompt is scored with each country after it: the model sees at most this many tokens at once.
+        self.longest_tokens = max(map(len, self.prompts), default=0) + max(map(len, self.choices), default=0)
         self.pad_id, self.batch_size = tokenizer.pad_token_id, batch_size
         self.base: float | None = None
         self.tied = False
@@ -557,7 +560,8 @@ class ProbeSet:
         `own_length_only`: of the probes whose texts keep their length whatever --max-length says."""
         probes = [p for p in self.probes if getattr(p, "own_length", False) or not own_length_only]
         splits = [v for p in probes for v in vars(p).values() if isinstance(v, TokenizedSplit) and len(v)]
-        return max((max(split.lengths()) for split in splits), default=0)
+        unsplit = [getattr(p, "longest_tokens", 0) for p in probes]  # a probe whose inputs are not a split
+        return max([max(split.lengths()) for split in splits] + unsplit, default=0)
 
     def fit_base(self, base_model: nn.Module, device: torch.device | None = None, *,
                  cache_file: Path | None = None, cache_key: str = "") -> dict[str, float]:

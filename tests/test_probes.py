@@ -186,6 +186,18 @@ def test_factual_recall_retention_is_one_for_the_base_and_drops_with_damage(tiny
     assert damaged["recall_forgetting"] > 0.0 and damaged["recall_accuracy"] < 1.0
 
 
+def test_the_longest_input_counts_factual_recalls_prompt_with_its_longest_answer(
+        tiny_causal_models: dict[str, Path]) -> None:
+    """The position-table check (prompt tuning's virtual tokens on top of the longest input) read 0 tokens for
+    this probe, whose prompts are token lists rather than a split."""
+    _, tokenizer = _causal(tiny_causal_models["gpt2"])
+    probe = FactualRecall(tokenizer, pairs=capital_country_pairs()[:6])
+    longest, answer = max(map(len, probe.prompts)), max(map(len, probe.choices))  # the token lists it scores
+    assert longest > 0 and answer > 0
+    assert ProbeSet([probe]).longest_input() == longest + answer
+    assert ProbeSet([probe]).longest_input(own_length_only=True) == longest + answer  # --max-length cannot cut it
+
+
 def test_generalization_gap_and_ood_accuracy(tiny_bert: Path) -> None:
     model, tokenizer = load_classifier(str(tiny_bert), 2, seed=0)
     train = tokenize(TextSplit([f"train text {i}" for i in range(12)], [i % 2 for i in range(12)]), tokenizer, 16)
