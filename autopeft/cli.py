@@ -365,6 +365,7 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None,
         console.print(f"[yellow]{stopped_reason}[/yellow]")
     _print_split(study.user_attrs.get("split", {}), study.user_attrs.get("config", {}))
     _print_whole_split_batches(study)
+    _print_measured_over_budget(study, config.memory_budget)
     chosen = False
     try:
         rule = default_rule(study)
@@ -438,6 +439,19 @@ def _print_whole_split_batches(study: Any) -> None:
         console.print(f"[yellow]warning: micro-batch {', '.join(map(str, over))} exceeds the {rows} training rows, "
                       "so each such micro-batch held all of them (a smaller micro_batch_size or more "
                       "--train-size gives the batch the space states)[/yellow]")
+
+
+def _print_measured_over_budget(study: Any, budget: int | None) -> None:
+    """A trial is admitted on its estimate, and its real peak measured as it trains: where that came out above
+    the budget (the CPU's trace misses some kilobytes the allocator keeps; a GPU's allocator may round up more),
+    the budget the user set was not kept, and the table alone does not say so."""
+    over = {trial.number: measured for trial in study.trials
+            if budget and (measured := trial.user_attrs.get("memory_measured_bytes")) and measured > budget}
+    if over:
+        peaks = ", ".join(f"trial {number} {format_bytes(measured)} (+{format_bytes(measured - budget)})"
+                          for number, measured in over.items())
+        console.print(f"[yellow]warning: measured above the {format_bytes(budget)} --memory-budget: {peaks}; "
+                      "their estimates were under it[/yellow]")
 
 
 def _print_lead(lead: Any) -> None:
