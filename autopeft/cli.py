@@ -365,7 +365,7 @@ def _print_summary(study: Any, config: SearchConfig, stopped_reason: str | None,
         console.print(f"[yellow]{stopped_reason}[/yellow]")
     _print_split(study.user_attrs.get("split", {}), study.user_attrs.get("config", {}))
     _print_whole_split_batches(study)
-    _print_measured_over_budget(study, config.memory_budget)
+    _print_measured_over_budget(study)
     chosen = False
     try:
         rule = default_rule(study)
@@ -441,17 +441,23 @@ def _print_whole_split_batches(study: Any) -> None:
                       "--train-size gives the batch the space states)[/yellow]")
 
 
-def _print_measured_over_budget(study: Any, budget: int | None) -> None:
+def _print_measured_over_budget(study: Any) -> None:
     """A trial is admitted on its estimate, and its real peak measured as it trains: where that came out above
-    the budget (the CPU's trace misses some kilobytes the allocator keeps; a GPU's allocator may round up more),
-    the budget the user set was not kept, and the table alone does not say so."""
-    over = {trial.number: measured for trial in study.trials
-            if budget and (measured := trial.user_attrs.get("memory_measured_bytes")) and measured > budget}
+    the budget it was admitted under (the CPU's trace misses some kilobytes the allocator keeps; a GPU's
+    allocator may round up more), the budget the user set was not kept, and the table alone does not say so."""
+    over = []
+    for trial in study.trials:
+        measured = trial.user_attrs.get("memory_measured_bytes")
+        estimate = trial.user_attrs.get("memory_estimate", {}).get("total")
+        margin = trial.constraints.get("memory")  # estimate - budget, set when a budget admitted the trial
+        if measured and estimate is not None and margin is not None and margin <= 0:
+            budget = round(estimate - margin)  # a resumed study's budget may differ from the one this trial had
+            if measured > budget:
+                over.append(f"trial {trial.number} {format_bytes(measured)}, {format_bytes(measured - budget)} "
+                            f"over its {format_bytes(budget)}")
     if over:
-        peaks = ", ".join(f"trial {number} {format_bytes(measured)} (+{format_bytes(measured - budget)})"
-                          for number, measured in over.items())
-        console.print(f"[yellow]warning: measured above the {format_bytes(budget)} --memory-budget: {peaks}; "
-                      "their estimates were under it[/yellow]")
+        console.print(f"[yellow]warning: measured above the --memory-budget they were admitted under (their "
+                      f"estimates were within it): {'; '.join(over)}[/yellow]")
 
 
 def _print_lead(lead: Any) -> None:
@@ -715,26 +721,37 @@ def estimate(
         console.print(result.table(), highlight=False)
 
 
-@functools.cache
 def _local_config(base: str) -> Any:
     """The config of a local or packaged model (None when it cannot be read here). A hub id is left to the
     estimate, which reads its config once: offline, each read retries for seconds."""
-    from transformers import AutoConfig
-
     from autopeft.models import resolve_model_path
 
+    # Cached by the absolute folder, not by --model as typed: a relative path names another folder when the same
+    # process (the Python API, a notebook) runs from elsewhere.
+    return _config_at(resolve_model_path(base))
+
+
+@functools.cache
+def _config_at(folder: str) -> Any:
+    from transformers import AutoConfig
+
     try:
-        folder = Path(resolve_model_path(base))
-        return AutoConfig.from_pretrained(folder) if folder.is_dir() else None
+        return AutoConfig.from_pretrained(folder) if Path(folder).is_dir() else None
     except (OSError, ValueError):  # not loadable: the estimate says so in its own words
         return None
 
 
-@functools.cache  # once per model, not per configuration
 def _meta_model(base: str) -> Any:
     """The model built from its config on the meta device (no weights, no memory), None when its config cannot
     be read here: what the checks below read its layout from."""
-    model_config = _local_config(base)
+    from autopeft.models import resolve_model_path
+
+    return _meta_model_at(resolve_model_path(base))
+
+
+@functools.cache  # once per model folder, not per configuration
+def _meta_model_at(folder: str) -> Any:
+    model_config = _config_at(folder)
     if model_config is None:
         return None
     import torch

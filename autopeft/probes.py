@@ -370,8 +370,10 @@ class FactualRecall:
                         for c, _ in self.pairs]
         self.choices = [list(tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in self.countries]
         self.gold = torch.tensor([self.countries.index(country) for _, country in self.pairs])
-        # A prompt is scored with each country after it: the model sees at most this many tokens at once.
-        self.longest_tokens = max(map(len, self.prompts), default=0) + max(map(len, self.choices), default=0)
+        # The most tokens the model sees at once: a prompt, with a country after it unless every country is one
+        # token (then one pass scores them all at the prompt's last position; evaluate.choice_log_likelihoods).
+        longest_choice = max(map(len, self.choices), default=0)
+        self.longest_tokens = max(map(len, self.prompts), default=0) + (longest_choice if longest_choice > 1 else 0)
         self.pad_id, self.batch_size = tokenizer.pad_token_id, batch_size
         self.base: float | None = None
         self.tied = False

@@ -362,9 +362,15 @@ def test_the_summary_warns_of_a_trial_measured_above_the_memory_budget(
                              "1GiB", *tiny_search_args, cwd=tmp_path / folder)
         assert done.returncode == 0, done.stderr
         said = " ".join(done.stdout.split())
-        warned = ("warning: measured above the 1.0 GiB --memory-budget: trial 0 1.0 GiB (+13.7 KiB), "
-                  "trial 1 1.0 GiB (+13.7 KiB); their estimates were under it")
+        warned = ("warning: measured above the --memory-budget they were admitted under (their estimates were "
+                  "within it): trial 0 1.0 GiB, 13.7 KiB over its 1.0 GiB; trial 1 1.0 GiB, 13.7 KiB over its 1.0 GiB")
         assert (warned in said) == (folder == "over"), said
+    # Resumed under a looser budget, each trial is held to the budget it was admitted under.
+    done = autopeft_here("search", "--trials", "3", "--space", str(tmp_path / "one.yaml"), "--memory-budget", "2GiB",
+                         *tiny_search_args, cwd=tmp_path / "over")
+    assert done.returncode == 0, done.stderr
+    said = " ".join(done.stdout.split())
+    assert warned in said and "trial 2" not in said.split("warning: measured above")[1], said
 
 
 def test_local_workers_read_the_searchs_target_and_share_its_step_budget_and_the_summary_says_why_they_stopped(
@@ -687,6 +693,22 @@ def test_estimate_counts_robertas_positions_as_the_search_does(tmp_path: Path) -
     assert too_long.returncode == 2, too_long.stdout
     assert "--seq-len: 33 tokens exceed ./roberta's 32 positions; estimate at 32 tokens or fewer" in too_long.stderr
     assert autopeft_here(*estimate, "32", cwd=tmp_path).returncode == 0
+
+
+def test_a_relative_model_path_used_from_two_folders_reads_each_folders_model(tmp_path: Path) -> None:
+    """The model checks cached a config by --model as typed: in one process (the Python API, a notebook),
+    ./roberta in a second folder was read as the first folder's."""
+    from transformers import RobertaConfig
+
+    for folder, rows in (("small", 34), ("large", 66)):
+        RobertaConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                      max_position_embeddings=rows, pad_token_id=1).save_pretrained(tmp_path / folder / "roberta")
+        (tmp_path / folder / "lora.yaml").write_text("method: lora\n")
+    estimate = ["estimate", "--model", "./roberta", "--space", "lora.yaml", "--seq-len", "40"]
+    assert "exceed ./roberta's 32 positions" in autopeft_here(*estimate, cwd=tmp_path / "small").stderr
+    large = autopeft_here(*estimate, cwd=tmp_path / "large")
+    assert large.returncode == 0, large.stderr
+
 
 def test_estimate_counts_a_causal_lms_logits_for_a_causal_task(tmp_path: Path,
                                                                tiny_causal_models: dict[str, Path]) -> None:

@@ -186,16 +186,20 @@ def test_factual_recall_retention_is_one_for_the_base_and_drops_with_damage(tiny
     assert damaged["recall_forgetting"] > 0.0 and damaged["recall_accuracy"] < 1.0
 
 
-def test_the_longest_input_counts_factual_recalls_prompt_with_its_longest_answer(
-        tiny_causal_models: dict[str, Path]) -> None:
+@pytest.mark.parametrize("pairs", [capital_country_pairs()[:6], [("Kingstown", "Saint Vincent and the Grenadines")]],
+                         ids=["one-token answers", "a many-token answer"])
+def test_the_longest_input_counts_the_longest_row_factual_recall_feeds_the_model(
+        tiny_causal_models: dict[str, Path], pairs: list[tuple[str, str]]) -> None:
     """The position-table check (prompt tuning's virtual tokens on top of the longest input) read 0 tokens for
     this probe, whose prompts are token lists rather than a split."""
-    _, tokenizer = _causal(tiny_causal_models["gpt2"])
-    probe = FactualRecall(tokenizer, pairs=capital_country_pairs()[:6])
-    longest, answer = max(map(len, probe.prompts)), max(map(len, probe.choices))  # the token lists it scores
-    assert longest > 0 and answer > 0
-    assert ProbeSet([probe]).longest_input() == longest + answer
-    assert ProbeSet([probe]).longest_input(own_length_only=True) == longest + answer  # --max-length cannot cut it
+    model, tokenizer = _causal(tiny_causal_models["gpt2"])
+    probe = FactualRecall(tokenizer, pairs=pairs)
+    widths = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)
+    probe.fit_base(model)
+    assert widths and ProbeSet([probe]).longest_input() == max(widths)
+    assert ProbeSet([probe]).longest_input(own_length_only=True) == max(widths)  # --max-length cannot cut it
 
 
 def test_generalization_gap_and_ood_accuracy(tiny_bert: Path) -> None:

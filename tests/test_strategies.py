@@ -220,10 +220,16 @@ def test_warm_start_names_every_recipe_value_the_space_does_not_search(runtime: 
     assert (first.params["method"], first.params["lora.alpha"]) == ("lora", 16)
 
 
-def test_warm_start_on_a_space_without_lora_is_refused_before_anything_loads(tmp_path: Path, tiny_bert: Path) -> None:
+def test_warm_start_on_a_space_without_lora_is_refused_before_anything_loads(
+        tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """It was silently ignored: the search ran without the recipe it promised not to end below."""
+    from autopeft import search
     from autopeft.search import run_search
 
+    def loads(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model and data were loaded before the refusal")
+
+    monkeypatch.setattr(search, "prepare_runtime", loads)
     space = tmp_path / "ia3.yaml"
     space.write_text("method: ia3\ntraining:\n  learning_rate: [1.0e-3, 1.0e-2]\n")
     config = tiny_config(tmp_path, tiny_bert, space=str(space), warm_start=True)
