@@ -312,7 +312,7 @@ def test_a_resume_may_loosen_the_memory_budget_but_not_drop_it_below_a_completed
     assert recorded["level"] == "analytic"  # no budget: the quick figure, which the gate trusts only far above one
     before = (tmp_path / "autopeft.db").read_bytes()
     refused = autopeft_here("search", "--trials", "2", "--memory-budget", str(recorded["total"] // 2), *tiny_search_args,
-                       cwd=tmp_path)
+                            cwd=tmp_path)
     assert refused.returncode == 2 and "completed trial 0 estimated above --memory-budget" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and (tmp_path / "autopeft.db").read_bytes() == before
     loosened = autopeft_here("search", "--trials", "2", "--memory-budget", "1GiB", *tiny_search_args, cwd=tmp_path)
@@ -342,7 +342,7 @@ def test_the_summary_warns_when_a_micro_batch_holds_the_whole_training_split(
     (tmp_path / "reviews.csv").write_text("text,label\n" + rows)  # 30 training rows
     (tmp_path / "big.yaml").write_text("method: ia3\ntraining:\n  micro_batch_size: 32\n")
     done = autopeft_here("search", "--trials", "1", "--task", "reviews.csv", "--space", "big.yaml", *tiny_search_args,
-                    cwd=tmp_path)
+                         cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "warning: micro-batch 32 exceeds the 30 training rows" in " ".join(done.stdout.split())
 
@@ -418,7 +418,7 @@ def test_a_search_that_completes_no_trial_exits_1(tmp_path: Path, tiny_search_ar
     says why, and a script running it must see that it produced nothing; it exited 0."""
     (tmp_path / "broken.yaml").write_text("method: prompt\nmethods:\n  prompt:\n    num_virtual_tokens: 500\n")
     done = autopeft_here("search", "--space", "broken.yaml", "--max-consecutive-failures", "1", *tiny_search_args,
-                    cwd=tmp_path)
+                         cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     assert "stopped after 1 consecutive failed trial; last reason:" in done.stdout and "500 virtual tokens" in done.stdout
 
@@ -435,7 +435,7 @@ def test_export_of_a_study_without_completed_trials_is_a_clear_error(tmp_path: P
     elsewhere = tmp_path / "elsewhere"  # a worker not told the tracking store logs to the study's
     elsewhere.mkdir()
     joined = autopeft_here("worker", "--study", "empty", "--storage", f"sqlite:///{tmp_path}/autopeft.db", "--trials", "1",
-                      cwd=elsewhere)
+                           cwd=elsewhere)
     assert joined.returncode == 0, joined.stderr
     assert not (elsewhere / "mlflow.db").exists()
     from mlflow.tracking import MlflowClient
@@ -484,10 +484,10 @@ def test_export_and_its_recipe_run_from_another_folder_and_an_export_refuses_cha
     rows = "".join(f"review {i} {'fine' if i % 2 else 'dull'},{i % 2}\n" for i in range(80))
     (searched / "reviews.csv").write_text("text,label\n" + rows)
     assert autopeft_here("search", "--trials", "1", "--space", "mine.yaml", "--task", "reviews.csv", *tiny_search_args,
-                    cwd=searched).returncode == 0
+                         cwd=searched).returncode == 0
     storage = f"sqlite:///{searched / 'autopeft.db'}"
     refused = autopeft_here("export", "--study", "default", "--storage", storage, "--tolerance", "-1", "--out", "x",
-                       cwd=elsewhere)
+                            cwd=elsewhere)
     assert refused.returncode == 2 and "--tolerance: -1.0 must be a finite number, 0 or more" in refused.stderr
     assert not (elsewhere / "x").exists()
     done = autopeft_here("export", "--study", "default", "--storage", storage, "--out", "x", cwd=elsewhere)
@@ -496,7 +496,7 @@ def test_export_and_its_recipe_run_from_another_folder_and_an_export_refuses_cha
     # The recipe names the data by its absolute path, so it trains from any folder.
     assert f"task: {searched / 'reviews.csv'}" in (elsewhere / "x" / "training.yaml").read_text()
     trained = autopeft_here("train", "--config", "x/training.yaml", "--max-steps", "1", "--out", "t",
-                       "--tracking-uri", f"sqlite:///{elsewhere / 'mlflow.db'}", cwd=elsewhere)
+                            "--tracking-uri", f"sqlite:///{elsewhere / 'mlflow.db'}", cwd=elsewhere)
     assert trained.returncode == 0 and "warning" not in trained.stdout, trained.stderr
     from mlflow.tracking import MlflowClient
 
@@ -509,7 +509,7 @@ def test_export_and_its_recipe_run_from_another_folder_and_an_export_refuses_cha
     assert len(changed.stderr.strip().splitlines()) == 1 and not (elsewhere / "y").exists()
     # A retrain on the changed data runs (the recipe may be reused on new data) but says it is not the trial's.
     again = autopeft_here("train", "--config", "x/training.yaml", "--max-steps", "1", "--out", "t2",
-                     "--tracking-uri", f"sqlite:///{elsewhere / 'mlflow.db'}", cwd=elsewhere)
+                          "--tracking-uri", f"sqlite:///{elsewhere / 'mlflow.db'}", cwd=elsewhere)
     said = " ".join(again.stdout.split())
     assert again.returncode == 0 and "rows differ from those x/training.yaml's trial was trained and scored on" in said
 
@@ -655,7 +655,7 @@ def test_an_export_into_the_trials_own_adapter_folder_is_refused_and_the_adapter
 
 def test_the_report_marks_the_pick_of_the_rule_asked_for(exported: Path, tmp_path: Path) -> None:
     done = autopeft_here("report", "--out", str(tmp_path / "r"), "--select", "max-accuracy-under-forgetting=1",
-                    cwd=exported)
+                         cwd=exported)
     assert done.returncode == 0, done.stderr
     page = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
     assert "by rule <code>max-accuracy-under-forgetting=1</code>" in page
@@ -673,10 +673,10 @@ def test_estimate_takes_rows_past_a_rotary_models_max_positions_and_refuses_an_e
     """Llama has no position table to run off (the search trains such rows); estimate refused them."""
     (tmp_path / "lora.yaml").write_text("method: lora\n")
     done = autopeft_here("estimate", "--model", str(tiny_models["llama"]), "--space", "lora.yaml", "--seq-len", "200",
-                    cwd=tmp_path)
+                         cwd=tmp_path)
     assert done.returncode == 0 and "x 200 tokens" in " ".join(done.stdout.split()), done.stderr
     encoder = autopeft_here("estimate", "--model", str(tiny_models["bert"]), "--space", "lora.yaml", "--task-type",
-                       "causal_lm", cwd=tmp_path)  # an estimate of what the search refuses to train
+                            "causal_lm", cwd=tmp_path)  # an estimate of what the search refuses to train
     assert encoder.returncode == 2 and "--task-type causal_lm: " in encoder.stderr and "is an encoder" in encoder.stderr
 
 
@@ -718,7 +718,7 @@ def test_estimate_counts_a_causal_lms_logits_for_a_causal_task(tmp_path: Path,
 
     def total(*task: str) -> float:
         done = autopeft_here("estimate", "--model", str(tiny_causal_models["llama"]), "--space", "space.yaml", *task,
-                        cwd=tmp_path)
+                             cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         line = next(line for line in done.stdout.splitlines() if line.startswith("total"))
         value, unit = line.split()[1:3]
@@ -740,7 +740,7 @@ def test_export_of_unknown_study_is_a_clear_error(tmp_path: Path, tiny_search_ar
     assert done.returncode == 2 and "no study named 'nope'" in done.stderr
     assert not (tmp_path / "x").exists()
     secret = autopeft_here("export", "--out", "x", "--storage", "postgresql+psycopg2://nobody:secret@127.0.0.1:9/none",
-                      cwd=tmp_path)
+                           cwd=tmp_path)
     assert secret.returncode == 2 and "nobody:***@127.0.0.1" in secret.stderr and "secret" not in secret.stderr
 
 

@@ -66,10 +66,10 @@ def test_a_down_tracking_server_falls_back_locally_and_sync_copies_the_runs(
     assert "is unreachable" in done.stderr and "autopeft sync" in done.stderr
     assert (tmp_path / "mlflow-fallback.db").is_file()
     synced = autopeft_here("sync", "--source", "sqlite:///mlflow-fallback.db", "--target",
-                             mlflow_server_url, cwd=tmp_path)
+                           mlflow_server_url, cwd=tmp_path)
     assert synced.returncode == 0 and "copied 3 runs" in synced.stdout, synced.stderr
     again = autopeft_here("sync", "--source", "sqlite:///mlflow-fallback.db", "--target",
-                            mlflow_server_url, cwd=tmp_path)
+                          mlflow_server_url, cwd=tmp_path)
     assert "copied 0 runs" in again.stdout
 
     from mlflow.tracking import MlflowClient
@@ -94,7 +94,7 @@ def test_a_down_tracking_server_falls_back_locally_and_sync_copies_the_runs(
     assert sum(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs) == 3
     # Runs synced into one store are still copied into another; a target that is down is one line, no fallback.
     elsewhere = autopeft_here("sync", "--source", "sqlite:///mlflow-fallback.db", "--target",
-                                "sqlite:///second.db", cwd=tmp_path)
+                              "sqlite:///second.db", cwd=tmp_path)
     assert elsewhere.returncode == 0 and "copied 3 runs" in elsewhere.stdout, elsewhere.stderr
     unreachable = subprocess.run([*AUTOPEFT, "sync", "--source", "sqlite:///mlflow-fallback.db", "--target", down],
                                  cwd=tmp_path, capture_output=True, check=False, text=True, timeout=300)

@@ -29,7 +29,7 @@ def finished_study(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) ->
     folder; the one that needs the kept adapters gone hides them and puts them back)."""
     folder = tmp_path_factory.mktemp("handoff")
     done = autopeft_here("search", "--trials", "2", "--study", "h", "--model", str(tiny_bert), "--train-size", "120",
-                    "--val-size", "60", "--test-size", "60", "--max-steps", "30", cwd=folder)
+                         "--val-size", "60", "--test-size", "60", "--max-steps", "30", cwd=folder)
     assert done.returncode == 0, done.stderr
     return folder
 
@@ -183,8 +183,8 @@ def test_train_reproduces_a_causal_lm_trial_on_the_users_columns(tmp_path: Path,
     rows = "".join(f"a review number {i},{'good' if i % 2 else 'bad'}\n" for i in range(60))
     (tmp_path / "reviews.csv").write_text("review,verdict\n" + rows)
     done = autopeft_here("search", "--trials", "1", "--model", str(tiny_causal_models["llama"]), "--task", "reviews.csv",
-                    "--text-column", "review", "--label-column", "verdict", "--task-type", "causal_lm",
-                    "--train-size", "30", "--val-size", "14", "--test-size", "14", "--max-steps", "4", cwd=tmp_path)
+                         "--text-column", "review", "--label-column", "verdict", "--task-type", "causal_lm",
+                         "--train-size", "30", "--val-size", "14", "--test-size", "14", "--max-steps", "4", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert autopeft_here("export", "--out", "out", cwd=tmp_path).returncode == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -196,7 +196,7 @@ def test_train_reproduces_a_causal_lm_trial_on_the_users_columns(tmp_path: Path,
 
 def test_confirmation_retrains_the_leading_candidates_and_exports_the_best_mean(finished_study: Path) -> None:
     done = autopeft_here("export", "--study", "h", "--out", "out4", "--select", "max-accuracy-under-forgetting=1.0",
-                    "--confirm-seeds", "1", "--confirm-top", "2", cwd=finished_study)
+                         "--confirm-seeds", "1", "--confirm-top", "2", cwd=finished_study)
     assert done.returncode == 0, done.stderr
     assert "confirmation" in done.stdout
     metrics = json.loads((finished_study / "out4" / "metrics.json").read_text())
@@ -216,7 +216,7 @@ def test_confirmation_retrains_the_leading_candidates_and_exports_the_best_mean(
 
 def test_bad_confirmation_options_are_refused_before_any_work(finished_study: Path) -> None:
     done = autopeft_here("export", "--study", "h", "--out", "out5", "--confirm-top", "0", "--confirm-seeds", "1",
-                    cwd=finished_study)
+                         cwd=finished_study)
     assert done.returncode == 2 and "--confirm-top: 0 must be at least 1" in done.stderr
     assert not (finished_study / "out5").exists()
 
@@ -226,7 +226,7 @@ def test_a_trial_whose_adapter_was_not_kept_is_retrained_for_export(finished_stu
     shutil.move(kept, hidden)
     try:
         done = autopeft_here("export", "--study", "h", "--out", "out3", "--with-weights",
-                        "--select", "max-accuracy-under-forgetting=1.0", cwd=finished_study)
+                             "--select", "max-accuracy-under-forgetting=1.0", cwd=finished_study)
     finally:
         shutil.move(hidden, kept)
     assert done.returncode == 0, done.stderr
