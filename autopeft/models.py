@@ -78,6 +78,16 @@ def resolve_model_path(model: str) -> str:
     return str(Path(model).expanduser().resolve()) if looks_local else model
 
 
+def model_fingerprint(model: str) -> str:
+    """What names one set of weights, cheaply: a hub id as given; a local or packaged folder by its absolute path
+    and each file's size and modification time (weights saved again at the same path are another model)."""
+    folder = Path(resolve_model_path(model))
+    if not folder.is_dir():
+        return model
+    files = sorted(path for path in folder.iterdir() if path.is_file())
+    return f"{folder}|" + ",".join(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in files)
+
+
 def _packaged_path(name: str) -> str:
     if name in PACKAGED_GGUF_MODELS:
         return str(converted_gguf_model(name))

@@ -43,6 +43,7 @@ from autopeft.models import (
     is_encoder,
     load_causal_lm,
     load_classifier,
+    model_fingerprint,
     position_table_rows,
 )
 from autopeft.probes import ProbeContext, ProbeSet, build_probes, default_probes, probe_problems
@@ -207,8 +208,8 @@ PROBE_SCORING = 2  # raised when a probe scores differently: 2, the perplexity n
 
 def probe_cache_key(config: SearchConfig, task: TaskData) -> str:
     """What the cached base scores were computed from: another key computes them again."""
-    split = task.describe()
-    return (f"{config.model}|{config.seed}|{config.task_type}|{config.max_length}|{config.ood_task}|"
+    split, model = task.describe(), model_fingerprint(config.model)  # weights saved again at its path: another model
+    return (f"{model}|{config.seed}|{config.task_type}|{config.max_length}|{config.ood_task}|"
             f"{split['train_fingerprint']}|{split['validation_fingerprint']}|{split.get('ood_fingerprint')}|"
             f"scoring {PROBE_SCORING}")
 

@@ -432,3 +432,19 @@ def test_a_resume_that_names_the_default_probes_is_the_same_study(tmp_path: Path
     run_search(config(tmp_path, tiny_bert, trials=1))  # and left out again after being named
     with pytest.raises(StudyError, match=r"probes=\['linear_probe', 'generalization_gap'\] \(now \['linear_probe'\]\)"):
         run_search(config(tmp_path, tiny_bert, trials=1, probes=("linear_probe",)))
+
+
+def test_base_probe_scores_are_computed_again_for_weights_saved_again_at_the_same_path(tmp_path: Path) -> None:
+    """The cached base scores were keyed by --model as typed: a model saved again at its path (a new checkpoint)
+    and searched with --force-new was scored against the old weights' probe accuracy, silently."""
+    from autopeft.models import save_tiny_model
+
+    def base_scores(folder: str, **overrides: object) -> dict:
+        return run_search(config(tmp_path, model, trials=0, artifacts_dir=str(tmp_path / folder),
+                                 **overrides)).study.user_attrs["base_probe_scores"]
+
+    model = save_tiny_model(tmp_path / "model", "bert", seed=0, init_scale=0.2)
+    first = base_scores("a")
+    save_tiny_model(tmp_path / "model", "bert", seed=1, init_scale=0.2)  # same path and sizes, other weights
+    again = base_scores("a", force_new=True)
+    assert again == base_scores("fresh", study="fresh") != first
