@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -48,8 +49,6 @@ T = TypeVar("T")
 
 def _quiet_libraries() -> None:
     """Our table and progress lines are the output; library chatter would drown them."""
-    import warnings
-
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported by our own lines
@@ -65,15 +64,18 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a "View run" link per run on a server
-    default_format = warnings.formatwarning
+    warnings.formatwarning = _plain_ours  # the same function each time: a process running many commands
+    # in-process (a notebook) wrapped the previous one once per command, until a warning overflowed the stack
 
-    def plain_ours(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> str:
-        """Our own warnings are messages to the user: one line, without the file and source line."""
-        if category.__module__.startswith("autopeft"):
-            return f"warning: {message}\n"
-        return default_format(message, category, *args, **kwargs)
 
-    warnings.formatwarning = plain_ours
+_LIBRARY_FORMAT = warnings.formatwarning
+
+
+def _plain_ours(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+    """Our own warnings are messages to the user: one line, without the file and source line."""
+    if category.__module__.startswith("autopeft"):
+        return f"warning: {message}\n"
+    return _LIBRARY_FORMAT(message, category, *args, **kwargs)
 
 
 def _fail(*problems: str, code: int = 2) -> NoReturn:
@@ -270,24 +272,24 @@ def _interruptible(call: Callable[[], T], config: SearchConfig, *, summary: bool
     the process that started this one prints it)."""
     from autopeft import interrupt
 
-    interrupt.install()
-    try:
-        return _guard(call)
-    except KeyboardInterrupt:
-        if not summary:
-            raise typer.Exit(130) from None
-        import optuna
-
-        from autopeft.study import worker_label
-
+    with interrupt.installed():
         try:
-            study = optuna.load_study(study_name=config.study, storage=config.storage)
-        except Exception:  # noqa: BLE001 -- the study may not exist yet if Ctrl-C came during loading
-            study = None
-        _say_interrupted(study, [worker_label()])
-        if study is not None:
-            _print_summary(study, config, "interrupted")
-        raise typer.Exit(130) from None
+            return _guard(call)
+        except KeyboardInterrupt:
+            if not summary:
+                raise typer.Exit(130) from None
+            import optuna
+
+            from autopeft.study import worker_label
+
+            try:
+                study = optuna.load_study(study_name=config.study, storage=config.storage)
+            except Exception:  # noqa: BLE001 -- the study may not exist yet if Ctrl-C came during loading
+                study = None
+            _say_interrupted(study, [worker_label()])
+            if study is not None:
+                _print_summary(study, config, "interrupted")
+            raise typer.Exit(130) from None
 
 
 def _work_left(study: Any, config: SearchConfig) -> bool:

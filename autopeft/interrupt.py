@@ -4,8 +4,10 @@ search go on. The flag lets the search see that the user asked to stop."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
 
 REQUESTED = threading.Event()
@@ -16,10 +18,19 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def install() -> None:
-    """Call once from the command's main thread before a search starts."""
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """Ctrl-C sets the flag while the block runs (from the command's main thread); afterwards the caller's own
+    handler is back and the flag clear: a process that goes on (a notebook running the command in-process)
+    would otherwise stop its next search at the first step."""
+    previous = signal.getsignal(signal.SIGINT)
     REQUESTED.clear()
     signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        REQUESTED.clear()
 
 
 def check() -> None:

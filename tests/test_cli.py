@@ -281,6 +281,34 @@ def test_a_scalar_studys_progress_bar_shows_the_best_objective_not_the_best_accu
     assert "best objective" in progress.bar.columns[3].text_format
 
 
+def test_a_command_run_in_process_gives_back_ctrl_c_and_the_warning_format(
+        tmp_path: Path, tiny_search_args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a process that goes on after the command (a notebook), a search left its Ctrl-C handler installed and,
+    once interrupted, its stop flag set: every later search stopped at its first step. Each command also wrapped
+    the warning format once more, until a warning overflowed the stack."""
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from autopeft import interrupt, search
+    from autopeft.cli import app
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        interrupt.REQUESTED.set()  # as Ctrl-C inside a library that swallowed the KeyboardInterrupt would leave it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search, "run_search", interrupted)
+    monkeypatch.chdir(tmp_path)
+    handler = signal.getsignal(signal.SIGINT)
+    formats = []
+    for _ in range(2):
+        done = CliRunner().invoke(app, ["search", "--trials", "1", *tiny_search_args])
+        assert done.exit_code == 130, done.output
+        assert signal.getsignal(signal.SIGINT) is handler and not interrupt.REQUESTED.is_set()
+        formats.append(warnings.formatwarning)
+    assert formats[0] is formats[1]
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     done = autopeft("--debug", "search", "--model", "./missing", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" in done.stderr and "--model: ./missing does not exist" in done.stderr
