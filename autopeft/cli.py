@@ -726,15 +726,16 @@ def estimate(
 def _local_config(base: str) -> Any:
     """The config of a local or packaged model (None when it cannot be read here). A hub id is left to the
     estimate, which reads its config once: offline, each read retries for seconds."""
-    from autopeft.models import resolve_model_path
+    from autopeft.models import model_fingerprint, resolve_model_path
 
-    # Cached by the absolute folder, not by --model as typed: a relative path names another folder when the same
-    # process (the Python API, a notebook) runs from elsewhere.
-    return _config_at(resolve_model_path(base))
+    # Cached by the folder's files, not by --model as typed: in a process that goes on (the Python API, a
+    # notebook) a relative path names another folder from elsewhere, and a model may be saved again at its path.
+    folder = resolve_model_path(base)
+    return _config_at(folder, model_fingerprint(folder))
 
 
 @functools.cache
-def _config_at(folder: str) -> Any:
+def _config_at(folder: str, fingerprint: str) -> Any:
     from transformers import AutoConfig
 
     try:
@@ -746,14 +747,15 @@ def _config_at(folder: str) -> Any:
 def _meta_model(base: str) -> Any:
     """The model built from its config on the meta device (no weights, no memory), None when its config cannot
     be read here: what the checks below read its layout from."""
-    from autopeft.models import resolve_model_path
+    from autopeft.models import model_fingerprint, resolve_model_path
 
-    return _meta_model_at(resolve_model_path(base))
+    folder = resolve_model_path(base)
+    return _meta_model_at(folder, model_fingerprint(folder))
 
 
-@functools.cache  # once per model folder, not per configuration
-def _meta_model_at(folder: str) -> Any:
-    model_config = _config_at(folder)
+@functools.cache  # once per model (its folder's files, as _local_config), not per configuration
+def _meta_model_at(folder: str, fingerprint: str) -> Any:
+    model_config = _config_at(folder, fingerprint)
     if model_config is None:
         return None
     import torch

@@ -723,19 +723,25 @@ def test_estimate_counts_robertas_positions_as_the_search_does(tmp_path: Path) -
     assert autopeft_here(*estimate, "32", cwd=tmp_path).returncode == 0
 
 
-def test_a_relative_model_path_used_from_two_folders_reads_each_folders_model(tmp_path: Path) -> None:
+def test_the_model_checks_read_the_model_at_the_path_now_in_a_process_that_goes_on(tmp_path: Path) -> None:
     """The model checks cached a config by --model as typed: in one process (the Python API, a notebook),
-    ./roberta in a second folder was read as the first folder's."""
+    ./roberta in a second folder was read as the first folder's, and a model saved again at its path as the old."""
     from transformers import RobertaConfig
 
-    for folder, rows in (("small", 34), ("large", 66)):
+    def save(folder: str, rows: int) -> None:
         RobertaConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
                       max_position_embeddings=rows, pad_token_id=1).save_pretrained(tmp_path / folder / "roberta")
         (tmp_path / folder / "lora.yaml").write_text("method: lora\n")
+
     estimate = ["estimate", "--model", "./roberta", "--space", "lora.yaml", "--seq-len", "40"]
+    save("small", 34)
+    save("large", 66)
     assert "exceed ./roberta's 32 positions" in autopeft_here(*estimate, cwd=tmp_path / "small").stderr
     large = autopeft_here(*estimate, cwd=tmp_path / "large")
     assert large.returncode == 0, large.stderr
+    save("small", 66)  # saved again, larger
+    again = autopeft_here(*estimate, cwd=tmp_path / "small")
+    assert again.returncode == 0, again.stderr
 
 
 def test_estimate_counts_a_causal_lms_logits_for_a_causal_task(tmp_path: Path,
