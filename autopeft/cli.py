@@ -276,20 +276,21 @@ def _interruptible(call: Callable[[], T], config: SearchConfig, *, summary: bool
         try:
             return _guard(call)
         except KeyboardInterrupt:
-            if not summary:
-                raise typer.Exit(130) from None
-            import optuna
+            pass
+    if not summary:
+        raise typer.Exit(130)
+    import optuna
 
-            from autopeft.study import worker_label
+    from autopeft.study import worker_label
 
-            try:
-                study = optuna.load_study(study_name=config.study, storage=config.storage)
-            except Exception:  # noqa: BLE001 -- the study may not exist yet if Ctrl-C came during loading
-                study = None
-            _say_interrupted(study, [worker_label()])
-            if study is not None:
-                _print_summary(study, config, "interrupted")
-            raise typer.Exit(130) from None
+    try:
+        study = optuna.load_study(study_name=config.study, storage=config.storage)
+    except Exception:  # noqa: BLE001 -- the study may not exist yet if Ctrl-C came during loading
+        study = None
+    _say_interrupted(study, [worker_label()])
+    if study is not None:
+        _print_summary(study, config, "interrupted")
+    raise typer.Exit(130)
 
 
 def _work_left(study: Any, config: SearchConfig) -> bool:
@@ -723,15 +724,20 @@ def estimate(
         console.print(result.table(), highlight=False)
 
 
+def _model_key(base: str) -> tuple[str, str]:
+    """The caches below key on the model's folder and its files, not on --model as typed: in a process that goes
+    on (the Python API, a notebook) a relative path names another folder from elsewhere, and a model may be saved
+    again at its path."""
+    from autopeft.models import model_fingerprint, resolve_model_path
+
+    folder = resolve_model_path(base)
+    return folder, model_fingerprint(folder)
+
+
 def _local_config(base: str) -> Any:
     """The config of a local or packaged model (None when it cannot be read here). A hub id is left to the
     estimate, which reads its config once: offline, each read retries for seconds."""
-    from autopeft.models import model_fingerprint, resolve_model_path
-
-    # Cached by the folder's files, not by --model as typed: in a process that goes on (the Python API, a
-    # notebook) a relative path names another folder from elsewhere, and a model may be saved again at its path.
-    folder = resolve_model_path(base)
-    return _config_at(folder, model_fingerprint(folder))
+    return _config_at(*_model_key(base))
 
 
 @functools.cache
@@ -747,13 +753,10 @@ def _config_at(folder: str, fingerprint: str) -> Any:
 def _meta_model(base: str) -> Any:
     """The model built from its config on the meta device (no weights, no memory), None when its config cannot
     be read here: what the checks below read its layout from."""
-    from autopeft.models import model_fingerprint, resolve_model_path
-
-    folder = resolve_model_path(base)
-    return _meta_model_at(folder, model_fingerprint(folder))
+    return _meta_model_at(*_model_key(base))
 
 
-@functools.cache  # once per model (its folder's files, as _local_config), not per configuration
+@functools.cache  # once per model, not per configuration
 def _meta_model_at(folder: str, fingerprint: str) -> Any:
     model_config = _config_at(folder, fingerprint)
     if model_config is None:

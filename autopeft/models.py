@@ -84,8 +84,8 @@ def model_fingerprint(model: str) -> str:
     folder = Path(resolve_model_path(model))
     if not folder.is_dir():
         return model
-    files = sorted(path for path in folder.iterdir() if path.is_file())
-    return f"{folder}|" + ",".join(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in files)
+    files = {path.name: path.stat() for path in folder.iterdir() if path.is_file()}
+    return f"{folder}|" + ",".join(f"{name}:{stat.st_size}:{stat.st_mtime_ns}" for name, stat in sorted(files.items()))
 
 
 def _packaged_path(name: str) -> str:

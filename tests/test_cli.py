@@ -10,22 +10,15 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import optuna
 import pytest
-from tests_support import autopeft_here
+from tests_support import AUTOPEFT, autopeft, autopeft_here
 
 from autopeft.config import format_bytes
-
-AUTOPEFT = [sys.executable, "-m", "autopeft.cli"]
-
-
-def autopeft(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*AUTOPEFT, *args], cwd=cwd, capture_output=True, check=False, text=True, timeout=600)
 
 
 def test_search_export_and_mlflow_records(tmp_path: Path, tiny_search_args: list[str]) -> None:

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import pytest
-from tests_support import autopeft_here
+from tests_support import AUTOPEFT, autopeft_here
 
 from tests.servers import free_port
-
-AUTOPEFT = [sys.executable, "-m", "autopeft.cli"]
 
 
 @pytest.mark.servers

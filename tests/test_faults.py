@@ -5,17 +5,15 @@ from __future__ import annotations
 import dataclasses
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from tests_support import AUTOPEFT
 
 from autopeft.errors import TrialFailed
-
-AUTOPEFT = [sys.executable, "-m", "autopeft.cli"]
 
 
 def slow_search(tmp_path: Path, tiny_search_args: list[str], trials: int) -> list[str]:

@@ -14,13 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from tests_support import autopeft_here
-
-AUTOPEFT = [sys.executable, "-m", "autopeft.cli"]
-
-
-def autopeft(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*AUTOPEFT, *args], cwd=cwd, capture_output=True, check=False, text=True, timeout=600)
+from tests_support import autopeft, autopeft_here
 
 
 @pytest.fixture(scope="session")  # session, not module: xdist may hand this module's tests out in pieces

@@ -17,17 +17,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from tests_support import AUTOPEFT
 
 from tests.browser import chromium_paths, headless_chromium
 from tests.servers import free_port
 
-AUTOPEFT = [sys.executable, "-m", "autopeft.cli"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 

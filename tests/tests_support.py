@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -56,6 +57,14 @@ def train_steps(model, batch: dict, lr: float, steps: int, loss_fn=classificatio
         losses.append(float(loss_sum.detach() / count))
     model.eval()
     return losses
+
+
+AUTOPEFT = [sys.executable, "-m", "autopeft.cli"]
+
+
+def autopeft(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The command as a process of its own, as a user's shell runs it."""
+    return subprocess.run([*AUTOPEFT, *args], cwd=cwd, capture_output=True, check=False, text=True, timeout=600)
 
 
 def autopeft_here(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
