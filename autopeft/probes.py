@@ -13,7 +13,7 @@ Forgetting probes:
   there, not whether the features moved: learning a task has to move them, so under drift the least
   forgetting on a Pareto front is always the configuration that learned nothing (the default LoRA
   recipe at the majority class measures 1 - CKA 0.0002), while a rotation that keeps everything
-  readable costs nothing here. It is not at the ceiling on MiniLM (base 0.84), so losses show.
+  readable costs nothing here. It is not at the ceiling on MiniLM (base 0.83), so losses show.
 - representation_drift (any model): 1 - linear CKA (Kornblith et al. 2019) between
   the base's and the adapted model's mean-pooled final hidden states of fixed general texts (real
   Wikipedia paragraphs shipped with gensim's test data, a seeded sample). In [0, 1]; needs no labels and

@@ -19,6 +19,7 @@ import pytest
 from tests_support import AUTOPEFT, autopeft, autopeft_here
 
 from autopeft.config import format_bytes
+from tests.servers import free_port
 
 
 def test_search_export_and_mlflow_records(tmp_path: Path, tiny_search_args: list[str]) -> None:
@@ -769,12 +770,6 @@ def test_export_of_unknown_study_is_a_clear_error(tmp_path: Path, tiny_search_ar
     secret = autopeft_here("export", "--out", "x", "--storage", "postgresql+psycopg2://nobody:secret@127.0.0.1:9/none",
                            cwd=tmp_path)
     assert secret.returncode == 2 and "nobody:***@127.0.0.1" in secret.stderr and "secret" not in secret.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "a signal to autopeft alone"])

@@ -1,5 +1,5 @@
 """Scale-out on real engines: 3 workers share one study on a real PostgreSQL and log to a real MLflow
-tracking server; one worker is killed mid-run and the others still finish exactly 9 trials."""
+tracking server; one worker is killed mid-run and the others still finish exactly 6 trials."""
 
 from __future__ import annotations
 

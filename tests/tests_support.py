@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
+import optuna
 import torch
 
 from autopeft.config import SearchConfig
@@ -76,16 +79,23 @@ def autopeft_here(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     from autopeft.cli import app
 
     # A search installs its own Ctrl-C handler, and commands set environment defaults (MLflow's retries, say) that
-    # later tests' subprocesses would inherit.
+    # later tests' subprocesses would inherit, and quiet warnings and loggers that later tests may look for.
     sigint, folder, environ = signal.getsignal(signal.SIGINT), os.getcwd(), dict(os.environ)
+    loggers = {name: logging.getLogger(name).level for name in ("mlflow", "bitsandbytes")}
+    optuna_verbosity, formatwarning = optuna.logging.get_verbosity(), warnings.formatwarning
     os.chdir(cwd)
     try:
-        done = CliRunner().invoke(app, list(args))
+        with warnings.catch_warnings():
+            done = CliRunner().invoke(app, list(args))
     finally:
         os.chdir(folder)
         signal.signal(signal.SIGINT, sigint)
         os.environ.clear()
         os.environ.update(environ)
+        for name, level in loggers.items():
+            logging.getLogger(name).setLevel(level)
+        optuna.logging.set_verbosity(optuna_verbosity)
+        warnings.formatwarning = formatwarning
     stderr = done.stderr
     if done.exception is not None and not isinstance(done.exception, SystemExit):
         stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(done.exception))
