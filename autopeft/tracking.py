@@ -33,7 +33,29 @@ def client_for(uri: str) -> MlflowClient:
     """A client of the store `uri` names from this folder. MLflow keeps one store per URL string for the life of
     the process, so a relative sqlite URL is made absolute first: used again from another folder (a notebook, the
     Python API) it would otherwise reach the first folder's file."""
-    return MlflowClient(tracking_uri=absolute_sqlite_url(uri))
+    url = absolute_sqlite_url(uri)
+    _forget_store_if_deleted(url)
+    return MlflowClient(tracking_uri=url)
+
+
+def _forget_store_if_deleted(url: str) -> None:
+    """A sqlite store whose file is gone (its folder deleted between two searches of one notebook) is forgotten
+    by MLflow's per-process caches of stores and engines; kept, their open connection writes to the deleted file
+    and fails with "attempt to write a readonly database". The caches are MLflow's private ones: where a release
+    renames them, nothing is done."""
+    database = sqlite_file(url)
+    if database is None or Path(database).exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.tracking._tracking_service import utils
+
+    engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(url, None)
+    if engine is not None:
+        engine.dispose()
+    registry = getattr(utils, "_tracking_store_registry", None)
+    clear = getattr(getattr(registry, "_get_store_with_resolved_uri", None), "cache_clear", None)
+    if clear is not None:
+        clear()  # all stores (lru_cache has no per-key removal); the others are rebuilt when next used
 
 
 def fail_fast(uri: str) -> None:

@@ -40,6 +40,25 @@ def test_one_relative_store_url_used_from_two_folders_logs_to_each_folders_own_s
         assert client.get_run(run_id).info.run_name == f"run in {folder}"
 
 
+def test_a_store_deleted_between_two_searches_of_one_process_is_created_again_and_logged_to(tmp_path: Path) -> None:
+    """A notebook that deletes its results folder and searches again: MLflow's cached store kept its connection
+    to the deleted file, and the second search crashed with "attempt to write a readonly database"."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path / "results"
+    url = f"sqlite:///{folder / 'mlflow.db'}"
+    for attempt in ("first", "second"):
+        folder.mkdir()
+        tracker = Tracker(url)
+        run_id = tracker.start_run(f"{attempt} search", {"a": 1})
+        assert tracker.uri == url  # not the fallback store
+        assert MlflowClient(tracking_uri=url).get_run(run_id).info.run_name == f"{attempt} search"
+        if attempt == "first":
+            shutil.rmtree(folder)
+
+
 def _open_and_log(database: str) -> tuple[str, list[str]]:
     """One worker process's first contact with the tracking store (run in a fresh interpreter)."""
     with warnings.catch_warnings(record=True) as caught:
