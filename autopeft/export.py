@@ -152,8 +152,14 @@ def lead_of(study: optuna.Study, ranked: Candidates) -> noise.Lead | None:
 
 
 def _ranked(trials: list[optuna.trial.FrozenTrial], order: Callable[[float, float], tuple[float, float]]) -> Candidates:
-    # A stable sort: among equal trials the earlier one leads, as max() and min() chose before.
-    return Candidates(sorted(trials, key=lambda t: order(*scores(t)), reverse=True), order)
+    # The rules rank on accuracy and forgetting; a third objective (memory, trainable parameters: minimised) breaks
+    # their ties, and a stable sort leaves the earlier of trials equal on all of them first.
+    return Candidates(sorted(trials, key=lambda t: (*order(*scores(t)), -_third_objective(t)), reverse=True), order)
+
+
+def _third_objective(trial: optuna.trial.FrozenTrial) -> float:
+    values = trial.values or ()
+    return float(values[2]) if len(values) > 2 else 0.0
 
 
 def _threshold(rule: str) -> float:

@@ -31,6 +31,17 @@ def test_selection_rules(rule: str, tolerance: float, expected: int) -> None:
     assert select_trial(study_with(TRIALS), rule, tolerance).number == expected  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("rule", ["balanced", "best-accuracy", "least-forgetting"])
+def test_a_third_objective_breaks_the_rules_ties(rule: str) -> None:
+    """Two trials equal on accuracy and forgetting: the one with fewer trainable parameters (the study's third
+    objective, minimised) is the pick, not the earlier one."""
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.set_user_attr("split", {"validation_majority": 0.578})
+    for values in [(0.70, 0.0, 2147), (0.70, 0.0, 355), (0.60, 0.0, 100)]:
+        study.tell(study.ask(), values)
+    assert select_trial(study, rule, 0.05).number == 1
+
+
 def scalar_study_with(values: list[tuple[float, float]], weight: float) -> optuna.Study:
     """A `--objective-mode scalar` study as search.py records it: one value, the two scores as attributes."""
     study = optuna.create_study(direction="maximize")
