@@ -377,6 +377,7 @@ def tokenize(split: TextSplit, tokenizer: Any, max_length: int, *, segments: boo
     embeddings which text a token is in (`segments`: as `tokenizer(a, b)` gives them to a user of the export).
     A tokenizer without a separator token (GPT-2, SmolLM2) would run the two texts together, so there the
     second text starts on a new line."""
+    _refuse_no_room_for_text(tokenizer, max_length, pair=split.pairs is not None)
     if split.pairs is None:
         encoded = tokenizer(split.texts, truncation=True, max_length=max_length)
     else:
@@ -386,6 +387,16 @@ def tokenize(split: TextSplit, tokenizer: Any, max_length: int, *, segments: boo
     return TokenizedSplit(list(encoded["input_ids"]), torch.tensor(split.labels, dtype=torch.long),
                           pad_left=tokenizer.padding_side == "left",
                           token_type_ids=list(encoded["token_type_ids"]) if kept else None)
+
+
+def _refuse_no_room_for_text(tokenizer: Any, max_length: int, *, pair: bool) -> None:
+    """A --max-length the special tokens fill leaves rows of [CLS] [SEP] alone (or, below their count, rows the
+    tokenizer does not truncate at all): every text would need at least one token of its own."""
+    needed = tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
+    if max_length < needed:
+        what = "a pair of texts" if pair else "a text"
+        raise DataError(f"--max-length: {max_length} leaves no room for {what}: the tokenizer adds "
+                        f"{needed - (2 if pair else 1)} special tokens to each row; use --max-length {needed} or more")
 
 
 def has_segment_embeddings(model: Any) -> bool:

@@ -108,6 +108,8 @@ BAD_INPUTS = [
     (["--tracking-uri", "mlflow.db"], "--tracking-uri: 'mlflow.db' is not a store MLflow logs to"),
     # The tiny BERT has 128 positions; the first forward pass once failed with a size mismatch.
     (["--task", "long.csv", "--max-length", "200"], "--max-length: 200 lets rows reach 200 tokens, but"),
+    # [CLS] [SEP] alone: the model saw no text, and at 1 the tokenizer did not truncate at all.
+    (["--max-length", "2"], "--max-length: 2 leaves no room for a text: the tokenizer adds 2 special tokens"),
     (["--task-type", "causal_lm", "--label-words", "good,"], "--label-words: 'good,' has an empty entry (entry 2)"),
     (["--workers", "0"], "--workers: 0 must be at least 1"),
     (["--workers", "2", "--trials", "-1"], "--trials: -1 must be at least 0"),  # once it loaded, wrote and exited 0

@@ -205,6 +205,20 @@ def test_numeric_labels_sort_as_numbers(tmp_path: Path) -> None:
     assert load_task(str(tmp_path / "t.csv"), seed=0, train_size=10, val_size=4, test_size=4).label_names == ["2", "10"]
 
 
+@pytest.mark.parametrize(("pairs", "least"), [(None, 3), (["on a mat"], 5)])
+def test_a_max_length_the_special_tokens_fill_is_refused(tiny_bert: Path, pairs: list[str] | None, least: int) -> None:
+    """At the least length every text keeps a token of its own; below it BERT's rows were [CLS] [SEP] (or, under
+    their count, not truncated at all) and a search trained on no text without a word."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    split = TextSplit(["a cat sat"], [0], pairs=pairs)
+    with pytest.raises(DataError, match=f"--max-length: {least - 1} leaves no room .* use --max-length {least} or more"):
+        tokenize(split, tokenizer, least - 1)
+    tokens = tokenizer.convert_ids_to_tokens(tokenize(split, tokenizer, least).input_ids[0])
+    assert tokens == (["[CLS]", "a", "[SEP]"] if pairs is None else ["[CLS]", "a", "[SEP]", "on", "[SEP]"])
+
+
 def test_pairs_tokenize_as_pairs(tiny_bert: Path) -> None:
     from transformers import AutoTokenizer
 
