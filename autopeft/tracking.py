@@ -46,9 +46,11 @@ def _forget_store_if_deleted(url: str) -> None:
     database = sqlite_file(url)
     if database is None or Path(database).exists():
         return
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-    from mlflow.tracking._tracking_service import utils
-
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        from mlflow.tracking._tracking_service import utils
+    except ImportError:
+        return
     engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(url, None)
     if engine is not None:
         engine.dispose()
