@@ -50,8 +50,16 @@ def is_saved_adapter(folder: Path) -> bool:
     return (folder / OWN_CONFIG).is_file() or (folder / PEFT_CONFIG).is_file()
 
 
+def remove_saved(folder: Path) -> None:
+    """Delete an adapter saved in `folder` (its config files and weights); other files stay. Left beside a new
+    adapter, our config file would be read first and the folder would load as the other method."""
+    for path in [folder / OWN_CONFIG, folder / PEFT_CONFIG, *folder.glob("adapter_model.*")]:
+        path.unlink(missing_ok=True)
+
+
 def save(model: nn.Module, folder: Path) -> None:
     info = getattr(model, _TAG)
+    remove_saved(folder)  # an earlier adapter written there (`train --force`) must not outlive this one
     if methods.get(info["method"]).peft_backed:
         model.save_pretrained(folder)
         return

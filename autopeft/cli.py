@@ -610,6 +610,7 @@ def export(
 ) -> None:
     """Write the chosen trial as files; its held-out test accuracy is computed here, once."""
     from autopeft.export import export_trial
+    from autopeft.search import failure
 
     try:
         result = _guard(lambda: export_trial(study, storage, out, trial_number=trial, rule=select, tolerance=tolerance,
@@ -619,6 +620,12 @@ def export(
         err.print(f"interrupted: the export to {out} did not finish; an earlier export's files there are replaced "
                   "only once the new ones are ready")
         raise typer.Exit(130) from None
+    except typer.Exit:  # bad input, already said in one line (exit 2)
+        raise
+    except Exception as exc:  # noqa: BLE001 -- retraining the trial here failed (no bitsandbytes, out of memory)
+        if _state["debug"]:
+            traceback.print_exc()
+        _fail(f"export failed: {failure(exc)}; an earlier export's files in {out} are left as they were", code=1)
     if result.confirmations:
         console.print(confirmation_table(result.confirmations, result.trial.number))
     if result.retrained:

@@ -11,11 +11,12 @@ that objective, the highest accuracy - forgetting_weight x forgetting.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,6 +205,20 @@ def check_out(out: Path, force: bool) -> None:
         raise ConfigError([f"--out: {out} is not empty; choose a new folder or pass --force to overwrite"])
 
 
+@contextlib.contextmanager
+def out_removed_if_unfinished(out: Path) -> Iterator[None]:
+    """Create `out` for the block; a folder created here is removed again if the block fails (a retrain that
+    fails, Ctrl-C), so a failed export leaves no empty or half-written folder. One that existed is left as is."""
+    created = not out.exists()
+    create_out(out)
+    try:
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def create_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -215,9 +230,9 @@ def clear_export(out: Path) -> None:
     """Remove what an earlier export wrote into this folder (with --force), so no file of another trial stays
     beside this one's: peft would load an earlier trial's weights under this trial's config with a warning only.
     Other files in the folder are left alone."""
-    owned = [adapter_io.OWN_CONFIG, adapter_io.PEFT_CONFIG, "training.yaml", "metrics.json", "README.md"]
-    for path in [*(out / name for name in owned), *out.glob("adapter_model.*")]:
-        path.unlink(missing_ok=True)
+    adapter_io.remove_saved(out)
+    for name in ("training.yaml", "metrics.json", "README.md"):
+        (out / name).unlink(missing_ok=True)
 
 
 def adapter_of(trial: optuna.trial.FrozenTrial, runtime: Runtime, scratch: Path) -> tuple[Path, bool]:
@@ -285,50 +300,50 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     # the base model's evaluation batches under a memory budget when its probe scores are not cached here.
     runtime = prepare_runtime(config, recorded_space(study))
     check_same_data(study, runtime.task)
-    create_out(out)
-    trial, confirmations = ranked.trials[0], []
-    if confirm_seeds:
-        from autopeft.tracking import Tracker  # mlflow: only when there are runs to log
+    with out_removed_if_unfinished(out):
+        trial, confirmations = ranked.trials[0], []
+        if confirm_seeds:
+            from autopeft.tracking import Tracker  # mlflow: only when there are runs to log
 
-        tracker = Tracker(config.tracking_uri)
-        confirmations = [confirm(study, t, runtime, confirm_seeds, tracker) for t in ranked.trials[:confirm_top]]
-        trial = find_trial(study, _leader(confirmations, ranked.order).trial_number)
-    pick_lead = lead_of(study, ranked) if trial_number is None and not confirmations else None
-    if Path(trial.user_attrs.get("adapter_dir", "")).resolve() == out.resolve():  # --force would delete it first
-        raise ConfigError([f"--out: {out} is trial {trial.number}'s own adapter folder; export to another folder"])
-    with tempfile.TemporaryDirectory() as scratch:
-        adapter, retrained = adapter_of(trial, runtime, Path(scratch))
-        score = held_out_accuracy(study, trial, runtime, adapter)
-        clear_export(out)  # only now: an export interrupted while it retrains leaves the earlier one whole
-        config_file = adapter_io.config_file(adapter)
-        files = [config_file.name, "training.yaml", "metrics.json", "README.md"]
-        shutil.copyfile(config_file, out / config_file.name)  # content only: a temporary file's 600 mode is not kept
-        if with_weights:
-            for weights in adapter.glob("adapter_model.*"):
-                shutil.copyfile(weights, out / weights.name)
-                files.append(weights.name)
-    params = TrialParams.from_flat(trial.user_attrs["params"])
-    write_recipe(out / "training.yaml", config, params, trial.user_attrs["seed"], runtime.split_fingerprints)
-    chosen_by = (f"--trial {trial_number}" if trial_number is not None
-                 else describe_rule(rule, tolerance, forgetting_weight(study)))
-    warning = majority_warning(study, trial)
-    if len(confirmations) > 1:
-        chosen_by += (f"; then, of its {len(confirmations)} leading candidates, the best on the mean of "
-                      f"{confirm_seeds + 1} runs each (its own and {confirm_seeds} with new seeds)")
-    metrics = {"study": study_name, "trial": trial.number, "chosen_by": chosen_by, "warning": warning,
-               "val_accuracy": scores(trial)[0], "forgetting": scores(trial)[1],
-               "forgetting_probe": runtime.probes.primary.name, "test_accuracy": score,
-               **_sampling_error(study, scores(trial)[0]),
-               "trainable_params": trial.user_attrs.get("trainable_params"),
-               **_memory_figure(trial, runtime, params),
-               "peft_backed": methods.get(params.method).peft_backed, "retrained_for_export": retrained,
-               "load_note": _load_note(params.method, runtime.base_model),
-               "label_names": runtime.task.label_names if config.task_type != "causal_lm" else None,
-               **_generation(runtime), **_prompting(runtime),
-               "confirmation": [c.as_dict() for c in confirmations]}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "README.md").write_text(model_card(config, trial, params, metrics))
-    return ExportResult(trial, out, score, files, retrained, confirmations, pick_lead, warning)
+            tracker = Tracker(config.tracking_uri)
+            confirmations = [confirm(study, t, runtime, confirm_seeds, tracker) for t in ranked.trials[:confirm_top]]
+            trial = find_trial(study, _leader(confirmations, ranked.order).trial_number)
+        pick_lead = lead_of(study, ranked) if trial_number is None and not confirmations else None
+        if Path(trial.user_attrs.get("adapter_dir", "")).resolve() == out.resolve():  # --force would delete it first
+            raise ConfigError([f"--out: {out} is trial {trial.number}'s own adapter folder; export to another folder"])
+        with tempfile.TemporaryDirectory() as scratch:
+            adapter, retrained = adapter_of(trial, runtime, Path(scratch))
+            score = held_out_accuracy(study, trial, runtime, adapter)
+            clear_export(out)  # only now: an export interrupted while it retrains leaves the earlier one whole
+            config_file = adapter_io.config_file(adapter)
+            files = [config_file.name, "training.yaml", "metrics.json", "README.md"]
+            shutil.copyfile(config_file, out / config_file.name)  # content only: a temporary file's 600 mode is not kept
+            if with_weights:
+                for weights in adapter.glob("adapter_model.*"):
+                    shutil.copyfile(weights, out / weights.name)
+                    files.append(weights.name)
+        params = TrialParams.from_flat(trial.user_attrs["params"])
+        write_recipe(out / "training.yaml", config, params, trial.user_attrs["seed"], runtime.split_fingerprints)
+        chosen_by = (f"--trial {trial_number}" if trial_number is not None
+                     else describe_rule(rule, tolerance, forgetting_weight(study)))
+        warning = majority_warning(study, trial)
+        if len(confirmations) > 1:
+            chosen_by += (f"; then, of its {len(confirmations)} leading candidates, the best on the mean of "
+                          f"{confirm_seeds + 1} runs each (its own and {confirm_seeds} with new seeds)")
+        metrics = {"study": study_name, "trial": trial.number, "chosen_by": chosen_by, "warning": warning,
+                   "val_accuracy": scores(trial)[0], "forgetting": scores(trial)[1],
+                   "forgetting_probe": runtime.probes.primary.name, "test_accuracy": score,
+                   **_sampling_error(study, scores(trial)[0]),
+                   "trainable_params": trial.user_attrs.get("trainable_params"),
+                   **_memory_figure(trial, runtime, params),
+                   "peft_backed": methods.get(params.method).peft_backed, "retrained_for_export": retrained,
+                   "load_note": _load_note(params.method, runtime.base_model),
+                   "label_names": runtime.task.label_names if config.task_type != "causal_lm" else None,
+                   **_generation(runtime), **_prompting(runtime),
+                   "confirmation": [c.as_dict() for c in confirmations]}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "README.md").write_text(model_card(config, trial, params, metrics))
+        return ExportResult(trial, out, score, files, retrained, confirmations, pick_lead, warning)
 
 
 def rule_settings(study: optuna.Study, rule: str | None, tolerance: float | None,

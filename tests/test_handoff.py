@@ -227,3 +227,35 @@ def test_a_trial_whose_adapter_was_not_kept_is_retrained_for_export(finished_stu
     assert "retrained it with its seed" in done.stdout
     assert any(p.name.startswith("adapter_model.") for p in (finished_study / "out3").iterdir())
     assert json.loads((finished_study / "out3" / "metrics.json").read_text())["retrained_for_export"] is True
+
+
+def test_an_export_whose_retrain_fails_is_one_line_and_leaves_the_earlier_export_whole(
+        finished_study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retraining a trial whose adapter was not kept here can fail (no bitsandbytes for adamw_8bit, out of
+    memory): export printed a traceback and left an empty --out folder behind."""
+    from typer.testing import CliRunner
+
+    from autopeft import search
+    from autopeft.cli import app
+    from autopeft.errors import TrialFailed
+
+    assert autopeft_here("export", "--study", "h", "--out", "earlier", cwd=finished_study).returncode == 0
+    earlier = {p.name: p.read_bytes() for p in (finished_study / "earlier").iterdir()}
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise TrialFailed("unsupported optimizer: adamw_8bit needs the bitsandbytes package")
+
+    monkeypatch.setattr(search, "run_trial", fails)
+    monkeypatch.chdir(finished_study)
+    kept, hidden = finished_study / "autopeft-artifacts", tmp_path / "hidden-artifacts"
+    shutil.move(kept, hidden)
+    try:
+        for out, force in (("new-folder", []), ("earlier", ["--force"])):
+            done = CliRunner().invoke(app, ["export", "--study", "h", "--out", out, *force])
+            assert done.exit_code == 1, done.output
+            assert done.output.startswith("error: export failed: unsupported optimizer: adamw_8bit needs")
+            assert len(done.output.strip().splitlines()) == 1, done.output
+    finally:
+        shutil.move(hidden, kept)
+    assert not (finished_study / "new-folder").exists()
+    assert {p.name: p.read_bytes() for p in (finished_study / "earlier").iterdir()} == earlier

@@ -134,6 +134,23 @@ def test_save_reload_gives_identical_logits_and_merging_agrees(tiny_models, tmp_
             assert torch.allclose(merged(**inputs).logits, logits, atol=1e-4)
 
 
+def test_an_adapter_saved_over_another_methods_folder_loads_as_itself(tiny_models, tmp_path) -> None:
+    """`train --force` into a folder holding another adapter: our own config file, read first, was left behind
+    and the folder loaded (or failed to load) as the earlier method."""
+    folder = tmp_path / "adapter"
+    bottleneck, _ = _attach(tiny_models["bert"], *CASES[7][:2])
+    adapter_io.save(bottleneck, folder)
+    lora, tokenizer = _attach(tiny_models["bert"], *CASES[0][:2])
+    train_steps(lora, _batch(tokenizer), 1e-2, 3)
+    adapter_io.save(lora, folder)
+    inputs = {k: v for k, v in _batch(tokenizer).items() if k != "labels"}
+    fresh, _ = load_classifier(str(tiny_models["bert"]), 2, seed=1)
+    reloaded = adapter_io.load(fresh, folder).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, lora.eval()(**inputs).logits)
+    assert sorted(p.name for p in folder.glob("adapter_*")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 DECODER_CASES = [case for case in CASES if case[0] in ("lora", "mora", "adapter", "prefix", "prompt")]
 
 
