@@ -33,6 +33,8 @@ from autopeft.config import (
     parse_memory,
     redact_url,
     sqlite_file,
+    sqlite_without_mlflow,
+    tracking_uri_problem,
 )
 from autopeft.errors import AutopeftError, ConfigError, first_line
 
@@ -844,23 +846,36 @@ def report(
     console.print(f"wrote {', '.join(p.name for p in paths)} to {out}" + (f"; logged to MLflow run {parent}" if parent else ""))
 
 
+def _fail_unless_mlflow_store(uri: str, option: str, hint: str = "") -> None:
+    """Refuse, before MLflow connects, a store a reading command cannot read: MLflow creates a missing sqlite file,
+    writes its tables into another program's database (the study's own autopeft.db, say), and raises a traceback
+    for a scheme it has no store for."""
+    problem = tracking_uri_problem(uri, option)
+    if problem:
+        _fail(problem)
+    if missing_sqlite_file(uri):
+        _fail(f"{option}: no MLflow store at {uri}{hint}")
+    foreign = sqlite_without_mlflow(uri)
+    if foreign:
+        _fail(f"{option}: {foreign} is not an MLflow store (it holds no MLflow tables){hint}")
+
+
 def _parent_run(tracking_uri: str, parent: str, logged_to: str | None) -> str:
     """The study's parent run in this store: its own id, or its synced copy's (a parent run logged to the
     fallback store while the server was down). The report is logged to it: a store without it is refused
     before anything is written (and a missing sqlite file is not created, as SQLAlchemy would on connect)."""
     elsewhere = logged_to and _where(logged_to).rstrip("/") != _where(tracking_uri).rstrip("/")
     hint = f" (the search logged to {logged_to}; pass it as --tracking-uri)" if elsewhere else ""
-    if missing_sqlite_file(tracking_uri):
-        _fail(f"--tracking-uri: no MLflow store at {tracking_uri}{hint}")
+    _fail_unless_mlflow_store(tracking_uri, "--tracking-uri", hint)
     from mlflow.exceptions import MlflowException
 
     from autopeft.tracking import EXPERIMENT, FALLBACK_URI, client_for, fail_fast, synced_copy
 
     fail_fast(tracking_uri)
-    client = client_for(tracking_uri)
-    with contextlib.suppress(MlflowException):
-        return client.get_run(parent).info.run_id
     try:
+        client = client_for(tracking_uri)
+        with contextlib.suppress(MlflowException):
+            return client.get_run(parent).info.run_id
         experiment = client.get_experiment_by_name(EXPERIMENT)
         copy = synced_copy(client, experiment.experiment_id, parent) if experiment else None
     except Exception as exc:  # noqa: BLE001 -- a server that does not answer, however MLflow says it
@@ -884,8 +899,7 @@ def ui(
     """Serve the MLflow dashboard (127.0.0.1 unless --host says otherwise). Ctrl-C stops it."""
     if not 1 <= port <= 65535:
         _fail(f"--port: {port} must be between 1 and 65535")
-    if missing_sqlite_file(tracking_uri):
-        _fail(f"--tracking-uri: no MLflow store at {tracking_uri}; run `autopeft search` first")
+    _fail_unless_mlflow_store(tracking_uri, "--tracking-uri", "; run `autopeft search` first")
     if tracking_uri.startswith(("http://", "https://")):  # `mlflow ui` serves a database, not another server
         _fail(f"--tracking-uri: {redact_url(tracking_uri)} is a tracking server, which serves its own dashboard: "
               f"open {_server_page(tracking_uri)} in a browser")
@@ -958,9 +972,7 @@ def sync_stores(
     """Copy runs logged to a fallback store (while the tracking server was down) into the real one."""
     from autopeft.sync import SourceUnreadable, sync
 
-    missing = missing_sqlite_file(source)
-    if missing:
-        _fail(f"--source: no MLflow store at {source} (the file {missing} does not exist)")
+    _fail_unless_mlflow_store(source, "--source")
     if _where(source).rstrip("/") == _where(target).rstrip("/"):  # each run would be copied beside itself
         _fail(f"--target: {redact_url(target)} is the store --source names; sync copies runs into another store")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -77,6 +78,30 @@ def missing_sqlite_file(url: str) -> str | None:
 # is MLflow's file store, which it no longer opens; any other scheme it has no store for. Both once ran the
 # whole search against the fallback store, as if a server had stopped answering.
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc")
+
+
+def sqlite_without_mlflow(url: str) -> str | None:
+    """The file a sqlite:/// URL names, when it exists but holds no MLflow store (the study's Optuna database,
+    another program's, not a database at all): a command that only reads a store refuses it, because MLflow
+    would write its tables into the file on connect. Opened read-only, so the check writes nothing."""
+    database = sqlite_file(url)
+    if not database or not Path(database).is_file():
+        return None
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{Path(database).resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError:  # "file is not a database"
+        tables = set()
+    return None if {"experiments", "runs"} <= tables else database
+
+
+def tracking_uri_problem(uri: str, option: str = "--tracking-uri") -> str | None:
+    if uri.split(":", 1)[0].split("+", 1)[0].lower() in TRACKING_SCHEMES:
+        return None
+    return (f"{option}: {redact_url(uri)!r} is not a store MLflow logs to; use sqlite:///mlflow.db (a local file), "
+            "http(s)://host:port (a tracking server) or a database URL (postgresql://...)")
 
 
 def format_bytes(n: float) -> str:
@@ -217,10 +242,8 @@ class SearchConfig:
                 problems.append(str(exc))
         if not 0 <= self.forgetting_weight < math.inf:  # also refuses nan, which every comparison fails
             problems.append(f"--forgetting-weight: {self.forgetting_weight} must be a finite number, at least 0")
-        if self.tracking_uri and self.tracking_uri.split(":", 1)[0].split("+", 1)[0].lower() not in TRACKING_SCHEMES:
-            problems.append(f"--tracking-uri: {redact_url(self.tracking_uri)!r} is not a store MLflow logs to; use "
-                            "sqlite:///mlflow.db (a local file), http(s)://host:port (a tracking server) or a "
-                            "database URL (postgresql://...)")
+        if self.tracking_uri and tracking_uri_problem(self.tracking_uri):
+            problems.append(tracking_uri_problem(self.tracking_uri))
         return problems
 
     def _ood_column_problems(self) -> list[str]:

@@ -571,6 +571,11 @@ OTHER_BAD_INPUTS = [
     (["report", "--out", "r", "--tracking-uri", "http://127.0.0.1:9"], "--tracking-uri: cannot read http://127.0.0.1:9: "),
     (["report", "--out", "r", "--tracking-uri", "sqlite:///other.db"],
      "--tracking-uri: no MLflow store at sqlite:///other.db (the search logged to sqlite:////"),
+    # Tracebacks from MLflow before: a scheme it has no store for, a bare path (its retired file store), no database.
+    (["report", "--out", "r", "--tracking-uri", "garbage://x"], "--tracking-uri: 'garbage://x' is not a store MLflow logs to"),
+    (["report", "--out", "r", "--tracking-uri", "mlflow.db"], "--tracking-uri: 'mlflow.db' is not a store MLflow logs to"),
+    (["report", "--out", "r", "--tracking-uri", "sqlite:///export/README.md"],
+     "--tracking-uri: export/README.md is not an MLflow store (it holds no MLflow tables)"),
     (["export", "--out", "x", "--trial", "0", "--select", "best-accuracy"], "--trial 0 and --select best-accuracy: choose one"),
     (["export", "--out", "x", "--select", "best-accuracy", "--tolerance", "0.1"],
      "--tolerance: applies to the balanced rule only, and this export uses the best-accuracy rule"),
@@ -607,6 +612,24 @@ def test_bad_input_to_the_other_commands_is_one_line_exit_2_and_nothing_written(
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert sorted(exported.rglob("*")) == before
+
+
+@pytest.mark.parametrize(("args", "option"), [
+    (["report", "--out", "r", "--tracking-uri", "sqlite:///autopeft.db"], "--tracking-uri"),
+    (["ui", "--tracking-uri", "sqlite:///autopeft.db"], "--tracking-uri"),
+    (["sync", "--source", "sqlite:///autopeft.db", "--target", "sqlite:///copy.db"], "--source"),
+], ids=["report", "ui", "sync"])
+def test_the_study_database_given_as_an_mlflow_store_is_refused_untouched(exported: Path, args: list[str],
+                                                                           option: str) -> None:
+    """An easy slip (autopeft.db for mlflow.db): MLflow wrote its tables into the study's database, then failed
+    with a traceback."""
+    before = (exported / "autopeft.db").read_bytes()
+    done = autopeft_here(*args, cwd=exported)
+    assert done.returncode == 2, done.stderr
+    assert f"error: {option}: autopeft.db is not an MLflow store (it holds no MLflow tables)" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert (exported / "autopeft.db").read_bytes() == before
+    assert not (exported / "copy.db").exists()
 
 
 @pytest.mark.parametrize(("line", "message"), [
