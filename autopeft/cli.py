@@ -823,10 +823,11 @@ def report(
     tolerance: Annotated[float | None, typer.Option(help="Forgetting tolerance of the balanced rule (default 0.05).")] = None,
 ) -> None:
     """Write a self-contained HTML report and PNG plots of a study, and log them to its MLflow parent run."""
-    from autopeft.export import create_out, load_existing_study, rule_settings
+    from autopeft.export import create_out, load_existing_study, require_search_study, rule_settings
     from autopeft.report import write_report
 
     found = _guard(lambda: load_existing_study(study, storage))
+    _guard(lambda: require_search_study(found, needs_config=False))  # a plain Optuna study with two objectives is drawn
     rule, tolerance_used = _guard(lambda: rule_settings(found, select, tolerance))
     parent = found.user_attrs.get("mlflow_parent_run_id")
     logged_to = found.user_attrs.get("config", {}).get("tracking_uri")

@@ -60,6 +60,17 @@ def load_existing_study(name: str, storage: str) -> optuna.Study:
         raise StudyError(f"--storage: cannot open {redact_url(storage)!r}: {first_line(exc)}") from exc
 
 
+def require_search_study(study: optuna.Study, *, needs_config: bool) -> None:
+    """Refuse a study another program wrote in the same database: export rebuilds the search from the config
+    `autopeft search` records, and the report reads accuracy and forgetting from the first two objectives of a
+    study that has no record of them."""
+    if "config" in study.user_attrs:
+        return
+    if needs_config or len(study.directions) < 2:
+        raise StudyError(f"--study: {study.study_name!r} was not written by `autopeft search` (it records no search "
+                         "config, nor accuracy and forgetting); give a study the search ran")
+
+
 def completed_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
@@ -288,6 +299,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     if confirm_top < 1:
         raise ConfigError([f"--confirm-top: {confirm_top} must be at least 1 (candidates to retrain)"])
     study = load_existing_study(study_name, storage)
+    require_search_study(study, needs_config=True)
     rule, tolerance = rule_settings(study, rule, tolerance, trial_number)
     ranked = Candidates([find_trial(study, trial_number)], accuracy_first) if trial_number is not None else \
         candidates(study, rule, tolerance)

@@ -96,16 +96,18 @@ def _memory_budget(study: optuna.Study, trials: Sequence[FrozenTrial]) -> int | 
     return None
 
 
-def _chosen(study: optuna.Study, rule: str, tolerance: float) -> tuple[FrozenTrial | None, Lead | None]:
-    """The rule's pick and how far it leads the rule's other candidates (None, None when there is none)."""
+def _chosen(study: optuna.Study, rule: str, tolerance: float) -> tuple[FrozenTrial | None, Lead | None, str]:
+    """The rule's pick and how far it leads the rule's other candidates; or (None, None, why none is chosen)."""
     from autopeft.errors import StudyError
     from autopeft.export import candidates, lead_of  # lazy: export imports peft, which the plots do not need
 
     try:
         ranked = candidates(study, rule, tolerance)  # type: ignore[arg-type]
-    except (StudyError, ValueError):  # no completed trial, or none feasible (an empty Pareto front)
-        return None, None
-    return ranked.trials[0], lead_of(study, ranked)
+    except StudyError as exc:  # no completed trial, or none the rule admits (a forgetting limit below them all)
+        return None, None, str(exc).partition(": ")[2]  # without the option the command line names
+    except ValueError:  # none feasible (an empty Pareto front)
+        return None, None, "no feasible completed trial"
+    return ranked.trials[0], lead_of(study, ranked), ""
 
 
 def _key_params(trials: Sequence[FrozenTrial]) -> list[str]:
@@ -411,10 +413,11 @@ def _img(path: Path, scalar: bool) -> str:
 
 
 def _chosen_html(chosen: FrozenTrial | None, lead: Lead | None, rule: str, tolerance: float, weight: float,
-                 any_completed: bool) -> str:
+                 any_completed: bool, why_none: str) -> str:
+    if chosen is None and not any_completed:
+        return '<p id="chosen">No completed trial in this study: nothing to choose yet.</p>'
     if chosen is None:
-        why = "no feasible completed trial" if any_completed else "No completed trial in this study"
-        return f'<p id="chosen">{html.escape(why)}: nothing to choose yet.</p>'
+        return f'<p id="chosen">The rule <code>{html.escape(rule)}</code> chose no trial: {html.escape(why_none)}.</p>'
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in chosen.user_attrs.get("params", {}).items())
     rule_text = {"balanced": f"{rule} (tolerance {tolerance:g})",
                  "best-scalar": f"{rule} (forgetting weight {weight:g})"}.get(rule, rule)
@@ -576,8 +579,8 @@ def _confirmations_html(study: optuna.Study) -> list[str]:
             f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"]
 
 
-def _page(study: optuna.Study, chosen: FrozenTrial | None, lead: Lead | None, rule: str, tolerance: float,
-          plots: Sequence[Path]) -> str:
+def _page(study: optuna.Study, chosen: FrozenTrial | None, lead: Lead | None, why_none: str, rule: str,
+          tolerance: float, plots: Sequence[Path]) -> str:
     trials = study.get_trials(deepcopy=False)
     name = html.escape(study.study_name)
     return "\n".join([
@@ -585,7 +588,7 @@ def _page(study: optuna.Study, chosen: FrozenTrial | None, lead: Lead | None, ru
         f"<style>{_CSS}</style></head><body>",
         f"<h1>autopeft study <code>{name}</code></h1>", *_setup_html(study), _counts_html(trials),
         "<h2>Chosen trial</h2>", _chosen_html(chosen, lead, rule, tolerance, forgetting_weight(study),
-                                               bool(_completed(trials))),
+                                               bool(_completed(trials)), why_none),
         *_warning_html(study, chosen),
         "<h2>Plots</h2>", *(_img(p, is_scalar(study)) for p in plots),
         "<h2>All trials</h2>",
@@ -601,7 +604,7 @@ def write_report(study: optuna.Study, out: Path, *, rule: str | None = None,
     rule = rule or default_rule(study)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    chosen, lead = _chosen(study, rule, tolerance)
+    chosen, lead, why_none = _chosen(study, rule, tolerance)
     draws: dict[str, Callable[[Path], Path]] = {
         "pareto.png": lambda p: plot_pareto(study, p, chosen, rule),
         "history.png": lambda p: plot_history(study, p),
@@ -610,5 +613,5 @@ def write_report(study: optuna.Study, out: Path, *, rule: str | None = None,
     }
     plots = [_safely(draw, out / name) for name, draw in draws.items()]
     page = out / "report.html"
-    page.write_text(_page(study, chosen, lead, rule, tolerance, plots), encoding="utf-8")
+    page.write_text(_page(study, chosen, lead, why_none, rule, tolerance, plots), encoding="utf-8")
     return [*plots, page]

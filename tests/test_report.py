@@ -279,3 +279,28 @@ def test_the_forgetting_probe_is_the_first_forgetting_one_and_a_rejected_trials_
     rejected.set_user_attr("memory_estimate", {"total": 2**30, "level": "traced"})
     study.tell(rejected, state=optuna.trial.TrialState.PRUNED)
     assert _memory_level(study.trials[0]) == "traced"
+
+
+def test_a_rule_that_admits_no_trial_says_why_on_the_page(tmp_path: Path) -> None:
+    """All trials completed and feasible: the page said 'no feasible completed trial', not the rule's reason."""
+    write_report(synthetic_study(), tmp_path, rule="max-accuracy-under-forgetting=-1")
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert ('<p id="chosen">The rule <code>max-accuracy-under-forgetting=-1</code> chose no trial: no completed '
+            "trial has forgetting &lt;= -1.0.</p>") in page
+
+
+@pytest.mark.parametrize(("command", "directions"), [("report", ["maximize"]), ("export", ["maximize", "minimize"])])
+def test_a_study_another_program_wrote_is_refused_in_one_line(tmp_path: Path, command: str,
+                                                              directions: list[str]) -> None:
+    """A plain Optuna study in the same database: export failed on its missing config (KeyError), and the
+    report of a one-objective study, which has no forgetting to read, on an IndexError after creating --out."""
+    from tests_support import autopeft_here
+
+    study = optuna.create_study(study_name="theirs", storage=f"sqlite:///{tmp_path / 'theirs.db'}",
+                                directions=directions)
+    study.optimize(lambda t: tuple(t.suggest_float(f"x{i}", 0, 1) for i in range(len(directions))), n_trials=2)
+    done = autopeft_here(command, "--study", "theirs", "--storage", "sqlite:///theirs.db", "--out", "out", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: --study: 'theirs' was not written by `autopeft search`")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs.db"]
