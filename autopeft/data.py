@@ -2,7 +2,8 @@
 
 Where the rows come from (packaged task, local file or folder, hub dataset) is sources.py. Splits: a
 source that carries its own train / validation / test keeps them (each capped at its requested size by a
-seeded stratified sample); the splits it lacks are carved from its train rows by a seeded stratified
+seeded stratified sample, or where a class is too rare for that a random one keeping a row of each class, as
+recorded); the splits it lacks are carved from its train rows by a seeded stratified
 split. A single table is split entirely that way. How each split was made is in TaskData.describe(),
 which the study records. Bad data stops with one line that names the file, the column and what is wrong.
 """
@@ -110,6 +111,8 @@ def load_task(task: str, *, seed: int, train_size: int, val_size: int, test_size
     ids = {name: i for i, name in enumerate(label_names)}
     requested = {"train": train_size, "validation": val_size, "test": test_size}
     frames, origins = _arrange(source, ids, requested, seed, open_answers)
+    if "validation" in source.frames and not open_answers:
+        _refuse_one_class_validation(frames["validation"], columns, f"--task: {source.locations['validation']}")
     texts = {s: _text_split(f, ids, columns) for s, f in frames.items()}
     return TaskData(task, label_names, texts["train"], texts["validation"], texts["test"], seed, columns, origins)
 
@@ -149,21 +152,50 @@ def _arrange(source: Source, ids: dict[str, int], requested: dict[str, int], see
     if carved == ["train"]:  # the source has every split: keep its train rows as they are (capped)
         carved = []
     labels = _class_ids(source.frames[pool], ids)
-    stratify = not (open_answers and carved and min(Counter(labels).values()) < len(carved))
-    rows = _stratified_parts(labels, [requested[s] for s in carved], seed, f"--task: {source.locations[pool]}",
-                             carved, list(ids), stratify) if carved else []
+    where = f"--task: {source.locations[pool]}"
+    rows, stratify = _carve(labels, [requested[s] for s in carved], seed, where, carved, list(ids),
+                            open_answers) if carved else ([], True)
     frames = {s: source.frames[pool].iloc[r] for s, r in zip(carved, rows, strict=True)}
     how = "stratified" if stratify else "random (answers too varied to stratify)"
     origins = {s: f"seeded {how} split of {source.origins[pool]}" for s in carved}
     for split in SPLITS:
         if split not in frames:
             frame = source.frames[split]
-            kept = _cap(_class_ids(frame, ids), requested[split], seed)
+            kept, how = _cap(_class_ids(frame, ids), requested[split], seed)
             frames[split] = frame.iloc[kept]
             sampled = len(kept) < len(frame)
             origins[split] = source.origins[split] + (
-                f", seeded stratified sample of {len(kept)} of {len(frame)} rows" if sampled else "")
+                f", seeded {how} sample of {len(kept)} of {len(frame)} rows" if sampled else "")
     return frames, origins
+
+
+def _refuse_one_class_validation(kept: pd.DataFrame, columns: Columns, where: str) -> None:
+    """A validation file of several classes cut to a --val-size below their count keeps fewer: one class would
+    rank nothing (the whole file is checked for two in _checked_label_names)."""
+    held = sorted(set(kept["label"]))
+    if len(held) < 2:
+        raise DataError(f"{where} cut to {len(kept)} row{'s' * (len(kept) > 1)} (--val-size) keeps only one class "
+                        f"({held[0]!r}) in column {columns.label!r}; the validation rows rank the trials, so they need "
+                        "at least two: raise --val-size")
+
+
+def _carve(labels: list[int], sizes: list[int], seed: int, where: str, names: list[str], classes: list[str],
+           open_answers: bool) -> tuple[list[list[int]], bool]:
+    """The carved splits' rows, and whether they are stratified. Open answers too varied to put a row of each in
+    every split (or that the class-wise split fails for) are split at random: an answer need not be in train."""
+    if not open_answers:
+        return _stratified_parts(labels, sizes, seed, where, names, classes), True
+    if _stratifiable(labels, sizes):
+        with contextlib.suppress(RareClassError):
+            return _stratified_parts(labels, sizes, seed, where, names, classes), True
+    return _stratified_parts(labels, sizes, seed, where, names, classes, stratify=False), False
+
+
+def _stratifiable(labels: list[int], sizes: list[int]) -> bool:
+    """Whether open answers can be split by answer: each has a row for every split, and every split has room
+    for a row of each (a train split of 20 rows cannot hold 40 answers, however many rows each has)."""
+    return min(Counter(labels).values()) >= len(sizes) and \
+        min(_scaled_sizes(len(labels), sizes)) >= len(set(labels))
 
 
 def _strip_answers(frame: pd.DataFrame) -> None:
@@ -179,7 +211,7 @@ def load_eval_split(task: str, *, label_names: list[str], columns: Columns | Non
     frame, where = _eval_frame(task, columns, option, open_answers)
     check_known_labels(frame, label_names, columns, where, "the training task")
     ids = {name: i for i, name in enumerate(label_names)}
-    kept = _cap(_class_ids(frame, ids), max_rows, seed)
+    kept, _ = _cap(_class_ids(frame, ids), max_rows, seed)
     return _text_split(frame.iloc[kept], ids, columns)
 
 
@@ -198,6 +230,9 @@ def _eval_frame(task: str, columns: Columns, option: str, open_answers: bool = F
     source = read_source(task, columns, option)
     split = next(s for s in ("test", "validation", "all", "train") if s in source.frames)
     frame, where = source.frames[split], f"{option}: {source.locations[split]}"
+    if columns.text_pair and "text_pair" not in frame:  # a packaged task's columns are fixed: single texts
+        raise DataError(f"{where} has single texts (no second text column), but the task is one of sentence "
+                        f"pairs; give an {option} of sentence pairs")
     check_rows(frame, columns, where)
     if open_answers:
         _strip_answers(frame)
@@ -268,8 +303,8 @@ def _stratified_parts(labels: list[int], sizes: list[int], seed: int, where: str
     from sklearn.model_selection import train_test_split
 
     total = min(len(labels), sum(sizes))
-    scale = total / sum(sizes)  # a small file keeps the requested proportions
-    scaled = [max(1, int(n * scale)) for n in sizes]
+    scale = total / sum(sizes)
+    scaled = _scaled_sizes(len(labels), sizes)
     if stratify and min(Counter(labels).values()) >= len(sizes):  # else rare classes are the problem, below
         _require_a_row_per_class(scaled, names, len(set(labels)), where, total if scale < 1 else None)
     index = list(range(len(labels)))
@@ -288,6 +323,12 @@ def _stratified_parts(labels: list[int], sizes: list[int], seed: int, where: str
                         "a row in each split (drop or merge rare classes, or give validation and test "
                         "files)") from exc
     return parts + [index]
+
+
+def _scaled_sizes(rows: int, sizes: list[int]) -> list[int]:
+    """The requested sizes, scaled down in proportion when the table holds fewer rows than they add up to."""
+    scale = min(rows, sum(sizes)) / sum(sizes)  # a small file keeps the requested proportions
+    return [max(1, int(n * scale)) for n in sizes]
 
 
 SIZE_OPTIONS = {"train": "--train-size", "validation": "--val-size", "test": "--test-size"}
@@ -326,19 +367,35 @@ def _short(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _cap(labels: list[int], size: int, seed: int) -> list[int]:
-    """All rows in file order, or a seeded stratified sample of `size` of them (random where a class is too
-    rare to stratify)."""
+def _cap(labels: list[int], size: int, seed: int) -> tuple[list[int], str]:
+    """All rows in file order, or a seeded sample of `size` of them and how it was drawn: stratified, or where
+    a class is too rare to stratify (a single row) random, with a row of each class while `size` has room."""
     from sklearn.model_selection import train_test_split
 
     index = list(range(len(labels)))
     if len(labels) <= size:
-        return index
+        return index, "whole"
     try:
         kept, _ = train_test_split(index, train_size=size, stratify=labels, random_state=seed)
     except ValueError:
-        kept, _ = train_test_split(index, train_size=size, random_state=seed)
-    return sorted(kept)
+        return _random_with_every_class(labels, size, seed), "random"
+    return sorted(kept), "stratified"
+
+
+def _random_with_every_class(labels: list[int], size: int, seed: int) -> list[int]:
+    """A seeded random sample of `size` rows that keeps a row of each class it has room for: a plain random
+    one would mostly drop a class of one row, and could leave a validation set with one class."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels)).tolist()
+    first: dict[int, int] = {}
+    for i in order:
+        first.setdefault(labels[i], i)
+    ones = list(first.values())[:size]  # classes in random order: which ones fit is seeded too
+    chosen = set(ones)
+    rest = [i for i in order if i not in chosen]
+    return sorted(ones + rest[:size - len(ones)])
 
 
 def _text_split(frame: pd.DataFrame, ids: dict[str, int], columns: Columns) -> TextSplit:

@@ -18,6 +18,7 @@ Rows are scored padded on the left with positions counted from each row's first 
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -120,9 +121,15 @@ def split_prompts(split: TokenizedSplit, fmt: CausalFormat) -> tuple[list[list[i
     return prompts, golds
 
 
+# Punctuation, but for a sign or a decimal point before a digit: it changes a number ('-1' is not '1', '1.5' is
+# not '15') where a full stop or an apostrophe does not change a word.
+_DROPPED = re.compile(rf"(?![-.]\d)[{re.escape(string.punctuation)}]")
+
+
 def normalize_answer(text: str) -> str:
-    """Case folded, punctuation dropped, whitespace collapsed: 'Positive.' == 'positive'."""
-    return " ".join(text.casefold().translate(str.maketrans("", "", string.punctuation)).split())
+    """Case folded, punctuation dropped (a sign or decimal point before a digit kept), whitespace collapsed:
+    'Positive.' == 'positive', '42.' == '42', '-1' != '1'."""
+    return " ".join(_DROPPED.sub("", text.casefold()).split())
 
 
 @torch.inference_mode()

@@ -47,6 +47,7 @@ import functools
 import html
 import importlib.util
 import math
+import os
 import random
 import re
 import xml.etree.ElementTree as ET
@@ -552,6 +553,7 @@ class ProbeSet:
             raise ConfigError(["--probes: choose at least one forgetting probe"])
         self.probes, self.primary = probes, primary
         self.base_scores: dict[str, float] | None = None
+        self._loaded_key: str | None = None  # the cache entry fit_base loaded (None: it fitted the base itself)
 
     @property
     def names(self) -> list[str]:
@@ -576,7 +578,7 @@ class ProbeSet:
             if cached.get("key") == key:
                 for probe, state in zip(self.probes, cached["states"], strict=True):
                     probe.load_base_state(state)
-                self.base_scores = cached["base_scores"]
+                self.base_scores, self._loaded_key = cached["base_scores"], key
                 return dict(self.base_scores)
         for probe in self.probes:
             probe.fit_base(base_model, device)
@@ -589,13 +591,16 @@ class ProbeSet:
 
     def save_base(self, cache_file: Path, cache_key: str = "") -> None:
         """Keep the fitted base state for the next process of this study (written only once the study
-        exists, so a refused command writes nothing)."""
-        if self.base_scores is None or cache_file.is_file():
+        exists, so a refused command writes nothing). A cache of another key is replaced: kept, it made every
+        later process of a study started again with --force-new (new label words, say) fit the base again."""
+        key = self._cache_entry(cache_key)
+        if self.base_scores is None or self._loaded_key == key:
             return
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         states = [p.base_state() for p in self.probes]
-        key = self._cache_entry(cache_key)
-        torch.save({"key": key, "states": states, "base_scores": self.base_scores}, cache_file)
+        partial = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")  # a worker never reads half a file
+        torch.save({"key": key, "states": states, "base_scores": self.base_scores}, partial)
+        os.replace(partial, cache_file)
 
     def score(self, model: nn.Module, device: torch.device | None = None,
               measured: Mapping[str, float] | None = None) -> dict[str, float]:

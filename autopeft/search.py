@@ -8,6 +8,7 @@ import copy
 import datetime
 import functools
 import gc
+import hashlib
 import math
 import shutil
 import time
@@ -207,11 +208,14 @@ PROBE_SCORING = 2  # raised when a probe scores differently: 2, the perplexity n
 
 
 def probe_cache_key(config: SearchConfig, task: TaskData) -> str:
-    """What the cached base scores were computed from: another key computes them again."""
+    """What the cached base scores were computed from: another key computes them again. A causal LM's answer
+    format (words, template, accuracy mode) changes its accuracy probes' scores as the data does."""
     split, model = task.describe(), model_fingerprint(config.model)  # weights saved again at its path: another model
+    # The default words are the label names (thousands, for open answers: hashed)
+    words = hashlib.sha256("\n".join(config.label_words or task.label_names).encode()).hexdigest()[:16]
     return (f"{model}|{config.seed}|{config.task_type}|{config.max_length}|{config.ood_task}|"
             f"{split['train_fingerprint']}|{split['validation_fingerprint']}|{split.get('ood_fingerprint')}|"
-            f"scoring {PROBE_SCORING}")
+            f"words {words}|{config.template!r}|{config.causal_eval}|scoring {PROBE_SCORING}")
 
 
 def refuse_encoder(name: str, model: nn.Module) -> None:
@@ -238,7 +242,7 @@ def _load_for_task(config: SearchConfig, task: TaskData) -> tuple[nn.Module, Any
         evaluator = Evaluator(int(tokenizer.pad_token_id), config.eval_batch_size, causal=fmt,
                               mode=config.causal_eval, tokenizer=tokenizer)  # type: ignore[arg-type]
         return model, tokenizer, lambda split: tokenize_causal(split, tokenizer, config.max_length, words,
-                                                               template), evaluator
+                                                               template, source=source), evaluator
     model, tokenizer = load_classifier(config.model, len(task.label_names), seed=config.seed,
                                        trust_remote_code=config.trust_remote_code)
     segments = has_segment_embeddings(model)

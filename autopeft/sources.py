@@ -9,7 +9,7 @@ How a `--task` value is read:
 - `packaged:<name>`: data shipped inside an installed package (ASSETS.md).
 - an existing path, or one that looks like a path (starts with `.`, `/`, `~`, or ends in a data suffix):
   a file (.csv, .jsonl, .parquet) or a folder holding `train.<suffix>` and optionally validation
-  (`validation`, `valid`, `val` or `dev`) and `test` files.
+  (`validation`, `valid`, `val` or `dev`) and `test` files, their names and suffixes in any case.
 - anything else: a hub dataset for `datasets.load_dataset`; `name:config` selects a configuration
   (e.g. `glue:sst2`). A hub split whose labels are all missing (GLUE's unlabelled test split, label -1)
   is treated as absent, so it is carved from train instead.
@@ -232,8 +232,10 @@ def _split_file(folder: Path, split: str, option: str = "--task") -> Path | None
     """The one file of a folder that holds this split; two (train.csv and train.jsonl, validation.csv and
     dev.csv) are refused rather than one of them used silently."""
     names = SPLIT_NAMES[split]
-    named = sorted((p for p in folder.iterdir() if p.is_file() and p.stem in names),
-                   key=lambda p: (names.index(p.stem), p.name))
+    # Any case, of the name as of the suffix: Validation.csv beside train.csv was skipped without a word, and its
+    # rows carved from train instead.
+    named = sorted((p for p in folder.iterdir() if p.is_file() and p.stem.lower() in names),
+                   key=lambda p: (names.index(p.stem.lower()), p.name))
     found = [p for p in named if p.suffix.lower() in SUFFIXES]  # train.CSV too, as a --task file is read
     if len(found) > 1:
         raise DataError(f"{option}: folder {folder} has {len(found)} files for the {split} split "

@@ -10,7 +10,8 @@ Tokenization: the prompt is tokenized as one string, so its tokens are the ones 
 running text, with the tokenizer's leading special token (BOS / [CLS]) kept and trailing ones ([SEP], EOS)
 dropped, so the answer follows the prompt directly. A prompt too long for `max_length` loses tokens from
 the end of its text (the longer text first, for pairs), never from the template, so the cue that asks for
-the answer ("Label:") is always there. Answer words are tokenized on their own (with the leading space),
+the answer ("Label:") is always there; a `max_length` that leaves no token of a text beside the template and the
+answer is refused, naming the least that does. Answer words are tokenized on their own (with the leading space),
 once per class; the label words must tokenize to distinct token sequences.
 
 The accuracy of such a model (evaluate.causal_accuracy) is measured on the same sequences: the answer is
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import string
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,23 +119,46 @@ def label_words_problem(label_words: list[str] | tuple[str, ...], label_names: l
 
 
 def tokenize_causal(split: TextSplit, tokenizer: Any, max_length: int, label_words: list[str] | tuple[str, ...],
-                    template: str = DEFAULT_TEMPLATE) -> TokenizedSplit:
-    """Prompt + answer per row, labels -100 on the prompt, padded on the left."""
-    fmt = CausalFormat.build(tokenizer, label_words, template)
+                    template: str = DEFAULT_TEMPLATE, *, source: str = "--label-words") -> TokenizedSplit:
+    """Prompt + answer per row, labels -100 on the prompt, padded on the left. `source` names where the words
+    came from in an error (as CausalFormat.build)."""
+    fmt = CausalFormat.build(tokenizer, label_words, template, source=source)
     if len(fmt.label_words) <= max(split.labels):
         raise DataError(f"--label-words: {len(fmt.label_words)} words for {max(split.labels) + 1} classes; "
                         "give one word per class, in the order of the task's labels")
     if (split.pairs is not None) != ("{text_pair}" in template):
         raise DataError(f"--template: {template!r} must contain {{text_pair}} exactly when the task has a second "
                         f"text column ({'it has' if split.pairs is not None else 'it has none'})")
+    rows = [(_prompt_tokens(tokenizer, template, text, split.pairs[row] if split.pairs else None), fmt.target(label))
+            for row, (text, label) in enumerate(zip(split.texts, split.labels, strict=True))]
+    _refuse_no_room(rows, split.labels, fmt, max_length, source)
     inputs, labels = [], []
-    for row, label in enumerate(split.labels):
-        answer = fmt.target(label)
-        prompt = prompt_ids(tokenizer, template, split.texts[row], split.pairs[row] if split.pairs else None,
-                            max_length - len(answer))
+    for (ids, owners), answer in rows:
+        prompt = _truncated(ids, owners, max_length - len(answer))
         inputs.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
     return TokenizedSplit(inputs, labels, pad_left=True)
+
+
+def _refuse_no_room(rows: list[tuple[tuple[list[int], list[str | None]], list[int]]], labels: list[int],
+                    fmt: CausalFormat, max_length: int, source: str) -> None:
+    """A --max-length the template and answer fill trained on prompts without text; one an answer alone
+    exceeds was blamed on the template ("more than the -52 left"). Named by the row that needs the most."""
+    needs = [_least_prompt(owners) + len(answer) for (_, owners), answer in rows]
+    worst = max(range(len(rows)), key=lambda row: needs[row])
+    if needs[worst] <= max_length:
+        return
+    (_, owners), answer = rows[worst]
+    word = fmt.label_words[labels[worst]]
+    shown = word if len(word) <= 40 else word[:37] + "..."
+    eos = " with end-of-sequence" if fmt.eos_id is not None else ""
+    if len(answer) >= max_length:
+        raise DataError(f"--max-length: {max_length} is too short for the answer {shown!r} ({source}): it takes "
+                        f"{len(answer)} tokens{eos}, and its prompt at least {needs[worst] - len(answer)}; use "
+                        f"--max-length {needs[worst]} or more")
+    raise DataError(f"--max-length: {max_length} leaves no room for the text: the template {fmt.template!r} takes "
+                    f"{owners.count(None)} tokens and the answer {shown!r} {len(answer)}{eos}; use "
+                    f"--max-length {needs[worst]} or more")
 
 
 def causal_format(tokenizer: Any, label_words: list[str] | tuple[str, ...],
@@ -159,7 +184,18 @@ def generated_answers_problem(label_words: list[str] | tuple[str, ...]) -> str |
 
 def prompt_ids(tokenizer: Any, template: str, text: str, pair: str | None, budget: int) -> list[int]:
     """The template filled with the texts, tokenized as one string, at most `budget` tokens (texts cut from
-    their end, longer one first)."""
+    their end, longer one first, each keeping a token)."""
+    ids, owners = _prompt_tokens(tokenizer, template, text, pair)
+    if budget < _least_prompt(owners):
+        raise DataError(f"--max-length: the template {template!r} and a token of each text need "
+                        f"{_least_prompt(owners)} tokens, more than the {budget} left for the prompt after the "
+                        "answer; raise --max-length")
+    return _truncated(ids, owners, budget)
+
+
+def _prompt_tokens(tokenizer: Any, template: str, text: str, pair: str | None) -> tuple[list[int], list[str | None]]:
+    """The filled template's tokens (trailing special tokens dropped) and the field each comes from (None: the
+    template or a special token)."""
     fields = {"text": text, "text_pair": pair or ""}
     rendered, spans = _render(template, fields)
     encoded = tokenizer(rendered, return_offsets_mapping=True)
@@ -167,17 +203,22 @@ def prompt_ids(tokenizer: Any, template: str, text: str, pair: str | None, budge
     ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
     while ids and ids[-1] in special and len(ids) > 1:  # [SEP] / EOS would sit between prompt and answer
         ids.pop(), offsets.pop()
-    owners = [_owner(ids[i], offsets[i], spans, special) for i in range(len(ids))]
-    excess = len(ids) - budget
-    while excess > 0:
-        counts = {name: owners.count(name) for name in spans}
+    return ids, [_owner(ids[i], offsets[i], spans, special) for i in range(len(ids))]
+
+
+def _least_prompt(owners: list[str | None]) -> int:
+    """The fewest tokens a prompt can be cut to: all of the template's and one of each text."""
+    return owners.count(None) + len(set(owners) - {None})
+
+
+def _truncated(ids: list[int], owners: list[str | None], budget: int) -> list[int]:
+    """At most `budget` tokens (at least _least_prompt): the longest text loses its last token, then again."""
+    ids, owners = list(ids), list(owners)
+    for _ in range(len(ids) - budget):
+        counts = Counter(owner for owner in owners if owner is not None)
         longest = max(counts, key=lambda name: counts[name])
-        if counts[longest] == 0:
-            raise DataError(f"--max-length: the template {template!r} alone needs {len(ids)} tokens, more than "
-                            f"the {budget} left for the prompt after the answer; raise --max-length")
         drop = max(i for i, owner in enumerate(owners) if owner == longest)
         del ids[drop], owners[drop]
-        excess -= 1
     return ids
 
 

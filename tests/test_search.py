@@ -64,6 +64,28 @@ def test_trials_start_from_pristine_base_weights(tmp_path: Path, tiny_bert: Path
     assert first.train.losses[0] != first.train.losses[-1]
 
 
+def test_the_base_probe_cache_is_keyed_on_the_answer_format(tmp_path: Path,
+                                                            tiny_causal_models: dict[str, Path]) -> None:
+    """A causal LM's base accuracies depend on its label words, template and accuracy mode; probe-base.pt's key
+    left them out, so a --force-new search with new label words reused the old words' base scores."""
+    from dataclasses import replace
+
+    from autopeft.search import probe_cache, probe_cache_key
+
+    first = config(tmp_path, tiny_causal_models["llama"], task_type="causal_lm", label_words=("good", "bad"))
+    runtime = prepare_runtime(first)
+    runtime.probes.save_base(probe_cache(first), probe_cache_key(first, runtime.task))
+    key = probe_cache_key(first, runtime.task)
+    for change in ({"label_words": ("yes", "no")}, {"template": "Review: {text}\nVerdict:"},
+                   {"causal_eval": "generate"}, {"label_words": None}):
+        assert probe_cache_key(replace(first, **change), runtime.task) != key, change
+    other = replace(first, label_words=("yes", "no"))
+    cached = prepare_runtime(other).base_scores
+    assert cached != runtime.base_scores  # the words do change them: the test would not see a stale cache otherwise
+    probe_cache(first).unlink()
+    assert cached == prepare_runtime(other).base_scores
+
+
 def test_a_trial_depends_on_its_seed_not_on_what_ran_before_it(tmp_path: Path, tiny_bert: Path) -> None:
     """A search's later trials run after others in the same process; `autopeft train` reruns one alone."""
     from autopeft.search import run_trial

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -62,8 +63,43 @@ def test_bad_verbalizers_are_named(tiny_causal_models: dict[str, Path], words: l
 
 def test_a_too_short_max_length_names_the_template(tiny_causal_models: dict[str, Path]) -> None:
     _, tokenizer = _causal(tiny_causal_models["llama"])
-    with pytest.raises(DataError, match=r"--max-length: the template .* raise --max-length"):
+    with pytest.raises(DataError, match=r"^--max-length: 4 leaves no room for the text: the template 'a long "
+                                        r"instruction before \{text\} then Label:' takes 8 tokens and the answer "
+                                        r"'fresh' 1; use --max-length 10 or more$"):
         tokenize_causal(TextSplit(["a b c"], [0]), tokenizer, 4, WORDS, "a long instruction before {text} then Label:")
+
+
+@pytest.mark.parametrize("pairs", [None, ["a second text"]])
+def test_a_max_length_that_leaves_only_the_template_is_refused(tiny_causal_models: dict[str, Path],
+                                                                pairs: list[str] | None) -> None:
+    """At 6 the rows were '[CLS] text : label : fresh': trained on prompts with no text, without a word."""
+    _, tokenizer = _causal(tiny_causal_models["llama"])
+    template = "Text: {text}\nSecond: {text_pair}\nLabel:" if pairs else "Text: {text}\nLabel:"
+    split = TextSplit(["this film was wonderful and moving"], [0], pairs=pairs)
+    shortest = 10 if pairs else 7  # the template (7 tokens, 5), a token of each text, the answer (no end-of-sequence)
+    for max_length in (shortest - 2, shortest - 1):
+        with pytest.raises(DataError, match=rf"^--max-length: {max_length} leaves no room for the text: .*; use "
+                                            rf"--max-length {shortest} or more$"):
+            tokenize_causal(split, tokenizer, max_length, WORDS, template)
+    rows = tokenize_causal(split, tokenizer, shortest, WORDS, template)
+    kept = tokenizer.convert_ids_to_tokens(rows.input_ids[0])
+    assert len(kept) == shortest and "this" in kept and ("a" in kept) == bool(pairs)
+
+
+def test_an_answer_longer_than_max_length_is_named(tiny_causal_models: dict[str, Path]) -> None:
+    """It was blamed on the template: 'the template ... alone needs 5 tokens, more than the -52 left'."""
+    _, tokenizer = _causal(tiny_causal_models["llama"])
+    long = "a very long answer " + " ".join(f"word{i}" for i in range(40))
+    split = TextSplit(["question 0", "question 1"], [0, 1])
+    message = (r"^--max-length: 16 is too short for the answer 'a very long answer word0 word1 word2 \.\.\.' "
+               r"\((?P<source>.*)\): it takes 84 tokens, and its prompt at least 6; use "
+               r"--max-length 90 or more$")
+    with pytest.raises(DataError, match=message.replace("(?P<source>.*)", "--label-words")):
+        tokenize_causal(split, tokenizer, 16, ["answer 0", long])
+    column = "--task: the labels in column 'answer'"  # the default words: the task's answers
+    with pytest.raises(DataError, match=message.replace("(?P<source>.*)", re.escape(column))):
+        tokenize_causal(split, tokenizer, 16, ["answer 0", long], source=column)
+    assert len(tokenize_causal(split, tokenizer, 90, ["answer 0", long]).input_ids[1]) == 90
 
 
 def test_choice_scores_match_summed_token_log_probabilities(tiny_causal_models: dict[str, Path]) -> None:
@@ -176,6 +212,23 @@ def test_open_answers_split_at_random_and_need_not_occur_in_train(tmp_path: Path
     assert again.validation.fingerprint() == task.validation.fingerprint()  # seeded
 
 
+@pytest.mark.parametrize(("per_answer", "sizes"), [(3, (20, 6, 6)), (4, (50, 40, 40))])
+def test_open_answers_with_more_answers_than_a_split_holds_split_at_random(tmp_path: Path, per_answer: int,
+                                                                          sizes: tuple[int, int, int]) -> None:
+    """40 answers of 3 rows each were refused ("a train split of 20 rows cannot hold a row of each of the 40
+    classes") where answers of 2 rows each were split at random; 4 each failed the split by class itself."""
+    from autopeft.data import load_task
+
+    rows = [f'{{"text": "question {a} variant {k}", "label": "answer{a}"}}\n' for a in range(40) for k in range(per_answer)]
+    (tmp_path / "qa.jsonl").write_text("".join(rows))
+    train, val, test = sizes
+    task = load_task(str(tmp_path / "qa.jsonl"), seed=0, train_size=train, val_size=val, test_size=test,
+                     open_answers=True)
+    assert [len(s.texts) for s in task.splits().values()] == list(sizes)
+    assert {task.origins[s] for s in ("train", "validation", "test")} == {
+        "seeded random (answers too varied to stratify) split of file qa.jsonl"}
+
+
 def test_label_words_generate_mode_cannot_tell_apart_are_refused() -> None:
     """'yes' and 'yes.' both matched an answer 'yes': a model that always said it scored 100%."""
     from autopeft.verbalizer import generated_answers_problem
@@ -184,6 +237,18 @@ def test_label_words_generate_mode_cannot_tell_apart_are_refused() -> None:
         "--label-words: 'yes' and 'Yes.' are the same answer once normalized (case, punctuation and spaces dropped), "
         "as --causal-eval generate compares them; choose words that differ")
     assert generated_answers_problem(["yes", "no"]) is None
+
+
+def test_a_sign_or_decimal_point_before_a_digit_is_kept_when_answers_are_compared() -> None:
+    """Labels -1 / 0 / 1 normalized to 1 / 0 / 1: in generate mode a model that always said '1' was right on every
+    '-1' row. A full stop or apostrophe still changes no answer."""
+    assert normalize_answer("-1") == "-1" != normalize_answer("1")
+    assert normalize_answer("1.5") == "1.5" != normalize_answer("15")
+    assert normalize_answer("42.") == normalize_answer("42") and normalize_answer("U.S.") == normalize_answer("us")
+    assert normalize_answer("well-known") == normalize_answer("wellknown")
+    from autopeft.verbalizer import generated_answers_problem
+
+    assert generated_answers_problem(["-1", "0", "1"]) is None
 
 
 def test_open_answers_that_differ_only_in_surrounding_spaces_are_one_answer(tmp_path: Path) -> None:
