@@ -277,5 +277,7 @@ def _hub_frame(dataset: Any, columns: Columns, where: str) -> pd.DataFrame:
     feature = dataset.features.get(columns.label)
     names = getattr(feature, "names", None)  # a ClassLabel: integers on disk, names for people
     if names is not None and columns.label in frame.columns:
-        frame[columns.label] = frame[columns.label].map(lambda i: names[i] if 0 <= i < len(names) else None)
+        # A missing label (None: the column reads as floats) stays missing, for the one-line refusal of its row.
+        frame[columns.label] = frame[columns.label].map(
+            lambda i: names[int(i)] if pd.notna(i) and 0 <= i < len(names) else None)
     return select_columns(frame, columns, where)

@@ -313,6 +313,20 @@ def test_hub_datasets_map_class_names_and_drop_unlabelled_splits(monkeypatch: py
     assert task.describe()["test_origin"] == "seeded stratified split of hub split train" and len(task.test.texts) == 8
 
 
+def test_a_hub_class_label_left_empty_is_refused_as_a_missing_label(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ClassLabel column with an empty cell reads as floats: indexing the names with one was a TypeError."""
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    labels = [i % 2 for i in range(19)] + [None]
+    hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"text": [f"s{i}" for i in range(20)], "label": labels}, features=features)})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: hub)
+    with pytest.raises(DataError, match=r"^--task: someone/reviews split 'train' has rows without a label .* in column "
+                                        r"'label' \(rows 20, counting"):
+        load_task("someone/reviews", seed=0, train_size=10, val_size=4, test_size=4)
+
+
 def test_an_unreachable_hub_dataset_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
