@@ -680,8 +680,7 @@ def warm_start(study: optuna.Study, space: SearchSpace) -> None:
             if used != value:
                 held.append(f"{name} {_shown(used)} instead of {_shown(value)}")
             continue
-        if dim.kind == "categorical" and value not in dim.choices or \
-                dim.kind in ("int", "float") and not dim.low <= value <= dim.high:
+        if not dim.holds(value):  # off a stepped range's steps too: Optuna would warn and train it anyway
             outside.append(f"{name} {_shown(value)}")
             continue
         fixed[dim.name] = value

@@ -68,6 +68,25 @@ class Dimension:
             return min(self.choices), max(self.choices)
         return self.low, self.high
 
+    def holds(self, value: Any) -> bool:
+        """Whether a draw can give `value`: one of the choices, or in the range and on its step (an int range
+        steps by 1)."""
+        if self.kind in ("fixed", "categorical"):
+            return value in ((self.value,) if self.kind == "fixed" else self.choices)
+        step = self.step or (1 if self.kind == "int" else None)
+        steps = (value - self.low) / step if step else 0.0
+        return self.low <= value <= self.high and abs(steps - round(steps)) < 1e-9
+
+    def grid_values(self) -> list[Any]:
+        """Every value of a stepped range, from low: a float range's by float arithmetic rounded to 12 significant
+        digits, so 0.3 + 6 x 0.1 is 0.9, not 0.9000000000000001 (above high, refused by a recipe), and a whole
+        step on a fractional low (0.5, step 1) keeps the fraction."""
+        step = self.step or 1
+        count = round((self.high - self.low) / step) + 1
+        if self.kind == "int":
+            return [int(self.low) + i * int(step) for i in range(count)]
+        return [min(float(f"{self.low + i * step:.12g}"), self.high) for i in range(count)]
+
     def suggest(self, trial: optuna.Trial) -> Any:
         if self.kind == "fixed":
             return self.value
@@ -158,10 +177,7 @@ class SearchSpace:
                 if dim.step is None and dim.kind == "float" or dim.log:
                     raise ConfigError([(f"--sampler grid: {self.path}: {dim.name} is a continuous range; give it a "
                                        "list of values (or a step, without log) to search it on a grid")])
-                step = dim.step or 1
-                count = round((dim.high - dim.low) / step) + 1
-                grid[dim.name] = [type(step)(dim.low) + i * step for i in range(count)] if dim.kind == "float" \
-                    else [int(dim.low) + i * int(step) for i in range(count)]
+                grid[dim.name] = dim.grid_values()
         return grid
 
     def method_names(self) -> list[str]:

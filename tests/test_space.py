@@ -170,3 +170,14 @@ def test_a_spaces_fixed_values_are_what_estimate_uses_and_searched_ones_take_the
 def test_a_method_rule_only_some_draws_break_is_left_to_fail_those_trials(tmp_path: Path) -> None:
     space = load_space(write(tmp_path, "method: adalora\nmethods:\n  adalora:\n    init_r: [4, 12]\n    target_r: 8\n"))
     assert space.method_dims["adalora"]["init_r"].choices == (4, 12)
+
+
+def test_a_stepped_float_range_walks_its_own_values_on_a_grid(tmp_path: Path) -> None:
+    """`step: 1` on a range from 0.5 read as an int: the grid was 0, 1, 2, 3 (0 turns clipping off, outside the
+    range); float arithmetic put 0.9000000000000001 on the grid, above high, and `autopeft train` refused the recipe
+    exported from it."""
+    path = write(tmp_path, "method: lora\ntraining:\n  max_grad_norm: {low: 0.5, high: 3.5, step: 1}\n"
+                           "  warmup_ratio: {low: 0.3, high: 0.9, step: 0.1}\nmethods:\n  lora:\n    r: 2\n")
+    grid = load_space(path).grid()
+    assert grid["max_grad_norm"] == [0.5, 1.5, 2.5, 3.5]
+    assert grid["warmup_ratio"] == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]

@@ -220,6 +220,23 @@ def test_warm_start_names_every_recipe_value_the_space_does_not_search(runtime: 
     assert (first.params["method"], first.params["lora.alpha"]) == ("lora", 16)
 
 
+def test_warm_start_samples_recipe_values_off_a_stepped_ranges_steps(tmp_path: Path) -> None:
+    """r 8 on 4, 12, 20, 28 is inside the range but not a value it can take: the trial trained it anyway (Optuna
+    warned) and was labelled the plain recipe."""
+    from autopeft.search import warm_start
+
+    space = tmp_path / "stepped.yaml"
+    space.write_text("method: lora\ntraining:\n  learning_rate: {low: 1.0e-4, high: 1.0e-3, step: 3.0e-4}\n"
+                     "methods:\n  lora:\n    r: {low: 4, high: 28, step: 8}\n    alpha: {low: 4, high: 28, step: 6}\n"
+                     "    target_modules: [qv, attention]\n")
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    warm_start(study, load_space(space))
+    queued = study.get_trials(states=(optuna.trial.TrialState.WAITING,))[0]
+    assert queued.user_attrs["warm_start"].startswith(
+        "default LoRA recipe, but for lora.r 8, learning_rate 0.0002 (outside the space: sampled)")
+    assert queued.system_attrs["fixed_params"] == {"lora.alpha": 16, "lora.target_modules": "qv"}
+
+
 def test_warm_start_on_a_space_without_lora_is_refused_before_anything_loads(
         tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """It was silently ignored: the search ran without the recipe it promised not to end below."""
