@@ -419,8 +419,11 @@ class TokenizedSplit:
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
 
-    def take(self, rows: int) -> TokenizedSplit:
-        return self.subset(list(range(min(rows, len(self)))))
+    def spread(self, rows: int) -> TokenizedSplit:
+        """At most `rows` rows, evenly spaced over the split: a file ordered by label (many ship so) gives a
+        slice of every part of it, where its first rows would hold one class."""
+        return self.subset(sorted({i * len(self) // rows for i in range(rows)}) if len(self) > rows else
+                           list(range(len(self))))
 
     def subset(self, rows: list[int]) -> TokenizedSplit:
         labels = self.labels[rows] if isinstance(self.labels, torch.Tensor) else [self.labels[i] for i in rows]

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from autopeft import methods
-from autopeft.config import SearchConfig
+from autopeft.config import SearchConfig, absolute_if_local
 from autopeft.errors import ConfigError
 from autopeft.space import TRAINING_PARAMS, TrialParams, load_yaml_file, yaml_problem
 
@@ -25,8 +25,7 @@ def to_recipe(config: SearchConfig, params: TrialParams, seed: int,
     """Everything needed to reproduce one trial: model, data split, method and training settings, seeds; and
     the fingerprints of the split it was trained and scored on, so a retrain can tell when the data changed."""
     return {
-        **{key: getattr(config, key) for key in _DATA_KEYS},
-        **{key: _plain(getattr(config, key)) for key in _TASK_KEYS},
+        **{key: _recorded(config, key) for key in (*_DATA_KEYS, *_TASK_KEYS)},
         "split_seed": config.seed,  # also seeds the classification head, which every trial shares
         "method": params.method, "method_params": params.method_params,
         **params.training, "max_steps": config.max_steps, "seed": seed,
@@ -34,8 +33,13 @@ def to_recipe(config: SearchConfig, params: TrialParams, seed: int,
     }
 
 
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value  # YAML's safe dumper has no tuples
+def _recorded(config: SearchConfig, key: str) -> Any:
+    """A config value as the recipe holds it: a local model or data path absolute (`autopeft train` may run from
+    another folder), a tuple as a list (YAML's safe dumper has no tuples)."""
+    value = getattr(config, key)
+    if key in ("model", "task", "ood_task"):
+        return absolute_if_local(value)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def write_recipe(path: Path, config: SearchConfig, params: TrialParams, seed: int,

@@ -401,7 +401,7 @@ INTERMEDIATE_ROWS = 256  # a mid-training check on a slice of validation: cheap,
 def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any = None,
               on_checkpoint: Any = None, checkpoints: tuple[int, ...] | None = None) -> TrialOutcome:
     """Build, check the budget (via `on_built`), train, evaluate and probe one configuration.
-    Accuracy on the first validation rows is measured halfway, or at each of the `checkpoints` steps, and
+    Accuracy on a slice of validation rows spread over the split is measured halfway, or at each of the `checkpoints` steps, and
     the score a pruner compares (`Evaluator.progress`) passed to `on_checkpoint(step, score)` (which may
     raise optuna.TrialPruned)."""
     start = time.perf_counter()
@@ -423,7 +423,7 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
     total = sum(p.numel() for p in runtime.base_model.parameters())
     intermediate: list[tuple[int, float]] = []
     due_at, checking, steps_done = set(checkpoints or (runtime.config.max_steps // 2,)), [0.0], [0]
-    subset = runtime.validation.take(INTERMEDIATE_ROWS)
+    subset = runtime.validation.spread(INTERMEDIATE_ROWS)
 
     def check_progress(step: int, trained: nn.Module) -> None:
         steps_done[0] = step

@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+import yaml
 from tests_support import autopeft, autopeft_here
 
 
@@ -154,6 +155,23 @@ def test_a_recipe_keeps_how_the_task_is_read_and_scored(tmp_path: Path) -> None:
     assert {key: getattr(read, key) for key in task} == task and seed == 3
     assert not read.trust_remote_code  # only the person running the recipe turns it on
     assert read_recipe(tmp_path / "training.yaml", trust_remote_code=True)[0].trust_remote_code
+
+
+def test_a_trials_recipe_names_local_paths_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each trial's training.yaml kept `--model ../tiny-bert` as typed: `autopeft train` from another folder
+    looked for the model beside itself."""
+    from autopeft.config import SearchConfig
+    from autopeft.recipe import write_recipe
+    from autopeft.space import TrialParams
+
+    for name in ("model", "reviews.csv", "other.csv"):
+        (tmp_path / name).touch()
+    monkeypatch.chdir(tmp_path)
+    config = SearchConfig(model="model", task="./reviews.csv", ood_task="other.csv")
+    write_recipe(tmp_path / "training.yaml", config, TrialParams("ia3", {"target_modules": "kv"}, {}), seed=3)
+    recipe = yaml.safe_load((tmp_path / "training.yaml").read_text())
+    assert [recipe[key] for key in ("model", "task", "ood_task")] == [
+        str(tmp_path / "model"), str(tmp_path / "reviews.csv"), str(tmp_path / "other.csv")]
 
 
 def test_a_recipe_edited_to_hold_a_key_twice_is_refused_naming_both_lines(tmp_path: Path) -> None:

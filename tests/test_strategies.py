@@ -289,3 +289,33 @@ def test_warm_start_on_a_study_whose_step_budget_is_spent_leaves_nothing_waiting
 def test_bad_strategy_options_are_one_clear_line(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         SearchConfig(**overrides)  # type: ignore[arg-type]
+
+
+def test_the_pruners_slice_holds_every_class_of_a_validation_file_ordered_by_label(
+        runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mid-training score read the first validation rows: of a file ordered by label (many ship so), one
+    class, and the pruner ranked trials by how often they predicted it."""
+    from autopeft import search as search_module
+    from autopeft.search import run_trial
+    from autopeft.space import TrialParams
+
+    labels = [int(label) for label in runtime.validation.labels]
+    ordered = runtime.validation.subset(sorted(range(len(labels)), key=labels.__getitem__))
+    seen: list[list[int]] = []
+
+    class Recording:  # the runtime's evaluator, noting the classes of each slice the pruner's score reads
+        def __getattr__(self, name: str) -> object:
+            return getattr(runtime.evaluate, name)
+
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            return runtime.evaluate(*args, **kwargs)
+
+        def progress(self, model: object, split: object, device: object) -> object:
+            seen.append(sorted({int(label) for label in split.labels}))
+            return runtime.evaluate.progress(model, split, device)
+
+    monkeypatch.setattr(search_module, "INTERMEDIATE_ROWS", 8)
+    here = dataclasses.replace(runtime, validation=ordered, evaluate=Recording())
+    params = TrialParams("ia3", {"target_modules": "kv"}, {"learning_rate": 1e-2, "micro_batch_size": 8})
+    run_trial(here, params, seed=0)
+    assert seen == [sorted(set(labels))] and len(set(labels)) > 1

@@ -109,6 +109,27 @@ def test_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(lora
     assert any(not torch.equal(after[n], before[n]) for n in before)  # later steps did update
 
 
+def test_a_step_the_loss_scaler_skipped_is_not_handed_to_the_methods_step_hook(lora_model: torch.nn.Module) -> None:
+    """AdaLoRA's hook scores rank importance from p.grad: an overflowed step's inf gradient made its scores NaN,
+    and it pruned no rank for the rest of the trial."""
+    calls, seen = {"n": 0}, []
+
+    def overflow_first_step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        loss, n = classification_loss(model, batch)
+        calls["n"] += 1
+        return (loss * 1e36 if calls["n"] == 1 else loss), n
+
+    def hook(model: torch.nn.Module, step: int) -> None:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        seen.append((step, bool(grads) and all(torch.isfinite(g).all() for g in grads)))
+
+    settings = TrainSettings(learning_rate=1e-2, precision="fp16", micro_batch_size=8, max_steps=4)
+    result = fit(lora_model, variable_length_split(32), settings, pad_id=0, loss_fn=overflow_first_step,
+                 after_step=hook)
+    assert result.overflow_steps == 1
+    assert seen == [(2, True), (3, True), (4, True)]
+
+
 def test_a_fp16_run_whose_every_step_overflowed_fails_instead_of_passing_as_trained(
         lora_model: torch.nn.Module) -> None:
     def always_overflow(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:

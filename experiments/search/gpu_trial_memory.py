@@ -86,7 +86,7 @@ def run_case(runtime: search.Runtime, method: str, method_params: dict, training
     before = peaks.allocated()
     model = search.build_model(runtime, params).to(device)
     weights = peaks.allocated() - before
-    subset = runtime.validation.take(search.INTERMEDIATE_ROWS)
+    subset = runtime.validation.spread(search.INTERMEDIATE_ROWS)
 
     def mid_eval(step: int, trained: torch.nn.Module) -> None:
         if step == steps // 2:
