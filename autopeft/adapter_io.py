@@ -94,7 +94,14 @@ def load(base: nn.Module, folder: Path) -> nn.Module:
 
     model = PeftModel.from_pretrained(base, str(folder))
     prompt.on_load(model)
+    config = model.peft_config[model.active_adapter]
+    name = "dora" if getattr(config, "use_dora", False) else _PEFT_METHODS.get(str(config.peft_type.value))
+    if name:  # merge (and save again) read which method built it; peft's own config holds its parameters
+        setattr(model, _TAG, {"method": name, "params": None, "task_type": str(config.task_type), "max_steps": None})
     return model
+
+
+_PEFT_METHODS = {"LORA": "lora", "IA3": "ia3", "ADALORA": "adalora", "PROMPT_TUNING": "prompt"}
 
 
 def merge(model: nn.Module) -> nn.Module:

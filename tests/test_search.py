@@ -146,6 +146,40 @@ def test_a_budget_only_the_analytic_estimate_overstates_is_accepted(tmp_path: Pa
         search.check_budget_feasible(config(tmp_path, tiny_bert, memory_budget=fits - 1), runtime)
 
 
+def test_a_budget_only_the_analytic_estimate_understates_is_refused_up_front(tmp_path: Path, tiny_bert: Path) -> None:
+    """Prompt tuning's virtual tokens are not in the analytic estimate: a budget above it but below the trace
+    was accepted, and the search then rejected trial after trial (40) before it stopped with exit 1."""
+    from autopeft import search
+    from autopeft.space import load_space
+
+    (tmp_path / "space.yaml").write_text("method: prompt\ntraining:\n  micro_batch_size: 16\nmethods:\n"
+                                         "  prompt:\n    num_virtual_tokens: 20\n")
+    settings = config(tmp_path, tiny_bert, memory_budget=2**40, max_length=32)
+    runtime = prepare_runtime(settings, load_space(settings.space))
+    [(_, params, analytic)] = search._lightest_configurations(runtime)
+    traced = search.traced_estimate(runtime, params).total
+    assert analytic.total < traced  # the case
+    with pytest.raises(ConfigError, match="fits no configuration"):
+        search.check_budget_feasible(config(tmp_path, tiny_bert, memory_budget=(analytic.total + traced) // 2,
+                                            max_length=32), runtime)
+
+
+def test_under_a_budget_prompt_tuning_past_the_position_table_fails_its_trials_not_the_search(
+        tmp_path: Path, tiny_bert: Path) -> None:
+    """The budget check and the tracer's warm-up traced prompt tuning past the model's 128 positions: the
+    search ended in a traceback (an expanded size 140 against 128) where its trials fail with the reason."""
+    long = " ".join(["a gripping and thoughtful film"] * 40)
+    (tmp_path / "long.csv").write_text("text,label\n" + "".join(f"{long} {i},{i % 2}\n" for i in range(40)))
+    (tmp_path / "space.yaml").write_text("method: [prompt, ia3]\ntraining:\n  micro_batch_size: 4\nmethods:\n"
+                                         "  prompt:\n    num_virtual_tokens: 20\n")
+    summary = run_search(config(tmp_path, tiny_bert, task=str(tmp_path / "long.csv"), trials=2, max_steps=2,
+                                train_size=16, val_size=8, test_size=8, memory_budget=2**30))
+    prompt = [t for t in summary.study.trials if t.params["method"] == "prompt"]
+    assert prompt and all("20 virtual tokens + the longest input's" in t.user_attrs.get("fail_reason", "")
+                          for t in prompt)
+    assert any(t.params["method"] == "ia3" and t.state.name == "COMPLETE" for t in summary.study.trials)
+
+
 def test_the_budget_check_sizes_each_method_at_the_lightest_values_its_space_allows(tmp_path: Path,
                                                                                    tiny_bert: Path) -> None:
     """It sized each method at its defaults: prompt tuning at 20 virtual tokens refused a budget that the space's
