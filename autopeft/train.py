@@ -153,8 +153,8 @@ def fit(model: nn.Module, data: TokenizedSplit, settings: TrainSettings, *, pad_
         on_step: Callable[[int, nn.Module], None] | None = None,
         after_step: Callable[[nn.Module, int], None] | None = None) -> TrainResult:
     """Train `model` in place for `settings.max_steps` optimizer steps. `after_step(model, step)` runs after
-    each optimizer step taken (not one the fp16 loss scaler skipped) while gradients still exist (a method's own
-    bookkeeping, e.g. AdaLoRA's rank allocation; counted as training). `on_step(step, model)` runs after each step (e.g. an intermediate
+    each optimizer step while gradients still exist, zeroed where the fp16 loss scaler skipped the step (a
+    method's own bookkeeping, e.g. AdaLoRA's rank allocation; counted as training). `on_step(step, model)` runs after each step (e.g. an intermediate
     evaluation); its time is not counted as training time."""
     device = device or torch.device("cpu")
     problem = precision_problem(settings.precision, device)
@@ -200,9 +200,9 @@ def fit(model: nn.Module, data: TokenizedSplit, settings: TrainSettings, *, pad_
         result.losses.append(step_loss)
         result.learning_rates.append(scheduler.get_last_lr()[0])
         scheduler.step()
-        # Not after a step the loss scaler skipped: AdaLoRA scores rank importance from p.grad, and one inf
-        # gradient left its scores NaN, so it pruned no rank for the rest of the trial.
-        if after_step is not None and not skipped:
+        if after_step is not None:
+            if skipped:  # AdaLoRA scores rank importance from p.grad: an overflowed step's inf left its scores
+                optimizer.zero_grad(set_to_none=False)  # NaN for good; zeros keep its schedule's steps too
             after_step(model, len(result.losses))
         optimizer.zero_grad(set_to_none=True)
         if on_step is not None:
