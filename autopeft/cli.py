@@ -627,7 +627,7 @@ def export(
     except Exception as exc:  # noqa: BLE001 -- retraining the trial here failed (no bitsandbytes, out of memory)
         if _state["debug"]:
             traceback.print_exc()
-        _fail(f"export failed: {failure(exc)}; an earlier export's files in {out} are left as they were", code=1)
+        _fail(f"export failed: {failure(exc)}", code=1)
     if result.confirmations:
         console.print(confirmation_table(result.confirmations, result.trial.number))
     if result.retrained:

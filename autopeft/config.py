@@ -90,8 +90,11 @@ def sqlite_without_mlflow(url: str) -> str | None:
     import sqlite3
 
     try:
-        with contextlib.closing(sqlite3.connect(f"{Path(database).resolve().as_uri()}?mode=ro", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(f"{Path(database).resolve().as_uri()}?mode=ro", uri=True,
+                                                timeout=1)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.OperationalError:  # locked or unreadable: not this check's to judge; MLflow says what it is
+        return None
     except sqlite3.DatabaseError:  # "file is not a database"
         tables = set()
     return None if {"experiments", "runs"} <= tables else database
@@ -242,8 +245,8 @@ class SearchConfig:
                 problems.append(str(exc))
         if not 0 <= self.forgetting_weight < math.inf:  # also refuses nan, which every comparison fails
             problems.append(f"--forgetting-weight: {self.forgetting_weight} must be a finite number, at least 0")
-        if self.tracking_uri and tracking_uri_problem(self.tracking_uri):
-            problems.append(tracking_uri_problem(self.tracking_uri))
+        if self.tracking_uri and (problem := tracking_uri_problem(self.tracking_uri)):
+            problems.append(problem)
         return problems
 
     def _ood_column_problems(self) -> list[str]:
@@ -270,7 +273,7 @@ class SearchConfig:
         local model and data paths made absolute (an export or a worker may run from another folder)."""
         data = asdict(self)
         data["storage"], data["tracking_uri"] = redact_url(self.storage), absolute_sqlite_url(redact_url(self.tracking_uri))
-        for key in ("model", "task", "ood_task"):
+        for key in LOCAL_PATH_KEYS:
             data[key] = absolute_if_local(data[key])
         return data
 
@@ -282,6 +285,9 @@ class SearchConfig:
             if merged.get(key) is not None:
                 merged[key] = tuple(merged[key])
         return cls(**merged)
+
+
+LOCAL_PATH_KEYS = ("model", "task", "ood_task")  # a config's values that may name a local file or folder
 
 
 def absolute_if_local(source: str | None) -> str | None:

@@ -146,7 +146,7 @@ def _arrange(source: Source, ids: dict[str, int], requested: dict[str, int], see
              open_answers: bool) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
     """Each split's rows and how they were made: the splits the source lacks carved from its train rows
     (stratified, seeded; random where open answers are too varied to stratify), the ones it has kept (capped
-    at their size by a stratified sample)."""
+    at their size by a seeded stratified sample, or a random one keeping every class: _cap)."""
     pool = "train" if "train" in source.frames else "all"
     carved = [s for s in SPLITS if s == "train" or s not in source.frames]
     if carved == ["train"]:  # the source has every split: keep its train rows as they are (capped)
@@ -377,25 +377,29 @@ def _cap(labels: list[int], size: int, seed: int) -> tuple[list[int], str]:
         return index, "whole"
     try:
         kept, _ = train_test_split(index, train_size=size, stratify=labels, random_state=seed)
+        return sorted(kept), "stratified"
     except ValueError:
-        return _random_with_every_class(labels, size, seed), "random"
-    return sorted(kept), "stratified"
+        kept, _ = train_test_split(index, train_size=size, random_state=seed)
+        return _with_every_class(sorted(kept), labels, seed), "random"
 
 
-def _random_with_every_class(labels: list[int], size: int, seed: int) -> list[int]:
-    """A seeded random sample of `size` rows that keeps a row of each class it has room for: a plain random
-    one would mostly drop a class of one row, and could leave a validation set with one class."""
-    import numpy as np
+def _with_every_class(kept: list[int], labels: list[int], seed: int) -> list[int]:
+    """`kept` with a row of each class it lacks, each in place of a row of the class it holds most of (while that
+    one keeps two): a random sample mostly drops a class of one row, and could leave a validation set with one
+    class. A sample that lacks none is returned as drawn (studies recorded before this keep their rows)."""
+    import random
 
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(labels)).tolist()
-    first: dict[int, int] = {}
-    for i in order:
-        first.setdefault(labels[i], i)
-    ones = list(first.values())[:size]  # classes in random order: which ones fit is seeded too
-    chosen = set(ones)
-    rest = [i for i in order if i not in chosen]
-    return sorted(ones + rest[:size - len(ones)])
+    rng, rows = random.Random(seed), list(kept)
+    held = Counter(labels[i] for i in rows)
+    for label in dict.fromkeys(labels[i] for i in rng.sample(range(len(labels)), len(labels))):
+        common = max(held, key=lambda c: held[c])
+        if label in held or held[common] < 2:
+            continue
+        rows.remove(rng.choice([i for i in rows if labels[i] == common]))
+        rows.append(next(i for i in range(len(labels)) if labels[i] == label))
+        held[common] -= 1
+        held[label] = 1
+    return sorted(rows)
 
 
 def _text_split(frame: pd.DataFrame, ids: dict[str, int], columns: Columns) -> TextSplit:

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from autopeft import methods
-from autopeft.config import SearchConfig, absolute_if_local
+from autopeft.config import LOCAL_PATH_KEYS, SearchConfig, absolute_if_local
 from autopeft.errors import ConfigError
 from autopeft.space import TRAINING_PARAMS, TrialParams, load_yaml_file, yaml_problem
 
@@ -37,7 +37,7 @@ def _recorded(config: SearchConfig, key: str) -> Any:
     """A config value as the recipe holds it: a local model or data path absolute (`autopeft train` may run from
     another folder), a tuple as a list (YAML's safe dumper has no tuples)."""
     value = getattr(config, key)
-    if key in ("model", "task", "ood_task"):
+    if key in LOCAL_PATH_KEYS:
         return absolute_if_local(value)
     return list(value) if isinstance(value, tuple) else value
 
@@ -70,8 +70,9 @@ def _problems(path: Path, data: dict[str, Any]) -> list[str]:
     problems = [f"{path}: {k}: unknown key; allowed: {', '.join(_ALLOWED)}" for k in data if k not in _ALLOWED]
     problems += [f"{path}: {k}: {data[k]!r} must be an integer of at least {low}" for k, low in _INTEGERS.items()
                  if isinstance(data[k], bool) or not isinstance(data[k], int) or data[k] < low]
-    problems += [f"{path}: {k}: {data[k]} must be below 2**32 (a seed)" for k in ("split_seed", "seed")
-                 if isinstance(data[k], int) and data[k] >= 2**32]
+    # The split seed is --seed's (below 2**32); a trial's training seed is it plus the trial number (torch's limit).
+    problems += [f"{path}: {k}: {data[k]} must be below 2**{bits} (a seed)" for k, bits in (("split_seed", 32), ("seed", 64))
+                 if isinstance(data[k], int) and data[k] >= 2**bits]
     problems += _kind_problems(path, data)
     problems += [f"{path}: {k}: {data[k]!r} {why}" for k, spec in TRAINING_PARAMS.items()
                  if k in data and (why := spec.check(data[k]))]

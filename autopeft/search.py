@@ -292,7 +292,7 @@ class TrialOutcome:
     estimate: memory.MemoryEstimate
     seconds: float
     eval_seconds: float  # validation accuracy and the forgetting probe (intermediate evaluations included)
-    intermediate: list[tuple[int, float]]  # (step, accuracy on the first rows of validation)
+    intermediate: list[tuple[int, float]]  # (step, accuracy on a slice of validation spread over it)
     measured_peak_bytes: int | None  # CUDA: max_memory_allocated over the trial; CPU, budgeted: measure_memory
     probe_scores: dict[str, float] = field(default_factory=dict)  # every probe's metrics (forgetting included)
 

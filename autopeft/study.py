@@ -16,6 +16,7 @@ import yaml
 
 from autopeft.budget import recorded_over
 from autopeft.config import (
+    LOCAL_PATH_KEYS,
     SearchConfig,
     absolute_if_local,
     absolute_sqlite_url,
@@ -257,7 +258,7 @@ def check_same_data(study: optuna.Study, task: TaskData) -> None:
 
 def _same_setting(key: str, recorded: Any, now: Any) -> bool:
     """Equal settings; a task given once as a relative and once as an absolute path is the same task."""
-    if key in ("model", "task", "ood_task") and isinstance(recorded, str) and isinstance(now, str):
+    if key in LOCAL_PATH_KEYS and isinstance(recorded, str) and isinstance(now, str):
         return absolute_if_local(recorded) == absolute_if_local(now)
     return recorded == now
 
@@ -273,10 +274,18 @@ def _split_changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
     data changed, or another split seed or size), and any other setting by name."""
     # The task's name is the config's to compare (a path relative to the folder the search ran in); a key the
     # record lacks was added by a later version of autopeft: nothing to compare it with.
-    changed = [k for k in recorded if k != "task" and recorded.get(k) != now.get(k)]
+    changed = [k for k in recorded if k != "task" and recorded.get(k) != now.get(k) and not _reworded(k, recorded, now)]
     splits = [s for s in ("train", "validation", "test", "ood") if any(k.startswith(f"{s}_") for k in changed)]
     others = [k for k in changed if not k.startswith(("train_", "validation_", "test_", "ood_"))]
     return ([f"other rows in {', '.join(splits)}"] if splits else []) + others
+
+
+def _reworded(key: str, recorded: dict[str, Any], now: dict[str, Any]) -> bool:
+    """A split's origin worded anew over the same rows (session 31 named a fallback sample 'random', which
+    earlier versions called 'stratified'): the rows are what a study must keep."""
+    split = key.removesuffix("_origin")
+    fingerprint = f"{split}_fingerprint"
+    return key.endswith("_origin") and fingerprint in recorded and recorded[fingerprint] == now.get(fingerprint)
 
 
 def directions(config: SearchConfig) -> list[str]:

@@ -129,36 +129,36 @@ def tokenize_causal(split: TextSplit, tokenizer: Any, max_length: int, label_wor
     if (split.pairs is not None) != ("{text_pair}" in template):
         raise DataError(f"--template: {template!r} must contain {{text_pair}} exactly when the task has a second "
                         f"text column ({'it has' if split.pairs is not None else 'it has none'})")
-    rows = [(_prompt_tokens(tokenizer, template, text, split.pairs[row] if split.pairs else None), fmt.target(label))
-            for row, (text, label) in enumerate(zip(split.texts, split.labels, strict=True))]
-    _refuse_no_room(rows, split.labels, fmt, max_length, source)
-    inputs, labels = [], []
-    for (ids, owners), answer in rows:
+    inputs, labels, worst = [], [], None
+    for row, (text, label) in enumerate(zip(split.texts, split.labels, strict=True)):
+        (ids, owners), answer = _prompt_tokens(tokenizer, template, text, split.pairs[row] if split.pairs else None), \
+            fmt.target(label)
+        need = _least_prompt(owners) + len(answer)
+        if need > max_length:  # refused below, named by the row that needs the most
+            worst = max(worst or (need, owners, answer, label), (need, owners, answer, label), key=lambda w: w[0])
+            continue
         prompt = _truncated(ids, owners, max_length - len(answer))
         inputs.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
+    if worst:
+        _refuse_no_room(*worst, fmt, max_length, source)
     return TokenizedSplit(inputs, labels, pad_left=True)
 
 
-def _refuse_no_room(rows: list[tuple[tuple[list[int], list[str | None]], list[int]]], labels: list[int],
-                    fmt: CausalFormat, max_length: int, source: str) -> None:
+def _refuse_no_room(need: int, owners: list[str | None], answer: list[int], label: int, fmt: CausalFormat,
+                    max_length: int, source: str) -> None:
     """A --max-length the template and answer fill trained on prompts without text; one an answer alone
-    exceeds was blamed on the template ("more than the -52 left"). Named by the row that needs the most."""
-    needs = [_least_prompt(owners) + len(answer) for (_, owners), answer in rows]
-    worst = max(range(len(rows)), key=lambda row: needs[row])
-    if needs[worst] <= max_length:
-        return
-    (_, owners), answer = rows[worst]
-    word = fmt.label_words[labels[worst]]
+    exceeds was blamed on the template ("more than the -52 left")."""
+    word = fmt.label_words[label]
     shown = word if len(word) <= 40 else word[:37] + "..."
     eos = " with end-of-sequence" if fmt.eos_id is not None else ""
     if len(answer) >= max_length:
         raise DataError(f"--max-length: {max_length} is too short for the answer {shown!r} ({source}): it takes "
-                        f"{len(answer)} tokens{eos}, and its prompt at least {needs[worst] - len(answer)}; use "
-                        f"--max-length {needs[worst]} or more")
+                        f"{len(answer)} tokens{eos}, and its prompt at least {need - len(answer)}; use "
+                        f"--max-length {need} or more")
     raise DataError(f"--max-length: {max_length} leaves no room for the text: the template {fmt.template!r} takes "
                     f"{owners.count(None)} tokens and the answer {shown!r} {len(answer)}{eos}; use "
-                    f"--max-length {needs[worst]} or more")
+                    f"--max-length {need} or more")
 
 
 def causal_format(tokenizer: Any, label_words: list[str] | tuple[str, ...],
@@ -180,17 +180,6 @@ def generated_answers_problem(label_words: list[str] | tuple[str, ...]) -> str |
                     "punctuation and spaces dropped), as --causal-eval generate compares them; choose words that differ")
         first[key] = word
     return None
-
-
-def prompt_ids(tokenizer: Any, template: str, text: str, pair: str | None, budget: int) -> list[int]:
-    """The template filled with the texts, tokenized as one string, at most `budget` tokens (texts cut from
-    their end, longer one first, each keeping a token)."""
-    ids, owners = _prompt_tokens(tokenizer, template, text, pair)
-    if budget < _least_prompt(owners):
-        raise DataError(f"--max-length: the template {template!r} and a token of each text need "
-                        f"{_least_prompt(owners)} tokens, more than the {budget} left for the prompt after the "
-                        "answer; raise --max-length")
-    return _truncated(ids, owners, budget)
 
 
 def _prompt_tokens(tokenizer: Any, template: str, text: str, pair: str | None) -> tuple[list[int], list[str | None]]:

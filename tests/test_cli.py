@@ -644,7 +644,8 @@ def test_the_study_database_given_as_an_mlflow_store_is_refused_untouched(export
     ("task: [x]", "task: ['x'] must be a text"),
     ("template: 5", "template: 5 must be a text, or null"),
     ("probes: linear_probe", "probes: 'linear_probe' must be a list of texts, or null"),
-    ("seed: 18446744073709551616", "seed: 18446744073709551616 must be below 2**32 (a seed)"),
+    ("seed: 18446744073709551616", "seed: 18446744073709551616 must be below 2**64 (a seed)"),
+    ("split_seed: 4294967296", "split_seed: 4294967296 must be below 2**32 (a seed)"),
 ])
 def test_a_recipe_with_a_bad_training_value_is_refused_before_training(exported: Path, tmp_path: Path, line: str,
                                                                        message: str) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from autopeft.config import SearchConfig, parse_memory
@@ -87,3 +89,25 @@ def test_an_ood_sets_columns_are_checked_only_where_an_ood_option_names_one() ->
     with pytest.raises(ConfigError) as info:
         SearchConfig(text_column="label", ood_task="ood.csv")
     assert len(info.value.problems) == 1  # once, under the options the user gave
+
+
+def test_a_locked_mlflow_store_is_not_called_a_foreign_one(tmp_path: Path) -> None:
+    """A store another process holds locked read as 'holds no MLflow tables' after a 5 s wait."""
+    import sqlite3
+
+    from autopeft.config import sqlite_without_mlflow
+
+    store = tmp_path / "mlflow.db"
+    with sqlite3.connect(store) as db:
+        db.execute("CREATE TABLE experiments (id INTEGER)")
+        db.execute("CREATE TABLE runs (id INTEGER)")
+    (tmp_path / "notes.db").write_text("not a database")
+    assert sqlite_without_mlflow(f"sqlite:///{store}") is None
+    assert sqlite_without_mlflow(f"sqlite:///{tmp_path / 'notes.db'}") == str(tmp_path / "notes.db")
+    holder = sqlite3.connect(store, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        assert sqlite_without_mlflow(f"sqlite:///{store}") is None
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

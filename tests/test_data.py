@@ -456,3 +456,22 @@ def test_missing_values_of_pandas_nullable_columns_are_missing_not_the_text_na(t
     pd.DataFrame({"text": texts, "label": labels}).to_parquet(tmp_path / "texts.parquet")
     with pytest.raises(DataError, match=r"empty texts in column 'text' \(rows 6,"):
         load_task(str(tmp_path / "texts.parquet"), seed=0, train_size=10, val_size=4, test_size=4)
+
+
+def test_a_random_fallback_sample_that_misses_no_class_keeps_the_rows_earlier_versions_drew() -> None:
+    """Studies recorded before the fallback kept every class hold these rows: other rows would refuse their
+    resume and export ("other rows in validation")."""
+    from sklearn.model_selection import train_test_split
+
+    from autopeft.data import _cap
+
+    labels = [0] * 20 + [1] * 20 + [2]  # class 2 has one row: no stratified sample
+    held_it = []
+    for seed in range(6):
+        drawn, _ = train_test_split(list(range(len(labels))), train_size=30, random_state=seed)
+        kept, how = _cap(labels, 30, seed)
+        assert how == "random" and {labels[i] for i in kept} == {0, 1, 2} and len(kept) == 30
+        held_it.append(40 in drawn)
+        if held_it[-1]:  # the draw held the one row already: unchanged
+            assert kept == sorted(drawn)
+    assert any(held_it) and not all(held_it)  # both cases were met

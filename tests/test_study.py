@@ -57,3 +57,14 @@ def test_a_relative_sqlite_file_is_made_absolute_whatever_its_name(tmp_path: Pat
 
     monkeypatch.chdir(tmp_path)  # "sqlite:///te" once became "sqli/.../te:///te"
     assert absolute_sqlite_url(f"sqlite:///{name}") == f"sqlite:///{tmp_path}/{name}"
+
+
+def test_a_splits_origin_worded_anew_over_the_same_rows_is_no_change() -> None:
+    """Session 31 named a fallback sample 'random' where the study recorded 'stratified': its resume and export
+    were refused as "other rows in validation", though the rows were the same."""
+    from autopeft.study import _split_changes
+
+    recorded = {"validation_origin": "file v.csv, seeded stratified sample of 6 of 31 rows", "validation_fingerprint": "ab"}
+    now = {**recorded, "validation_origin": "file v.csv, seeded random sample of 6 of 31 rows"}
+    assert _split_changes(recorded, now) == []
+    assert _split_changes(recorded, {**now, "validation_fingerprint": "cd"}) == ["other rows in validation"]
