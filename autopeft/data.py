@@ -303,10 +303,9 @@ def _stratified_parts(labels: list[int], sizes: list[int], seed: int, where: str
     from sklearn.model_selection import train_test_split
 
     total = min(len(labels), sum(sizes))
-    scale = total / sum(sizes)
     scaled = _scaled_sizes(len(labels), sizes)
     if stratify and min(Counter(labels).values()) >= len(sizes):  # else rare classes are the problem, below
-        _require_a_row_per_class(scaled, names, len(set(labels)), where, total if scale < 1 else None)
+        _require_a_row_per_class(scaled, names, len(set(labels)), where, total if total < sum(sizes) else None)
     index = list(range(len(labels)))
     try:
         if total < len(labels):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from autopeft import adapter_io
 from autopeft.errors import ConfigError, DataError, ModelError
-from autopeft.export import check_out, create_out
+from autopeft.export import check_out, out_removed_if_unfinished
 from autopeft.recipe import in_recipe_terms, read_recipe, split_changes
 from autopeft.search import failure, prepare_runtime, run_trial
 from autopeft.tracking import Tracker
@@ -44,20 +43,16 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
     changed = split_changes(recipe, runtime.split_fingerprints)
     warning = (f"the {', '.join(changed)} rows differ from those {recipe}'s trial was trained and scored on (the "
                "data changed): this run's scores are not comparable with the trial's") if changed else None
-    created = not out.exists()
-    create_out(out)
     tracker = Tracker(tracking_uri)
-    run_id = tracker.start_run(f"train-{params.method}", {**params.flat(), "seed": seed, "model": config.model,
-                                                          "task": config.task, "max_steps": config.max_steps})
-    try:
-        outcome = run_trial(runtime, params, seed=seed)
-    except BaseException as exc:  # the CLI says why in one line; the run and the folder are not left half-made
-        tracker.end_trial_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAIL", failure(exc))
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # nothing was written into it
-        raise
-    adapter_io.save(outcome.model, out)
+    with out_removed_if_unfinished(out):  # a run that fails leaves no folder of its making
+        run_id = tracker.start_run(f"train-{params.method}", {**params.flat(), "seed": seed, "model": config.model,
+                                                              "task": config.task, "max_steps": config.max_steps})
+        try:
+            outcome = run_trial(runtime, params, seed=seed)
+        except BaseException as exc:  # the CLI says why in one line; the run is not left RUNNING
+            tracker.end_trial_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAIL", failure(exc))
+            raise
+        adapter_io.save(outcome.model, out)
     tracker.log_curve(run_id, "train_loss", outcome.train.losses)
     tracker.log_metrics(run_id, {"val_accuracy": outcome.accuracy, "forgetting": outcome.forgetting,
                                  "trainable_params": outcome.trainable, "train_seconds": outcome.train.seconds,

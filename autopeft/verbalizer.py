@@ -135,7 +135,8 @@ def tokenize_causal(split: TextSplit, tokenizer: Any, max_length: int, label_wor
             fmt.target(label)
         need = _least_prompt(owners) + len(answer)
         if need > max_length:  # refused below, named by the row that needs the most
-            worst = max(worst or (need, owners, answer, label), (need, owners, answer, label), key=lambda w: w[0])
+            if worst is None or need > worst[0]:
+                worst = (need, owners, answer, label)
             continue
         prompt = _truncated(ids, owners, max_length - len(answer))
         inputs.append(prompt + answer)
