@@ -171,7 +171,9 @@ def predict_causal(model: nn.Module, split: TokenizedSplit, fmt: CausalFormat, *
         raise ValueError(f"mode {mode!r}: use 'rank', or 'generate' with the tokenizer to decode answers")
     answers = generate_greedy(model, prompts, max_new_tokens=generation_cap(fmt), pad_id=pad_id, eos_id=fmt.eos_id,
                               batch_size=batch_size, device=device)
-    normalized = [normalize_answer(w) for w in fmt.label_words]
+    # each label word as its own tokens decode (a WordPiece decode spaces punctuation: "U.S." reads "u. s."),
+    # so an answer of exactly those tokens matches
+    normalized = [normalize_answer(tokenizer.decode(ids, skip_special_tokens=True)) for ids in fmt.answer_ids]
     words: dict[str, int] = {}
     for k, word in enumerate(normalized):
         words.setdefault(word, k)

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autopeft.data import TextSplit, TokenizedSplit, collate, eval_batches, tokenize
+from autopeft.data import TextSplit, TokenizedSplit, collate, eval_batches, model_inputs, tokenize
 from autopeft.errors import ConfigError
 from autopeft.evaluate import choice_log_likelihoods, lm_logits
 from autopeft.verbalizer import strip_trailing_special
@@ -174,7 +174,9 @@ def pooled_representations(model: nn.Module, split: TokenizedSplit, pad_id: int,
     for rows in eval_batches(split.lengths(), 32):
         batch = collate(split, rows, pad_id)
         mask = batch["attention_mask"].to(device or "cpu")
-        out = model(input_ids=batch["input_ids"].to(mask.device), attention_mask=mask, output_hidden_states=True)
+        # with its positions: a left-padded text's features would otherwise move with its batch's padding
+        # (GPT-2's absolute positions), and an unchanged model would read as drifted
+        out = model(**model_inputs(batch, mask.device), output_hidden_states=True)
         hidden = out.hidden_states[-1][:, -mask.shape[1]:]  # drop virtual tokens a method may prepend
         pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
         order += rows
@@ -385,6 +387,8 @@ class FactualRecall:
         scores = choice_log_likelihoods(model, self.prompts, self.choices, pad_id=self.pad_id,
                                         batch_size=self.batch_size, device=device,
                                         output_weight=tied_head(model, self.tied))
+        if not torch.isfinite(scores).all():  # argmax would pick the first candidate: a recall out of nothing
+            return float("nan"), float("nan")
         top = float((scores.argmax(1) == self.gold).float().mean())
         soft = float(scores.softmax(1).gather(1, self.gold[:, None]).mean())
         return top, soft

@@ -68,6 +68,7 @@ from autopeft.verbalizer import (
     default_template,
     generated_answers_problem,
     label_words_problem,
+    ranked_answers_problem,
     tokenize_causal,
 )
 
@@ -239,6 +240,9 @@ def _load_for_task(config: SearchConfig, task: TaskData) -> tuple[nn.Module, Any
         template = config.template or default_template(task.train.pairs is not None)
         source = "--label-words" if config.label_words else f"--task: the labels in column {config.label_column!r}"
         fmt = causal_format(tokenizer, words, template, source=source)
+        problem = ranked_answers_problem(fmt, source) if config.causal_eval == "rank" else None
+        if problem:
+            raise ConfigError([problem])
         evaluator = Evaluator(int(tokenizer.pad_token_id), config.eval_batch_size, causal=fmt,
                               mode=config.causal_eval, tokenizer=tokenizer)  # type: ignore[arg-type]
         return model, tokenizer, lambda split: tokenize_causal(split, tokenizer, config.max_length, words,
@@ -402,8 +406,8 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
               on_checkpoint: Any = None, checkpoints: tuple[int, ...] | None = None) -> TrialOutcome:
     """Build, check the budget (via `on_built`), train, evaluate and probe one configuration.
     Accuracy on a slice of validation rows spread over the split is measured halfway, or at each of the `checkpoints` steps, and
-    the score a pruner compares (`Evaluator.progress`) passed to `on_checkpoint(step, score)` (which may
-    raise optuna.TrialPruned)."""
+    it and the score a pruner compares (`Evaluator.progress`) passed to `on_checkpoint(step, accuracy, score)`
+    (which may raise optuna.TrialPruned)."""
     start = time.perf_counter()
     problem = methods.get(params.method).problem(runtime.base_model)
     if problem:  # e.g. a method that cannot apply to this architecture: skipped, never crashed
@@ -434,7 +438,7 @@ def run_trial(runtime: Runtime, params: TrialParams, *, seed: int, on_built: Any
             intermediate.append((step, accuracy))
             checking[0] += time.perf_counter() - began
             if on_checkpoint is not None:
-                on_checkpoint(step, score)
+                on_checkpoint(step, accuracy, score)
 
     settings = train_settings(params, max_steps=runtime.config.max_steps, seed=seed)
     if runtime.device.type == "cuda":
@@ -481,7 +485,6 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         started = time.perf_counter()
-        config = self.runtime.config
         trial.set_user_attr("worker", studies.worker_label())  # this trial's objective began (heartbeats run)
         unneeded = self._wait_for_a_place(trial)  # other workers have completed (or are completing) the study
         if unneeded:
@@ -494,20 +497,11 @@ class Objective:
             reason = "not needed: a dead worker's configuration runs again in its place"
             trial.set_user_attr("prune_reason", reason)
             raise optuna.TrialPruned(reason)
-        assert self.runtime.space is not None
-        params = self.runtime.space.suggest(trial)
-        seed = config.seed + trial.number
-        trial.set_user_attr("params", params.flat())  # exactly what is built below
-        trial.set_user_attr("seed", seed)
-        if config.sampler == "grid":
-            _skip_if_tried(trial, params.flat())
-        run_id = self.tracker.start_trial_run(self.parent_run_id, config.study, trial.number,
-                                              {**params.flat(), "seed": seed})
-        trial.set_user_attr("mlflow_run_id", run_id)
+        params, seed, run_id = self._begin(trial)
         try:
             outcome = run_trial(self.runtime, params, seed=seed,
                                 on_built=lambda model, est: self._check_budget(trial, est),
-                                on_checkpoint=lambda step, acc: self._report(trial, step, acc),
+                                on_checkpoint=lambda step, acc, score: self._report(trial, run_id, step, acc, score),
                                 checkpoints=studies.pruner_checkpoints(self.runtime.config))
         except optuna.TrialPruned as pruned:
             self.tracker.end_trial_run(run_id, "PRUNED", str(pruned))
@@ -526,12 +520,49 @@ class Objective:
             self._interrupted(trial, run_id, exc)
             raise
         values = self._values(outcome)
+        trial.set_user_attr("steps_trained", len(outcome.train.losses))  # spent, whatever happens next
         if not all(math.isfinite(v) for v in (values if isinstance(values, tuple) else (values,))):
-            trial.set_user_attr("steps_trained", len(outcome.train.losses))
             self._fail(trial, run_id, f"non-finite score: validation accuracy {outcome.accuracy}, "
                                       f"forgetting {outcome.forgetting}")  # Optuna would fail it without a word
-        self._record(trial, run_id, outcome, started)
+        self._record_or_fail(trial, run_id, outcome, started)
         return values
+
+    def _begin(self, trial: optuna.Trial) -> tuple[TrialParams, int, str]:
+        """Draw the configuration and open its MLflow run; a Ctrl-C meanwhile is the trial's reason."""
+        config = self.runtime.config
+        try:
+            assert self.runtime.space is not None
+            params = self.runtime.space.suggest(trial)
+            seed = config.seed + trial.number
+            trial.set_user_attr("params", params.flat())  # exactly what is built below
+            trial.set_user_attr("seed", seed)
+            if config.sampler == "grid":
+                _skip_if_tried(trial, params.flat())
+            run_id = self.tracker.start_trial_run(self.parent_run_id, config.study, trial.number,
+                                                  {**params.flat(), "seed": seed})
+        except BaseException:
+            if interrupt.REQUESTED.is_set():
+                trial.set_user_attr("steps_trained", 0)
+                trial.set_user_attr("fail_reason", "interrupted")
+            raise
+        trial.set_user_attr("mlflow_run_id", run_id)
+        return params, seed, run_id
+
+    def _record_or_fail(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, started: float) -> None:
+        """`_record`, where saving or logging a trained trial may fail (a full disk) or be interrupted: the
+        trial then fails with its reason and its run is closed, as when training fails."""
+        try:
+            self._record(trial, run_id, outcome, started)
+        except Exception as exc:
+            if interrupt.REQUESTED.is_set():  # a Ctrl-C that a library turned into an ordinary error
+                self._interrupted(trial, run_id, exc)
+                raise KeyboardInterrupt from exc
+            trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+            shutil.rmtree(self._folder(trial), ignore_errors=True)  # half an adapter would load as a whole one
+            self._fail(trial, run_id, f"saving the trained trial failed: {failure(exc)}")
+        except BaseException as exc:
+            self._interrupted(trial, run_id, exc)
+            raise
 
     def _values(self, outcome: TrialOutcome) -> float | tuple[float, ...]:
         config = self.runtime.config
@@ -541,8 +572,11 @@ class Objective:
                  "trainable_params": float(outcome.trainable)}
         return (outcome.accuracy, outcome.forgetting, *(extra[name] for name in config.objectives[2:]))
 
-    def _report(self, trial: optuna.Trial, step: int, value: float) -> None:
+    def _report(self, trial: optuna.Trial, run_id: str, step: int, accuracy: float, value: float) -> None:
+        """Log the checkpoint (a pruned run keeps it too), then let the pruner judge `value`."""
         trial.set_user_attr("steps_trained", step)
+        self.tracker.log_metrics(run_id, {"val_accuracy_intermediate": accuracy, "val_score_intermediate": value},
+                                 step=step)
         if self.runtime.config.pruner == "none":
             return
         trial.report(value, step)
@@ -597,7 +631,8 @@ class Objective:
             raise optuna.TrialPruned(reason)
 
     def _interrupted(self, trial: optuna.Trial, run_id: str, exc: BaseException) -> None:
-        trial.set_user_attr("steps_trained", getattr(exc, "steps_trained", 0))  # spent: --max-total-steps counts them
+        if hasattr(exc, "steps_trained") or "steps_trained" not in trial.user_attrs:  # spent: a step budget counts them
+            trial.set_user_attr("steps_trained", getattr(exc, "steps_trained", 0))
         trial.set_user_attr("fail_reason", "interrupted")  # whatever a library turned the Ctrl-C into
         self.tracker.end_trial_run(run_id, "FAIL", "interrupted")
 
@@ -606,9 +641,12 @@ class Objective:
         self.tracker.end_trial_run(run_id, "FAIL", reason)
         raise TrialFailed(reason)
 
+    def _folder(self, trial: optuna.Trial) -> Path:
+        return Path(self.runtime.config.artifacts_dir) / self.runtime.config.study / f"trial-{trial.number}"
+
     def _record(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome, started: float) -> None:
         config = self.runtime.config
-        folder = Path(config.artifacts_dir) / config.study / f"trial-{trial.number}"
+        folder = self._folder(trial)
         shutil.rmtree(folder, ignore_errors=True)  # a replaced study's trial of this number left its own files
         adapter_io.save(outcome.model, folder)
         write_recipe(folder / "training.yaml", config, TrialParams.from_flat(trial.user_attrs["params"]),
@@ -617,8 +655,6 @@ class Objective:
             self.tracker.log_file(run_id, file)
         self.tracker.log_curve(run_id, "train_loss", outcome.train.losses)
         self.tracker.log_curve(run_id, "learning_rate", outcome.train.learning_rates)
-        for step, value in outcome.intermediate:
-            self.tracker.log_metrics(run_id, {"val_accuracy_intermediate": value}, step=step)
         # Overhead: everything but training steps and evaluation (sampling, adapter build, saving, logging).
         total = time.perf_counter() - started
         overhead = total - outcome.train.seconds - outcome.eval_seconds
@@ -986,12 +1022,12 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
     parent = tracker.open_study_run(config.study, known_parent,
                                     {**config.public_dict(), **split_params(runtime.task), **package_versions()},
                                     config.space, study.user_attrs.get("space_yaml"))
-    _record_base_scores(runtime, study, tracker, parent, new_parent=parent != known_parent)
-    study.set_user_attr(parent_attr, parent)
-    runtime.probes.save_base(probe_cache(config), probe_cache_key(config, runtime.task))
+    study.set_user_attr(parent_attr, parent)  # at once: a search stopped from here on leaves a run a resume reopens
     objective = Objective(runtime, tracker, parent)
     stops = SearchStops(config, study, since=run_began)
     try:
+        _record_base_scores(runtime, study, tracker, parent, new_parent=parent != known_parent)
+        runtime.probes.save_base(probe_cache(config), probe_cache_key(config, runtime.task))
         with _long_lived_objects_frozen():
             # A resumed study whose step budget is spent, or whose grid is walked, trains nothing more (a walked
             # grid's sampler draws a point again, which was trained as a repeat under a wrong reason).
@@ -1000,10 +1036,12 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
                 study.optimize(objective, timeout=config.timeout, catch=(TrialFailed,),
                                callbacks=stops.callbacks() + ([progress] if progress else []), gc_after_trial=True)
         interrupt.check()
-    except Exception as exc:
-        if not interrupt.REQUESTED.is_set():
+    except Exception as exc:  # the parent run is closed either way: the store holds no run left RUNNING
+        interrupted = interrupt.REQUESTED.is_set()
+        tracker.close_study_run(parent, {"completed_trials": studies.completed(study)},
+                                status="KILLED" if interrupted else "FAILED")
+        if not interrupted:
             raise
-        tracker.close_study_run(parent, {"completed_trials": studies.completed(study)}, status="KILLED")
         raise KeyboardInterrupt from exc
     except KeyboardInterrupt:
         tracker.close_study_run(parent, {"completed_trials": studies.completed(study)}, status="KILLED")

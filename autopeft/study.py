@@ -198,6 +198,23 @@ def check_settings_before_loading(config: SearchConfig, space: SearchSpace) -> N
         _refuse(config, _setting_problems(optuna.load_study(study_name=config.study, storage=storage), config, space))
 
 
+STRATEGY_OPTIONS = {"sampler": "--sampler", "pruner": "--pruner", "prune_after": "--prune-after"}
+
+
+def strategy_changes(config: SearchConfig) -> list[str]:
+    """How a resume changes the way trials are chosen and stopped, which it may (a study explored at random can
+    go on with TPE), but which a user leaving an option at its default may not mean: a grid study resumed
+    without --sampler grid goes on with TPE, which may repeat a configuration the grid ran."""
+    if config.force_new or missing_sqlite_file(config.storage):
+        return []
+    storage = connect(config)
+    if not study_exists(storage, config.study):
+        return []
+    recorded = optuna.load_study(study_name=config.study, storage=storage).user_attrs.get("config", {})
+    return [f"{flag} {getattr(config, key)} (it ran with {flag} {recorded[key]} before)"
+            for key, flag in STRATEGY_OPTIONS.items() if key in recorded and recorded[key] != getattr(config, key)]
+
+
 def check_compatible(study: optuna.Study, config: SearchConfig, space: SearchSpace, task: TaskData) -> None:
     problems = _setting_problems(study, config, space)
     changes = _data_changes(study, task)

@@ -9,7 +9,7 @@ from autopeft import adapter_io
 from autopeft.errors import ConfigError, DataError, ModelError
 from autopeft.export import check_out, out_removed_if_unfinished
 from autopeft.recipe import in_recipe_terms, read_recipe, split_changes
-from autopeft.search import failure, prepare_runtime, run_trial
+from autopeft.search import TrialOutcome, failure, prepare_runtime, run_trial
 from autopeft.tracking import Tracker
 
 
@@ -44,20 +44,26 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
     warning = (f"the {', '.join(changed)} rows differ from those {recipe}'s trial was trained and scored on (the "
                "data changed): this run's scores are not comparable with the trial's") if changed else None
     tracker = Tracker(tracking_uri)
-    with out_removed_if_unfinished(out):  # a run that fails leaves no folder of its making
-        run_id = tracker.start_run(f"train-{params.method}", {**params.flat(), "seed": seed, "model": config.model,
-                                                              "task": config.task, "max_steps": config.max_steps})
-        try:
+    run_id = None
+    try:  # the run is not left RUNNING, whether training, saving or logging stops it; the CLI says why in one line
+        with out_removed_if_unfinished(out):  # a run that fails before its adapter is saved leaves no folder of its making
+            run_id = tracker.start_run(f"train-{params.method}", {**params.flat(), "seed": seed, "model": config.model,
+                                                                  "task": config.task, "max_steps": config.max_steps})
             outcome = run_trial(runtime, params, seed=seed)
-        except BaseException as exc:  # the CLI says why in one line; the run is not left RUNNING
+            adapter_io.save(outcome.model, out)
+        _log_outcome(tracker, run_id, outcome, out)
+    except BaseException as exc:
+        if run_id is not None:
             tracker.end_trial_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAIL", failure(exc))
-            raise
-        adapter_io.save(outcome.model, out)
+        raise
+    tracker.end_trial_run(run_id, "COMPLETE")
+    return TrainingRun(params.method, outcome.accuracy, outcome.forgetting, len(outcome.train.losses),
+                       outcome.train.seconds, run_id, warning)
+
+
+def _log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, out: Path) -> None:
     tracker.log_curve(run_id, "train_loss", outcome.train.losses)
     tracker.log_metrics(run_id, {"val_accuracy": outcome.accuracy, "forgetting": outcome.forgetting,
                                  "trainable_params": outcome.trainable, "train_seconds": outcome.train.seconds,
                                  **{f"probe.{k}": v for k, v in outcome.probe_scores.items() if k != "forgetting"}})
     tracker.log_file(run_id, adapter_io.config_file(out))
-    tracker.end_trial_run(run_id, "COMPLETE")
-    return TrainingRun(params.method, outcome.accuracy, outcome.forgetting, len(outcome.train.losses),
-                       outcome.train.seconds, run_id, warning)

@@ -183,6 +183,19 @@ def generated_answers_problem(label_words: list[str] | tuple[str, ...]) -> str |
     return None
 
 
+def ranked_answers_problem(fmt: CausalFormat, source: str = "--label-words") -> str | None:
+    """Label words rank mode cannot tell apart: it scores each word's tokens after the prompt, and a word whose
+    tokens begin another's ('New' and 'New York') scores at least as high as it, so the longer word could
+    never be predicted."""
+    starts = {answer[:n]: k for k, answer in enumerate(fmt.answer_ids) for n in range(1, len(answer))}
+    for k, answer in enumerate(fmt.answer_ids):
+        if answer in starts:  # a lookup, not a scan of pairs: open answers can be thousands
+            return (f"{source}: {fmt.label_words[k]!r} is how {fmt.label_words[starts[answer]]!r} begins once "
+                    "tokenized, so --causal-eval rank could never answer the longer one; choose words that "
+                    "differ from the first token, or use --causal-eval generate")
+    return None
+
+
 def _prompt_tokens(tokenizer: Any, template: str, text: str, pair: str | None) -> tuple[list[int], list[str | None]]:
     """The filled template's tokens (trailing special tokens dropped) and the field each comes from (None: the
     template or a special token)."""

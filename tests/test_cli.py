@@ -343,6 +343,16 @@ def test_a_resume_may_loosen_the_memory_budget_but_not_drop_it_below_a_completed
     assert loosened.returncode == 0, loosened.stderr
 
 
+def test_a_resume_says_when_it_changes_how_trials_are_chosen(tmp_path: Path, tiny_search_args: list[str]) -> None:
+    """A resume may change the sampler, but did so silently: a grid study resumed without --sampler grid went on
+    with TPE, which repeated a configuration the grid had run."""
+    first = autopeft_here("search", "--trials", "1", "--sampler", "random", *tiny_search_args, cwd=tmp_path)
+    assert first.returncode == 0 and "resuming" not in first.stdout
+    again = autopeft_here("search", "--trials", "1", *tiny_search_args, cwd=tmp_path)
+    assert again.returncode == 0
+    assert "resuming study default with --sampler tpe (it ran with --sampler random before)" in again.stdout
+
+
 def test_a_resume_names_what_changed_in_the_data_and_takes_the_same_file_by_any_path(
         tmp_path: Path, tiny_search_args: list[str]) -> None:
     rows = "".join(f"review {i} {'fine' if i % 2 else 'dull'},{i % 2}\n" for i in range(60))

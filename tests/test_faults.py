@@ -292,3 +292,71 @@ def test_a_failed_trials_reason_is_one_line_whatever_the_exception_says() -> Non
     assert failure(ValueError()) == "ValueError"
     assert failure(ValueError("\n  bad shape\n  details")) == "ValueError: bad shape"
     assert failure(Unprintable()) == "Unprintable"
+
+
+def test_a_trial_whose_adapter_cannot_be_saved_fails_with_its_reason_and_the_search_goes_on(
+        tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while a trained trial was saved ended the whole search with a traceback, the trial failed with
+    no reason, and its MLflow run and the study's stayed RUNNING."""
+    import errno
+
+    from tests_support import tiny_config
+
+    from autopeft import search
+
+    saved = search.adapter_io.save
+    calls = []
+
+    def full_disk_once(model: torch.nn.Module, folder: Path) -> None:
+        calls.append(folder)
+        if len(calls) == 2:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "adapter_model.safetensors").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved(model, folder)
+
+    monkeypatch.setattr(search.adapter_io, "save", full_disk_once)
+    summary = search.run_search(tiny_config(tmp_path, tiny_bert, trials=2))
+    states = [t.state.name for t in summary.study.trials]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE"]
+    failed = summary.study.trials[1]
+    assert failed.user_attrs["fail_reason"] == "saving the trained trial failed: OSError: [Errno 28] No space left on device"
+    assert failed.user_attrs["steps_trained"] == 3 and not calls[1].exists()  # no half adapter left to load
+    assert {r.info.run_name: r.info.status for r in mlflow_runs(tmp_path)} == {
+        "t": "FINISHED", "trial-0": "FINISHED", "trial-1": "FAILED", "trial-2": "FINISHED"}
+
+
+@pytest.mark.parametrize("where", ["logging a trained trial", "scoring the base model"])
+def test_ctrl_c_outside_training_leaves_no_run_running(tmp_path: Path, tiny_bert: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Only training was guarded: a Ctrl-C while a trained trial was logged left its run RUNNING and the trial
+    failed with no reason; one while the base model was scored left the study's run RUNNING, and a resume
+    opened a second one beside it."""
+    from tests_support import tiny_config
+
+    from autopeft import interrupt, search
+    from autopeft.tracking import Tracker
+
+    def ctrl_c(*args: object, **kwargs: object) -> None:
+        interrupt.REQUESTED.set()
+        raise KeyboardInterrupt
+
+    if where == "logging a trained trial":
+        monkeypatch.setattr(Tracker, "log_curve", ctrl_c)
+    else:
+        monkeypatch.setattr(search, "_record_base_scores", ctrl_c)
+    config = tiny_config(tmp_path, tiny_bert, trials=1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            search.run_search(config)
+    finally:
+        interrupt.REQUESTED.clear()
+    assert {r.info.status for r in mlflow_runs(tmp_path)} <= {"KILLED", "FAILED"}
+    study = optuna.load_study(study_name="t", storage=config.storage)
+    if where == "logging a trained trial":
+        assert study.trials[0].user_attrs["fail_reason"] == "interrupted"
+        assert study.trials[0].user_attrs["steps_trained"] == 3
+        return
+    monkeypatch.undo()
+    search.run_search(config)
+    assert [(r.info.run_name, r.info.status) for r in mlflow_runs(tmp_path) if r.info.run_name == "t"] == [("t", "FINISHED")]

@@ -122,6 +122,29 @@ def test_a_training_run_that_fails_is_one_line_and_leaves_no_empty_folder(
     assert not (finished_study / "failed-run").exists() and (finished_study / "users-empty-folder").is_dir()
 
 
+def test_a_training_run_stopped_while_it_logs_is_not_left_running(finished_study: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only training was guarded: a Ctrl-C once the adapter was saved, while its curves were logged, left the
+    run RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from autopeft.tracking import Tracker
+    from autopeft.training_run import train_from_recipe
+
+    assert autopeft_here("export", "--study", "h", "--out", "out-stopped", cwd=finished_study).returncode == 0
+
+    def ctrl_c(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Tracker, "log_curve", ctrl_c)
+    store = f"sqlite:///{finished_study / 'stopped.db'}"
+    with pytest.raises(KeyboardInterrupt):
+        train_from_recipe(finished_study / "out-stopped" / "training.yaml", finished_study / "stopped", tracking_uri=store)
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("autopeft").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
 def test_an_adapter_another_configuration_left_at_the_trials_path_is_not_taken_for_it(
         finished_study: Path, tmp_path: Path) -> None:
     """A study replaced by --force-new reuses trial numbers: on a machine where the new trial did not run, the old

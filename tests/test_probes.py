@@ -59,6 +59,21 @@ def test_drift_is_zero_for_the_base_and_grows_with_damage(tiny_bert: Path) -> No
     assert 0.0 < probe.forgetting(small) < probe.forgetting(large)
 
 
+def test_drift_of_a_left_padded_decoder_does_not_depend_on_how_its_texts_are_batched(
+        tiny_models: dict[str, Path]) -> None:
+    """GPT-2's positions are absolute: scored without the split's position ids, a left-padded text's features
+    moved with its batch's padding, so an unchanged model under a memory budget (the base scored in the
+    smallest micro-batch's batches, a trial in its own) drifted 0.14."""
+    from autopeft.data import eval_positions_limited
+
+    model, tokenizer = load_classifier(str(tiny_models["gpt2"]), 2, seed=0)
+    probe = RepresentationDrift(tokenizer, n_texts=32, seed=0)
+    with eval_positions_limited(4 * 128):
+        probe.fit_base(model)
+    with eval_positions_limited(16 * 128):
+        assert probe.forgetting(copy.deepcopy(model)) == pytest.approx(0.0, abs=1e-6)
+
+
 @pytest.mark.slow
 def test_linear_probe_forgetting_is_zero_for_the_base_and_grows_when_information_is_lost() -> None:
     # The packaged MiniLM: a tiny random model's pooled features hardly tell the articles apart (0.11 of 16).
@@ -184,6 +199,18 @@ def test_factual_recall_retention_is_one_for_the_base_and_drops_with_damage(tiny
     assert same["recall_forgetting"] == 0.0 and same["recall_retention"] == 1.0
     damaged = probe.score(_perturbed(model, 0.5))
     assert damaged["recall_forgetting"] > 0.0 and damaged["recall_accuracy"] < 1.0
+
+
+def test_factual_recall_of_a_model_with_non_finite_outputs_is_not_a_score(tiny_causal_models: dict[str, Path]) -> None:
+    """argmax over NaN scores picks the first candidate: such a model read a recall, and a finite forgetting."""
+    import math
+
+    model, tokenizer = _causal(tiny_causal_models["llama"])
+    probe = FactualRecall(tokenizer, pairs=capital_country_pairs()[:6])
+    probe.fit_base(model)
+    broken = copy.deepcopy(model)
+    broken.model.norm.register_forward_hook(lambda module, args, output: output * float("nan"))
+    assert math.isnan(probe.score(broken)["recall_forgetting"])
 
 
 @pytest.mark.parametrize("pairs", [capital_country_pairs()[:6], [("Kingstown", "Saint Vincent and the Grenadines")]],

@@ -144,6 +144,11 @@ def test_prune_after_moves_the_first_rung_and_reports_at_every_rung(runtime: Run
         reported = sorted(trial.intermediate_values)
         assert reported and reported == [1, 3, 9][:len(reported)]
         assert len(reported) == 3 or trial.state.name == "PRUNED"
+    # Each run holds the scores the pruner compared, a pruned run too (it logged none before)
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    for trial in study.trials:
+        history = client.get_metric_history(trial.user_attrs["mlflow_run_id"], "val_score_intermediate")
+        assert {m.step: m.value for m in history} == pytest.approx(trial.intermediate_values)
 
 
 @pytest.mark.parametrize(("prune_after", "pruned_at_step_1"), [(1, True), (None, False)])

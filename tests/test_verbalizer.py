@@ -157,6 +157,49 @@ def test_a_search_names_wrong_label_words_once_before_training(tmp_path: Path, t
     assert str(caught.value).startswith("--label-words: 1 word (good) for 2 classes")
 
 
+def test_label_words_rank_mode_could_never_answer_are_refused_before_training(
+        tmp_path: Path, tiny_bert: Path, tiny_causal_models: dict[str, Path]) -> None:
+    """Rank mode scores each word's tokens after the prompt: 'New' scores at least what 'New York' does, so a
+    model right on every row read 50% on these two."""
+    from autopeft.search import prepare_runtime
+
+    config = tiny_config(tmp_path, tiny_bert, model=str(tiny_causal_models["llama"]), task_type="causal_lm",
+                         label_words=("new", "new york"))
+    with pytest.raises(ConfigError) as caught:
+        prepare_runtime(config)
+    assert str(caught.value).startswith("--label-words: 'new' is how 'new york' begins once tokenized, so "
+                                        "--causal-eval rank could never answer the longer one")
+    prepare_runtime(tiny_config(tmp_path, tiny_bert, model=str(tiny_causal_models["llama"]), task_type="causal_lm",
+                                label_words=("new", "new york"), causal_eval="generate", study="generate"))
+
+
+def test_generate_mode_matches_an_answer_as_the_tokenizer_decodes_its_label_word(
+        tiny_causal_models: dict[str, Path]) -> None:
+    """A WordPiece decode spaces punctuation ('U.S.' reads 'u. s.'): a model answering with exactly the label
+    word's tokens scored 0 in generate mode."""
+    from types import SimpleNamespace
+
+    _, tokenizer = _causal(tiny_causal_models["llama"])
+    words = ["U.S.", "U.K."]
+    fmt = causal_format(tokenizer, words, "Text: {text}\nLabel:")
+    split = tokenize_causal(TextSplit(["made in america", "made in britain"], [0, 1]), tokenizer, 64, words,
+                            "Text: {text}\nLabel:")
+
+    class Answers(torch.nn.Module):  # answers each prompt with its own label word's tokens, then stops
+        def forward(self, input_ids, attention_mask, **_):
+            logits = torch.zeros(*input_ids.shape, len(tokenizer))
+            for row, (ids, mask) in enumerate(zip(input_ids, attention_mask, strict=True)):
+                seen = ids[mask.bool()].tolist()
+                label = int("britain" in tokenizer.decode(seen))
+                answer = list(fmt.answer_ids[label])
+                given = next(n for n in range(len(answer), -1, -1) if n == 0 or seen[-n:] == answer[:n])
+                logits[row, -1, answer[given] if given < len(answer) else tokenizer.sep_token_id] = 10.0
+            return SimpleNamespace(logits=logits)
+
+    assert causal_accuracy(Answers(), split, fmt, pad_id=tokenizer.pad_token_id, mode="generate",
+                           tokenizer=tokenizer) == 1.0
+
+
 def test_a_causal_search_on_an_encoder_is_refused_before_training(tmp_path: Path, tiny_bert: Path) -> None:
     from autopeft.search import prepare_runtime
 
