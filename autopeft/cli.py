@@ -34,9 +34,10 @@ from autopeft.config import (
     redact_url,
     sqlite_file,
     sqlite_without_mlflow,
+    tracking_store_problem,
     tracking_uri_problem,
 )
-from autopeft.errors import AutopeftError, ConfigError, first_line
+from autopeft.errors import AutopeftError, ConfigError, TrialFailed, first_line
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
@@ -727,10 +728,14 @@ def estimate(
         _guard(functools.partial(_check_positions, base, params, tokens))
         settings = TrainSettings(**{k: v for k, v in params.training.items() if k in known})
         peft_task = "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS"
-        result = _guard(functools.partial(memory.estimate_traced, base, params.method, params.method_params,
-                                          settings, seq_len=tokens, device=device, task_type=peft_task,
-                                          max_steps=steps))  # as the search and export traced it
         own = ", ".join(f"{k}={v}" for k, v in params.method_params.items())
+        try:
+            result = _guard(functools.partial(memory.estimate_traced, base, params.method, params.method_params,
+                                              settings, seq_len=tokens, device=device, task_type=peft_task,
+                                              max_steps=steps))  # as the search and export traced it
+        except TrialFailed as exc:  # e.g. a space's fixed value against another's default (AdaLoRA's ranks)
+            at = "" if config is not None else " (the space's searched values at their defaults)"
+            _fail(f"{config or space or DEFAULT_SPACE}: {params.method}({own}){at} cannot be built: {exc}")
         console.print(f"[bold]{params.method}[/bold]({own}) on {base} ({kind}): micro-batch {settings.micro_batch_size} x "
                       f"{tokens} tokens, {settings.optimizer}, {settings.precision}"
                       f"{', checkpointing' if settings.gradient_checkpointing else ''}")
@@ -980,6 +985,9 @@ def sync_stores(
     _fail_unless_mlflow_store(source, "--source")
     if _where(source).rstrip("/") == _where(target).rstrip("/"):  # each run would be copied beside itself
         _fail(f"--target: {redact_url(target)} is the store --source names; sync copies runs into another store")
+    problem = tracking_uri_problem(target, "--target") or tracking_store_problem(target, "--target")
+    if problem:
+        _fail(problem)
     try:
         result = sync(source, target)
     except SourceUnreadable as exc:

@@ -80,24 +80,60 @@ def missing_sqlite_file(url: str) -> str | None:
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc")
 
 
-def sqlite_without_mlflow(url: str) -> str | None:
-    """The file a sqlite:/// URL names, when it exists but holds no MLflow store (the study's Optuna database,
-    another program's, not a database at all): a command that only reads a store refuses it, because MLflow
-    would write its tables into the file on connect. Opened read-only, so the check writes nothing."""
-    database = sqlite_file(url)
-    if not database or not Path(database).is_file():
-        return None
+MLFLOW_TABLES = frozenset({"experiments", "runs"})
+OPTUNA_TABLES = frozenset({"studies", "version_info"})
+
+
+def _sqlite_tables(database: str) -> set[str] | None:
+    """The tables of an existing sqlite file, opened read-only so that looking writes nothing; None when it
+    cannot be read now (locked: not this check's to judge, the store says what it is)."""
     import sqlite3
 
     try:
         with contextlib.closing(sqlite3.connect(f"{Path(database).resolve().as_uri()}?mode=ro", uri=True,
                                                 timeout=1)) as db:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.OperationalError:  # locked or unreadable: not this check's to judge; MLflow says what it is
+            return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.OperationalError:
         return None
     except sqlite3.DatabaseError:  # "file is not a database"
-        tables = set()
-    return None if {"experiments", "runs"} <= tables else database
+        return {"(not a database)"}
+
+
+def sqlite_without_mlflow(url: str) -> str | None:
+    """The file a sqlite:/// URL names, when it exists but holds no MLflow store (the study's Optuna database,
+    another program's, not a database at all): a command that only reads a store refuses it, because MLflow
+    would write its tables into the file on connect."""
+    database = sqlite_file(url)
+    if not database or not Path(database).is_file():
+        return None
+    tables = _sqlite_tables(database)
+    return None if tables is None or MLFLOW_TABLES <= tables else database
+
+
+def sqlite_of_another_kind(url: str, own: frozenset[str]) -> str | None:
+    """The file a sqlite:/// URL names, when it holds tables but not the `own` ones of the store a command would
+    write (MLflow's, Optuna's) or is not a database: connecting would write that store's tables into another
+    program's file. A missing or empty file is the command's to create."""
+    database = sqlite_file(url)
+    if not database or not Path(database).is_file():
+        return None
+    tables = _sqlite_tables(database)
+    return database if tables and not own <= tables else None
+
+
+def same_sqlite_file(url: str, other: str) -> bool:
+    ours, theirs = sqlite_file(url), sqlite_file(other)
+    return bool(ours and theirs) and Path(ours).resolve() == Path(theirs).resolve()  # type: ignore[arg-type]
+
+
+def tracking_store_problem(uri: str, option: str = "--tracking-uri", storage: str | None = None) -> str | None:
+    """Why a command that logs runs may not write to `uri`: MLflow would add its tables to another store (the
+    study's own `storage`, which a new search has not created yet)."""
+    if storage and same_sqlite_file(uri, storage):
+        return (f"--storage, {option}: both name {sqlite_file(uri)}; the Optuna study and MLflow's runs each need "
+                "a store of their own (by default sqlite:///autopeft.db and sqlite:///mlflow.db)")
+    foreign = sqlite_of_another_kind(uri, MLFLOW_TABLES)
+    return f"{option}: {foreign} is not an MLflow store (it holds another program's tables)" if foreign else None
 
 
 def tracking_uri_problem(uri: str, option: str = "--tracking-uri") -> str | None:
@@ -183,8 +219,8 @@ class SearchConfig:
             problems.append(f"--study: {self.study!r} may only hold letters, digits, '.', '_' and '-'")
         if self.max_consecutive_failures < 1:
             problems.append(f"--max-consecutive-failures: {self.max_consecutive_failures} must be at least 1")
-        if self.heartbeat_seconds < 1:
-            problems.append(f"--heartbeat: {self.heartbeat_seconds} must be at least 1 (seconds)")
+        if not 1 <= self.heartbeat_seconds <= 86400:  # a day; far beyond it the heartbeat thread's timer overflows
+            problems.append(f"--heartbeat: {self.heartbeat_seconds} must be between 1 and 86400 (seconds)")
         problems += _distinct_columns({"--text-column": self.text_column, "--label-column": self.label_column,
                                        **({"--text-pair-column": self.text_pair_column} if self.text_pair_column else {})})
         problems += self._strategy_problems() + self._ood_column_problems()
@@ -247,6 +283,10 @@ class SearchConfig:
             problems.append(f"--forgetting-weight: {self.forgetting_weight} must be a finite number, at least 0")
         if self.tracking_uri and (problem := tracking_uri_problem(self.tracking_uri)):
             problems.append(problem)
+        if self.storage.startswith("sqlite:") and sqlite_file(self.storage) is None:
+            problems.append(f"--storage: {self.storage} is an in-memory database, which keeps nothing once this "
+                            "process ends (export, report and workers read the study from it); name a file, e.g. "
+                            "sqlite:///autopeft.db")
         return problems
 
     def _ood_column_problems(self) -> list[str]:

@@ -38,6 +38,7 @@ from autopeft.study import (
     pareto_front,
     recorded_space,
     require_existing_store,
+    require_optuna_store,
     scores,
     validation_majority,
 )
@@ -52,6 +53,7 @@ DEFAULT_TOLERANCE = 0.05  # absolute, on the forgetting probe's scale (a fractio
 
 def load_existing_study(name: str, storage: str) -> optuna.Study:
     require_existing_store(storage, name)
+    require_optuna_store(storage)
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:

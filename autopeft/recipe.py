@@ -91,7 +91,18 @@ def _problems(path: Path, data: dict[str, Any]) -> list[str]:
             problems.append(f"{path}: method_params.{k}: unknown parameter of {data['method']}; allowed: {', '.join(specs)}")
         elif why := specs[k].check(v):
             problems.append(f"{path}: method_params.{k}: {v!r} {why}")
-    return problems
+    return problems or _combination_problems(path, data)
+
+
+def _combination_problems(path: Path, data: dict[str, Any]) -> list[str]:
+    """Values each allowed but not together (AdaLoRA's target_r above its init_r): the method's own rule for a
+    space, applied to the recipe's one point, so the run is refused before anything trains or is logged."""
+    method = methods.get(data["method"])
+    if method.space_problem is None:
+        return []
+    values = method.resolve(data["method_params"])
+    why = method.space_problem(lambda name: (values[name], values[name]))
+    return [f"{path}: method_params: {why}"] if why else []
 
 
 def _kind_problems(path: Path, data: dict[str, Any]) -> list[str]:
@@ -152,6 +163,9 @@ def read_recipe(path: Path, **overrides: Any) -> tuple[SearchConfig, TrialParams
         raise ConfigError([f"--config: {path} is {yaml_problem(exc)}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"--config: {path} is not UTF-8 text (a YAML recipe, as `autopeft export` writes)"]) from None
+    except IsADirectoryError:
+        raise ConfigError([(f"--config: {path} is a folder; give its training.yaml (a YAML recipe, as `autopeft export` "
+                           "writes)")]) from None
     missing = [k for k in _REQUIRED if not isinstance(data, dict) or k not in data]
     if missing:
         raise ConfigError([f"{path}: missing key(s) {', '.join(missing)}"])

@@ -25,7 +25,7 @@ from torch import nn
 from autopeft import adapter_io, interrupt, memory, methods
 from autopeft import study as studies
 from autopeft.budget import ANALYTIC_UNDER, BudgetGate
-from autopeft.config import SearchConfig, format_bytes
+from autopeft.config import SearchConfig, format_bytes, tracking_store_problem
 from autopeft.data import (
     TaskData,
     TokenizedSplit,
@@ -942,6 +942,9 @@ def check_before_loading(config: SearchConfig) -> SearchSpace:
     """The space, and a resumed study's settings, checked in well under a second: before any model or data loads."""
     space = load_space(config.space)
     problems = new_search_problems(config)
+    tracking = tracking_store_problem(config.tracking_uri, storage=config.storage)
+    if tracking:
+        problems.append(tracking)
     if config.warm_start and "lora" not in space.method_names():  # the recipe could not be its first trial
         problems.append(f"--warm-start: the default recipe is LoRA, and {config.space} searches "
                         f"{', '.join(space.method_names())} only; add lora to its methods, or drop --warm-start")

@@ -406,6 +406,8 @@ def load_space(path: str | Path) -> SearchSpace:
         raise ConfigError([f"{path}: {yaml_problem(exc)}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not UTF-8 text (a search space is a YAML file)"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: a folder; a search space is a YAML file"]) from None
     return parse_space(data, str(path))
 
 

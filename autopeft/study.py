@@ -17,6 +17,7 @@ import yaml
 from autopeft.budget import recorded_over
 from autopeft.config import (
     LOCAL_PATH_KEYS,
+    OPTUNA_TABLES,
     SearchConfig,
     absolute_if_local,
     absolute_sqlite_url,
@@ -24,6 +25,8 @@ from autopeft.config import (
     missing_sqlite_file,
     redact_url,
     sqlite_file,
+    sqlite_of_another_kind,
+    tracking_store_problem,
 )
 from autopeft.data import TaskData
 from autopeft.errors import StudyError, first_line
@@ -54,6 +57,7 @@ class StaleTrialRetry:
 
 
 def connect(config: SearchConfig, on_stale: StaleTrialRetry | None = None) -> optuna.storages.BaseStorage:
+    require_optuna_store(config.storage)
     try:
         _make_sqlite_folder(config.storage)
         if config.storage.startswith(("sqlite:", "postgresql", "mysql")):
@@ -71,6 +75,15 @@ def _make_sqlite_folder(url: str) -> None:
     database = sqlite_file(url)
     if database:
         Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def require_optuna_store(url: str) -> None:
+    """Optuna writes its tables into any sqlite file it opens: another program's (MLflow's own mlflow.db) is
+    refused before it connects."""
+    foreign = sqlite_of_another_kind(url, OPTUNA_TABLES)
+    if foreign:
+        raise StudyError(f"--storage: {foreign} is not an Optuna store (it holds another program's tables); name "
+                         "the study's own database, e.g. sqlite:///autopeft.db")
 
 
 def require_existing_store(url: str, name: str) -> None:
@@ -123,6 +136,9 @@ def load_for_worker(config: SearchConfig, on_stale: StaleTrialRetry | None = Non
     local["tracking_uri"] = config.tracking_uri or recorded_tracking_uri(recorded)
     joined = SearchConfig.from_dict({**recorded, **local, "space": config.space,
                                      "trials": config.trials or recorded["trials"]})
+    problem = tracking_store_problem(joined.tracking_uri)
+    if problem:
+        raise StudyError(problem)
     return study, joined, space
 
 

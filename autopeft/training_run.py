@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autopeft import adapter_io
+from autopeft.config import tracking_store_problem
 from autopeft.errors import ConfigError, DataError, ModelError
 from autopeft.export import check_out, out_removed_if_unfinished
 from autopeft.recipe import in_recipe_terms, read_recipe, split_changes
@@ -34,6 +35,9 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
         raise ConfigError([f"--seed: {seed} must be between 0 and 2**32 - 1"])
     seed = trial_seed if seed is None else seed  # another training seed; the split and head stay the study's
     check_out(out, force)
+    problem = tracking_store_problem(tracking_uri)
+    if problem:
+        raise ConfigError([problem])
     try:
         runtime = prepare_runtime(config)
     except (DataError, ModelError) as exc:  # the recipe's values, named by its keys

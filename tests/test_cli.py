@@ -642,6 +642,37 @@ def test_the_study_database_given_as_an_mlflow_store_is_refused_untouched(export
     assert not (exported / "copy.db").exists()
 
 
+STORE_SLIPS = [
+    (["search", "--storage", "sqlite:///mlflow.db"], "--storage, --tracking-uri: both name mlflow.db; the Optuna study"),
+    (["search", "--storage", "sqlite:///mlflow.db", "--tracking-uri", "sqlite:///runs.db"],
+     "--storage: mlflow.db is not an Optuna store (it holds another program's tables)"),
+    (["export", "--out", "x", "--storage", "sqlite:///mlflow.db"], "--storage: mlflow.db is not an Optuna store"),
+    (["report", "--out", "r", "--storage", "sqlite:///mlflow.db"], "--storage: mlflow.db is not an Optuna store"),
+    (["worker", "--study", "default", "--storage", "sqlite:///mlflow.db"], "--storage: mlflow.db is not an Optuna store"),
+    (["search", "--tracking-uri", "sqlite:///autopeft.db"], "--storage, --tracking-uri: both name autopeft.db"),
+    (["train", "--config", "export/training.yaml", "--out", "t", "--tracking-uri", "sqlite:///autopeft.db"],
+     "--tracking-uri: autopeft.db is not an MLflow store (it holds another program's tables)"),
+    (["sync", "--source", "sqlite:///mlflow.db", "--target", "sqlite:///autopeft.db"],
+     "--target: autopeft.db is not an MLflow store (it holds another program's tables)"),
+    (["search", "--storage", "sqlite:///:memory:"], "--storage: sqlite:///:memory: is an in-memory database"),
+    (["estimate", "--space", "export"], "export: a folder; a search space is a YAML file"),
+    (["train", "--config", "export", "--out", "t"], "--config: export is a folder; give its training.yaml"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), STORE_SLIPS, ids=[m for _, m in STORE_SLIPS])
+def test_a_store_of_the_other_kind_is_refused_before_either_program_writes_to_it(exported: Path, args: list[str],
+                                                                                message: str) -> None:
+    """Optuna wrote its tables into MLflow's store and MLflow into the study's (search, export, report, worker,
+    train, sync): a store named for the other was changed, then the command failed or fell back."""
+    before = {name: (exported / name).read_bytes() for name in ("autopeft.db", "mlflow.db")}
+    files = sorted(exported.rglob("*"))
+    done = autopeft_here(*args, cwd=exported)
+    assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert {name: (exported / name).read_bytes() for name in before} == before
+    assert sorted(exported.rglob("*")) == files
+
+
 @pytest.mark.parametrize(("line", "message"), [
     ("learning_rate: -1", "learning_rate: -1 must be >= 1e-08"),
     ("optimizer: lion", "optimizer: 'lion' must be one of"),
@@ -875,3 +906,13 @@ def test_methods_lists_each_parameters_default_and_allowed_values_and_the_traini
                      "micro_batch_size (16; integer >= 1, <= 65536)", "use_rslora (false; true or false)",
                      "init_r (12; integer >= 1, <= 1024)"):
         assert expected in text
+
+
+def test_estimate_names_a_space_whose_fixed_value_breaks_a_searched_default(tmp_path: Path, tiny_bert: Path) -> None:
+    """init_r searched over [10, 16] is estimated at its default 12, which the fixed target_r 12 is not below:
+    a traceback before."""
+    (tmp_path / "ada.yaml").write_text("method: adalora\nmethods:\n  adalora:\n    init_r: [10, 16]\n    target_r: 12\n")
+    done = autopeft_here("estimate", "--model", str(tiny_bert), "--space", "ada.yaml", cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "ada.yaml: adalora(init_r=12, target_r=12" in done.stderr
+    assert "cannot be built: adalora: target_r (12) must be below init_r (12)" in done.stderr

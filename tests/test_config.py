@@ -29,7 +29,8 @@ def test_config_collects_every_problem() -> None:
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"objective_mode": "scalar", "forgetting_weight": float("nan")}, "--forgetting-weight: nan must be a finite number"),
     ({"objective_mode": "scalar", "forgetting_weight": float("inf")}, "--forgetting-weight: inf must be a finite number"),
-    ({"heartbeat_seconds": 0}, "--heartbeat: 0 must be at least 1 (seconds)"),
+    ({"heartbeat_seconds": 0}, "--heartbeat: 0 must be between 1 and 86400 (seconds)"),
+    ({"heartbeat_seconds": 10**11}, "--heartbeat: 100000000000 must be between 1 and 86400 (seconds)"),
     ({"timeout": float("nan")}, "--timeout: nan must be a positive, finite number of seconds"),
     ({"tracking_uri": "mlflow.db"}, "--tracking-uri: 'mlflow.db' is not a store MLflow logs to; use sqlite:///mlflow.db"),
     ({"tracking_uri": "file:///tmp/mlruns"}, "--tracking-uri: 'file:///tmp/mlruns' is not a store MLflow logs to"),
@@ -111,3 +112,19 @@ def test_a_locked_mlflow_store_is_not_called_a_foreign_one(tmp_path: Path) -> No
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+def test_a_recipe_whose_values_break_their_methods_rule_together_is_refused(tmp_path: Path) -> None:
+    """AdaLoRA's target_r above its init_r, each allowed alone: train built it, failed, and left a FAILED run."""
+    from autopeft import methods
+    from autopeft.recipe import read_recipe, write_recipe
+    from autopeft.space import TRAINING_PARAMS, TrialParams
+
+    path = tmp_path / "training.yaml"
+    training = {k: spec.default for k, spec in TRAINING_PARAMS.items()}
+    adalora = methods.get("adalora").resolve({"init_r": 4, "target_r": 8})
+    write_recipe(path, SearchConfig(model="m", max_steps=3), TrialParams("adalora", adalora, training), 3)
+    with pytest.raises(ConfigError) as info:
+        read_recipe(path)
+    assert info.value.problems == [(f"{path}: method_params: target_r (at least 8) must be below init_r (at most 4): "
+                                   "the rank budget can only shrink")]
