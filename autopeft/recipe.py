@@ -141,16 +141,21 @@ def _as_recipe_key(path: Path, problem: str, overridden: set[str]) -> str:
     return f"{path}: {key}: {rest}"
 
 
-def in_recipe_terms(path: Path, problem: str) -> str:
+def in_recipe_terms(path: Path, problem: str, overridden: frozenset[str] = frozenset()) -> str:
     """A problem worded for the search's options ('--task: ... (set it with --label-column)'), in the words of
     the recipe that gave those values ('<file>: task: ... (set it with label_column)'): `autopeft train` has no
-    such options."""
+    such options. A problem that names no single key ('--text-column 'label', --label-column 'label': ...')
+    is the file's too. One about an `overridden` value keeps its option's name: the command line gave it."""
+    if problem.partition(": ")[0].removeprefix("--").replace("-", "_") in overridden:
+        return problem
+
     def as_key(match: re.Match[str]) -> str:
         key = match.group(1).replace("-", "_")
         return key if key in _ALLOWED else match.group(0)
 
     # An option stands first, after a space or in brackets; a path or value that holds '--' is left alone.
-    return re.sub(r"(?<![^\s(])--([a-z][a-z-]*)", as_key, _as_recipe_key(path, problem, set()))
+    worded = re.sub(r"(?<![^\s(])--([a-z][a-z-]*)", as_key, _as_recipe_key(path, problem, set()))
+    return worded if worded.startswith(f"{path}: ") else f"{path}: {worded}"
 
 
 def read_recipe(path: Path, **overrides: Any) -> tuple[SearchConfig, TrialParams, int]:
@@ -179,7 +184,7 @@ def read_recipe(path: Path, **overrides: Any) -> tuple[SearchConfig, TrialParams
                               **{k: v for k, v in overrides.items() if k != "max_steps" and v is not None})
     except ConfigError as exc:  # the recipe's own values are named by their keys in the file, not as options
         given = {k for k, v in overrides.items() if v is not None}
-        raise ConfigError([_as_recipe_key(path, problem, given) for problem in exc.problems]) from None
+        raise ConfigError([in_recipe_terms(path, problem, frozenset(given)) for problem in exc.problems]) from None
     training = {k: data.get(k, spec.default) for k, spec in TRAINING_PARAMS.items()}
     params = TrialParams(data["method"], methods.get(data["method"]).resolve(data["method_params"]), training)
     return config, params, int(data["seed"])

@@ -62,6 +62,8 @@ RECIPE_EDITS = [
     (("max_steps: 3", "max_steps: 3\nsplit_fingerprints: [a, b]"), "split_fingerprints: must map split names to"),
     (("task_type: classification", "task_type: bogus"), "task_type: 'bogus' must be classification or causal_lm"),
     (("learning_rate: 0.001", "learning_rate: .nan"), "learning_rate: nan must be a finite number"),  # a traceback
+    # a problem naming two keys was worded in search's options, and named no file
+    (("text_column: text", "text_column: label"), "text_column 'label', label_column 'label': each must name a"),
     (("effective_batch_size: 0", "effective_batch_size: 48"),  # read, and trained at 16 without a word
      "effective_batch_size: 48 is not micro_batch_size x grad_accum_steps (16 x 1); set grad_accum_steps: 3, or"),
 ]
