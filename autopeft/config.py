@@ -219,8 +219,8 @@ class SearchConfig:
             problems.append(f"--study: {self.study!r} may only hold letters, digits, '.', '_' and '-'")
         if self.max_consecutive_failures < 1:
             problems.append(f"--max-consecutive-failures: {self.max_consecutive_failures} must be at least 1")
-        if not 1 <= self.heartbeat_seconds <= 86400:  # a day; far beyond it the heartbeat thread's timer overflows
-            problems.append(f"--heartbeat: {self.heartbeat_seconds} must be between 1 and 86400 (seconds)")
+        if not 1 <= self.heartbeat_seconds <= 10**8:  # about 3 years; far beyond it the heartbeat thread's timer overflows
+            problems.append(f"--heartbeat: {self.heartbeat_seconds} must be between 1 and 100000000 (seconds)")
         problems += _distinct_columns({"--text-column": self.text_column, "--label-column": self.label_column,
                                        **({"--text-pair-column": self.text_pair_column} if self.text_pair_column else {})})
         problems += self._strategy_problems() + self._ood_column_problems()

@@ -173,7 +173,9 @@ def predict_causal(model: nn.Module, split: TokenizedSplit, fmt: CausalFormat, *
                               batch_size=batch_size, device=device)
     # each label word as its own tokens decode (a WordPiece decode spaces punctuation: "U.S." reads "u. s."),
     # so an answer of exactly those tokens matches
-    normalized = [normalize_answer(tokenizer.decode(ids, skip_special_tokens=True)) for ids in fmt.answer_ids]
+    # (a word of unknown tokens decodes to nothing: compared as written, or an empty answer would match it)
+    normalized = [normalize_answer(tokenizer.decode(ids, skip_special_tokens=True)) or normalize_answer(word)
+                  for ids, word in zip(fmt.answer_ids, fmt.label_words, strict=True)]
     words: dict[str, int] = {}
     for k, word in enumerate(normalized):
         words.setdefault(word, k)

@@ -240,9 +240,6 @@ def _load_for_task(config: SearchConfig, task: TaskData) -> tuple[nn.Module, Any
         template = config.template or default_template(task.train.pairs is not None)
         source = "--label-words" if config.label_words else f"--task: the labels in column {config.label_column!r}"
         fmt = causal_format(tokenizer, words, template, source=source)
-        problem = ranked_answers_problem(fmt, source) if config.causal_eval == "rank" else None
-        if problem:
-            raise ConfigError([problem])
         evaluator = Evaluator(int(tokenizer.pad_token_id), config.eval_batch_size, causal=fmt,
                               mode=config.causal_eval, tokenizer=tokenizer)  # type: ignore[arg-type]
         return model, tokenizer, lambda split: tokenize_causal(split, tokenizer, config.max_length, words,
@@ -964,6 +961,7 @@ def run_search(config: SearchConfig, *, progress: Any = None, prepare_only: bool
     `check_before_loading` returned, when the caller ran it already."""
     space = space or check_before_loading(config)
     runtime = prepare_runtime(config, space)  # bad model or data fails here, before anything is written
+    refuse_unanswerable_label_words(config, runtime)
     check_budget_feasible(config, runtime)
     make_artifacts_folder(config)  # an unusable folder is refused before the study exists
     on_stale = studies.StaleTrialRetry()
@@ -971,6 +969,18 @@ def run_search(config: SearchConfig, *, progress: Any = None, prepare_only: bool
     if config.force_new:
         clear_trial_folders(config)
     return run_trials(runtime, study, on_stale, progress=progress, train=not prepare_only)
+
+
+def refuse_unanswerable_label_words(config: SearchConfig, runtime: Runtime) -> None:
+    """Rank mode could never answer a label word whose tokens another's begin with: a new search is refused it
+    (a study or recipe recorded before still resumes, exports and trains)."""
+    fmt = runtime.evaluate.causal
+    if fmt is None or config.causal_eval != "rank" or not studies.is_new(config):
+        return
+    source = "--label-words" if config.label_words else f"--task: the labels in column {config.label_column!r}"
+    problem = ranked_answers_problem(fmt, source)
+    if problem:
+        raise ConfigError([problem])
 
 
 def make_artifacts_folder(config: SearchConfig) -> None:
@@ -1041,8 +1051,9 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
         interrupt.check()
     except Exception as exc:  # the parent run is closed either way: the store holds no run left RUNNING
         interrupted = interrupt.REQUESTED.is_set()
-        tracker.close_study_run(parent, {"completed_trials": studies.completed(study)},
-                                status="KILLED" if interrupted else "FAILED")
+        with contextlib.suppress(Exception):  # a store that fails too (a full disk) must not hide the error
+            tracker.close_study_run(parent, {"completed_trials": studies.completed(study)},
+                                    status="KILLED" if interrupted else "FAILED")
         if not interrupted:
             raise
         raise KeyboardInterrupt from exc

@@ -97,6 +97,13 @@ def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
     return any(s.study_name == name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
 
 
+def is_new(config: SearchConfig) -> bool:
+    """Whether this search creates its study (none of that name in the store yet, or --force-new)."""
+    if config.force_new or missing_sqlite_file(config.storage):
+        return True
+    return not study_exists(connect(config), config.study)
+
+
 def open_study(config: SearchConfig, space: SearchSpace, task: TaskData,
                on_stale: StaleTrialRetry | None = None) -> optuna.Study:
     """Create the study (recording config, space and split), or resume it when they match."""
@@ -227,8 +234,14 @@ def strategy_changes(config: SearchConfig) -> list[str]:
     if not study_exists(storage, config.study):
         return []
     recorded = optuna.load_study(study_name=config.study, storage=storage).user_attrs.get("config", {})
-    return [f"{flag} {getattr(config, key)} (it ran with {flag} {recorded[key]} before)"
-            for key, flag in STRATEGY_OPTIONS.items() if key in recorded and recorded[key] != getattr(config, key)]
+    changed = {key: flag for key, flag in STRATEGY_OPTIONS.items() if key in recorded and recorded[key] != getattr(config, key)}
+    if config.pruner == "none":
+        changed.pop("prune_after", None)  # means nothing without a pruner
+
+    def shown(value: Any) -> str:
+        return "at its default" if value is None else str(value)
+    return [f"{flag} {shown(getattr(config, key))} (it ran with {flag} {shown(recorded[key])} before)"
+            for key, flag in changed.items()]
 
 
 def check_compatible(study: optuna.Study, config: SearchConfig, space: SearchSpace, task: TaskData) -> None:

@@ -191,8 +191,8 @@ def ranked_answers_problem(fmt: CausalFormat, source: str = "--label-words") -> 
     for k, answer in enumerate(fmt.answer_ids):
         if answer in starts:  # a lookup, not a scan of pairs: open answers can be thousands
             return (f"{source}: {fmt.label_words[k]!r} is how {fmt.label_words[starts[answer]]!r} begins once "
-                    "tokenized, so --causal-eval rank could never answer the longer one; choose words that "
-                    "differ from the first token, or use --causal-eval generate")
+                    "tokenized, so --causal-eval rank could never answer the longer one; choose words whose "
+                    "tokens do not begin another's, or use --causal-eval generate")
     return None
 
 

@@ -360,3 +360,22 @@ def test_ctrl_c_outside_training_leaves_no_run_running(tmp_path: Path, tiny_bert
     monkeypatch.undo()
     search.run_search(config)
     assert [(r.info.run_name, r.info.status) for r in mlflow_runs(tmp_path) if r.info.run_name == "t"] == [("t", "FINISHED")]
+
+
+def test_a_store_that_fails_while_the_search_closes_its_run_does_not_hide_why_it_stopped(
+        tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests_support import tiny_config
+
+    from autopeft import search
+    from autopeft.tracking import Tracker
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    def locked(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(search, "_record_base_scores", full_disk)
+    monkeypatch.setattr(Tracker, "close_study_run", locked)
+    with pytest.raises(OSError, match="No space left on device"):
+        search.run_search(tiny_config(tmp_path, tiny_bert, trials=1))

@@ -68,3 +68,18 @@ def test_a_splits_origin_worded_anew_over_the_same_rows_is_no_change() -> None:
     now = {**recorded, "validation_origin": "file v.csv, seeded random sample of 6 of 31 rows"}
     assert _split_changes(recorded, now) == []
     assert _split_changes(recorded, {**now, "validation_fingerprint": "cd"}) == ["other rows in validation"]
+
+
+def test_a_resume_names_the_strategy_settings_it_changes_in_values_a_user_can_type(tmp_path: Path) -> None:
+    """'--prune-after None' was printed, and a --prune-after change named when no pruner runs."""
+    from autopeft.study import strategy_changes
+
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.set_user_attr("config", {"sampler": "random", "pruner": "median", "prune_after": 2})
+    assert strategy_changes(SearchConfig(study="s", storage=storage)) == [
+        "--sampler tpe (it ran with --sampler random before)", "--pruner none (it ran with --pruner median before)"]
+    assert strategy_changes(SearchConfig(study="s", storage=storage, sampler="random", objective_mode="scalar",
+                                         pruner="median")) == [
+        "--prune-after at its default (it ran with --prune-after 2 before)"]
+    assert strategy_changes(SearchConfig(study="other", storage=storage)) == []

@@ -157,20 +157,21 @@ def test_a_search_names_wrong_label_words_once_before_training(tmp_path: Path, t
     assert str(caught.value).startswith("--label-words: 1 word (good) for 2 classes")
 
 
-def test_label_words_rank_mode_could_never_answer_are_refused_before_training(
+def test_label_words_rank_mode_could_never_answer_are_refused_before_a_new_search(
         tmp_path: Path, tiny_bert: Path, tiny_causal_models: dict[str, Path]) -> None:
     """Rank mode scores each word's tokens after the prompt: 'New' scores at least what 'New York' does, so a
-    model right on every row read 50% on these two."""
-    from autopeft.search import prepare_runtime
+    model right on every row read 50% on these two. A new search is refused them; loading them (as export and
+    train of a study recorded before do) is not."""
+    from autopeft.search import prepare_runtime, run_search
 
     config = tiny_config(tmp_path, tiny_bert, model=str(tiny_causal_models["llama"]), task_type="causal_lm",
-                         label_words=("new", "new york"))
+                         label_words=("new", "new york"), trials=1)
     with pytest.raises(ConfigError) as caught:
-        prepare_runtime(config)
+        run_search(config)
     assert str(caught.value).startswith("--label-words: 'new' is how 'new york' begins once tokenized, so "
                                         "--causal-eval rank could never answer the longer one")
-    prepare_runtime(tiny_config(tmp_path, tiny_bert, model=str(tiny_causal_models["llama"]), task_type="causal_lm",
-                                label_words=("new", "new york"), causal_eval="generate", study="generate"))
+    assert not (tmp_path / "o.db").exists()  # refused before the study was created
+    prepare_runtime(config)
 
 
 def test_generate_mode_matches_an_answer_as_the_tokenizer_decodes_its_label_word(
@@ -198,6 +199,18 @@ def test_generate_mode_matches_an_answer_as_the_tokenizer_decodes_its_label_word
 
     assert causal_accuracy(Answers(), split, fmt, pad_id=tokenizer.pad_token_id, mode="generate",
                            tokenizer=tokenizer) == 1.0
+
+    class Silent(torch.nn.Module):  # answers nothing: a special token only, which the decode drops
+        def forward(self, input_ids, attention_mask, **_):
+            logits = torch.zeros(*input_ids.shape, len(tokenizer))
+            logits[:, -1, tokenizer.sep_token_id] = 10.0
+            return SimpleNamespace(logits=logits)
+
+    unknown = ["\U0001F44D", "good"]  # a word of unknown tokens decodes to nothing: it must not match no answer
+    fmt = causal_format(tokenizer, unknown, "Text: {text}\nLabel:")
+    split = tokenize_causal(TextSplit(["liked it", "good"], [0, 1]), tokenizer, 64, unknown, "Text: {text}\nLabel:")
+    assert causal_accuracy(Silent(), split, fmt, pad_id=tokenizer.pad_token_id, mode="generate",
+                           tokenizer=tokenizer) == 0.0
 
 
 def test_a_causal_search_on_an_encoder_is_refused_before_training(tmp_path: Path, tiny_bert: Path) -> None:
