@@ -181,7 +181,7 @@ def search(
               "study with --trials 0 alone and start `autopeft worker ... --trials N` yourself")
     config = _guard(build)  # before the heavy imports below: bad flags are refused in well under a second
     from autopeft.search import check_before_loading, run_search
-    from autopeft.study import strategy_changes
+    from autopeft.study import completed_before, strategy_changes
 
     space = _guard(lambda: check_before_loading(config))  # a bad space is refused before "loading" is announced
     changes = strategy_changes(config)
@@ -192,7 +192,8 @@ def search(
     def run() -> Any:
         if workers > 1:  # the study, its parent run and the base scores; the workers train
             return run_search(config, prepare_only=True, space=space)
-        with SearchProgress(config.trials, scalar=config.objective_mode == "scalar") as progress:
+        with SearchProgress(config.trials, scalar=config.objective_mode == "scalar",
+                            done=completed_before(config)) as progress:
             return run_search(config, progress=progress, space=space)
 
     summary = _interruptible(run, config)
@@ -506,7 +507,7 @@ class SearchProgress:
     run's mean time per completed trial, counted from its first trial's start (not from loading the model),
     times the trials left (rich's own estimate looks back 30 s only, and trials take longer, so it never showed)."""
 
-    def __init__(self, target: int, *, scalar: bool = False) -> None:
+    def __init__(self, target: int, *, scalar: bool = False, done: int = 0) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.scalar = scalar
@@ -514,7 +515,8 @@ class SearchProgress:
         self.bar = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
                             TextColumn(label + " {task.fields[best]}"), TextColumn("ETA {task.fields[eta]}"),
                             console=console, transient=True)
-        self.task = self.bar.add_task("search", total=max(target, 1), best="-", eta="-")
+        # a resumed study's completed trials from the start, not from its first new trial's end
+        self.task = self.bar.add_task("search", total=max(target, 1), completed=min(done, target), best="-", eta="-")
         self.target = target
         self.first_start: datetime.datetime | None = None
         self.completed_here = 0

@@ -224,6 +224,16 @@ def check_settings_before_loading(config: SearchConfig, space: SearchSpace) -> N
 STRATEGY_OPTIONS = {"sampler": "--sampler", "pruner": "--pruner", "prune_after": "--prune-after"}
 
 
+def completed_before(config: SearchConfig) -> int:
+    """The completed trials a resumed study already holds (0 for a new one): where its progress bar starts."""
+    if config.force_new or missing_sqlite_file(config.storage):
+        return 0
+    storage = connect(config)
+    if not study_exists(storage, config.study):
+        return 0
+    return completed(optuna.load_study(study_name=config.study, storage=storage))
+
+
 def strategy_changes(config: SearchConfig) -> list[str]:
     """How a resume changes the way trials are chosen and stopped, which it may (a study explored at random can
     go on with TPE), but which a user leaving an option at its default may not mean: a grid study resumed

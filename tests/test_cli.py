@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -233,7 +234,15 @@ def test_the_progress_bar_counts_a_resumed_studys_trials_and_gives_an_eta() -> N
         trial.set_user_attr("val_accuracy", accuracy)
         trial.set_user_attr("forgetting", 0.01)
         study.tell(trial, [accuracy, 0.01])
-    progress = SearchProgress(4)
+    from autopeft.config import SearchConfig
+    from autopeft.study import completed_before
+
+    with tempfile.TemporaryDirectory() as folder:  # a resumed study's bar starts at its completed trials
+        stored = optuna.create_study(study_name="s", storage=f"sqlite:///{folder}/o.db", directions=study.directions)
+        stored.add_trial(study.trials[0])
+        assert completed_before(SearchConfig(study="s", storage=f"sqlite:///{folder}/o.db")) == 1
+    assert SearchProgress(4, done=1).bar.tasks[0].completed == 1
+    progress = SearchProgress(4, done=1)
     progress(study, study.trials[1])
     shown = progress.bar.tasks[0]
     assert shown.completed == 2 and shown.fields["best"] == "0.7000"
