@@ -101,24 +101,22 @@ def _sqlite_tables(database: str) -> set[str] | None:
 
 def sqlite_without_mlflow(url: str) -> str | None:
     """The file a sqlite:/// URL names, when it exists but holds no MLflow store (the study's Optuna database,
-    another program's, not a database at all): a command that only reads a store refuses it, because MLflow
-    would write its tables into the file on connect."""
-    database = sqlite_file(url)
-    if not database or not Path(database).is_file():
-        return None
-    tables = _sqlite_tables(database)
-    return None if tables is None or MLFLOW_TABLES <= tables else database
+    another program's, not a database at all, or an empty file): a command that only reads a store refuses it,
+    because MLflow would write its tables into the file on connect."""
+    return sqlite_of_another_kind(url, MLFLOW_TABLES, empty_too=True)
 
 
-def sqlite_of_another_kind(url: str, own: frozenset[str]) -> str | None:
+def sqlite_of_another_kind(url: str, own: frozenset[str], *, empty_too: bool = False) -> str | None:
     """The file a sqlite:/// URL names, when it holds tables but not the `own` ones of the store a command would
     write (MLflow's, Optuna's) or is not a database: connecting would write that store's tables into another
-    program's file. A missing or empty file is the command's to create."""
+    program's file. A missing file, or an empty one unless `empty_too`, is the command's to create."""
     database = sqlite_file(url)
     if not database or not Path(database).is_file():
         return None
     tables = _sqlite_tables(database)
-    return database if tables and not own <= tables else None
+    if tables is None or own <= tables:
+        return None
+    return database if tables or empty_too else None
 
 
 def same_sqlite_file(url: str, other: str) -> bool:

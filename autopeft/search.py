@@ -527,7 +527,7 @@ class Objective:
     def _begin(self, trial: optuna.Trial) -> tuple[TrialParams, int, str]:
         """Draw the configuration and open its MLflow run; a Ctrl-C meanwhile is the trial's reason."""
         config = self.runtime.config
-        try:
+        with _interrupted_before_its_run(trial):
             assert self.runtime.space is not None
             params = self.runtime.space.suggest(trial)
             seed = config.seed + trial.number
@@ -537,11 +537,6 @@ class Objective:
                 _skip_if_tried(trial, params.flat())
             run_id = self.tracker.start_trial_run(self.parent_run_id, config.study, trial.number,
                                                   {**params.flat(), "seed": seed})
-        except BaseException:
-            if interrupt.REQUESTED.is_set():
-                trial.set_user_attr("steps_trained", 0)
-                trial.set_user_attr("fail_reason", "interrupted")
-            raise
         trial.set_user_attr("mlflow_run_id", run_id)
         return params, seed, run_id
 
@@ -585,13 +580,8 @@ class Objective:
     def _wait_for_a_place(self, trial: optuna.Trial) -> str | None:
         """`_unneeded`, and a Ctrl-C during its wait recorded as the trial's reason: the trial (no run of its own yet)
         once failed with none, and the summary's "interrupted:" line left it out."""
-        try:
+        with _interrupted_before_its_run(trial):
             return self._unneeded(trial)
-        except BaseException:
-            if interrupt.REQUESTED.is_set():  # a KeyboardInterrupt, or what a storage call turned it into
-                trial.set_user_attr("steps_trained", 0)
-                trial.set_user_attr("fail_reason", "interrupted")
-            raise
 
     def _unneeded(self, trial: optuna.Trial) -> str | None:
         """Why this trial is not needed, or None. Wait while running trials that started earlier could still
@@ -686,6 +676,19 @@ class Objective:
 DEFAULT_RECIPE = {"method": "lora", "lora.r": 8, "lora.alpha": 16.0, "lora.target_modules": "qv",
                   "lora.dropout": 0.0, "lora.use_rslora": False, "learning_rate": 2e-4, "optimizer": "adamw",
                   "precision": "fp32"}
+
+
+@contextlib.contextmanager
+def _interrupted_before_its_run(trial: optuna.Trial) -> Iterator[None]:
+    """A Ctrl-C (a KeyboardInterrupt, or what a library turned it into) before the trial has an MLflow run of its
+    own: recorded as the trial's reason, with no steps trained."""
+    try:
+        yield
+    except BaseException:
+        if interrupt.REQUESTED.is_set():
+            trial.set_user_attr("steps_trained", 0)
+            trial.set_user_attr("fail_reason", "interrupted")
+        raise
 
 
 def _skip_if_tried(trial: optuna.Trial, flat: dict[str, Any]) -> None:
@@ -975,7 +978,7 @@ def refuse_unanswerable_label_words(config: SearchConfig, runtime: Runtime) -> N
     """Rank mode could never answer a label word whose tokens another's begin with: a new search is refused it
     (a study or recipe recorded before still resumes, exports and trains)."""
     fmt = runtime.evaluate.causal
-    if fmt is None or config.causal_eval != "rank" or not studies.is_new(config):
+    if fmt is None or config.causal_eval != "rank" or studies.existing_study(config) is not None:
         return
     source = "--label-words" if config.label_words else f"--task: the labels in column {config.label_column!r}"
     problem = ranked_answers_problem(fmt, source)

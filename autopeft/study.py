@@ -97,11 +97,13 @@ def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
     return any(s.study_name == name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
 
 
-def is_new(config: SearchConfig) -> bool:
-    """Whether this search creates its study (none of that name in the store yet, or --force-new)."""
+def existing_study(config: SearchConfig) -> optuna.Study | None:
+    """The study this search would resume; None when it creates its own (none of that name in the store yet,
+    or --force-new), without creating a missing sqlite file by looking."""
     if config.force_new or missing_sqlite_file(config.storage):
-        return True
-    return not study_exists(connect(config), config.study)
+        return None
+    storage = connect(config)
+    return optuna.load_study(study_name=config.study, storage=storage) if study_exists(storage, config.study) else None
 
 
 def open_study(config: SearchConfig, space: SearchSpace, task: TaskData,
@@ -214,11 +216,9 @@ def recorded_space(study: optuna.Study) -> SearchSpace:
 def check_settings_before_loading(config: SearchConfig, space: SearchSpace) -> None:
     """A resume with other settings or another space is refused before the model and data load (minutes on a
     real model); the split, which needs the data, is checked when the study opens."""
-    if config.force_new or missing_sqlite_file(config.storage):  # nothing to resume (and no file created)
-        return
-    storage = connect(config)
-    if study_exists(storage, config.study):
-        _refuse(config, _setting_problems(optuna.load_study(study_name=config.study, storage=storage), config, space))
+    study = existing_study(config)
+    if study is not None:
+        _refuse(config, _setting_problems(study, config, space))
 
 
 STRATEGY_OPTIONS = {"sampler": "--sampler", "pruner": "--pruner", "prune_after": "--prune-after"}
@@ -226,24 +226,18 @@ STRATEGY_OPTIONS = {"sampler": "--sampler", "pruner": "--pruner", "prune_after":
 
 def completed_before(config: SearchConfig) -> int:
     """The completed trials a resumed study already holds (0 for a new one): where its progress bar starts."""
-    if config.force_new or missing_sqlite_file(config.storage):
-        return 0
-    storage = connect(config)
-    if not study_exists(storage, config.study):
-        return 0
-    return completed(optuna.load_study(study_name=config.study, storage=storage))
+    study = existing_study(config)
+    return completed(study) if study is not None else 0
 
 
 def strategy_changes(config: SearchConfig) -> list[str]:
     """How a resume changes the way trials are chosen and stopped, which it may (a study explored at random can
     go on with TPE), but which a user leaving an option at its default may not mean: a grid study resumed
     without --sampler grid goes on with TPE, which may repeat a configuration the grid ran."""
-    if config.force_new or missing_sqlite_file(config.storage):
+    study = existing_study(config)
+    if study is None:
         return []
-    storage = connect(config)
-    if not study_exists(storage, config.study):
-        return []
-    recorded = optuna.load_study(study_name=config.study, storage=storage).user_attrs.get("config", {})
+    recorded = study.user_attrs.get("config", {})
     changed = {key: flag for key, flag in STRATEGY_OPTIONS.items() if key in recorded and recorded[key] != getattr(config, key)}
     if config.pruner == "none":
         changed.pop("prune_after", None)  # means nothing without a pruner
