@@ -703,7 +703,6 @@ def estimate(
     from autopeft import memory
     from autopeft.recipe import read_recipe
     from autopeft.space import TrialParams, load_space
-    from autopeft.train import TrainSettings
 
     if device not in ("cpu", "cuda"):
         _fail(f"--device: {device!r} must be cpu or cuda")
@@ -724,24 +723,40 @@ def estimate(
         return [(model or DEFAULT_MODEL, loaded.fixed_params(name), task_type or "classification", seq_len or 128,
                  None) for name in loaded.method_names()]
 
-    known = TrainSettings.__dataclass_fields__
+    unbuildable = []  # a space's methods are each estimated; those that cannot be are named after the others
     for base, params, kind, tokens, steps in _guard(configurations):
         _guard(functools.partial(_check_decoder, base, kind))
-        _guard(functools.partial(_check_positions, base, params, tokens))
-        settings = TrainSettings(**{k: v for k, v in params.training.items() if k in known})
-        peft_task = "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS"
         own = ", ".join(f"{k}={v}" for k, v in params.method_params.items())
+        _guard(functools.partial(_check_positions, base, tokens))  # the row alone: one line, whatever the method
         try:
-            result = _guard(functools.partial(memory.estimate_traced, base, params.method, params.method_params,
-                                              settings, seq_len=tokens, device=device, task_type=peft_task,
-                                              max_steps=steps))  # as the search and export traced it
+            _check_positions(base, tokens, _virtual_tokens(params))
+            settings, result = _guard(functools.partial(_estimate_one, memory.estimate_traced, base, params, kind,
+                                                        tokens, steps, device))
+        except ConfigError as exc:  # prompt tuning's virtual tokens past the positions: the other methods may fit
+            unbuildable.append(f"{config or space or DEFAULT_SPACE}: {params.method}({own}): {first_line(exc)}")
+            continue
         except TrialFailed as exc:  # e.g. a space's fixed value against another's default (AdaLoRA's ranks)
             at = "" if config is not None else " (the space's searched values at their defaults)"
-            _fail(f"{config or space or DEFAULT_SPACE}: {params.method}({own}){at} cannot be built: {exc}")
+            unbuildable.append(f"{config or space or DEFAULT_SPACE}: {params.method}({own}){at} cannot be built: {exc}")
+            continue
         console.print(f"[bold]{params.method}[/bold]({own}) on {base} ({kind}): micro-batch {settings.micro_batch_size} x "
                       f"{tokens} tokens, {settings.optimizer}, {settings.precision}"
                       f"{', checkpointing' if settings.gradient_checkpointing else ''}")
         console.print(result.table(), highlight=False)
+    if unbuildable:
+        _fail(*unbuildable)
+
+
+def _estimate_one(trace: Callable[..., Any], base: str, params: Any, kind: str, tokens: int, steps: int | None,
+                  device: str) -> tuple[Any, Any]:
+    """The training settings of one configuration and its traced peak, as the search and export traced it."""
+    from autopeft.train import TrainSettings
+
+    known = TrainSettings.__dataclass_fields__
+    settings = TrainSettings(**{k: v for k, v in params.training.items() if k in known})
+    peft_task = "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS"
+    return settings, trace(base, params.method, params.method_params, settings, seq_len=tokens, device=device,
+                           task_type=peft_task, max_steps=steps)
 
 
 def _model_key(base: str) -> tuple[str, str]:
@@ -811,17 +826,23 @@ def _position_limit(base: str) -> int | None:
     return table or getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
 
 
-def _check_positions(base: str, params: Any, tokens: int) -> None:
-    """A row longer than the model's position table cannot be traced (nor trained): say so in one line."""
+def _check_positions(base: str, tokens: int, virtual: int = 0) -> None:
+    """A row (with prompt tuning's virtual tokens) longer than the model's position table cannot be traced (nor
+    trained): say so in one line."""
     limit = _position_limit(base)
+    if limit is not None and tokens + virtual > limit:
+        extra = f" + {virtual} virtual tokens of prompt tuning" if virtual else ""
+        fix = (f"estimate at {limit - virtual} tokens or fewer" if limit - virtual >= 2
+               else f"prompt tuning leaves no room for a row: use fewer than {limit - 1} virtual tokens")
+        raise ConfigError([f"--seq-len: {tokens} tokens{extra} exceed {base}'s {limit} positions; {fix}"])
+
+
+def _virtual_tokens(params: Any) -> int:
+    """The positions a method adds in front of each row (prompt tuning's virtual tokens), else 0."""
     from autopeft import methods
 
     added = methods.get(params.method).added_positions
-    virtual = added(params.method_params) if added else 0
-    if limit is not None and tokens + virtual > limit:
-        extra = f" + {virtual} virtual tokens of prompt tuning" if virtual else ""
-        raise ConfigError([(f"--seq-len: {tokens} tokens{extra} exceed {base}'s {limit} positions; estimate at "
-                            f"{limit - virtual} tokens or fewer")])
+    return added(params.method_params) if added else 0
 
 
 @app.command()

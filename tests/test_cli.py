@@ -925,3 +925,20 @@ def test_estimate_names_a_space_whose_fixed_value_breaks_a_searched_default(tmp_
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "ada.yaml: adalora(init_r=12, target_r=12" in done.stderr
     assert "cannot be built: adalora: target_r (12) must be below init_r (12)" in done.stderr
+
+
+def test_estimate_of_a_space_goes_on_past_a_method_it_cannot_build(tmp_path: Path, tiny_bert: Path) -> None:
+    """The other methods are estimated and each unbuildable one named in a line, exit 2: it stopped at the first.
+    tiny_bert has 128 positions, which prompt tuning's 500 virtual tokens fill on their own."""
+    (tmp_path / "s.yaml").write_text("method: [adalora, lora, prompt]\nmethods:\n  adalora:\n    init_r: [10, 16]\n"
+                                     "    target_r: 12\n  prompt:\n    num_virtual_tokens: 500\n")
+    done = autopeft_here("estimate", "--model", str(tiny_bert), "--space", "s.yaml", cwd=tmp_path)
+    assert done.returncode == 2 and "lora(r=8" in done.stdout and "peak training memory" in done.stdout
+    problems = done.stderr.strip().splitlines()
+    assert len(problems) == 2 and "s.yaml: adalora(" in problems[0] and "cannot be built" in problems[0], problems
+    assert "s.yaml: prompt(num_virtual_tokens=500" in problems[1], problems
+    assert "use fewer than 127 virtual tokens" in problems[1], problems
+    too_long = autopeft_here("estimate", "--model", str(tiny_bert), "--space", "s.yaml", "--seq-len", "200",
+                             cwd=tmp_path)  # the row alone does not fit: one line, not one per method
+    assert too_long.returncode == 2 and too_long.stderr.strip().splitlines() == [
+        f"error: --seq-len: 200 tokens exceed {tiny_bert}'s 128 positions; estimate at 128 tokens or fewer"]
