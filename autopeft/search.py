@@ -354,7 +354,8 @@ def measure_memory(runtime: Runtime, params: TrialParams) -> int | None:
         return None
     return memory.measure(build_model(runtime, params), train_settings(params, max_steps=2, seed=0),
                           seq_len=runtime.longest_row, task_type=runtime.method_task_type,
-                          num_labels=len(runtime.task.label_names), pad_id=runtime.pad_id)
+                          num_labels=len(runtime.task.label_names), pad_id=runtime.pad_id,
+                          after_step=methods.get(params.method).after_step)
 
 
 def eval_positions(runtime: Runtime, params: TrialParams | None = None) -> int | None:

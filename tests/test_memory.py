@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from autopeft import adapter_io, memory
+from autopeft import adapter_io, memory, methods
 from autopeft.config import format_bytes
 from autopeft.methods import MethodContext
 from autopeft.models import load_classifier
@@ -83,6 +83,30 @@ def test_lora_dropout_keeps_a_copy_of_every_adapted_input(tiny_models: dict[str,
     adapted = [m for m in _adapted(base, "lora", qv).modules() if isinstance(m, LoraLayer)]
     one_fp32_copy = sum(4 * settings.micro_batch_size * seq_len * m.in_features for m in adapted)  # 4 bytes each
     assert len(adapted) > 0 and with_dropout - without >= one_fp32_copy
+
+
+def test_adaloras_importance_scores_are_in_its_estimate_and_its_measured_peak(tiny_models: dict[str, Path]) -> None:
+    """AdaLoRA's rank allocator keeps three copies of its weights (importance, its average and its
+    uncertainty) from the first step on. Neither the trace nor the CPU measurement ran the method's
+    after_step, so a budget admitted AdaLoRA trials up to 20% above it without a warning."""
+    base = _base(tiny_models["bert"])
+    params = {"init_r": 64, "target_r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all_linear",
+              "warmup_fraction": 0.1, "final_fraction": 0.2, "update_every": 10}
+    settings = TrainSettings(learning_rate=1e-3, micro_batch_size=2, optimizer="adamw", max_steps=10)
+
+    def adapted() -> torch.nn.Module:
+        model = copy.deepcopy(base)
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return adapter_io.attach(model, "adalora", dict(params), MethodContext(max_steps=10))
+
+    model = adapted()
+    adapter_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+    plain = memory.measure(model, settings, seq_len=16)  # fit without the method's after_step
+    measured = memory.measure(adapted(), settings, seq_len=16, after_step=methods.get("adalora").after_step)
+    assert measured - plain >= 3 * adapter_bytes
+    estimate = memory.estimate_traced(base, "adalora", params, settings, seq_len=16, max_steps=10)
+    assert abs(estimate.total / measured - 1) < 0.01 and estimate.extras >= 3 * adapter_bytes
 
 
 # (model family, method, its parameters, training settings): the three configurations of the issue.

@@ -90,6 +90,17 @@ class LiveBytes(TorchDispatchMode):
             if record is not None and record.tag not in (WEIGHTS, TRAINABLE):
                 record.tag = tag
 
+    def retag_born_since(self, tick: int, tag: str) -> None:
+        """Mark the untagged storages born after `tick` and still alive as `tag` (a method's own state)."""
+        for record in self._live.values():
+            if record.born > tick and record.tag is None:
+                record.tag = tag
+
+    @property
+    def tick(self) -> int:
+        """The count of storages seen so far: a point to `retag_born_since`."""
+        return self._tick
+
     def at_peak(self) -> dict[str | None, int]:
         """Bytes alive at the peak, by tag (None: untagged, i.e. activations and temporaries)."""
         return self.at_tick(self._peak_tick)

@@ -35,10 +35,12 @@ def synthetic_split(rows: int, seq_len: int, *, vocab_size: int, pad_id: int, ta
 
 
 def measure(model: nn.Module, settings: Any, *, seq_len: int, device: str | torch.device = "cpu",
-            task_type: str = "SEQ_CLS", num_labels: int = 2, pad_id: int | None = None) -> int:
+            task_type: str = "SEQ_CLS", num_labels: int = 2, pad_id: int | None = None,
+            after_step: Callable[[nn.Module, int], None] | None = None) -> int:
     """The real peak bytes of training `model` (adapter attached) for two steps of `fit` on full-length
-    synthetic batches: on CUDA torch.cuda.max_memory_allocated above what was allocated before the model
-    moved there; on the CPU the peak of `LiveBytes`. Trains `model` in place (its weights change)."""
+    synthetic batches, with the method's `after_step` as a trial runs it: on CUDA
+    torch.cuda.max_memory_allocated above what was allocated before the model moved there; on the CPU the
+    peak of `LiveBytes`. Trains `model` in place (its weights change)."""
     from autopeft.train import causal_lm_loss, classification_loss, fit
 
     target = torch.device(device)
@@ -55,7 +57,7 @@ def measure(model: nn.Module, settings: Any, *, seq_len: int, device: str | torc
     loss_fn = classification_loss if task_type == "SEQ_CLS" else causal_lm_loss
 
     def run() -> None:
-        fit(model, data, steady, pad_id=pad, device=target, loss_fn=loss_fn)
+        fit(model, data, steady, pad_id=pad, device=target, loss_fn=loss_fn, after_step=after_step)
 
     if target.type == "cuda":
         return _cuda_peak(model, target, run)

@@ -108,7 +108,7 @@ def _trace(model: Any, method: str, method_params: dict[str, Any], settings: Any
            dtype: torch.dtype, trace_device: str | torch.device | None, layers: int | None = None,
            through: str = "optimizer") -> tuple[LiveBytes, torch.device, list[str]]:
     """One traced step (see `estimate_traced`), on the first `layers` blocks if given: the tracker."""
-    from autopeft import adapter_io
+    from autopeft import adapter_io, methods
     from autopeft.methods import MethodContext
 
     target = torch.device(device)
@@ -137,7 +137,7 @@ def _trace(model: Any, method: str, method_params: dict[str, Any], settings: Any
                                     MethodContext(task_type, max_steps or settings.max_steps))
         with _fused_attention_dropout(planning=planning):
             _run_traced_steps(net, work, trace_device, tracker, notes, foreach=target.type == "cuda",
-                              through=through)
+                              through=through, after_step=methods.get(method).after_step)
     return tracker, target, notes
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopeft.memory.analytic import _param_state_bytes
-from autopeft.memory.live_bytes import GRADIENTS, OPTIMIZER, LiveBytes, _tag_adapter_activations
+from autopeft.memory.live_bytes import EXTRAS, GRADIENTS, OPTIMIZER, LiveBytes, _tag_adapter_activations
 from autopeft.memory.stand_ins import _AdamW8bitStandIn
 
 STEPS = 2  # the second step is the steady state: optimizer state alive through forward and backward
@@ -101,12 +103,13 @@ class _Workload:
 
 
 def _run_traced_steps(model: nn.Module, work: _Workload, device: torch.device, tracker: LiveBytes,
-                      notes: list[str], *, foreach: bool, through: str = "optimizer") -> None:
+                      notes: list[str], *, foreach: bool, through: str = "optimizer",
+                      after_step: Callable[[nn.Module, int], None] | None = None) -> None:
     """`autopeft.train.fit`'s loop on `model` (fake tensors) in steady state, under `tracker`. `foreach`:
     the optimizer takes its multi-tensor path, as torch chooses for real CUDA tensors. `through`: the last
     phase traced. Short of "optimizer", the optimizer state is allocated at its exact size and the step is
-    not run (its own temporaries are left out: a lower bound, at a fraction of the operations); "forward"
-    stops before the backward pass."""
+    not run (its own temporaries are left out: a lower bound, at a fraction of the operations), nor the
+    method's `after_step`; "forward" stops before the backward pass."""
     from autopeft.train import _enable_checkpointing, classification_loss
 
     settings = work.settings
@@ -122,7 +125,9 @@ def _run_traced_steps(model: nn.Module, work: _Workload, device: torch.device, t
     with tracker, _tag_adapter_activations(model, tracker):
         scaler.scale(torch.zeros((), device=device))  # fp16: the loss scale exists from the first backward
         tracker.phase = "optimizer"
-        state = _steady_optimizer_state(optimizer, scaler, params, settings, device, through == "optimizer")
+        bookkeeping = functools.partial(_method_bookkeeping, after_step, model, tracker)
+        state = _steady_optimizer_state(optimizer, scaler, params, settings, device, through == "optimizer",
+                                        bookkeeping)
         tracker.retag(state, OPTIMIZER)
         for _ in range(STEPS - 1):
             micro = [work.batch(device) for _ in range(settings.grad_accum_steps)]
@@ -141,15 +146,28 @@ def _run_traced_steps(model: nn.Module, work: _Workload, device: torch.device, t
             tracker.phase = "optimizer"
             _traced_optimizer_step(optimizer, scaler, params, settings.max_grad_norm)
             tracker.retag(_optimizer_tensors(optimizer), OPTIMIZER)
+            bookkeeping()
             optimizer.zero_grad(set_to_none=True)
+
+
+def _method_bookkeeping(after_step: Callable[[nn.Module, int], None] | None, model: nn.Module,
+                        tracker: LiveBytes) -> None:
+    """The method's own work after an optimizer step, as `fit` runs it (AdaLoRA's importance scores: three
+    copies of its weights, alive from the first step on, counted as extras). Run as step 0: the update
+    without a re-allocation, whose threshold is read from values that fake tensors do not have."""
+    if after_step is None:
+        return
+    since = tracker.tick
+    after_step(model, 0)
+    tracker.retag_born_since(since, EXTRAS)
 
 
 def _steady_optimizer_state(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                             params: list[nn.Parameter], settings: Any, device: torch.device,
-                            optimizer_step: bool) -> list[torch.Tensor]:
+                            optimizer_step: bool, bookkeeping: Callable[[], None]) -> list[torch.Tensor]:
     """The optimizer state a first step leaves, made up front (tracing two full steps would cost twice the
-    time): by a step on zero gradients, or, when the step is not traced, allocated at its exact analytic
-    size (tested against the real optimizers)."""
+    time): by a step on zero gradients, followed by the method's bookkeeping, or, when the step is not
+    traced, allocated at its exact analytic size (tested against the real optimizers)."""
     if not optimizer_step:
         momentum_free = settings.optimizer == "sgd" and not settings.momentum
         return [torch.empty(0 if momentum_free else _param_state_bytes(p, settings.optimizer),
@@ -157,5 +175,6 @@ def _steady_optimizer_state(optimizer: torch.optim.Optimizer, scaler: torch.amp.
     for param in params:
         param.grad = torch.zeros_like(param)
     _traced_optimizer_step(optimizer, scaler, params, settings.max_grad_norm)
+    bookkeeping()
     optimizer.zero_grad(set_to_none=True)
     return _optimizer_tensors(optimizer)

@@ -64,7 +64,8 @@ def peak_bytes(runtime, params: TrialParams) -> int:
     """Live tensor bytes at the peak of a training step on a full-length batch (what the search budgets)."""
     model = build_model(runtime, params)
     settings = train_settings(params, max_steps=2, seed=0)
-    return memory.measure(model, settings, seq_len=runtime.longest_row, pad_id=runtime.pad_id)
+    return memory.measure(model, settings, seq_len=runtime.longest_row, pad_id=runtime.pad_id,
+                          after_step=methods.get(params.method).after_step)
 
 
 def one_model(name: str, seeds: int, only: set[str] | None) -> list[dict]:

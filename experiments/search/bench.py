@@ -167,7 +167,8 @@ def peak_bytes(runtime, params: TrialParams) -> int:
     """Live tensor bytes at the peak of one training step on a full-length batch (autopeft.memory.measure)."""
     return memory.measure(build_model(runtime, params), train_settings(params, max_steps=2, seed=0),
                           seq_len=runtime.longest_row, task_type=runtime.method_task_type,
-                          num_labels=len(runtime.task.label_names), pad_id=runtime.pad_id)
+                          num_labels=len(runtime.task.label_names), pad_id=runtime.pad_id,
+                          after_step=methods.get(params.method).after_step)
 
 
 def exported(runtime, study: optuna.Study, rule: str) -> dict:
