@@ -789,8 +789,10 @@ def check_budget_feasible(config: SearchConfig, runtime: Runtime) -> None:
 
 
 def _lightest_configurations(runtime: Runtime) -> list[tuple[str, TrialParams, memory.MemoryEstimate]]:
-    """Per method (at its lightest parameters in the space): the smallest micro-batch, the lowest precision and
-    checkpointing when the space offers them, with the optimizer of least state; and its analytic estimate."""
+    """Per method (at its lightest parameters in the space) and per precision the space offers: the smallest
+    micro-batch and checkpointing when the space offers it, with the optimizer of least state; and its analytic
+    estimate. Every precision, not the lowest alone: on the CPU, bf16's autocast keeps 16-bit copies of the
+    weights and at small batches needs more than fp32."""
     space = runtime.space
     assert space is not None
     results = []
@@ -798,22 +800,22 @@ def _lightest_configurations(runtime: Runtime) -> list[tuple[str, TrialParams, m
         if methods.get(method).problem(runtime.base_model):
             continue
         dims = space.training_dims_of(method)
-        precision = "bf16" if set(_dim_options("precision", dims)) & {"bf16", "fp16"} else "fp32"
         settings = {**params_defaults(), "micro_batch_size": int(min(_dim_options("micro_batch_size", dims))),
-                    "precision": precision,
                     "gradient_checkpointing": True in _dim_options("gradient_checkpointing", dims)}
         built = _lightest_model(runtime, method, settings)
         if built is None:  # no configuration of it trains at --max-steps (AdaLoRA at 1 step): its trials say why
             continue
         own, model = built
-        estimates = {opt: _analytic(runtime, model, TrialParams(method, own, {**settings, "optimizer": opt}))
-                     for opt in _dim_options("optimizer", dims)}
-        optimizer = min(estimates, key=lambda opt: estimates[opt].total)
-        params = TrialParams(method, own, {**settings, "optimizer": optimizer})
-        if positions_problem(runtime, params):  # cannot be traced, nor trained: its trials say why
-            continue
-        results.append((f"{method}, micro-batch {settings['micro_batch_size']}, {precision}, {optimizer}", params,
-                        estimates[optimizer]))
+        for precision in dict.fromkeys(_dim_options("precision", dims)):
+            at = {**settings, "precision": precision}
+            estimates = {opt: _analytic(runtime, model, TrialParams(method, own, {**at, "optimizer": opt}))
+                         for opt in _dim_options("optimizer", dims)}
+            optimizer = min(estimates, key=lambda opt: estimates[opt].total)
+            params = TrialParams(method, own, {**at, "optimizer": optimizer})
+            if positions_problem(runtime, params):  # cannot be traced, nor trained: its trials say why
+                break
+            results.append((f"{method}, micro-batch {at['micro_batch_size']}, {precision}, {optimizer}", params,
+                            estimates[optimizer]))
     return results
 
 

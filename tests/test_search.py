@@ -146,6 +146,24 @@ def test_a_budget_only_the_analytic_estimate_overstates_is_accepted(tmp_path: Pa
         search.check_budget_feasible(config(tmp_path, tiny_bert, memory_budget=fits - 1), runtime)
 
 
+def test_the_budget_check_tries_each_precision_the_space_offers(tmp_path: Path, tiny_bert: Path) -> None:
+    """It sized every space offering bf16 at bf16, whose CPU autocast keeps 16-bit copies of the weights: at
+    micro-batch 1 heavier than fp32, so a budget an fp32 configuration fits was refused."""
+    from autopeft import methods, search
+    from autopeft.space import load_space
+
+    (tmp_path / "space.yaml").write_text("method: lora\ntraining:\n  micro_batch_size: 1\n  precision: [fp32, bf16]\n")
+    settings = config(tmp_path, tiny_bert, memory_budget=2**40)
+    runtime = prepare_runtime(settings, load_space(settings.space))
+    lora = methods.get("lora").resolve({})
+    traced = {precision: search.traced_estimate(runtime, TrialParams("lora", lora, {
+        **search.params_defaults(), "micro_batch_size": 1, "precision": precision})).total for precision in ("fp32", "bf16")}
+    assert traced["bf16"] > traced["fp32"]  # the case
+    search.check_budget_feasible(config(tmp_path, tiny_bert, memory_budget=traced["fp32"]), runtime)
+    with pytest.raises(ConfigError, match=r"fits no configuration.*the lightest \(lora, micro-batch 1, fp32, "):
+        search.check_budget_feasible(config(tmp_path, tiny_bert, memory_budget=traced["fp32"] - 1), runtime)
+
+
 @pytest.mark.parametrize(("tokens", "micro_batch", "max_length"), [(20, 16, 32), (80, 64, 16)])
 def test_a_budget_only_the_analytic_estimate_understates_is_refused_up_front(
         tmp_path: Path, tiny_bert: Path, tokens: int, micro_batch: int, max_length: int) -> None:
