@@ -6,16 +6,17 @@ on its own it may only reject a configuration far above the budget: one it puts 
 measures above 1.1x. Every configuration that could fit is traced (one fake-tensor step: about a second on
 MiniLM), so no trial is admitted on the analytic figure. Three things keep rejections cheap (the issue's
 bar: under a second each):
-- a configuration that could be over the budget first gets quick estimates: its first one and two blocks
+- a configuration that could be over the budget first gets quick estimates: its first two and three blocks
   traced and grown to full depth (`memory.estimate_extrapolated`), the forward pass alone (a third of the
   operations; without gradient checkpointing about the whole peak), then forward and backward (compared
   with the full trace in experiments/memory/extrapolation.md); above the budget on either, it is rejected
   without the full trace;
 - a traced estimate is remembered per memory-relevant configuration: the learning rate, schedule and seed
   do not change memory, so a configuration that differs only in those is not traced again;
-- each trace calibrates the analytic estimate of its family (method, optimizer, precision, checkpointing):
-  the analytic error is mostly a property of the family, so a later configuration whose calibrated figure is
-  clearly above the budget (1.2x) is rejected without tracing.
+- each trace calibrates the analytic estimate of its family (the same method, memory settings and method
+  choices, differing in sizes such as the rank: `search.estimate_memory`): the analytic error is mostly a
+  property of the family, so a later configuration whose calibrated figure is clearly above the budget (1.2x)
+  is rejected without tracing.
 """
 
 from __future__ import annotations
@@ -85,4 +86,4 @@ class BudgetGate:
         return dataclasses.replace(
             analytic, activations=max(0, analytic.activations + extra), level="calibrated",
             notes=(*analytic.notes, (f"analytic x {ratio:.2f}, the ratio traced/analytic measured on a traced "
-                                    "configuration of the same method, optimizer, precision and checkpointing")))
+                                    "configuration of the same method, training settings and method choices")))

@@ -132,10 +132,10 @@ def test_traced_estimate_matches_measured_peak(tiny_models: dict[str, Path]) -> 
 
 @pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
 def test_extrapolating_from_two_blocks_matches_the_full_trace(tiny_models: dict[str, Path], family: str) -> None:
-    """The budget gate's quick estimates: traces of 1 and 2 blocks (forward and backward, or forward only),
-    grown to 5, against a trace of all 5."""
+    """The budget gate's quick estimates: traces of 2 and 3 blocks (forward and backward, or forward only),
+    grown to 8, against a trace of all 8."""
     config = copy.deepcopy(_base(tiny_models[family]).config)
-    config.num_hidden_layers = 5
+    config.num_hidden_layers = 8
     for method, params, training in [("lora", LORA, {"optimizer": "adamw"}),
                                      ("ia3", {"target_modules": "kv_ffn"}, {"optimizer": "sgd", "precision": "bf16"}),
                                      ("adapter", {}, {"optimizer": "adafactor", "gradient_checkpointing": True})]:
@@ -150,8 +150,24 @@ def test_extrapolating_from_two_blocks_matches_the_full_trace(tiny_models: dict[
         assert forward.level == "extrapolated-forward" and forward.total <= quick.total
         if not settings.gradient_checkpointing:
             assert abs(forward.total / full.total - 1) < 0.02, (method, forward.total, full.total)
-    config.num_hidden_layers = 3  # too shallow to save time: the full trace decides
+    config.num_hidden_layers = 5  # too shallow to save time: the full trace decides
     assert memory.estimate_extrapolated(config, "lora", LORA, settings, seq_len=48) is None
+
+
+def test_extrapolating_does_not_grow_the_first_blocks_peak() -> None:
+    """With one block, prompt tuning's peak holds one hidden state less than each further block adds: grown
+    from blocks 1 and 2 to 12, the quick estimate read 5.7% above the full trace, and the budget rejected
+    configurations that fit (its margin is 3%)."""
+    from transformers import BertConfig
+
+    config = BertConfig(num_labels=2, hidden_size=32, num_hidden_layers=12, num_attention_heads=2,
+                        intermediate_size=64, vocab_size=1000, attention_probs_dropout_prob=0.0)
+    settings = TrainSettings(learning_rate=1e-3, micro_batch_size=4, optimizer="sgd")
+    prompt = {"num_virtual_tokens": 20, "init": "random"}
+    full = memory.estimate_traced(config, "prompt", prompt, settings, seq_len=48).total
+    for through in ("forward", "backward"):
+        quick = memory.estimate_extrapolated(config, "prompt", prompt, settings, seq_len=48, through=through)
+        assert abs(quick.total / full - 1) < 0.005, (through, quick.total, full)
 
 
 @pytest.mark.parametrize(("family", "where"), [("bert", "meta device"), ("gpt2", "fake tensors"),
@@ -162,7 +178,7 @@ def test_quick_estimates_on_the_meta_device_read_as_on_fake_tensors(tiny_models:
     tensors where it cannot (GPT-2's classification head reads where the padding starts) or would differ
     (the tiny Llama's attention has no dropout: the CPU runs its fused kernel, the meta device has none)."""
     config = copy.deepcopy(_base(tiny_models[family]).config)
-    config.num_hidden_layers = 5
+    config.num_hidden_layers = 8
     settings = TrainSettings(learning_rate=1e-3, micro_batch_size=4, optimizer="adamw")
     for through in ("forward", "backward"):
         quick = memory.estimate_extrapolated(config, "lora", LORA, settings, seq_len=48, through=through)

@@ -146,6 +146,29 @@ def test_a_budget_only_the_analytic_estimate_overstates_is_accepted(tmp_path: Pa
         search.check_budget_feasible(config(tmp_path, tiny_bert, memory_budget=fits - 1), runtime)
 
 
+def test_a_trace_calibrates_only_configurations_of_the_same_shape(tmp_path: Path, tiny_bert: Path) -> None:
+    """LoRA on all linear layers with dropout at micro-batch 4 traces 1.11x its analytic figure, on q/v without
+    dropout at 64 0.92x: calibrated by the first, the second read 1.21x the budget its trace fits, and was
+    rejected untraced. Calibration now carries over only between configurations that differ in sizes."""
+    from autopeft import methods, search
+    from autopeft.space import load_space
+
+    settings = config(tmp_path, tiny_bert, memory_budget=2**40)
+    runtime = prepare_runtime(settings, load_space(settings.space))
+    lora = methods.get("lora").resolve({})
+
+    def lora_at(targets: str, batch: int, dropout: float) -> TrialParams:
+        return TrialParams("lora", {**lora, "target_modules": targets, "dropout": dropout},
+                           {**search.params_defaults(), "micro_batch_size": batch})
+
+    first, fits = lora_at("all_linear", 4, 0.1), lora_at("qv", 64, 0.0)
+    budget = search.traced_estimate(runtime, fits).total
+    runtime = prepare_runtime(config(tmp_path, tiny_bert, memory_budget=budget), load_space(settings.space))
+    search.estimate_memory(runtime, search.build_model(runtime, first), first)  # traced: calibrates its family
+    decided = search.estimate_memory(runtime, search.build_model(runtime, fits), fits)
+    assert decided.level == "traced" and decided.total <= budget
+
+
 def test_the_budget_check_tries_each_precision_the_space_offers(tmp_path: Path, tiny_bert: Path) -> None:
     """It sized every space offering bf16 at bf16, whose CPU autocast keeps 16-bit copies of the weights: at
     micro-batch 1 heavier than fp32, so a budget an fp32 configuration fits was refused."""

@@ -1,5 +1,5 @@
 """The traced level: the real training step on fake tensors (`estimate_traced`), and the quick estimate
-grown from one and two blocks that a budget rejects with (`estimate_extrapolated`)."""
+grown from two and three blocks that a budget rejects with (`estimate_extrapolated`)."""
 
 from __future__ import annotations
 
@@ -147,33 +147,35 @@ def estimate_extrapolated(model: Any, method: str, method_params: dict[str, Any]
                           dtype: torch.dtype = torch.float32, through: str = "backward",
                           meta: bool = True) -> MemoryEstimate | None:
     """A quick estimate for rejecting (within 2% of the traced one on the estimator benchmark, lower where
-    the full step peaks inside the optimizer step): forward and backward of the first one and
-    two blocks, grown to the model's L identical blocks. `through="forward"` traces the forward pass only,
+    the full step peaks inside the optimizer step): forward and backward of the first two and
+    three blocks, grown to the model's L identical blocks. `through="forward"` traces the forward pass only,
     at about a third of the operations: its peak is a lower bound of the step's.
 
     Within each phase (forward, backward), the bytes alive at that phase's peak grow by the same amount per
     block (each block adds its weights, gradients, optimizer state and the activations it keeps for
-    backward), so each part is `one + (L - 1) * (two - one)`; the estimate is the phase whose grown peak is
-    highest (with few blocks the peak may sit in another phase than with many). The optimizer state is
-    allocated at its exact size but the optimizer step is not traced: where the full trace peaks inside
-    that step, this is lower. Returns None where the full trace must decide: fewer than 4 blocks (nothing
-    to save), or a CUDA target (its caching-allocator replay is not additive). experiments/memory/
+    backward), so each part is `two + (L - 2) * (three - two)`; the estimate is the phase whose grown peak is
+    highest (with few blocks the peak may sit in another phase than with many). Not from one block: where a
+    method keeps a tensor of its own in each block (prompt tuning, (IA)^3, LoRA dropout), the peak with one
+    block holds one hidden state less than the steady growth, and growing from it read up to 8% high. The
+    optimizer state is allocated at its exact size but the optimizer step is not traced: where the full trace
+    peaks inside that step, this is lower. Returns None where the full trace must decide: fewer than 6 blocks
+    (nothing to save), or a CUDA target (its caching-allocator replay is not additive). experiments/memory/
     extrapolation.md compares it with the full trace on the estimator benchmark's configurations.
     `meta`: trace on the meta device where the step allows it (see `_quick_trace`), else on fake tensors.
     Other arguments as `estimate_traced`."""
     if through not in ("forward", "backward"):
         raise ValueError(f"through must be forward or backward, not {through!r}")
     blocks = getattr(_model_config(model), "num_hidden_layers", None)
-    if not isinstance(blocks, int) or blocks < 4 or torch.device(device).type != "cpu":
+    if not isinstance(blocks, int) or blocks < 6 or torch.device(device).type != "cpu":
         return None
     start = time.perf_counter()
-    (one, where), (two, _) = (_quick_trace(model, method, method_params, settings, seq_len=seq_len,
-                                           task_type=task_type, num_labels=num_labels, max_steps=max_steps,
-                                           dtype=dtype, layers=k, through=through, meta=meta) for k in (1, 2))
+    (two, where), (three, _) = (_quick_trace(model, method, method_params, settings, seq_len=seq_len,
+                                             task_type=task_type, num_labels=num_labels, max_steps=max_steps,
+                                             dtype=dtype, layers=k, through=through, meta=meta) for k in (2, 3))
     grown = []
-    for phase in one.phase_peaks.keys() & two.phase_peaks.keys():
-        a, b = one.at_tick(one.phase_peaks[phase]), two.at_tick(two.phase_peaks[phase])
-        parts = {tag: max(0, a.get(tag, 0) + (blocks - 1) * (b.get(tag, 0) - a.get(tag, 0)))
+    for phase in two.phase_peaks.keys() & three.phase_peaks.keys():
+        a, b = two.at_tick(two.phase_peaks[phase]), three.at_tick(three.phase_peaks[phase])
+        parts = {tag: max(0, a.get(tag, 0) + (blocks - 2) * (b.get(tag, 0) - a.get(tag, 0)))
                  for tag in a.keys() | b.keys()}
         grown.append((sum(parts.values()), phase, parts))
     _, phase, parts = max(grown, key=lambda found: found[0])
@@ -183,7 +185,7 @@ def estimate_extrapolated(model: Any, method: str, method_params: dict[str, Any]
         optimizer_state=parts.get(OPTIMIZER, 0), extras=parts.get(EXTRAS, 0), activations=parts.get(None, 0),
         level="extrapolated" if through == "backward" else "extrapolated-forward", device="cpu",
         peak_at=phase, seconds=time.perf_counter() - start,
-        notes=((f"{traced} traced on 1 and 2 of {blocks} blocks ({where}), each phase's peak grown linearly; "
+        notes=((f"{traced} traced on 2 and 3 of {blocks} blocks ({where}), each phase's peak grown linearly; "
                "the optimizer step is not traced"),))
 
 

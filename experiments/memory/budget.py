@@ -143,9 +143,9 @@ def render(r: dict) -> str:
              "warming the tracer up before the first trial (one-block forward and backward of each method at "
              "each micro-batch size, and once on the meta device)"), "",
              ("How a trial is decided (autopeft/budget.py): the analytic estimate rejects only above 1.5x the budget; "
-             "each trace calibrates the analytic estimate of its family (method, optimizer, precision, "
-             "checkpointing), which then rejects above 1.2x the budget; a configuration that could be over the "
-             "budget gets quick estimates of its first one and two blocks grown to full depth, first the forward "
+             "each trace calibrates the analytic estimate of its family (the same method, training settings and "
+             "method choices, other sizes), which then rejects above 1.2x the budget; a configuration that could be over the "
+             "budget gets quick estimates of its first two and three blocks grown to full depth, first the forward "
              "pass alone (extrapolated-forward), then forward and backward (extrapolated), each rejecting "
              "above 1.03x (traced on the meta device where it runs as on the CPU, else on fake tensors); anything else is traced in full; estimates are "
              "remembered per memory-relevant configuration. Admitted trials are always traced in full."), "",

@@ -1,10 +1,10 @@
-"""The extrapolated estimates (forward and backward, or the forward pass only, of 1 and 2 blocks, grown
+"""The extrapolated estimates (forward and backward, or the forward pass only, of 2 and 3 blocks, grown
 linearly) against the full trace.
 
 The budget gate uses `autopeft.memory.estimate_extrapolated` as a quick estimate to reject configurations
 before the full trace: the forward pass alone first, then forward and backward. This
 checks how close both come to `estimate_traced` on every configuration of the estimator benchmark whose
-model has at least 4 blocks (MiniLM, SmolLM2; the tiny models have 2 and are always traced in full), plus a
+model has at least 6 blocks (MiniLM, SmolLM2; the tiny models have 2 and are always traced in full), plus a
 Llama-2-7B configuration, and how much time they save. Writes extrapolation.json and extrapolation.md next
 to this file.
 
