@@ -72,8 +72,10 @@ def save(model: nn.Module, folder: Path) -> None:
     save_file(trainable, str(folder / WEIGHTS))
 
 
-def load(base: nn.Module, folder: Path) -> nn.Module:
-    """`base` (a fresh, unadapted model; it is modified) with the adapter saved in `folder`."""
+def load(base: nn.Module, folder: Path | str) -> nn.Module:
+    """`base` (a fresh, unadapted model; it is modified) with the adapter saved in `folder` (a path or its str, as
+    an export's README writes it)."""
+    folder = Path(folder)
     if (folder / OWN_CONFIG).is_file():
         from safetensors.torch import load_file
 

@@ -615,7 +615,8 @@ def export(
     with_weights: Annotated[bool, typer.Option(help="Also write the trained adapter weights (safetensors); retrained if the trial's were not kept.")] = False,
     force: Annotated[bool, typer.Option(help="Write into --out even if it is not empty.")] = False,
     confirm_seeds: Annotated[int, typer.Option(help="Train each of the rule's leading candidates this many more times with new seeds and export the one that leads on the means (a search's best run is usually a lucky one). Each costs one trial's training; 0 exports the rule's pick as is.")] = 0,
-    confirm_top: Annotated[int, typer.Option(help="How many of the rule's leading candidates --confirm-seeds retrains.")] = 3,
+    confirm_top: Annotated[int | None, typer.Option(help="How many of the rule's leading candidates --confirm-seeds retrains (default 3).", show_default=False)] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store --confirm-seeds logs its runs to (default: the store the search logged to, as the study recorded it).", show_default=False)] = None,
 ) -> None:
     """Write the chosen trial as files; its held-out test accuracy is computed here, once."""
     from autopeft.export import export_trial
@@ -624,7 +625,7 @@ def export(
     try:
         result = _guard(lambda: export_trial(study, storage, out, trial_number=trial, rule=select, tolerance=tolerance,
                                              with_weights=with_weights, force=force, confirm_seeds=confirm_seeds,
-                                             confirm_top=confirm_top))
+                                             confirm_top=confirm_top, tracking_uri=tracking_uri))
     except KeyboardInterrupt:
         err.print(f"interrupted: the export to {out} did not finish; an earlier export's files there are replaced "
                   "only once the new ones are ready")
@@ -856,7 +857,7 @@ def report(
 ) -> None:
     """Write a self-contained HTML report and PNG plots of a study, and log them to its MLflow parent run."""
     from autopeft.export import create_out, load_existing_study, require_search_study, rule_settings
-    from autopeft.report import write_report
+    from autopeft.report import check_report_out, write_report
 
     found = _guard(lambda: load_existing_study(study, storage))
     _guard(lambda: require_search_study(found, needs_config=False))  # a plain Optuna study with two objectives is drawn
@@ -868,6 +869,7 @@ def report(
     tracking_uri = tracking_uri or (logged_to if logged_to and "***@" not in logged_to else "sqlite:///mlflow.db")
     if parent:
         parent = _parent_run(tracking_uri, parent, logged_to)
+    _guard(lambda: check_report_out(out))
     _guard(lambda: create_out(out))
     paths = write_report(found, out, rule=rule, tolerance=tolerance_used)
     if parent:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -24,9 +25,17 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from autopeft import adapter_io, methods, noise
-from autopeft.config import DEFAULT_SPACE, SearchConfig, format_bytes, redact_url
+from autopeft.config import (
+    DEFAULT_SPACE,
+    SearchConfig,
+    format_bytes,
+    missing_sqlite_file,
+    redact_url,
+    sqlite_without_mlflow,
+    tracking_uri_problem,
+)
 from autopeft.confirm import Confirmation, confirm
-from autopeft.errors import ConfigError, StudyError, first_line
+from autopeft.errors import ConfigError, DataError, ModelError, StudyError, first_line
 from autopeft.models import family, resolve_model_path
 from autopeft.recipe import write_recipe
 from autopeft.space import TrialParams
@@ -293,16 +302,16 @@ def held_out_accuracy(study: optuna.Study, trial: optuna.trial.FrozenTrial, runt
 
 def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int | None = None,
                  rule: str | None = None, tolerance: float | None = None, with_weights: bool = False,
-                 force: bool = False, confirm_seeds: int = 0, confirm_top: int = 3) -> ExportResult:
+                 force: bool = False, confirm_seeds: int = 0, confirm_top: int | None = None,
+                 tracking_uri: str | None = None) -> ExportResult:
     """Export the trial `rule` picks (or `trial_number`). With `confirm_seeds`, the rule's `confirm_top` leading
-    candidates each train that many more times first, and the one that leads on its runs' means is exported."""
-    if confirm_seeds < 0:
-        raise ConfigError([f"--confirm-seeds: {confirm_seeds} must be 0 or more (new-seed runs per candidate)"])
-    if confirm_top < 1:
-        raise ConfigError([f"--confirm-top: {confirm_top} must be at least 1 (candidates to retrain)"])
+    candidates (default 3) each train that many more times first, logged to `tracking_uri` (default: the store
+    the search recorded), and the one that leads on its runs' means is exported."""
+    _check_confirmation_options(confirm_seeds, confirm_top, tracking_uri, trial_number)
     study = load_existing_study(study_name, storage)
     require_search_study(study, needs_config=True)
     rule, tolerance = rule_settings(study, rule, tolerance, trial_number)
+    store = confirmation_store(study, tracking_uri) if confirm_seeds else None
     ranked = Candidates([find_trial(study, trial_number)], accuracy_first) if trial_number is not None else \
         candidates(study, rule, tolerance)
     # The study carries its space; the file it was read from (perhaps relative to another folder) is not needed.
@@ -312,15 +321,19 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
 
     # Base model and data once, for a retrain and the test score alike; with the study's space, which sets
     # the base model's evaluation batches under a memory budget when its probe scores are not cached here.
-    runtime = prepare_runtime(config, recorded_space(study))
+    try:
+        runtime = prepare_runtime(config, recorded_space(study))
+    except (DataError, ModelError) as exc:
+        raise type(exc)(_in_study_terms(study_name, str(exc))) from None
     check_same_data(study, runtime.task)
     with out_removed_if_unfinished(out):
         trial, confirmations = ranked.trials[0], []
         if confirm_seeds:
             from autopeft.tracking import Tracker  # mlflow: only when there are runs to log
 
-            tracker = Tracker(config.tracking_uri)
-            confirmations = [confirm(study, t, runtime, confirm_seeds, tracker) for t in ranked.trials[:confirm_top]]
+            tracker = Tracker(store)
+            confirmations = [confirm(study, t, runtime, confirm_seeds, tracker)
+                             for t in ranked.trials[:confirm_top or DEFAULT_CONFIRM_TOP]]
             trial = find_trial(study, _leader(confirmations, ranked.order).trial_number)
         pick_lead = lead_of(study, ranked) if trial_number is None and not confirmations else None
         if Path(trial.user_attrs.get("adapter_dir", "")).resolve() == out.resolve():  # --force would delete it first
@@ -358,6 +371,50 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out / "README.md").write_text(model_card(config, trial, params, metrics))
         return ExportResult(trial, out, score, files, retrained, confirmations, pick_lead, warning)
+
+
+def _in_study_terms(study_name: str, problem: str) -> str:
+    """A problem with the model or data the study recorded, worded as such: export has no --model or --task."""
+    return re.sub(r"^--(model|task|ood-task): ", lambda found: (
+        f"study {study_name!r}'s {found.group(1).replace('-', ' ')} (as its search recorded it; export reads it "
+        "from there): "), problem)
+
+
+DEFAULT_CONFIRM_TOP = 3  # candidates --confirm-seeds retrains
+
+
+def _check_confirmation_options(seeds: int, top: int | None, tracking_uri: str | None, trial: int | None) -> None:
+    """--confirm-seeds' companions, refused where they would be ignored."""
+    if seeds < 0:
+        raise ConfigError([f"--confirm-seeds: {seeds} must be 0 or more (new-seed runs per candidate)"])
+    if top is not None and top < 1:
+        raise ConfigError([f"--confirm-top: {top} must be at least 1 (candidates to retrain)"])
+    for option, given in (("--confirm-top", top), ("--tracking-uri", tracking_uri)):
+        if given is not None and not seeds:
+            raise ConfigError([f"{option}: applies with --confirm-seeds only (leave it out, or add --confirm-seeds N)"])
+    if top is not None and trial is not None:
+        raise ConfigError([(f"--confirm-top: --trial {trial} is the one candidate --confirm-seeds retrains; leave "
+                           "--confirm-top out")])
+
+
+def confirmation_store(study: optuna.Study, given: str | None) -> str:
+    """The MLflow store --confirm-seeds logs to: --tracking-uri, else the one the search recorded. Refused before
+    anything trains when it cannot be written: MLflow created a missing sqlite file (and its folder) and the
+    confirmation's metrics were logged nowhere, without a word."""
+    logged_to = study.user_attrs.get("config", {}).get("tracking_uri")
+    if given is None and logged_to and "***@" in logged_to:
+        raise ConfigError([(f"--tracking-uri: the study recorded its MLflow store without its password "
+                           f"({logged_to}); give it again as --tracking-uri")])
+    uri = given or logged_to or "sqlite:///mlflow.db"
+    hint = "" if given else " (where the search logged; pass the store's new place as --tracking-uri)"
+    problem = tracking_uri_problem(uri, "--tracking-uri")
+    if problem is None and missing_sqlite_file(uri):
+        problem = f"--tracking-uri: no MLflow store at {uri}{hint}"
+    if problem is None and sqlite_without_mlflow(uri):
+        problem = f"--tracking-uri: {sqlite_without_mlflow(uri)} is not an MLflow store (it holds no MLflow tables){hint}"
+    if problem:
+        raise ConfigError([problem])
+    return uri
 
 
 def rule_settings(study: optuna.Study, rule: str | None, tolerance: float | None,

@@ -74,7 +74,8 @@ def resolve_model_path(model: str) -> str:
         return _packaged_path(model.removeprefix("packaged:"))
     looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
     if looks_local and not Path(model).expanduser().is_dir():
-        raise ModelError(f"--model: {model} does not exist (expected a model folder, a hub id or packaged:<name>)")
+        state = "is a file, not a folder" if Path(model).expanduser().exists() else "does not exist"
+        raise ModelError(f"--model: {model} {state} (expected a model folder, a hub id or packaged:<name>)")
     return str(Path(model).expanduser().resolve()) if looks_local else model
 
 

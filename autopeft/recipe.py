@@ -185,6 +185,14 @@ def read_recipe(path: Path, **overrides: Any) -> tuple[SearchConfig, TrialParams
     except ConfigError as exc:  # the recipe's own values are named by their keys in the file, not as options
         given = {k for k, v in overrides.items() if v is not None}
         raise ConfigError([in_recipe_terms(path, problem, frozenset(given)) for problem in exc.problems]) from None
-    training = {k: data.get(k, spec.default) for k, spec in TRAINING_PARAMS.items()}
-    params = TrialParams(data["method"], methods.get(data["method"]).resolve(data["method_params"]), training)
+    training = {k: _as_declared(spec, data.get(k, spec.default)) for k, spec in TRAINING_PARAMS.items()}
+    method = methods.get(data["method"])
+    own = {k: _as_declared(method.params[k], v) if k in method.params else v for k, v in data["method_params"].items()}
+    params = TrialParams(data["method"], method.resolve(own), training)
     return config, params, int(data["seed"])
+
+
+def _as_declared(spec: Any, value: Any) -> Any:
+    """An integer written as a float (`micro_batch_size: 8.0`, allowed by the check) as the int it is: a float
+    batch size stopped training with a TypeError."""
+    return int(value) if spec.kind == "int" and isinstance(value, float) else value

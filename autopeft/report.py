@@ -20,6 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autopeft.config import format_bytes
+from autopeft.errors import ConfigError
 from autopeft.study import (
     default_rule,
     forgetting_weight,
@@ -597,6 +598,18 @@ def _page(study: optuna.Study, chosen: FrozenTrial | None, lead: Lead | None, wh
     ])
 
 
+REPORT_FILES = ("pareto.png", "history.png", "importance.png", "accuracy_vs_memory.png", "report.html")
+
+
+def check_report_out(out: Path) -> None:
+    """Refuse, before anything is drawn, an --out where one of the report's files is a folder (a traceback came
+    after the plots were written)."""
+    folders = [name for name in REPORT_FILES if (Path(out) / name).is_dir()]
+    if folders:
+        raise ConfigError([(f"--out: {Path(out) / folders[0]} is a folder where the report writes a file; move it or "
+                           "choose another --out")])
+
+
 def write_report(study: optuna.Study, out: Path, *, rule: str | None = None,
                  tolerance: float = DEFAULT_TOLERANCE) -> list[Path]:
     """Write the four plots and report.html into `out`; return their paths (plots first, page last). The
@@ -605,7 +618,7 @@ def write_report(study: optuna.Study, out: Path, *, rule: str | None = None,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     chosen, lead, why_none = _chosen(study, rule, tolerance)
-    draws: dict[str, Callable[[Path], Path]] = {
+    draws: dict[str, Callable[[Path], Path]] = {  # REPORT_FILES, less the page
         "pareto.png": lambda p: plot_pareto(study, p, chosen, rule),
         "history.png": lambda p: plot_history(study, p),
         "importance.png": lambda p: plot_importance(study, p),

@@ -10,7 +10,7 @@ from autopeft.config import tracking_store_problem
 from autopeft.errors import ConfigError, DataError, ModelError
 from autopeft.export import check_out, out_removed_if_unfinished
 from autopeft.recipe import in_recipe_terms, read_recipe, split_changes
-from autopeft.search import TrialOutcome, failure, prepare_runtime, run_trial
+from autopeft.search import TrialOutcome, failure, positions_problem, prepare_runtime, run_trial
 from autopeft.tracking import Tracker
 
 
@@ -44,6 +44,9 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
         raise type(exc)(in_recipe_terms(recipe, str(exc))) from None
     except ConfigError as exc:
         raise ConfigError([in_recipe_terms(recipe, problem) for problem in exc.problems]) from None
+    problem = positions_problem(runtime, params)  # known before training: bad input, not a failed run
+    if problem:
+        raise ConfigError([in_recipe_terms(recipe, f"method_params: {problem}")])
     changed = split_changes(recipe, runtime.split_fingerprints)
     warning = (f"the {', '.join(changed)} rows differ from those {recipe}'s trial was trained and scored on (the "
                "data changed): this run's scores are not comparable with the trial's") if changed else None

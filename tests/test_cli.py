@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -620,6 +621,14 @@ OTHER_BAD_INPUTS = [
     (["estimate", "--config", "export/training.yaml", "--seq-len", "1000"],  # a traceback from the tracer before
      "--seq-len: 1000 tokens exceed"),
     (["estimate", "--model", "nobody/no-such-model"], "--model: cannot load 'nobody/no-such-model'"),
+    # Ignored before: --confirm-top without --confirm-seeds, or beside --trial.
+    (["export", "--out", "x", "--confirm-top", "5"], "--confirm-top: applies with --confirm-seeds only"),
+    (["export", "--out", "x", "--trial", "0", "--confirm-seeds", "1", "--confirm-top", "2"],
+     "--confirm-top: --trial 0 is the one candidate --confirm-seeds retrains"),
+    (["export", "--out", "x", "--tracking-uri", "sqlite:///mlflow.db"], "--tracking-uri: applies with --confirm-seeds only"),
+    # MLflow created the missing store and the confirmation's metrics went nowhere, exit 0.
+    (["export", "--out", "x", "--confirm-seeds", "1", "--tracking-uri", "sqlite:///moved.db"],
+     "--tracking-uri: no MLflow store at sqlite:///moved.db"),
 ]
 
 
@@ -708,6 +717,42 @@ def test_a_recipe_with_a_bad_training_value_is_refused_before_training(exported:
         assert done.returncode == 2 and f"edited.yaml: {message}" in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.yaml"]
+
+
+def test_a_recipe_whose_prompt_runs_off_the_positions_is_refused_before_its_run(exported: Path, tmp_path: Path) -> None:
+    """500 virtual tokens on a 128-position model failed as 'training failed' (exit 1), leaving a FAILED MLflow run."""
+    import yaml
+
+    recipe = yaml.safe_load((exported / "export" / "training.yaml").read_text())
+    recipe.update(method="prompt", method_params={"num_virtual_tokens": 500, "init": "random"})
+    (tmp_path / "edited.yaml").write_text(yaml.safe_dump(recipe))
+    done = autopeft_here("train", "--config", "edited.yaml", "--out", "t", cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "edited.yaml: method_params: prompt: 500 virtual tokens + the longest input's" in done.stderr
+    assert "num_virtual_tokens " in done.stderr and "--max-length" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.yaml"]  # no run, no store, no folder
+
+
+def test_a_report_whose_page_would_overwrite_a_folder_is_refused_before_drawing(exported: Path, tmp_path: Path) -> None:
+    """report.html a folder in --out: a traceback after the four plots were written."""
+    (tmp_path / "r" / "report.html").mkdir(parents=True)
+    done = autopeft_here("report", "--out", str(tmp_path / "r"), cwd=exported)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "report.html is a folder where the report writes a file" in done.stderr
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["report.html"]
+
+
+def test_export_names_the_studys_model_when_it_has_moved(tmp_path: Path, tiny_bert: Path,
+                                                           tiny_search_args: list[str]) -> None:
+    """It named --model, an option export does not have."""
+    shutil.copytree(tiny_bert, tmp_path / "m")
+    args = [a if a != str(tiny_bert) else "m" for a in tiny_search_args]
+    assert autopeft_here("search", "--trials", "1", *args, cwd=tmp_path).returncode == 0
+    (tmp_path / "m").rename(tmp_path / "moved")
+    done = autopeft_here("export", "--out", "e", cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "study 'default''s model (as its search recorded it; export reads it from there): " in done.stderr
+    assert "--model" not in done.stderr and not (tmp_path / "e").exists()
 
 
 def test_export_with_force_removes_an_earlier_exports_files_and_keeps_the_users(exported: Path) -> None:

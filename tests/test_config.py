@@ -87,6 +87,23 @@ def test_a_recipe_refuses_unknown_keys_and_wrong_values_naming_its_file_and_key(
     assert message in info.value.problems[0]
 
 
+def test_a_recipes_whole_numbers_written_as_floats_are_read_as_integers(tmp_path: Path) -> None:
+    """`micro_batch_size: 8.0` passed the check and stopped train and estimate with a TypeError."""
+    from autopeft import methods
+    from autopeft.recipe import read_recipe, write_recipe
+    from autopeft.space import TRAINING_PARAMS, TrialParams
+
+    path = tmp_path / "training.yaml"
+    training = {k: spec.default for k, spec in TRAINING_PARAMS.items()}
+    write_recipe(path, SearchConfig(model="m", max_steps=3), TrialParams("lora", methods.get("lora").resolve({}), training), 3)
+    text = path.read_text().replace("\nmicro_batch_size: 16", "\nmicro_batch_size: 16.0", 1)
+    path.write_text(text.replace("\ngrad_accum_steps: 1", "\ngrad_accum_steps: 1.0", 1).replace("  r: 8", "  r: 8.0", 1))
+    _, params, _ = read_recipe(path)
+    for value in (params.training["micro_batch_size"], params.training["grad_accum_steps"], params.method_params["r"]):
+        assert type(value) is int
+    assert (params.training["micro_batch_size"], params.method_params["r"]) == (16, 8)
+
+
 def test_an_ood_sets_columns_are_checked_only_where_an_ood_option_names_one() -> None:
     SearchConfig(ood_task="ood.csv")  # the task's columns, already checked as the task's
     with pytest.raises(ConfigError) as info:

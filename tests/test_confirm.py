@@ -67,3 +67,19 @@ def test_a_configuration_that_fails_on_a_seed_is_passed_over(monkeypatch: pytest
     confirmed = [confirm(study, t, runtime=None, count=1) for t in study.trials]  # type: ignore[arg-type]
     assert confirmed[0].failures == (f"seed {extra_seeds(0, 1)[0]}: loss became NaN at step 12",)
     assert _leader(confirmed, accuracy_first).trial_number == 1
+
+
+def test_confirmation_runs_are_logged_to_a_store_that_exists(tmp_path) -> None:
+    """The recorded store moved: MLflow created an empty one (and its folder) at the old path, and the
+    confirmation's metrics were logged nowhere, exit 0. A store written without its password is asked for."""
+    from autopeft.errors import ConfigError
+    from autopeft.export import confirmation_store
+
+    moved = SimpleNamespace(user_attrs={"config": {"tracking_uri": f"sqlite:///{tmp_path}/gone/mlflow.db"}})
+    with pytest.raises(ConfigError, match=r"no MLflow store at .*gone/mlflow.db \(where the search logged; pass"):
+        confirmation_store(moved, None)
+    assert not (tmp_path / "gone").exists()
+    redacted = SimpleNamespace(user_attrs={"config": {"tracking_uri": "http://me:***@127.0.0.1:5000"}})
+    with pytest.raises(ConfigError, match="without its password"):
+        confirmation_store(redacted, None)
+    assert confirmation_store(redacted, "http://me:pw@127.0.0.1:5000") == "http://me:pw@127.0.0.1:5000"

@@ -62,3 +62,15 @@ def test_a_model_that_fails_to_load_is_refused_in_one_line_whatever_its_error_sa
     with pytest.raises(ModelError) as refused:
         load_classifier(str(tiny_bert), 2, seed=0)
     assert str(refused.value) == f"--model: cannot load {str(tiny_bert)!r}: {reason}"
+
+
+def test_a_model_path_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
+    """A file given as the model was reported as not existing."""
+    from autopeft.errors import ModelError
+    from autopeft.models import resolve_model_path
+
+    (tmp_path / "data.csv").write_text("text,label\n")
+    with pytest.raises(ModelError, match=r"data.csv is a file, not a folder \(expected a model folder"):
+        resolve_model_path(str(tmp_path / "data.csv"))
+    with pytest.raises(ModelError, match=r"missing does not exist \(expected a model folder"):
+        resolve_model_path(str(tmp_path / "missing"))

@@ -58,7 +58,7 @@ def run_seed(seed: int, smoke_model: str | None) -> dict:
     for arm, extra in (("plain", 0), ("confirmed", CONFIRM_SEEDS)):
         began = time.perf_counter()
         exported = export_trial(config.study, config.storage, folder / arm, rule=RULE, confirm_seeds=extra,
-                                confirm_top=CONFIRM_TOP)
+                                confirm_top=CONFIRM_TOP if extra else None)
         seconds[arm] = time.perf_counter() - began
         picks[arm] = {"trial": exported.trial.number, "own_test_accuracy": exported.test_accuracy,
                       "confirmation": [c.as_dict() for c in exported.confirmations]}
