@@ -729,6 +729,10 @@ def estimate(
         _guard(functools.partial(_check_decoder, base, kind))
         own = ", ".join(f"{k}={v}" for k, v in params.method_params.items())
         _guard(functools.partial(_check_positions, base, tokens))  # the row alone: one line, whatever the method
+        unsupported = _method_problem(base, params.method)
+        if unsupported:  # as the search leaves it out (prefix tuning on flex attention, say)
+            unbuildable.append(f"{config or space or DEFAULT_SPACE}: {unsupported}")
+            continue
         try:
             _check_positions(base, tokens, _virtual_tokens(params))
             settings, result = _guard(functools.partial(_estimate_one, memory.estimate_traced, base, params, kind,
@@ -802,6 +806,15 @@ def _meta_model_at(folder: str, fingerprint: str) -> Any:
 
     with torch.device("meta"):
         return AutoModel.from_config(model_config)
+
+
+def _method_problem(base: str, method: str) -> str | None:
+    """Why `method` cannot apply to the model, as the search checks it; None also when its config cannot be read
+    here (the estimate then says what it finds)."""
+    from autopeft import methods
+
+    model = _meta_model(base)
+    return None if model is None else methods.get(method).problem(model)
 
 
 def _check_decoder(base: str, kind: str) -> None:

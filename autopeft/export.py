@@ -376,8 +376,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
 def _in_study_terms(study_name: str, problem: str) -> str:
     """A problem with the model or data the study recorded, worded as such: export has no --model or --task."""
     return re.sub(r"^--(model|task|ood-task): ", lambda found: (
-        f"study {study_name!r}'s {found.group(1).replace('-', ' ')} (as its search recorded it; export reads it "
-        "from there): "), problem)
+        f"the {found.group(1).replace('-', ' ')} study {study_name!r} recorded (export reads it from there): "), problem)
 
 
 DEFAULT_CONFIRM_TOP = 3  # candidates --confirm-seeds retrains

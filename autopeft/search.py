@@ -323,7 +323,8 @@ def estimate_memory(runtime: Runtime, model: nn.Module, params: TrialParams) -> 
         return traced_estimate(runtime, params) if "memory" in runtime.config.objectives else analytic
     memory_settings = tuple(getattr(settings, name) for name in MEMORY_SETTINGS)
     key = (params.method, repr(sorted(params.method_params.items())), memory_settings, seq_len)
-    family = (params.method, memory_settings, _memory_shape(params))
+    family = (params.method, tuple(v == 0 if isinstance(v, float) else v for v in memory_settings),
+              _memory_shape(params))  # a searched clipping norm or momentum would part every configuration
     args = (runtime.base_model, params.method, params.method_params, settings)
     return runtime.budget_gate.decide(
         analytic, runtime.config.memory_budget, key, family,

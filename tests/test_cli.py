@@ -751,7 +751,7 @@ def test_export_names_the_studys_model_when_it_has_moved(tmp_path: Path, tiny_be
     (tmp_path / "m").rename(tmp_path / "moved")
     done = autopeft_here("export", "--out", "e", cwd=tmp_path)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert "study 'default''s model (as its search recorded it; export reads it from there): " in done.stderr
+    assert "the model study 'default' recorded (export reads it from there): " in done.stderr
     assert "--model" not in done.stderr and not (tmp_path / "e").exists()
 
 
@@ -970,6 +970,18 @@ def test_estimate_names_a_space_whose_fixed_value_breaks_a_searched_default(tmp_
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "ada.yaml: adalora(init_r=12, target_r=12" in done.stderr
     assert "cannot be built: adalora: target_r (12) must be below init_r (12)" in done.stderr
+
+
+def test_estimate_names_a_method_the_model_does_not_support(tmp_path: Path, tiny_bert: Path) -> None:
+    """Prefix tuning on flex attention, which the search leaves out: a traceback from the tracer before."""
+    shutil.copytree(tiny_bert, tmp_path / "flex")
+    config = json.loads((tmp_path / "flex" / "config.json").read_text())
+    (tmp_path / "flex" / "config.json").write_text(json.dumps({**config, "_attn_implementation": "flex_attention"}))
+    (tmp_path / "prefix.yaml").write_text("method: prefix\n")
+    done = autopeft_here("estimate", "--model", "flex", "--space", "prefix.yaml", "--seq-len", "16", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        ("error: prefix.yaml: prefix supports eager and sdpa attention, not 'flex_attention' (load the model with "
+        "attn_implementation='sdpa')")], done.stderr
 
 
 def test_estimate_of_a_space_goes_on_past_a_method_it_cannot_build(tmp_path: Path, tiny_bert: Path) -> None:

@@ -107,6 +107,14 @@ def test_adaloras_importance_scores_are_in_its_estimate_and_its_measured_peak(ti
     assert measured - plain >= 3 * adapter_bytes
     estimate = memory.estimate_traced(base, "adalora", params, settings, seq_len=16, max_steps=10)
     assert abs(estimate.total / measured - 1) < 0.01 and estimate.extras >= 3 * adapter_bytes
+    # The budget gate's quick estimates count them too: without, they read 5-8% under the full trace.
+    config = copy.deepcopy(base.config)
+    config.num_hidden_layers = 6
+    full = memory.estimate_traced(config, "adalora", params, settings, seq_len=16, max_steps=10).total
+    for through in ("forward", "backward"):
+        quick = memory.estimate_extrapolated(config, "adalora", params, settings, seq_len=16, max_steps=10,
+                                             through=through)
+        assert abs(quick.total / full - 1) < 0.01, (through, quick.total, full)
 
 
 # (model family, method, its parameters, training settings): the three configurations of the issue.

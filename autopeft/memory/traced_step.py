@@ -108,8 +108,8 @@ def _run_traced_steps(model: nn.Module, work: _Workload, device: torch.device, t
     """`autopeft.train.fit`'s loop on `model` (fake tensors) in steady state, under `tracker`. `foreach`:
     the optimizer takes its multi-tensor path, as torch chooses for real CUDA tensors. `through`: the last
     phase traced. Short of "optimizer", the optimizer state is allocated at its exact size and the step is
-    not run (its own temporaries are left out: a lower bound, at a fraction of the operations), nor the
-    method's `after_step`; "forward" stops before the backward pass."""
+    not run (its own temporaries are left out: a lower bound, at a fraction of the operations); "forward"
+    stops before the backward pass. The method's `after_step` runs either way, so what it keeps is counted."""
     from autopeft.train import _enable_checkpointing, classification_loss
 
     settings = work.settings
@@ -166,12 +166,18 @@ def _steady_optimizer_state(optimizer: torch.optim.Optimizer, scaler: torch.amp.
                             params: list[nn.Parameter], settings: Any, device: torch.device,
                             optimizer_step: bool, bookkeeping: Callable[[], None]) -> list[torch.Tensor]:
     """The optimizer state a first step leaves, made up front (tracing two full steps would cost twice the
-    time): by a step on zero gradients, followed by the method's bookkeeping, or, when the step is not
-    traced, allocated at its exact analytic size (tested against the real optimizers)."""
+    time): by a step on zero gradients, or, when the step is not traced, allocated at its exact analytic size
+    (tested against the real optimizers); then the method's bookkeeping, on zero gradients."""
     if not optimizer_step:
         momentum_free = settings.optimizer == "sgd" and not settings.momentum
-        return [torch.empty(0 if momentum_free else _param_state_bytes(p, settings.optimizer),
-                            dtype=torch.uint8, device=device) for p in params]
+        state = [torch.empty(0 if momentum_free else _param_state_bytes(p, settings.optimizer),
+                             dtype=torch.uint8, device=device) for p in params]
+        for param in params:  # the method's bookkeeping reads gradients: zeros stand in, dropped after it
+            param.grad = torch.zeros_like(param)
+        bookkeeping()
+        for param in params:
+            param.grad = None
+        return state
     for param in params:
         param.grad = torch.zeros_like(param)
     _traced_optimizer_step(optimizer, scaler, params, settings.max_grad_norm)
