@@ -28,12 +28,11 @@ from autopeft.config import (
     DEFAULT_SPACE,
     DEFAULT_TASK,
     SearchConfig,
+    existing_mlflow_store_problem,
     format_bytes,
-    missing_sqlite_file,
     parse_memory,
     redact_url,
     sqlite_file,
-    sqlite_without_mlflow,
     tracking_store_problem,
     tracking_uri_problem,
 )
@@ -701,7 +700,6 @@ def estimate(
     """Predict the peak training memory of a configuration, or of each method of a space, without training.
 
     The step is traced on fake tensors, so it works for models far too large for this machine."""
-    from autopeft import memory
     from autopeft.recipe import read_recipe
     from autopeft.space import TrialParams, load_space
 
@@ -724,6 +722,7 @@ def estimate(
         return [(model or DEFAULT_MODEL, loaded.fixed_params(name), task_type or "classification", seq_len or 128,
                  None) for name in loaded.method_names()]
 
+    source = config or space or DEFAULT_SPACE
     unbuildable = []  # a space's methods are each estimated; those that cannot be are named after the others
     for base, params, kind, tokens, steps in _guard(configurations):
         _guard(functools.partial(_check_decoder, base, kind))
@@ -731,18 +730,17 @@ def estimate(
         _guard(functools.partial(_check_positions, base, tokens))  # the row alone: one line, whatever the method
         unsupported = _method_problem(base, params.method)
         if unsupported:  # as the search leaves it out (prefix tuning on flex attention, say)
-            unbuildable.append(f"{config or space or DEFAULT_SPACE}: {unsupported}")
+            unbuildable.append(f"{source}: {unsupported}")
             continue
         try:
             _check_positions(base, tokens, _virtual_tokens(params))
-            settings, result = _guard(functools.partial(_estimate_one, memory.estimate_traced, base, params, kind,
-                                                        tokens, steps, device))
+            settings, result = _guard(functools.partial(_estimate_one, base, params, kind, tokens, steps, device))
         except ConfigError as exc:  # prompt tuning's virtual tokens past the positions: the other methods may fit
-            unbuildable.append(f"{config or space or DEFAULT_SPACE}: {params.method}({own}): {first_line(exc)}")
+            unbuildable.append(f"{source}: {params.method}({own}): {first_line(exc)}")
             continue
         except TrialFailed as exc:  # e.g. a space's fixed value against another's default (AdaLoRA's ranks)
             at = "" if config is not None else " (the space's searched values at their defaults)"
-            unbuildable.append(f"{config or space or DEFAULT_SPACE}: {params.method}({own}){at} cannot be built: {exc}")
+            unbuildable.append(f"{source}: {params.method}({own}){at} cannot be built: {exc}")
             continue
         console.print(f"[bold]{params.method}[/bold]({own}) on {base} ({kind}): micro-batch {settings.micro_batch_size} x "
                       f"{tokens} tokens, {settings.optimizer}, {settings.precision}"
@@ -752,16 +750,16 @@ def estimate(
         _fail(*unbuildable)
 
 
-def _estimate_one(trace: Callable[..., Any], base: str, params: Any, kind: str, tokens: int, steps: int | None,
-                  device: str) -> tuple[Any, Any]:
+def _estimate_one(base: str, params: Any, kind: str, tokens: int, steps: int | None, device: str) -> tuple[Any, Any]:
     """The training settings of one configuration and its traced peak, as the search and export traced it."""
+    from autopeft import memory
     from autopeft.train import TrainSettings
 
     known = TrainSettings.__dataclass_fields__
     settings = TrainSettings(**{k: v for k, v in params.training.items() if k in known})
     peft_task = "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS"
-    return settings, trace(base, params.method, params.method_params, settings, seq_len=tokens, device=device,
-                           task_type=peft_task, max_steps=steps)
+    return settings, memory.estimate_traced(base, params.method, params.method_params, settings, seq_len=tokens,
+                                            device=device, task_type=peft_task, max_steps=steps)
 
 
 def _model_key(base: str) -> tuple[str, str]:
@@ -895,17 +893,10 @@ def report(
 
 
 def _fail_unless_mlflow_store(uri: str, option: str, hint: str = "") -> None:
-    """Refuse, before MLflow connects, a store a reading command cannot read: MLflow creates a missing sqlite file,
-    writes its tables into another program's database (the study's own autopeft.db, say), and raises a traceback
-    for a scheme it has no store for."""
-    problem = tracking_uri_problem(uri, option)
+    """Refuse, before MLflow connects, a store a reading command cannot read (config.existing_mlflow_store_problem)."""
+    problem = existing_mlflow_store_problem(uri, option, hint)
     if problem:
         _fail(problem)
-    if missing_sqlite_file(uri):
-        _fail(f"{option}: no MLflow store at {uri}{hint}")
-    foreign = sqlite_without_mlflow(uri)
-    if foreign:
-        _fail(f"{option}: {foreign} is not an MLflow store (it holds no MLflow tables){hint}")
 
 
 def _parent_run(tracking_uri: str, parent: str, logged_to: str | None) -> str:

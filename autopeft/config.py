@@ -134,6 +134,19 @@ def tracking_store_problem(uri: str, option: str = "--tracking-uri", storage: st
     return f"{option}: {foreign} is not an MLflow store (it holds another program's tables)" if foreign else None
 
 
+def existing_mlflow_store_problem(uri: str, option: str = "--tracking-uri", hint: str = "") -> str | None:
+    """Why a command that reads (or adds to) an existing MLflow store cannot use `uri`, before MLflow connects:
+    MLflow creates a missing sqlite file, writes its tables into another program's database (the study's own
+    autopeft.db, say), and raises a traceback for a scheme it has no store for. `hint` ends the file problems."""
+    problem = tracking_uri_problem(uri, option)
+    if problem:
+        return problem
+    if missing_sqlite_file(uri):
+        return f"{option}: no MLflow store at {uri}{hint}"
+    foreign = sqlite_without_mlflow(uri)
+    return f"{option}: {foreign} is not an MLflow store (it holds no MLflow tables){hint}" if foreign else None
+
+
 def tracking_uri_problem(uri: str, option: str = "--tracking-uri") -> str | None:
     if uri.split(":", 1)[0].split("+", 1)[0].lower() in TRACKING_SCHEMES:
         return None

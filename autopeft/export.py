@@ -28,11 +28,9 @@ from autopeft import adapter_io, methods, noise
 from autopeft.config import (
     DEFAULT_SPACE,
     SearchConfig,
+    existing_mlflow_store_problem,
     format_bytes,
-    missing_sqlite_file,
     redact_url,
-    sqlite_without_mlflow,
-    tracking_uri_problem,
 )
 from autopeft.confirm import Confirmation, confirm
 from autopeft.errors import ConfigError, DataError, ModelError, StudyError, first_line
@@ -406,11 +404,7 @@ def confirmation_store(study: optuna.Study, given: str | None) -> str:
                            f"({logged_to}); give it again as --tracking-uri")])
     uri = given or logged_to or "sqlite:///mlflow.db"
     hint = "" if given else " (where the search logged; pass the store's new place as --tracking-uri)"
-    problem = tracking_uri_problem(uri, "--tracking-uri")
-    if problem is None and missing_sqlite_file(uri):
-        problem = f"--tracking-uri: no MLflow store at {uri}{hint}"
-    if problem is None and sqlite_without_mlflow(uri):
-        problem = f"--tracking-uri: {sqlite_without_mlflow(uri)} is not an MLflow store (it holds no MLflow tables){hint}"
+    problem = existing_mlflow_store_problem(uri, "--tracking-uri", hint)
     if problem:
         raise ConfigError([problem])
     return uri

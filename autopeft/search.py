@@ -238,7 +238,7 @@ def _load_for_task(config: SearchConfig, task: TaskData) -> tuple[nn.Module, Any
         if problem:
             raise ConfigError([problem])
         template = config.template or default_template(task.train.pairs is not None)
-        source = "--label-words" if config.label_words else f"--task: the labels in column {config.label_column!r}"
+        source = _label_words_source(config)
         fmt = causal_format(tokenizer, words, template, source=source)
         evaluator = Evaluator(int(tokenizer.pad_token_id), config.eval_batch_size, causal=fmt,
                               mode=config.causal_eval, tokenizer=tokenizer)  # type: ignore[arg-type]
@@ -995,10 +995,14 @@ def refuse_unanswerable_label_words(config: SearchConfig, runtime: Runtime) -> N
     fmt = runtime.evaluate.causal
     if fmt is None or config.causal_eval != "rank" or studies.existing_study(config) is not None:
         return
-    source = "--label-words" if config.label_words else f"--task: the labels in column {config.label_column!r}"
-    problem = ranked_answers_problem(fmt, source)
+    problem = ranked_answers_problem(fmt, _label_words_source(config))
     if problem:
         raise ConfigError([problem])
+
+
+def _label_words_source(config: SearchConfig) -> str:
+    """Where a causal task's label words come from, as an error names it."""
+    return "--label-words" if config.label_words else f"--task: the labels in column {config.label_column!r}"
 
 
 def make_artifacts_folder(config: SearchConfig) -> None:

@@ -168,19 +168,15 @@ def _steady_optimizer_state(optimizer: torch.optim.Optimizer, scaler: torch.amp.
     """The optimizer state a first step leaves, made up front (tracing two full steps would cost twice the
     time): by a step on zero gradients, or, when the step is not traced, allocated at its exact analytic size
     (tested against the real optimizers); then the method's bookkeeping, on zero gradients."""
-    if not optimizer_step:
+    for param in params:  # the step and the method's bookkeeping read gradients: zeros stand in
+        param.grad = torch.zeros_like(param)
+    if optimizer_step:
+        _traced_optimizer_step(optimizer, scaler, params, settings.max_grad_norm)
+        state = _optimizer_tensors(optimizer)
+    else:
         momentum_free = settings.optimizer == "sgd" and not settings.momentum
         state = [torch.empty(0 if momentum_free else _param_state_bytes(p, settings.optimizer),
                              dtype=torch.uint8, device=device) for p in params]
-        for param in params:  # the method's bookkeeping reads gradients: zeros stand in, dropped after it
-            param.grad = torch.zeros_like(param)
-        bookkeeping()
-        for param in params:
-            param.grad = None
-        return state
-    for param in params:
-        param.grad = torch.zeros_like(param)
-    _traced_optimizer_step(optimizer, scaler, params, settings.max_grad_norm)
     bookkeeping()
     optimizer.zero_grad(set_to_none=True)
-    return _optimizer_tensors(optimizer)
+    return state
