@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -161,6 +162,10 @@ def _arrange(source: Source, ids: dict[str, int], requested: dict[str, int], see
     for split in SPLITS:
         if split not in frames:
             frame = source.frames[split]
+            if split == "train" and not open_answers:  # a sample without a class would meet it unseen in validation
+                held = len(set(frame["label"]))
+                _require_a_row_per_class([min(requested[split], len(frame))], [split], held,
+                                         f"--task: {source.locations[split]}", None)
             kept, how = _cap(_class_ids(frame, ids), requested[split], seed)
             frames[split] = frame.iloc[kept]
             sampled = len(kept) < len(frame)
@@ -279,16 +284,23 @@ def _label_names(frame: pd.DataFrame, columns: Columns, where: str) -> list[str]
 
 
 def _refuse_near_duplicates(names: list[str], columns: Columns, where: str) -> None:
-    """Labels that differ only in case or surrounding spaces ('pos', 'pos ', 'Pos') are almost always one class
-    written several ways; trained as separate classes they split it, and accuracy falls for no visible reason."""
+    """Labels that differ only in case, surrounding spaces or how Unicode writes them ('pos', 'pos ', 'Pos';
+    'né' composed or as e + accent; a zero-width space) are almost always one class written several ways; trained as
+    separate classes they split it, and accuracy falls for no visible reason."""
     groups: dict[str, list[str]] = {}
     for name in names:
-        groups.setdefault(name.strip().casefold(), []).append(name)
+        groups.setdefault(_label_key(name), []).append(name)
     clashing = [group for group in groups.values() if len(group) > 1]
     if clashing:
-        shown = "; ".join(", ".join(repr(n) for n in group) for group in clashing[:3])
-        raise DataError(f"{where} has labels in column {columns.label!r} that differ only in case or surrounding "
-                        f"spaces ({shown}); write each class one way")
+        shown = "; ".join(", ".join(ascii(n) if not n.isascii() else repr(n) for n in group) for group in clashing[:3])
+        raise DataError(f"{where} has labels in column {columns.label!r} that differ only in case, surrounding "
+                        f"spaces or invisible Unicode differences ({shown}); write each class one way")
+
+
+def _label_key(name: str) -> str:
+    """What a person reads: compatibility-normalized, invisible format characters (zero-width space) dropped."""
+    visible = "".join(c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
+    return visible.strip().casefold()
 
 
 def _class_ids(frame: pd.DataFrame, ids: dict[str, int]) -> list[int]:
@@ -311,6 +323,8 @@ def _stratified_parts(labels: list[int], sizes: list[int], seed: int, where: str
         if total < len(labels):
             index, _ = train_test_split(index, train_size=total, stratify=labels if stratify else None,
                                         random_state=seed)
+            if stratify:  # a class of 3 rows in 1000 gets none of a stratified 80: it would vanish from every split
+                index = _with_every_class(sorted(index), labels, seed, per_class=len(sizes))
         parts = []
         for size in scaled[:-1]:
             part, index = train_test_split(index, train_size=size, random_state=seed,
@@ -321,7 +335,20 @@ def _stratified_parts(labels: list[int], sizes: list[int], seed: int, where: str
                         f"{' / '.join(map(str, scaled))} rows: {_rarest(labels, classes)}; every class needs "
                         "a row in each split (drop or merge rare classes, or give validation and test "
                         "files)") from exc
+    if stratify:
+        _refuse_classes_missing_from_train(parts[0], labels, classes, where)
     return parts + [index]
+
+
+def _refuse_classes_missing_from_train(train: list[int], labels: list[int], classes: list[str], where: str) -> None:
+    """A stratified split rounds a rare class's share of a small train split down to no row: the class would
+    then be scored in validation and test but never trained on."""
+    missing = sorted(set(labels) - {labels[i] for i in train})
+    if missing:
+        counts = Counter(labels)
+        shown = ", ".join(f"{_short(classes[c])!r} ({counts[c]} of {len(labels)} rows)" for c in missing[:3])
+        raise RareClassError(f"{where}: the stratified train split has no row of {shown}, so it would be scored "
+                             "but never trained on; raise --train-size, or drop or merge rare classes")
 
 
 def _scaled_sizes(rows: int, sizes: list[int]) -> list[int]:
@@ -376,28 +403,31 @@ def _cap(labels: list[int], size: int, seed: int) -> tuple[list[int], str]:
         return index, "whole"
     try:
         kept, _ = train_test_split(index, train_size=size, stratify=labels, random_state=seed)
-        return sorted(kept), "stratified"
+        return _with_every_class(sorted(kept), labels, seed), "stratified"  # rounding can drop a rare class
     except ValueError:
         kept, _ = train_test_split(index, train_size=size, random_state=seed)
         return _with_every_class(sorted(kept), labels, seed), "random"
 
 
-def _with_every_class(kept: list[int], labels: list[int], seed: int) -> list[int]:
-    """`kept` with a row of each class it lacks, each in place of a row of the class it holds most of (while that
-    one keeps two): a random sample mostly drops a class of one row, and could leave a validation set with one
-    class. A sample that lacks none is returned as drawn (studies recorded before this keep their rows)."""
+def _with_every_class(kept: list[int], labels: list[int], seed: int, per_class: int = 1) -> list[int]:
+    """`kept` with up to `per_class` rows of each class (as many as it has), each added in place of a row of the
+    class it holds most of (while that one keeps more than `per_class`): a sample mostly drops a class of one
+    row, and could leave a validation set with one class. A sample that lacks none is returned as drawn (studies
+    recorded before this keep their rows)."""
     import random
 
     rng, rows = random.Random(seed), list(kept)
-    held = Counter(labels[i] for i in rows)
+    taken, held, total = set(rows), Counter(labels[i] for i in rows), Counter(labels)
     for label in dict.fromkeys(labels[i] for i in rng.sample(range(len(labels)), len(labels))):
-        common = max(held, key=lambda c: held[c])
-        if label in held or held[common] < 2:
-            continue
-        rows.remove(rng.choice([i for i in rows if labels[i] == common]))
-        rows.append(next(i for i in range(len(labels)) if labels[i] == label))
-        held[common] -= 1
-        held[label] = 1
+        while held[label] < min(per_class, total[label]):
+            common = max(held, key=lambda c: held[c])
+            if held[common] <= per_class:
+                break
+            dropped = rng.choice([i for i in rows if labels[i] == common])
+            added = next(i for i in range(len(labels)) if labels[i] == label and i not in taken)
+            rows.remove(dropped), taken.discard(dropped), rows.append(added), taken.add(added)
+            held[common] -= 1
+            held[label] += 1
     return sorted(rows)
 
 

@@ -181,8 +181,9 @@ def predict_causal(model: nn.Module, split: TokenizedSplit, fmt: CausalFormat, *
         words.setdefault(word, k)
     texts = [normalize_answer(tokenizer.decode(a, skip_special_tokens=True)) for a in answers]
     # Open answers may differ only where normalization drops it ("Paris" and "paris."): matching the row's
-    # own answer counts as right whichever of them the lookup would name.
-    predicted = [gold if text == normalized[gold] else words.get(text, -1)
+    # own answer counts as right whichever of them the lookup would name. An answer with nothing left once
+    # normalized (none, or "?") names no class: a label word of punctuation alone would otherwise match silence.
+    predicted = [-1 if not text else gold if text == normalized[gold] else words.get(text, -1)
                  for text, gold in zip(texts, golds, strict=True)]
     return torch.tensor(predicted), torch.tensor(golds)
 

@@ -49,6 +49,7 @@ from autopeft.study import (
     scores,
     validation_majority,
 )
+from autopeft.verbalizer import template_fields
 
 if TYPE_CHECKING:
     from autopeft.search import Runtime
@@ -533,7 +534,8 @@ def _prompting_section(metrics: dict) -> str:
                    f"token{'s' * (metrics['generate_max_new_tokens'] != 1)}, {stop} (`max_new_tokens="
                    f"{metrics['generate_max_new_tokens']}` gives the same answers), and compares the answer with the "
                    "row's word after normalizing both (case folded, punctuation dropped, spaces collapsed).")
-    fields = "`{text}` is the row's text" + (", `{text_pair}` its second text" if "{text_pair}" in metrics["template"] else "")
+    pairs = "text_pair" in template_fields(metrics["template"])
+    fields = "`{text}` is the row's text" + (", `{text_pair}` its second text" if pairs else "")
     return f"""
 ## Prompting
 

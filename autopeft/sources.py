@@ -234,8 +234,8 @@ def _split_file(folder: Path, split: str, option: str = "--task") -> Path | None
     names = SPLIT_NAMES[split]
     # Any case, of the name as of the suffix: Validation.csv beside train.csv was skipped without a word, and its
     # rows carved from train instead.
-    named = sorted((p for p in folder.iterdir() if p.is_file() and p.stem.lower() in names),
-                   key=lambda p: (names.index(p.stem.lower()), p.name))
+    named = sorted((p for p in folder.iterdir() if p.is_file() and _split_name(p) in names),
+                   key=lambda p: (names.index(_split_name(p)), p.name))
     found = [p for p in named if p.suffix.lower() in SUFFIXES]  # train.CSV too, as a --task file is read
     if len(found) > 1:
         raise DataError(f"{option}: folder {folder} has {len(found)} files for the {split} split "
@@ -245,6 +245,13 @@ def _split_file(folder: Path, split: str, option: str = "--task") -> Path | None
         raise DataError(f"{option}: folder {folder} has {', '.join(unread)} for the {split} split, in a format "
                         f"autopeft does not read; save it as one of {', '.join(split + s for s in SUFFIXES)}")
     return found[0] if found else None
+
+
+def _split_name(path: Path) -> str:
+    """The split a file's name gives: its stem, or a compressed data file's inner stem (validation.jsonl.gz was
+    skipped without a word, and validation rows carved from train instead)."""
+    inner = Path(path.stem)
+    return (inner.stem if inner.suffix.lower() in SUFFIXES else path.stem).lower()
 
 
 def _hub(task: str, columns: Columns, option: str) -> Source:

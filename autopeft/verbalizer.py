@@ -82,10 +82,15 @@ def check_template(template: str) -> None:
     if any(spec or conversion for _, name, spec, conversion in parsed if name is not None):
         raise DataError(f"--template: {template!r} may hold plain {{text}} and {{text_pair}} fields only, "
                         "without conversions or format specs")
-    fields = {name for _, name, _, _ in parsed if name is not None}
+    fields = template_fields(template)
     if "text" not in fields or not fields <= {"text", "text_pair"}:
         raise DataError(f"--template: {template!r} must contain {{text}} (and may contain {{text_pair}} for "
                         f"sentence pairs), no other fields; found: {', '.join(sorted(fields)) or 'none'}")
+
+
+def template_fields(template: str) -> set[str]:
+    """The fields a (valid) template fills: a literal '{{text_pair}}' is text, not a field."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
 
 
 def _answer_problem(words: list[str], answers: tuple[tuple[int, ...], ...]) -> str | None:
@@ -126,7 +131,7 @@ def tokenize_causal(split: TextSplit, tokenizer: Any, max_length: int, label_wor
     if len(fmt.label_words) <= max(split.labels):
         raise DataError(f"--label-words: {len(fmt.label_words)} words for {max(split.labels) + 1} classes; "
                         "give one word per class, in the order of the task's labels")
-    if (split.pairs is not None) != ("{text_pair}" in template):
+    if (split.pairs is not None) != ("text_pair" in template_fields(template)):
         raise DataError(f"--template: {template!r} must contain {{text_pair}} exactly when the task has a second "
                         f"text column ({'it has' if split.pairs is not None else 'it has none'})")
     inputs, labels, worst = [], [], None
@@ -176,6 +181,10 @@ def generated_answers_problem(label_words: list[str] | tuple[str, ...]) -> str |
     first: dict[str, str] = {}
     for word in label_words:
         key = normalize_answer(word)
+        if not key:
+            return (f"--label-words: {word!r} is nothing once normalized (case, punctuation and spaces dropped), as "
+                    "--causal-eval generate compares answers, so no answer could match it; choose a word with a "
+                    "letter or digit, or use --causal-eval rank")
         if key in first:
             return (f"--label-words: {first[key]!r} and {word!r} are the same answer once normalized (case, "
                     "punctuation and spaces dropped), as --causal-eval generate compares them; choose words that differ")

@@ -118,8 +118,14 @@ GOOD = "text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i i
     ({"t.jsonl": '{"text": "a", "label": 1}\n["b", 0]\n'}, "t.jsonl", Columns(),
      r"cannot read .*t\.jsonl: line 2 is not a JSON object \(list\); each line needs one row's columns$"),
     ({"t.csv": "text,label\n" + "".join(f"r{i},{['pos', 'pos ', 'Pos', 'neg'][i % 4]}\n" for i in range(40))},
-     "t.csv", Columns(), (r"t\.csv has labels in column 'label' that differ only in case or surrounding spaces "
-                          r"\('Pos', 'pos', 'pos '\); write each class one way$")),
+     "t.csv", Columns(), (r"t\.csv has labels in column 'label' that differ only in case, surrounding spaces "
+                          r"or invisible Unicode differences \('Pos', 'pos', 'pos '\); write each class one way$")),
+    ({"t.csv": "text,label\n" + "".join(f"r{i},{label}\n" for i, label in enumerate(["n\u00e9g", "ne\u0301g", "pos"] * 10))},
+     "t.csv", Columns(), r"differ only in .*invisible Unicode differences \('ne\\u0301g', 'n\\xe9g'\)"),
+    ({"t.csv": "text,label\n" + "".join(f"r{i},{label}\n" for i, label in enumerate(["neg", "neg\u200b", "pos"] * 10))},
+     "t.csv", Columns(), r"differ only in .*invisible Unicode differences \('neg', 'neg\\u200b'\)"),
+    ({"d/train.csv": GOOD, "d/validation.jsonl.gz": "not read"}, "d", Columns(),
+     r"folder .*d has validation\.jsonl\.gz for the validation split, in a format autopeft does not read; save it "),
 ])
 def test_bad_data_gets_one_line_naming_file_column_and_rule(tmp_path: Path, files: dict[str, str], task: str,
                                                             columns: Columns, message: str) -> None:
@@ -475,3 +481,36 @@ def test_a_random_fallback_sample_that_misses_no_class_keeps_the_rows_earlier_ve
         if held_it[-1]:  # the draw held the one row already: unchanged
             assert kept == sorted(drawn)
     assert any(held_it) and not all(held_it)  # both cases were met
+
+
+def _with_rare_class(path: Path, rare_rows: int, rows: int = 1000) -> None:
+    common = "".join(f"t {i},{'a' if i % 2 else 'b'}\n" for i in range(rows - rare_rows))
+    path.write_text("text,label\n" + common + "".join(f"r {i},rare\n" for i in range(rare_rows)))
+
+
+def test_a_rare_class_a_small_stratified_split_would_round_away_is_kept_or_refused(tmp_path: Path) -> None:
+    """3 rows of 1000: a stratified 100-row sample rounds the class to no row, and every split lacked it while the
+    head still had an output for it. Now its rows are kept, or the split is refused with the class named."""
+    _with_rare_class(tmp_path / "rare.csv", 3)
+    task = load_task(str(tmp_path / "rare.csv"), seed=0, train_size=20, val_size=40, test_size=40)
+    assert all(2 in split.labels for split in task.splits().values())
+    with pytest.raises(DataError, match=r"'rare' 3 rows"):  # train takes 2 of its 3: one left for two splits
+        load_task(str(tmp_path / "rare.csv"), seed=0, train_size=40, val_size=20, test_size=20)
+    with pytest.raises(DataError, match=r"^--task: .*rare\.csv: the stratified train split has no row of 'rare' "
+                                        r"\(3 of 1000 rows\), so it would be scored but never trained on; raise --train-size"):
+        load_task(str(tmp_path / "rare.csv"), seed=0, train_size=5, val_size=100, test_size=100)
+
+
+def test_a_capped_train_file_keeps_every_class_validation_may_hold(tmp_path: Path) -> None:
+    """A train file capped by --train-size lost its rarest class to rounding (or every class but one or two to a
+    size below the class count) while validation kept scoring it: labels unseen in training, without a word."""
+    _with_rare_class(tmp_path / "train.csv", 3)
+    for split in ("validation", "test"):
+        (tmp_path / f"{split}.csv").write_text("text,label\n" + "".join(f"{split} {i},{['a', 'b', 'rare'][i % 3]}\n"
+                                                                       for i in range(30)))
+    task = load_task(str(tmp_path), seed=0, train_size=40, val_size=30, test_size=12)
+    assert sorted(set(task.train.labels)) == [0, 1, 2] and len(task.train.texts) == 40
+    assert task.describe()["train_origin"] == "file train.csv, seeded stratified sample of 40 of 1000 rows"
+    with pytest.raises(DataError, match=r"^--task: .*train\.csv: a train split of 2 rows cannot hold a row of each of "
+                                        r"the 3 classes; --train-size must be at least 3$"):
+        load_task(str(tmp_path), seed=0, train_size=2, val_size=30, test_size=12)

@@ -46,6 +46,18 @@ def test_pairs_fill_the_pair_template(tiny_causal_models: dict[str, Path]) -> No
     assert tokenizer.decode(tokenized.input_ids[0]) == "[CLS] premise : a cat hypothesis : an animal answer : rotten"
 
 
+def test_a_literal_brace_pair_field_is_text_not_the_second_text(tiny_causal_models: dict[str, Path]) -> None:
+    """'{{text_pair}}' is the literal text {text_pair}: a pair task prompted with it silently lost its second
+    text, and a single-text task was refused for it."""
+    _, tokenizer = _causal(tiny_causal_models["gpt2"])
+    literal = "Premise: {text} Hypothesis: {{text_pair}}\nAnswer:"
+    with pytest.raises(DataError, match=r"must contain \{text_pair\} exactly when the task has a second text column "
+                                        r"\(it has\)"):
+        tokenize_causal(TextSplit(["a cat"], [1], pairs=["an animal"]), tokenizer, 32, WORDS, literal)
+    single = tokenize_causal(TextSplit(["a cat"], [1]), tokenizer, 32, WORDS, literal)
+    assert "hypothesis : { text _ pair }" in tokenizer.decode(single.input_ids[0])
+
+
 @pytest.mark.parametrize(("words", "template", "message"), [
     (["fresh", "fresh"], "{text} Label:", r"--label-words: 'fresh' and 'fresh' tokenize to the same tokens"),
     (["fresh", " "], "{text} Label:", r"--label-words: .*empty label word"),
@@ -333,6 +345,28 @@ def test_a_generated_answer_equal_to_its_rows_after_normalization_is_right(
     tokenized = tokenize_causal(split, tokenizer, 32, words)
     assert causal_accuracy(model, tokenized, fmt, pad_id=tokenizer.pad_token_id, mode="generate",
                            tokenizer=tokenizer) == 1.0
+
+
+def test_a_label_word_of_punctuation_alone_never_matches_an_empty_answer(
+        tiny_causal_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """'?' normalizes to nothing, as does a model's silence (only end-of-sequence) or a bare '!': every '?' row
+    counted as right for a model that said nothing. As --label-words such a word is refused up front."""
+    from autopeft import evaluate
+    from autopeft.verbalizer import generated_answers_problem
+
+    model, tokenizer = _causal(tiny_causal_models["llama"])
+    words = ["?", "yes", "no"]
+    split = TextSplit(["is it?", "it is", "it is not"], [0, 1, 2])
+    fmt = causal_format(tokenizer, words)
+    tokenized = tokenize_causal(split, tokenizer, 32, words)
+    for said in ([], tokenizer(" !", add_special_tokens=False)["input_ids"]):
+        monkeypatch.setattr(evaluate, "generate_greedy", lambda *args, said=said, **kwargs: [said] * 3)
+        assert causal_accuracy(model, tokenized, fmt, pad_id=tokenizer.pad_token_id, mode="generate",
+                               tokenizer=tokenizer) == 0.0
+    assert generated_answers_problem(words) == (
+        "--label-words: '?' is nothing once normalized (case, punctuation and spaces dropped), as --causal-eval "
+        "generate compares answers, so no answer could match it; choose a word with a letter or digit, or use "
+        "--causal-eval rank")
 
 
 def test_free_answers_ranked_as_classes_are_pointed_to_generate_mode(
