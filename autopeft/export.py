@@ -40,6 +40,7 @@ from autopeft.space import TrialParams
 from autopeft.study import (
     beats_majority,
     check_same_data,
+    check_same_model,
     default_rule,
     forgetting_weight,
     pareto_front,
@@ -325,6 +326,7 @@ def export_trial(study_name: str, storage: str, out: Path, *, trial_number: int 
     except (DataError, ModelError) as exc:
         raise type(exc)(_in_study_terms(study_name, str(exc))) from None
     check_same_data(study, runtime.task)
+    check_same_model(study, config.model)
     with out_removed_if_unfinished(out):
         trial, confirmations = ranked.trials[0], []
         if confirm_seeds:

@@ -12,6 +12,7 @@ that accepts a model folder (sequence classification, causal LM, peft) accepts i
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import re
@@ -87,6 +88,29 @@ def model_fingerprint(model: str) -> str:
         return model
     files = {path.name: path.stat() for path in folder.iterdir() if path.is_file()}
     return f"{folder}|" + ",".join(f"{name}:{stat.st_size}:{stat.st_mtime_ns}" for name, stat in sorted(files.items()))
+
+
+def weights_fingerprint(model: str) -> str | None:
+    """What a study records of its model's content, to refuse a resume or export on other weights saved at the same
+    path (its trials would share a front with trials of another model): a hash of each file's name, size and first
+    and last MiB, so moved or copied weights match and weights saved again differ. None for a hub id (its
+    revision is the hub's to pin)."""
+    folder = Path(resolve_model_path(model))
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as content:
+            digest.update(content.read(_EDGE))
+            if size > 2 * _EDGE:
+                content.seek(size - _EDGE)
+            digest.update(content.read(_EDGE))
+    return digest.hexdigest()[:16]
+
+
+_EDGE = 1 << 20  # a weight file's first MiB holds its header and first tensors, its last MiB the last tensors
 
 
 def _packaged_path(name: str) -> str:

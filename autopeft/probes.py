@@ -44,12 +44,15 @@ from __future__ import annotations
 
 import bz2
 import functools
+import hashlib
 import html
 import importlib.util
 import math
 import os
+import pickle
 import random
 import re
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,7 +64,7 @@ import torch
 from torch import nn
 
 from autopeft.data import TextSplit, TokenizedSplit, collate, eval_batches, model_inputs, tokenize
-from autopeft.errors import ConfigError
+from autopeft.errors import ConfigError, first_line
 from autopeft.evaluate import choice_log_likelihoods, lm_logits
 from autopeft.verbalizer import strip_trailing_special
 
@@ -414,6 +417,33 @@ class FactualRecall:
 
 
 
+def _scored_tokens(probes: Sequence[Probe]) -> str:
+    """A digest of every token sequence the probes score (their texts, prompts and answers, as tokenized)."""
+    digest = hashlib.sha256()
+    for probe in probes:
+        for name in ("split", "train", "validation", "ood", "prompts", "choices"):
+            held = getattr(probe, name, None)
+            digest.update(f"{probe.name}.{name}:{getattr(held, 'input_ids', held)!r}".encode())
+    return digest.hexdigest()[:16]
+
+
+class ProbeCacheWarning(UserWarning):
+    """The cached base scores could not be read, and are computed again."""
+
+
+def _read_cache(cache_file: Path) -> dict[str, Any]:
+    """The cached base state, or {} (computed again, and the file replaced) when it cannot be read: an empty or
+    damaged file ended every later search of the study in a traceback. Read as plain tensors and numbers, never
+    as code (weights_only)."""
+    try:
+        cached = torch.load(cache_file, weights_only=True)
+    except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:  # truncated, junk, not ours
+        warnings.warn(ProbeCacheWarning(f"{cache_file}: unreadable ({first_line(exc, 120)}); the base model's "
+                                        "probe scores are computed again"), stacklevel=3)
+        return {}
+    return cached if isinstance(cached, dict) else {}
+
+
 class GeneralizationGap:
     """Accuracy on training rows minus validation accuracy: how much of the fit does not carry over."""
 
@@ -578,7 +608,7 @@ class ProbeSet:
         and data) and probe names. Returns the base model's scores."""
         key = self._cache_entry(cache_key)
         if cache_file is not None and cache_file.is_file():
-            cached = torch.load(cache_file, weights_only=False)
+            cached = _read_cache(cache_file)
             if cached.get("key") == key:
                 for probe, state in zip(self.probes, cached["states"], strict=True):
                     probe.load_base_state(state)
@@ -590,8 +620,9 @@ class ProbeSet:
         return dict(self.base_scores)
 
     def _cache_entry(self, cache_key: str) -> str:
-        """What a cached base state must match: the model, seed and data (`cache_key`) and these probes."""
-        return f"{cache_key}|{','.join(self.names)}"
+        """What a cached base state must match: the model, seed and data (`cache_key`), these probes and the tokens
+        they score (the texts ship in packages: a base scored on another release's texts read as forgetting)."""
+        return f"{cache_key}|{','.join(self.names)}|tokens {_scored_tokens(self.probes)}"
 
     def save_base(self, cache_file: Path, cache_key: str = "") -> None:
         """Keep the fitted base state for the next process of this study (written only once the study

@@ -25,7 +25,7 @@ from torch import nn
 from autopeft import adapter_io, interrupt, memory, methods
 from autopeft import study as studies
 from autopeft.budget import ANALYTIC_UNDER, BudgetGate
-from autopeft.config import SearchConfig, format_bytes, tracking_store_problem
+from autopeft.config import SearchConfig, absolute_if_local, format_bytes, tracking_store_problem
 from autopeft.data import (
     TaskData,
     TokenizedSplit,
@@ -214,7 +214,8 @@ def probe_cache_key(config: SearchConfig, task: TaskData) -> str:
     split, model = task.describe(), model_fingerprint(config.model)  # weights saved again at its path: another model
     # The default words are the label names (thousands, for open answers: hashed)
     words = hashlib.sha256("\n".join(config.label_words or task.label_names).encode()).hexdigest()[:16]
-    return (f"{model}|{config.seed}|{config.task_type}|{config.max_length}|{config.ood_task}|"
+    ood = absolute_if_local(config.ood_task)  # a worker reads it from the study's record: absolute
+    return (f"{model}|{config.seed}|{config.task_type}|{config.max_length}|{ood}|"
             f"{split['train_fingerprint']}|{split['validation_fingerprint']}|{split.get('ood_fingerprint')}|"
             f"words {words}|{config.template!r}|{config.causal_eval}|scoring {PROBE_SCORING}")
 

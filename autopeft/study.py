@@ -30,6 +30,7 @@ from autopeft.config import (
 )
 from autopeft.data import TaskData
 from autopeft.errors import StudyError, first_line
+from autopeft.models import weights_fingerprint
 from autopeft.space import SearchSpace, parse_space
 
 DIRECTION = {"accuracy": "maximize", "forgetting": "minimize", "memory": "minimize", "trainable_params": "minimize"}
@@ -125,6 +126,7 @@ def open_study(config: SearchConfig, space: SearchSpace, task: TaskData,
     study.set_user_attr("space_fingerprint", space.fingerprint)
     study.set_user_attr("space_yaml", Path(config.space).read_text())  # workers elsewhere need no copy of the file
     study.set_user_attr("split", task.describe())
+    study.set_user_attr("model_weights", weights_fingerprint(config.model))
     return study
 
 
@@ -148,6 +150,9 @@ def load_for_worker(config: SearchConfig, on_stale: StaleTrialRetry | None = Non
     problem = tracking_store_problem(joined.tracking_uri)
     if problem:
         raise StudyError(problem)
+    if _other_weights(study, joined.model):  # another machine's copy, or one saved again: its trials would not fit
+        raise StudyError(f"--model: {joined.model} holds other weights on this machine than study {config.study!r} "
+                         "was created with; give this worker the same model files")
     return study, joined, space
 
 
@@ -253,6 +258,8 @@ def check_compatible(study: optuna.Study, config: SearchConfig, space: SearchSpa
     changes = _data_changes(study, task)
     if changes:
         problems.append(f"a different data split ({'; '.join(changes)})")
+    if _other_weights(study, config.model):
+        problems.append(f"other weights than {config.model} holds now (saved again since the search)")
     _refuse(config, problems)
 
 
@@ -304,6 +311,19 @@ def check_same_data(study: optuna.Study, task: TaskData) -> None:
     if changes:
         raise StudyError(f"--study: {study.study_name!r} was searched on other data ({'; '.join(changes)}); its "
                          "test rows are gone: restore the data the search used, or search again")
+
+
+def check_same_model(study: optuna.Study, model: str) -> None:
+    """An export puts a trial's adapter on the model: refused when other weights were saved at its path since."""
+    if _other_weights(study, model):
+        raise StudyError(f"--study: {study.study_name!r} was searched on other weights than {model} holds now (saved "
+                         "again since the search); restore the model the search used, or search again")
+
+
+def _other_weights(study: optuna.Study, model: str) -> bool:
+    """Whether the model's files differ from those the study recorded (a study recorded before this: no)."""
+    recorded = study.user_attrs.get("model_weights")
+    return recorded is not None and recorded != weights_fingerprint(model)
 
 
 def _same_setting(key: str, recorded: Any, now: Any) -> bool:

@@ -298,6 +298,30 @@ def test_probe_set_scores_forgetting_and_caches_the_base(tiny_causal_models: dic
     other.save_base(cache, "other")
     assert small().fit_base(None, cache_file=cache, cache_key="other") == base  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == [cache]  # no partial file left beside it
+    # Other probe texts (another release of the package that ships them) under the same key: recomputed.
+    with pytest.raises(AttributeError):
+        ProbeSet([PerplexityIncrease(tokenizer, n_texts=4, max_length=32, seed=1),
+                  RepresentationDrift(tokenizer, n_texts=8, max_length=32)]).fit_base(
+            None, cache_file=cache, cache_key="other")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage\n"])
+def test_an_unreadable_base_cache_is_computed_again_and_replaced(tiny_causal_models: dict[str, Path], tmp_path: Path,
+                                                                 content: bytes) -> None:
+    """An empty or damaged probe-base.pt ended every later search of its study ('Aborted.', or a traceback)."""
+    from autopeft.probes import ProbeCacheWarning
+
+    model, tokenizer = _causal(tiny_causal_models["llama"])
+    cache = tmp_path / "probe-base.pt"
+    cache.write_bytes(content)
+    probes = ProbeSet([PerplexityIncrease(tokenizer, n_texts=4, max_length=32)])
+    with pytest.warns(ProbeCacheWarning, match=r"probe-base\.pt: unreadable \(.*\); the base model's probe scores are "
+                                               r"computed again"):
+        base = probes.fit_base(model, cache_file=cache, cache_key="k")
+    assert base["forgetting"] == 0.0
+    probes.save_base(cache, "k")
+    again = ProbeSet([PerplexityIncrease(tokenizer, n_texts=4, max_length=32)])
+    assert again.fit_base(None, cache_file=cache, cache_key="k") == base  # type: ignore[arg-type]
 
 
 def test_build_probes_makes_the_named_probes_in_order(tiny_bert: Path) -> None:

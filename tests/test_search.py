@@ -86,6 +86,22 @@ def test_the_base_probe_cache_is_keyed_on_the_answer_format(tmp_path: Path,
     assert cached == prepare_runtime(other).base_scores
 
 
+def test_the_base_probe_cache_key_names_an_ood_set_by_its_absolute_path(tmp_path: Path, tiny_bert: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers read the study's record, which holds the OOD path absolute: keyed on the relative path typed, every
+    worker fitted the base again and replaced the cache, and so did the next resume."""
+    from dataclasses import replace
+
+    from autopeft.search import probe_cache_key
+
+    (tmp_path / "ood.csv").write_text("text,label\n" + "".join(f"ood {i},{['rotten', 'fresh'][i % 2]}\n"
+                                                               for i in range(12)))
+    monkeypatch.chdir(tmp_path)
+    typed = config(tmp_path, tiny_bert, ood_task="ood.csv")
+    task = prepare_runtime(typed).task
+    assert probe_cache_key(typed, task) == probe_cache_key(replace(typed, ood_task=str(tmp_path / "ood.csv")), task)
+
+
 def test_a_trial_depends_on_its_seed_not_on_what_ran_before_it(tmp_path: Path, tiny_bert: Path) -> None:
     """A search's later trials run after others in the same process; `autopeft train` reruns one alone."""
     from autopeft.search import run_trial
@@ -331,6 +347,32 @@ def test_resume_refuses_an_ood_set_whose_rows_changed(tmp_path: Path, tiny_bert:
     ood.write_text("text,label\n" + rows.replace("snippet 3 fine", "snippet 3 great"))
     with pytest.raises(StudyError, match=r"a different data split \(other rows in ood\)"):
         run_search(config(tmp_path, tiny_bert, trials=2, ood_task=str(ood)))
+
+
+def test_resume_export_and_workers_refuse_other_weights_saved_at_the_models_path(tmp_path: Path) -> None:
+    """Weights saved again at the model's path were resumed on without a word: trials of two models shared one
+    front, and an export would put an adapter trained on the old weights on the new ones. A copy of the same
+    files elsewhere is the same model."""
+    import shutil
+
+    from autopeft.export import export_trial
+    from autopeft.models import save_tiny_model, weights_fingerprint
+    from autopeft.study import load_for_worker
+
+    model = save_tiny_model(tmp_path / "model", "bert", seed=0)
+    shutil.copytree(model, tmp_path / "copy")
+    assert weights_fingerprint(str(tmp_path / "copy")) == weights_fingerprint(str(model))
+    searched = config(tmp_path, model, trials=1)
+    study = run_search(searched).study
+    assert study.user_attrs["model_weights"] == weights_fingerprint(str(model))
+    save_tiny_model(model, "bert", seed=5)
+    with pytest.raises(StudyError, match=r"already exists with other weights than .*model holds now \(saved again "):
+        run_search(config(tmp_path, model, trials=2))
+    with pytest.raises(StudyError, match=r"was searched on other weights than .*model holds now"):
+        export_trial(searched.study, searched.storage, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    with pytest.raises(StudyError, match=r"^--model: .*model holds other weights on this machine than study"):
+        load_for_worker(config(tmp_path, model, trials=2))
 
 
 @pytest.mark.parametrize("method", ["dora", "prompt"])
