@@ -180,12 +180,15 @@ def search(
               "study with --trials 0 alone and start `autopeft worker ... --trials N` yourself")
     config = _guard(build)  # before the heavy imports below: bad flags are refused in well under a second
     from autopeft.search import check_before_loading, run_search
-    from autopeft.study import completed_before, strategy_changes
+    from autopeft.study import completed_before, strategy_changes, tracking_change
 
     space = _guard(lambda: check_before_loading(config))  # a bad space is refused before "loading" is announced
     changes = strategy_changes(config)
     if changes:
         console.print(f"[yellow]resuming study {config.study} with {', '.join(changes)}[/yellow]")
+    moved = tracking_change(config)
+    if moved:
+        console.print(f"[yellow]resuming study {config.study} with {moved}[/yellow]", soft_wrap=True)
     console.print(f"study [bold]{config.study}[/bold] in {_where(config.storage)}; "
                   f"loading model and data once for all trials ...")
     def run() -> Any:

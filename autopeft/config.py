@@ -131,7 +131,18 @@ def tracking_store_problem(uri: str, option: str = "--tracking-uri", storage: st
         return (f"--storage, {option}: both name {sqlite_file(uri)}; the Optuna study and MLflow's runs each need "
                 "a store of their own (by default sqlite:///autopeft.db and sqlite:///mlflow.db)")
     foreign = sqlite_of_another_kind(uri, MLFLOW_TABLES)
-    return f"{option}: {foreign} is not an MLflow store (it holds another program's tables)" if foreign else None
+    if foreign:
+        return f"{option}: {foreign} is not an MLflow store (it holds another program's tables)"
+    blocked = _file_in_the_way(uri)  # MLflow cannot create it: every run would go to the fallback store
+    return f"{option}: {sqlite_file(uri)} cannot be created: {blocked} is a file, not a folder" if blocked else None
+
+
+def _file_in_the_way(url: str) -> Path | None:
+    """A file where a sqlite URL's path needs a folder (sqlite:///data.csv/runs.db)."""
+    database = sqlite_file(url)
+    if database is None:
+        return None
+    return next((folder for folder in Path(database).expanduser().absolute().parents if folder.is_file()), None)
 
 
 def existing_mlflow_store_problem(uri: str, option: str = "--tracking-uri", hint: str = "") -> str | None:
@@ -269,6 +280,9 @@ class SearchConfig:
         elif self.prune_after is not None and not 1 <= self.prune_after < self.max_steps:
             problems.append(f"--prune-after: {self.prune_after} must be at least 1 and below --max-steps "
                             f"({self.max_steps})")
+        elif self.pruner in PRUNERS and self.pruner != "none" and self.max_steps == 1:
+            problems.append(f"--pruner: {self.pruner} needs --max-steps 2 or more (a one-step trial has no step "
+                            "before its end to stop it at)")
         if self.max_total_steps is not None and self.max_total_steps < 1:
             problems.append(f"--max-total-steps: {self.max_total_steps} must be at least 1")
         if self.device not in (None, "cpu", "cuda"):

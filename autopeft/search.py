@@ -707,10 +707,17 @@ def _interrupted_before_its_run(trial: optuna.Trial) -> Iterator[None]:
 
 def _skip_if_tried(trial: optuna.Trial, flat: dict[str, Any]) -> None:
     """The grid is the product of every method's settings, so grid points that differ only in settings of
-    a method the trial does not use are one configuration: train it once. (Pruned, not counted as a trial.)"""
-    for other in trial.study.get_trials(deepcopy=False, states=(studies.COMPLETE, optuna.trial.TrialState.RUNNING)):
+    a method the trial does not use are one configuration: train it once. (Pruned, not counted as a trial.)
+    One that failed is not tried again either (it failed the same way once per point of the other methods, and
+    the failures ended the search), unless an interruption or a lost worker failed it."""
+    states = (studies.COMPLETE, optuna.trial.TrialState.RUNNING, studies.FAIL)
+    for other in trial.study.get_trials(deepcopy=False, states=states):
+        failed = other.user_attrs.get("fail_reason")
+        if other.state == studies.FAIL and failed in (None, "interrupted"):
+            continue
         if other.number != trial.number and other.user_attrs.get("params") == flat:
             reason = f"same configuration as trial {other.number} (this grid point differs only in another method's settings)"
+            reason += f", which failed: {failed}" if other.state == studies.FAIL else ""
             trial.set_user_attr("duplicate_of", other.number)
             trial.set_user_attr("prune_reason", reason)
             raise optuna.TrialPruned(reason)

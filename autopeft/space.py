@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,15 @@ class Dimension:
         steps = (value - self.low) / step if step else 0.0
         return self.low <= value <= self.high and abs(steps - round(steps)) < 1e-9
 
+    def grid_count(self) -> int:
+        """How many values grid_values lists (counted without listing them)."""
+        return round((self.high - self.low) / (self.step or 1)) + 1
+
     def grid_values(self) -> list[Any]:
         """Every value of a stepped range, from low: a float range's by float arithmetic rounded to 12 significant
         digits, so 0.3 + 6 x 0.1 is 0.9, not 0.9000000000000001 (above high, refused by a recipe), and a whole
         step on a fractional low (0.5, step 1) keeps the fraction."""
-        step = self.step or 1
-        count = round((self.high - self.low) / step) + 1
+        step, count = self.step or 1, self.grid_count()
         if self.kind == "int":
             return [int(self.low) + i * int(step) for i in range(count)]
         return [min(float(f"{self.low + i * step:.12g}"), self.high) for i in range(count)]
@@ -178,11 +182,25 @@ class SearchSpace:
                 if dim.step is None and dim.kind == "float" or dim.log:
                     raise ConfigError([(f"--sampler grid: {self.path}: {dim.name} is a continuous range; give it a "
                                        "list of values (or a step, without log) to search it on a grid")])
+                if dim.grid_count() > GRID_LIMIT:  # listed, its values alone could fill the memory
+                    raise ConfigError([(f"--sampler grid: {self.path}: {dim.name} has {dim.grid_count():,} values on "
+                                       f"its grid, more than the {GRID_LIMIT:,} points a grid may have; take a larger "
+                                       "step, or use another sampler")])
                 grid[dim.name] = dim.grid_values()
+        points = math.prod(len(values) for values in grid.values())
+        if points > GRID_LIMIT:
+            widest = ", ".join(f"{name} {len(values)}" for name, values in
+                               sorted(grid.items(), key=lambda item: -len(item[1]))[:4])
+            raise ConfigError([(f"--sampler grid: {self.path}: the grid has {points:,} points (the most values: "
+                               f"{widest}), more than {GRID_LIMIT:,}; take larger steps or fewer values, or use "
+                               "another sampler")])
         return grid
 
     def method_names(self) -> list[str]:
         return list(self.method.choices) if self.method.kind == "categorical" else [self.method.value]
+
+
+GRID_LIMIT = 100_000  # Optuna's GridSampler lists every point, in every process; no search trains that many
 
 
 def _number(value: Any) -> Any:

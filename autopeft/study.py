@@ -118,8 +118,11 @@ def open_study(config: SearchConfig, space: SearchSpace, task: TaskData,
             study = optuna.load_study(study_name=config.study, storage=storage)
             check_compatible(study, config, space, task)
             # The settings that may change on a resume (trials, budgets, sampler, ...) are this run's now:
-            # workers joining the study read them from here.
-            study.set_user_attr("config", config.public_dict())
+            # workers joining the study read them from here. Its MLflow store stays the one it was created with
+            # (report and export read its parent run there); runs logged elsewhere get a parent of their own.
+            recorded = study.user_attrs.get("config", {})
+            study.set_user_attr("config", {**config.public_dict(), "tracking_uri": recorded.get(
+                "tracking_uri", config.public_dict()["tracking_uri"])})
             return study
     study = optuna.create_study(study_name=config.study, storage=storage, directions=directions(config))
     study.set_user_attr("config", config.public_dict())
@@ -253,6 +256,19 @@ def strategy_changes(config: SearchConfig) -> list[str]:
             for key, flag in changed.items()]
 
 
+def tracking_change(config: SearchConfig) -> str | None:
+    """A resume that logs to another MLflow store than the study's (which report and export keep reading)."""
+    study = existing_study(config)
+    if study is None:
+        return None
+    recorded = study.user_attrs.get("config", {}).get("tracking_uri")
+    now = absolute_sqlite_url(redact_url(config.tracking_uri))
+    if recorded is None or recorded == now:
+        return None
+    return (f"--tracking-uri {now}: the study logs to {recorded}, where report and export keep reading; this run's "
+            "trials go to a parent run of their own in the new store")
+
+
 def check_compatible(study: optuna.Study, config: SearchConfig, space: SearchSpace, task: TaskData) -> None:
     problems = _setting_problems(study, config, space)
     changes = _data_changes(study, task)
@@ -380,7 +396,9 @@ def seeded_sampler(config: SearchConfig, study: optuna.Study, space: SearchSpace
     if config.sampler == "grid":
         if space is None:
             raise StudyError("--sampler grid needs the search space")
-        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+        # One seed for every process: the grid is shuffled by it, and the grid ids earlier trials and other workers
+        # recorded must name the same points (a resume or a second worker skipped some and repeated others).
+        return optuna.samplers.GridSampler(space.grid(), seed=config.seed)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup)
 
 

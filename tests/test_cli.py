@@ -108,6 +108,8 @@ BAD_INPUTS = [
     (["--task", "task.csv"], "task.csv has no column 'label'"),
     (["--seed", "-1"], "--seed: -1 must be between 0 and 2**32 - 1"),
     (["--tracking-uri", "mlflow.db"], "--tracking-uri: 'mlflow.db' is not a store MLflow logs to"),
+    # MLflow could never create it: the whole search logged to the fallback store, and the study recorded this URL.
+    (["--tracking-uri", "sqlite:///task.csv/runs.db"], "--tracking-uri: task.csv/runs.db cannot be created: "),
     # The tiny BERT has 128 positions; the first forward pass once failed with a size mismatch.
     (["--task", "long.csv", "--max-length", "200"], "--max-length: 200 lets rows reach 200 tokens, but"),
     # [CLS] [SEP] alone: the model saw no text, and at 1 the tokenizer did not truncate at all.

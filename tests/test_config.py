@@ -36,6 +36,8 @@ def test_config_collects_every_problem() -> None:
     ({"tracking_uri": "file:///tmp/mlruns"}, "--tracking-uri: 'file:///tmp/mlruns' is not a store MLflow logs to"),
     ({"tracking_uri": "foo://bar"}, "--tracking-uri: 'foo://bar' is not a store MLflow logs to"),
     ({"max_consecutive_failures": 0}, "--max-consecutive-failures: 0 must be at least 1"),
+    ({"objective_mode": "scalar", "pruner": "hyperband", "max_steps": 1},  # pruned at its last step, once trained
+     "--pruner: hyperband needs --max-steps 2 or more (a one-step trial has no step before its end to stop it at)"),
     ({"space": "."}, "--space: . is a folder; give a search-space YAML file"),
     ({"task_type": "causal_lm", "template": "Review: {text!r}"}, "may hold plain {text} and {text_pair} fields only"),
     ({"text_pair_column": "label"}, "--text-pair-column 'label': each must name a different column"),

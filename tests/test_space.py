@@ -181,3 +181,16 @@ def test_a_stepped_float_range_walks_its_own_values_on_a_grid(tmp_path: Path) ->
     grid = load_space(path).grid()
     assert grid["max_grad_norm"] == [0.5, 1.5, 2.5, 3.5]
     assert grid["warmup_ratio"] == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+
+def test_a_grid_too_large_to_list_is_refused_by_its_size(tmp_path: Path) -> None:
+    """About 90 million points: Optuna's grid sampler listed them after the study was created (a MemoryError)."""
+    wide = write(tmp_path, "method: lora\ntraining:\n  weight_decay: {low: 0.0, high: 1.0, step: 1.0e-4}\n"
+                           "  warmup_ratio: {low: 0.0, high: 0.9, step: 1.0e-4}\nmethods:\n  lora:\n    r: 2\n")
+    with pytest.raises(ConfigError, match=r"--sampler grid: .*: the grid has 90,019,001 points \(the most values: "
+                                          r"weight_decay 10001, warmup_ratio 9001\), more than 100,000; take larger"):
+        load_space(wide).grid()
+    one = write(tmp_path, "method: lora\ntraining:\n  weight_decay: {low: 0.0, high: 1.0, step: 1.0e-7}\n"
+                          "methods:\n  lora:\n    r: 2\n")
+    with pytest.raises(ConfigError, match=r"weight_decay has 10,000,001 values on its grid, more than the 100,000"):
+        load_space(one).grid()

@@ -111,6 +111,53 @@ def test_a_resumed_walked_grid_trains_nothing_more(runtime: Runtime, tmp_path: P
         "stopped with 2 of 3 trials completed: every configuration of the grid has been tried")
 
 
+def test_a_resumed_grid_walks_every_point_it_had_not(runtime: Runtime, tmp_path: Path) -> None:
+    """The grid sampler was seeded by the trial count: a resume shuffled the grid otherwise, so the points the
+    first run recorded named other configurations, and some were never tried though the grid read as walked
+    (the same with a second worker)."""
+    (tmp_path / "grid.yaml").write_text("method: [lora, ia3]\ntraining:\n  learning_rate: [1.0e-3, 3.0e-3, 1.0e-2]\n"
+                                        "  micro_batch_size: 8\nmethods:\n  lora:\n    r: [2, 4, 8]\n")
+    summarized_search(runtime, tmp_path, sampler="grid", trials=4, space=str(tmp_path / "grid.yaml"))
+    summary = summarized_search(runtime, tmp_path, sampler="grid", trials=20, space=str(tmp_path / "grid.yaml"))
+    complete = [tuple(sorted(t.user_attrs["params"].items())) for t in summary.study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == len(set(complete)) == 12  # LoRA 3 x 3, (IA)^3 3
+    assert summary.stopped_reason.endswith("every configuration of the grid has been tried")
+
+
+def test_a_grid_configuration_that_failed_is_not_tried_again_for_another_methods_points(
+        runtime: Runtime, tmp_path: Path) -> None:
+    """A failing prompt-tuning point ran once per LoRA point (they differ only in LoRA's r), and the repeated
+    failures ended the search with LoRA points untried."""
+    (tmp_path / "grid.yaml").write_text("method: [lora, prompt]\ntraining:\n  micro_batch_size: 8\n"
+                                        "  learning_rate: 1.0e-3\nmethods:\n  lora:\n    r: [2, 4, 8]\n"
+                                        "  prompt:\n    num_virtual_tokens: 500\n")  # past the positions
+    summary = summarized_search(runtime, tmp_path, sampler="grid", trials=6, space=str(tmp_path / "grid.yaml"),
+                                max_consecutive_failures=2)
+    failed = [t for t in summary.study.trials if t.state.name == "FAIL"]
+    assert len(failed) == 1
+    repeats = [t for t in summary.study.trials if t.user_attrs.get("duplicate_of") == failed[0].number]
+    assert len(repeats) == 2 and all("which failed: " in t.user_attrs["prune_reason"] for t in repeats)
+
+
+def test_a_resume_logging_to_another_store_keeps_the_studys_own_store_and_parent_run(
+        runtime: Runtime, tmp_path: Path) -> None:
+    """A resume with another --tracking-uri overwrote the study's record and its parent run's id: report then
+    read the new store, and the first trials' runs were no longer reachable from the study."""
+    study = search(runtime, tmp_path, trials=1)
+    first_parent, first_store = study.user_attrs["mlflow_parent_run_id"], study.user_attrs["config"]["tracking_uri"]
+    other = dataclasses.replace(runtime.config, storage=f"sqlite:///{tmp_path}/o.db", trials=2,
+                                tracking_uri=f"sqlite:///{tmp_path}/other.db", artifacts_dir=str(tmp_path / "a"))
+    assert studies.tracking_change(other) == (
+        f"--tracking-uri sqlite:///{tmp_path}/other.db: the study logs to {first_store}, where report and export keep "
+        "reading; this run's trials go to a parent run of their own in the new store")
+    on_stale = studies.StaleTrialRetry()
+    here = dataclasses.replace(runtime, config=other, space=load_space(other.space))
+    resumed = run_trials(here, studies.open_study(other, here.space, runtime.task, on_stale), on_stale).study
+    assert resumed.user_attrs["mlflow_parent_run_id"] == first_parent
+    assert resumed.user_attrs["config"]["tracking_uri"] == first_store
+    assert resumed.user_attrs[f"mlflow_parent_run_id@sqlite:///{tmp_path}/other.db"] != first_parent
+
+
 def test_grid_sampler_refuses_a_continuous_range_before_writing_a_study(runtime: Runtime, tmp_path: Path) -> None:
     config = dataclasses.replace(runtime.config, storage=f"sqlite:///{tmp_path}/o.db", sampler="grid")
     with pytest.raises(ConfigError, match="learning_rate is a continuous range"):
