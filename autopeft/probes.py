@@ -417,6 +417,13 @@ class FactualRecall:
 
 
 
+def _longest_input(probe: Probe) -> int:
+    """Tokens in the longest row the probe feeds the model (its texts, or the task's splits it evaluates)."""
+    splits = [v for v in vars(probe).values() if isinstance(v, TokenizedSplit) and len(v)]
+    unsplit = getattr(probe, "longest_tokens", 0)  # a probe whose inputs are not a split
+    return max([max(split.lengths()) for split in splits] + [unsplit])
+
+
 def _scored_tokens(probes: Sequence[Probe]) -> str:
     """A digest of every token sequence the probes score (their texts, prompts and answers, as tokenized)."""
     digest = hashlib.sha256()
@@ -596,10 +603,14 @@ class ProbeSet:
     def longest_input(self, *, own_length_only: bool = False) -> int:
         """Tokens in the longest row a probe feeds the model (its texts, or the task's splits it evaluates);
         `own_length_only`: of the probes whose texts keep their length whatever --max-length says."""
-        probes = [p for p in self.probes if getattr(p, "own_length", False) or not own_length_only]
-        splits = [v for p in probes for v in vars(p).values() if isinstance(v, TokenizedSplit) and len(v)]
-        unsplit = [getattr(p, "longest_tokens", 0) for p in probes]  # a probe whose inputs are not a split
-        return max([max(split.lengths()) for split in splits] + unsplit, default=0)
+        return max((_longest_input(p) for p in self.probes if getattr(p, "own_length", False) or not own_length_only),
+                   default=0)
+
+    def too_long(self, positions: int) -> dict[str, int]:
+        """The probes whose own-length texts need more than `positions` (--max-length cannot shorten them), with
+        how many tokens each needs."""
+        return {p.name: _longest_input(p) for p in self.probes
+                if getattr(p, "own_length", False) and _longest_input(p) > positions}
 
     def fit_base(self, base_model: nn.Module, device: torch.device | None = None, *,
                  cache_file: Path | None = None, cache_key: str = "") -> dict[str, float]:

@@ -113,8 +113,9 @@ def _kind_problems(path: Path, data: dict[str, Any]) -> list[str]:
     problems = [f"{path}: {k}: {data[k]!r} must be a text" for k in _TEXTS if k in data and not text(data[k])]
     problems += [f"{path}: {k}: {data[k]!r} must be a text, or null" for k in _OPTIONAL_TEXTS
                  if data.get(k) is not None and not text(data[k])]
-    return problems + [f"{path}: {k}: {data[k]!r} must be a list of texts, or null" for k in _OPTIONAL_LISTS
-                       if data.get(k) is not None and not (isinstance(data[k], list) and all(map(text, data[k])))]
+    # An empty list read as null: the defaults ran (the default probes, the label names as words) without a word.
+    return problems + [f"{path}: {k}: {data[k]!r} must be a list of one or more texts, or null" for k in _OPTIONAL_LISTS
+                       if data.get(k) is not None and not (isinstance(data[k], list) and data[k] and all(map(text, data[k])))]
 
 
 def _batch_problems(path: Path, data: dict[str, Any]) -> list[str]:

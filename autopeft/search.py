@@ -181,6 +181,11 @@ def _check_positions(runtime: Runtime) -> None:
     if rows is None or longest <= rows:
         return
     config = runtime.config
+    own = runtime.probes.too_long(rows)  # texts cut at a probe's own length: a shorter --max-length cannot help
+    if own:
+        needs = ", ".join(f"{name} {tokens}" for name, tokens in own.items())
+        raise ConfigError([(f"--probes: {config.model} has {rows} positions, fewer than the tokens of these probes' own "
+                            f"texts, which --max-length does not shorten ({needs}); choose other probes with --probes")])
     fits = rows - runtime.answer_tokens
     raise ConfigError([(f"--max-length: {config.max_length} lets rows reach {longest} tokens, but {config.model} has "
                        f"{rows} positions; use --max-length {fits} or less")])

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from autopeft import adapter_io
+from autopeft import adapter_io, methods
 from autopeft.config import tracking_store_problem
 from autopeft.errors import ConfigError, DataError, ModelError
 from autopeft.export import check_out, out_removed_if_unfinished
 from autopeft.recipe import in_recipe_terms, read_recipe, split_changes
-from autopeft.search import TrialOutcome, failure, positions_problem, prepare_runtime, run_trial
+from autopeft.search import Runtime, TrialOutcome, failure, positions_problem, prepare_runtime, run_trial
+from autopeft.space import TrialParams
 from autopeft.tracking import Tracker
+from autopeft.train import optimizer_problem, precision_problem
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,9 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
         raise type(exc)(in_recipe_terms(recipe, str(exc))) from None
     except ConfigError as exc:
         raise ConfigError([in_recipe_terms(recipe, problem) for problem in exc.problems]) from None
-    problem = positions_problem(runtime, params)  # known before training: bad input, not a failed run
+    problem = _unrunnable_here(runtime, params)  # known before training: bad input, not a failed run
     if problem:
-        raise ConfigError([in_recipe_terms(recipe, f"method_params: {problem}")])
+        raise ConfigError([in_recipe_terms(recipe, problem)])
     changed = split_changes(recipe, runtime.split_fingerprints)
     warning = (f"the {', '.join(changed)} rows differ from those {recipe}'s trial was trained and scored on (the "
                "data changed): this run's scores are not comparable with the trial's") if changed else None
@@ -66,6 +68,18 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
     tracker.end_trial_run(run_id, "COMPLETE")
     return TrainingRun(params.method, outcome.accuracy, outcome.forgetting, len(outcome.train.losses),
                        outcome.train.seconds, run_id, warning)
+
+
+def _unrunnable_here(runtime: Runtime, params: TrialParams) -> str | None:
+    """Why this recipe cannot train with this model on this machine (a method the architecture or the installed
+    packages lack, an optimizer or precision they lack, virtual tokens past the position table), by the key.
+    A search records such a trial as skipped or failed and goes on; here it would be a failed MLflow run."""
+    method = methods.get(params.method).problem(runtime.base_model)
+    optimizer = optimizer_problem(params.training["optimizer"])
+    precision = precision_problem(params.training["precision"], runtime.device)
+    positions = positions_problem(runtime, params)
+    return (f"method: {method}" if method else f"optimizer: {optimizer}" if optimizer else
+            f"precision: {precision}" if precision else f"method_params: {positions}" if positions else None)
 
 
 def _log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, out: Path) -> None:

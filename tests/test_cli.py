@@ -704,7 +704,8 @@ def test_a_store_of_the_other_kind_is_refused_before_either_program_writes_to_it
     ("model: 5", "model: 5 must be a text"),
     ("task: [x]", "task: ['x'] must be a text"),
     ("template: 5", "template: 5 must be a text, or null"),
-    ("probes: linear_probe", "probes: 'linear_probe' must be a list of texts, or null"),
+    ("probes: linear_probe", "probes: 'linear_probe' must be a list of one or more texts, or null"),
+    ("probes: []", "probes: [] must be a list of one or more texts, or null"),  # ran the default probes
     ("seed: 18446744073709551616", "seed: 18446744073709551616 must be below 2**64 (a seed)"),
     ("split_seed: 4294967296", "split_seed: 4294967296 must be below 2**32 (a seed)"),
 ])
@@ -732,6 +733,27 @@ def test_a_recipe_whose_prompt_runs_off_the_positions_is_refused_before_its_run(
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "edited.yaml: method_params: prompt: 500 virtual tokens + the longest input's" in done.stderr
     assert "num_virtual_tokens " in done.stderr and "--max-length" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.yaml"]  # no run, no store, no folder
+
+
+def test_a_recipe_this_machine_cannot_run_is_refused_before_its_run(exported: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """adamw_8bit (or qlora) without bitsandbytes failed as 'training failed: TrialPruned: skipped: ...' (exit 1)
+    and left a FAILED run in a new MLflow store."""
+    import importlib.util
+
+    import yaml
+
+    from autopeft.errors import ConfigError
+    from autopeft.training_run import train_from_recipe
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    recipe = yaml.safe_load((exported / "export" / "training.yaml").read_text())
+    recipe.update(optimizer="adamw_8bit")
+    (tmp_path / "edited.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match=r"edited\.yaml: optimizer: adamw_8bit needs the bitsandbytes package"):
+        train_from_recipe(tmp_path / "edited.yaml", tmp_path / "t", tracking_uri=f"sqlite:///{tmp_path}/m.db")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.yaml"]  # no run, no store, no folder
 
 

@@ -102,6 +102,22 @@ def test_the_base_probe_cache_key_names_an_ood_set_by_its_absolute_path(tmp_path
     assert probe_cache_key(typed, task) == probe_cache_key(replace(typed, ood_task=str(tmp_path / "ood.csv")), task)
 
 
+def test_probe_texts_past_the_position_table_name_the_probe_not_max_length(
+        tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The linear probe's paragraphs keep their own 48 tokens: on a 40-position model the advice was '--max-length
+    40 or less', which could never help."""
+    import autopeft.search as searching
+
+    runtime = prepare_runtime(config(tmp_path, tiny_bert, max_length=20))
+    monkeypatch.setattr(searching, "position_table_rows", lambda model: 40)
+    with pytest.raises(ConfigError, match=r"^--probes: .* has 40 positions, fewer than the tokens of these probes' own "
+                                          r"texts, which --max-length does not shorten \(linear_probe 48\); choose other"):
+        searching._check_positions(runtime)
+    monkeypatch.setattr(searching, "position_table_rows", lambda model: 16)  # the task's rows too: the probe first
+    with pytest.raises(ConfigError, match=r"^--probes: "):
+        searching._check_positions(runtime)
+
+
 def test_a_trial_depends_on_its_seed_not_on_what_ran_before_it(tmp_path: Path, tiny_bert: Path) -> None:
     """A search's later trials run after others in the same process; `autopeft train` reruns one alone."""
     from autopeft.search import run_trial
