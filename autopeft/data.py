@@ -324,7 +324,10 @@ def _stratified_parts(labels: list[int], sizes: list[int], seed: int, where: str
             index, _ = train_test_split(index, train_size=total, stratify=labels if stratify else None,
                                         random_state=seed)
             if stratify:  # a class of 3 rows in 1000 gets none of a stratified 80: it would vanish from every split
-                index = _with_every_class(sorted(index), labels, seed, per_class=len(sizes))
+                kept = _with_every_class(sorted(index), labels, seed, per_class=len(sizes))
+                # in the drawn order when nothing was added: the splits below take rows by position, and studies
+                # recorded before this must keep their rows
+                index = index if set(kept) == set(index) else kept
         parts = []
         for size in scaled[:-1]:
             part, index = train_test_split(index, train_size=size, random_state=seed,

@@ -92,25 +92,30 @@ def model_fingerprint(model: str) -> str:
 
 def weights_fingerprint(model: str) -> str | None:
     """What a study records of its model's content, to refuse a resume or export on other weights saved at the same
-    path (its trials would share a front with trials of another model): a hash of each file's name, size and first
-    and last MiB, so moved or copied weights match and weights saved again differ. None for a hub id (its
-    revision is the hub's to pin)."""
+    path (its trials would share a front with trials of another model): a hash of the configuration and of each
+    weight file's size and 256 samples spread over it (a fine-tune that changed only the feed-forward blocks
+    changes dozens of them), so moved or copied weights match without reading gigabytes, and a README edited
+    beside them changes nothing. None for a hub id (its revision is the hub's to pin)."""
     folder = Path(resolve_model_path(model))
     if not folder.is_dir():
         return None
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and _is_weights_or_config(p)):
         size = path.stat().st_size
         digest.update(f"{path.name}:{size}".encode())
         with path.open("rb") as content:
-            digest.update(content.read(_EDGE))
-            if size > 2 * _EDGE:
-                content.seek(size - _EDGE)
-            digest.update(content.read(_EDGE))
+            for offset in sorted({size * k // _SAMPLES for k in range(_SAMPLES)} | {max(0, size - _SAMPLE)}):
+                content.seek(offset)
+                digest.update(content.read(_SAMPLE))
     return digest.hexdigest()[:16]
 
 
-_EDGE = 1 << 20  # a weight file's first MiB holds its header and first tensors, its last MiB the last tensors
+_SAMPLES, _SAMPLE = 256, 4096  # samples per weight file, bytes each: 1 MiB read, whatever the model's size
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+
+
+def _is_weights_or_config(path: Path) -> bool:
+    return path.suffix.lower() in _WEIGHT_SUFFIXES or path.name == "config.json"
 
 
 def _packaged_path(name: str) -> str:

@@ -70,6 +70,7 @@ from autopeft.verbalizer import (
     label_words_problem,
     ranked_answers_problem,
     tokenize_causal,
+    unmatchable_answer_problem,
 )
 
 
@@ -239,8 +240,10 @@ def _load_for_task(config: SearchConfig, task: TaskData) -> tuple[nn.Module, Any
         model, tokenizer = load_causal_lm(config.model, seed=config.seed, trust_remote_code=config.trust_remote_code)
         refuse_encoder(config.model, model)
         words = list(config.label_words or default_label_words(task.label_names))
+        generate = config.causal_eval == "generate"
         problem = label_words_problem(words, task.label_names) or \
-            (generated_answers_problem(words) if config.label_words and config.causal_eval == "generate" else None)
+            (generated_answers_problem(words) if config.label_words and generate else None) or \
+            (unmatchable_answer_problem(words, _label_words_source(config)) if generate else None)
         if problem:
             raise ConfigError([problem])
         template = config.template or default_template(task.train.pairs is not None)
@@ -524,6 +527,9 @@ class Objective:
             raise
         except (TrialFailed, torch.OutOfMemoryError) as exc:
             trial.set_user_attr("steps_trained", getattr(exc, "steps_trained", 0))
+            # The configuration's own failure (positions, a non-finite loss, an optimizer or precision this
+            # machine lacks) fails it again; out of memory may pass once other processes let go of the device.
+            trial.set_user_attr("configuration_failed", isinstance(exc, TrialFailed))
             self._fail(trial, run_id, failure(exc))
         except Exception as exc:  # an unexpected error in one configuration must not end the search
             if interrupt.REQUESTED.is_set():  # a Ctrl-C that a library turned into an ordinary error
@@ -538,6 +544,7 @@ class Objective:
         values = self._values(outcome)
         trial.set_user_attr("steps_trained", len(outcome.train.losses))  # spent, whatever happens next
         if not all(math.isfinite(v) for v in (values if isinstance(values, tuple) else (values,))):
+            trial.set_user_attr("configuration_failed", True)
             self._fail(trial, run_id, f"non-finite score: validation accuracy {outcome.accuracy}, "
                                       f"forgetting {outcome.forgetting}")  # Optuna would fail it without a word
         self._record_or_fail(trial, run_id, outcome, started)
@@ -713,12 +720,13 @@ def _interrupted_before_its_run(trial: optuna.Trial) -> Iterator[None]:
 def _skip_if_tried(trial: optuna.Trial, flat: dict[str, Any]) -> None:
     """The grid is the product of every method's settings, so grid points that differ only in settings of
     a method the trial does not use are one configuration: train it once. (Pruned, not counted as a trial.)
-    One that failed is not tried again either (it failed the same way once per point of the other methods, and
-    the failures ended the search), unless an interruption or a lost worker failed it."""
+    One that failed for a reason of its own is not tried again either (it failed the same way once per point of
+    the other methods, and the failures ended the search); one that an interruption, a lost worker, memory other
+    processes held or a full disk failed is."""
     states = (studies.COMPLETE, optuna.trial.TrialState.RUNNING, studies.FAIL)
     for other in trial.study.get_trials(deepcopy=False, states=states):
         failed = other.user_attrs.get("fail_reason")
-        if other.state == studies.FAIL and failed in (None, "interrupted"):
+        if other.state == studies.FAIL and not other.user_attrs.get("configuration_failed"):
             continue
         if other.number != trial.number and other.user_attrs.get("params") == flat:
             reason = f"same configuration as trial {other.number} (this grid point differs only in another method's settings)"

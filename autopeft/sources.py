@@ -251,7 +251,11 @@ def _split_name(path: Path) -> str:
     """The split a file's name gives: its stem, or a compressed data file's inner stem (validation.jsonl.gz was
     skipped without a word, and validation rows carved from train instead)."""
     inner = Path(path.stem)
-    return (inner.stem if inner.suffix.lower() in SUFFIXES else path.stem).lower()
+    compressed = path.suffix.lower() in COMPRESSIONS and inner.suffix.lower() in SUFFIXES
+    return (inner.stem if compressed else path.stem).lower()
+
+
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip", ".zst")
 
 
 def _hub(task: str, columns: Columns, option: str) -> Source:

@@ -191,16 +191,18 @@ class SearchSpace:
         if points > GRID_LIMIT:
             widest = ", ".join(f"{name} {len(values)}" for name, values in
                                sorted(grid.items(), key=lambda item: -len(item[1]))[:4])
-            raise ConfigError([(f"--sampler grid: {self.path}: the grid has {points:,} points (the most values: "
-                               f"{widest}), more than {GRID_LIMIT:,}; take larger steps or fewer values, or use "
-                               "another sampler")])
+            raise ConfigError([(f"--sampler grid: {self.path}: the grid, the product of every method's settings, has "
+                               f"{points:,} points (the most values: {widest}), more than {GRID_LIMIT:,}; take larger "
+                               "steps or fewer values, search one method at a time, or use another sampler")])
         return grid
 
     def method_names(self) -> list[str]:
         return list(self.method.choices) if self.method.kind == "categorical" else [self.method.value]
 
 
-GRID_LIMIT = 100_000  # Optuna's GridSampler lists every point, in every process; no search trains that many
+# Optuna's GridSampler lists the product of every method's settings in every process (about 150 bytes a point):
+# two million points take about 300 MB, and no search trains that many.
+GRID_LIMIT = 2_000_000
 
 
 def _number(value: Any) -> Any:

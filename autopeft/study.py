@@ -117,12 +117,9 @@ def open_study(config: SearchConfig, space: SearchSpace, task: TaskData,
         else:
             study = optuna.load_study(study_name=config.study, storage=storage)
             check_compatible(study, config, space, task)
-            # The settings that may change on a resume (trials, budgets, sampler, ...) are this run's now:
-            # workers joining the study read them from here. Its MLflow store stays the one it was created with
-            # (report and export read its parent run there); runs logged elsewhere get a parent of their own.
-            recorded = study.user_attrs.get("config", {})
-            study.set_user_attr("config", {**config.public_dict(), "tracking_uri": recorded.get(
-                "tracking_uri", config.public_dict()["tracking_uri"])})
+            # The settings that may change on a resume (trials, budgets, sampler, the MLflow store: said by
+            # tracking_change) are this run's now: workers joining the study read them from here.
+            study.set_user_attr("config", config.public_dict())
             return study
     study = optuna.create_study(study_name=config.study, storage=storage, directions=directions(config))
     study.set_user_attr("config", config.public_dict())
@@ -257,7 +254,7 @@ def strategy_changes(config: SearchConfig) -> list[str]:
 
 
 def tracking_change(config: SearchConfig) -> str | None:
-    """A resume that logs to another MLflow store than the study's (which report and export keep reading)."""
+    """A resume that moves the study to another MLflow store: said, since the runs so far stay in the old one."""
     study = existing_study(config)
     if study is None:
         return None
@@ -265,8 +262,8 @@ def tracking_change(config: SearchConfig) -> str | None:
     now = absolute_sqlite_url(redact_url(config.tracking_uri))
     if recorded is None or recorded == now:
         return None
-    return (f"--tracking-uri {now}: the study logs to {recorded}, where report and export keep reading; this run's "
-            "trials go to a parent run of their own in the new store")
+    return (f"--tracking-uri {now}: the study logged to {recorded} until now, and its runs so far stay there; its "
+            "parent run, this run's trials, report and export use the new store from here on")
 
 
 def check_compatible(study: optuna.Study, config: SearchConfig, space: SearchSpace, task: TaskData) -> None:

@@ -182,14 +182,25 @@ def generated_answers_problem(label_words: list[str] | tuple[str, ...]) -> str |
     for word in label_words:
         key = normalize_answer(word)
         if not key:
-            return (f"--label-words: {word!r} is nothing once normalized (case, punctuation and spaces dropped), as "
-                    "--causal-eval generate compares answers, so no answer could match it; choose a word with a "
-                    "letter or digit, or use --causal-eval rank")
+            return unmatchable_answer_problem(label_words)
         if key in first:
             return (f"--label-words: {first[key]!r} and {word!r} are the same answer once normalized (case, "
                     "punctuation and spaces dropped), as --causal-eval generate compares them; choose words that differ")
         first[key] = word
     return None
+
+
+def unmatchable_answer_problem(label_words: list[str] | tuple[str, ...], source: str = "--label-words") -> str | None:
+    """A word generate mode can never find right: nothing is left of it once normalized ('?', '+'), and an empty
+    answer matches no class, so its rows would score 0 whatever the model says."""
+    from autopeft.evaluate import normalize_answer
+
+    empty = next((word for word in label_words if not normalize_answer(word)), None)
+    if empty is None:
+        return None
+    return (f"{source}: {empty!r} is nothing once normalized (case, punctuation and spaces dropped), as "
+            "--causal-eval generate compares answers, so no answer could match it; choose words with a letter or "
+            "digit" + (" (--label-words)" if source != "--label-words" else "") + ", or use --causal-eval rank")
 
 
 def ranked_answers_problem(fmt: CausalFormat, source: str = "--label-words") -> str | None:

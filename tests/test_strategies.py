@@ -139,23 +139,22 @@ def test_a_grid_configuration_that_failed_is_not_tried_again_for_another_methods
     assert len(repeats) == 2 and all("which failed: " in t.user_attrs["prune_reason"] for t in repeats)
 
 
-def test_a_resume_logging_to_another_store_keeps_the_studys_own_store_and_parent_run(
-        runtime: Runtime, tmp_path: Path) -> None:
-    """A resume with another --tracking-uri overwrote the study's record and its parent run's id: report then
-    read the new store, and the first trials' runs were no longer reachable from the study."""
+def test_a_resume_that_moves_the_study_to_another_store_says_so(runtime: Runtime, tmp_path: Path) -> None:
+    """A resume with another --tracking-uri moved the study's parent run without a word; the runs so far stay in
+    the store they were logged to."""
     study = search(runtime, tmp_path, trials=1)
     first_parent, first_store = study.user_attrs["mlflow_parent_run_id"], study.user_attrs["config"]["tracking_uri"]
     other = dataclasses.replace(runtime.config, storage=f"sqlite:///{tmp_path}/o.db", trials=2,
                                 tracking_uri=f"sqlite:///{tmp_path}/other.db", artifacts_dir=str(tmp_path / "a"))
     assert studies.tracking_change(other) == (
-        f"--tracking-uri sqlite:///{tmp_path}/other.db: the study logs to {first_store}, where report and export keep "
-        "reading; this run's trials go to a parent run of their own in the new store")
+        f"--tracking-uri sqlite:///{tmp_path}/other.db: the study logged to {first_store} until now, and its runs so "
+        "far stay there; its parent run, this run's trials, report and export use the new store from here on")
+    assert studies.tracking_change(dataclasses.replace(other, tracking_uri=first_store)) is None
     on_stale = studies.StaleTrialRetry()
     here = dataclasses.replace(runtime, config=other, space=load_space(other.space))
     resumed = run_trials(here, studies.open_study(other, here.space, runtime.task, on_stale), on_stale).study
-    assert resumed.user_attrs["mlflow_parent_run_id"] == first_parent
-    assert resumed.user_attrs["config"]["tracking_uri"] == first_store
-    assert resumed.user_attrs[f"mlflow_parent_run_id@sqlite:///{tmp_path}/other.db"] != first_parent
+    assert resumed.user_attrs["config"]["tracking_uri"] == f"sqlite:///{tmp_path}/other.db"
+    assert resumed.user_attrs["mlflow_parent_run_id"] != first_parent  # a parent of its own in the new store
 
 
 def test_grid_sampler_refuses_a_continuous_range_before_writing_a_study(runtime: Runtime, tmp_path: Path) -> None:

@@ -365,7 +365,7 @@ def test_a_label_word_of_punctuation_alone_never_matches_an_empty_answer(
                                tokenizer=tokenizer) == 0.0
     assert generated_answers_problem(words) == (
         "--label-words: '?' is nothing once normalized (case, punctuation and spaces dropped), as --causal-eval "
-        "generate compares answers, so no answer could match it; choose a word with a letter or digit, or use "
+        "generate compares answers, so no answer could match it; choose words with a letter or digit, or use "
         "--causal-eval rank")
 
 
@@ -379,6 +379,21 @@ def test_free_answers_ranked_as_classes_are_pointed_to_generate_mode(
     with pytest.raises(DataError, match=r"cannot split 60 rows by class .*; if the labels are free answers "
                                         r"\(question answering\), --causal-eval generate scores them as such"):
         run_search(config)
+
+
+def test_a_task_answer_generate_mode_could_never_match_is_refused(
+        tmp_path: Path, tiny_bert: Path, tiny_causal_models: dict[str, Path]) -> None:
+    """Classes '+' and '-' as their own label words: generate mode scored every row 0 whatever the model said."""
+    from autopeft.search import run_search
+
+    (tmp_path / "signs.csv").write_text("text,label\n" + "".join(f"row {i},{'+-'[i % 2]}\n" for i in range(60)))
+    config = tiny_config(tmp_path, tiny_bert, model=str(tiny_causal_models["llama"]), task_type="causal_lm",
+                         causal_eval="generate", task=str(tmp_path / "signs.csv"), train_size=30, val_size=15,
+                         test_size=15)
+    with pytest.raises(ConfigError, match=r"^--task: the labels in column 'label': '\+' is nothing once normalized .* "
+                                          r"choose words with a letter or digit \(--label-words\), or use --causal-eval rank"):
+        run_search(config)
+    assert not (tmp_path / "o.db").exists()
 
 
 def test_a_causal_search_on_open_answers_trains_and_scores_generated_answers(
