@@ -428,7 +428,10 @@ def _with_every_class(kept: list[int], labels: list[int], seed: int, per_class: 
                 break
             dropped = rng.choice([i for i in rows if labels[i] == common])
             added = next(i for i in range(len(labels)) if labels[i] == label and i not in taken)
-            rows.remove(dropped), taken.discard(dropped), rows.append(added), taken.add(added)
+            rows.remove(dropped)
+            rows.append(added)
+            taken.discard(dropped)
+            taken.add(added)
             held[common] -= 1
             held[label] += 1
     return sorted(rows)

@@ -609,8 +609,8 @@ class ProbeSet:
     def too_long(self, positions: int) -> dict[str, int]:
         """The probes whose own-length texts need more than `positions` (--max-length cannot shorten them), with
         how many tokens each needs."""
-        return {p.name: _longest_input(p) for p in self.probes
-                if getattr(p, "own_length", False) and _longest_input(p) > positions}
+        own = {p.name: _longest_input(p) for p in self.probes if getattr(p, "own_length", False)}
+        return {name: tokens for name, tokens in own.items() if tokens > positions}
 
     def fit_base(self, base_model: nn.Module, device: torch.device | None = None, *,
                  cache_file: Path | None = None, cache_key: str = "") -> dict[str, float]:

@@ -240,10 +240,10 @@ def _load_for_task(config: SearchConfig, task: TaskData) -> tuple[nn.Module, Any
         model, tokenizer = load_causal_lm(config.model, seed=config.seed, trust_remote_code=config.trust_remote_code)
         refuse_encoder(config.model, model)
         words = list(config.label_words or default_label_words(task.label_names))
-        generate = config.causal_eval == "generate"
-        problem = label_words_problem(words, task.label_names) or \
-            (generated_answers_problem(words) if config.label_words and generate else None) or \
-            (unmatchable_answer_problem(words, _label_words_source(config)) if generate else None)
+        problem = label_words_problem(words, task.label_names)
+        if config.causal_eval == "generate":  # the user's words must differ once normalized; open answers may not
+            problem = problem or (generated_answers_problem(words) if config.label_words else
+                                  unmatchable_answer_problem(words, _label_words_source(config)))
         if problem:
             raise ConfigError([problem])
         template = config.template or default_template(task.train.pairs is not None)

@@ -74,12 +74,11 @@ def _unrunnable_here(runtime: Runtime, params: TrialParams) -> str | None:
     """Why this recipe cannot train with this model on this machine (a method the architecture or the installed
     packages lack, an optimizer or precision they lack, virtual tokens past the position table), by the key.
     A search records such a trial as skipped or failed and goes on; here it would be a failed MLflow run."""
-    method = methods.get(params.method).problem(runtime.base_model)
-    optimizer = optimizer_problem(params.training["optimizer"])
-    precision = precision_problem(params.training["precision"], runtime.device)
-    positions = positions_problem(runtime, params)
-    return (f"method: {method}" if method else f"optimizer: {optimizer}" if optimizer else
-            f"precision: {precision}" if precision else f"method_params: {positions}" if positions else None)
+    checks = (("method", lambda: methods.get(params.method).problem(runtime.base_model)),
+              ("optimizer", lambda: optimizer_problem(params.training["optimizer"])),
+              ("precision", lambda: precision_problem(params.training["precision"], runtime.device)),
+              ("method_params", lambda: positions_problem(runtime, params)))
+    return next((f"{key}: {problem}" for key, check in checks if (problem := check())), None)
 
 
 def _log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, out: Path) -> None:

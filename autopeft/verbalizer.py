@@ -178,11 +178,12 @@ def generated_answers_problem(label_words: list[str] | tuple[str, ...]) -> str |
     punctuation and extra spaces dropped), so 'yes' and 'Yes.' would both be right whatever the model says."""
     from autopeft.evaluate import normalize_answer
 
+    problem = unmatchable_answer_problem(label_words)
+    if problem:
+        return problem
     first: dict[str, str] = {}
     for word in label_words:
         key = normalize_answer(word)
-        if not key:
-            return unmatchable_answer_problem(label_words)
         if key in first:
             return (f"--label-words: {first[key]!r} and {word!r} are the same answer once normalized (case, "
                     "punctuation and spaces dropped), as --causal-eval generate compares them; choose words that differ")
