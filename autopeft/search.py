@@ -171,7 +171,7 @@ def prepare_runtime(config: SearchConfig, space: SearchSpace | None = None) -> R
     _check_positions(runtime)
     with scoring_base(runtime):
         runtime.base_scores = probes.fit_base(base_model, runtime.device, cache_file=probe_cache(config),
-                                              cache_key=probe_cache_key(config, task))
+                                              cache_key=probe_cache_key(config, task, runtime.device))
     return runtime
 
 
@@ -214,16 +214,17 @@ def probe_cache(config: SearchConfig) -> Path:
 PROBE_SCORING = 2  # raised when a probe scores differently: 2, the perplexity no longer scores tokens after padding
 
 
-def probe_cache_key(config: SearchConfig, task: TaskData) -> str:
+def probe_cache_key(config: SearchConfig, task: TaskData, device: torch.device) -> str:
     """What the cached base scores were computed from: another key computes them again. A causal LM's answer
-    format (words, template, accuracy mode) changes its accuracy probes' scores as the data does."""
+    format (words, template, accuracy mode) changes its accuracy probes' scores as the data does, and another
+    kind of device rounds them differently (a CPU's base read from a GPU's trials as forgetting that is not 0)."""
     split, model = task.describe(), model_fingerprint(config.model)  # weights saved again at its path: another model
     # The default words are the label names (thousands, for open answers: hashed)
     words = hashlib.sha256("\n".join(config.label_words or task.label_names).encode()).hexdigest()[:16]
     ood = absolute_if_local(config.ood_task)  # a worker reads it from the study's record: absolute
     return (f"{model}|{config.seed}|{config.task_type}|{config.max_length}|{ood}|"
             f"{split['train_fingerprint']}|{split['validation_fingerprint']}|{split.get('ood_fingerprint')}|"
-            f"words {words}|{config.template!r}|{config.causal_eval}|scoring {PROBE_SCORING}")
+            f"words {words}|{config.template!r}|{config.causal_eval}|scoring {PROBE_SCORING}|{device.type}")
 
 
 def refuse_encoder(name: str, model: nn.Module) -> None:
@@ -1083,7 +1084,7 @@ def run_trials(runtime: Runtime, study: optuna.Study, on_stale: studies.StaleTri
     stops = SearchStops(config, study, since=run_began)
     try:
         _record_base_scores(runtime, study, tracker, parent, new_parent=parent != known_parent)
-        runtime.probes.save_base(probe_cache(config), probe_cache_key(config, runtime.task))
+        runtime.probes.save_base(probe_cache(config), probe_cache_key(config, runtime.task, runtime.device))
         with _long_lived_objects_frozen():
             # A resumed study whose step budget is spent, or whose grid is walked, trains nothing more (a walked
             # grid's sampler draws a point again, which was trained as a repeat under a wrong reason).

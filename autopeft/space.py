@@ -30,7 +30,8 @@ TRAINING_PARAMS: dict[str, ParamSpec] = {
     "grad_accum_steps": ParamSpec("int", 1, "micro-batches per optimizer step", low=1, high=4096),
     "micro_batch_size": ParamSpec("int", 16, "rows per forward/backward pass", low=1, high=65536),
     "weight_decay": ParamSpec("float", 0.0, "weight decay (decoupled for adamw, adamw_8bit and adafactor; L2 on the gradient for sgd, "
-                                          "as torch's SGD applies it)", low=0.0, high=1.0),
+                                          "as torch's SGD applies it); not on biases, norm weights, (IA)^3 vectors or "
+                                          "DoRA magnitudes", low=0.0, high=1.0),
     "warmup_ratio": ParamSpec("float", 0.0, "fraction of steps with a linear warm-up", low=0.0, high=0.9),
     "scheduler": ParamSpec("choice", "linear", "learning-rate decay after warm-up", choices=SCHEDULERS),
     "max_grad_norm": ParamSpec("float", 1.0, "gradient clipping norm (0 disables clipping)", low=0.0, high=1e6),

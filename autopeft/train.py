@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +83,27 @@ def precision_problem(precision: str, device: torch.device) -> str | None:
     return None
 
 
-def build_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+# Multiplicative scales that start at 1 ((IA)^3 vectors, DoRA magnitudes): decay pulls them towards switching
+# their layer off, not towards the base model.
+UNDECAYED_SCALES = ("ia3_l", "lora_magnitude_vector")
+
+
+def decay_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """The trainable parameters in two optimizer groups: weight decay on the rest, none on biases and norm
+    weights (as HF Trainer leaves them) nor on the multiplicative scales above."""
+    norms = {name for name, module in model.named_modules() if "norm" in type(module).__name__.lower()}
+    decayed, exempt = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            owner, _, leaf = name.rpartition(".")
+            spared = leaf == "bias" or owner in norms or any(part in UNDECAYED_SCALES for part in name.split("."))
+            (exempt if spared else decayed).append(param)
+    groups = [{"params": decayed}, {"params": exempt, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(params: list[nn.Parameter] | list[dict[str, Any]],
+                    settings: TrainSettings) -> torch.optim.Optimizer:
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     if settings.optimizer == "adafactor":
@@ -166,7 +186,7 @@ def fit(model: nn.Module, data: TokenizedSplit, settings: TrainSettings, *, pad_
     if settings.gradient_checkpointing:
         _enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, settings)
+    optimizer = build_optimizer(decay_groups(model), settings)
     scheduler = build_scheduler(optimizer, settings)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext

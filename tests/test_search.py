@@ -74,11 +74,11 @@ def test_the_base_probe_cache_is_keyed_on_the_answer_format(tmp_path: Path,
 
     first = config(tmp_path, tiny_causal_models["llama"], task_type="causal_lm", label_words=("good", "bad"))
     runtime = prepare_runtime(first)
-    runtime.probes.save_base(probe_cache(first), probe_cache_key(first, runtime.task))
-    key = probe_cache_key(first, runtime.task)
+    runtime.probes.save_base(probe_cache(first), probe_cache_key(first, runtime.task, runtime.device))
+    key = probe_cache_key(first, runtime.task, runtime.device)
     for change in ({"label_words": ("yes", "no")}, {"template": "Review: {text}\nVerdict:"},
                    {"causal_eval": "generate"}, {"label_words": None}):
-        assert probe_cache_key(replace(first, **change), runtime.task) != key, change
+        assert probe_cache_key(replace(first, **change), runtime.task, runtime.device) != key, change
     other = replace(first, label_words=("yes", "no"))
     cached = prepare_runtime(other).base_scores
     assert cached != runtime.base_scores  # the words do change them: the test would not see a stale cache otherwise
@@ -99,7 +99,20 @@ def test_the_base_probe_cache_key_names_an_ood_set_by_its_absolute_path(tmp_path
     monkeypatch.chdir(tmp_path)
     typed = config(tmp_path, tiny_bert, ood_task="ood.csv")
     task = prepare_runtime(typed).task
-    assert probe_cache_key(typed, task) == probe_cache_key(replace(typed, ood_task=str(tmp_path / "ood.csv")), task)
+    cpu = torch.device("cpu")
+    assert probe_cache_key(typed, task, cpu) == probe_cache_key(replace(typed, ood_task=str(tmp_path / "ood.csv")),
+                                                                task, cpu)
+
+
+def test_the_base_probe_cache_key_names_the_kind_of_device(tmp_path: Path, tiny_bert: Path) -> None:
+    """A GPU rounds the base model's scores differently from a CPU: a cache fitted on one and read on the other
+    gave the untouched base a forgetting that is not 0. Two GPUs of one kind share it."""
+    from autopeft.search import probe_cache_key
+
+    settings = config(tmp_path, tiny_bert)
+    task = prepare_runtime(settings).task
+    keys = {device: probe_cache_key(settings, task, torch.device(device)) for device in ("cpu", "cuda", "cuda:1")}
+    assert keys["cpu"] != keys["cuda"] == keys["cuda:1"]
 
 
 def test_probe_texts_past_the_position_table_name_the_probe_not_max_length(

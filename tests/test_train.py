@@ -255,3 +255,21 @@ def test_an_update_that_overflows_the_weights_fails_the_trial_before_anything_ev
     settings = TrainSettings(learning_rate=1e10, optimizer="sgd", max_grad_norm=0.0, micro_batch_size=8, max_steps=1)
     with pytest.raises(TrialFailed, match="non-finite weights after optimizer step 1"):
         fit(lora_model, variable_length_split(32), settings, pad_id=0, loss_fn=huge_gradient)
+
+
+@pytest.mark.parametrize("method, scales", [("ia3", "ia3_l"), ("dora", "lora_magnitude_vector")])
+def test_weight_decay_spares_scales_that_start_at_one_biases_and_norms(tiny_bert: Path, method: str,
+                                                                       scales: str) -> None:
+    """Decoupled decay pulls a parameter towards 0: for (IA)^3's vectors and DoRA's magnitudes, which scale a layer
+    and start at 1, that is towards switching the layer off, not towards the base model. The matrices decay."""
+    model, _ = load_classifier(str(tiny_bert), 2, seed=0)
+    model = methods.get(method).apply(model, methods.get(method).resolve({}), MethodContext())
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    settings = TrainSettings(learning_rate=1e-3, weight_decay=100.0, micro_batch_size=8, max_steps=5,
+                             scheduler="constant", warmup_ratio=0.0)
+    fit(model, variable_length_split(32), settings, pad_id=0)
+    after = dict(model.named_parameters())
+    spared = [n for n in start if scales in n or n.endswith("bias")]
+    assert spared and all((after[n] - start[n]).abs().max() < 0.01 for n in spared)  # Adam moves it 1e-3 a step
+    decayed = [n for n in start if "classifier" in n and n.endswith("weight")]  # 10% a step on top of Adam
+    assert decayed and all(after[n].norm() < 0.8 * start[n].norm() for n in decayed)
