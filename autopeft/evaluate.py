@@ -171,11 +171,7 @@ def predict_causal(model: nn.Module, split: TokenizedSplit, fmt: CausalFormat, *
         raise ValueError(f"mode {mode!r}: use 'rank', or 'generate' with the tokenizer to decode answers")
     answers = generate_greedy(model, prompts, max_new_tokens=generation_cap(fmt), pad_id=pad_id, eos_id=fmt.eos_id,
                               batch_size=batch_size, device=device)
-    # each label word as its own tokens decode (a WordPiece decode spaces punctuation: "U.S." reads "u. s."),
-    # so an answer of exactly those tokens matches
-    # (a word of unknown tokens decodes to nothing: compared as written, or an empty answer would match it)
-    normalized = [normalize_answer(tokenizer.decode(ids, skip_special_tokens=True)) or normalize_answer(word)
-                  for ids, word in zip(fmt.answer_ids, fmt.label_words, strict=True)]
+    normalized = label_word_answers(fmt, tokenizer)
     words: dict[str, int] = {}
     for k, word in enumerate(normalized):
         words.setdefault(word, k)
@@ -186,6 +182,14 @@ def predict_causal(model: nn.Module, split: TokenizedSplit, fmt: CausalFormat, *
     predicted = [-1 if not text else gold if text == normalized[gold] else words.get(text, -1)
                  for text, gold in zip(texts, golds, strict=True)]
     return torch.tensor(predicted), torch.tensor(golds)
+
+
+def label_word_answers(fmt: CausalFormat, tokenizer: Any) -> list[str]:
+    """What a generated answer is compared with: each label word as its own tokens decode, normalized (a WordPiece
+    decode spaces punctuation: "U.S." reads "u. s."), so an answer of exactly those tokens matches. A word of
+    unknown tokens decodes to nothing: compared as written, or an empty answer would match it."""
+    return [normalize_answer(tokenizer.decode(ids, skip_special_tokens=True)) or normalize_answer(word)
+            for ids, word in zip(fmt.answer_ids, fmt.label_words, strict=True)]
 
 
 def causal_accuracy(model: nn.Module, split: TokenizedSplit, fmt: CausalFormat, *, pad_id: int,

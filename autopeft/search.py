@@ -64,6 +64,7 @@ from autopeft.train import (
 )
 from autopeft.verbalizer import (
     causal_format,
+    decoded_answers_problem,
     default_label_words,
     default_template,
     generated_answers_problem,
@@ -250,6 +251,10 @@ def _load_for_task(config: SearchConfig, task: TaskData) -> tuple[nn.Module, Any
         template = config.template or default_template(task.train.pairs is not None)
         source = _label_words_source(config)
         fmt = causal_format(tokenizer, words, template, source=source)
+        if config.causal_eval == "generate" and config.label_words:
+            problem = decoded_answers_problem(fmt, tokenizer)
+            if problem:
+                raise ConfigError([problem])
         evaluator = Evaluator(int(tokenizer.pad_token_id), config.eval_batch_size, causal=fmt,
                               mode=config.causal_eval, tokenizer=tokenizer)  # type: ignore[arg-type]
         return model, tokenizer, lambda split: tokenize_causal(split, tokenizer, config.max_length, words,

@@ -49,6 +49,8 @@ class CausalFormat:
               source: str = "--label-words") -> CausalFormat:
         """`source` names where the words came from in an error: --label-words, or the task's answer column."""
         check_template(template)
+        # The answer comes after a space of its own: 'Label: ' trained on 'Label:  bad', two spaces.
+        template = template.rstrip(" ")
         answers = tuple(tuple(tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"])
                         for word in label_words)
         problem = _answer_problem(list(label_words), answers)
@@ -83,6 +85,10 @@ def check_template(template: str) -> None:
         raise DataError(f"--template: {template!r} may hold plain {{text}} and {{text_pair}} fields only, "
                         "without conversions or format specs")
     fields = template_fields(template)
+    repeated = sorted({name for _, name, _, _ in parsed if name is not None and
+                       sum(other == name for _, other, _, _ in parsed) > 1})
+    if repeated:  # only one copy could be cut to fit --max-length: the other was kept whole, counted as template
+        raise DataError(f"--template: {template!r} holds {{{repeated[0]}}} more than once; give each field once")
     if "text" not in fields or not fields <= {"text", "text_pair"}:
         raise DataError(f"--template: {template!r} must contain {{text}} (and may contain {{text_pair}} for "
                         f"sentence pairs), no other fields; found: {', '.join(sorted(fields)) or 'none'}")
@@ -134,16 +140,19 @@ def tokenize_causal(split: TextSplit, tokenizer: Any, max_length: int, label_wor
     if (split.pairs is not None) != ("text_pair" in template_fields(template)):
         raise DataError(f"--template: {template!r} must contain {{text_pair}} exactly when the task has a second "
                         f"text column ({'it has' if split.pairs is not None else 'it has none'})")
+    # Every prompt keeps room for the longest answer, whatever its own: cut to fit its own answer, a prompt's
+    # length told the model which answer follows (on coin-flip labels, 1.0 accuracy from truncated rows alone).
+    longest = max(range(len(fmt.answer_ids)), key=lambda label: len(fmt.answer_ids[label]))
+    room = len(fmt.target(longest))
     inputs, labels, worst = [], [], None
     for row, (text, label) in enumerate(zip(split.texts, split.labels, strict=True)):
-        (ids, owners), answer = _prompt_tokens(tokenizer, template, text, split.pairs[row] if split.pairs else None), \
-            fmt.target(label)
-        need = _least_prompt(owners) + len(answer)
+        ids, owners = _prompt_tokens(tokenizer, fmt.template, text, split.pairs[row] if split.pairs else None)
+        need = _least_prompt(owners) + room
         if need > max_length:  # refused below, named by the row that needs the most
             if worst is None or need > worst[0]:
-                worst = (need, owners, answer, label)
+                worst = (need, owners, fmt.target(longest), longest)
             continue
-        prompt = _truncated(ids, owners, max_length - len(answer))
+        prompt, answer = _truncated(ids, owners, max_length - room), fmt.target(label)
         inputs.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
     if worst:
@@ -187,6 +196,21 @@ def generated_answers_problem(label_words: list[str] | tuple[str, ...]) -> str |
         if key in first:
             return (f"--label-words: {first[key]!r} and {word!r} are the same answer once normalized (case, "
                     "punctuation and spaces dropped), as --causal-eval generate compares them; choose words that differ")
+        first[key] = word
+    return None
+
+
+def decoded_answers_problem(fmt: CausalFormat, tokenizer: Any) -> str | None:
+    """Label words that differ as written but not as their tokens decode (a WordPiece decode reads 'U.S.' as
+    'u. s.', which normalizes as 'u s' does): generate mode compares decoded words, so one answer was right for
+    both classes."""
+    from autopeft.evaluate import label_word_answers
+
+    first: dict[str, str] = {}
+    for word, key in zip(fmt.label_words, label_word_answers(fmt, tokenizer), strict=True):
+        if key in first:
+            return (f"--label-words: {first[key]!r} and {word!r} are the same answer as this tokenizer decodes them "
+                    f"({key!r} once normalized), as --causal-eval generate compares them; choose words that differ")
         first[key] = word
     return None
 
@@ -268,7 +292,9 @@ def _render(template: str, fields: dict[str, str]) -> tuple[str, dict[str, tuple
 
 
 def _owner(token: int, offset: tuple[int, int], spans: dict[str, tuple[int, int]], special: set[int]) -> str | None:
-    """The field whose text this token comes from (None: the template or a special token)."""
+    """The field whose text this token ends in (None: the template or a special token). A token that runs on past
+    its text into the template ('."' after a quoted review) is the template's, so truncation never cuts the
+    template; one that begins with the template's space before the text (' The') is the text's."""
     if token in special or offset[1] <= offset[0]:
         return None
-    return next((name for name, (a, b) in spans.items() if a <= offset[0] < b), None)
+    return next((name for name, (a, b) in spans.items() if a < offset[1] <= b), None)

@@ -25,6 +25,19 @@ def _causal(path: Path):
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
+def _byte_level_tokenizer(corpus: list[str]):
+    """A GPT-2-style byte-level BPE learned from `corpus`: it keeps spaces and merges punctuation across the text
+    and the template, as real decoders' tokenizers do and the tiny models' WordPiece does not."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(corpus * 20, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<eos>")
+
+
 def test_prompt_positions_are_not_learned_and_only_the_text_is_truncated(tiny_causal_models: dict[str, Path]) -> None:
     _, tokenizer = _causal(tiny_causal_models["llama"])
     split = TextSplit(["a good film", "dull " * 50], [0, 1])
@@ -37,6 +50,42 @@ def test_prompt_positions_are_not_learned_and_only_the_text_is_truncated(tiny_ca
     assert len(second) == 16 and second[-3:] == ["label", ":", "rotten"]  # the text lost its end, not the cue
     batch = collate(tokenized, [0, 1], tokenizer.pad_token_id)  # padding is never a target either
     assert batch["labels"][0].tolist() == [-100] * 15 + [tokenizer.convert_tokens_to_ids("fresh")]
+
+
+def test_a_truncated_prompt_does_not_depend_on_its_rows_answer(tiny_causal_models: dict[str, Path]) -> None:
+    """Prompts were cut to leave room for the row's own answer, so with a one-token and a two-token label word the
+    same long text kept one token more under the shorter: the prompt's length gave the answer away (a model
+    reached 1.0 on coin-flip labels). Each prompt now leaves room for the longest answer."""
+    _, tokenizer = _causal(tiny_causal_models["llama"])
+    text = "the movie was long and slow and the plot made little sense to anyone watching it"
+    words = ["bad", "very good"]
+    tokenized = tokenize_causal(TextSplit([text, text], [0, 1]), tokenizer, 16, words)
+    prompts = [ids[:labels.count(-100)] for ids, labels in zip(tokenized.input_ids, tokenized.labels, strict=True)]
+    assert prompts[0] == prompts[1]
+    assert len(tokenized.input_ids[1]) == 16 and len(tokenized.input_ids[0]) == 15  # the short answer's row is shorter
+
+
+def test_truncation_never_cuts_a_template_character_a_token_shares_with_the_text() -> None:
+    """A byte-level BPE merges a review's last '.' with the template's closing quote ('."'): counted as text, that
+    token was cut with the text and the truncated rows lost the quote every other row has."""
+    template, text = 'Review: "{text}"\nSentiment:', "The movie was long and slow, and the plot made no sense."
+    tokenizer = _byte_level_tokenizer([template.format(text=text) + " bad"])
+    assert '."' in tokenizer.tokenize(template.format(text=text))  # the shared token the test is about
+    whole = tokenize_causal(TextSplit([text], [0]), tokenizer, 64, ["bad", "good"], template)
+    cut = tokenize_causal(TextSplit([text], [0]), tokenizer, len(whole.input_ids[0]) - 3, ["bad", "good"], template)
+    decoded = tokenizer.decode(cut.input_ids[0], skip_special_tokens=True)
+    assert decoded.startswith('Review: "The') and decoded.endswith('"\nSentiment: bad') and len(decoded) < len(text)
+
+
+def test_a_template_ending_in_a_space_gives_one_space_before_the_answer(tiny_causal_models: dict[str, Path]) -> None:
+    """The answer comes after a space of its own: 'Label: ' trained and scored on 'Label:  bad', and the export
+    told users to add a space after the template."""
+    tokenizer = _byte_level_tokenizer(["Text: great film\nLabel: bad", "Text: dull film\nLabel: good"])
+    spaced = tokenize_causal(TextSplit(["great film"], [0]), tokenizer, 32, ["bad", "good"], "Text: {text}\nLabel: ")
+    plain = tokenize_causal(TextSplit(["great film"], [0]), tokenizer, 32, ["bad", "good"], "Text: {text}\nLabel:")
+    assert spaced.input_ids == plain.input_ids
+    assert tokenizer.decode(spaced.input_ids[0], skip_special_tokens=True) == "Text: great film\nLabel: bad"
+    assert causal_format(tokenizer, ["bad", "good"], "Text: {text}\nLabel: ").template == "Text: {text}\nLabel:"
 
 
 def test_pairs_fill_the_pair_template(tiny_causal_models: dict[str, Path]) -> None:
@@ -65,6 +114,8 @@ def test_a_literal_brace_pair_field_is_text_not_the_second_text(tiny_causal_mode
     (WORDS, "Label:", r"--template: 'Label:' must contain \{text\}"),
     (WORDS, "{text} {other}", r"--template: .*no other fields; found: other, text"),
     (WORDS, "{text} {text_pair}", r"--template: .*must contain \{text_pair\} exactly when the task has a second text"),
+    # only one copy could be cut to fit --max-length, and the other was blamed on the template
+    (WORDS, "Review: {text}\nAgain: {text}\nLabel:", r"--template: .* holds \{text\} more than once; give each field once"),
 ])
 def test_bad_verbalizers_are_named(tiny_causal_models: dict[str, Path], words: list[str], template: str,
                                    message: str) -> None:
@@ -305,6 +356,26 @@ def test_label_words_generate_mode_cannot_tell_apart_are_refused() -> None:
         "--label-words: 'yes' and 'Yes.' are the same answer once normalized (case, punctuation and spaces dropped), "
         "as --causal-eval generate compares them; choose words that differ")
     assert generated_answers_problem(["yes", "no"]) is None
+
+
+def test_label_words_that_decode_alike_are_refused_before_a_generate_search(tmp_path: Path,
+                                                                          tiny_causal_models: dict[str, Path]) -> None:
+    """A WordPiece decode reads 'U.S.' as 'u. s.', which normalizes as 'u s' does: generate mode compares the
+    decoded words, so a model that always answered 'u s' scored 100%. Refused before the search, not once normalized
+    as written (they differ there)."""
+    from autopeft.search import prepare_runtime
+    from autopeft.verbalizer import decoded_answers_problem, generated_answers_problem
+
+    _, tokenizer = _causal(tiny_causal_models["llama"])
+    assert generated_answers_problem(["U.S.", "u s"]) is None
+    assert decoded_answers_problem(causal_format(tokenizer, ["U.S.", "U.K."]), tokenizer) is None
+    (tmp_path / "task.csv").write_text("text,label\n" + "".join(f"row {i},{['us', 'uk'][i % 2]}\n" for i in range(40)))
+    settings = tiny_config(tmp_path, tiny_causal_models["llama"], task=str(tmp_path / "task.csv"), train_size=20,
+                           val_size=10, test_size=10, task_type="causal_lm", causal_eval="generate",
+                           label_words=("U.S.", "u s"))
+    with pytest.raises(ConfigError, match=r"^--label-words: 'U.S.' and 'u s' are the same answer as this tokenizer "
+                                          r"decodes them \('u s' once normalized\)"):
+        prepare_runtime(settings)
 
 
 def test_a_sign_or_decimal_point_before_a_digit_is_kept_when_answers_are_compared() -> None:
