@@ -696,7 +696,7 @@ def estimate(
     config: Annotated[Path | None, typer.Option("--config", help="training.yaml (from `autopeft export`): estimate that configuration.")] = None,
     model: Annotated[str | None, typer.Option(help=f"With --space: hub id, local folder or packaged:<name> (only its config is read; default {DEFAULT_MODEL}).", show_default=False)] = None,
     space: Annotated[Path | None, typer.Option(help="With no --config: each method of this space, with the values the space fixes and the searched ones at their defaults (default: the shipped space).", show_default=False)] = None,
-    seq_len: Annotated[int | None, typer.Option(help="Tokens per row of the longest batch (default: a --config recipe's max_length, else 128).")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per row of the longest batch (default: a --config recipe's max_length, at most the model's positions; else 128).")] = None,
     device: Annotated[str, typer.Option(help="Device to estimate for: cpu or cuda (works on a CPU-only machine).")] = "cpu",
     task_type: Annotated[str | None, typer.Option(help="With --space: classification (a head, the default) or causal_lm (logits over the vocabulary); a --config recipe says its own.")] = None,
 ) -> None:
@@ -720,14 +720,14 @@ def estimate(
         """(base model, configuration, task type, tokens per row, the recipe's steps) for each estimate."""
         if config is not None:
             recipe, params, _ = read_recipe(config)
-            return [(recipe.model, params, recipe.task_type, seq_len or recipe.max_length, recipe.max_steps)]
+            return [(recipe.model, params, recipe.task_type, seq_len or _longest_row(recipe, params), recipe.max_steps)]
         loaded = load_space(space or DEFAULT_SPACE)
         return [(model or DEFAULT_MODEL, loaded.fixed_params(name), task_type or "classification", seq_len or 128,
                  None) for name in loaded.method_names()]
 
     source = config or space or DEFAULT_SPACE
     unbuildable = []  # a space's methods are each estimated; those that cannot be are named after the others
-    for base, params, kind, tokens, steps in _guard(configurations):
+    for base, params, kind, tokens, steps in _guard(_in_recipe_terms(configurations, config)):
         _guard(functools.partial(_check_decoder, base, kind))
         own = ", ".join(f"{k}={v}" for k, v in params.method_params.items())
         _guard(functools.partial(_check_positions, base, tokens))  # the row alone: one line, whatever the method
@@ -816,6 +816,32 @@ def _method_problem(base: str, method: str) -> str | None:
 
     model = _meta_model(base)
     return None if model is None else methods.get(method).problem(model)
+
+
+def _longest_row(recipe: Any, params: Any) -> int:
+    """The tokens a recipe's rows can have: its max_length, or fewer where the model's positions (less prompt
+    tuning's virtual tokens) end first, as the search measures rows (a max_length of 500 trains on a 128-position
+    model whose rows are short, and was refused here as a --seq-len nobody gave)."""
+    limit = _position_limit(recipe.model)
+    room = limit - _virtual_tokens(params) if limit is not None else recipe.max_length
+    return min(recipe.max_length, room) if room >= 2 else recipe.max_length
+
+
+def _in_recipe_terms(call: Callable[[], T], recipe: Path | None) -> Callable[[], T]:
+    """`call`, its problems with a --config recipe's values worded by the recipe's keys ('training.yaml: model:
+    ...'), as `autopeft train` words them: the command line gave no --model."""
+    from autopeft.errors import DataError, ModelError
+    from autopeft.recipe import in_recipe_terms
+
+    def worded() -> T:
+        try:
+            return call()
+        except (DataError, ModelError) as exc:
+            raise type(exc)(in_recipe_terms(recipe, str(exc))) from None  # type: ignore[arg-type]
+        except ConfigError as exc:
+            raise ConfigError([in_recipe_terms(recipe, problem) for problem in exc.problems]) from None  # type: ignore[arg-type]
+
+    return call if recipe is None else worded
 
 
 def _check_decoder(base: str, kind: str) -> None:

@@ -592,7 +592,8 @@ def _load_note(method: str, base_model: Any) -> str:
 
 def load_line(peft_backed: bool, task_type: str = "classification", num_labels: int = 0) -> str:
     base = "AutoModelForCausalLM.from_pretrained(BASE)" if task_type == "causal_lm" else \
-        f"AutoModelForSequenceClassification.from_pretrained(BASE, num_labels={num_labels or 'N'})"
+        f"AutoModelForSequenceClassification.from_pretrained(BASE, num_labels={num_labels or 'N'}, " \
+        "ignore_mismatched_sizes=True)"  # a base whose own head has another number of classes loads too
     if peft_backed:
         return f"Load (peft only): `PeftModel.from_pretrained({base}, THIS_FOLDER)`"
     return f"Load (autopeft's own method, not in peft): `autopeft.adapter_io.load({base}, Path(THIS_FOLDER))`"

@@ -868,6 +868,21 @@ def test_estimate_counts_robertas_positions_as_the_search_does(tmp_path: Path) -
     assert autopeft_here(*estimate, "32", cwd=tmp_path).returncode == 0
 
 
+def test_estimate_words_a_recipes_values_by_its_keys_and_caps_its_rows_at_the_models_positions(
+        exported: Path, tmp_path: Path) -> None:
+    """A recipe's max_length of 500 on a 128-position model trains (its rows are short) but was refused as a
+    '--seq-len' nobody gave; a recipe whose model moved was '--model: ...', where `train` says 'moved.yaml: model:'."""
+    import re
+
+    recipe = (exported / "export" / "training.yaml").read_text()
+    (tmp_path / "big.yaml").write_text(re.sub(r"(?m)^max_length: .*$", "max_length: 500", recipe))
+    (tmp_path / "moved.yaml").write_text(re.sub(r"(?m)^model: .*$", f"model: {tmp_path / 'gone'}", recipe))
+    big = autopeft_here("estimate", "--config", "big.yaml", cwd=tmp_path)
+    assert big.returncode == 0 and "x 128 tokens" in big.stdout, big.stderr
+    moved = autopeft_here("estimate", "--config", "moved.yaml", cwd=tmp_path)
+    assert moved.returncode == 2 and moved.stderr.startswith(f"error: moved.yaml: model: {tmp_path / 'gone'} does not exist")
+
+
 def test_the_model_checks_read_the_model_at_the_path_now_in_a_process_that_goes_on(tmp_path: Path) -> None:
     """The model checks cached a config by --model as typed: in one process (the Python API, a notebook),
     ./roberta in a second folder was read as the first folder's, and a model saved again at its path as the old."""

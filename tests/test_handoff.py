@@ -70,6 +70,27 @@ def test_exported_adapter_loads_in_plain_peft_with_the_same_logits(finished_stud
     torch.testing.assert_close(torch.tensor(json.loads(plain.stdout)), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_the_exported_load_line_runs_as_written_on_a_base_whose_head_has_other_classes(tmp_path: Path,
+                                                                                        tiny_bert: Path) -> None:
+    """The tiny base carries a 2-label head, as a user's earlier fine-tune would: a 3-class export's README line
+    stopped at the head's size mismatch (autopeft itself loads the base with ignore_mismatched_sizes)."""
+    import re
+
+    (tmp_path / "three.csv").write_text("text,label\n" + "".join(
+        f"{['good fine', 'bad awful', 'plain meh'][i % 3]} {i},{['pos', 'neg', 'neutral'][i % 3]}\n" for i in range(90)))
+    done = autopeft_here("search", "--trials", "1", "--model", str(tiny_bert), "--task", "three.csv", "--train-size",
+                         "45", "--val-size", "21", "--test-size", "21", "--max-steps", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert autopeft_here("export", "--out", "out", "--with-weights", cwd=tmp_path).returncode == 0
+    line = re.search(r"Load \(peft only\): `(.+?)`", (tmp_path / "out" / "README.md").read_text(), re.DOTALL).group(1)
+    script = ("import sys\nsys.modules['autopeft'] = None\nimport torch\nfrom peft import PeftModel\n"
+              "from transformers import AutoModelForSequenceClassification\nBASE, THIS_FOLDER = sys.argv[1:3]\n"
+              f"model = {line}\nprint(model(input_ids=torch.tensor([[101, 2023, 102]])).logits.shape[-1])")
+    plain = subprocess.run([sys.executable, "-c", script, str(tiny_bert), str(tmp_path / "out")], capture_output=True,
+                           check=False, text=True, timeout=300)
+    assert plain.returncode == 0 and plain.stdout.strip() == "3", plain.stderr[-2000:]
+
+
 def test_train_reproduces_the_trial_and_out_is_safe(finished_study: Path) -> None:
     assert autopeft_here("export", "--study", "h", "--out", "out2", cwd=finished_study).returncode == 0
     refused = autopeft_here("export", "--study", "h", "--out", "out2", cwd=finished_study)
