@@ -53,7 +53,7 @@ def measure(model: nn.Module, settings: Any, *, seq_len: int, device: str | torc
     pad = pad_id if pad_id is not None else (config.pad_token_id if config.pad_token_id is not None else 0)
     data = synthetic_split(steady.micro_batch_size * steady.grad_accum_steps, seq_len,
                            vocab_size=int(config.vocab_size), pad_id=pad, task_type=task_type,
-                           num_labels=num_labels, pad_left=task_type == "SEQ_CLS" and _family(model) != "bert")
+                           num_labels=num_labels, pad_left=task_type == "CAUSAL_LM" or _family(model) != "bert")  # as tokenize_causal
     loss_fn = classification_loss if task_type == "SEQ_CLS" else causal_lm_loss
 
     def run() -> None:

@@ -85,6 +85,9 @@ class _Workload:
     task_type: str
     num_labels: int
     vocab_size: int
+    # Decoders' rows are padded on the left, and their batches carry position ids (data.collate): Llama's rotary
+    # tables and GPT-2's position embeddings are then one per row, not one shared (0.2-0.9% of the peak).
+    left_padded: bool = False
 
     def batch(self, device: torch.device) -> dict[str, torch.Tensor | None]:
         """A full-length batch (no padding: the longest batch sets the peak). On the meta device without an
@@ -95,7 +98,10 @@ class _Workload:
         mask = None if device.type == "meta" else torch.ones(rows, width, dtype=torch.long, device=device)
         labels = (torch.randint(0, self.num_labels, (rows,), device=device) if self.task_type == "SEQ_CLS"
                   else ids.clone())
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if self.left_padded:  # full-length rows, each counting from 0: a tensor of its own, as collate makes
+            batch["position_ids"] = torch.arange(width, device=device).repeat(rows, 1)
+        return batch
 
     def targets(self) -> int:
         per_row = 1 if self.task_type == "SEQ_CLS" else self.seq_len - 1
