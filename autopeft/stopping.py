@@ -80,7 +80,7 @@ class SearchStops:
         if self.config.timeout is not None and time.monotonic() - self.began >= self.config.timeout:
             return f"stopped at --timeout {self.config.timeout:g} s with {held}"
         if self.config.sampler == "grid":
-            return f"stopped with {held}: every configuration of the grid has been tried"
+            return f"stopped with {held}: every configuration of the grid has been tried{_rejected_points(study)}"
         return None
 
     def _failures_stopped(self, study: optuna.Study) -> bool:
@@ -113,3 +113,13 @@ class SearchStops:
                                 f"{self.counts[kind]} trials {what}, the cap for {self.remaining} "
                                 f"trial{'s' * (self.remaining > 1)}")
             study.stop()
+
+
+def _rejected_points(study: optuna.Study) -> str:
+    """The grid points the memory budget rejected: Optuna's grid counts them as tried, so a resume under a looser
+    budget never trains them (said, where the message claimed every point had been tried)."""
+    rejected = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False) if studies.rejected_by_budget(t)}
+    if not rejected:
+        return ""
+    return (f" ({len(rejected)} of them rejected by the memory budget, which Optuna's grid does not draw again; a new "
+            "study (--force-new) tries them under this budget)")

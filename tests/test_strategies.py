@@ -370,3 +370,23 @@ def test_the_pruners_slice_holds_every_class_of_a_validation_file_ordered_by_lab
     params = TrialParams("ia3", {"target_modules": "kv"}, {"learning_rate": 1e-2, "micro_batch_size": 8})
     run_trial(here, params, seed=0)
     assert seen == [sorted(set(labels))] and len(set(labels)) > 1
+
+
+def test_a_walked_grid_names_the_points_the_memory_budget_rejected() -> None:
+    """Optuna's grid counts a point the budget rejected as tried, so a resume under a looser budget trained nothing
+    and said every configuration had been tried: the points it will not draw again are now counted, with the way to
+    try them."""
+    from autopeft.stopping import SearchStops
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for rate in (1e-3, 1e-2):  # two rejected points, one of them twice (another worker's draw)
+        for _ in range(1 + (rate == 1e-2)):
+            study.enqueue_trial({"learning_rate": rate})
+            trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+            trial.set_constraint("memory", 1024.0)  # as the budget gate records it: its estimate above the budget
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    stops = SearchStops(SearchConfig(sampler="grid", trials=3), study, since=0.0)
+    assert stops.reason(study) == (
+        "stopped with 0 of 3 trials completed: every configuration of the grid has been tried (2 of them rejected by "
+        "the memory budget, which Optuna's grid does not draw again; a new study (--force-new) tries them under this "
+        "budget)")
