@@ -271,23 +271,16 @@ def _hub(task: str, columns: Columns, option: str) -> Source:
                         f"{message}") from exc
     frames, origins, locations = {}, {}, {}
     for split, aliases in SPLIT_NAMES.items():
-        for hub_name in _hub_split_names(list(loaded), aliases):
-            locations[split] = f"{task} split {hub_name!r}"
-            frame = _hub_frame(loaded[hub_name], columns, f"{option}: {locations[split]}")
-            if frame["label"].notna().any():  # an unlabelled split (e.g. GLUE test) is as good as absent
-                frames[split], origins[split] = frame, f"hub split {hub_name}"
-                break
+        hub_name = next((a for a in aliases if a in loaded), None)
+        if hub_name is None:
+            continue
+        locations[split] = f"{task} split {hub_name!r}"
+        frame = _hub_frame(loaded[hub_name], columns, f"{option}: {locations[split]}")
+        if frame["label"].notna().any():  # an unlabelled split (e.g. GLUE test) is as good as absent
+            frames[split], origins[split] = frame, f"hub split {hub_name}"
     if "train" not in frames:
         raise DataError(f"{option}: {task} has no labelled train split; splits: {', '.join(loaded)}")
     return Source(task, frames, origins, locations)
-
-
-def _hub_split_names(available: list[str], aliases: tuple[str, ...]) -> list[str]:
-    """The hub splits that may hold one of ours, in the order tried: a name of it (validation, dev), else one that
-    begins with such a name (MNLI's validation_matched, then validation_mismatched, by name: carving validation
-    rows from train instead had ignored a split the dataset ships for it)."""
-    exact = [alias for alias in aliases if alias in available]
-    return exact or sorted(name for name in available if any(name.startswith(f"{alias}_") for alias in aliases))
 
 
 def _hub_frame(dataset: Any, columns: Columns, where: str) -> pd.DataFrame:

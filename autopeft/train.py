@@ -96,7 +96,8 @@ def decay_groups(model: nn.Module) -> list[dict[str, Any]]:
     for name, param in model.named_parameters():
         if param.requires_grad:
             owner, _, leaf = name.rpartition(".")
-            spared = leaf == "bias" or owner in norms or any(part in UNDECAYED_SCALES for part in name.split("."))
+            # endswith: the prefix encoder's hidden_bias and out_bias are biases too
+            spared = leaf.endswith("bias") or owner in norms or any(part in UNDECAYED_SCALES for part in name.split("."))
             (exempt if spared else decayed).append(param)
     groups = [{"params": decayed}, {"params": exempt, "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]

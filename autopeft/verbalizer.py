@@ -85,13 +85,13 @@ def check_template(template: str) -> None:
         raise DataError(f"--template: {template!r} may hold plain {{text}} and {{text_pair}} fields only, "
                         "without conversions or format specs")
     fields = template_fields(template)
+    if "text" not in fields or not fields <= {"text", "text_pair"}:
+        raise DataError(f"--template: {template!r} must contain {{text}} (and may contain {{text_pair}} for "
+                        f"sentence pairs), no other fields; found: {', '.join(sorted(fields)) or 'none'}")
     repeated = sorted({name for _, name, _, _ in parsed if name is not None and
                        sum(other == name for _, other, _, _ in parsed) > 1})
     if repeated:  # only one copy could be cut to fit --max-length: the other was kept whole, counted as template
         raise DataError(f"--template: {template!r} holds {{{repeated[0]}}} more than once; give each field once")
-    if "text" not in fields or not fields <= {"text", "text_pair"}:
-        raise DataError(f"--template: {template!r} must contain {{text}} (and may contain {{text_pair}} for "
-                        f"sentence pairs), no other fields; found: {', '.join(sorted(fields)) or 'none'}")
 
 
 def template_fields(template: str) -> set[str]:

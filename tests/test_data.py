@@ -319,30 +319,6 @@ def test_hub_datasets_map_class_names_and_drop_unlabelled_splits(monkeypatch: py
     assert task.describe()["test_origin"] == "seeded stratified split of hub split train" and len(task.test.texts) == 8
 
 
-def test_a_hub_validation_split_with_a_suffix_is_used_not_carved_from_train(monkeypatch: pytest.MonkeyPatch) -> None:
-    """MNLI ships validation_matched and validation_mismatched and no 'validation': its validation rows were carved
-    from train, and the split the dataset ships for them ignored. Its unlabelled test_* splits stay absent."""
-    import datasets
-
-    features = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])})
-
-    def table(prefix: str, n: int, labelled: bool = True) -> datasets.Dataset:
-        return datasets.Dataset.from_dict({"premise": [f"{prefix}{i}" for i in range(n)],
-                                           "hypothesis": [f"h{i}" for i in range(n)],
-                                           "label": [i % 3 if labelled else -1 for i in range(n)]}, features=features)
-
-    hub = datasets.DatasetDict({"train": table("t", 60), "validation_mismatched": table("mm", 9),
-                                "validation_matched": table("m", 9), "test_matched": table("x", 6, labelled=False),
-                                "test_mismatched": table("y", 6, labelled=False)})
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: hub)
-    task = load_task("glue:mnli", seed=0, train_size=30, val_size=9, test_size=9,
-                     columns=Columns(text="premise", text_pair="hypothesis"))
-    assert task.validation.texts == [f"m{i}" for i in range(9)]
-    assert task.describe()["validation_origin"] == "hub split validation_matched"
-    assert task.describe()["test_origin"] == "seeded stratified split of hub split train"
-
-
 def test_a_hub_class_label_left_empty_is_refused_as_a_missing_label(monkeypatch: pytest.MonkeyPatch) -> None:
     """A ClassLabel column with an empty cell reads as floats: indexing the names with one was a TypeError."""
     import datasets

@@ -273,3 +273,15 @@ def test_weight_decay_spares_scales_that_start_at_one_biases_and_norms(tiny_bert
     assert spared and all((after[n] - start[n]).abs().max() < 0.01 for n in spared)  # Adam moves it 1e-3 a step
     decayed = [n for n in start if "classifier" in n and n.endswith("weight")]  # 10% a step on top of Adam
     assert decayed and all(after[n].norm() < 0.8 * start[n].norm() for n in decayed)
+
+
+def test_the_prefix_encoders_biases_are_spared_weight_decay_too(tiny_bert: Path) -> None:
+    """Its MLP names them hidden_bias and out_bias: only a parameter named 'bias' was spared."""
+    from autopeft.train import decay_groups
+
+    model, _ = load_classifier(str(tiny_bert), 2, seed=0)
+    model = methods.get("prefix").apply(model, methods.get("prefix").resolve({"reparameterize": True}), MethodContext())
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, spared = ([names[id(p)] for p in group["params"]] for group in decay_groups(model))
+    assert {n.rpartition(".")[2] for n in spared} >= {"hidden_bias", "out_bias", "bias"}
+    assert not any(n.endswith("bias") for n in decayed) and decayed
