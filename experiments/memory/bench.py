@@ -190,7 +190,9 @@ def run_case(models: Models, case: Case) -> dict[str, Any]:
                                micro_batch_size=case.batch, seq_len=case.seq_len,
                                gradient_checkpointing=case.checkpointing, task_type=case.task)
     start = time.perf_counter()
-    measured = memory.measure(model, settings, seq_len=case.seq_len, task_type=case.task)
+    # The method's own work after each step, as a trial runs it (AdaLoRA's importance scores: without it the
+    # measurement left out what the trace, and a real trial, holds)
+    measured = memory.measure(model, settings, seq_len=case.seq_len, task_type=case.task, after_step=method.after_step)
     measure_seconds = time.perf_counter() - start
     rule = 4 * sum(p.numel() * p.element_size() for p in base.parameters())
     return {**row, "params": params, "measured": measured, "traced": traced.as_dict(), "analytic": analytic.as_dict(),
