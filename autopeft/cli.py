@@ -703,7 +703,7 @@ def estimate(
     """Predict the peak training memory of a configuration, or of each method of a space, without training.
 
     The step is traced on fake tensors, so it works for models far too large for this machine."""
-    from autopeft.recipe import read_recipe
+    from autopeft.recipe import read_recipe, worded_by
     from autopeft.space import TrialParams, load_space
 
     if device not in ("cpu", "cuda"):
@@ -720,14 +720,16 @@ def estimate(
         """(base model, configuration, task type, tokens per row, the recipe's steps) for each estimate."""
         if config is not None:
             recipe, params, _ = read_recipe(config)
-            return [(recipe.model, params, recipe.task_type, seq_len or _longest_row(recipe, params), recipe.max_steps)]
+            with worded_by(config):  # 'training.yaml: model: ...', as `autopeft train` says: no --model was given
+                tokens = seq_len or _longest_row(recipe, params)
+            return [(recipe.model, params, recipe.task_type, tokens, recipe.max_steps)]
         loaded = load_space(space or DEFAULT_SPACE)
         return [(model or DEFAULT_MODEL, loaded.fixed_params(name), task_type or "classification", seq_len or 128,
                  None) for name in loaded.method_names()]
 
     source = config or space or DEFAULT_SPACE
     unbuildable = []  # a space's methods are each estimated; those that cannot be are named after the others
-    for base, params, kind, tokens, steps in _guard(_in_recipe_terms(configurations, config)):
+    for base, params, kind, tokens, steps in _guard(configurations):
         _guard(functools.partial(_check_decoder, base, kind))
         own = ", ".join(f"{k}={v}" for k, v in params.method_params.items())
         _guard(functools.partial(_check_positions, base, tokens))  # the row alone: one line, whatever the method
@@ -825,23 +827,6 @@ def _longest_row(recipe: Any, params: Any) -> int:
     limit = _position_limit(recipe.model)
     room = limit - _virtual_tokens(params) if limit is not None else recipe.max_length
     return min(recipe.max_length, room) if room >= 2 else recipe.max_length
-
-
-def _in_recipe_terms(call: Callable[[], T], recipe: Path | None) -> Callable[[], T]:
-    """`call`, its problems with a --config recipe's values worded by the recipe's keys ('training.yaml: model:
-    ...'), as `autopeft train` words them: the command line gave no --model."""
-    from autopeft.errors import DataError, ModelError
-    from autopeft.recipe import in_recipe_terms
-
-    def worded() -> T:
-        try:
-            return call()
-        except (DataError, ModelError) as exc:
-            raise type(exc)(in_recipe_terms(recipe, str(exc))) from None  # type: ignore[arg-type]
-        except ConfigError as exc:
-            raise ConfigError([in_recipe_terms(recipe, problem) for problem in exc.problems]) from None  # type: ignore[arg-type]
-
-    return call if recipe is None else worded
 
 
 def _check_decoder(base: str, kind: str) -> None:

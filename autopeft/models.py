@@ -206,6 +206,12 @@ def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
+def pads_left(model: nn.Module, task_type: str = "SEQ_CLS") -> bool:
+    """Whether the model's rows are padded on the left (and carry position ids from each row's start): a causal LM's
+    always (answers follow the prompt's end), a decoder classifier's too (it classifies from the last position)."""
+    return task_type == "CAUSAL_LM" or family(model) != "bert"
+
+
 def load_classifier(model: str, num_labels: int, *, seed: int, trust_remote_code: bool = False):
     """A sequence-classification model and its tokenizer. The new head is initialised from `seed`."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -223,7 +229,7 @@ def load_classifier(model: str, num_labels: int, *, seed: int, trust_remote_code
             ignore_mismatched_sizes=True)
     except (OSError, ValueError) as exc:
         raise ModelError(f"--model: cannot load {model!r}: {first_line(exc)}") from exc
-    if family(net) != "bert":  # decoders classify from the last position: pad on the left so it is real
+    if pads_left(net):  # decoders classify from the last position: pad on the left so it is real
         tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:  # decoders: pad with EOS; the attention mask hides it anyway
         tokenizer.pad_token = tokenizer.eos_token

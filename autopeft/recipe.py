@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ import yaml
 
 from autopeft import methods
 from autopeft.config import LOCAL_PATH_KEYS, SearchConfig, absolute_if_local
-from autopeft.errors import ConfigError
+from autopeft.errors import ConfigError, DataError, ModelError
 from autopeft.space import TRAINING_PARAMS, TrialParams, load_yaml_file, yaml_problem
 
 _DATA_KEYS = ("model", "task", "train_size", "val_size", "test_size", "max_length")
@@ -157,6 +159,17 @@ def in_recipe_terms(path: Path, problem: str, overridden: frozenset[str] = froze
     # An option stands first, after a space or in brackets; a path or value that holds '--' is left alone.
     worded = re.sub(r"(?<![^\s(])--([a-z][a-z-]*)", as_key, _as_recipe_key(path, problem, set()))
     return worded if worded.startswith(f"{path}: ") else f"{path}: {worded}"
+
+
+@contextmanager
+def worded_by(path: Path) -> Iterator[None]:
+    """Problems raised inside, with the recipe's values worded by its keys (`in_recipe_terms`)."""
+    try:
+        yield
+    except (DataError, ModelError) as exc:
+        raise type(exc)(in_recipe_terms(path, str(exc))) from None
+    except ConfigError as exc:
+        raise ConfigError([in_recipe_terms(path, problem) for problem in exc.problems]) from None
 
 
 def read_recipe(path: Path, **overrides: Any) -> tuple[SearchConfig, TrialParams, int]:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from autopeft import adapter_io, methods
 from autopeft.config import tracking_store_problem
-from autopeft.errors import ConfigError, DataError, ModelError
+from autopeft.errors import ConfigError
 from autopeft.export import check_out, out_removed_if_unfinished
-from autopeft.recipe import in_recipe_terms, read_recipe, split_changes
+from autopeft.recipe import in_recipe_terms, read_recipe, split_changes, worded_by
 from autopeft.search import Runtime, TrialOutcome, failure, positions_problem, prepare_runtime, run_trial
 from autopeft.space import TrialParams
 from autopeft.tracking import Tracker
@@ -40,12 +40,8 @@ def train_from_recipe(recipe: Path, out: Path, *, max_steps: int | None = None,
     problem = tracking_store_problem(tracking_uri)
     if problem:
         raise ConfigError([problem])
-    try:
+    with worded_by(recipe):  # the recipe's values, named by its keys
         runtime = prepare_runtime(config)
-    except (DataError, ModelError) as exc:  # the recipe's values, named by its keys
-        raise type(exc)(in_recipe_terms(recipe, str(exc))) from None
-    except ConfigError as exc:
-        raise ConfigError([in_recipe_terms(recipe, problem) for problem in exc.problems]) from None
     problem = _unrunnable_here(runtime, params)  # known before training: bad input, not a failed run
     if problem:
         raise ConfigError([in_recipe_terms(recipe, problem)])

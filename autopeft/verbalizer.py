@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import string
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,8 +89,7 @@ def check_template(template: str) -> None:
     if "text" not in fields or not fields <= {"text", "text_pair"}:
         raise DataError(f"--template: {template!r} must contain {{text}} (and may contain {{text_pair}} for "
                         f"sentence pairs), no other fields; found: {', '.join(sorted(fields)) or 'none'}")
-    repeated = sorted({name for _, name, _, _ in parsed if name is not None and
-                       sum(other == name for _, other, _, _ in parsed) > 1})
+    repeated = sorted(name for name, uses in Counter(n for _, n, _, _ in parsed if n is not None).items() if uses > 1)
     if repeated:  # only one copy could be cut to fit --max-length: the other was kept whole, counted as template
         raise DataError(f"--template: {template!r} holds {{{repeated[0]}}} more than once; give each field once")
 
@@ -190,13 +190,20 @@ def generated_answers_problem(label_words: list[str] | tuple[str, ...]) -> str |
     problem = unmatchable_answer_problem(label_words)
     if problem:
         return problem
+    clash = _same_answer(label_words, [normalize_answer(word) for word in label_words])
+    if clash is None:
+        return None
+    return (f"--label-words: {clash[0]!r} and {clash[1]!r} are the same answer once normalized (case, punctuation "
+            "and spaces dropped), as --causal-eval generate compares them; choose words that differ")
+
+
+def _same_answer(words: Sequence[str], answers: Sequence[str]) -> tuple[str, str, str] | None:
+    """The first two words with the same answer, and that answer, or None."""
     first: dict[str, str] = {}
-    for word in label_words:
-        key = normalize_answer(word)
-        if key in first:
-            return (f"--label-words: {first[key]!r} and {word!r} are the same answer once normalized (case, "
-                    "punctuation and spaces dropped), as --causal-eval generate compares them; choose words that differ")
-        first[key] = word
+    for word, answer in zip(words, answers, strict=True):
+        if answer in first:
+            return first[answer], word, answer
+        first[answer] = word
     return None
 
 
@@ -206,13 +213,11 @@ def decoded_answers_problem(fmt: CausalFormat, tokenizer: Any) -> str | None:
     both classes."""
     from autopeft.evaluate import label_word_answers
 
-    first: dict[str, str] = {}
-    for word, key in zip(fmt.label_words, label_word_answers(fmt, tokenizer), strict=True):
-        if key in first:
-            return (f"--label-words: {first[key]!r} and {word!r} are the same answer as this tokenizer decodes them "
-                    f"({key!r} once normalized), as --causal-eval generate compares them; choose words that differ")
-        first[key] = word
-    return None
+    clash = _same_answer(fmt.label_words, label_word_answers(fmt, tokenizer))
+    if clash is None:
+        return None
+    return (f"--label-words: {clash[0]!r} and {clash[1]!r} are the same answer as this tokenizer decodes them "
+            f"({clash[2]!r} once normalized), as --causal-eval generate compares them; choose words that differ")
 
 
 def unmatchable_answer_problem(label_words: list[str] | tuple[str, ...], source: str = "--label-words") -> str | None:

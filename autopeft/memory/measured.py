@@ -53,7 +53,7 @@ def measure(model: nn.Module, settings: Any, *, seq_len: int, device: str | torc
     pad = pad_id if pad_id is not None else (config.pad_token_id if config.pad_token_id is not None else 0)
     data = synthetic_split(steady.micro_batch_size * steady.grad_accum_steps, seq_len,
                            vocab_size=int(config.vocab_size), pad_id=pad, task_type=task_type,
-                           num_labels=num_labels, pad_left=task_type == "CAUSAL_LM" or _family(model) != "bert")  # as tokenize_causal
+                           num_labels=num_labels, pad_left=_pads_left(model, task_type))
     loss_fn = classification_loss if task_type == "SEQ_CLS" else causal_lm_loss
 
     def run() -> None:
@@ -68,10 +68,10 @@ def measure(model: nn.Module, settings: Any, *, seq_len: int, device: str | torc
     return tracker.peak
 
 
-def _family(model: nn.Module) -> str:
-    from autopeft.models import family
+def _pads_left(model: nn.Module, task_type: str) -> bool:
+    from autopeft.models import pads_left
 
-    return family(model)
+    return pads_left(model, task_type)
 
 
 def _cuda_peak(model: nn.Module, device: torch.device, run: Callable[[], None]) -> int:

@@ -111,7 +111,7 @@ def _trace(model: Any, method: str, method_params: dict[str, Any], settings: Any
     """One traced step (see `estimate_traced`), on the first `layers` blocks if given: the tracker."""
     from autopeft import adapter_io, methods
     from autopeft.methods import MethodContext
-    from autopeft.models import family
+    from autopeft.models import pads_left
 
     target = torch.device(device)
     if target.type not in ("cpu", "cuda"):
@@ -132,7 +132,7 @@ def _trace(model: Any, method: str, method_params: dict[str, Any], settings: Any
     with warnings.catch_warnings(), _tensor_mode(trace_device):
         warnings.simplefilter("ignore")  # fake tensors make torch and peft warn about data pointers
         base = _build_base(model, config, task_type, num_labels, dtype)
-        work = dataclasses.replace(work, left_padded=task_type == "CAUSAL_LM" or family(base) != "bert")
+        work = dataclasses.replace(work, left_padded=pads_left(base, task_type))
         for param in base.parameters():  # as the search does: the method freezes what it does not train
             param.requires_grad_(True)
         with _method_stand_ins(method, notes):
